@@ -1,0 +1,489 @@
+//! The contract between Weft's eBPF programs and its userspace agent.
+//!
+//! Every type here crosses the kernel boundary as raw bytes, so each one is `#[repr(C)]`, `Copy`,
+//! has explicit padding fields and a compile-time size assertion. No `bool`, `Option` or Rust enums
+//! cross the boundary: verdicts and states are `u8` constants, decoded in userspace with `TryFrom`.
+//!
+//! Byte order is part of each field's name: `_be` is network order exactly as the kernel hands it
+//! over, `_host` is host order.
+#![no_std]
+#![deny(unsafe_code)]
+
+// --- names shared by both sides -------------------------------------------------------------
+
+/// Map names (the symbol names in the eBPF object). At most 15 bytes: the kernel truncates longer
+/// object names, and `bpftool map` should show exactly these.
+pub mod map_names {
+    pub const SOCKS: &str = "WEFT_SOCKS";
+    pub const ENDPOINTS: &str = "WEFT_ENDPOINTS";
+    pub const CGROUPS: &str = "WEFT_CGROUPS";
+    pub const SERVICES: &str = "WEFT_SERVICES";
+    pub const BACKENDS: &str = "WEFT_BACKENDS";
+    pub const POLICY: &str = "WEFT_POLICY";
+    pub const CONFIG: &str = "WEFT_CONFIG";
+    pub const CONNECTS: &str = "WEFT_CONNECTS";
+    pub const FLOWS: &str = "WEFT_FLOWS";
+    pub const DENIES: &str = "WEFT_DENIES";
+    pub const PAIR_STATS: &str = "WEFT_PAIRSTATS";
+    pub const IF_STATS: &str = "WEFT_IFSTATS";
+    pub const GLOBAL_STATS: &str = "WEFT_GLOBAL";
+
+    /// Every map, for tooling that walks them all (pin sweeps, the object layout test).
+    pub const ALL: [&str; 13] = [
+        SOCKS,
+        ENDPOINTS,
+        CGROUPS,
+        SERVICES,
+        BACKENDS,
+        POLICY,
+        CONFIG,
+        CONNECTS,
+        FLOWS,
+        DENIES,
+        PAIR_STATS,
+        IF_STATS,
+        GLOBAL_STATS,
+    ];
+}
+
+/// Program names (the function names in mesh-ebpf, also the kernel's program names).
+pub mod program_names {
+    pub const SOCK_OPS: &str = "weft_sock_ops";
+    pub const SK_MSG: &str = "weft_sk_msg";
+    pub const CONNECT4: &str = "weft_connect4";
+    pub const TC_FROM_POD: &str = "weft_tc_from_pod";
+    pub const TC_TO_POD: &str = "weft_tc_to_pod";
+
+    pub const ALL: [&str; 5] = [SOCK_OPS, SK_MSG, CONNECT4, TC_FROM_POD, TC_TO_POD];
+}
+
+/// Default map capacities. Userspace may override them at load time (tests shrink `SOCKS` to
+/// exercise the map-full fallback).
+pub mod capacity {
+    pub const SOCKS: u32 = 65_536;
+    pub const ENDPOINTS: u32 = 16_384;
+    pub const CGROUPS: u32 = 16_384;
+    pub const SERVICES: u32 = 4_096;
+    pub const BACKENDS: u32 = 65_536;
+    pub const POLICY: u32 = 262_144;
+    pub const CONNECTS: u32 = 65_536;
+    pub const FLOWS: u32 = 131_072;
+    pub const DENIES: u32 = 8_192;
+    pub const PAIR_STATS: u32 = 65_536;
+    pub const IF_STATS: u32 = 4_096;
+}
+
+// --- verdicts and states --------------------------------------------------------------------
+
+/// What `connect4` decided for an outbound connection.
+pub mod verdict {
+    /// The source is not meshed (or the destination is outside the mesh): untouched.
+    pub const PASS: u8 = 0;
+    /// Allowed; eligible for the in-kernel socket fast path.
+    pub const FAST: u8 = 1;
+    /// Refused: `connect()` fails with `EPERM`.
+    pub const DENY: u8 = 2;
+    /// Needs the userspace L7 engine. Until the engine exists it behaves exactly like `FAST`.
+    pub const L7: u8 = 3;
+}
+
+/// Why a verdict was reached, recorded with each flow.
+pub mod reason {
+    /// Source workload unknown to the agent (unmeshed pod).
+    pub const UNMESHED_SOURCE: u8 = 0;
+    /// Destination address is not a meshed workload on this node.
+    pub const OUTSIDE_MESH: u8 = 1;
+    /// A policy entry matched; `rule_id` says which.
+    pub const POLICY: u8 = 2;
+    /// No policy selected the destination: the mesh default applied.
+    pub const DEFAULT: u8 = 3;
+    /// The destination was a service address with no ready backend.
+    pub const NO_BACKEND: u8 = 4;
+    /// Inbound connection observed on the server side.
+    pub const INBOUND: u8 = 5;
+}
+
+/// Socket-level fast-path decision, sticky for the life of a socket: a socket that sent its first
+/// byte through the normal stack never switches to the fast path (that could reorder bytes at the
+/// receiver); a fast socket may fall back to the normal stack at any time (that is order-safe).
+pub mod fast_state {
+    pub const UNDECIDED: u8 = 0;
+    pub const FAST: u8 = 1;
+    pub const SLOW: u8 = 2;
+}
+
+pub mod role {
+    pub const CLIENT: u8 = 1;
+    pub const SERVER: u8 = 2;
+}
+
+pub mod flow_state {
+    pub const OPEN: u8 = 1;
+    pub const CLOSED: u8 = 2;
+}
+
+/// Bits of [`Config::flags`].
+pub mod config_flags {
+    /// The mesh configuration (MeshConfig `spec.fastPath`) enables the socket fast path.
+    pub const FAST_PATH: u32 = 1 << 0;
+}
+
+/// Indices of [`GlobalStats::counters`].
+pub mod global_counter {
+    /// A message was redirected straight into the peer socket.
+    pub const MSG_FAST: usize = 0;
+    /// A message went through the normal stack because the peer socket is not local or not known.
+    pub const MSG_SLOW_NO_PEER: usize = 1;
+    /// A message went through the normal stack because the fast path is switched off.
+    pub const MSG_SLOW_DISABLED: usize = 2;
+    /// A message went through the normal stack because its socket started on the normal stack.
+    pub const MSG_SLOW_STICKY: usize = 3;
+    /// The sockhash refused a socket (full, or the socket is not eligible).
+    pub const SOCKHASH_FULL: usize = 4;
+    /// The flow table refused an entry.
+    pub const FLOWS_FULL: usize = 5;
+    /// A redirect was attempted and the kernel refused it (peer gone in between).
+    pub const REDIRECT_FAILED: usize = 6;
+    /// connect() to a service address that had no backend.
+    pub const NO_BACKEND: usize = 7;
+    pub const COUNT: usize = 8;
+}
+
+/// Index 0 of [`map_names::CONFIG`].
+pub const CONFIG_INDEX: u32 = 0;
+
+// --- map keys and values --------------------------------------------------------------------
+
+/// One TCP socket, from its own point of view. Key of the sockhash and of the flow table.
+/// The peer socket of a local connection is found by swapping local and remote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_ip_be: u32,
+    pub remote_ip_be: u32,
+    pub local_port_host: u32,
+    pub remote_port_host: u32,
+}
+
+impl SockKey {
+    #[must_use]
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_ip_be: self.remote_ip_be,
+            remote_ip_be: self.local_ip_be,
+            local_port_host: self.remote_port_host,
+            remote_port_host: self.local_port_host,
+        }
+    }
+}
+
+/// A meshed workload address (pod IP) on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload_id: u32,
+    /// Reserved for per-endpoint flags (e.g. mTLS mode); zero today.
+    pub flags: u32,
+}
+
+/// The identity of everything running in one pod cgroup (key: cgroup v2 id, the directory inode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupIdentity {
+    pub workload_id: u32,
+    pub flags: u32,
+}
+
+/// A service virtual IP and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub service_id: u32,
+    /// Backends occupy slots `0..backend_count` in the backends map.
+    pub backend_count: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
+/// Policy lookup: exact port first, then `dst_port_host == 0` (any other port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub src_workload: u32,
+    pub dst_workload: u32,
+    pub dst_port_host: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub verdict: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    /// Userspace index of the rule that decided (see the agent's `/config_dump`).
+    pub rule_id: u32,
+}
+
+/// Node-wide switches, index 0 of an array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// [`config_flags`], written by the agent from the mesh configuration.
+    pub flags: u32,
+    /// Operator kill switch: non-zero turns the fast path off whatever `flags` says. Written only
+    /// by `weft fastpath`, never by the agent's config sync, so it works while the agent is down.
+    pub fast_path_killed: u32,
+    /// Verdict for meshed pairs with no policy entry.
+    pub default_verdict: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    pub _pad2: u32,
+}
+
+/// Handed from `connect4` to `sock_ops` through the socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectInfo {
+    pub src_workload: u32,
+    pub dst_workload: u32,
+    pub rule_id: u32,
+    /// The address the application asked for (a service VIP if it was load-balanced).
+    pub orig_dst_ip_be: u32,
+    pub orig_dst_port_be: u16,
+    pub verdict: u8,
+    pub reason: u8,
+    pub service_id: u32,
+}
+
+/// One socket of a meshed workload, live or recently closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub local_workload: u32,
+    pub remote_workload: u32,
+    pub rule_id: u32,
+    pub service_id: u32,
+    pub orig_dst_ip_be: u32,
+    pub orig_dst_port_be: u16,
+    pub verdict: u8,
+    pub reason: u8,
+    pub role: u8,
+    pub state: u8,
+    pub fast: u8,
+    pub _pad0: u8,
+    pub _pad1: u32,
+    pub opened_ns: u64,
+    pub closed_ns: u64,
+    /// Payload bytes this socket sent, all paths.
+    pub tx_bytes: u64,
+    /// Of those, bytes redirected straight into the peer socket.
+    pub tx_fast_bytes: u64,
+    pub tx_msgs: u64,
+    /// Bytes the TCP stack delivered to this socket (excludes fast-path bytes), taken at close.
+    pub rx_stack_bytes: u64,
+}
+
+/// Attempted connections refused in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenyKey {
+    pub src_workload: u32,
+    pub dst_workload: u32,
+    pub dst_ip_be: u32,
+    pub dst_port_be: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyValue {
+    pub count: u64,
+    pub last_ns: u64,
+    pub rule_id: u32,
+    pub reason: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// Per (source workload, destination workload); per-CPU, summed by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    pub src_workload: u32,
+    pub dst_workload: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairStats {
+    pub conns_opened: u64,
+    pub conns_closed: u64,
+    pub conns_denied: u64,
+    /// Connections whose client socket sent on the fast path.
+    pub conns_fast: u64,
+    /// Payload bytes source → destination.
+    pub bytes_to_dst: u64,
+    /// Payload bytes destination → source.
+    pub bytes_to_src: u64,
+    /// Of both directions, bytes that took the fast path.
+    pub bytes_fast: u64,
+}
+
+/// Packets and bytes on one host-side veth (key: ifindex in the node's namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfStats {
+    pub from_pod_packets: u64,
+    pub from_pod_bytes: u64,
+    pub to_pod_packets: u64,
+    pub to_pod_bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    pub counters: [u64; global_counter::COUNT],
+}
+
+// --- compile-time layout checks -------------------------------------------------------------
+
+macro_rules! assert_size {
+    ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(core::mem::size_of::<$t>() == $n);)* };
+}
+
+assert_size! {
+    SockKey => 16,
+    Endpoint => 8,
+    CgroupIdentity => 8,
+    ServiceKey => 8,
+    ServiceValue => 8,
+    BackendKey => 8,
+    Backend => 8,
+    PolicyKey => 12,
+    PolicyValue => 8,
+    Config => 16,
+    ConnectInfo => 24,
+    FlowEntry => 80,
+    DenyKey => 16,
+    DenyValue => 24,
+    PairKey => 8,
+    PairStats => 56,
+    IfStats => 32,
+    GlobalStats => 64,
+}
+
+/// Key and value sizes of every map, as the object must declare them. The root-free layout test
+/// compares these with the maps parsed from the embedded object.
+pub const MAP_LAYOUT: [(&str, usize, usize); 13] = {
+    use core::mem::size_of;
+    [
+        (map_names::SOCKS, size_of::<SockKey>(), size_of::<u32>()),
+        (map_names::ENDPOINTS, size_of::<u32>(), size_of::<Endpoint>()),
+        (map_names::CGROUPS, size_of::<u64>(), size_of::<CgroupIdentity>()),
+        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        (map_names::BACKENDS, size_of::<BackendKey>(), size_of::<Backend>()),
+        (map_names::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        (map_names::CONFIG, size_of::<u32>(), size_of::<Config>()),
+        (map_names::CONNECTS, size_of::<u64>(), size_of::<ConnectInfo>()),
+        (map_names::FLOWS, size_of::<SockKey>(), size_of::<FlowEntry>()),
+        (map_names::DENIES, size_of::<DenyKey>(), size_of::<DenyValue>()),
+        (map_names::PAIR_STATS, size_of::<PairKey>(), size_of::<PairStats>()),
+        (map_names::IF_STATS, size_of::<u32>(), size_of::<IfStats>()),
+        (map_names::GLOBAL_STATS, size_of::<u32>(), size_of::<GlobalStats>()),
+    ]
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
+        FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
+        ServiceValue, SockKey,
+    };
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => { $(
+            // SAFETY: repr(C), Copy, every field an integer or integer array, padding explicit.
+            #[allow(unsafe_code)]
+            unsafe impl aya::Pod for $t {}
+        )* };
+    }
+    pod!(
+        SockKey,
+        Endpoint,
+        CgroupIdentity,
+        ServiceKey,
+        ServiceValue,
+        BackendKey,
+        Backend,
+        PolicyKey,
+        PolicyValue,
+        Config,
+        ConnectInfo,
+        FlowEntry,
+        DenyKey,
+        DenyValue,
+        PairKey,
+        PairStats,
+        IfStats,
+        GlobalStats,
+    );
+}
+
+// --- all-zero values ------------------------------------------------------------------------
+
+/// All-zero values the eBPF side inserts by reference. Building a zeroed struct on the BPF stack
+/// lowers to a `memset` call that the BPF backend rejects; a read-only global does not.
+pub const ZERO_PAIR_STATS: PairStats = PairStats {
+    conns_opened: 0,
+    conns_closed: 0,
+    conns_denied: 0,
+    conns_fast: 0,
+    bytes_to_dst: 0,
+    bytes_to_src: 0,
+    bytes_fast: 0,
+};
+pub const ZERO_IF_STATS: IfStats =
+    IfStats { from_pod_packets: 0, from_pod_bytes: 0, to_pod_packets: 0, to_pod_bytes: 0 };
+pub const ZERO_FLOW: FlowEntry = FlowEntry {
+    local_workload: 0,
+    remote_workload: 0,
+    rule_id: 0,
+    service_id: 0,
+    orig_dst_ip_be: 0,
+    orig_dst_port_be: 0,
+    verdict: 0,
+    reason: 0,
+    role: 0,
+    state: 0,
+    fast: 0,
+    _pad0: 0,
+    _pad1: 0,
+    opened_ns: 0,
+    closed_ns: 0,
+    tx_bytes: 0,
+    tx_fast_bytes: 0,
+    tx_msgs: 0,
+    rx_stack_bytes: 0,
+};

@@ -1,0 +1,173 @@
+//! cgroup/connect4: the per-flow verdict at connect() time, and service load balancing.
+//!
+//! Runs for every IPv4 connect() in the node's cgroup subtree. The source workload is the pod
+//! cgroup of the calling task; a service VIP is rewritten to one backend here, once, so packets
+//! carry the backend address and need no per-packet NAT. Returning 0 makes connect() fail with
+//! EPERM (that is the DENY verdict); every internal error returns 1 (leave the connect alone).
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue, PolicyKey, ServiceKey,
+    global_counter, reason, verdict,
+};
+
+use crate::{
+    maps::{
+        WEFT_BACKENDS, WEFT_CGROUPS, WEFT_CONFIG, WEFT_CONNECTS, WEFT_DENIES, WEFT_ENDPOINTS,
+        WEFT_POLICY, WEFT_SERVICES,
+    },
+    stats,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx).unwrap_or(ALLOW)
+}
+
+#[inline(always)]
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's lifetime; fields are plain loads.
+    if unsafe { (*sa).protocol } != IPPROTO_TCP {
+        return Ok(ALLOW);
+    }
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: map values are read-only here and copied out.
+    let Some(src) = (unsafe { WEFT_CGROUPS.get(&cgroup_id) }).copied() else {
+        return Ok(ALLOW); // unmeshed pod: PASS
+    };
+
+    // SAFETY: see above.
+    let (orig_ip_be, orig_port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let mut info = ConnectInfo {
+        src_workload: src.workload_id,
+        dst_workload: 0,
+        rule_id: 0,
+        orig_dst_ip_be: orig_ip_be,
+        orig_dst_port_be: orig_port_be,
+        verdict: verdict::PASS,
+        reason: reason::OUTSIDE_MESH,
+        service_id: 0,
+    };
+    let (mut dst_ip_be, mut dst_port_be) = (orig_ip_be, orig_port_be);
+
+    // Service VIP → one backend, chosen uniformly at random.
+    let svc_key = ServiceKey { vip_be: orig_ip_be, port_be: orig_port_be, _pad: 0 };
+    // SAFETY: copied out of the map.
+    if let Some(svc) = unsafe { WEFT_SERVICES.get(&svc_key) }.copied() {
+        info.service_id = svc.service_id;
+        if svc.backend_count == 0 {
+            stats::bump(global_counter::NO_BACKEND);
+            // Left as is: the VIP is not routable from a pod, so connect() fails with
+            // ENETUNREACH, much like kube-proxy's reject for a service without endpoints.
+            return Ok(ALLOW);
+        }
+        // SAFETY: helper without arguments.
+        let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
+        let bkey = BackendKey { service_id: svc.service_id, slot };
+        // SAFETY: copied out of the map.
+        let Some(backend) = (unsafe { WEFT_BACKENDS.get(&bkey) }).copied() else {
+            stats::bump(global_counter::NO_BACKEND);
+            return Ok(ALLOW);
+        };
+        dst_ip_be = backend.ip_be;
+        dst_port_be = backend.port_be;
+        // SAFETY: user_ip4 and user_port are writable in connect4 programs.
+        unsafe {
+            (*sa).user_ip4 = dst_ip_be;
+            (*sa).user_port = u32::from(dst_port_be);
+        }
+    }
+
+    // SAFETY: copied out of the map.
+    let dst = unsafe { WEFT_ENDPOINTS.get(&dst_ip_be) }.copied();
+    match dst {
+        None => {
+            info.verdict = verdict::PASS;
+            info.reason = reason::OUTSIDE_MESH;
+        }
+        Some(dst) => {
+            info.dst_workload = dst.workload_id;
+            decide(&mut info, dst_port_be);
+        }
+    }
+
+    if info.verdict == verdict::DENY {
+        record_deny(&info, dst_ip_be, dst_port_be);
+        return Ok(REFUSE);
+    }
+    // SAFETY: the context is a valid sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = WEFT_CONNECTS.insert(&cookie, &info, 0);
+    Ok(ALLOW)
+}
+
+/// Policy lookup: exact port, then any port, then the node default.
+#[inline(always)]
+fn decide(info: &mut ConnectInfo, dst_port_be: u16) {
+    let mut key = PolicyKey {
+        src_workload: info.src_workload,
+        dst_workload: info.dst_workload,
+        dst_port_host: u16::from_be(dst_port_be),
+        _pad: 0,
+    };
+    // SAFETY: copied out of the map.
+    let mut hit = unsafe { WEFT_POLICY.get(&key) }.copied();
+    if hit.is_none() {
+        key.dst_port_host = 0;
+        // SAFETY: copied out of the map.
+        hit = unsafe { WEFT_POLICY.get(&key) }.copied();
+    }
+    if let Some(p) = hit {
+        info.verdict = p.verdict;
+        info.rule_id = p.rule_id;
+        info.reason = reason::POLICY;
+    } else {
+        info.verdict = WEFT_CONFIG
+            .get(CONFIG_INDEX)
+            .map_or(verdict::FAST, |c| c.default_verdict);
+        info.reason = reason::DEFAULT;
+    }
+}
+
+#[inline(always)]
+fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16) {
+    stats::pair(info.src_workload, info.dst_workload, |s| s.conns_denied += 1);
+    let key = DenyKey {
+        src_workload: info.src_workload,
+        dst_workload: info.dst_workload,
+        dst_ip_be,
+        dst_port_be,
+        _pad: 0,
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(v) = WEFT_DENIES.get_ptr_mut(&key) {
+        // SAFETY: valid map value; a lost increment under a cross-CPU race only undercounts
+        // the recent-denials table (the per-CPU pair counter above is exact).
+        unsafe {
+            (*v).count += 1;
+            (*v).last_ns = now;
+            (*v).rule_id = info.rule_id;
+        }
+    } else {
+        let v = DenyValue {
+            count: 1,
+            last_ns: now,
+            rule_id: info.rule_id,
+            reason: info.reason,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let _ = WEFT_DENIES.insert(&key, &v, 0);
+    }
+}

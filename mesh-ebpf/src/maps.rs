@@ -1,0 +1,41 @@
+//! Every map of the datapath. Names are the static names (they must equal `mesh_common::map_names`,
+//! checked by the agent's object layout test); all are pinned by name in the node's bpffs directory
+//! so an agent restart adopts them and traffic never notices.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+};
+use mesh_common::{
+    Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
+    FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
+    ServiceValue, SockKey, capacity,
+};
+
+#[map]
+pub static WEFT_SOCKS: SockHash<SockKey> = SockHash::pinned(capacity::SOCKS, 0);
+#[map]
+pub static WEFT_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
+#[map]
+pub static WEFT_CGROUPS: HashMap<u64, CgroupIdentity> = HashMap::pinned(capacity::CGROUPS, 0);
+#[map]
+pub static WEFT_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(capacity::SERVICES, 0);
+#[map]
+pub static WEFT_BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+#[map]
+pub static WEFT_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, 0);
+#[map]
+pub static WEFT_CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+pub static WEFT_CONNECTS: LruHashMap<u64, ConnectInfo> = LruHashMap::pinned(capacity::CONNECTS, 0);
+#[map]
+pub static WEFT_FLOWS: LruHashMap<SockKey, FlowEntry> = LruHashMap::pinned(capacity::FLOWS, 0);
+#[map]
+pub static WEFT_DENIES: LruHashMap<DenyKey, DenyValue> = LruHashMap::pinned(capacity::DENIES, 0);
+#[map]
+pub static WEFT_PAIRSTATS: LruPerCpuHashMap<PairKey, PairStats> =
+    LruPerCpuHashMap::pinned(capacity::PAIR_STATS, 0);
+#[map]
+pub static WEFT_IFSTATS: PerCpuHashMap<u32, IfStats> = PerCpuHashMap::pinned(capacity::IF_STATS, 0);
+#[map]
+pub static WEFT_GLOBAL: PerCpuArray<GlobalStats> = PerCpuArray::pinned(1, 0);

@@ -1,0 +1,98 @@
+//! sk_msg: the socket fast path. Payload sent on a meshed socket whose peer socket is on this
+//! node goes straight into the peer's receive queue, skipping TCP/IP, qdiscs, veths and the bridge.
+//!
+//! Correctness rules:
+//! - Always return SK_PASS. If the redirect lookup misses, the kernel leaves `sk_redir` unset and
+//!   SK_PASS sends the message through the normal stack; returning the helper's SK_DROP would
+//!   lose data.
+//! - The per-socket decision is sticky (see `mesh_common::fast_state`): a socket that sent a byte
+//!   through the stack never switches to the fast path, because the receiver reads its
+//!   redirected queue before its TCP queue and would reorder the stream.
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use mesh_common::{CONFIG_INDEX, SockKey, config_flags, fast_state, global_counter, role};
+
+use crate::{
+    maps::{WEFT_CONFIG, WEFT_FLOWS, WEFT_SOCKS},
+    stats,
+};
+
+#[sk_msg]
+pub fn weft_sk_msg(ctx: SkMsgContext) -> u32 {
+    try_sk_msg(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_sk_msg(ctx: &SkMsgContext) {
+    // SAFETY: plain field loads from the context.
+    let key = unsafe {
+        let m = &*ctx.msg;
+        SockKey {
+            local_ip_be: m.local_ip4,
+            remote_ip_be: m.remote_ip4,
+            local_port_host: m.local_port,
+            remote_port_host: u32::from_be(m.remote_port),
+        }
+    };
+    let size = u64::from(ctx.size());
+    let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) else {
+        // No flow state means no sticky decision: the normal stack is the only safe choice.
+        stats::bump(global_counter::MSG_SLOW_STICKY);
+        return;
+    };
+    // SAFETY: valid map value; sk_msg runs under the socket lock, so this socket's entry has no
+    // concurrent writer.
+    let flow = unsafe { &mut *flow };
+
+    let enabled = WEFT_CONFIG
+        .get(CONFIG_INDEX)
+        .is_some_and(|c| c.flags & config_flags::FAST_PATH != 0 && c.fast_path_killed == 0);
+
+    let mut fast = false;
+    if flow.fast == fast_state::SLOW {
+        stats::bump(global_counter::MSG_SLOW_STICKY);
+    } else if !enabled {
+        flow.fast = fast_state::SLOW;
+        stats::bump(global_counter::MSG_SLOW_DISABLED);
+    } else {
+        let mut peer = key.peer();
+        if WEFT_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+            if flow.fast == fast_state::UNDECIDED && flow.role == role::CLIENT {
+                stats::pair(flow.local_workload, flow.remote_workload, |s| s.conns_fast += 1);
+            }
+            flow.fast = fast_state::FAST;
+            fast = true;
+            stats::bump(global_counter::MSG_FAST);
+        } else {
+            if flow.fast == fast_state::FAST {
+                stats::bump(global_counter::REDIRECT_FAILED);
+            } else {
+                stats::bump(global_counter::MSG_SLOW_NO_PEER);
+            }
+            flow.fast = fast_state::SLOW;
+        }
+    }
+
+    flow.tx_bytes += size;
+    flow.tx_msgs += 1;
+    let fast_bytes = if fast { size } else { 0 };
+    flow.tx_fast_bytes += fast_bytes;
+    let is_client = flow.role == role::CLIENT;
+    let (src, dst) = if is_client {
+        (flow.local_workload, flow.remote_workload)
+    } else {
+        (flow.remote_workload, flow.local_workload)
+    };
+    stats::pair(src, dst, |s| {
+        if is_client {
+            s.bytes_to_dst += size;
+        } else {
+            s.bytes_to_src += size;
+        }
+        s.bytes_fast += fast_bytes;
+    });
+}

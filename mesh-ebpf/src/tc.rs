@@ -1,0 +1,46 @@
+//! Packet and byte counters on the host-side end of each pod's veth. The program never changes a
+//! packet's fate: it returns TCX_NEXT / TC_ACT_UNSPEC so later programs (or the default) decide.
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use mesh_common::{IfStats, ZERO_IF_STATS};
+
+static ZERO: IfStats = ZERO_IF_STATS;
+
+use crate::maps::WEFT_IFSTATS;
+
+const TC_ACT_UNSPEC: i32 = -1;
+
+/// Host-side ingress = traffic leaving the pod.
+#[classifier]
+pub fn weft_tc_from_pod(ctx: TcContext) -> i32 {
+    count(&ctx, true);
+    TC_ACT_UNSPEC
+}
+
+/// Host-side egress = traffic entering the pod.
+#[classifier]
+pub fn weft_tc_to_pod(ctx: TcContext) -> i32 {
+    count(&ctx, false);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn count(ctx: &TcContext, from_pod: bool) {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = u64::from(ctx.len());
+    let mut ptr = WEFT_IFSTATS.get_ptr_mut(&ifindex);
+    if ptr.is_none() {
+        let _ = WEFT_IFSTATS.insert(&ifindex, &ZERO, 1);
+        ptr = WEFT_IFSTATS.get_ptr_mut(&ifindex);
+    }
+    let Some(stats) = ptr else { return };
+    // SAFETY: per-CPU value owned by this CPU.
+    let stats = unsafe { &mut *stats };
+    if from_pod {
+        stats.from_pod_packets += 1;
+        stats.from_pod_bytes += len;
+    } else {
+        stats.to_pod_packets += 1;
+        stats.to_pod_bytes += len;
+    }
+}
