@@ -157,7 +157,7 @@ pub const CONFIG_INDEX: u32 = 0;
 /// One TCP socket, from its own point of view. Key of the sockhash and of the flow table.
 /// The peer socket of a local connection is found by swapping local and remote.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SockKey {
     pub local_ip_be: u32,
     pub remote_ip_be: u32,
@@ -196,7 +196,7 @@ pub struct CgroupIdentity {
 
 /// A service virtual IP and port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     pub vip_be: u32,
     pub port_be: u16,
@@ -212,7 +212,7 @@ pub struct ServiceValue {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendKey {
     pub service_id: u32,
     pub slot: u32,
@@ -228,7 +228,7 @@ pub struct Backend {
 
 /// Policy lookup: exact port first, then `dst_port_host == 0` (any other port).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyKey {
     pub src_workload: u32,
     pub dst_workload: u32,
@@ -307,7 +307,7 @@ pub struct FlowEntry {
 
 /// Attempted connections refused in the kernel.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DenyKey {
     pub src_workload: u32,
     pub dst_workload: u32,
@@ -329,7 +329,7 @@ pub struct DenyValue {
 
 /// Per (source workload, destination workload); per-CPU, summed by the agent.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PairKey {
     pub src_workload: u32,
     pub dst_workload: u32,

@@ -1,1 +1,17 @@
+//! Weft's userspace: the node agent and the CLI that talks to it.
+//!
+//! Layout (see ARCHITECTURE.md): `control` turns YAML objects into a desired node `state`; `ebpf`
+//! (the only module that imports aya) loads or adopts the datapath and keeps its maps in sync;
+//! `metrics` and `admin` expose what the kernel counted; `app` wires it together; `cli` is the
+//! user's side.
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod ebpf;
+pub mod flows;
+pub mod metrics;
+pub mod state;

@@ -1,1 +1,138 @@
-fn main() {}
+//! `weft`: the node agent and its CLI.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use weft::{app, cli, config::AgentConfig};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "Weft: an eBPF-accelerated, sidecar-free service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct NodeArgs {
+    /// Node name (pods with this spec.nodeName belong to this agent).
+    #[arg(long, default_value = "local")]
+    node: String,
+    /// Admin socket; default /run/weft/<node>/admin.sock.
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    fn socket(&self) -> PathBuf {
+        self.admin_socket.clone().unwrap_or_else(|| PathBuf::from(format!("/run/weft/{}/admin.sock", self.node)))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: load or adopt the datapath, sync it with the objects, serve the admin API.
+    Agent {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The node's cgroup v2 directory (programs attach here; pods are its children).
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Per-node bpffs directory for pins; default /sys/fs/bpf/weft/<node>.
+        #[arg(long)]
+        bpffs_dir: Option<PathBuf>,
+        /// YAML objects: a file or a directory.
+        #[arg(long)]
+        objects: Option<PathBuf>,
+        /// Also serve /metrics (and the rest) on this TCP address.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
+        /// Name prefix of the host-side pod veths that get TC counters.
+        #[arg(long, default_value = "vh")]
+        pod_interface_prefix: String,
+        #[arg(long, default_value_t = 250)]
+        sync_interval_ms: u64,
+        /// Override the fast-path socket map capacity.
+        #[arg(long)]
+        sockhash_capacity: Option<u32>,
+        #[arg(long, default_value_t = 1000)]
+        recent_flows: usize,
+        /// Remove every program, link, map and pin of this node, then exit.
+        #[arg(long)]
+        uninstall: bool,
+    },
+    /// Show the node's flows: verdict, bytes each way, fast path or not, and why.
+    Flows {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the agent's state.
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fast-path kill switch; works even while the agent is down.
+    Fastpath {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[arg(long, default_value = "local")]
+        node: String,
+        #[arg(long)]
+        bpffs_dir: Option<PathBuf>,
+    },
+}
+
+fn bpffs_default(node: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/weft/{node}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Agent {
+            node,
+            cgroup,
+            bpffs_dir,
+            objects,
+            metrics_addr,
+            pod_interface_prefix,
+            sync_interval_ms,
+            sockhash_capacity,
+            recent_flows,
+            uninstall,
+        } => {
+            let config = AgentConfig {
+                admin_socket: node.socket(),
+                bpffs_dir: bpffs_dir.unwrap_or_else(|| bpffs_default(&node.node)),
+                node_name: node.node,
+                cgroup_path: cgroup,
+                objects_path: objects.unwrap_or_else(|| PathBuf::from("/etc/weft/objects")),
+                metrics_addr,
+                pod_interface_prefix,
+                sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
+                sockhash_capacity,
+                recent_flows,
+            };
+            if uninstall {
+                app::uninstall(&config).context("uninstall")?;
+            } else {
+                app::run(config).context("agent")?;
+            }
+        }
+        Command::Flows { node, json } => cli::flows(&node.socket(), json)?,
+        Command::Status { node, json } => cli::status(&node.socket(), json)?,
+        Command::Fastpath { state, node, bpffs_dir } => {
+            cli::fastpath(&bpffs_dir.unwrap_or_else(|| bpffs_default(&node)), state == "on")?;
+        }
+    }
+    Ok(())
+}

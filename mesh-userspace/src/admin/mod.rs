@@ -1,0 +1,153 @@
+//! Admin API over a Unix socket (for the CLI) and, optionally, TCP (for Prometheus):
+//! `/metrics`, `/ready`, `/config_dump`, `/flows`, `/status`.
+use std::{convert::Infallible, path::Path};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::{app::SharedState, config::AgentConfig};
+
+/// What `weft status` shows.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub ready: bool,
+    pub startup: Option<crate::ebpf::Startup>,
+    pub bpffs_dir: String,
+    pub fast_path_enabled: bool,
+    pub fast_path_killed: bool,
+    pub workloads: usize,
+    pub meshed_local_workloads: usize,
+    pub services: usize,
+    pub policy_entries: usize,
+    pub sockhash_entries: usize,
+    pub live_flows: usize,
+    pub interfaces: Vec<String>,
+    pub config_errors: Vec<String>,
+    pub last_sync_error: Option<String>,
+}
+
+pub async fn serve(shared: SharedState, config: &AgentConfig) -> std::io::Result<()> {
+    if let Some(dir) = config.admin_socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&config.admin_socket);
+    let unix = UnixListener::bind(&config.admin_socket)?;
+    tracing::info!(socket = %config.admin_socket.display(), "admin API listening");
+    let tcp = match config.metrics_addr {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await?;
+            tracing::info!(%addr, "metrics listening");
+            Some(l)
+        }
+        None => None,
+    };
+    loop {
+        let io_stream: Box<dyn AsyncStream> = tokio::select! {
+            r = unix.accept() => Box::new(r?.0),
+            r = async { match &tcp { Some(l) => l.accept().await, None => std::future::pending().await } } => Box::new(r?.0),
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(shared.clone(), req));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io_stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+    }
+}
+
+async fn handle(shared: SharedState, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET {
+        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported\n"));
+    }
+    let s = shared.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let resp = match req.uri().path() {
+        "/metrics" => {
+            let mut body = String::new();
+            match s.registry.as_ref().map(|r| prometheus_client::encoding::text::encode(&mut body, r)) {
+                Some(Ok(())) => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
+                _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics unavailable\n"),
+            }
+        }
+        "/ready" => {
+            if s.ready {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                let why = s.last_sync_error.clone().unwrap_or_else(|| "first sync pending".into());
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n"))
+            }
+        }
+        "/config_dump" => json(&*s),
+        "/flows" => json(&s.flows),
+        "/status" => json(&status(&s)),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /ready, /config_dump, /flows or /status\n"),
+    };
+    Ok(resp)
+}
+
+fn status(s: &crate::app::Shared) -> Status {
+    let kernel = s.metrics.get();
+    Status {
+        node: s.node.node.clone(),
+        ready: s.ready,
+        startup: s.startup,
+        bpffs_dir: s.config.as_ref().map(|c| c.bpffs_dir.display().to_string()).unwrap_or_default(),
+        fast_path_enabled: kernel.fast_path_enabled,
+        fast_path_killed: kernel.fast_path_killed,
+        workloads: s.node.workloads.len(),
+        meshed_local_workloads: s.node.workloads.iter().filter(|w| w.meshed && w.local).count(),
+        services: s.node.services.len(),
+        policy_entries: s.node.policy.len(),
+        sockhash_entries: kernel.sockhash_entries,
+        live_flows: s.flows.live.len(),
+        interfaces: s.interfaces.keys().cloned().collect(),
+        config_errors: s.config_errors.clone(),
+        last_sync_error: s.last_sync_error.clone(),
+    }
+}
+
+/// Client side for the CLI: GET `path` over the agent's Unix socket.
+pub async fn get(socket: &Path, path: &str) -> std::io::Result<(StatusCode, Bytes)> {
+    use http_body_util::{BodyExt as _, Empty};
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot reach the agent at {}: {e}; is `weft agent` running for this node?", socket.display()))
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(header::HOST, "weft-agent")
+        .body(Empty::<Bytes>::new())
+        .map_err(std::io::Error::other)?;
+    let resp = sender.send_request(req).await.map_err(std::io::Error::other)?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    Ok((status, body))
+}

@@ -1,0 +1,269 @@
+//! Agent wiring. The datapath loop runs on its own OS thread (map syscalls block); the admin and
+//! metrics server runs on a small tokio runtime. They share only [`Shared`].
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt as _,
+    sync::{Arc, RwLock, atomic::{AtomicBool, Ordering}},
+    time::Duration,
+};
+
+use mesh_common::{Backend, BackendKey, CgroupIdentity, Endpoint, ServiceKey, ServiceValue};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::{
+    config::AgentConfig,
+    control::files::FileSource,
+    ebpf::{self, Datapath, Desired, Startup},
+    flows::{FlowSnapshot, FlowTable},
+    metrics::{KernelSnapshot, Metrics, PairLabels},
+    state::{self, NodeState},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Datapath(#[from] ebpf::EbpfError),
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// What the admin API serves.
+#[derive(Debug, Default, Serialize)]
+pub struct Shared {
+    pub config: Option<AgentConfig>,
+    pub startup: Option<Startup>,
+    pub ready: bool,
+    pub node: NodeState,
+    pub config_errors: Vec<String>,
+    pub last_sync_error: Option<String>,
+    pub flows: FlowSnapshot,
+    /// Interfaces with TC counters: name → pod.
+    pub interfaces: BTreeMap<String, String>,
+    #[serde(skip)]
+    pub metrics: Metrics,
+    #[serde(skip)]
+    pub registry: Option<Arc<Registry>>,
+}
+
+pub type SharedState = Arc<RwLock<Shared>>;
+
+/// Runs the agent until SIGINT/SIGTERM. The datapath stays installed when the agent exits:
+/// traffic keeps flowing; `weft agent --uninstall` removes it.
+pub fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let datapath = Datapath::open(&config.bpffs_dir, &config.cgroup_path, config.sockhash_capacity)?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let shared: SharedState = Arc::new(RwLock::new(Shared {
+        config: Some(config.clone()),
+        startup: Some(datapath.startup),
+        metrics,
+        registry: Some(Arc::new(registry)),
+        ..Shared::default()
+    }));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loop_thread = {
+        let (shared, stop, config) = (shared.clone(), stop.clone(), config.clone());
+        std::thread::Builder::new()
+            .name("datapath-sync".into())
+            .spawn(move || sync_loop(datapath, &config, &shared, &stop))
+            .map_err(AgentError::Runtime)?
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
+    let result = rt.block_on(async {
+        let server = crate::admin::serve(shared.clone(), &config);
+        tokio::select! {
+            r = server => r.map_err(AgentError::Admin),
+            () = shutdown_signal() => Ok(()),
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = loop_thread.join();
+    let _ = std::fs::remove_file(&config.admin_socket);
+    tracing::info!("agent stopped; the datapath stays in place (weft agent --uninstall removes it)");
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop: &AtomicBool) {
+    let mut source = FileSource::new(&config.objects_path);
+    let mut flows = FlowTable::new(config.recent_flows);
+    let mut node = NodeState::default();
+    let (mut syncs, mut failures) = (0u64, 0u64);
+    let mut last_reported: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut config_errors = None;
+        match source.poll() {
+            Ok(Some(objects)) => {
+                node = state::build(&objects, &config.node_name, &config.cgroup_path);
+                let errors: Vec<String> = objects.errors.iter().map(ToString::to_string).chain(node.problems.iter().cloned()).collect();
+                for e in &errors {
+                    tracing::warn!(target: "weft::config", error = %e, "object not applied");
+                }
+                tracing::info!(workloads = node.workloads.len(), services = node.services.len(), policy_entries = node.policy.len(), "objects loaded");
+                config_errors = Some(errors);
+            }
+            Ok(None) => {}
+            Err(e) => config_errors = Some(vec![e.to_string()]),
+        }
+
+        let result = sync_once(&mut dp, config, &node);
+        match &result {
+            Ok(()) => syncs += 1,
+            Err(e) => {
+                failures += 1;
+                let msg = e.to_string();
+                if last_reported.as_ref() != Some(&msg) {
+                    tracing::error!(error = %msg, "datapath sync failed; retrying");
+                    last_reported = Some(msg);
+                }
+            }
+        }
+        let interfaces = pod_interfaces(config, &node);
+        let attached = match dp.sync_interfaces(&interfaces.keys().cloned().collect()) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "attaching TC counters failed");
+                BTreeSet::new()
+            }
+        };
+
+        let entries = dp.take_flows();
+        let denies = dp.denies();
+        let snapshot = flows.update(&entries, &denies, &node);
+        let kernel = kernel_snapshot(&dp, &node, &interfaces, syncs, failures);
+        {
+            let mut s = shared.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(errors) = config_errors {
+                s.config_errors = errors;
+            }
+            s.last_sync_error = result.err().map(|e| e.to_string());
+            s.ready = s.ready || s.last_sync_error.is_none();
+            s.node = node.clone();
+            s.flows = snapshot;
+            s.interfaces = interfaces.into_iter().filter(|(i, _)| attached.contains(i)).collect();
+            let mut kernel = kernel;
+            kernel.config_errors = s.config_errors.len();
+            s.metrics.set(kernel);
+        }
+        std::thread::sleep(config.sync_interval);
+    }
+}
+
+fn sync_once(dp: &mut Datapath, _config: &AgentConfig, node: &NodeState) -> Result<(), ebpf::EbpfError> {
+    let mut want = Desired { fast_path: node.fast_path, ..Desired::default() };
+    for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
+        want.endpoints.insert(u32::from(w.ip).to_be(), Endpoint { workload_id: w.id, flags: 0 });
+        // The cgroup v2 id the kernel reports is the inode of the cgroup directory. A pod whose
+        // cgroup does not exist yet joins on a later pass.
+        if let Some(ino) = w.cgroup.as_ref().and_then(|c| std::fs::metadata(c).ok()).map(|m| m.ino()) {
+            want.cgroups.insert(ino, CgroupIdentity { workload_id: w.id, flags: 0 });
+        }
+    }
+    for s in &node.services {
+        let key = ServiceKey { vip_be: u32::from(s.vip).to_be(), port_be: s.port.to_be(), _pad: 0 };
+        want.services.insert(key, ServiceValue { service_id: s.id, backend_count: u32::try_from(s.backends.len()).unwrap_or(0) });
+        for (slot, (_, ip, port)) in s.backends.iter().enumerate() {
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            want.backends.insert(
+                BackendKey { service_id: s.id, slot },
+                Backend { ip_be: u32::from(*ip).to_be(), port_be: port.to_be(), _pad: 0 },
+            );
+        }
+    }
+    want.policy.clone_from(&node.policy);
+    let report = dp.apply(&want)?;
+    if report.inserted + report.removed > 0 {
+        tracing::info!(inserted = report.inserted, removed = report.removed, "maps reconciled");
+    }
+    Ok(())
+}
+
+/// Host-side pod interfaces in the agent's network namespace, recognised by their name prefix.
+/// The value (the pod) stays empty: local mode does not tell which veth serves which pod.
+fn pod_interfaces(config: &AgentConfig, _node: &NodeState) -> BTreeMap<String, String> {
+    nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+                .filter(|n| n.starts_with(&config.pod_interface_prefix))
+                .map(|n| (n, String::new()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn kernel_snapshot(
+    dp: &Datapath,
+    node: &NodeState,
+    interfaces: &BTreeMap<String, String>,
+    syncs: u64,
+    failures: u64,
+) -> KernelSnapshot {
+    let name = |id: u32| {
+        node.workload(id).map_or_else(
+            || if id == 0 { ("".to_owned(), "unmeshed".to_owned()) } else { (String::new(), format!("unknown-{id}")) },
+            |w| (w.namespace.clone(), w.name.clone()),
+        )
+    };
+    let pairs = dp
+        .pair_stats()
+        .into_iter()
+        .map(|(k, v)| {
+            let (src_namespace, src_workload) = name(k.src_workload);
+            let (dst_namespace, dst_workload) = name(k.dst_workload);
+            (PairLabels { src_namespace, src_workload, dst_namespace, dst_workload }, v)
+        })
+        .collect();
+    let by_index: BTreeMap<u32, String> = nix::net::if_::if_nameindex()
+        .map(|l| l.iter().filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned()))).collect())
+        .unwrap_or_default();
+    let interfaces_out = dp
+        .if_stats()
+        .into_iter()
+        .filter_map(|(idx, st)| {
+            let ifname = by_index.get(&idx)?.clone();
+            let pod = interfaces.get(&ifname).cloned().unwrap_or_default();
+            Some((ifname, pod, st))
+        })
+        .collect();
+    let cfg = dp.config().unwrap_or_default();
+    KernelSnapshot {
+        pairs,
+        interfaces: interfaces_out,
+        global: dp.global_stats(),
+        fast_path_enabled: cfg.flags & mesh_common::config_flags::FAST_PATH != 0,
+        fast_path_killed: cfg.fast_path_killed != 0,
+        sockhash_entries: dp.sockhash_len(),
+        workloads: node.workloads.len(),
+        config_errors: 0,
+        syncs,
+        sync_failures: failures,
+    }
+}
+
+/// Removes the node's datapath: every link, program, map and pin.
+pub fn uninstall(config: &AgentConfig) -> Result<(), AgentError> {
+    ebpf::remove_pins(&config.bpffs_dir)?;
+    let _ = std::fs::remove_file(&config.admin_socket);
+    tracing::info!(dir = %config.bpffs_dir.display(), "datapath removed");
+    Ok(())
+}
+
+/// Polling interval used when none is configured.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(250);

@@ -1,0 +1,134 @@
+//! The user's side: `weft flows`, `weft status`, `weft fastpath`. Output here is the CLI's own,
+//! printed to stdout.
+#![allow(clippy::print_stdout, reason = "the CLI's output is its product")]
+
+use std::{fmt::Write as _, path::Path};
+
+use crate::{admin::Status, flows::{FlowSnapshot, FlowView}};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Agent(std::io::Error),
+    #[error("the agent answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("unexpected answer from the agent: {0}")]
+    Decode(serde_json::Error),
+    #[error(transparent)]
+    Datapath(#[from] crate::ebpf::EbpfError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+fn fetch(socket: &Path, path: &str) -> Result<bytes::Bytes, CliError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CliError::Runtime)?;
+    let (status, body) = rt.block_on(crate::admin::get(socket, path)).map_err(CliError::Agent)?;
+    if !status.is_success() {
+        return Err(CliError::Status { status: status.as_u16(), body: String::from_utf8_lossy(&body).into_owned() });
+    }
+    Ok(body)
+}
+
+pub fn flows(socket: &Path, json: bool) -> Result<(), CliError> {
+    let body = fetch(socket, "/flows")?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let snap: FlowSnapshot = serde_json::from_slice(&body).map_err(CliError::Decode)?;
+    print!("{}", render_flows(&snap));
+    Ok(())
+}
+
+fn endpoint(p: &crate::flows::Peer) -> String {
+    match &p.workload {
+        Some(w) => format!("{w}:{}", p.port),
+        None if p.port == 0 => p.ip.to_string(),
+        None => format!("{}:{}", p.ip, p.port),
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    #[allow(clippy::cast_precision_loss, reason = "display only")]
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+/// The flow table as a fixed-width text table.
+pub fn render_flows(snap: &FlowSnapshot) -> String {
+    let mut out = String::new();
+    let row = |out: &mut String, f: &FlowView| {
+        let fast = match f.fast_path {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
+        let via = f.service.as_ref().map(|s| format!(" (via {s})")).unwrap_or_default();
+        let bytes = if f.state == "denied" {
+            format!("{} attempt(s)", f.attempts)
+        } else {
+            format!("→ {} ← {}", human_bytes(f.bytes_to_dst), human_bytes(f.bytes_to_src))
+        };
+        let _ = writeln!(
+            out,
+            "{:<7} {:<5} {:<4} {:<28} {:<34} {:<28} {}{}",
+            f.state, f.verdict, fast, endpoint(&f.src), endpoint(&f.dst), bytes, f.reason, via
+        );
+    };
+    let _ = writeln!(
+        out,
+        "{:<7} {:<5} {:<4} {:<28} {:<34} {:<28} WHY",
+        "STATE", "VERD", "FAST", "SOURCE", "DESTINATION", "BYTES"
+    );
+    for f in snap.live.iter().chain(snap.recent.iter().rev()).chain(snap.denied.iter()) {
+        row(&mut out, f);
+    }
+    out
+}
+
+pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
+    let body = fetch(socket, "/status")?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let s: Status = serde_json::from_slice(&body).map_err(CliError::Decode)?;
+    let fast = match (s.fast_path_enabled, s.fast_path_killed) {
+        (_, true) => "OFF (kill switch)",
+        (true, false) => "on",
+        (false, false) => "off (MeshConfig)",
+    };
+    println!("node              {}", s.node);
+    println!("ready             {}", if s.ready { "yes" } else { "no" });
+    println!("datapath          {:?} at {}", s.startup, s.bpffs_dir);
+    println!("fast path         {fast}");
+    println!("workloads         {} ({} meshed on this node)", s.workloads, s.meshed_local_workloads);
+    println!("services          {}", s.services);
+    println!("policy entries    {}", s.policy_entries);
+    println!("fast-path sockets {}", s.sockhash_entries);
+    println!("live flows        {}", s.live_flows);
+    println!("pod interfaces    {}", s.interfaces.join(" "));
+    for e in &s.config_errors {
+        println!("config error      {e}");
+    }
+    if let Some(e) = &s.last_sync_error {
+        println!("sync error        {e}");
+    }
+    Ok(())
+}
+
+pub fn fastpath(bpffs_dir: &Path, on: bool) -> Result<(), CliError> {
+    crate::ebpf::set_fast_path_killed(bpffs_dir, !on)?;
+    println!(
+        "fast path kill switch {} for {}",
+        if on { "released" } else { "ENGAGED: new messages take the normal stack" },
+        bpffs_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! The agent's typed configuration, built from flags (see `app`), served at `/config_dump`.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentConfig {
+    /// Node name; pods whose `spec.nodeName` equals it are this agent's.
+    pub node_name: String,
+    /// The node's cgroup v2 directory; the cgroup programs attach here and pod cgroups live
+    /// below it as `<namespace>_<pod>`.
+    pub cgroup_path: PathBuf,
+    /// Per-node bpffs directory holding the pinned programs, links and maps.
+    pub bpffs_dir: PathBuf,
+    /// YAML objects: one file or a directory of `*.yaml`/`*.yml`/`*.json` files.
+    pub objects_path: PathBuf,
+    /// Unix socket of the admin API (the CLI talks to it).
+    pub admin_socket: PathBuf,
+    /// Optional TCP listener for Prometheus scrapes (same endpoints as the socket).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Host-side pod interfaces get the TC counters; they are recognised by this name prefix.
+    pub pod_interface_prefix: String,
+    /// How often the objects are re-read and the maps reconciled.
+    #[serde(with = "millis")]
+    pub sync_interval: Duration,
+    /// Overrides the sockhash capacity (tests shrink it to exercise the map-full fallback).
+    pub sockhash_capacity: Option<u32>,
+    /// How many closed flows `/flows` remembers.
+    pub recent_flows: usize,
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}

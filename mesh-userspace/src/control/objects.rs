@@ -1,0 +1,282 @@
+//! The objects that describe a mesh: Kubernetes Pods, Services and Namespaces, and Weft's own
+//! kinds in group `weft.dev`. Parsing is per document: a bad document is reported with its file
+//! and position and skipped; it never hides the good ones.
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Service},
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+};
+use serde::{Deserialize, Serialize};
+
+pub const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
+
+/// Pod/namespace annotation or label that takes a workload out of the mesh.
+pub const INJECT_ANNOTATION: &str = "weft.dev/inject";
+
+/// Mesh-wide settings (cluster-scoped; the object named `default` wins, others are reported).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: MeshConfigSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfigSpec {
+    /// Socket-level fast path for same-node meshed connections (default on).
+    #[serde(default = "yes")]
+    pub fast_path: bool,
+}
+
+impl Default for MeshConfigSpec {
+    fn default() -> Self {
+        Self { fast_path: true }
+    }
+}
+
+const fn yes() -> bool {
+    true
+}
+
+/// Who may connect to which workloads, enforced at connect() time (same node: in the kernel).
+/// Semantics follow Istio's AuthorizationPolicy: DENY rules win; if any ALLOW policy selects a
+/// workload, a connection must match one of their rules; otherwise the mesh default applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// Destination workloads in the policy's namespace; absent selects all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// A rule matches when one of `from` matches the source and one of `to` matches the
+/// destination port; an empty list matches everything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub from: Vec<From>,
+    #[serde(default)]
+    pub to: Vec<To>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct From {
+    pub source: Source,
+}
+
+/// Every field that is set must match (AND); within a list, any entry may match (OR).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    /// `namespace/name`, or `name` for the policy's own namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct To {
+    pub operation: Operation,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// Everything the agent currently knows, plus what it could not accept.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ObjectSet {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub mesh_configs: Vec<MeshConfig>,
+    pub errors: Vec<ParseError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{source_name} document {document}: {message}")]
+pub struct ParseError {
+    /// File (or other origin) of the document.
+    pub source_name: String,
+    /// 1-based position of the document in its source.
+    pub document: usize,
+    pub message: String,
+}
+
+impl ObjectSet {
+    /// Parses a multi-document YAML (or JSON) text. Bad documents are recorded in `errors`.
+    pub fn add_yaml(&mut self, source_name: &str, text: &str) {
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let error = |message: String| ParseError {
+                source_name: source_name.to_owned(),
+                document: i + 1,
+                message,
+            };
+            let value = match serde_yaml::Value::deserialize(doc) {
+                Ok(serde_yaml::Value::Null) => continue, // empty document
+                Ok(v) => v,
+                Err(e) => {
+                    self.errors.push(error(format!("invalid YAML: {e}")));
+                    // The YAML stream cannot be resynchronised after a syntax error.
+                    break;
+                }
+            };
+            if let Err(message) = self.add_value(value) {
+                self.errors.push(error(message));
+            }
+        }
+    }
+
+    fn add_value(&mut self, value: serde_yaml::Value) -> Result<(), String> {
+        let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str).map(str::to_owned);
+        let api_version = field("apiVersion").ok_or("missing apiVersion")?;
+        let kind = field("kind").ok_or("missing kind")?;
+        let typed = |e: serde_yaml::Error| format!("{kind} ({api_version}): {e}");
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Pod") => self.pods.push(serde_yaml::from_value(value).map_err(typed)?),
+            ("v1", "Service") => self.services.push(serde_yaml::from_value(value).map_err(typed)?),
+            ("v1", "Namespace") => {
+                self.namespaces.push(serde_yaml::from_value(value).map_err(typed)?);
+            }
+            ("v1", "List") => {
+                let items = value.get("items").and_then(serde_yaml::Value::as_sequence).cloned();
+                for item in items.unwrap_or_default() {
+                    self.add_value(item)?;
+                }
+            }
+            (WEFT_API_VERSION, "AuthorizationPolicy") => {
+                let p: AuthorizationPolicy = serde_yaml::from_value(value).map_err(typed)?;
+                if p.metadata.name.is_none() {
+                    return Err(format!("{kind}: metadata.name is required"));
+                }
+                self.authorization_policies.push(p);
+            }
+            (WEFT_API_VERSION, "MeshConfig") => {
+                self.mesh_configs.push(serde_yaml::from_value(value).map_err(typed)?);
+            }
+            (v, k) => {
+                return Err(format!(
+                    "unsupported kind {k} ({v}); expected v1 Pod/Service/Namespace or \
+                     {WEFT_API_VERSION} AuthorizationPolicy/MeshConfig"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `matchLabels` AND `matchExpressions` (In, NotIn, Exists, DoesNotExist), as Kubernetes defines.
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_labels = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_exprs = selector.match_expressions.iter().flatten().all(|e| {
+        let have = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => have.is_some_and(|h| values.contains(h)),
+            "NotIn" => have.is_none_or(|h| !values.contains(h)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            _ => false, // an unknown operator never matches: fail closed for selectors
+        }
+    });
+    by_labels && by_exprs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mixed_documents_and_keeps_good_ones_after_a_bad_one() {
+        let mut set = ObjectSet::default();
+        set.add_yaml(
+            "t.yaml",
+            r"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: default, labels: {app: a}}
+spec: {serviceAccountName: sa-a, nodeName: n1, containers: [{name: c}]}
+status: {podIP: 198.18.1.10}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: p}
+spec: {action: DENI}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: default}
+spec: {clusterIP: 198.19.0.1, selector: {app: a}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Gadget
+",
+        );
+        assert_eq!(set.pods.len(), 1);
+        assert_eq!(set.services.len(), 1);
+        assert_eq!(set.errors.len(), 2, "{:?}", set.errors);
+        assert_eq!(set.errors[0].document, 2);
+        assert!(set.errors[0].message.contains("DENI"), "{}", set.errors[0]);
+        assert!(set.errors[1].message.contains("unsupported kind Gadget"));
+    }
+
+    #[test]
+    fn syntax_error_is_reported_not_panicked() {
+        let mut set = ObjectSet::default();
+        set.add_yaml("bad.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: [unclosed\n");
+        assert_eq!(set.errors.len(), 1);
+        assert!(set.errors[0].message.starts_with("invalid YAML"));
+    }
+
+    #[test]
+    fn selector_semantics() {
+        let sel: LabelSelector = serde_yaml::from_str(
+            "{matchLabels: {app: db}, matchExpressions: [{key: tier, operator: NotIn, values: [test]}]}",
+        )
+        .unwrap();
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        assert!(selector_matches(&sel, &labels(&[("app", "db")])));
+        assert!(selector_matches(&sel, &labels(&[("app", "db"), ("tier", "prod")])));
+        assert!(!selector_matches(&sel, &labels(&[("app", "db"), ("tier", "test")])));
+        assert!(!selector_matches(&sel, &labels(&[("app", "web")])));
+        assert!(selector_matches(&LabelSelector::default(), &labels(&[])));
+    }
+}

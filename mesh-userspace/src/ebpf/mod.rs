@@ -1,0 +1,332 @@
+//! The datapath: the only module that talks to aya.
+//!
+//! Layout of a node's bpffs directory:
+//! ```text
+//! <dir>/maps/<MAP>            every map, pinned by name (the object declares them pinned)
+//! <dir>/progs/<program>       every program
+//! <dir>/links/sock_ops        cgroup link of sock_ops on the node cgroup
+//! <dir>/links/connect4        cgroup link of connect4 on the node cgroup
+//! <dir>/links/tc/<if>-from    tcx ingress link on a pod's host-side veth (traffic from the pod)
+//! <dir>/links/tc/<if>-to      tcx egress link (traffic to the pod)
+//! ```
+//! sk_msg is attached to the sockhash itself, so it lives as long as the pinned map does.
+//! A restarted agent finds the links pinned and adopts everything without touching the kernel's
+//! attachments: established connections never notice the agent was gone.
+mod sync;
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps, TcAttachType,
+        links::{FdLink, PinnedLink},
+    },
+};
+use mesh_common::{
+    Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint, FlowEntry,
+    GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey,
+    map_names, program_names,
+};
+pub use sync::{Desired, SyncReport};
+
+/// The eBPF object built by build.rs from mesh-ebpf.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("loading the eBPF object failed: {0}; is this kernel ≥ 6.6 with BTF, and are we root?")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("pinning {path}: {source}; is {bpffs} on a bpffs mount?", bpffs = .path.display())]
+    Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error("link {path}: {source}")]
+    Link { path: PathBuf, source: aya::programs::links::LinkError },
+    #[error("cgroup {path}: {source}; the node cgroup must exist on the cgroup v2 mount")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("object has no program {0}: the embedded object and this binary disagree")]
+    MissingProgram(&'static str),
+}
+
+type Result<T, E = EbpfError> = std::result::Result<T, E>;
+
+/// What the agent did when it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Startup {
+    /// Loaded and attached the programs.
+    Installed,
+    /// Found them pinned and attached (agent restart): nothing in the kernel changed.
+    Adopted,
+}
+
+/// Typed handles on the pinned maps.
+pub struct Maps {
+    pub endpoints: HashMap<MapData, u32, Endpoint>,
+    pub cgroups: HashMap<MapData, u64, CgroupIdentity>,
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, BackendKey, Backend>,
+    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    pub config: Array<MapData, Config>,
+    pub connects: HashMap<MapData, u64, ConnectInfo>,
+    pub flows: HashMap<MapData, SockKey, FlowEntry>,
+    pub denies: HashMap<MapData, DenyKey, DenyValue>,
+    pub pairs: PerCpuHashMap<MapData, PairKey, PairStats>,
+    pub ifs: PerCpuHashMap<MapData, u32, IfStats>,
+    pub global: PerCpuArray<MapData, GlobalStats>,
+    pub socks: SockHash<MapData, SockKey>,
+}
+
+pub struct Datapath {
+    dir: PathBuf,
+    pub maps: Maps,
+    tc_from_pod: SchedClassifier,
+    tc_to_pod: SchedClassifier,
+    pub startup: Startup,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EbpfError + '_ {
+    move |source| EbpfError::Io { path: path.to_owned(), source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+    move |source| EbpfError::Program { name, source }
+}
+
+impl Datapath {
+    /// Adopts the pinned datapath in `dir` if it is complete, otherwise installs it on `cgroup`.
+    pub fn open(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<Self> {
+        for sub in ["maps", "progs", "links/tc"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
+        }
+        let complete = ["links/sock_ops", "links/connect4"]
+            .iter()
+            .map(|l| dir.join(l))
+            .chain(program_names::ALL.iter().map(|p| dir.join("progs").join(p)))
+            .chain(map_names::ALL.iter().map(|m| dir.join("maps").join(m)))
+            .all(|p| p.exists());
+        let startup = if complete {
+            tracing::info!(dir = %dir.display(), "adopting the pinned datapath");
+            Startup::Adopted
+        } else {
+            // A partial state (crash during install, or pins removed by hand) is rebuilt whole.
+            remove_pins(dir)?;
+            for sub in ["maps", "progs", "links/tc"] {
+                std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
+            }
+            install(dir, cgroup, sockhash_capacity)?;
+            tracing::info!(dir = %dir.display(), cgroup = %cgroup.display(), "installed the datapath");
+            Startup::Installed
+        };
+        let progs = dir.join("progs");
+        let tc_from_pod = SchedClassifier::from_pin(progs.join(program_names::TC_FROM_POD))
+            .map_err(prog_err(program_names::TC_FROM_POD))?;
+        let tc_to_pod = SchedClassifier::from_pin(progs.join(program_names::TC_TO_POD))
+            .map_err(prog_err(program_names::TC_TO_POD))?;
+        Ok(Self { maps: Maps::open(&dir.join("maps"))?, dir: dir.to_owned(), tc_from_pod, tc_to_pod, startup })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Attaches the TC counters to every pod interface in `wanted` that has none yet, and
+    /// forgets links of interfaces that are gone. Returns the interfaces now counted.
+    pub fn sync_interfaces(&mut self, wanted: &BTreeSet<String>) -> Result<BTreeSet<String>> {
+        let tc_dir = self.dir.join("links/tc");
+        let mut have = BTreeSet::new();
+        for entry in std::fs::read_dir(&tc_dir).map_err(io(&tc_dir))?.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(ifname) = name.strip_suffix("-from").or_else(|| name.strip_suffix("-to")) else { continue };
+            if wanted.contains(ifname) {
+                have.insert(ifname.to_owned());
+            } else {
+                unpin_link(&entry.path())?;
+            }
+        }
+        for ifname in wanted.difference(&have.clone()) {
+            for (prog, kind, suffix) in [
+                (&mut self.tc_from_pod, TcAttachType::Ingress, "from"),
+                (&mut self.tc_to_pod, TcAttachType::Egress, "to"),
+            ] {
+                let id = prog.attach(ifname, kind).map_err(prog_err(program_names::TC_FROM_POD))?;
+                let link = prog.take_link(id).map_err(prog_err(program_names::TC_FROM_POD))?;
+                let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { path: tc_dir.clone(), source })?;
+                let path = tc_dir.join(format!("{ifname}-{suffix}"));
+                link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
+            }
+            tracing::info!(interface = %ifname, "TC counters attached");
+            have.insert(ifname.clone());
+        }
+        Ok(have)
+    }
+}
+
+impl Maps {
+    fn open(dir: &Path) -> Result<Self> {
+        fn map(dir: &Path, name: &'static str) -> Result<Map> {
+            let data = MapData::from_pin(dir.join(name)).map_err(|source| EbpfError::Map { name, source })?;
+            Map::from_map_data(data).map_err(|source| EbpfError::Map { name, source })
+        }
+        macro_rules! typed {
+            ($name:expr) => {
+                map(dir, $name)?.try_into().map_err(|source| EbpfError::Map { name: $name, source })?
+            };
+        }
+        Ok(Self {
+            endpoints: typed!(map_names::ENDPOINTS),
+            cgroups: typed!(map_names::CGROUPS),
+            services: typed!(map_names::SERVICES),
+            backends: typed!(map_names::BACKENDS),
+            policy: typed!(map_names::POLICY),
+            config: typed!(map_names::CONFIG),
+            connects: typed!(map_names::CONNECTS),
+            flows: typed!(map_names::FLOWS),
+            denies: typed!(map_names::DENIES),
+            pairs: typed!(map_names::PAIR_STATS),
+            ifs: typed!(map_names::IF_STATS),
+            global: typed!(map_names::GLOBAL_STATS),
+            socks: typed!(map_names::SOCKS),
+        })
+    }
+}
+
+fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<()> {
+    let maps_dir = dir.join("maps");
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&maps_dir);
+    if let Some(cap) = sockhash_capacity {
+        loader.map_max_entries(map_names::SOCKS, cap);
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup { path: cgroup.to_owned(), source })?;
+    let pin_prog = |prog: &mut aya::programs::Program, name: &'static str| -> Result<()> {
+        let path = dir.join("progs").join(name);
+        prog.pin(&path).map_err(|source| EbpfError::Pin { path, source })
+    };
+    let pin_link = |link: FdLink, name: &str| -> Result<()> {
+        let path = dir.join("links").join(name);
+        link.pin(&path).map(drop).map_err(|source| EbpfError::Pin { path, source })
+    };
+
+    // sk_msg on the sockhash.
+    {
+        let socks: SockHash<_, SockKey> = SockHash::try_from(
+            ebpf.map(map_names::SOCKS).ok_or(EbpfError::MissingProgram(map_names::SOCKS))?,
+        )
+        .map_err(|source| EbpfError::Map { name: map_names::SOCKS, source })?;
+        let socks_fd = socks.fd().try_clone().map_err(io(&maps_dir))?;
+        let prog = ebpf.program_mut(program_names::SK_MSG).ok_or(EbpfError::MissingProgram(program_names::SK_MSG))?;
+        let sk_msg: &mut SkMsg = prog.try_into().map_err(prog_err(program_names::SK_MSG))?;
+        sk_msg.load().map_err(prog_err(program_names::SK_MSG))?;
+        let id = sk_msg.attach(&socks_fd).map_err(prog_err(program_names::SK_MSG))?;
+        // aya detaches a link when it is dropped. This attachment belongs to the pinned map and
+        // must outlive the agent, so the handle is deliberately leaked (two fds, closed at exit).
+        std::mem::forget(sk_msg.take_link(id).map_err(prog_err(program_names::SK_MSG))?);
+        pin_prog(prog, program_names::SK_MSG)?;
+    }
+    // TC counters: loaded and pinned; attached per interface later.
+    for name in [program_names::TC_FROM_POD, program_names::TC_TO_POD] {
+        let prog = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+        let tc: &mut SchedClassifier = prog.try_into().map_err(prog_err(name))?;
+        tc.load().map_err(prog_err(name))?;
+        pin_prog(prog, name)?;
+    }
+    // connect4 before sock_ops: a connection must never be recorded without its verdict.
+    // (Cgroup bpf_links always coexist with other programs; their attach flags must be 0, which
+    // is what `Single` passes.)
+    {
+        let name = program_names::CONNECT4;
+        let prog = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+        let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
+        p.load().map_err(prog_err(name))?;
+        let id = p.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(prog_err(name))?;
+        let link = FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
+            .map_err(|source| EbpfError::Link { path: cgroup.to_owned(), source })?;
+        pin_link(link, "connect4")?;
+        pin_prog(prog, name)?;
+    }
+    {
+        let name = program_names::SOCK_OPS;
+        let prog = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+        let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
+        p.load().map_err(prog_err(name))?;
+        let id = p.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(prog_err(name))?;
+        let link = FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
+            .map_err(|source| EbpfError::Link { path: cgroup.to_owned(), source })?;
+        pin_link(link, "sock_ops")?;
+        pin_prog(prog, name)?;
+    }
+    Ok(())
+}
+
+fn unpin_link(path: &Path) -> Result<()> {
+    match PinnedLink::from_pin(path) {
+        // Dropping the last reference detaches the link.
+        Ok(link) => link.unpin().map(drop).map_err(io(path)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "not a link pin; removing the file");
+            std::fs::remove_file(path).map_err(io(path))
+        }
+    }
+}
+
+/// Detaches and removes everything pinned under `dir`: links first (that detaches programs from
+/// the cgroup and the interfaces), then programs and maps. The kernel frees each object when its
+/// last reference goes.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let links = dir.join("links");
+    for sub in [links.join("tc"), links.clone()] {
+        if let Ok(entries) = std::fs::read_dir(&sub) {
+            for e in entries.filter_map(Result::ok) {
+                if e.path().is_file() || e.file_type().is_ok_and(|t| !t.is_dir()) {
+                    unpin_link(&e.path())?;
+                }
+            }
+        }
+    }
+    for sub in ["progs", "maps"] {
+        if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
+            for e in entries.filter_map(Result::ok) {
+                std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
+            }
+        }
+    }
+    for sub in ["links/tc", "links", "progs", "maps", ""] {
+        let p = dir.join(sub);
+        if p.exists() {
+            std::fs::remove_dir(&p).map_err(io(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// The operator's kill switch, written straight into the pinned config map: works whether or not
+/// the agent runs, and the agent's config sync never overrides it.
+pub fn set_fast_path_killed(dir: &Path, killed: bool) -> Result<()> {
+    let path = dir.join("maps").join(map_names::CONFIG);
+    let data = MapData::from_pin(&path).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
+    let map = Map::from_map_data(data).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
+    let mut config: Array<MapData, Config> =
+        map.try_into().map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
+    let mut value = config
+        .get(&mesh_common::CONFIG_INDEX, 0)
+        .map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
+    value.fast_path_killed = u32::from(killed);
+    config
+        .set(mesh_common::CONFIG_INDEX, value, 0)
+        .map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })
+}

@@ -1,0 +1,185 @@
+//! Reconciling maps with the desired node state, and reading what the kernel counted.
+use std::{collections::BTreeMap, hash::Hash};
+
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError},
+};
+use mesh_common::{
+    Backend, BackendKey, CONFIG_INDEX, CgroupIdentity, Config, DenyKey, DenyValue, Endpoint, FlowEntry,
+    GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey,
+    config_flags, flow_state, global_counter, verdict,
+};
+
+use super::{Datapath, EbpfError};
+
+/// Exact contents the agent wants in its maps.
+#[derive(Debug, Default, Clone)]
+pub struct Desired {
+    pub endpoints: BTreeMap<u32, Endpoint>,
+    pub cgroups: BTreeMap<u64, CgroupIdentity>,
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<BackendKey, Backend>,
+    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    pub fast_path: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct SyncReport {
+    pub inserted: usize,
+    pub removed: usize,
+}
+
+impl std::ops::AddAssign for SyncReport {
+    fn add_assign(&mut self, o: Self) {
+        self.inserted += o.inserted;
+        self.removed += o.removed;
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+/// Makes a hash map hold exactly `want`: stale keys removed, new or changed values written.
+fn reconcile<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    want: &BTreeMap<K, V>,
+    name: &'static str,
+) -> Result<SyncReport, EbpfError>
+where
+    K: Pod + Ord + Hash,
+    V: Pod + PartialEq,
+{
+    let mut report = SyncReport::default();
+    let have: Vec<(K, V)> = map.iter().filter_map(Result::ok).collect();
+    let have_map: BTreeMap<K, V> = have.into_iter().collect();
+    for k in have_map.keys().filter(|k| !want.contains_key(k)) {
+        match map.remove(k) {
+            Ok(()) | Err(MapError::KeyNotFound) => report.removed += 1,
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    for (k, v) in want {
+        if have_map.get(k) != Some(v) {
+            map.insert(k, v, 0).map_err(map_err(name))?;
+            report.inserted += 1;
+        }
+    }
+    Ok(report)
+}
+
+impl Datapath {
+    /// Writes `want` into the maps. Order matters for connections being made meanwhile:
+    /// identities and backends first, then services that point at them, then policy, and
+    /// removals of backends last.
+    pub fn apply(&mut self, want: &Desired) -> Result<SyncReport, EbpfError> {
+        use mesh_common::map_names as n;
+        let m = &mut self.maps;
+        let mut report = reconcile(&mut m.endpoints, &want.endpoints, n::ENDPOINTS)?;
+        report += reconcile(&mut m.cgroups, &want.cgroups, n::CGROUPS)?;
+        // Add new backend slots before services grow into them...
+        let mut grown = want.backends.clone();
+        for (k, v) in m.backends.iter().filter_map(Result::ok) {
+            grown.entry(k).or_insert(v);
+        }
+        report += reconcile(&mut m.backends, &grown, n::BACKENDS)?;
+        report += reconcile(&mut m.services, &want.services, n::SERVICES)?;
+        // ...and drop stale slots only after services shrank.
+        report += reconcile(&mut m.backends, &want.backends, n::BACKENDS)?;
+        report += reconcile(&mut m.policy, &want.policy, n::POLICY)?;
+
+        let mut cfg = m.config.get(&CONFIG_INDEX, 0).map_err(map_err(n::CONFIG))?;
+        let wanted = Config {
+            flags: if want.fast_path { config_flags::FAST_PATH } else { 0 },
+            fast_path_killed: cfg.fast_path_killed, // operator-owned: preserved
+            default_verdict: verdict::FAST,
+            _pad0: 0,
+            _pad1: 0,
+            _pad2: 0,
+        };
+        if cfg != wanted {
+            cfg = wanted;
+            m.config.set(CONFIG_INDEX, cfg, 0).map_err(map_err(n::CONFIG))?;
+            report.inserted += 1;
+        }
+        Ok(report)
+    }
+
+    pub fn config(&self) -> Result<Config, EbpfError> {
+        self.maps.config.get(&CONFIG_INDEX, 0).map_err(map_err(mesh_common::map_names::CONFIG))
+    }
+
+    /// Live and closed flow entries. Closed ones are removed from the map once read (the agent
+    /// keeps them in its recent-flows ring), so the LRU map holds live sockets.
+    pub fn take_flows(&mut self) -> Vec<(SockKey, FlowEntry)> {
+        let all: Vec<(SockKey, FlowEntry)> = self.maps.flows.iter().filter_map(Result::ok).collect();
+        for (k, f) in &all {
+            if f.state == flow_state::CLOSED {
+                let _ = self.maps.flows.remove(k);
+            }
+        }
+        all
+    }
+
+    pub fn denies(&self) -> Vec<(DenyKey, DenyValue)> {
+        self.maps.denies.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn pair_stats(&self) -> Vec<(PairKey, PairStats)> {
+        self.maps
+            .pairs
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| {
+                let mut sum = PairStats::default();
+                for s in per_cpu.iter() {
+                    sum.conns_opened += s.conns_opened;
+                    sum.conns_closed += s.conns_closed;
+                    sum.conns_denied += s.conns_denied;
+                    sum.conns_fast += s.conns_fast;
+                    sum.bytes_to_dst += s.bytes_to_dst;
+                    sum.bytes_to_src += s.bytes_to_src;
+                    sum.bytes_fast += s.bytes_fast;
+                }
+                (k, sum)
+            })
+            .collect()
+    }
+
+    pub fn if_stats(&self) -> Vec<(u32, IfStats)> {
+        self.maps
+            .ifs
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| {
+                let mut sum = IfStats::default();
+                for s in per_cpu.iter() {
+                    sum.from_pod_packets += s.from_pod_packets;
+                    sum.from_pod_bytes += s.from_pod_bytes;
+                    sum.to_pod_packets += s.to_pod_packets;
+                    sum.to_pod_bytes += s.to_pod_bytes;
+                }
+                (k, sum)
+            })
+            .collect()
+    }
+
+    pub fn global_stats(&self) -> [u64; global_counter::COUNT] {
+        let mut out = [0; global_counter::COUNT];
+        if let Ok(per_cpu) = self.maps.global.get(&0, 0) {
+            for s in per_cpu.iter() {
+                let s: &GlobalStats = s;
+                for (o, c) in out.iter_mut().zip(s.counters) {
+                    *o += c;
+                }
+            }
+        }
+        out
+    }
+
+    /// Sockets currently eligible for the fast path.
+    pub fn sockhash_len(&self) -> usize {
+        self.maps.socks.keys().filter(Result::is_ok).count()
+    }
+}

@@ -1,0 +1,529 @@
+//! The node's view of the mesh: which workloads it hosts, which services exist, and the verdict
+//! for every (source, destination, port) — computed from the objects, then written to the kernel
+//! by `ebpf`. Pure functions: everything here is unit-testable without privileges.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_common::{PolicyKey, PolicyValue, verdict};
+use serde::Serialize;
+
+use crate::control::{
+    ObjectSet,
+    objects::{Action, AuthorizationPolicy, INJECT_ANNOTATION, Source, selector_matches},
+};
+
+/// A pod of the mesh. `id` is stable across agent restarts (derived from namespace/name), so
+/// pinned counters keep their meaning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    /// False when opted out (`weft.dev/inject: disabled` on the pod or its namespace).
+    pub meshed: bool,
+    /// Hosted by this agent's node.
+    pub local: bool,
+    /// Pod cgroup (local workloads only): `<node cgroup>/<namespace>_<name>`.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Workload {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub port_name: Option<String>,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// Ready backends: (workload id, address, target port).
+    pub backends: Vec<(u32, Ipv4Addr, u16)>,
+}
+
+/// Why a policy entry exists; `/flows` shows it next to each verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleInfo {
+    pub id: u32,
+    pub policy: String,
+    pub action: String,
+    /// Index of the rule in the policy, `None` for "no ALLOW rule matched".
+    pub rule: Option<usize>,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeState {
+    pub node: String,
+    pub fast_path: bool,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<ServicePort>,
+    pub rules: Vec<RuleInfo>,
+    #[serde(skip)]
+    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// Objects that were understood but cannot be applied, with the reason.
+    pub problems: Vec<String>,
+}
+
+impl NodeState {
+    pub fn workload(&self, id: u32) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.id == id)
+    }
+
+    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.ip == ip)
+    }
+
+    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
+        self.rules.iter().find(|r| r.id == id)
+    }
+
+    pub fn service(&self, id: u32) -> Option<&ServicePort> {
+        self.services.iter().find(|s| s.id == id)
+    }
+}
+
+/// FNV-1a, folded to a non-zero u32 (0 means "unknown workload" in the kernel maps).
+fn stable_id(s: &str, taken: &BTreeSet<u32>) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    loop {
+        if h != 0 && !taken.contains(&h) {
+            return h;
+        }
+        h = h.wrapping_add(1);
+    }
+}
+
+pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
+    let mut state = NodeState { node: node.to_owned(), fast_path: true, ..NodeState::default() };
+    let mut problems = Vec::new();
+
+    // Mesh config: the object named "default" (or the only one).
+    match objects.mesh_configs.as_slice() {
+        [] => {}
+        [one] => state.fast_path = one.spec.fast_path,
+        many => {
+            let chosen = many.iter().find(|c| c.metadata.name.as_deref() == Some("default"));
+            match chosen {
+                Some(c) => state.fast_path = c.spec.fast_path,
+                None => problems.push("several MeshConfig objects and none named \"default\": using defaults".into()),
+            }
+        }
+    }
+
+    let opted_out_ns: BTreeSet<&str> = objects
+        .namespaces
+        .iter()
+        .filter(|n| {
+            n.metadata.labels.as_ref().and_then(|l| l.get(INJECT_ANNOTATION)).map(String::as_str)
+                == Some("disabled")
+        })
+        .filter_map(|n| n.metadata.name.as_deref())
+        .collect();
+
+    // Workloads, sorted so that id collision resolution is deterministic.
+    let mut pods: Vec<&Pod> = objects.pods.iter().collect();
+    pods.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
+    let mut taken = BTreeSet::new();
+    let mut seen_ips = BTreeMap::new();
+    for pod in pods {
+        match workload_of(pod, node, node_cgroup, &opted_out_ns, &mut taken) {
+            Ok(w) => {
+                if let Some(other) = seen_ips.insert(w.ip, w.key()) {
+                    problems.push(format!("pod {} has the same IP {} as {other}: ignored", w.key(), w.ip));
+                    continue;
+                }
+                state.workloads.push(w);
+            }
+            Err(p) => problems.push(p),
+        }
+    }
+
+    // Services.
+    let mut svc_taken = BTreeSet::new();
+    for svc in &objects.services {
+        match service_ports(svc, &objects.pods, &state.workloads, &mut svc_taken) {
+            Ok(mut ports) => state.services.append(&mut ports),
+            Err(p) => problems.push(p),
+        }
+    }
+
+    let (policy, rules) = policy_entries(&state.workloads, &objects.authorization_policies);
+    state.policy = policy;
+    state.rules = rules;
+    state.problems = problems;
+    state
+}
+
+fn workload_of(
+    pod: &Pod,
+    node: &str,
+    node_cgroup: &Path,
+    opted_out_ns: &BTreeSet<&str>,
+    taken: &mut BTreeSet<u32>,
+) -> Result<Workload, String> {
+    let name = pod.metadata.name.clone().ok_or("a Pod without metadata.name was ignored")?;
+    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let key = format!("{namespace}/{name}");
+    let spec = pod.spec.as_ref().ok_or_else(|| format!("pod {key}: no spec"))?;
+    let ip_text = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .ok_or_else(|| format!("pod {key}: no status.podIP yet; it joins the mesh once it has one"))?;
+    let ip: Ipv4Addr = ip_text
+        .parse()
+        .map_err(|_| format!("pod {key}: status.podIP {ip_text:?} is not an IPv4 address (IPv6 is not supported yet)"))?;
+    let pod_node = spec.node_name.clone().unwrap_or_default();
+    let local = pod_node == node;
+    let disabled = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INJECT_ANNOTATION))
+        .is_some_and(|v| v == "disabled");
+    let id = stable_id(&key, taken);
+    taken.insert(id);
+    Ok(Workload {
+        id,
+        cgroup: local.then(|| node_cgroup.join(format!("{namespace}_{name}"))),
+        meshed: !disabled && !opted_out_ns.contains(namespace.as_str()),
+        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        namespace,
+        name,
+        ip,
+        node: pod_node,
+        local,
+    })
+}
+
+fn service_ports(
+    svc: &Service,
+    pods: &[Pod],
+    workloads: &[Workload],
+    taken: &mut BTreeSet<u32>,
+) -> Result<Vec<ServicePort>, String> {
+    let name = svc.metadata.name.clone().ok_or("a Service without metadata.name was ignored")?;
+    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let spec = svc.spec.as_ref().ok_or_else(|| format!("service {namespace}/{name}: no spec"))?;
+    let Some(vip_text) = spec.cluster_ip.clone().filter(|ip| ip != "None") else {
+        // Headless services are resolved by name, not a VIP: nothing to program.
+        return Ok(Vec::new());
+    };
+    let vip: Ipv4Addr = vip_text.parse().map_err(|_| {
+        format!("service {namespace}/{name}: spec.clusterIP {vip_text:?} is not an IPv4 address")
+    })?;
+    let Some(selector) = spec.selector.as_ref() else {
+        return Ok(Vec::new()); // endpoints managed elsewhere; none in local mode
+    };
+    let members: Vec<(&Workload, &Pod)> = workloads
+        .iter()
+        .filter(|w| w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter_map(|w| {
+            let pod = pods.iter().find(|p| {
+                p.metadata.name.as_deref() == Some(w.name.as_str())
+                    && p.metadata.namespace.as_deref().unwrap_or("default") == w.namespace
+            })?;
+            Some((w, pod))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let svc_port = u16::try_from(port.port)
+            .map_err(|_| format!("service {namespace}/{name}: port {} out of range", port.port))?;
+        let mut backends = Vec::new();
+        for (w, pod) in &members {
+            if let Some(target) = target_port(port.target_port.as_ref(), svc_port, pod) {
+                backends.push((w.id, w.ip, target));
+            }
+        }
+        backends.sort();
+        let key = format!("{namespace}/{name}:{svc_port}");
+        let id = stable_id(&key, taken);
+        taken.insert(id);
+        out.push(ServicePort {
+            id,
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port_name: port.name.clone(),
+            vip,
+            port: svc_port,
+            backends,
+        });
+    }
+    Ok(out)
+}
+
+/// targetPort: a number, a container port name, or (absent) the service port.
+fn target_port(target: Option<&IntOrString>, svc_port: u16, pod: &Pod) -> Option<u16> {
+    match target {
+        None => Some(svc_port),
+        Some(IntOrString::Int(p)) => u16::try_from(*p).ok(),
+        Some(IntOrString::String(named)) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(named.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+fn source_matches(src: &Source, w: &Workload, policy_ns: &str) -> bool {
+    let sa_ok = src.service_accounts.is_empty()
+        || src.service_accounts.iter().any(|sa| match sa.split_once('/') {
+            Some((ns, name)) => ns == w.namespace && name == w.service_account,
+            None => policy_ns == w.namespace && sa == &w.service_account,
+        });
+    let ns_ok = src.namespaces.is_empty() || src.namespaces.iter().any(|n| n == &w.namespace);
+    let pods_ok = src.pod_selector.as_ref().is_none_or(|s| selector_matches(s, &w.labels));
+    sa_ok && ns_ok && pods_ok
+}
+
+/// Index of the first rule of `p` that matches (source, port).
+fn matching_rule(p: &AuthorizationPolicy, src: &Workload, port: u16) -> Option<usize> {
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    p.spec.rules.iter().position(|r| {
+        let from_ok = r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, src, ns));
+        let to_ok = r.to.is_empty() || r.to.iter().any(|t| t.operation.ports.is_empty() || t.operation.ports.contains(&port));
+        from_ok && to_ok
+    })
+}
+
+fn selects(p: &AuthorizationPolicy, dst: &Workload) -> bool {
+    p.metadata.namespace.as_deref().unwrap_or("default") == dst.namespace
+        && p.spec.selector.as_ref().is_none_or(|s| selector_matches(s, &dst.labels))
+}
+
+fn policy_name(p: &AuthorizationPolicy) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or("default"),
+        p.metadata.name.as_deref().unwrap_or("?")
+    )
+}
+
+/// Expands authorization policies into explicit kernel entries for every meshed local source and
+/// meshed destination that at least one policy selects. Port 0 stands for "any other port".
+pub fn policy_entries(
+    workloads: &[Workload],
+    policies: &[AuthorizationPolicy],
+) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
+    let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().collect();
+    sorted.sort_by_key(|p| policy_name(p));
+
+    // Rule ids: one per (policy, rule) and one per policy for "no ALLOW rule matched".
+    let mut rules = Vec::new();
+    let mut ids = BTreeMap::new();
+    for p in &sorted {
+        let name = policy_name(p);
+        let action = match p.spec.action {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+        };
+        for (i, _) in p.spec.rules.iter().enumerate() {
+            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+            ids.insert((name.clone(), Some(i)), id);
+            rules.push(RuleInfo {
+                id,
+                policy: name.clone(),
+                action: action.into(),
+                rule: Some(i),
+                description: format!("{action} by rule {i} of {name}"),
+            });
+        }
+        if p.spec.action == Action::Allow {
+            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+            ids.insert((name.clone(), None), id);
+            rules.push(RuleInfo {
+                id,
+                policy: name.clone(),
+                action: "DENY".into(),
+                rule: None,
+                description: format!("DENY: no ALLOW rule matched ({name} selects the destination)"),
+            });
+        }
+    }
+
+    let mut entries = BTreeMap::new();
+    let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && w.local).collect();
+    for dst in workloads.iter().filter(|w| w.meshed) {
+        let applying: Vec<&AuthorizationPolicy> = sorted.iter().copied().filter(|p| selects(p, dst)).collect();
+        if applying.is_empty() {
+            continue;
+        }
+        let mut ports: BTreeSet<u16> = applying
+            .iter()
+            .flat_map(|p| p.spec.rules.iter())
+            .flat_map(|r| r.to.iter())
+            .flat_map(|t| t.operation.ports.iter().copied())
+            .collect();
+        ports.insert(0);
+        for src in &sources {
+            for &port in &ports {
+                let (v, rule_id) = decide(&applying, src, port, &ids);
+                let key = PolicyKey { src_workload: src.id, dst_workload: dst.id, dst_port_host: port, _pad: 0 };
+                entries.insert(key, PolicyValue { verdict: v, _pad0: 0, _pad1: 0, rule_id });
+            }
+        }
+    }
+    (entries, rules)
+}
+
+/// Verdict for one (source, destination port) given the policies selecting the destination.
+/// Port 0 stands for "a port no rule names": only rules without port lists can match it.
+fn decide(
+    applying: &[&AuthorizationPolicy],
+    src: &Workload,
+    port: u16,
+    ids: &BTreeMap<(String, Option<usize>), u32>,
+) -> (u8, u32) {
+    let rule_id = |p: &AuthorizationPolicy, i| ids.get(&(policy_name(p), i)).copied().unwrap_or(0);
+    for p in applying.iter().filter(|p| p.spec.action == Action::Deny) {
+        if let Some(i) = matching_rule(p, src, port) {
+            return (verdict::DENY, rule_id(p, Some(i)));
+        }
+    }
+    let mut allows = applying.iter().filter(|p| p.spec.action == Action::Allow).peekable();
+    let Some(first) = allows.peek().copied() else {
+        return (verdict::FAST, 0);
+    };
+    for p in allows {
+        if let Some(i) = matching_rule(p, src, port) {
+            return (verdict::FAST, rule_id(p, Some(i)));
+        }
+    }
+    (verdict::DENY, rule_id(first, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects(yaml: &str) -> ObjectSet {
+        let mut set = ObjectSet::default();
+        set.add_yaml("test", yaml);
+        assert!(set.errors.is_empty(), "{:?}", set.errors);
+        set
+    }
+
+    const PODS: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 198.18.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {serviceAccountName: db, nodeName: n1, containers: [{name: c}]}
+status: {podIP: 198.18.1.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, namespace: jobs, labels: {app: batch}}
+spec: {serviceAccountName: batch, nodeName: n1, containers: [{name: c}]}
+status: {podIP: 198.18.1.12}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: shop, labels: {app: web}, annotations: {weft.dev/inject: disabled}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 9090}]}]}
+status: {podIP: 198.18.1.13}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+";
+
+    fn verdict_of(state: &NodeState, src: &str, dst: &str, port: u16) -> Option<u8> {
+        let id = |n: &str| state.workloads.iter().find(|w| w.name == n).unwrap().id;
+        let key = |port| PolicyKey { src_workload: id(src), dst_workload: id(dst), dst_port_host: port, _pad: 0 };
+        state.policy.get(&key(port)).or_else(|| state.policy.get(&key(0))).map(|v| v.verdict)
+    }
+
+    #[test]
+    fn workloads_services_and_named_target_ports() {
+        let s = build(&objects(PODS), "n1", Path::new("/cg/node"));
+        assert_eq!(s.workloads.len(), 4);
+        let legacy = s.workloads.iter().find(|w| w.name == "legacy").unwrap();
+        assert!(!legacy.meshed);
+        assert_eq!(legacy.cgroup.as_deref(), Some(Path::new("/cg/node/shop_legacy")));
+        let svc = &s.services[0];
+        assert_eq!((svc.vip, svc.port), (Ipv4Addr::new(198, 19, 0, 10), 80));
+        let targets: Vec<_> = svc.backends.iter().map(|b| (b.1, b.2)).collect();
+        assert!(targets.contains(&(Ipv4Addr::new(198, 18, 1, 10), 8080)));
+        assert!(targets.contains(&(Ipv4Addr::new(198, 18, 1, 13), 9090)));
+        assert!(s.policy.is_empty(), "no policy, no entries: the default applies");
+    }
+
+    #[test]
+    fn ids_are_stable_and_nonzero() {
+        let a = build(&objects(PODS), "n1", Path::new("/x"));
+        let b = build(&objects(PODS), "n1", Path::new("/x"));
+        assert_eq!(a.workloads, b.workloads);
+        assert!(a.workloads.iter().all(|w| w.id != 0));
+    }
+
+    #[test]
+    fn allow_policy_denies_everything_else_and_deny_wins() {
+        let yaml = format!(
+            "{PODS}---\n{}",
+            r"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-allow-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules:
+  - from: [{source: {serviceAccounts: [web]}}]
+    to: [{operation: {ports: [5432]}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-batch, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: [jobs]}}]
+"
+        );
+        let s = build(&objects(&yaml), "n1", Path::new("/x"));
+        assert_eq!(verdict_of(&s, "web", "db", 5432), Some(verdict::FAST));
+        assert_eq!(verdict_of(&s, "web", "db", 22), Some(verdict::DENY), "port not allowed");
+        assert_eq!(verdict_of(&s, "batch", "db", 5432), Some(verdict::DENY));
+        assert_eq!(verdict_of(&s, "batch", "web", 8080), Some(verdict::DENY), "DENY applies namespace-wide");
+        assert_eq!(verdict_of(&s, "db", "web", 8080), Some(verdict::FAST));
+        // The reason is recorded.
+        let key = PolicyKey {
+            src_workload: s.workloads.iter().find(|w| w.name == "web").unwrap().id,
+            dst_workload: s.workloads.iter().find(|w| w.name == "db").unwrap().id,
+            dst_port_host: 0,
+            _pad: 0,
+        };
+        let rule = s.rule(s.policy[&key].rule_id).unwrap();
+        assert!(rule.description.contains("no ALLOW rule matched"), "{rule:?}");
+    }
+}
