@@ -51,8 +51,8 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "weft_sock_ops";
     pub const SK_MSG: &str = "weft_sk_msg";
     pub const CONNECT4: &str = "weft_connect4";
-    pub const TC_FROM_POD: &str = "weft_tc_from_pod";
-    pub const TC_TO_POD: &str = "weft_tc_to_pod";
+    pub const TC_FROM_POD: &str = "weft_tc_pod_out";
+    pub const TC_TO_POD: &str = "weft_tc_pod_in";
 
     pub const ALL: [&str; 5] = [SOCK_OPS, SK_MSG, CONNECT4, TC_FROM_POD, TC_TO_POD];
 }

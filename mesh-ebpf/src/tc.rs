@@ -11,14 +11,14 @@ const TC_ACT_UNSPEC: i32 = -1;
 
 /// Host-side ingress = traffic leaving the pod.
 #[classifier]
-pub fn weft_tc_from_pod(ctx: TcContext) -> i32 {
+pub fn weft_tc_pod_out(ctx: TcContext) -> i32 {
     count(&ctx, true);
     TC_ACT_UNSPEC
 }
 
 /// Host-side egress = traffic entering the pod.
 #[classifier]
-pub fn weft_tc_to_pod(ctx: TcContext) -> i32 {
+pub fn weft_tc_pod_in(ctx: TcContext) -> i32 {
     count(&ctx, false);
     TC_ACT_UNSPEC
 }
