@@ -14,10 +14,10 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{FlowEntry, SockKey, ZERO_FLOW, flow_state, global_counter, reason, role, verdict};
+use mesh_common::{CONFIG_INDEX, FlowEntry, SockKey, ZERO_FLOW, config_flags, fast_state, flow_state, global_counter, reason, role, verdict};
 
 use crate::{
-    maps::{WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_SOCKS},
+    maps::{WEFT_CONFIG, WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_SOCKS},
     stats,
 };
 
@@ -115,9 +115,21 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     // Ask for state callbacks so the close is seen.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
-    // Fast path eligibility: both ends meshed on this node, and the verdict allows it.
+    // Fast path eligibility: both ends meshed on this node, the verdict allows it, and the fast
+    // path is on. A socket that will not use the fast path stays out of the sockhash entirely:
+    // joining it gives the socket a psock and the tcp_bpf socket operations, which is only
+    // worth it (and only exercised by our tests) when messages are redirected.
     let allowed = flow_verdict == verdict::FAST || flow_verdict == verdict::L7 || my_role == role::SERVER;
-    if remote.is_some() && allowed {
+    let enabled = WEFT_CONFIG
+        .get(CONFIG_INDEX)
+        .is_some_and(|c| c.flags & config_flags::FAST_PATH != 0 && c.fast_path_killed == 0);
+    if !enabled {
+        if let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) {
+            // SAFETY: valid map value; see above.
+            unsafe { (*flow).fast = fast_state::SLOW };
+        }
+    }
+    if remote.is_some() && allowed && enabled {
         // SAFETY: the context pointer is a valid bpf_sock_ops for the program's lifetime.
         let ops = unsafe { &mut *ctx.ops };
         if WEFT_SOCKS.update(&mut key, ops, u64::from(BPF_ANY)).is_err() {

@@ -1,1 +1,145 @@
-fn main() {}
+//! Project automation: `cargo xtask setup | build | test | demo | bench`.
+//!
+//! Each command installs what it needs first (see `setup`), prints what it is doing, and leaves
+//! nothing behind on the machine but installed packages and tools.
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "xtask reports progress on the terminal")]
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Prints a progress line that stands out from cargo's own output.
+#[macro_export]
+macro_rules! step {
+    ($($arg:tt)*) => {{
+        println!("\x1b[1;36m==>\x1b[0m {}", format!($($arg)*));
+    }};
+}
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install every prerequisite (Debian packages, rust-src, bpf-linker, bpffs mount).
+    Setup,
+    /// Build the weft binary (with the embedded eBPF object) and the test workload.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit, root-free object checks, and privileged testbed integration tests.
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        args: Vec<String>,
+    },
+    /// Run the demo: a local node with a few pods, a policy, traffic, the flow table and metrics.
+    Demo {
+        /// How long the demo traffic runs.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+    },
+    /// Benchmarks, side by side in one run.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Same-node pod-to-pod TCP: no mesh vs Weft's socket fast path.
+    L4 {
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds per measurement run.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Runs a command with inherited output; fails with the command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn ensure_setup() -> Result<()> {
+    if setup::check_only() {
+        Ok(())
+    } else {
+        step!("some prerequisites are missing: running `cargo xtask setup` first");
+        setup::setup()
+    }
+}
+
+/// Builds the binaries and returns (weft, weft-workload).
+pub fn build(release: bool) -> Result<(PathBuf, PathBuf)> {
+    step!("building weft (with its eBPF object) and the test workload{}", if release { " (release)" } else { "" });
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "mesh-userspace", "-p", "weft-tests", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let dir = workspace_root().join("target").join(if release { "release" } else { "debug" });
+    Ok((dir.join("weft"), dir.join("weft-workload")))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => {
+            ensure_setup()?;
+            build(release).map(drop)
+        }
+        Cmd::Test { args } => {
+            ensure_setup()?;
+            let (weft, workload) = build(false)?;
+            step!("running the tests (unit, object layout, and privileged testbed integration tests)");
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-fail-fast", "--"])
+                .args(["--test-threads", "2"])
+                .args(&args)
+                .env("WEFT_BIN", &weft)
+                .env("WEFT_WORKLOAD_BIN", &workload);
+            run(&mut cmd)
+        }
+        Cmd::Demo { secs } => {
+            ensure_setup()?;
+            let bins = build(true)?;
+            demo::run(&bins.0, &bins.1, secs)
+        }
+        Cmd::Bench { which: BenchCmd::L4 { json, secs, repeats } } => {
+            ensure_setup()?;
+            let bins = build(true)?;
+            bench::l4(&bins.0, &bins.1, secs, repeats, json.as_deref())
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Running `weft agent` for a testbed node, and reading what it serves.
+//!
+//! The agent runs in the node's network namespace (it attaches TC programs to the pods' veths
+//! there), attaches its cgroup programs to the node cgroup, pins under the run's bpffs directory
+//! and serves its admin API on a Unix socket in the node's run directory. Objects are YAML files
+//! in `<run dir>/objects`, which tests rewrite to change the mesh live.
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{Node, eventually, process::Proc, weft_bin};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct Agent {
+    proc: Option<Proc>,
+    node_name: String,
+    cgroup: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub objects_dir: PathBuf,
+    pub socket: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    /// Starts the agent for `node` and waits until `/ready` answers 200.
+    pub fn start(node: &Node, extra_args: &[&str]) -> Result<Self> {
+        let objects_dir = node.run_dir().join("objects");
+        std::fs::create_dir_all(&objects_dir)?;
+        let mut agent = Self {
+            proc: None,
+            node_name: node.name().to_owned(),
+            cgroup: node.cgroup_path(),
+            bpffs_dir: node.bpffs_dir(),
+            socket: node.run_dir().join("admin.sock"),
+            objects_dir,
+            extra: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        agent.spawn(node)?;
+        Ok(agent)
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "agent",
+            "--node",
+            &self.node_name,
+            "--cgroup",
+            &self.cgroup.display().to_string(),
+            "--bpffs-dir",
+            &self.bpffs_dir.display().to_string(),
+            "--objects",
+            &self.objects_dir.display().to_string(),
+            "--admin-socket",
+            &self.socket.display().to_string(),
+            "--sync-interval-ms",
+            "100",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    fn spawn(&mut self, node: &Node) -> Result<()> {
+        let _ = std::fs::remove_file(&self.socket);
+        let proc = node.spawn(weft_bin(), self.args())?;
+        self.proc = Some(proc);
+        eventually(READY_TIMEOUT, || {
+            if let Some(p) = self.proc.as_mut()
+                && !p.is_running()
+            {
+                bail!("agent exited: {}", p.stderr());
+            }
+            match self.get("/ready")? {
+                (200, _) => Ok(()),
+                (code, body) => bail!("/ready answered {code}: {body}"),
+            }
+        })
+        .with_context(|| format!("agent for {} did not become ready", self.node_name))
+    }
+
+    /// `kill -9`, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take()
+            && let Err(e) = p.kill()
+        {
+            eprintln!("[agent] kill -9: {e}");
+        }
+    }
+
+    /// Starts the agent again (after [`Agent::kill9`] or [`Agent::stop`]).
+    pub fn restart(&mut self, node: &Node) -> Result<()> {
+        self.kill9();
+        self.spawn(node)
+    }
+
+    /// SIGTERM and wait: the datapath stays installed.
+    pub fn stop(&mut self) -> Result<String> {
+        match self.proc.take() {
+            Some(mut p) => Ok(p.terminate(Duration::from_secs(10))?.stderr),
+            None => Ok(String::new()),
+        }
+    }
+
+    /// `weft agent --uninstall` for this node (the agent should be stopped first).
+    pub fn uninstall(&mut self, node: &Node) -> Result<()> {
+        self.stop()?;
+        let mut args = self.args();
+        args.push("--uninstall".into());
+        let done = node.run(Duration::from_secs(30), weft_bin(), args)?;
+        if !done.success() {
+            bail!("uninstall failed: {}", done.stderr);
+        }
+        Ok(())
+    }
+
+    pub fn stderr(&self) -> String {
+        self.proc.as_ref().map(Proc::stderr).unwrap_or_default()
+    }
+
+    /// Writes (replaces) one objects file; the agent picks it up on its next sync.
+    pub fn apply(&self, file: &str, yaml: &str) -> Result<()> {
+        let path = self.objects_dir.join(file);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn delete(&self, file: &str) -> Result<()> {
+        std::fs::remove_file(self.objects_dir.join(file))?;
+        Ok(())
+    }
+
+    /// GET over the admin socket: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(&self.socket, path)
+    }
+
+    pub fn json(&self, path: &str) -> Result<Value> {
+        let (code, body) = self.get(path)?;
+        if code != 200 {
+            bail!("{path} answered {code}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        self.json("/status")
+    }
+
+    pub fn flows(&self) -> Result<Value> {
+        self.json("/flows")
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = self.get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body)
+    }
+
+    /// Sum of the samples of `name` whose labels contain every `key="value"` in `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(sum_metric(&self.metrics()?, name, labels))
+    }
+
+    /// Waits until the objects in `objects_dir` are applied: the agent saw `workloads` of them.
+    pub fn wait_workloads(&self, workloads: u64) -> Result<()> {
+        eventually(Duration::from_secs(10), || {
+            let s = self.status()?;
+            let n = s["workloads"].as_u64().unwrap_or(0);
+            if n == workloads && s["last_sync_error"].is_null() {
+                Ok(())
+            } else {
+                bail!("agent sees {n} workloads (want {workloads}): {s}")
+            }
+        })
+    }
+}
+
+/// Sum of the samples of a Prometheus text metric, filtered by labels.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal HTTP/1.1 GET over a Unix socket (the agent answers with a Content-Length body).
+pub fn http_get(socket: &Path, path: &str) -> Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("bad status line")?;
+    Ok((code, body.to_owned()))
+}
