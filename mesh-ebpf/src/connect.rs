@@ -39,32 +39,17 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
     if unsafe { (*sa).protocol } != IPPROTO_TCP {
         return Ok(ALLOW);
     }
-    // SAFETY: helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: map values are read-only here and copied out.
-    let Some(src) = (unsafe { WEFT_CGROUPS.get(&cgroup_id) }).copied() else {
-        return Ok(ALLOW); // unmeshed pod: PASS
-    };
-
     // SAFETY: see above.
     let (orig_ip_be, orig_port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
-    let mut info = ConnectInfo {
-        src_workload: src.workload_id,
-        dst_workload: 0,
-        rule_id: 0,
-        orig_dst_ip_be: orig_ip_be,
-        orig_dst_port_be: orig_port_be,
-        verdict: verdict::PASS,
-        reason: reason::OUTSIDE_MESH,
-        service_id: 0,
-    };
     let (mut dst_ip_be, mut dst_port_be) = (orig_ip_be, orig_port_be);
 
-    // Service VIP → one backend, chosen uniformly at random.
+    // Service VIP → one backend, chosen uniformly at random. This is service routing (what
+    // kube-proxy does), so it applies to every pod of the node, meshed or not.
     let svc_key = ServiceKey { vip_be: orig_ip_be, port_be: orig_port_be, _pad: 0 };
+    let mut service_id = 0;
     // SAFETY: copied out of the map.
     if let Some(svc) = unsafe { WEFT_SERVICES.get(&svc_key) }.copied() {
-        info.service_id = svc.service_id;
+        service_id = svc.service_id;
         if svc.backend_count == 0 {
             stats::bump(global_counter::NO_BACKEND);
             // Left as is: the VIP is not routable from a pod, so connect() fails with
@@ -87,6 +72,23 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
             (*sa).user_port = u32::from(dst_port_be);
         }
     }
+
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: map values are read-only here and copied out.
+    let Some(src) = (unsafe { WEFT_CGROUPS.get(&cgroup_id) }).copied() else {
+        return Ok(ALLOW); // unmeshed pod: PASS
+    };
+    let mut info = ConnectInfo {
+        src_workload: src.workload_id,
+        dst_workload: 0,
+        rule_id: 0,
+        orig_dst_ip_be: orig_ip_be,
+        orig_dst_port_be: orig_port_be,
+        verdict: verdict::PASS,
+        reason: reason::OUTSIDE_MESH,
+        service_id,
+    };
 
     // SAFETY: copied out of the map.
     let dst = unsafe { WEFT_ENDPOINTS.get(&dst_ip_be) }.copied();

@@ -213,6 +213,10 @@ fn unmeshed_pod_and_node_processes_are_untouched() -> Result<()> {
     let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
     let from_u = m.pod("u").transfer(server.addr(), 4 * MIB, 2)?;
     ensure!(from_u.all_ok(), "unmeshed client: {from_u:?}");
+    // Service addresses work for every pod, as kube-proxy's do; only the mesh verdicts and the
+    // fast path are reserved for meshed pods.
+    let via_vip = m.pod("u").transfer("198.19.0.10:80".parse()?, MIB, 1)?;
+    ensure!(via_vip.all_ok(), "unmeshed client through the service VIP: {via_vip:?}");
     // Traffic from the node's own namespace (not in any pod cgroup) is not seen at all.
     let from_node = m.node.run(
         Duration::from_secs(60),

@@ -137,9 +137,9 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     let fast = sum("weft_tcp_fast_path_bytes_total", &[]);
     let sent = sum("weft_tcp_sent_bytes_total", &[]);
     let veth = sum("weft_interface_bytes_total", &[]);
-    println!("    payload between meshed pods     {:>12}", human(sent));
+    println!("    payload between meshed pods     {:>12}  (both directions)", human(sent));
     println!("      of which on the fast path     {:>12}", human(fast));
-    println!("    bytes seen on the pods' veths   {:>12}  (the legacy pod's traffic, and handshakes)", human(veth));
+    println!("    bytes seen on the pods' veths   {:>12}  (legacy's traffic, plus handshakes)", human(veth));
     println!("    connections opened              {:>12}", sum("weft_tcp_connections_opened_total", &[]));
     println!("    connections denied              {:>12}", sum("weft_tcp_connections_denied_total", &[]));
 

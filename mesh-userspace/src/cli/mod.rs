@@ -42,6 +42,7 @@ pub fn flows(socket: &Path, json: bool) -> Result<(), CliError> {
 
 fn endpoint(p: &crate::flows::Peer) -> String {
     match &p.workload {
+        Some(w) if p.port == 0 => w.clone(),
         Some(w) => format!("{w}:{}", p.port),
         None if p.port == 0 => p.ip.to_string(),
         None => format!("{}:{}", p.ip, p.port),
@@ -106,7 +107,12 @@ pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
     };
     println!("node              {}", s.node);
     println!("ready             {}", if s.ready { "yes" } else { "no" });
-    println!("datapath          {:?} at {}", s.startup, s.bpffs_dir);
+    let startup = match s.startup {
+        Some(crate::ebpf::Startup::Installed) => "installed",
+        Some(crate::ebpf::Startup::Adopted) => "adopted from pins (agent restart)",
+        None => "not loaded",
+    };
+    println!("datapath          {startup} at {}", s.bpffs_dir);
     println!("fast path         {fast}");
     println!("workloads         {} ({} meshed on this node)", s.workloads, s.meshed_local_workloads);
     println!("services          {}", s.services);

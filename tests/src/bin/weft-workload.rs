@@ -598,7 +598,7 @@ fn verify_echo(
     let mut want = vec![0; buf.len()];
     let mut verified: u64 = 0;
     let mut budget = Budget::until("verify", deadline, MAX_IO_ITERATIONS);
-    let mut reader = stream;
+    let reader = stream;
     let problem = loop {
         if let Err(error) = budget.tick() {
             break format!("echo after {verified} bytes: {error}");
