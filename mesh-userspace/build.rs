@@ -1,8 +1,8 @@
-//! Builds mesh-ebpf for bpfel-unknown-none with aya-build and leaves the object in OUT_DIR, where
+//! Builds mesh-ebpf for bpfel-unknown-none with aya-build and leaves the object in `OUT_DIR`, where
 //! `src/ebpf/mod.rs` embeds it.
 //!
 //! The nightly toolchain is used when rustup has one; otherwise the current (stable) toolchain
-//! builds `core` itself under RUSTC_BOOTSTRAP=1, which these machines support as a fallback.
+//! builds `core` itself under `RUSTC_BOOTSTRAP=1`, which these machines support as a fallback.
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
@@ -14,13 +14,19 @@ fn main() -> anyhow::Result<()> {
     let toolchain = if has_nightly {
         Toolchain::Nightly
     } else {
-        println!("cargo:warning=no nightly toolchain: building the eBPF object with stable + RUSTC_BOOTSTRAP=1");
+        println!(
+            "cargo:warning=no nightly toolchain: building the eBPF object with stable + RUSTC_BOOTSTRAP=1"
+        );
         // SAFETY: build scripts are single-threaded at this point.
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
         Toolchain::Custom("stable")
     };
     aya_build::build_ebpf(
-        [Package { name: "mesh-ebpf", root_dir, ..Default::default() }],
+        [Package {
+            name: "mesh-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         toolchain,
     )
 }

@@ -8,6 +8,10 @@
 //! over, `_host` is host order.
 #![no_std]
 #![deny(unsafe_code)]
+#![allow(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields are part of the kernel contract"
+)]
 
 // --- names shared by both sides -------------------------------------------------------------
 
@@ -124,7 +128,7 @@ pub mod flow_state {
 
 /// Bits of [`Config::flags`].
 pub mod config_flags {
-    /// The mesh configuration (MeshConfig `spec.fastPath`) enables the socket fast path.
+    /// The mesh configuration (`MeshConfig` `spec.fastPath`) enables the socket fast path.
     pub const FAST_PATH: u32 = 1 << 0;
 }
 
@@ -144,7 +148,7 @@ pub mod global_counter {
     pub const FLOWS_FULL: usize = 5;
     /// A redirect was attempted and the kernel refused it (peer gone in between).
     pub const REDIRECT_FAILED: usize = 6;
-    /// connect() to a service address that had no backend.
+    /// `connect()` to a service address that had no backend.
     pub const NO_BACKEND: usize = 7;
     pub const COUNT: usize = 8;
 }
@@ -400,18 +404,58 @@ pub const MAP_LAYOUT: [(&str, usize, usize); 13] = {
     use core::mem::size_of;
     [
         (map_names::SOCKS, size_of::<SockKey>(), size_of::<u32>()),
-        (map_names::ENDPOINTS, size_of::<u32>(), size_of::<Endpoint>()),
-        (map_names::CGROUPS, size_of::<u64>(), size_of::<CgroupIdentity>()),
-        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>()),
-        (map_names::BACKENDS, size_of::<BackendKey>(), size_of::<Backend>()),
-        (map_names::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        (
+            map_names::ENDPOINTS,
+            size_of::<u32>(),
+            size_of::<Endpoint>(),
+        ),
+        (
+            map_names::CGROUPS,
+            size_of::<u64>(),
+            size_of::<CgroupIdentity>(),
+        ),
+        (
+            map_names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+        ),
+        (
+            map_names::BACKENDS,
+            size_of::<BackendKey>(),
+            size_of::<Backend>(),
+        ),
+        (
+            map_names::POLICY,
+            size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+        ),
         (map_names::CONFIG, size_of::<u32>(), size_of::<Config>()),
-        (map_names::CONNECTS, size_of::<u64>(), size_of::<ConnectInfo>()),
-        (map_names::FLOWS, size_of::<SockKey>(), size_of::<FlowEntry>()),
-        (map_names::DENIES, size_of::<DenyKey>(), size_of::<DenyValue>()),
-        (map_names::PAIR_STATS, size_of::<PairKey>(), size_of::<PairStats>()),
+        (
+            map_names::CONNECTS,
+            size_of::<u64>(),
+            size_of::<ConnectInfo>(),
+        ),
+        (
+            map_names::FLOWS,
+            size_of::<SockKey>(),
+            size_of::<FlowEntry>(),
+        ),
+        (
+            map_names::DENIES,
+            size_of::<DenyKey>(),
+            size_of::<DenyValue>(),
+        ),
+        (
+            map_names::PAIR_STATS,
+            size_of::<PairKey>(),
+            size_of::<PairStats>(),
+        ),
         (map_names::IF_STATS, size_of::<u32>(), size_of::<IfStats>()),
-        (map_names::GLOBAL_STATS, size_of::<u32>(), size_of::<GlobalStats>()),
+        (
+            map_names::GLOBAL_STATS,
+            size_of::<u32>(),
+            size_of::<GlobalStats>(),
+        ),
     ]
 };
 
@@ -464,8 +508,12 @@ pub const ZERO_PAIR_STATS: PairStats = PairStats {
     bytes_to_src: 0,
     bytes_fast: 0,
 };
-pub const ZERO_IF_STATS: IfStats =
-    IfStats { from_pod_packets: 0, from_pod_bytes: 0, to_pod_packets: 0, to_pod_bytes: 0 };
+pub const ZERO_IF_STATS: IfStats = IfStats {
+    from_pod_packets: 0,
+    from_pod_bytes: 0,
+    to_pod_packets: 0,
+    to_pod_bytes: 0,
+};
 pub const ZERO_FLOW: FlowEntry = FlowEntry {
     local_workload: 0,
     remote_workload: 0,

@@ -6,7 +6,9 @@
 //! EPERM (that is the DENY verdict); every internal error returns 1 (leave the connect alone).
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -45,7 +47,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
 
     // Service VIP → one backend, chosen uniformly at random. This is service routing (what
     // kube-proxy does), so it applies to every pod of the node, meshed or not.
-    let svc_key = ServiceKey { vip_be: orig_ip_be, port_be: orig_port_be, _pad: 0 };
+    let svc_key = ServiceKey {
+        vip_be: orig_ip_be,
+        port_be: orig_port_be,
+        _pad: 0,
+    };
     let mut service_id = 0;
     // SAFETY: copied out of the map.
     if let Some(svc) = unsafe { WEFT_SERVICES.get(&svc_key) }.copied() {
@@ -58,7 +64,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         }
         // SAFETY: helper without arguments.
         let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-        let bkey = BackendKey { service_id: svc.service_id, slot };
+        let bkey = BackendKey {
+            service_id: svc.service_id,
+            slot,
+        };
         // SAFETY: copied out of the map.
         let Some(backend) = (unsafe { WEFT_BACKENDS.get(&bkey) }).copied() else {
             stats::bump(global_counter::NO_BACKEND);
@@ -143,7 +152,9 @@ fn decide(info: &mut ConnectInfo, dst_port_be: u16) {
 
 #[inline(always)]
 fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16) {
-    stats::pair(info.src_workload, info.dst_workload, |s| s.conns_denied += 1);
+    stats::pair(info.src_workload, info.dst_workload, |s| {
+        s.conns_denied += 1
+    });
     let key = DenyKey {
         src_workload: info.src_workload,
         dst_workload: info.dst_workload,

@@ -62,7 +62,9 @@ fn try_sk_msg(ctx: &SkMsgContext) {
         let mut peer = key.peer();
         if WEFT_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
             if flow.fast == fast_state::UNDECIDED && flow.role == role::CLIENT {
-                stats::pair(flow.local_workload, flow.remote_workload, |s| s.conns_fast += 1);
+                stats::pair(flow.local_workload, flow.remote_workload, |s| {
+                    s.conns_fast += 1
+                });
             }
             flow.fast = fast_state::FAST;
             fast = true;

@@ -14,7 +14,10 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{CONFIG_INDEX, FlowEntry, SockKey, ZERO_FLOW, config_flags, fast_state, flow_state, global_counter, reason, role, verdict};
+use mesh_common::{
+    CONFIG_INDEX, FlowEntry, SockKey, ZERO_FLOW, config_flags, fast_state, flow_state,
+    global_counter, reason, role, verdict,
+};
 
 use crate::{
     maps::{WEFT_CONFIG, WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_SOCKS},
@@ -119,7 +122,8 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     // path is on. A socket that will not use the fast path stays out of the sockhash entirely:
     // joining it gives the socket a psock and the tcp_bpf socket operations, which is only
     // worth it (and only exercised by our tests) when messages are redirected.
-    let allowed = flow_verdict == verdict::FAST || flow_verdict == verdict::L7 || my_role == role::SERVER;
+    let allowed =
+        flow_verdict == verdict::FAST || flow_verdict == verdict::L7 || my_role == role::SERVER;
     let enabled = WEFT_CONFIG
         .get(CONFIG_INDEX)
         .is_some_and(|c| c.flags & config_flags::FAST_PATH != 0 && c.fast_path_killed == 0);
@@ -132,7 +136,10 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     if remote.is_some() && allowed && enabled {
         // SAFETY: the context pointer is a valid bpf_sock_ops for the program's lifetime.
         let ops = unsafe { &mut *ctx.ops };
-        if WEFT_SOCKS.update(&mut key, ops, u64::from(BPF_ANY)).is_err() {
+        if WEFT_SOCKS
+            .update(&mut key, ops, u64::from(BPF_ANY))
+            .is_err()
+        {
             stats::bump(global_counter::SOCKHASH_FULL);
         }
     }
@@ -142,7 +149,9 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
     let key = sock_key(ctx);
-    let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) else { return Ok(()) };
+    let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) else {
+        return Ok(());
+    };
     // SAFETY: valid map value; the socket is locked while its state changes, so this socket's
     // entry has no concurrent writer.
     let flow = unsafe { &mut *flow };

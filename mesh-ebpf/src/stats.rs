@@ -19,7 +19,10 @@ pub fn bump(counter: usize) {
 /// Applies `update` to the per-CPU stats of one (source, destination) workload pair.
 #[inline(always)]
 pub fn pair(src_workload: u32, dst_workload: u32, update: impl FnOnce(&mut PairStats)) {
-    let key = PairKey { src_workload, dst_workload };
+    let key = PairKey {
+        src_workload,
+        dst_workload,
+    };
     let mut ptr = WEFT_PAIRSTATS.get_ptr_mut(&key);
     if ptr.is_none() {
         // BPF_NOEXIST: a racing insert from another CPU is fine, we re-read below.

@@ -3,7 +3,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::unix::fs::MetadataExt as _,
-    sync::{Arc, RwLock, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -52,8 +55,12 @@ pub type SharedState = Arc<RwLock<Shared>>;
 
 /// Runs the agent until SIGINT/SIGTERM. The datapath stays installed when the agent exits:
 /// traffic keeps flowing; `weft agent --uninstall` removes it.
-pub fn run(config: AgentConfig) -> Result<(), AgentError> {
-    let datapath = Datapath::open(&config.bpffs_dir, &config.cgroup_path, config.sockhash_capacity)?;
+pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
+    let datapath = Datapath::open(
+        &config.bpffs_dir,
+        &config.cgroup_path,
+        config.sockhash_capacity,
+    )?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let shared: SharedState = Arc::new(RwLock::new(Shared {
@@ -73,9 +80,12 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
             .map_err(AgentError::Runtime)?
     };
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
     let result = rt.block_on(async {
-        let server = crate::admin::serve(shared.clone(), &config);
+        let server = crate::admin::serve(shared.clone(), config);
         tokio::select! {
             r = server => r.map_err(AgentError::Admin),
             () = shutdown_signal() => Ok(()),
@@ -84,13 +94,18 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     stop.store(true, Ordering::Relaxed);
     let _ = loop_thread.join();
     let _ = std::fs::remove_file(&config.admin_socket);
-    tracing::info!("agent stopped; the datapath stays in place (weft agent --uninstall removes it)");
+    tracing::info!(
+        "agent stopped; the datapath stays in place (weft agent --uninstall removes it)"
+    );
     result
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -111,11 +126,21 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
         match source.poll() {
             Ok(Some(objects)) => {
                 node = state::build(&objects, &config.node_name, &config.cgroup_path);
-                let errors: Vec<String> = objects.errors.iter().map(ToString::to_string).chain(node.problems.iter().cloned()).collect();
+                let errors: Vec<String> = objects
+                    .errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .chain(node.problems.iter().cloned())
+                    .collect();
                 for e in &errors {
                     tracing::warn!(target: "weft::config", error = %e, "object not applied");
                 }
-                tracing::info!(workloads = node.workloads.len(), services = node.services.len(), policy_entries = node.policy.len(), "objects loaded");
+                tracing::info!(
+                    workloads = node.workloads.len(),
+                    services = node.services.len(),
+                    policy_entries = node.policy.len(),
+                    "objects loaded"
+                );
                 config_errors = Some(errors);
             }
             Ok(None) => {}
@@ -148,7 +173,9 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
         let snapshot = flows.update(&entries, &denies, &node);
         let kernel = kernel_snapshot(&dp, &node, &interfaces, syncs, failures);
         {
-            let mut s = shared.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut s = shared
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(errors) = config_errors {
                 s.config_errors = errors;
             }
@@ -156,7 +183,10 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
             s.ready = s.ready || s.last_sync_error.is_none();
             s.node = node.clone();
             s.flows = snapshot;
-            s.interfaces = interfaces.into_iter().filter(|(i, _)| attached.contains(i)).collect();
+            s.interfaces = interfaces
+                .into_iter()
+                .filter(|(i, _)| attached.contains(i))
+                .collect();
             let mut kernel = kernel;
             kernel.config_errors = s.config_errors.len();
             s.metrics.set(kernel);
@@ -165,31 +195,76 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
     }
 }
 
-fn sync_once(dp: &mut Datapath, _config: &AgentConfig, node: &NodeState) -> Result<(), ebpf::EbpfError> {
-    let mut want = Desired { fast_path: node.fast_path, ..Desired::default() };
+fn sync_once(
+    dp: &mut Datapath,
+    _config: &AgentConfig,
+    node: &NodeState,
+) -> Result<(), ebpf::EbpfError> {
+    let mut want = Desired {
+        fast_path: node.fast_path,
+        ..Desired::default()
+    };
     for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
-        want.endpoints.insert(u32::from(w.ip).to_be(), Endpoint { workload_id: w.id, flags: 0 });
+        want.endpoints.insert(
+            u32::from(w.ip).to_be(),
+            Endpoint {
+                workload_id: w.id,
+                flags: 0,
+            },
+        );
         // The cgroup v2 id the kernel reports is the inode of the cgroup directory. A pod whose
         // cgroup does not exist yet joins on a later pass.
-        if let Some(ino) = w.cgroup.as_ref().and_then(|c| std::fs::metadata(c).ok()).map(|m| m.ino()) {
-            want.cgroups.insert(ino, CgroupIdentity { workload_id: w.id, flags: 0 });
+        if let Some(ino) = w
+            .cgroup
+            .as_ref()
+            .and_then(|c| std::fs::metadata(c).ok())
+            .map(|m| m.ino())
+        {
+            want.cgroups.insert(
+                ino,
+                CgroupIdentity {
+                    workload_id: w.id,
+                    flags: 0,
+                },
+            );
         }
     }
     for s in &node.services {
-        let key = ServiceKey { vip_be: u32::from(s.vip).to_be(), port_be: s.port.to_be(), _pad: 0 };
-        want.services.insert(key, ServiceValue { service_id: s.id, backend_count: u32::try_from(s.backends.len()).unwrap_or(0) });
+        let key = ServiceKey {
+            vip_be: u32::from(s.vip).to_be(),
+            port_be: s.port.to_be(),
+            _pad: 0,
+        };
+        want.services.insert(
+            key,
+            ServiceValue {
+                service_id: s.id,
+                backend_count: u32::try_from(s.backends.len()).unwrap_or(0),
+            },
+        );
         for (slot, (_, ip, port)) in s.backends.iter().enumerate() {
             let slot = u32::try_from(slot).unwrap_or(u32::MAX);
             want.backends.insert(
-                BackendKey { service_id: s.id, slot },
-                Backend { ip_be: u32::from(*ip).to_be(), port_be: port.to_be(), _pad: 0 },
+                BackendKey {
+                    service_id: s.id,
+                    slot,
+                },
+                Backend {
+                    ip_be: u32::from(*ip).to_be(),
+                    port_be: port.to_be(),
+                    _pad: 0,
+                },
             );
         }
     }
     want.policy.clone_from(&node.policy);
     let report = dp.apply(&want)?;
     if report.inserted + report.removed > 0 {
-        tracing::info!(inserted = report.inserted, removed = report.removed, "maps reconciled");
+        tracing::info!(
+            inserted = report.inserted,
+            removed = report.removed,
+            "maps reconciled"
+        );
     }
     Ok(())
 }
@@ -217,7 +292,13 @@ fn kernel_snapshot(
 ) -> KernelSnapshot {
     let name = |id: u32| {
         node.workload(id).map_or_else(
-            || if id == 0 { ("".to_owned(), "unmeshed".to_owned()) } else { (String::new(), format!("unknown-{id}")) },
+            || {
+                if id == 0 {
+                    (String::new(), "unmeshed".to_owned())
+                } else {
+                    (String::new(), format!("unknown-{id}"))
+                }
+            },
             |w| (w.namespace.clone(), w.name.clone()),
         )
     };
@@ -227,11 +308,23 @@ fn kernel_snapshot(
         .map(|(k, v)| {
             let (src_namespace, src_workload) = name(k.src_workload);
             let (dst_namespace, dst_workload) = name(k.dst_workload);
-            (PairLabels { src_namespace, src_workload, dst_namespace, dst_workload }, v)
+            (
+                PairLabels {
+                    src_namespace,
+                    src_workload,
+                    dst_namespace,
+                    dst_workload,
+                },
+                v,
+            )
         })
         .collect();
     let by_index: BTreeMap<u32, String> = nix::net::if_::if_nameindex()
-        .map(|l| l.iter().filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned()))).collect())
+        .map(|l| {
+            l.iter()
+                .filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned())))
+                .collect()
+        })
         .unwrap_or_default();
     let interfaces_out = dp
         .if_stats()

@@ -6,7 +6,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use mesh_common::{DenyKey, DenyValue, FlowEntry, SockKey, fast_state, flow_state, reason, role, verdict};
+use mesh_common::{
+    DenyKey, DenyValue, FlowEntry, SockKey, fast_state, flow_state, reason, role, verdict,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::state::NodeState;
@@ -57,17 +59,26 @@ pub struct Clock {
 }
 
 impl Clock {
+    #[must_use]
     pub fn now() -> Self {
         use nix::time::{ClockId, clock_gettime};
-        let ns = |c| clock_gettime(c).map_or(0, |t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()));
-        Self { offset_ns: ns(ClockId::CLOCK_REALTIME) - ns(ClockId::CLOCK_MONOTONIC) }
+        let ns = |c| {
+            clock_gettime(c).map_or(0, |t| {
+                i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+            })
+        };
+        Self {
+            offset_ns: ns(ClockId::CLOCK_REALTIME) - ns(ClockId::CLOCK_MONOTONIC),
+        }
     }
 
+    #[must_use]
     pub fn wall_ms(self, ktime_ns: u64) -> u64 {
         u64::try_from((i128::from(ktime_ns) + self.offset_ns) / 1_000_000).unwrap_or(0)
     }
 }
 
+#[must_use]
 pub fn verdict_name(v: u8) -> &'static str {
     match v {
         verdict::FAST => "FAST",
@@ -81,9 +92,10 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
     match reason_code {
         reason::UNMESHED_SOURCE => "source is not meshed".into(),
         reason::OUTSIDE_MESH => "destination is outside the mesh".into(),
-        reason::POLICY => state
-            .rule(rule_id)
-            .map_or_else(|| format!("policy rule #{rule_id}"), |r| r.description.clone()),
+        reason::POLICY => state.rule(rule_id).map_or_else(
+            || format!("policy rule #{rule_id}"),
+            |r| r.description.clone(),
+        ),
         reason::DEFAULT => "no policy selects the destination: mesh default (allow)".into(),
         reason::NO_BACKEND => "service has no ready backend".into(),
         reason::INBOUND => "inbound from outside the mesh".into(),
@@ -97,11 +109,17 @@ fn ip(be: u32) -> Ipv4Addr {
 
 fn peer(state: &NodeState, ip_be: u32, port: u16) -> Peer {
     let addr = ip(ip_be);
-    Peer { workload: state.workload_by_ip(addr).map(crate::state::Workload::key), ip: addr, port }
+    Peer {
+        workload: state.workload_by_ip(addr).map(crate::state::Workload::key),
+        ip: addr,
+        port,
+    }
 }
 
 fn service_name(state: &NodeState, id: u32) -> Option<String> {
-    state.service(id).map(|s| format!("{}/{}:{}", s.namespace, s.name, s.port))
+    state
+        .service(id)
+        .map(|s| format!("{}/{}:{}", s.namespace, s.name, s.port))
 }
 
 /// Keeps the recent (closed) flows between polls.
@@ -113,8 +131,13 @@ pub struct FlowTable {
 }
 
 impl FlowTable {
+    #[must_use]
     pub fn new(capacity: usize) -> Self {
-        Self { recent: VecDeque::new(), capacity, clock: Clock::now() }
+        Self {
+            recent: VecDeque::new(),
+            capacity,
+            clock: Clock::now(),
+        }
     }
 
     /// Folds one poll of the kernel's flow map into the table and returns the current view.
@@ -128,7 +151,10 @@ impl FlowTable {
         let mut live = Vec::new();
         for (key, f) in entries {
             if f.role == role::SERVER {
-                if by_key.get(&key.peer()).is_some_and(|c| c.role == role::CLIENT) {
+                if by_key
+                    .get(&key.peer())
+                    .is_some_and(|c| c.role == role::CLIENT)
+                {
                     continue; // shown with its client socket
                 }
                 // Server socket whose client closed earlier: complete that recent row.
@@ -145,12 +171,16 @@ impl FlowTable {
                 live.push(view);
             }
         }
-        let mut denied: Vec<FlowView> = denies
+        let mut denied_rows: Vec<FlowView> = denies
             .iter()
             .map(|(k, v)| FlowView {
                 src: Peer {
-                    workload: state.workload(k.src_workload).map(crate::state::Workload::key),
-                    ip: state.workload(k.src_workload).map_or(Ipv4Addr::UNSPECIFIED, |w| w.ip),
+                    workload: state
+                        .workload(k.src_workload)
+                        .map(crate::state::Workload::key),
+                    ip: state
+                        .workload(k.src_workload)
+                        .map_or(Ipv4Addr::UNSPECIFIED, |w| w.ip),
                     port: 0,
                 },
                 dst: peer(state, k.dst_ip_be, u16::from_be(k.dst_port_be)),
@@ -167,9 +197,13 @@ impl FlowTable {
                 closed_ms: None,
             })
             .collect();
-        denied.sort_by_key(|d| std::cmp::Reverse(d.opened_ms));
+        denied_rows.sort_by_key(|d| std::cmp::Reverse(d.opened_ms));
         live.sort_by_key(|f| f.opened_ms);
-        FlowSnapshot { live, recent: self.recent.iter().map(|(_, v)| v.clone()).collect(), denied }
+        FlowSnapshot {
+            live,
+            recent: self.recent.iter().map(|(_, v)| v.clone()).collect(),
+            denied: denied_rows,
+        }
     }
 
     fn remember(&mut self, key: SockKey, view: FlowView) {
@@ -179,11 +213,21 @@ impl FlowTable {
         self.recent.push_back((key, view));
     }
 
-    fn view(&self, state: &NodeState, key: &SockKey, f: &FlowEntry, server: Option<&FlowEntry>) -> FlowView {
+    fn view(
+        &self,
+        state: &NodeState,
+        key: &SockKey,
+        f: &FlowEntry,
+        server: Option<&FlowEntry>,
+    ) -> FlowView {
         let local = peer(state, key.local_ip_be, key.local_port_host as u16);
         let remote = peer(state, key.remote_ip_be, key.remote_port_host as u16);
         let is_client = f.role == role::CLIENT;
-        let (src, dst) = if is_client { (local, remote) } else { (remote, local) };
+        let (src, dst) = if is_client {
+            (local, remote)
+        } else {
+            (remote, local)
+        };
         let (to_dst, to_src) = if is_client {
             (f.tx_bytes, server.map_or(f.rx_stack_bytes, |s| s.tx_bytes))
         } else {
@@ -193,10 +237,17 @@ impl FlowTable {
         FlowView {
             src,
             dst,
-            service: (f.service_id != 0).then(|| service_name(state, f.service_id)).flatten(),
+            service: (f.service_id != 0)
+                .then(|| service_name(state, f.service_id))
+                .flatten(),
             verdict: verdict_name(f.verdict).into(),
             reason: reason_text(state, f.reason, f.rule_id),
-            state: if f.state == flow_state::CLOSED { "closed" } else { "open" }.into(),
+            state: if f.state == flow_state::CLOSED {
+                "closed"
+            } else {
+                "open"
+            }
+            .into(),
             fast_path: match f.fast {
                 fast_state::FAST => Some(true),
                 fast_state::SLOW => Some(false),

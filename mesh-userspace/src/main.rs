@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use weft::{app, cli, config::AgentConfig};
 
 #[derive(Parser)]
-#[command(name = "weft", version, about = "Weft: an eBPF-accelerated, sidecar-free service mesh")]
+#[command(
+    name = "weft",
+    version,
+    about = "Weft: an eBPF-accelerated, sidecar-free service mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,7 +28,9 @@ struct NodeArgs {
 
 impl NodeArgs {
     fn socket(&self) -> PathBuf {
-        self.admin_socket.clone().unwrap_or_else(|| PathBuf::from(format!("/run/weft/{}/admin.sock", self.node)))
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/run/weft/{}/admin.sock", self.node)))
     }
 }
 
@@ -125,13 +131,20 @@ fn main() -> anyhow::Result<()> {
             if uninstall {
                 app::uninstall(&config).context("uninstall")?;
             } else {
-                app::run(config).context("agent")?;
+                app::run(&config).context("agent")?;
             }
         }
         Command::Flows { node, json } => cli::flows(&node.socket(), json)?,
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
-        Command::Fastpath { state, node, bpffs_dir } => {
-            cli::fastpath(&bpffs_dir.unwrap_or_else(|| bpffs_default(&node)), state == "on")?;
+        Command::Fastpath {
+            state,
+            node,
+            bpffs_dir,
+        } => {
+            cli::fastpath(
+                &bpffs_dir.unwrap_or_else(|| bpffs_default(&node)),
+                state == "on",
+            )?;
         }
     }
     Ok(())

@@ -61,11 +61,17 @@ impl Metrics {
     }
 
     pub fn set(&self, snapshot: KernelSnapshot) {
-        *self.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
+        *self
+            .snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
     }
 
     pub fn get(&self) -> KernelSnapshot {
-        self.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -89,26 +95,61 @@ fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(
     help: &str,
     rows: impl IntoIterator<Item = (L, u64)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
     for (labels, value) in rows {
         ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
 
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> Result<(), std::fmt::Error> {
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
     let g = ConstGauge::new(value);
     g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
 impl Collector for Collector_ {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let pair_rows = |f: fn(&PairStats) -> u64| s.pairs.iter().map(move |(l, p)| (l.labels(), f(p)));
-        counter_family(&mut e, "tcp_connections_opened", "Meshed TCP connections established.", pair_rows(|p| p.conns_opened))?;
-        counter_family(&mut e, "tcp_connections_closed", "Meshed TCP connections closed.", pair_rows(|p| p.conns_closed))?;
-        counter_family(&mut e, "tcp_connections_denied", "connect() calls refused in the kernel by policy.", pair_rows(|p| p.conns_denied))?;
-        counter_family(&mut e, "tcp_connections_fast_path", "Connections whose client sent on the socket fast path.", pair_rows(|p| p.conns_fast))?;
+        let s = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let pair_rows =
+            |f: fn(&PairStats) -> u64| s.pairs.iter().map(move |(l, p)| (l.labels(), f(p)));
+        counter_family(
+            &mut e,
+            "tcp_connections_opened",
+            "Meshed TCP connections established.",
+            pair_rows(|p| p.conns_opened),
+        )?;
+        counter_family(
+            &mut e,
+            "tcp_connections_closed",
+            "Meshed TCP connections closed.",
+            pair_rows(|p| p.conns_closed),
+        )?;
+        counter_family(
+            &mut e,
+            "tcp_connections_denied",
+            "connect() calls refused in the kernel by policy.",
+            pair_rows(|p| p.conns_denied),
+        )?;
+        counter_family(
+            &mut e,
+            "tcp_connections_fast_path",
+            "Connections whose client sent on the socket fast path.",
+            pair_rows(|p| p.conns_fast),
+        )?;
         counter_family(
             &mut e,
             "tcp_sent_bytes",
@@ -121,13 +162,21 @@ impl Collector for Collector_ {
                 [(to_dst, p.bytes_to_dst), (to_src, p.bytes_to_src)]
             }),
         )?;
-        counter_family(&mut e, "tcp_fast_path_bytes", "Payload bytes redirected socket-to-socket in the kernel.", pair_rows(|p| p.bytes_fast))?;
+        counter_family(
+            &mut e,
+            "tcp_fast_path_bytes",
+            "Payload bytes redirected socket-to-socket in the kernel.",
+            pair_rows(|p| p.bytes_fast),
+        )?;
         let if_rows = |from_pod: bool, bytes: bool| {
             s.interfaces.iter().map(move |(ifname, pod, st)| {
                 let labels = vec![
                     ("interface", ifname.clone()),
                     ("pod", pod.clone()),
-                    ("direction", if from_pod { "from_pod" } else { "to_pod" }.to_owned()),
+                    (
+                        "direction",
+                        if from_pod { "from_pod" } else { "to_pod" }.to_owned(),
+                    ),
                 ];
                 let v = match (from_pod, bytes) {
                     (true, true) => st.from_pod_bytes,
@@ -138,20 +187,65 @@ impl Collector for Collector_ {
                 (labels, v)
             })
         };
-        counter_family(&mut e, "interface_packets", "Packets on pod veths (host side), from TC.", if_rows(true, false).chain(if_rows(false, false)))?;
-        counter_family(&mut e, "interface_bytes", "Bytes on pod veths (host side), from TC.", if_rows(true, true).chain(if_rows(false, true)))?;
+        counter_family(
+            &mut e,
+            "interface_packets",
+            "Packets on pod veths (host side), from TC.",
+            if_rows(true, false).chain(if_rows(false, false)),
+        )?;
+        counter_family(
+            &mut e,
+            "interface_bytes",
+            "Bytes on pod veths (host side), from TC.",
+            if_rows(true, true).chain(if_rows(false, true)),
+        )?;
         counter_family(
             &mut e,
             "datapath_events",
             "Datapath decisions and fallbacks counted in the kernel.",
-            EVENTS.iter().map(|(i, name)| (vec![("event", (*name).to_owned())], s.global[*i])),
+            EVENTS
+                .iter()
+                .map(|(i, name)| (vec![("event", (*name).to_owned())], s.global[*i])),
         )?;
-        gauge(&mut e, "fast_path_enabled", "1 when the mesh config enables the fast path.", i64::from(s.fast_path_enabled))?;
-        gauge(&mut e, "fast_path_killed", "1 when the operator kill switch is on.", i64::from(s.fast_path_killed))?;
-        gauge(&mut e, "sockhash_entries", "Sockets eligible for the fast path.", i64::try_from(s.sockhash_entries).unwrap_or(i64::MAX))?;
-        gauge(&mut e, "workloads", "Workloads known to this agent.", i64::try_from(s.workloads).unwrap_or(i64::MAX))?;
-        gauge(&mut e, "config_errors", "Objects rejected at the last read.", i64::try_from(s.config_errors).unwrap_or(i64::MAX))?;
-        counter_family(&mut e, "config_syncs", "Reconciliations of the maps.", [(vec![("result", "ok".to_owned())], s.syncs), (vec![("result", "error".to_owned())], s.sync_failures)])?;
+        gauge(
+            &mut e,
+            "fast_path_enabled",
+            "1 when the mesh config enables the fast path.",
+            i64::from(s.fast_path_enabled),
+        )?;
+        gauge(
+            &mut e,
+            "fast_path_killed",
+            "1 when the operator kill switch is on.",
+            i64::from(s.fast_path_killed),
+        )?;
+        gauge(
+            &mut e,
+            "sockhash_entries",
+            "Sockets eligible for the fast path.",
+            i64::try_from(s.sockhash_entries).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut e,
+            "workloads",
+            "Workloads known to this agent.",
+            i64::try_from(s.workloads).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut e,
+            "config_errors",
+            "Objects rejected at the last read.",
+            i64::try_from(s.config_errors).unwrap_or(i64::MAX),
+        )?;
+        counter_family(
+            &mut e,
+            "config_syncs",
+            "Reconciliations of the maps.",
+            [
+                (vec![("result", "ok".to_owned())], s.syncs),
+                (vec![("result", "error".to_owned())], s.sync_failures),
+            ],
+        )?;
         Ok(())
     }
 }

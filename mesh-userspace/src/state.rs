@@ -37,6 +37,7 @@ pub struct Workload {
 }
 
 impl Workload {
+    #[must_use]
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
@@ -79,18 +80,22 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    #[must_use]
     pub fn workload(&self, id: u32) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.id == id)
     }
 
+    #[must_use]
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.ip == ip)
     }
 
+    #[must_use]
     pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
         self.rules.iter().find(|r| r.id == id)
     }
 
+    #[must_use]
     pub fn service(&self, id: u32) -> Option<&ServicePort> {
         self.services.iter().find(|s| s.id == id)
     }
@@ -111,8 +116,13 @@ fn stable_id(s: &str, taken: &BTreeSet<u32>) -> u32 {
     }
 }
 
+#[must_use]
 pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
-    let mut state = NodeState { node: node.to_owned(), fast_path: true, ..NodeState::default() };
+    let mut state = NodeState {
+        node: node.to_owned(),
+        fast_path: true,
+        ..NodeState::default()
+    };
     let mut problems = Vec::new();
 
     // Mesh config: the object named "default" (or the only one).
@@ -120,10 +130,14 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
         [] => {}
         [one] => state.fast_path = one.spec.fast_path,
         many => {
-            let chosen = many.iter().find(|c| c.metadata.name.as_deref() == Some("default"));
+            let chosen = many
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some("default"));
             match chosen {
                 Some(c) => state.fast_path = c.spec.fast_path,
-                None => problems.push("several MeshConfig objects and none named \"default\": using defaults".into()),
+                None => problems.push(
+                    "several MeshConfig objects and none named \"default\": using defaults".into(),
+                ),
             }
         }
     }
@@ -132,7 +146,11 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
         .namespaces
         .iter()
         .filter(|n| {
-            n.metadata.labels.as_ref().and_then(|l| l.get(INJECT_ANNOTATION)).map(String::as_str)
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(INJECT_ANNOTATION))
+                .map(String::as_str)
                 == Some("disabled")
         })
         .filter_map(|n| n.metadata.name.as_deref())
@@ -147,7 +165,11 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
         match workload_of(pod, node, node_cgroup, &opted_out_ns, &mut taken) {
             Ok(w) => {
                 if let Some(other) = seen_ips.insert(w.ip, w.key()) {
-                    problems.push(format!("pod {} has the same IP {} as {other}: ignored", w.key(), w.ip));
+                    problems.push(format!(
+                        "pod {} has the same IP {} as {other}: ignored",
+                        w.key(),
+                        w.ip
+                    ));
                     continue;
                 }
                 state.workloads.push(w);
@@ -179,18 +201,33 @@ fn workload_of(
     opted_out_ns: &BTreeSet<&str>,
     taken: &mut BTreeSet<u32>,
 ) -> Result<Workload, String> {
-    let name = pod.metadata.name.clone().ok_or("a Pod without metadata.name was ignored")?;
-    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .ok_or("a Pod without metadata.name was ignored")?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let key = format!("{namespace}/{name}");
-    let spec = pod.spec.as_ref().ok_or_else(|| format!("pod {key}: no spec"))?;
+    let spec = pod
+        .spec
+        .as_ref()
+        .ok_or_else(|| format!("pod {key}: no spec"))?;
     let ip_text = pod
         .status
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
-        .ok_or_else(|| format!("pod {key}: no status.podIP yet; it joins the mesh once it has one"))?;
-    let ip: Ipv4Addr = ip_text
-        .parse()
-        .map_err(|_| format!("pod {key}: status.podIP {ip_text:?} is not an IPv4 address (IPv6 is not supported yet)"))?;
+        .ok_or_else(|| {
+            format!("pod {key}: no status.podIP yet; it joins the mesh once it has one")
+        })?;
+    let ip: Ipv4Addr = ip_text.parse().map_err(|_| {
+        format!(
+            "pod {key}: status.podIP {ip_text:?} is not an IPv4 address (IPv6 is not supported yet)"
+        )
+    })?;
     let pod_node = spec.node_name.clone().unwrap_or_default();
     let local = pod_node == node;
     let disabled = pod
@@ -205,7 +242,10 @@ fn workload_of(
         id,
         cgroup: local.then(|| node_cgroup.join(format!("{namespace}_{name}"))),
         meshed: !disabled && !opted_out_ns.contains(namespace.as_str()),
-        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         namespace,
         name,
@@ -221,9 +261,20 @@ fn service_ports(
     workloads: &[Workload],
     taken: &mut BTreeSet<u32>,
 ) -> Result<Vec<ServicePort>, String> {
-    let name = svc.metadata.name.clone().ok_or("a Service without metadata.name was ignored")?;
-    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let spec = svc.spec.as_ref().ok_or_else(|| format!("service {namespace}/{name}: no spec"))?;
+    let name = svc
+        .metadata
+        .name
+        .clone()
+        .ok_or("a Service without metadata.name was ignored")?;
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or_else(|| format!("service {namespace}/{name}: no spec"))?;
     let Some(vip_text) = spec.cluster_ip.clone().filter(|ip| ip != "None") else {
         // Headless services are resolved by name, not a VIP: nothing to program.
         return Ok(Vec::new());
@@ -236,7 +287,9 @@ fn service_ports(
     };
     let members: Vec<(&Workload, &Pod)> = workloads
         .iter()
-        .filter(|w| w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter(|w| {
+            w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        })
         .filter_map(|w| {
             let pod = pods.iter().find(|p| {
                 p.metadata.name.as_deref() == Some(w.name.as_str())
@@ -247,8 +300,12 @@ fn service_ports(
         .collect();
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
-        let svc_port = u16::try_from(port.port)
-            .map_err(|_| format!("service {namespace}/{name}: port {} out of range", port.port))?;
+        let svc_port = u16::try_from(port.port).map_err(|_| {
+            format!(
+                "service {namespace}/{name}: port {} out of range",
+                port.port
+            )
+        })?;
         let mut backends = Vec::new();
         for (w, pod) in &members {
             if let Some(target) = target_port(port.target_port.as_ref(), svc_port, pod) {
@@ -290,12 +347,18 @@ fn target_port(target: Option<&IntOrString>, svc_port: u16, pod: &Pod) -> Option
 
 fn source_matches(src: &Source, w: &Workload, policy_ns: &str) -> bool {
     let sa_ok = src.service_accounts.is_empty()
-        || src.service_accounts.iter().any(|sa| match sa.split_once('/') {
-            Some((ns, name)) => ns == w.namespace && name == w.service_account,
-            None => policy_ns == w.namespace && sa == &w.service_account,
-        });
+        || src
+            .service_accounts
+            .iter()
+            .any(|sa| match sa.split_once('/') {
+                Some((ns, name)) => ns == w.namespace && name == w.service_account,
+                None => policy_ns == w.namespace && sa == &w.service_account,
+            });
     let ns_ok = src.namespaces.is_empty() || src.namespaces.iter().any(|n| n == &w.namespace);
-    let pods_ok = src.pod_selector.as_ref().is_none_or(|s| selector_matches(s, &w.labels));
+    let pods_ok = src
+        .pod_selector
+        .as_ref()
+        .is_none_or(|s| selector_matches(s, &w.labels));
     sa_ok && ns_ok && pods_ok
 }
 
@@ -303,15 +366,22 @@ fn source_matches(src: &Source, w: &Workload, policy_ns: &str) -> bool {
 fn matching_rule(p: &AuthorizationPolicy, src: &Workload, port: u16) -> Option<usize> {
     let ns = p.metadata.namespace.as_deref().unwrap_or("default");
     p.spec.rules.iter().position(|r| {
-        let from_ok = r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, src, ns));
-        let to_ok = r.to.is_empty() || r.to.iter().any(|t| t.operation.ports.is_empty() || t.operation.ports.contains(&port));
+        let from_ok =
+            r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, src, ns));
+        let to_ok = r.to.is_empty()
+            || r.to
+                .iter()
+                .any(|t| t.operation.ports.is_empty() || t.operation.ports.contains(&port));
         from_ok && to_ok
     })
 }
 
 fn selects(p: &AuthorizationPolicy, dst: &Workload) -> bool {
     p.metadata.namespace.as_deref().unwrap_or("default") == dst.namespace
-        && p.spec.selector.as_ref().is_none_or(|s| selector_matches(s, &dst.labels))
+        && p.spec
+            .selector
+            .as_ref()
+            .is_none_or(|s| selector_matches(s, &dst.labels))
 }
 
 fn policy_name(p: &AuthorizationPolicy) -> String {
@@ -324,6 +394,7 @@ fn policy_name(p: &AuthorizationPolicy) -> String {
 
 /// Expands authorization policies into explicit kernel entries for every meshed local source and
 /// meshed destination that at least one policy selects. Port 0 stands for "any other port".
+#[must_use]
 pub fn policy_entries(
     workloads: &[Workload],
     policies: &[AuthorizationPolicy],
@@ -359,7 +430,9 @@ pub fn policy_entries(
                 policy: name.clone(),
                 action: "DENY".into(),
                 rule: None,
-                description: format!("DENY: no ALLOW rule matched ({name} selects the destination)"),
+                description: format!(
+                    "DENY: no ALLOW rule matched ({name} selects the destination)"
+                ),
             });
         }
     }
@@ -367,7 +440,8 @@ pub fn policy_entries(
     let mut entries = BTreeMap::new();
     let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && w.local).collect();
     for dst in workloads.iter().filter(|w| w.meshed) {
-        let applying: Vec<&AuthorizationPolicy> = sorted.iter().copied().filter(|p| selects(p, dst)).collect();
+        let applying: Vec<&AuthorizationPolicy> =
+            sorted.iter().copied().filter(|p| selects(p, dst)).collect();
         if applying.is_empty() {
             continue;
         }
@@ -381,8 +455,21 @@ pub fn policy_entries(
         for src in &sources {
             for &port in &ports {
                 let (v, rule_id) = decide(&applying, src, port, &ids);
-                let key = PolicyKey { src_workload: src.id, dst_workload: dst.id, dst_port_host: port, _pad: 0 };
-                entries.insert(key, PolicyValue { verdict: v, _pad0: 0, _pad1: 0, rule_id });
+                let key = PolicyKey {
+                    src_workload: src.id,
+                    dst_workload: dst.id,
+                    dst_port_host: port,
+                    _pad: 0,
+                };
+                entries.insert(
+                    key,
+                    PolicyValue {
+                        verdict: v,
+                        _pad0: 0,
+                        _pad1: 0,
+                        rule_id,
+                    },
+                );
             }
         }
     }
@@ -403,7 +490,10 @@ fn decide(
             return (verdict::DENY, rule_id(p, Some(i)));
         }
     }
-    let mut allows = applying.iter().filter(|p| p.spec.action == Action::Allow).peekable();
+    let mut allows = applying
+        .iter()
+        .filter(|p| p.spec.action == Action::Allow)
+        .peekable();
     let Some(first) = allows.peek().copied() else {
         return (verdict::FAST, 0);
     };
@@ -459,8 +549,17 @@ spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80, targetPo
 
     fn verdict_of(state: &NodeState, src: &str, dst: &str, port: u16) -> Option<u8> {
         let id = |n: &str| state.workloads.iter().find(|w| w.name == n).unwrap().id;
-        let key = |port| PolicyKey { src_workload: id(src), dst_workload: id(dst), dst_port_host: port, _pad: 0 };
-        state.policy.get(&key(port)).or_else(|| state.policy.get(&key(0))).map(|v| v.verdict)
+        let key = |port| PolicyKey {
+            src_workload: id(src),
+            dst_workload: id(dst),
+            dst_port_host: port,
+            _pad: 0,
+        };
+        state
+            .policy
+            .get(&key(port))
+            .or_else(|| state.policy.get(&key(0)))
+            .map(|v| v.verdict)
     }
 
     #[test]
@@ -469,13 +568,19 @@ spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80, targetPo
         assert_eq!(s.workloads.len(), 4);
         let legacy = s.workloads.iter().find(|w| w.name == "legacy").unwrap();
         assert!(!legacy.meshed);
-        assert_eq!(legacy.cgroup.as_deref(), Some(Path::new("/cg/node/shop_legacy")));
+        assert_eq!(
+            legacy.cgroup.as_deref(),
+            Some(Path::new("/cg/node/shop_legacy"))
+        );
         let svc = &s.services[0];
         assert_eq!((svc.vip, svc.port), (Ipv4Addr::new(198, 19, 0, 10), 80));
         let targets: Vec<_> = svc.backends.iter().map(|b| (b.1, b.2)).collect();
         assert!(targets.contains(&(Ipv4Addr::new(198, 18, 1, 10), 8080)));
         assert!(targets.contains(&(Ipv4Addr::new(198, 18, 1, 13), 9090)));
-        assert!(s.policy.is_empty(), "no policy, no entries: the default applies");
+        assert!(
+            s.policy.is_empty(),
+            "no policy, no entries: the default applies"
+        );
     }
 
     #[test]
@@ -512,9 +617,17 @@ spec:
         );
         let s = build(&objects(&yaml), "n1", Path::new("/x"));
         assert_eq!(verdict_of(&s, "web", "db", 5432), Some(verdict::FAST));
-        assert_eq!(verdict_of(&s, "web", "db", 22), Some(verdict::DENY), "port not allowed");
+        assert_eq!(
+            verdict_of(&s, "web", "db", 22),
+            Some(verdict::DENY),
+            "port not allowed"
+        );
         assert_eq!(verdict_of(&s, "batch", "db", 5432), Some(verdict::DENY));
-        assert_eq!(verdict_of(&s, "batch", "web", 8080), Some(verdict::DENY), "DENY applies namespace-wide");
+        assert_eq!(
+            verdict_of(&s, "batch", "web", 8080),
+            Some(verdict::DENY),
+            "DENY applies namespace-wide"
+        );
         assert_eq!(verdict_of(&s, "db", "web", 8080), Some(verdict::FAST));
         // The reason is recorded.
         let key = PolicyKey {
@@ -524,6 +637,9 @@ spec:
             _pad: 0,
         };
         let rule = s.rule(s.policy[&key].rule_id).unwrap();
-        assert!(rule.description.contains("no ALLOW rule matched"), "{rule:?}");
+        assert!(
+            rule.description.contains("no ALLOW rule matched"),
+            "{rule:?}"
+        );
     }
 }

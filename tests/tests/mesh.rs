@@ -2,6 +2,12 @@
 //! pods. Each test builds its own testbed run and asserts what a user would see: bytes arrive
 //! intact, the kernel counters show the fast path, policies refuse connections with EPERM, and
 //! nothing is left behind.
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::float_cmp,
+    reason = "metric samples are exact small integers"
+)]
+
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Result, bail, ensure};
@@ -47,28 +53,47 @@ spec: {clusterIP: 198.19.0.10, selector: {app: b}, ports: [{port: 80, targetPort
         )?;
         agent.wait_workloads(4)?;
         // Pod cgroups exist before the agent maps them; wait until all are mapped.
-        let mesh = Self { agent, pods, node, tb };
+        let mesh = Self {
+            agent,
+            pods,
+            node,
+            tb,
+        };
         Ok(mesh)
     }
 
     fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name() == name).expect("pod exists")
+        self.pods
+            .iter()
+            .find(|p| p.name() == name)
+            .expect("pod exists")
     }
 
     fn fast_path_bytes(&self, src: &str, dst: &str) -> Result<f64> {
-        self.agent.metric("weft_tcp_fast_path_bytes_total", &[("source_workload", src), ("destination_workload", dst)])
+        self.agent.metric(
+            "weft_tcp_fast_path_bytes_total",
+            &[("source_workload", src), ("destination_workload", dst)],
+        )
     }
 
     fn event(&self, event: &str) -> Result<f64> {
-        self.agent.metric("weft_datapath_events_total", &[("event", event)])
+        self.agent
+            .metric("weft_datapath_events_total", &[("event", event)])
     }
 
     /// All flows (live and recent) from `src` to `dst` workload.
     fn flows(&self, src: &str, dst: &str) -> Result<Vec<Value>> {
         let f = self.agent.flows()?;
-        let rows = f["live"].as_array().into_iter().chain(f["recent"].as_array()).flatten();
+        let rows = f["live"]
+            .as_array()
+            .into_iter()
+            .chain(f["recent"].as_array())
+            .flatten();
         Ok(rows
-            .filter(|r| r["src"]["workload"] == format!("default/{src}") && r["dst"]["workload"] == format!("default/{dst}"))
+            .filter(|r| {
+                r["src"]["workload"] == format!("default/{src}")
+                    && r["dst"]["workload"] == format!("default/{dst}")
+            })
             .cloned()
             .collect())
     }
@@ -87,26 +112,45 @@ fn fast_path_moves_small_and_large_transfers_byte_exact_both_ways() -> Result<()
     ensure!(small.all_ok(), "small transfer: {small:?}");
     let large = m.pod("a").transfer(server.addr(), 100 * MIB, 1)?;
     ensure!(large.all_ok(), "100 MiB transfer: {large:?}");
-    ensure!(large.bytes_verified == 100 * MIB, "echo verified {} bytes", large.bytes_verified);
+    ensure!(
+        large.bytes_verified == 100 * MIB,
+        "echo verified {} bytes",
+        large.bytes_verified
+    );
 
     // Kernel evidence: the payload went socket to socket, both directions, and did not cross
     // the veths (TC saw only handshakes and ACK-free control packets, far below the payload).
     eventually(Duration::from_secs(5), || {
         let fast = m.fast_path_bytes("a", "b")?;
-        ensure!(fast >= 2.0 * (100 * MIB + 1024) as f64, "fast-path bytes {fast}");
+        ensure!(
+            fast >= 2.0 * (100 * MIB + 1024) as f64,
+            "fast-path bytes {fast}"
+        );
         Ok(())
     })?;
-    let veth_bytes = m.agent.metric("weft_interface_bytes_total", &[("interface", m.pod("b").host_veth())])?;
-    ensure!(veth_bytes < (MIB as f64), "payload crossed the veth: {veth_bytes} bytes seen by TC");
+    let veth_bytes = m.agent.metric(
+        "weft_interface_bytes_total",
+        &[("interface", m.pod("b").host_veth())],
+    )?;
+    ensure!(
+        veth_bytes < (MIB as f64),
+        "payload crossed the veth: {veth_bytes} bytes seen by TC"
+    );
     let flows = eventually(Duration::from_secs(5), || {
         let f = m.flows("a", "b")?;
         ensure!(f.len() >= 2, "flows a→b: {f:?}");
         Ok(f)
     })?;
     for f in &flows {
-        ensure!(f["verdict"] == "FAST" && f["fast_path"] == true, "flow not fast: {f}");
+        ensure!(
+            f["verdict"] == "FAST" && f["fast_path"] == true,
+            "flow not fast: {f}"
+        );
     }
-    let big = flows.iter().find(|f| f["bytes_to_dst"] == 100 * MIB).expect("the 100 MiB flow is listed");
+    let big = flows
+        .iter()
+        .find(|f| f["bytes_to_dst"] == 100 * MIB)
+        .expect("the 100 MiB flow is listed");
     ensure!(big["bytes_to_src"] == 100 * MIB, "bytes back: {big}");
     Ok(())
 }
@@ -123,7 +167,10 @@ fn many_concurrent_connections_half_close_and_reset() -> Result<()> {
     ensure!(server.is_running(), "server died after a reset");
     let after = m.pod("c").transfer(server.addr(), MIB, 4)?;
     ensure!(after.all_ok(), "transfers after a reset: {after:?}");
-    ensure!(m.event("msg_fast_path")? > 0.0, "no message took the fast path");
+    ensure!(
+        m.event("msg_fast_path")? > 0.0,
+        "no message took the fast path"
+    );
     Ok(())
 }
 
@@ -135,13 +182,18 @@ fn service_vip_is_load_balanced_at_connect_time() -> Result<()> {
     // Make c a second backend of service b.
     let manifests: Vec<String> = ["a", "b", "c"]
         .iter()
-        .map(|n| m.pod(n).manifest(&[("app", if *n == "c" { "b" } else { n })], n))
+        .map(|n| {
+            m.pod(n)
+                .manifest(&[("app", if *n == "c" { "b" } else { n })], n)
+        })
         .chain([m.pod("u").manifest_unmeshed(&[("app", "u")], "u")])
         .collect();
     m.agent.apply("pods.yaml", &manifests.join("\n---\n"))?;
     eventually(Duration::from_secs(5), || {
         let dump = m.agent.json("/config_dump")?;
-        let backends = dump["node"]["services"][0]["backends"].as_array().map_or(0, Vec::len);
+        let backends = dump["node"]["services"][0]["backends"]
+            .as_array()
+            .map_or(0, Vec::len);
         ensure!(backends == 2, "backends: {backends}");
         Ok(())
     })?;
@@ -150,7 +202,12 @@ fn service_vip_is_load_balanced_at_connect_time() -> Result<()> {
         let r = m.pod("a").transfer(vip, 1024, 1)?;
         ensure!(r.all_ok(), "via the VIP: {r:?}");
     }
-    let opened = |dst| m.agent.metric("weft_tcp_connections_opened_total", &[("source_workload", "a"), ("destination_workload", dst)]);
+    let opened = |dst| {
+        m.agent.metric(
+            "weft_tcp_connections_opened_total",
+            &[("source_workload", "a"), ("destination_workload", dst)],
+        )
+    };
     let (to_b, to_c) = eventually(Duration::from_secs(5), || {
         let (b, c) = (opened("b")?, opened("c")?);
         ensure!(b + c >= 30.0, "connections opened a→b {b}, a→c {c}");
@@ -159,7 +216,11 @@ fn service_vip_is_load_balanced_at_connect_time() -> Result<()> {
     // 30 uniform picks: each backend gets at least 3 with probability > 0.9999.
     ensure!(to_b >= 3.0 && to_c >= 3.0, "unbalanced: b={to_b} c={to_c}");
     let via = m.flows("a", "b")?;
-    ensure!(via[0]["service"] == "default/b:80", "service recorded: {}", via[0]);
+    ensure!(
+        via[0]["service"] == "default/b:80",
+        "service recorded: {}",
+        via[0]
+    );
     Ok(())
 }
 
@@ -181,26 +242,46 @@ spec:
 ",
     )?;
     eventually(Duration::from_secs(5), || {
-        let r = m.pod("c").try_connect(server.addr(), Duration::from_secs(2))?;
-        ensure!(!r.ok && r.errno == Some(libc::EPERM), "c→b should fail with EPERM: {r:?}");
+        let r = m
+            .pod("c")
+            .try_connect(server.addr(), Duration::from_secs(2))?;
+        ensure!(
+            !r.ok && r.errno == Some(libc::EPERM),
+            "c→b should fail with EPERM: {r:?}"
+        );
         Ok(())
     })?;
     let allowed = m.pod("a").transfer(server.addr(), MIB, 2)?;
     ensure!(allowed.all_ok(), "a→b is allowed: {allowed:?}");
     // The denial is visible: counted per workload pair and listed with the rule.
     eventually(Duration::from_secs(5), || {
-        let denied = m.agent.metric("weft_tcp_connections_denied_total", &[("source_workload", "c"), ("destination_workload", "b")])?;
+        let denied = m.agent.metric(
+            "weft_tcp_connections_denied_total",
+            &[("source_workload", "c"), ("destination_workload", "b")],
+        )?;
         ensure!(denied >= 1.0, "denied counter {denied}");
         let flows = m.agent.flows()?;
-        let row = flows["denied"].as_array().into_iter().flatten().find(|r| r["src"]["workload"] == "default/c");
+        let row = flows["denied"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["src"]["workload"] == "default/c");
         let row = row.ok_or_else(|| anyhow::anyhow!("no denied row: {flows}"))?;
-        ensure!(row["reason"].as_str().unwrap_or("").contains("default/b-from-a-only"), "reason: {row}");
+        ensure!(
+            row["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("default/b-from-a-only"),
+            "reason: {row}"
+        );
         Ok(())
     })?;
     // Deleting the policy reverts live.
     m.agent.delete("policy.yaml")?;
     eventually(Duration::from_secs(5), || {
-        let r = m.pod("c").try_connect(server.addr(), Duration::from_secs(2))?;
+        let r = m
+            .pod("c")
+            .try_connect(server.addr(), Duration::from_secs(2))?;
         ensure!(r.ok, "c→b after the policy is gone: {r:?}");
         Ok(())
     })?;
@@ -216,22 +297,47 @@ fn unmeshed_pod_and_node_processes_are_untouched() -> Result<()> {
     // Service addresses work for every pod, as kube-proxy's do; only the mesh verdicts and the
     // fast path are reserved for meshed pods.
     let via_vip = m.pod("u").transfer("198.19.0.10:80".parse()?, MIB, 1)?;
-    ensure!(via_vip.all_ok(), "unmeshed client through the service VIP: {via_vip:?}");
+    ensure!(
+        via_vip.all_ok(),
+        "unmeshed client through the service VIP: {via_vip:?}"
+    );
     // Traffic from the node's own namespace (not in any pod cgroup) is not seen at all.
     let from_node = m.node.run(
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         testbed::workload_bin(),
-        ["transfer", "--connect", &server.addr().to_string(), "--bytes", "1048576", "--conns", "1"],
+        [
+            "transfer",
+            "--connect",
+            &server.addr().to_string(),
+            "--bytes",
+            "1048576",
+            "--conns",
+            "1",
+        ],
     )?;
     ensure!(from_node.success(), "node process: {}", from_node.stderr);
     std::thread::sleep(Duration::from_millis(300));
     let f = m.agent.flows()?;
-    for row in f["live"].as_array().into_iter().chain(f["recent"].as_array()).flatten() {
-        ensure!(row["fast_path"] != true || row["src"]["workload"] != "default/u", "unmeshed flow fast-pathed: {row}");
+    for row in f["live"]
+        .as_array()
+        .into_iter()
+        .chain(f["recent"].as_array())
+        .flatten()
+    {
+        ensure!(
+            row["fast_path"] != true || row["src"]["workload"] != "default/u",
+            "unmeshed flow fast-pathed: {row}"
+        );
     }
-    ensure!(m.fast_path_bytes("unmeshed", "b")? == 0.0, "fast path used from outside the mesh");
+    ensure!(
+        m.fast_path_bytes("unmeshed", "b")? == 0.0,
+        "fast path used from outside the mesh"
+    );
     // No stray entries: the unmeshed pod's flows are inbound PASS rows for b at most.
-    ensure!(m.flows("u", "b")?.iter().all(|r| r["verdict"] == "PASS"), "unmeshed flow with a mesh verdict");
+    ensure!(
+        m.flows("u", "b")?.iter().all(|r| r["verdict"] == "PASS"),
+        "unmeshed flow with a mesh verdict"
+    );
     let _ = port(server.addr());
     Ok(())
 }
@@ -240,37 +346,69 @@ fn unmeshed_pod_and_node_processes_are_untouched() -> Result<()> {
 fn kill_switch_turns_the_fast_path_off_live_without_breaking_connections() -> Result<()> {
     let m = Mesh::new("kill-switch", &[])?;
     let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
-    let hold = m.pod("a").hold(server.addr(), 16, Duration::from_millis(20), Duration::from_secs(60))?;
+    let hold = m.pod("a").hold(
+        server.addr(),
+        16,
+        Duration::from_millis(20),
+        Duration::from_mins(1),
+    )?;
     eventually(Duration::from_secs(5), || {
-        ensure!(m.event("msg_fast_path")? > 0.0, "held connections not on the fast path yet");
+        ensure!(
+            m.event("msg_fast_path")? > 0.0,
+            "held connections not on the fast path yet"
+        );
         Ok(())
     })?;
     let kill = |state: &str| -> Result<()> {
         let out = std::process::Command::new(testbed::weft_bin())
-            .args(["fastpath", state, "--bpffs-dir", &m.agent.bpffs_dir.display().to_string()])
+            .args([
+                "fastpath",
+                state,
+                "--bpffs-dir",
+                &m.agent.bpffs_dir.display().to_string(),
+            ])
             .output()?;
-        ensure!(out.status.success(), "weft fastpath {state}: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "weft fastpath {state}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     };
     kill("off")?;
     eventually(Duration::from_secs(5), || {
-        ensure!(m.event("msg_stack_fast_path_off")? > 0.0, "no message saw the kill switch");
+        ensure!(
+            m.event("msg_stack_fast_path_off")? > 0.0,
+            "no message saw the kill switch"
+        );
         Ok(())
     })?;
     let fast_before = m.event("msg_fast_path")?;
     std::thread::sleep(Duration::from_millis(500));
     let fresh = m.pod("c").transfer(server.addr(), 2 * MIB, 2)?;
-    ensure!(fresh.all_ok(), "new connections with the fast path off: {fresh:?}");
-    ensure!(m.event("msg_fast_path")? == fast_before, "messages still redirected with the kill switch on");
+    ensure!(
+        fresh.all_ok(),
+        "new connections with the fast path off: {fresh:?}"
+    );
+    ensure!(
+        m.event("msg_fast_path")? == fast_before,
+        "messages still redirected with the kill switch on"
+    );
     let status = m.agent.status()?;
     ensure!(status["fast_path_killed"] == true, "status: {status}");
     kill("on")?;
     let report = hold.finish()?;
-    ensure!(report.broken == 0 && report.rounds > 10, "held connections: {report:?}");
+    ensure!(
+        report.broken == 0 && report.rounds > 10,
+        "held connections: {report:?}"
+    );
     // Released: new connections use the fast path again.
     let again = m.pod("c").transfer(server.addr(), MIB, 1)?;
     ensure!(again.all_ok(), "{again:?}");
-    ensure!(m.event("msg_fast_path")? > fast_before, "fast path not back after release");
+    ensure!(
+        m.event("msg_fast_path")? > fast_before,
+        "fast path not back after release"
+    );
     Ok(())
 }
 
@@ -280,7 +418,10 @@ fn full_sockhash_falls_back_to_the_normal_stack() -> Result<()> {
     let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
     let r = m.pod("a").transfer(server.addr(), 2 * MIB, 16)?;
     ensure!(r.all_ok(), "with a full sockhash: {r:?}");
-    ensure!(m.event("sockhash_insert_failed")? > 0.0, "the map never filled up");
+    ensure!(
+        m.event("sockhash_insert_failed")? > 0.0,
+        "the map never filled up"
+    );
     Ok(())
 }
 
@@ -288,9 +429,17 @@ fn full_sockhash_falls_back_to_the_normal_stack() -> Result<()> {
 fn agent_kill_9_and_restart_breaks_no_connection_and_counters_continue() -> Result<()> {
     let mut m = Mesh::new("agent-restart", &[])?;
     let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
-    let hold = m.pod("a").hold(server.addr(), 220, Duration::from_millis(50), Duration::from_secs(90))?;
+    let hold = m.pod("a").hold(
+        server.addr(),
+        220,
+        Duration::from_millis(50),
+        Duration::from_secs(90),
+    )?;
     let opened_before = eventually(Duration::from_secs(10), || {
-        let n = m.agent.metric("weft_tcp_connections_opened_total", &[("source_workload", "a"), ("destination_workload", "b")])?;
+        let n = m.agent.metric(
+            "weft_tcp_connections_opened_total",
+            &[("source_workload", "a"), ("destination_workload", "b")],
+        )?;
         ensure!(n >= 220.0, "opened {n}");
         Ok(n)
     })?;
@@ -299,17 +448,32 @@ fn agent_kill_9_and_restart_breaks_no_connection_and_counters_continue() -> Resu
     // Connections keep working with no agent at all.
     std::thread::sleep(Duration::from_secs(2));
     let during = m.pod("c").transfer(server.addr(), MIB, 2)?;
-    ensure!(during.all_ok(), "new connections while the agent is down: {during:?}");
+    ensure!(
+        during.all_ok(),
+        "new connections while the agent is down: {during:?}"
+    );
     let node = &m.node;
     m.agent.restart(node)?;
     let status = m.agent.status()?;
-    ensure!(status["startup"] == "adopted", "restart must adopt the pinned datapath: {status}");
+    ensure!(
+        status["startup"] == "adopted",
+        "restart must adopt the pinned datapath: {status}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     let report = hold.finish()?;
-    ensure!(report.conns == 220 && report.broken == 0, "held connections across kill -9: {report:?}");
+    ensure!(
+        report.conns == 220 && report.broken == 0,
+        "held connections across kill -9: {report:?}"
+    );
     let bytes_after = m.fast_path_bytes("a", "b")?;
-    ensure!(bytes_after > bytes_before, "counters did not continue: {bytes_before} → {bytes_after}");
-    let opened_after = m.agent.metric("weft_tcp_connections_opened_total", &[("source_workload", "a"), ("destination_workload", "b")])?;
+    ensure!(
+        bytes_after > bytes_before,
+        "counters did not continue: {bytes_before} → {bytes_after}"
+    );
+    let opened_after = m.agent.metric(
+        "weft_tcp_connections_opened_total",
+        &[("source_workload", "a"), ("destination_workload", "b")],
+    )?;
     ensure!(opened_after >= opened_before, "opened went backwards");
     Ok(())
 }
@@ -331,21 +495,35 @@ fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
     ensure!(m.pod("a").transfer(server.addr(), MIB, 2)?.all_ok());
     let dir = m.agent.bpffs_dir.clone();
     let ids = pinned_program_ids(&dir)?;
-    ensure!(ids.len() == mesh_common::program_names::ALL.len(), "pinned programs: {ids:?}");
+    ensure!(
+        ids.len() == mesh_common::program_names::ALL.len(),
+        "pinned programs: {ids:?}"
+    );
     let node = &m.node;
     m.agent.uninstall(node)?;
     ensure!(!dir.exists(), "{} still exists", dir.display());
     eventually(Duration::from_secs(10), || {
-        let loaded: Vec<u32> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
+        let loaded: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| p.id())
+            .collect();
         let left: Vec<&u32> = ids.iter().filter(|id| loaded.contains(id)).collect();
-        ensure!(left.is_empty(), "programs still loaded after uninstall: {left:?}");
+        ensure!(
+            left.is_empty(),
+            "programs still loaded after uninstall: {left:?}"
+        );
         Ok(())
     })?;
     // Nothing attached to the node cgroup any more: traffic still flows, unmeshed.
     let after = m.pod("a").transfer(server.addr(), MIB, 1)?;
     ensure!(after.all_ok(), "traffic after uninstall: {after:?}");
     drop(server);
-    let Mesh { agent, pods, node, tb } = m;
+    let Mesh {
+        agent,
+        pods,
+        node,
+        tb,
+    } = m;
     drop((agent, pods, node));
     let left = tb.teardown()?;
     if !left.is_empty() {

@@ -64,13 +64,24 @@ struct Side {
 fn side(client: Pod, server: &Pod) -> Result<Side> {
     let echo = server.serve(ServeMode::Echo, 7000)?;
     let sink = server.serve(ServeMode::Sink, 7001)?;
-    Ok(Side { client, echo: echo.addr(), sink: sink.addr(), _servers: vec![echo, sink] })
+    Ok(Side {
+        client,
+        echo: echo.addr(),
+        sink: sink.addr(),
+        _servers: vec![echo, sink],
+    })
 }
 
-fn rr(side: &Side, size: usize, secs: u64) -> Result<Rr> {
-    let r = side.client.rr(side.echo, size, Duration::from_secs(secs))?;
+fn round_trip(side: &Side, payload: usize, secs: u64) -> Result<Rr> {
+    let r = side
+        .client
+        .rr(side.echo, payload, Duration::from_secs(secs))?;
     ensure!(r.error.is_none(), "rr failed: {:?}", r.error);
-    Ok(Rr { tps: r.tps, p50_us: r.p50_us, p99_us: r.p99_us })
+    Ok(Rr {
+        tps: r.tps,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+    })
 }
 
 fn stream(side: &Side, secs: u64) -> Result<f64> {
@@ -80,7 +91,13 @@ fn stream(side: &Side, secs: u64) -> Result<f64> {
 }
 
 #[allow(clippy::too_many_lines, reason = "one linear measurement script")]
-pub fn l4(weft: &Path, workload: &Path, secs: u64, repeats: usize, json: Option<&Path>) -> Result<()> {
+pub fn l4(
+    weft: &Path,
+    workload: &Path,
+    secs: u64,
+    repeats: usize,
+    json: Option<&Path>,
+) -> Result<()> {
     testbed::use_binaries(weft, workload)?;
     let repeats = repeats.max(1);
     step!("bench l4: two identical nodes, one without a mesh, one with Weft's fast path");
@@ -92,7 +109,11 @@ pub fn l4(weft: &Path, workload: &Path, secs: u64, repeats: usize, json: Option<
     let agent = Agent::start(&mesh_node, &[])?;
     agent.apply(
         "pods.yaml",
-        &[mc.manifest(&[("app", "client")], "client"), ms.manifest(&[("app", "server")], "server")].join("\n---\n"),
+        &[
+            mc.manifest(&[("app", "client")], "client"),
+            ms.manifest(&[("app", "server")], "server"),
+        ]
+        .join("\n---\n"),
     )?;
     agent.wait_workloads(2)?;
     let base = side(bc, &bs)?;
@@ -101,10 +122,12 @@ pub fn l4(weft: &Path, workload: &Path, secs: u64, repeats: usize, json: Option<
     let mut samples: [Vec<Rr>; 4] = Default::default(); // base 1B, mesh 1B, base 1K, mesh 1K
     let mut gbps: [Vec<f64>; 2] = Default::default();
     for round in 1..=repeats {
-        step!("round {round}/{repeats}: request/response 1 B and 1 KiB, then bulk stream ({secs}s each)");
+        step!(
+            "round {round}/{repeats}: request/response 1 B and 1 KiB, then bulk stream ({secs}s each)"
+        );
         for (i, s) in [&base, &mesh].into_iter().enumerate() {
-            samples[i].push(rr(s, 1, secs)?);
-            samples[2 + i].push(rr(s, 1024, secs)?);
+            samples[i].push(round_trip(s, 1, secs)?);
+            samples[2 + i].push(round_trip(s, 1024, secs)?);
             gbps[i].push(stream(s, secs)?);
         }
     }
@@ -146,17 +169,58 @@ pub fn l4(weft: &Path, workload: &Path, secs: u64, repeats: usize, json: Option<
     };
 
     println!();
-    println!("{:<26} {:>12} {:>12} {:>9}  target", "same-node pod→pod TCP", "no mesh", "weft", "ratio");
+    println!(
+        "{:<26} {:>12} {:>12} {:>9}  target",
+        "same-node pod→pod TCP", "no mesh", "weft", "ratio"
+    );
     let row = |name: &str, b: f64, m: f64, target: &str| {
-        println!("{name:<26} {b:>12.1} {m:>12.1} {:>9.2}  {target}", ratio(m, b));
+        println!(
+            "{name:<26} {b:>12.1} {m:>12.1} {:>9.2}  {target}",
+            ratio(m, b)
+        );
     };
-    row("rr 1 B p50 (µs)", r.baseline_rr_p50_us, r.mesh_rr_p50_us, "≤ 0.85");
-    row("rr 1 B p99 (µs)", r.baseline_rr_p99_us, r.mesh_rr_p99_us, "≤ 0.85");
-    row("rr 1 B transactions/s", r.baseline_rr_tps, r.mesh_rr_tps, "");
-    row("rr 1 KiB p50 (µs)", r.baseline_rr_1k_p50_us, r.mesh_rr_1k_p50_us, "≤ 0.85");
-    row("rr 1 KiB p99 (µs)", r.baseline_rr_1k_p99_us, r.mesh_rr_1k_p99_us, "≤ 0.85");
-    row("rr 1 KiB transactions/s", r.baseline_rr_1k_tps, r.mesh_rr_1k_tps, "");
-    row("stream (Gbit/s)", r.baseline_stream_gbps, r.mesh_stream_gbps, "≥ 1.2");
+    row(
+        "rr 1 B p50 (µs)",
+        r.baseline_rr_p50_us,
+        r.mesh_rr_p50_us,
+        "≤ 0.85",
+    );
+    row(
+        "rr 1 B p99 (µs)",
+        r.baseline_rr_p99_us,
+        r.mesh_rr_p99_us,
+        "≤ 0.85",
+    );
+    row(
+        "rr 1 B transactions/s",
+        r.baseline_rr_tps,
+        r.mesh_rr_tps,
+        "",
+    );
+    row(
+        "rr 1 KiB p50 (µs)",
+        r.baseline_rr_1k_p50_us,
+        r.mesh_rr_1k_p50_us,
+        "≤ 0.85",
+    );
+    row(
+        "rr 1 KiB p99 (µs)",
+        r.baseline_rr_1k_p99_us,
+        r.mesh_rr_1k_p99_us,
+        "≤ 0.85",
+    );
+    row(
+        "rr 1 KiB transactions/s",
+        r.baseline_rr_1k_tps,
+        r.mesh_rr_1k_tps,
+        "",
+    );
+    row(
+        "stream (Gbit/s)",
+        r.baseline_stream_gbps,
+        r.mesh_stream_gbps,
+        "≥ 1.2",
+    );
     println!("fast-path bytes in the mesh runs: {fast:.0}");
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&r)?)?;
@@ -166,6 +230,9 @@ pub fn l4(weft: &Path, workload: &Path, secs: u64, repeats: usize, json: Option<
     let mut agent = agent;
     agent.uninstall(&mesh_node)?;
     let left = tb.teardown()?;
-    ensure!(left.is_empty(), "the benchmark left something behind: {left:?}");
+    ensure!(
+        left.is_empty(),
+        "the benchmark left something behind: {left:?}"
+    );
     Ok(())
 }

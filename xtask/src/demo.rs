@@ -11,7 +11,7 @@ use testbed::{ServeMode, Testbed, agent::Agent};
 
 use crate::step;
 
-const OBJECTS: &str = r#"# The mesh, described with Kubernetes-shaped objects (the same YAML a cluster would hold).
+const OBJECTS: &str = r"# The mesh, described with Kubernetes-shaped objects (the same YAML a cluster would hold).
 apiVersion: v1
 kind: Service
 metadata: {name: catalog, namespace: default}
@@ -37,7 +37,7 @@ spec:
   action: ALLOW
   rules:
   - from: [{source: {serviceAccounts: [frontend]}}]
-"#;
+";
 
 fn explain(text: &str) {
     for line in text.lines() {
@@ -78,7 +78,9 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     agent.apply("pods.yaml", &pods.join("\n---\n"))?;
     agent.apply("mesh.yaml", OBJECTS)?;
     explain(OBJECTS);
-    explain("(pod \"legacy\" carries the annotation weft.dev/inject: disabled: it is outside the mesh)");
+    explain(
+        "(pod \"legacy\" carries the annotation weft.dev/inject: disabled: it is outside the mesh)",
+    );
     agent.wait_workloads(5)?;
 
     step!("starting servers in catalog and payments, then driving traffic for {secs}s");
@@ -90,7 +92,12 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     let (mut rounds, mut failures) = (0u32, 0u32);
     let mut denied = None;
     while Instant::now() < deadline && rounds < 1000 {
-        for (client, to) in [(&frontend, catalog_vip), (&frontend, payments_vip), (&intruder, catalog_vip), (&legacy, catalog_vip)] {
+        for (client, to) in [
+            (&frontend, catalog_vip),
+            (&frontend, payments_vip),
+            (&intruder, catalog_vip),
+            (&legacy, catalog_vip),
+        ] {
             let r = client.transfer(to, 1024 * 1024, 4)?;
             if !r.all_ok() {
                 failures += 1;
@@ -100,11 +107,17 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
         denied = Some(attempt);
         rounds += 1;
     }
-    println!("    {rounds} rounds of 1 MiB echoes over 4 connections per client, {failures} failed");
+    println!(
+        "    {rounds} rounds of 1 MiB echoes over 4 connections per client, {failures} failed"
+    );
     if let Some(d) = &denied {
         println!(
             "    intruder → payments: connect() {} (errno {:?}: EPERM, refused by policy)",
-            if d.ok { "SUCCEEDED (unexpected!)" } else { "failed" },
+            if d.ok {
+                "SUCCEEDED (unexpected!)"
+            } else {
+                "failed"
+            },
             d.errno
         );
     }
@@ -120,8 +133,16 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     let mut shown = std::collections::BTreeSet::new();
     for l in lines {
         let cols: Vec<&str> = l.split_whitespace().collect();
-        let key = (cols.get(1).copied().unwrap_or(""), cols.get(3).map(|s| s.split(':').next().unwrap_or("")), cols.get(4).map(|s| s.split(':').next().unwrap_or("")));
-        if shown.insert((key.0.to_owned(), key.1.map(str::to_owned), key.2.map(str::to_owned))) {
+        let key = (
+            cols.get(1).copied().unwrap_or(""),
+            cols.get(3).map(|s| s.split(':').next().unwrap_or("")),
+            cols.get(4).map(|s| s.split(':').next().unwrap_or("")),
+        );
+        if shown.insert((
+            key.0.to_owned(),
+            key.1.map(str::to_owned),
+            key.2.map(str::to_owned),
+        )) {
             println!("{l}");
         }
     }
@@ -137,11 +158,23 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     let fast = sum("weft_tcp_fast_path_bytes_total", &[]);
     let sent = sum("weft_tcp_sent_bytes_total", &[]);
     let veth = sum("weft_interface_bytes_total", &[]);
-    println!("    payload between meshed pods     {:>12}  (both directions)", human(sent));
+    println!(
+        "    payload between meshed pods     {:>12}  (both directions)",
+        human(sent)
+    );
     println!("      of which on the fast path     {:>12}", human(fast));
-    println!("    bytes seen on the pods' veths   {:>12}  (legacy's traffic, plus handshakes)", human(veth));
-    println!("    connections opened              {:>12}", sum("weft_tcp_connections_opened_total", &[]));
-    println!("    connections denied              {:>12}", sum("weft_tcp_connections_denied_total", &[]));
+    println!(
+        "    bytes seen on the pods' veths   {:>12}  (legacy's traffic, plus handshakes)",
+        human(veth)
+    );
+    println!(
+        "    connections opened              {:>12}",
+        sum("weft_tcp_connections_opened_total", &[])
+    );
+    println!(
+        "    connections denied              {:>12}",
+        sum("weft_tcp_connections_denied_total", &[])
+    );
 
     step!("status (`weft status`)");
     print!("{}", cli(weft, &agent, &["status"])?);
@@ -161,12 +194,20 @@ fn cli(weft: &Path, agent: &Agent, args: &[&str]) -> Result<String> {
         .args(["--admin-socket", &agent.socket.display().to_string()])
         .output()
         .context("running weft")?;
-    ensure!(out.status.success(), "weft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "weft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[allow(clippy::cast_precision_loss, reason = "display only")]
 fn human(bytes: f64) -> String {
     let mib = bytes / (1024.0 * 1024.0);
-    if mib >= 1.0 { format!("{mib:.1} MiB") } else { format!("{:.1} KiB", bytes / 1024.0) }
+    if mib >= 1.0 {
+        format!("{mib:.1} MiB")
+    } else {
+        format!("{:.1} KiB", bytes / 1024.0)
+    }
 }

@@ -2,7 +2,11 @@
 //!
 //! Each command installs what it needs first (see `setup`), prints what it is doing, and leaves
 //! nothing behind on the machine but installed packages and tools.
-#![allow(clippy::print_stdout, clippy::print_stderr, reason = "xtask reports progress on the terminal")]
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "xtask reports progress on the terminal"
+)]
 
 mod bench;
 mod demo;
@@ -72,9 +76,13 @@ enum BenchCmd {
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
 }
 
+#[must_use]
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
@@ -83,7 +91,9 @@ pub fn cargo() -> Command {
 
 /// Runs a command with inherited output; fails with the command line if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -101,14 +111,26 @@ fn ensure_setup() -> Result<()> {
 
 /// Builds the binaries and returns (weft, weft-workload).
 pub fn build(release: bool) -> Result<(PathBuf, PathBuf)> {
-    step!("building weft (with its eBPF object) and the test workload{}", if release { " (release)" } else { "" });
+    step!(
+        "building weft (with its eBPF object) and the test workload{}",
+        if release { " (release)" } else { "" }
+    );
     let mut cmd = cargo();
-    cmd.args(["build", "-p", "mesh-userspace", "-p", "weft-tests", "--bins"]);
+    cmd.args([
+        "build",
+        "-p",
+        "mesh-userspace",
+        "-p",
+        "weft-tests",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    let dir = workspace_root().join("target").join(if release { "release" } else { "debug" });
+    let dir = workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" });
     Ok((dir.join("weft"), dir.join("weft-workload")))
 }
 
@@ -122,7 +144,9 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             ensure_setup()?;
             let (weft, workload) = build(false)?;
-            step!("running the tests (unit, object layout, and privileged testbed integration tests)");
+            step!(
+                "running the tests (unit, object layout, and privileged testbed integration tests)"
+            );
             let mut cmd = cargo();
             cmd.args(["test", "--no-fail-fast", "--"])
                 .args(["--test-threads", "2"])
@@ -136,7 +160,14 @@ fn main() -> Result<()> {
             let bins = build(true)?;
             demo::run(&bins.0, &bins.1, secs)
         }
-        Cmd::Bench { which: BenchCmd::L4 { json, secs, repeats } } => {
+        Cmd::Bench {
+            which:
+                BenchCmd::L4 {
+                    json,
+                    secs,
+                    repeats,
+                },
+        } => {
             ensure_setup()?;
             let bins = build(true)?;
             bench::l4(&bins.0, &bins.1, secs, repeats, json.as_deref())

@@ -67,7 +67,11 @@ pub async fn serve(shared: SharedState, config: &AgentConfig) -> std::io::Result
 trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
@@ -78,35 +82,72 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
 fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
     }
 }
 
-async fn handle(shared: SharedState, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+#[allow(clippy::unused_async, reason = "hyper's service_fn wants a future")]
+async fn handle(
+    shared: SharedState,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET {
-        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported\n"));
+        return Ok(respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET is supported\n",
+        ));
     }
-    let s = shared.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let s = shared
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let resp = match req.uri().path() {
         "/metrics" => {
             let mut body = String::new();
-            match s.registry.as_ref().map(|r| prometheus_client::encoding::text::encode(&mut body, r)) {
-                Some(Ok(())) => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
-                _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics unavailable\n"),
+            match s
+                .registry
+                .as_ref()
+                .map(|r| prometheus_client::encoding::text::encode(&mut body, r))
+            {
+                Some(Ok(())) => respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                _ => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "metrics unavailable\n",
+                ),
             }
         }
         "/ready" => {
             if s.ready {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             } else {
-                let why = s.last_sync_error.clone().unwrap_or_else(|| "first sync pending".into());
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n"))
+                let why = s
+                    .last_sync_error
+                    .clone()
+                    .unwrap_or_else(|| "first sync pending".into());
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {why}\n"),
+                )
             }
         }
         "/config_dump" => json(&*s),
         "/flows" => json(&s.flows),
         "/status" => json(&status(&s)),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /ready, /config_dump, /flows or /status\n"),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /ready, /config_dump, /flows or /status\n",
+        ),
     };
     Ok(resp)
 }
@@ -117,11 +158,20 @@ fn status(s: &crate::app::Shared) -> Status {
         node: s.node.node.clone(),
         ready: s.ready,
         startup: s.startup,
-        bpffs_dir: s.config.as_ref().map(|c| c.bpffs_dir.display().to_string()).unwrap_or_default(),
+        bpffs_dir: s
+            .config
+            .as_ref()
+            .map(|c| c.bpffs_dir.display().to_string())
+            .unwrap_or_default(),
         fast_path_enabled: kernel.fast_path_enabled,
         fast_path_killed: kernel.fast_path_killed,
         workloads: s.node.workloads.len(),
-        meshed_local_workloads: s.node.workloads.iter().filter(|w| w.meshed && w.local).count(),
+        meshed_local_workloads: s
+            .node
+            .workloads
+            .iter()
+            .filter(|w| w.meshed && w.local)
+            .count(),
         services: s.node.services.len(),
         policy_entries: s.node.policy.len(),
         sockhash_entries: kernel.sockhash_entries,
@@ -136,7 +186,13 @@ fn status(s: &crate::app::Shared) -> Status {
 pub async fn get(socket: &Path, path: &str) -> std::io::Result<(StatusCode, Bytes)> {
     use http_body_util::{BodyExt as _, Empty};
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot reach the agent at {}: {e}; is `weft agent` running for this node?", socket.display()))
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach the agent at {}: {e}; is `weft agent` running for this node?",
+                socket.display()
+            ),
+        )
     })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -146,8 +202,16 @@ pub async fn get(socket: &Path, path: &str) -> std::io::Result<(StatusCode, Byte
         .header(header::HOST, "weft-agent")
         .body(Empty::<Bytes>::new())
         .map_err(std::io::Error::other)?;
-    let resp = sender.send_request(req).await.map_err(std::io::Error::other)?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
     Ok((status, body))
 }

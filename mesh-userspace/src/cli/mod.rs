@@ -4,7 +4,10 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use crate::{admin::Status, flows::{FlowSnapshot, FlowView}};
+use crate::{
+    admin::Status,
+    flows::{FlowSnapshot, FlowView},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -21,10 +24,18 @@ pub enum CliError {
 }
 
 fn fetch(socket: &Path, path: &str) -> Result<bytes::Bytes, CliError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CliError::Runtime)?;
-    let (status, body) = rt.block_on(crate::admin::get(socket, path)).map_err(CliError::Agent)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    let (status, body) = rt
+        .block_on(crate::admin::get(socket, path))
+        .map_err(CliError::Agent)?;
     if !status.is_success() {
-        return Err(CliError::Status { status: status.as_u16(), body: String::from_utf8_lossy(&body).into_owned() });
+        return Err(CliError::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
     }
     Ok(body)
 }
@@ -49,6 +60,7 @@ fn endpoint(p: &crate::flows::Peer) -> String {
     }
 }
 
+#[must_use]
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     #[allow(clippy::cast_precision_loss, reason = "display only")]
@@ -58,10 +70,15 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// The flow table as a fixed-width text table.
+#[must_use]
 pub fn render_flows(snap: &FlowSnapshot) -> String {
     let mut out = String::new();
     let row = |out: &mut String, f: &FlowView| {
@@ -70,16 +87,31 @@ pub fn render_flows(snap: &FlowSnapshot) -> String {
             Some(false) => "no",
             None => "-",
         };
-        let via = f.service.as_ref().map(|s| format!(" (via {s})")).unwrap_or_default();
+        let via = f
+            .service
+            .as_ref()
+            .map(|s| format!(" (via {s})"))
+            .unwrap_or_default();
         let bytes = if f.state == "denied" {
             format!("{} attempt(s)", f.attempts)
         } else {
-            format!("→ {} ← {}", human_bytes(f.bytes_to_dst), human_bytes(f.bytes_to_src))
+            format!(
+                "→ {} ← {}",
+                human_bytes(f.bytes_to_dst),
+                human_bytes(f.bytes_to_src)
+            )
         };
         let _ = writeln!(
             out,
             "{:<7} {:<5} {:<4} {:<28} {:<34} {:<28} {}{}",
-            f.state, f.verdict, fast, endpoint(&f.src), endpoint(&f.dst), bytes, f.reason, via
+            f.state,
+            f.verdict,
+            fast,
+            endpoint(&f.src),
+            endpoint(&f.dst),
+            bytes,
+            f.reason,
+            via
         );
     };
     let _ = writeln!(
@@ -87,7 +119,12 @@ pub fn render_flows(snap: &FlowSnapshot) -> String {
         "{:<7} {:<5} {:<4} {:<28} {:<34} {:<28} WHY",
         "STATE", "VERD", "FAST", "SOURCE", "DESTINATION", "BYTES"
     );
-    for f in snap.live.iter().chain(snap.recent.iter().rev()).chain(snap.denied.iter()) {
+    for f in snap
+        .live
+        .iter()
+        .chain(snap.recent.iter().rev())
+        .chain(snap.denied.iter())
+    {
         row(&mut out, f);
     }
     out
@@ -114,7 +151,10 @@ pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
     };
     println!("datapath          {startup} at {}", s.bpffs_dir);
     println!("fast path         {fast}");
-    println!("workloads         {} ({} meshed on this node)", s.workloads, s.meshed_local_workloads);
+    println!(
+        "workloads         {} ({} meshed on this node)",
+        s.workloads, s.meshed_local_workloads
+    );
     println!("services          {}", s.services);
     println!("policy entries    {}", s.policy_entries);
     println!("fast-path sockets {}", s.sockhash_entries);
@@ -133,7 +173,11 @@ pub fn fastpath(bpffs_dir: &Path, on: bool) -> Result<(), CliError> {
     crate::ebpf::set_fast_path_killed(bpffs_dir, !on)?;
     println!(
         "fast path kill switch {} for {}",
-        if on { "released" } else { "ENGAGED: new messages take the normal stack" },
+        if on {
+            "released"
+        } else {
+            "ENGAGED: new messages take the normal stack"
+        },
         bpffs_dir.display()
     );
     Ok(())

@@ -13,7 +13,10 @@ use super::objects::{ObjectSet, ParseError};
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {
     #[error("cannot read objects from {path}: {source}; create it or pass --objects <file|dir>")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Watches `path` by polling modification times and sizes (cheap, works on every filesystem and
@@ -27,7 +30,11 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), fingerprint: Vec::new(), last_good: BTreeMap::new() }
+        Self {
+            path: path.into(),
+            fingerprint: Vec::new(),
+            last_good: BTreeMap::new(),
+        }
     }
 
     /// Returns a new object set when anything changed since the last call, `None` otherwise.
@@ -35,9 +42,15 @@ impl FileSource {
         let files = self.files()?;
         let mut fingerprint = Vec::with_capacity(files.len());
         for f in &files {
-            let meta = std::fs::metadata(f)
-                .map_err(|source| FileSourceError::Read { path: f.clone(), source })?;
-            fingerprint.push((f.clone(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
+            let meta = std::fs::metadata(f).map_err(|source| FileSourceError::Read {
+                path: f.clone(),
+                source,
+            })?;
+            fingerprint.push((
+                f.clone(),
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            ));
         }
         if fingerprint == self.fingerprint {
             return Ok(None);
@@ -51,7 +64,11 @@ impl FileSource {
             let text = match std::fs::read_to_string(f) {
                 Ok(t) => t,
                 Err(e) => {
-                    merged.errors.push(ParseError { source_name: name, document: 0, message: e.to_string() });
+                    merged.errors.push(ParseError {
+                        source_name: name,
+                        document: 0,
+                        message: e.to_string(),
+                    });
                     continue;
                 }
             };
@@ -59,25 +76,29 @@ impl FileSource {
             set.add_yaml(&name, &text);
             let failed = !set.errors.is_empty();
             merged.errors.append(&mut set.errors);
-            let chosen = match (failed, self.last_good.get(f)) {
-                // Keep the previous good content of a file that no longer parses.
-                (true, Some(prev)) => prev.clone(),
-                _ => {
-                    self.last_good.insert(f.clone(), set.clone());
-                    set
-                }
+            // Keep the previous good content of a file that no longer parses.
+            let chosen = if let (true, Some(prev)) = (failed, self.last_good.get(f)) {
+                prev.clone()
+            } else {
+                self.last_good.insert(f.clone(), set.clone());
+                set
             };
             merged.namespaces.extend(chosen.namespaces);
             merged.pods.extend(chosen.pods);
             merged.services.extend(chosen.services);
-            merged.authorization_policies.extend(chosen.authorization_policies);
+            merged
+                .authorization_policies
+                .extend(chosen.authorization_policies);
             merged.mesh_configs.extend(chosen.mesh_configs);
         }
         Ok(Some(merged))
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, FileSourceError> {
-        let read_err = |source| FileSourceError::Read { path: self.path.clone(), source };
+        let read_err = |source| FileSourceError::Read {
+            path: self.path.clone(),
+            source,
+        };
         let meta = std::fs::metadata(&self.path).map_err(read_err)?;
         if !meta.is_dir() {
             return Ok(vec![self.path.clone()]);
@@ -109,13 +130,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weft-files-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("a.yaml");
-        std::fs::write(&f, "apiVersion: v1\nkind: Namespace\nmetadata: {name: one}\n").unwrap();
+        std::fs::write(
+            &f,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: one}\n",
+        )
+        .unwrap();
         let mut src = FileSource::new(&dir);
         let first = src.poll().unwrap().unwrap();
         assert_eq!(first.namespaces.len(), 1);
-        assert!(src.poll().unwrap().is_none(), "unchanged files are not re-parsed");
+        assert!(
+            src.poll().unwrap().is_none(),
+            "unchanged files are not re-parsed"
+        );
 
-        std::fs::write(&f, "apiVersion: v1\nkind: Namespace\nmetadata: {name: [broken\n").unwrap();
+        std::fs::write(
+            &f,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: [broken\n",
+        )
+        .unwrap();
         let second = src.poll().unwrap().unwrap();
         assert_eq!(second.namespaces.len(), 1, "previous content kept");
         assert_eq!(second.errors.len(), 1);

@@ -41,8 +41,8 @@ const fn yes() -> bool {
     true
 }
 
-/// Who may connect to which workloads, enforced at connect() time (same node: in the kernel).
-/// Semantics follow Istio's AuthorizationPolicy: DENY rules win; if any ALLOW policy selects a
+/// Who may connect to which workloads, enforced at `connect()` time (same node: in the kernel).
+/// Semantics follow Istio's `AuthorizationPolicy`: DENY rules win; if any ALLOW policy selects a
 /// workload, a connection must match one of their rules; otherwise the mesh default applies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -160,18 +160,31 @@ impl ObjectSet {
     }
 
     fn add_value(&mut self, value: serde_yaml::Value) -> Result<(), String> {
-        let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str).map(str::to_owned);
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(serde_yaml::Value::as_str)
+                .map(str::to_owned)
+        };
         let api_version = field("apiVersion").ok_or("missing apiVersion")?;
         let kind = field("kind").ok_or("missing kind")?;
         let typed = |e: serde_yaml::Error| format!("{kind} ({api_version}): {e}");
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Pod") => self.pods.push(serde_yaml::from_value(value).map_err(typed)?),
-            ("v1", "Service") => self.services.push(serde_yaml::from_value(value).map_err(typed)?),
+            ("v1", "Pod") => self
+                .pods
+                .push(serde_yaml::from_value(value).map_err(typed)?),
+            ("v1", "Service") => self
+                .services
+                .push(serde_yaml::from_value(value).map_err(typed)?),
             ("v1", "Namespace") => {
-                self.namespaces.push(serde_yaml::from_value(value).map_err(typed)?);
+                self.namespaces
+                    .push(serde_yaml::from_value(value).map_err(typed)?);
             }
             ("v1", "List") => {
-                let items = value.get("items").and_then(serde_yaml::Value::as_sequence).cloned();
+                let items = value
+                    .get("items")
+                    .and_then(serde_yaml::Value::as_sequence)
+                    .cloned();
                 for item in items.unwrap_or_default() {
                     self.add_value(item)?;
                 }
@@ -184,7 +197,8 @@ impl ObjectSet {
                 self.authorization_policies.push(p);
             }
             (WEFT_API_VERSION, "MeshConfig") => {
-                self.mesh_configs.push(serde_yaml::from_value(value).map_err(typed)?);
+                self.mesh_configs
+                    .push(serde_yaml::from_value(value).map_err(typed)?);
             }
             (v, k) => {
                 return Err(format!(
@@ -197,7 +211,8 @@ impl ObjectSet {
     }
 }
 
-/// `matchLabels` AND `matchExpressions` (In, NotIn, Exists, DoesNotExist), as Kubernetes defines.
+/// `matchLabels` AND `matchExpressions` (In, `NotIn`, Exists, `DoesNotExist`), as Kubernetes defines.
+#[must_use]
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     let by_labels = selector
         .match_labels
@@ -259,7 +274,10 @@ kind: Gadget
     #[test]
     fn syntax_error_is_reported_not_panicked() {
         let mut set = ObjectSet::default();
-        set.add_yaml("bad.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: [unclosed\n");
+        set.add_yaml(
+            "bad.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: [unclosed\n",
+        );
         assert_eq!(set.errors.len(), 1);
         assert!(set.errors[0].message.starts_with("invalid YAML"));
     }
@@ -271,11 +289,20 @@ kind: Gadget
         )
         .unwrap();
         let labels = |pairs: &[(&str, &str)]| {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
         };
         assert!(selector_matches(&sel, &labels(&[("app", "db")])));
-        assert!(selector_matches(&sel, &labels(&[("app", "db"), ("tier", "prod")])));
-        assert!(!selector_matches(&sel, &labels(&[("app", "db"), ("tier", "test")])));
+        assert!(selector_matches(
+            &sel,
+            &labels(&[("app", "db"), ("tier", "prod")])
+        ));
+        assert!(!selector_matches(
+            &sel,
+            &labels(&[("app", "db"), ("tier", "test")])
+        ));
         assert!(!selector_matches(&sel, &labels(&[("app", "web")])));
         assert!(selector_matches(&LabelSelector::default(), &labels(&[])));
     }

@@ -9,7 +9,7 @@
 //! <dir>/links/tc/<if>-from    tcx ingress link on a pod's host-side veth (traffic from the pod)
 //! <dir>/links/tc/<if>-to      tcx egress link (traffic to the pod)
 //! ```
-//! sk_msg is attached to the sockhash itself, so it lives as long as the pinned map does.
+//! `sk_msg` is attached to the sockhash itself, so it lives as long as the pinned map does.
 //! A restarted agent finds the links pinned and adopts everything without touching the kernel's
 //! attachments: established connections never notice the agent was gone.
 mod sync;
@@ -29,9 +29,9 @@ use aya::{
     },
 };
 use mesh_common::{
-    Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint, FlowEntry,
-    GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey,
-    map_names, program_names,
+    Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
+    FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
+    ServiceValue, SockKey, map_names, program_names,
 };
 pub use sync::{Desired, SyncReport};
 
@@ -43,17 +43,35 @@ pub enum EbpfError {
     #[error("loading the eBPF object failed: {0}; is this kernel ≥ 6.6 with BTF, and are we root?")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("pinning {path}: {source}; is {bpffs} on a bpffs mount?", bpffs = .path.display())]
-    Pin { path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
     #[error("link {path}: {source}")]
-    Link { path: PathBuf, source: aya::programs::links::LinkError },
+    Link {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
     #[error("cgroup {path}: {source}; the node cgroup must exist on the cgroup v2 mount")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("object has no program {0}: the embedded object and this binary disagree")]
     MissingProgram(&'static str),
 }
@@ -96,7 +114,10 @@ pub struct Datapath {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EbpfError + '_ {
-    move |source| EbpfError::Io { path: path.to_owned(), source }
+    move |source| EbpfError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
@@ -133,9 +154,16 @@ impl Datapath {
             .map_err(prog_err(program_names::TC_FROM_POD))?;
         let tc_to_pod = SchedClassifier::from_pin(progs.join(program_names::TC_TO_POD))
             .map_err(prog_err(program_names::TC_TO_POD))?;
-        Ok(Self { maps: Maps::open(&dir.join("maps"))?, dir: dir.to_owned(), tc_from_pod, tc_to_pod, startup })
+        Ok(Self {
+            maps: Maps::open(&dir.join("maps"))?,
+            dir: dir.to_owned(),
+            tc_from_pod,
+            tc_to_pod,
+            startup,
+        })
     }
 
+    #[must_use]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -145,9 +173,17 @@ impl Datapath {
     pub fn sync_interfaces(&mut self, wanted: &BTreeSet<String>) -> Result<BTreeSet<String>> {
         let tc_dir = self.dir.join("links/tc");
         let mut have = BTreeSet::new();
-        for entry in std::fs::read_dir(&tc_dir).map_err(io(&tc_dir))?.filter_map(Result::ok) {
+        for entry in std::fs::read_dir(&tc_dir)
+            .map_err(io(&tc_dir))?
+            .filter_map(Result::ok)
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(ifname) = name.strip_suffix("-from").or_else(|| name.strip_suffix("-to")) else { continue };
+            let Some(ifname) = name
+                .strip_suffix("-from")
+                .or_else(|| name.strip_suffix("-to"))
+            else {
+                continue;
+            };
             if wanted.contains(ifname) {
                 have.insert(ifname.to_owned());
             } else {
@@ -159,11 +195,19 @@ impl Datapath {
                 (&mut self.tc_from_pod, TcAttachType::Ingress, "from"),
                 (&mut self.tc_to_pod, TcAttachType::Egress, "to"),
             ] {
-                let id = prog.attach(ifname, kind).map_err(prog_err(program_names::TC_FROM_POD))?;
-                let link = prog.take_link(id).map_err(prog_err(program_names::TC_FROM_POD))?;
-                let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { path: tc_dir.clone(), source })?;
+                let id = prog
+                    .attach(ifname, kind)
+                    .map_err(prog_err(program_names::TC_FROM_POD))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(prog_err(program_names::TC_FROM_POD))?;
+                let link = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+                    path: tc_dir.clone(),
+                    source,
+                })?;
                 let path = tc_dir.join(format!("{ifname}-{suffix}"));
-                link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
+                link.pin(&path)
+                    .map_err(|source| EbpfError::Pin { path, source })?;
             }
             tracing::info!(interface = %ifname, "TC counters attached");
             have.insert(ifname.clone());
@@ -175,12 +219,18 @@ impl Datapath {
 impl Maps {
     fn open(dir: &Path) -> Result<Self> {
         fn map(dir: &Path, name: &'static str) -> Result<Map> {
-            let data = MapData::from_pin(dir.join(name)).map_err(|source| EbpfError::Map { name, source })?;
+            let data = MapData::from_pin(dir.join(name))
+                .map_err(|source| EbpfError::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| EbpfError::Map { name, source })
         }
         macro_rules! typed {
             ($name:expr) => {
-                map(dir, $name)?.try_into().map_err(|source| EbpfError::Map { name: $name, source })?
+                map(dir, $name)?
+                    .try_into()
+                    .map_err(|source| EbpfError::Map {
+                        name: $name,
+                        source,
+                    })?
             };
         }
         Ok(Self {
@@ -209,35 +259,55 @@ fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<
         loader.map_max_entries(map_names::SOCKS, cap);
     }
     let mut ebpf = loader.load(OBJECT)?;
-    let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup { path: cgroup.to_owned(), source })?;
+    let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
     let pin_prog = |prog: &mut aya::programs::Program, name: &'static str| -> Result<()> {
         let path = dir.join("progs").join(name);
-        prog.pin(&path).map_err(|source| EbpfError::Pin { path, source })
+        prog.pin(&path)
+            .map_err(|source| EbpfError::Pin { path, source })
     };
     let pin_link = |link: FdLink, name: &str| -> Result<()> {
         let path = dir.join("links").join(name);
-        link.pin(&path).map(drop).map_err(|source| EbpfError::Pin { path, source })
+        link.pin(&path)
+            .map(drop)
+            .map_err(|source| EbpfError::Pin { path, source })
     };
 
     // sk_msg on the sockhash.
     {
         let socks: SockHash<_, SockKey> = SockHash::try_from(
-            ebpf.map(map_names::SOCKS).ok_or(EbpfError::MissingProgram(map_names::SOCKS))?,
+            ebpf.map(map_names::SOCKS)
+                .ok_or(EbpfError::MissingProgram(map_names::SOCKS))?,
         )
-        .map_err(|source| EbpfError::Map { name: map_names::SOCKS, source })?;
+        .map_err(|source| EbpfError::Map {
+            name: map_names::SOCKS,
+            source,
+        })?;
         let socks_fd = socks.fd().try_clone().map_err(io(&maps_dir))?;
-        let prog = ebpf.program_mut(program_names::SK_MSG).ok_or(EbpfError::MissingProgram(program_names::SK_MSG))?;
+        let prog = ebpf
+            .program_mut(program_names::SK_MSG)
+            .ok_or(EbpfError::MissingProgram(program_names::SK_MSG))?;
         let sk_msg: &mut SkMsg = prog.try_into().map_err(prog_err(program_names::SK_MSG))?;
         sk_msg.load().map_err(prog_err(program_names::SK_MSG))?;
-        let id = sk_msg.attach(&socks_fd).map_err(prog_err(program_names::SK_MSG))?;
+        let id = sk_msg
+            .attach(&socks_fd)
+            .map_err(prog_err(program_names::SK_MSG))?;
         // aya detaches a link when it is dropped. This attachment belongs to the pinned map and
         // must outlive the agent, so the handle is deliberately leaked (two fds, closed at exit).
-        std::mem::forget(sk_msg.take_link(id).map_err(prog_err(program_names::SK_MSG))?);
+        std::mem::forget(
+            sk_msg
+                .take_link(id)
+                .map_err(prog_err(program_names::SK_MSG))?,
+        );
         pin_prog(prog, program_names::SK_MSG)?;
     }
     // TC counters: loaded and pinned; attached per interface later.
     for name in [program_names::TC_FROM_POD, program_names::TC_TO_POD] {
-        let prog = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?;
         let tc: &mut SchedClassifier = prog.try_into().map_err(prog_err(name))?;
         tc.load().map_err(prog_err(name))?;
         pin_prog(prog, name)?;
@@ -247,23 +317,41 @@ fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<
     // is what `Single` passes.)
     {
         let name = program_names::CONNECT4;
-        let prog = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?;
         let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
-        let id = p.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(prog_err(name))?;
-        let link = FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
-            .map_err(|source| EbpfError::Link { path: cgroup.to_owned(), source })?;
+        let id = p
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        let link =
+            FdLink::try_from(p.take_link(id).map_err(prog_err(name))?).map_err(|source| {
+                EbpfError::Link {
+                    path: cgroup.to_owned(),
+                    source,
+                }
+            })?;
         pin_link(link, "connect4")?;
         pin_prog(prog, name)?;
     }
     {
         let name = program_names::SOCK_OPS;
-        let prog = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?;
         let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
-        let id = p.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(prog_err(name))?;
-        let link = FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
-            .map_err(|source| EbpfError::Link { path: cgroup.to_owned(), source })?;
+        let id = p
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        let link =
+            FdLink::try_from(p.take_link(id).map_err(prog_err(name))?).map_err(|source| {
+                EbpfError::Link {
+                    path: cgroup.to_owned(),
+                    source,
+                }
+            })?;
         pin_link(link, "sock_ops")?;
         pin_prog(prog, name)?;
     }
@@ -318,15 +406,29 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
 /// the agent runs, and the agent's config sync never overrides it.
 pub fn set_fast_path_killed(dir: &Path, killed: bool) -> Result<()> {
     let path = dir.join("maps").join(map_names::CONFIG);
-    let data = MapData::from_pin(&path).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
-    let map = Map::from_map_data(data).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
-    let mut config: Array<MapData, Config> =
-        map.try_into().map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
+    let data = MapData::from_pin(&path).map_err(|source| EbpfError::Map {
+        name: map_names::CONFIG,
+        source,
+    })?;
+    let map = Map::from_map_data(data).map_err(|source| EbpfError::Map {
+        name: map_names::CONFIG,
+        source,
+    })?;
+    let mut config: Array<MapData, Config> = map.try_into().map_err(|source| EbpfError::Map {
+        name: map_names::CONFIG,
+        source,
+    })?;
     let mut value = config
         .get(&mesh_common::CONFIG_INDEX, 0)
-        .map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
+        .map_err(|source| EbpfError::Map {
+            name: map_names::CONFIG,
+            source,
+        })?;
     value.fast_path_killed = u32::from(killed);
     config
         .set(mesh_common::CONFIG_INDEX, value, 0)
-        .map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })
+        .map_err(|source| EbpfError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
 }

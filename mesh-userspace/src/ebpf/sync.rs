@@ -6,9 +6,9 @@ use aya::{
     maps::{HashMap, MapData, MapError},
 };
 use mesh_common::{
-    Backend, BackendKey, CONFIG_INDEX, CgroupIdentity, Config, DenyKey, DenyValue, Endpoint, FlowEntry,
-    GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey,
-    config_flags, flow_state, global_counter, verdict,
+    Backend, BackendKey, CONFIG_INDEX, CgroupIdentity, Config, DenyKey, DenyValue, Endpoint,
+    FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
+    ServiceValue, SockKey, config_flags, flow_state, global_counter, verdict,
 };
 
 use super::{Datapath, EbpfError};
@@ -91,7 +91,11 @@ impl Datapath {
 
         let mut cfg = m.config.get(&CONFIG_INDEX, 0).map_err(map_err(n::CONFIG))?;
         let wanted = Config {
-            flags: if want.fast_path { config_flags::FAST_PATH } else { 0 },
+            flags: if want.fast_path {
+                config_flags::FAST_PATH
+            } else {
+                0
+            },
             fast_path_killed: cfg.fast_path_killed, // operator-owned: preserved
             default_verdict: verdict::FAST,
             _pad0: 0,
@@ -100,20 +104,26 @@ impl Datapath {
         };
         if cfg != wanted {
             cfg = wanted;
-            m.config.set(CONFIG_INDEX, cfg, 0).map_err(map_err(n::CONFIG))?;
+            m.config
+                .set(CONFIG_INDEX, cfg, 0)
+                .map_err(map_err(n::CONFIG))?;
             report.inserted += 1;
         }
         Ok(report)
     }
 
     pub fn config(&self) -> Result<Config, EbpfError> {
-        self.maps.config.get(&CONFIG_INDEX, 0).map_err(map_err(mesh_common::map_names::CONFIG))
+        self.maps
+            .config
+            .get(&CONFIG_INDEX, 0)
+            .map_err(map_err(mesh_common::map_names::CONFIG))
     }
 
     /// Live and closed flow entries. Closed ones are removed from the map once read (the agent
     /// keeps them in its recent-flows ring), so the LRU map holds live sockets.
     pub fn take_flows(&mut self) -> Vec<(SockKey, FlowEntry)> {
-        let all: Vec<(SockKey, FlowEntry)> = self.maps.flows.iter().filter_map(Result::ok).collect();
+        let all: Vec<(SockKey, FlowEntry)> =
+            self.maps.flows.iter().filter_map(Result::ok).collect();
         for (k, f) in &all {
             if f.state == flow_state::CLOSED {
                 let _ = self.maps.flows.remove(k);
@@ -165,6 +175,7 @@ impl Datapath {
             .collect()
     }
 
+    #[must_use]
     pub fn global_stats(&self) -> [u64; global_counter::COUNT] {
         let mut out = [0; global_counter::COUNT];
         if let Ok(per_cpu) = self.maps.global.get(&0, 0) {
@@ -179,7 +190,8 @@ impl Datapath {
     }
 
     /// Sockets currently eligible for the fast path.
+    #[must_use]
     pub fn sockhash_len(&self) -> usize {
-        self.maps.socks.keys().filter(Result::is_ok).count()
+        self.maps.socks.keys().flatten().count()
     }
 }

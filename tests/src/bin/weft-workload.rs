@@ -381,7 +381,7 @@ struct Patient<'a>(&'a TcpStream);
 
 impl Read for Patient<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let timeout = self.0.read_timeout()?.unwrap_or(Duration::from_secs(3600));
+        let timeout = self.0.read_timeout()?.unwrap_or(Duration::from_hours(1));
         let deadline = Instant::now() + timeout;
         loop {
             match (&mut &*self.0).read(buf) {
