@@ -118,6 +118,7 @@ fn gauge(
 }
 
 impl Collector for Collector_ {
+    #[allow(clippy::too_many_lines, reason = "one flat list of metric families")]
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self
             .0
