@@ -359,6 +359,10 @@ pub struct PairStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfStats {
+    /// Source address of the last IPv4 packet from the pod: tells the agent which pod the
+    /// interface serves without asking the pod's namespace.
+    pub pod_ip_be: u32,
+    pub _pad0: u32,
     pub from_pod_packets: u64,
     pub from_pod_bytes: u64,
     pub to_pod_packets: u64,
@@ -394,7 +398,7 @@ assert_size! {
     DenyValue => 24,
     PairKey => 8,
     PairStats => 56,
-    IfStats => 32,
+    IfStats => 40,
     GlobalStats => 64,
 }
 
@@ -509,6 +513,8 @@ pub const ZERO_PAIR_STATS: PairStats = PairStats {
     bytes_fast: 0,
 };
 pub const ZERO_IF_STATS: IfStats = IfStats {
+    pod_ip_be: 0,
+    _pad0: 0,
     from_pod_packets: 0,
     from_pod_bytes: 0,
     to_pod_packets: 0,

@@ -8,6 +8,20 @@ static ZERO: IfStats = ZERO_IF_STATS;
 use crate::maps::WEFT_IFSTATS;
 
 const TC_ACT_UNSPEC: i32 = -1;
+const ETH_HLEN: usize = 14;
+const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+/// Offset of the source address in an IPv4 header.
+const IPV4_SRC: usize = 12;
+
+/// The IPv4 source address of an Ethernet frame, as stored (network order), if it is IPv4.
+#[inline(always)]
+fn ipv4_source(ctx: &TcContext) -> Option<u32> {
+    let proto: u16 = ctx.load(12).ok()?;
+    if proto != ETH_P_IP_BE {
+        return None;
+    }
+    ctx.load::<u32>(ETH_HLEN + IPV4_SRC).ok()
+}
 
 /// Host-side ingress = traffic leaving the pod.
 #[classifier]
@@ -39,6 +53,9 @@ fn count(ctx: &TcContext, from_pod: bool) {
     if from_pod {
         stats.from_pod_packets += 1;
         stats.from_pod_bytes += len;
+        if let Some(src) = ipv4_source(ctx) {
+            stats.pod_ip_be = src;
+        }
     } else {
         stats.to_pod_packets += 1;
         stats.to_pod_bytes += len;

@@ -186,6 +186,15 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
             s.interfaces = interfaces
                 .into_iter()
                 .filter(|(i, _)| attached.contains(i))
+                .map(|(i, _)| {
+                    let pod = kernel
+                        .interfaces
+                        .iter()
+                        .find(|(n, _, _)| *n == i)
+                        .map(|(_, p, _)| p.clone())
+                        .unwrap_or_default();
+                    (i, pod)
+                })
                 .collect();
             let mut kernel = kernel;
             kernel.config_errors = s.config_errors.len();
@@ -270,7 +279,8 @@ fn sync_once(
 }
 
 /// Host-side pod interfaces in the agent's network namespace, recognised by their name prefix.
-/// The value (the pod) stays empty: local mode does not tell which veth serves which pod.
+/// The pod behind each one is learnt later from the TC counters (the source address of the
+/// pod's packets), so the value starts empty.
 fn pod_interfaces(config: &AgentConfig, _node: &NodeState) -> BTreeMap<String, String> {
     nix::net::if_::if_nameindex()
         .map(|list| {
@@ -331,7 +341,12 @@ fn kernel_snapshot(
         .into_iter()
         .filter_map(|(idx, st)| {
             let ifname = by_index.get(&idx)?.clone();
-            let pod = interfaces.get(&ifname).cloned().unwrap_or_default();
+            // The TC program records the source address of the pod's packets.
+            let pod = node
+                .workload_by_ip(std::net::Ipv4Addr::from(u32::from_be(st.pod_ip_be)))
+                .map(crate::state::Workload::key)
+                .or_else(|| interfaces.get(&ifname).filter(|p| !p.is_empty()).cloned())
+                .unwrap_or_default();
             Some((ifname, pod, st))
         })
         .collect();

@@ -76,6 +76,21 @@ spec: {clusterIP: 198.19.0.10, selector: {app: b}, ports: [{port: 80, targetPort
         )
     }
 
+    /// Waits until the agent has published two fresh snapshots of the kernel counters, so that
+    /// a following read reflects everything that happened before this call.
+    fn settle(&self) -> Result<()> {
+        let syncs = || {
+            self.agent
+                .metric("weft_config_syncs_total", &[("result", "ok")])
+        };
+        let start = syncs()?;
+        eventually(Duration::from_secs(5), || {
+            let now = syncs()?;
+            ensure!(now >= start + 2.0, "agent syncs {start} → {now}");
+            Ok(())
+        })
+    }
+
     fn event(&self, event: &str) -> Result<f64> {
         self.agent
             .metric("weft_datapath_events_total", &[("event", event)])
@@ -136,6 +151,12 @@ fn fast_path_moves_small_and_large_transfers_byte_exact_both_ways() -> Result<()
         veth_bytes < (MIB as f64),
         "payload crossed the veth: {veth_bytes} bytes seen by TC"
     );
+    // The TC counters know which pod each veth serves (from the pod's source address).
+    let labelled = m.agent.metric(
+        "weft_interface_packets_total",
+        &[("interface", m.pod("b").host_veth()), ("pod", "default/b")],
+    )?;
+    ensure!(labelled > 0.0, "the veth of b is not labelled with its pod");
     let flows = eventually(Duration::from_secs(5), || {
         let f = m.flows("a", "b")?;
         ensure!(f.len() >= 2, "flows a→b: {f:?}");
@@ -316,7 +337,7 @@ fn unmeshed_pod_and_node_processes_are_untouched() -> Result<()> {
         ],
     )?;
     ensure!(from_node.success(), "node process: {}", from_node.stderr);
-    std::thread::sleep(Duration::from_millis(300));
+    m.settle()?;
     let f = m.agent.flows()?;
     for row in f["live"]
         .as_array()
@@ -383,6 +404,7 @@ fn kill_switch_turns_the_fast_path_off_live_without_breaking_connections() -> Re
         );
         Ok(())
     })?;
+    m.settle()?;
     let fast_before = m.event("msg_fast_path")?;
     std::thread::sleep(Duration::from_millis(500));
     let fresh = m.pod("c").transfer(server.addr(), 2 * MIB, 2)?;
@@ -390,6 +412,7 @@ fn kill_switch_turns_the_fast_path_off_live_without_breaking_connections() -> Re
         fresh.all_ok(),
         "new connections with the fast path off: {fresh:?}"
     );
+    m.settle()?;
     ensure!(
         m.event("msg_fast_path")? == fast_before,
         "messages still redirected with the kill switch on"
@@ -405,10 +428,13 @@ fn kill_switch_turns_the_fast_path_off_live_without_breaking_connections() -> Re
     // Released: new connections use the fast path again.
     let again = m.pod("c").transfer(server.addr(), MIB, 1)?;
     ensure!(again.all_ok(), "{again:?}");
-    ensure!(
-        m.event("msg_fast_path")? > fast_before,
-        "fast path not back after release"
-    );
+    eventually(Duration::from_secs(5), || {
+        ensure!(
+            m.event("msg_fast_path")? > fast_before,
+            "fast path not back after release"
+        );
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -418,6 +444,7 @@ fn full_sockhash_falls_back_to_the_normal_stack() -> Result<()> {
     let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
     let r = m.pod("a").transfer(server.addr(), 2 * MIB, 16)?;
     ensure!(r.all_ok(), "with a full sockhash: {r:?}");
+    m.settle()?;
     ensure!(
         m.event("sockhash_insert_failed")? > 0.0,
         "the map never filled up"
@@ -465,6 +492,7 @@ fn agent_kill_9_and_restart_breaks_no_connection_and_counters_continue() -> Resu
         report.conns == 220 && report.broken == 0,
         "held connections across kill -9: {report:?}"
     );
+    m.settle()?;
     let bytes_after = m.fast_path_bytes("a", "b")?;
     ensure!(
         bytes_after > bytes_before,

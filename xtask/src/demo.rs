@@ -45,7 +45,10 @@ fn explain(text: &str) {
     }
 }
 
-#[allow(clippy::too_many_lines, reason = "the demo is one linear, narrated script")]
+#[allow(
+    clippy::too_many_lines,
+    reason = "the demo is one linear, narrated script"
+)]
 pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     testbed::use_binaries(weft, workload)?;
     step!("demo: a service mesh on one Linux box");

@@ -176,7 +176,17 @@ fn status(s: &crate::app::Shared) -> Status {
         policy_entries: s.node.policy.len(),
         sockhash_entries: kernel.sockhash_entries,
         live_flows: s.flows.live.len(),
-        interfaces: s.interfaces.keys().cloned().collect(),
+        interfaces: s
+            .interfaces
+            .iter()
+            .map(|(i, p)| {
+                if p.is_empty() {
+                    i.clone()
+                } else {
+                    format!("{i}={p}")
+                }
+            })
+            .collect(),
         config_errors: s.config_errors.clone(),
         last_sync_error: s.last_sync_error.clone(),
     }

@@ -282,6 +282,31 @@ kind: Gadget
         assert!(set.errors[0].message.starts_with("invalid YAML"));
     }
 
+    const VALID: &str = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [x], serviceAccounts: [a, b/c]}}]\n    to: [{operation: {ports: [80]}}]\n";
+
+    proptest::proptest! {
+        /// Untrusted text never panics the parser or the state builder; it becomes errors.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let mut set = ObjectSet::default();
+            set.add_yaml("fuzz", &text);
+            let _ = crate::state::build(&set, "n1", std::path::Path::new("/cg"));
+        }
+
+        /// A valid document with one byte changed: still no panic, and either parsed or reported.
+        #[test]
+        fn mutated_policy_never_panics(at in 0usize..VALID.len(), byte in proptest::num::u8::ANY) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            bytes[at] = byte;
+            let text = String::from_utf8_lossy(&bytes);
+            let mut set = ObjectSet::default();
+            set.add_yaml("fuzz", &text);
+            let parsed = set.authorization_policies.len() + set.errors.len();
+            proptest::prop_assert!(parsed >= 1 || text.trim().is_empty() || !text.contains("kind"));
+            let _ = crate::state::build(&set, "n1", std::path::Path::new("/cg"));
+        }
+    }
+
     #[test]
     fn selector_semantics() {
         let sel: LabelSelector = serde_yaml::from_str(

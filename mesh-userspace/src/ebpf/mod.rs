@@ -315,46 +315,31 @@ fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<
     // connect4 before sock_ops: a connection must never be recorded without its verdict.
     // (Cgroup bpf_links always coexist with other programs; their attach flags must be 0, which
     // is what `Single` passes.)
-    {
-        let name = program_names::CONNECT4;
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::MissingProgram(name))?;
-        let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
-        p.load().map_err(prog_err(name))?;
-        let id = p
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(prog_err(name))?;
-        let link =
-            FdLink::try_from(p.take_link(id).map_err(prog_err(name))?).map_err(|source| {
-                EbpfError::Link {
-                    path: cgroup.to_owned(),
-                    source,
-                }
-            })?;
-        pin_link(link, "connect4")?;
-        pin_prog(prog, name)?;
+    // Both cgroup programs: load, attach with a bpf_link, pin link and program.
+    macro_rules! attach_to_cgroup {
+        ($ty:ty, $name:expr, $link:expr) => {{
+            let name = $name;
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram(name))?;
+            let p: &mut $ty = prog.try_into().map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            let id = p
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link =
+                FdLink::try_from(p.take_link(id).map_err(prog_err(name))?).map_err(|source| {
+                    EbpfError::Link {
+                        path: cgroup.to_owned(),
+                        source,
+                    }
+                })?;
+            pin_link(link, $link)?;
+            pin_prog(prog, name)?;
+        }};
     }
-    {
-        let name = program_names::SOCK_OPS;
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::MissingProgram(name))?;
-        let p: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
-        p.load().map_err(prog_err(name))?;
-        let id = p
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(prog_err(name))?;
-        let link =
-            FdLink::try_from(p.take_link(id).map_err(prog_err(name))?).map_err(|source| {
-                EbpfError::Link {
-                    path: cgroup.to_owned(),
-                    source,
-                }
-            })?;
-        pin_link(link, "sock_ops")?;
-        pin_prog(prog, name)?;
-    }
+    attach_to_cgroup!(CgroupSockAddr, program_names::CONNECT4, "connect4");
+    attach_to_cgroup!(SockOps, program_names::SOCK_OPS, "sock_ops");
     Ok(())
 }
 

@@ -165,6 +165,9 @@ impl Datapath {
             .map(|(k, per_cpu)| {
                 let mut sum = IfStats::default();
                 for s in per_cpu.iter() {
+                    if s.pod_ip_be != 0 {
+                        sum.pod_ip_be = s.pod_ip_be;
+                    }
                     sum.from_pod_packets += s.from_pod_packets;
                     sum.from_pod_bytes += s.from_pod_bytes;
                     sum.to_pod_packets += s.to_pod_packets;
