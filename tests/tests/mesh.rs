@@ -516,6 +516,23 @@ fn pinned_program_ids(dir: &std::path::Path) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Link ids (cgroup and tcx attachments) of everything pinned under `dir/links`.
+fn pinned_link_ids(dir: &std::path::Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for sub in ["links", "links/tc"] {
+        for e in std::fs::read_dir(dir.join(sub))? {
+            let path = e?.path();
+            if path.is_dir() {
+                continue;
+            }
+            let link: aya::programs::links::FdLink =
+                aya::programs::links::PinnedLink::from_pin(&path)?.into();
+            ids.push(link.info()?.id());
+        }
+    }
+    Ok(ids)
+}
+
 #[test]
 fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
     let mut m = Mesh::new("uninstall", &[])?;
@@ -523,6 +540,12 @@ fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
     ensure!(m.pod("a").transfer(server.addr(), MIB, 2)?.all_ok());
     let dir = m.agent.bpffs_dir.clone();
     let ids = pinned_program_ids(&dir)?;
+    let link_ids = pinned_link_ids(&dir)?;
+    // sock_ops + connect4 on the node cgroup, and two TC links per pod veth.
+    ensure!(
+        link_ids.len() == 2 + 2 * m.pods.len(),
+        "pinned links: {link_ids:?}"
+    );
     ensure!(
         ids.len() == mesh_common::program_names::ALL.len(),
         "pinned programs: {ids:?}"
@@ -539,6 +562,15 @@ fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
         ensure!(
             left.is_empty(),
             "programs still loaded after uninstall: {left:?}"
+        );
+        let links: Vec<u32> = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .map(|l| l.id())
+            .collect();
+        let left: Vec<&u32> = link_ids.iter().filter(|id| links.contains(id)).collect();
+        ensure!(
+            left.is_empty(),
+            "links (cgroup or TC attachments) still present: {left:?}"
         );
         Ok(())
     })?;
