@@ -642,4 +642,146 @@ spec:
             "{rule:?}"
         );
     }
+
+    // --- property: the expanded kernel entries agree with a direct evaluation ----------------
+
+    use proptest::prelude::*;
+
+    use crate::control::objects::{AuthorizationPolicySpec, From, Operation, Rule, To};
+
+    const PORTS: [u16; 3] = [80, 443, 8080];
+
+    fn workloads_fixture() -> Vec<Workload> {
+        let w = |id, ns: &str, name: &str, app: &str, sa: &str| Workload {
+            id,
+            namespace: ns.into(),
+            name: name.into(),
+            service_account: sa.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ip: Ipv4Addr::new(198, 18, 1, 10 + u8::try_from(id).unwrap()),
+            node: "n1".into(),
+            meshed: true,
+            local: true,
+            cgroup: None,
+        };
+        vec![
+            w(1, "a", "p1", "x", "s1"),
+            w(2, "a", "p2", "y", "s2"),
+            w(3, "b", "p3", "x", "s1"),
+            w(4, "b", "p4", "y", "s3"),
+        ]
+    }
+
+    fn subset<T: Clone + std::fmt::Debug>(items: &'static [T]) -> impl Strategy<Value = Vec<T>> {
+        proptest::sample::subsequence(items.to_vec(), 0..=items.len())
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        let source =
+            (subset(&["s1", "s2", "a/s3", "b/s3"]), subset(&["a", "b"])).prop_map(|(sas, nss)| {
+                From {
+                    source: Source {
+                        service_accounts: sas.into_iter().map(str::to_owned).collect(),
+                        namespaces: nss.into_iter().map(str::to_owned).collect(),
+                        pod_selector: None,
+                    },
+                }
+            });
+        let op = subset(&PORTS).prop_map(|ports| To {
+            operation: Operation { ports },
+        });
+        (
+            proptest::collection::vec(source, 0..3),
+            proptest::collection::vec(op, 0..3),
+        )
+            .prop_map(|(from, to)| Rule { from, to })
+    }
+
+    fn policy() -> impl Strategy<Value = AuthorizationPolicy> {
+        (
+            prop_oneof![Just("a"), Just("b")],
+            prop_oneof![Just(None), Just(Some("x")), Just(Some("y"))],
+            any::<bool>(),
+            proptest::collection::vec(rule(), 0..3),
+            0u32..1000,
+        )
+            .prop_map(|(ns, app, deny, rules, n)| AuthorizationPolicy {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(format!("p{n}")),
+                    namespace: Some(ns.into()),
+                    ..Default::default()
+                },
+                spec: AuthorizationPolicySpec {
+                    selector: app.map(|a| {
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                            match_labels: Some([("app".to_owned(), a.to_owned())].into()),
+                            ..Default::default()
+                        }
+                    }),
+                    action: if deny { Action::Deny } else { Action::Allow },
+                    rules,
+                },
+            })
+    }
+
+    /// Istio's semantics, evaluated for one connection without any expansion.
+    fn naive(policies: &[AuthorizationPolicy], src: &Workload, dst: &Workload, port: u16) -> u8 {
+        let rule_matches = |p: &AuthorizationPolicy, r: &Rule| {
+            let ns = p.metadata.namespace.as_deref().unwrap();
+            let from = r.from.is_empty()
+                || r.from.iter().any(|f| {
+                    let s = &f.source;
+                    let sa = s.service_accounts.is_empty()
+                        || s.service_accounts.iter().any(|x| {
+                            x == &format!("{}/{}", src.namespace, src.service_account)
+                                || (ns == src.namespace && x == &src.service_account)
+                        });
+                    let n = s.namespaces.is_empty() || s.namespaces.contains(&src.namespace);
+                    sa && n
+                });
+            let to = r.to.is_empty()
+                || r.to
+                    .iter()
+                    .any(|t| t.operation.ports.is_empty() || t.operation.ports.contains(&port));
+            from && to
+        };
+        let applying: Vec<&AuthorizationPolicy> =
+            policies.iter().filter(|p| selects(p, dst)).collect();
+        if applying.iter().any(|p| {
+            p.spec.action == Action::Deny && p.spec.rules.iter().any(|r| rule_matches(p, r))
+        }) {
+            return verdict::DENY;
+        }
+        let allows: Vec<_> = applying
+            .iter()
+            .filter(|p| p.spec.action == Action::Allow)
+            .collect();
+        if allows.is_empty()
+            || allows
+                .iter()
+                .any(|p| p.spec.rules.iter().any(|r| rule_matches(p, r)))
+        {
+            verdict::FAST
+        } else {
+            verdict::DENY
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn kernel_lookup_agrees_with_direct_evaluation(policies in proptest::collection::vec(policy(), 0..4)) {
+            let ws = workloads_fixture();
+            let (entries, _) = policy_entries(&ws, &policies);
+            for src in &ws {
+                for dst in &ws {
+                    for port in [80, 443, 8080, 9999] {
+                        let key = |p| PolicyKey { src_workload: src.id, dst_workload: dst.id, dst_port_host: p, _pad: 0 };
+                        // The connect4 lookup: exact port, then "any other port", then the default.
+                        let got = entries.get(&key(port)).or_else(|| entries.get(&key(0))).map_or(verdict::FAST, |v| v.verdict);
+                        prop_assert_eq!(got, naive(&policies, src, dst, port), "{} -> {}:{}", src.name, dst.name, port);
+                    }
+                }
+            }
+        }
+    }
 }
