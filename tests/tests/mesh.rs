@@ -591,3 +591,45 @@ fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn metrics_are_scraped_over_tcp_from_a_pod_like_prometheus() -> Result<()> {
+    // The node's bridge address is reachable from its pods, as a node IP is in a cluster.
+    let tb = Testbed::new("metrics-tcp")?;
+    let node = tb.node("n1")?;
+    let scraper = node.pod("prometheus")?;
+    let addr = format!("{}:9090", node.bridge_ip());
+    let agent = Agent::start(&node, &["--metrics-addr", &addr])?;
+    agent.apply(
+        "pods.yaml",
+        &scraper.manifest_unmeshed(&[("app", "prometheus")], "prometheus"),
+    )?;
+    agent.wait_workloads(1)?;
+    let url = format!("http://{addr}/metrics");
+    let out = scraper.run(
+        Duration::from_secs(20),
+        "curl",
+        ["-sS", "--max-time", "5", "-D", "-", url.as_str()],
+    )?;
+    ensure!(out.success(), "curl: {}", out.stderr);
+    ensure!(
+        out.stdout.starts_with("HTTP/1.1 200"),
+        "status: {}",
+        out.stdout.lines().next().unwrap_or("")
+    );
+    ensure!(
+        out.stdout
+            .contains("# TYPE weft_tcp_connections_opened counter"),
+        "no weft metrics: {}",
+        out.stdout
+    );
+    ensure!(
+        out.stdout.contains("weft_workloads 1"),
+        "workload gauge missing"
+    );
+    ensure!(
+        out.stdout.trim_end().ends_with("# EOF"),
+        "not OpenMetrics text"
+    );
+    Ok(())
+}

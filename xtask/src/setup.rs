@@ -14,6 +14,7 @@ const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "util-linux",
+    "curl",
     "procps",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
