@@ -31,9 +31,10 @@ pub mod map_names {
     pub const PAIR_STATS: &str = "WEFT_PAIRSTATS";
     pub const IF_STATS: &str = "WEFT_IFSTATS";
     pub const GLOBAL_STATS: &str = "WEFT_GLOBAL";
+    pub const REVNAT: &str = "WEFT_REVNAT";
 
     /// Every map, for tooling that walks them all (pin sweeps, the object layout test).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SOCKS,
         ENDPOINTS,
         CGROUPS,
@@ -47,6 +48,7 @@ pub mod map_names {
         PAIR_STATS,
         IF_STATS,
         GLOBAL_STATS,
+        REVNAT,
     ];
 }
 
@@ -57,8 +59,16 @@ pub mod program_names {
     pub const CONNECT4: &str = "weft_connect4";
     pub const TC_FROM_POD: &str = "weft_tc_pod_out";
     pub const TC_TO_POD: &str = "weft_tc_pod_in";
+    pub const GETPEERNAME4: &str = "weft_getpeer4";
 
-    pub const ALL: [&str; 5] = [SOCK_OPS, SK_MSG, CONNECT4, TC_FROM_POD, TC_TO_POD];
+    pub const ALL: [&str; 6] = [
+        SOCK_OPS,
+        SK_MSG,
+        CONNECT4,
+        TC_FROM_POD,
+        TC_TO_POD,
+        GETPEERNAME4,
+    ];
 }
 
 /// Default map capacities. Userspace may override them at load time (tests shrink `SOCKS` to
@@ -75,6 +85,7 @@ pub mod capacity {
     pub const DENIES: u32 = 8_192;
     pub const PAIR_STATS: u32 = 65_536;
     pub const IF_STATS: u32 = 4_096;
+    pub const REVNAT: u32 = 65_536;
 }
 
 // --- verdicts and states --------------------------------------------------------------------
@@ -404,7 +415,7 @@ assert_size! {
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test
 /// compares these with the maps parsed from the embedded object.
-pub const MAP_LAYOUT: [(&str, usize, usize); 13] = {
+pub const MAP_LAYOUT: [(&str, usize, usize); 14] = {
     use core::mem::size_of;
     [
         (map_names::SOCKS, size_of::<SockKey>(), size_of::<u32>()),
@@ -460,6 +471,7 @@ pub const MAP_LAYOUT: [(&str, usize, usize); 13] = {
             size_of::<u32>(),
             size_of::<GlobalStats>(),
         ),
+        (map_names::REVNAT, size_of::<u64>(), size_of::<Backend>()),
     ]
 };
 

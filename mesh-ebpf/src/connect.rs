@@ -13,14 +13,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue, PolicyKey, ServiceKey,
+    Backend, BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue, PolicyKey, ServiceKey,
     global_counter, reason, verdict,
 };
 
 use crate::{
     maps::{
         WEFT_BACKENDS, WEFT_CGROUPS, WEFT_CONFIG, WEFT_CONNECTS, WEFT_DENIES, WEFT_ENDPOINTS,
-        WEFT_POLICY, WEFT_SERVICES,
+        WEFT_POLICY, WEFT_REVNAT, WEFT_SERVICES,
     },
     stats,
 };
@@ -80,6 +80,14 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
             (*sa).user_ip4 = dst_ip_be;
             (*sa).user_port = u32::from(dst_port_be);
         }
+        // SAFETY: the context is a valid sock_addr context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let vip = Backend {
+            ip_be: orig_ip_be,
+            port_be: orig_port_be,
+            _pad: 0,
+        };
+        let _ = WEFT_REVNAT.insert(&cookie, &vip, 0);
     }
 
     // SAFETY: helper without arguments.
@@ -183,4 +191,21 @@ fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16) {
         };
         let _ = WEFT_DENIES.insert(&key, &v, 0);
     }
+}
+
+/// getpeername() on a socket whose connect() was load-balanced answers with the service address
+/// the application asked for.
+#[cgroup_sock_addr(getpeername4)]
+pub fn weft_getpeer4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context is a valid sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out of the map.
+    if let Some(vip) = unsafe { WEFT_REVNAT.get(&cookie) }.copied() {
+        // SAFETY: user_ip4 and user_port are writable in getpeername4 programs.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = vip.ip_be;
+            (*ctx.sock_addr).user_port = u32::from(vip.port_be);
+        }
+    }
+    1
 }

@@ -39,3 +39,7 @@ pub static WEFT_PAIRSTATS: LruPerCpuHashMap<PairKey, PairStats> =
 pub static WEFT_IFSTATS: PerCpuHashMap<u32, IfStats> = PerCpuHashMap::pinned(capacity::IF_STATS, 0);
 #[map]
 pub static WEFT_GLOBAL: PerCpuArray<GlobalStats> = PerCpuArray::pinned(1, 0);
+/// Socket cookie → the service address the application connected to, so getpeername() shows
+/// the VIP rather than the backend (the application never learns about the rewrite).
+#[map]
+pub static WEFT_REVNAT: LruHashMap<u64, Backend> = LruHashMap::pinned(capacity::REVNAT, 0);

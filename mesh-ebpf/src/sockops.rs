@@ -20,7 +20,7 @@ use mesh_common::{
 };
 
 use crate::{
-    maps::{WEFT_CONFIG, WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_SOCKS},
+    maps::{WEFT_CONFIG, WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_REVNAT, WEFT_SOCKS},
     stats,
 };
 
@@ -148,6 +148,9 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
 
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
+    // SAFETY: valid sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = WEFT_REVNAT.remove(&cookie);
     let key = sock_key(ctx);
     let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) else {
         return Ok(());

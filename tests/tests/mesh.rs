@@ -219,6 +219,12 @@ fn service_vip_is_load_balanced_at_connect_time() -> Result<()> {
         Ok(())
     })?;
     let vip: SocketAddr = "198.19.0.10:80".parse()?;
+    // The application sees the address it asked for: getpeername() answers with the VIP.
+    let c = m.pod("a").try_connect(vip, Duration::from_secs(2))?;
+    ensure!(
+        c.ok && c.peer.as_deref() == Some("198.19.0.10:80"),
+        "getpeername after a VIP connect: {c:?}"
+    );
     for _ in 0..30 {
         let r = m.pod("a").transfer(vip, 1024, 1)?;
         ensure!(r.all_ok(), "via the VIP: {r:?}");
@@ -541,9 +547,9 @@ fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
     let dir = m.agent.bpffs_dir.clone();
     let ids = pinned_program_ids(&dir)?;
     let link_ids = pinned_link_ids(&dir)?;
-    // sock_ops + connect4 on the node cgroup, and two TC links per pod veth.
+    // sock_ops, connect4 and getpeername4 on the node cgroup, and two TC links per pod veth.
     ensure!(
-        link_ids.len() == 2 + 2 * m.pods.len(),
+        link_ids.len() == 3 + 2 * m.pods.len(),
         "pinned links: {link_ids:?}"
     );
     ensure!(

@@ -6,6 +6,7 @@
 //! <dir>/progs/<program>       every program
 //! <dir>/links/sock_ops        cgroup link of sock_ops on the node cgroup
 //! <dir>/links/connect4        cgroup link of connect4 on the node cgroup
+//! <dir>/links/getpeer4        cgroup link of getpeername4 (answers with the service VIP)
 //! <dir>/links/tc/<if>-from    tcx ingress link on a pod's host-side veth (traffic from the pod)
 //! <dir>/links/tc/<if>-to      tcx egress link (traffic to the pod)
 //! ```
@@ -130,7 +131,7 @@ impl Datapath {
         for sub in ["maps", "progs", "links/tc"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
         }
-        let complete = ["links/sock_ops", "links/connect4"]
+        let complete = ["links/sock_ops", "links/connect4", "links/getpeer4"]
             .iter()
             .map(|l| dir.join(l))
             .chain(program_names::ALL.iter().map(|p| dir.join("progs").join(p)))
@@ -340,6 +341,7 @@ fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<
     }
     attach_to_cgroup!(CgroupSockAddr, program_names::CONNECT4, "connect4");
     attach_to_cgroup!(SockOps, program_names::SOCK_OPS, "sock_ops");
+    attach_to_cgroup!(CgroupSockAddr, program_names::GETPEERNAME4, "getpeer4");
     Ok(())
 }
 

@@ -663,8 +663,9 @@ fn connect_once(args: &ConnectArgs) -> ConnectReport {
         TcpStream::connect_timeout(&args.connect, Duration::from_millis(args.timeout_ms.max(1)));
     let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     match result {
-        Ok(_) => ConnectReport {
+        Ok(stream) => ConnectReport {
             ok: true,
+            peer: stream.peer_addr().ok().map(|a| a.to_string()),
             elapsed_us,
             ..ConnectReport::default()
         },
@@ -673,6 +674,7 @@ fn connect_once(args: &ConnectArgs) -> ConnectReport {
             errno: error.raw_os_error(),
             timed_out: error.kind() == io::ErrorKind::TimedOut,
             error: Some(error.to_string()),
+            peer: None,
             elapsed_us,
         },
     }

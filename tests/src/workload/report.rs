@@ -74,6 +74,9 @@ pub struct ConnectReport {
     pub error: Option<String>,
     /// No answer within the timeout (no errno: the client gave up).
     pub timed_out: bool,
+    /// What `getpeername()` says after a successful connect (a service VIP stays the VIP).
+    #[serde(default)]
+    pub peer: Option<String>,
     pub elapsed_us: u64,
 }
 
