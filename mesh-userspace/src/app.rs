@@ -121,6 +121,7 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
     let mut node = NodeState::default();
     let (mut syncs, mut failures) = (0u64, 0u64);
     let mut last_reported: Option<String> = None;
+    let mut denials_seen: BTreeMap<(String, String), u64> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
         let mut config_errors = None;
         match source.poll() {
@@ -171,6 +172,7 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
         let entries = dp.take_flows();
         let denies = dp.denies();
         let snapshot = flows.update(&entries, &denies, &node);
+        log_new_denials(&snapshot, &mut denials_seen);
         let kernel = kernel_snapshot(&dp, &node, &interfaces, syncs, failures);
         {
             let mut s = shared
@@ -202,6 +204,40 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
         }
         std::thread::sleep(config.sync_interval);
     }
+}
+
+/// One structured event per new denial (target `weft::deny`), so refused connections show up in
+/// the agent's log, not only in `/flows`.
+fn log_new_denials(snapshot: &FlowSnapshot, seen: &mut BTreeMap<(String, String), u64>) {
+    let mut now = BTreeMap::new();
+    for d in &snapshot.denied {
+        let src = d
+            .src
+            .workload
+            .clone()
+            .unwrap_or_else(|| d.src.ip.to_string());
+        let dst = format!(
+            "{}:{}",
+            d.dst
+                .workload
+                .clone()
+                .unwrap_or_else(|| d.dst.ip.to_string()),
+            d.dst.port
+        );
+        let before = seen.get(&(src.clone(), dst.clone())).copied().unwrap_or(0);
+        if d.attempts > before {
+            tracing::info!(
+                target: "weft::deny",
+                source = %src,
+                destination = %dst,
+                attempts = d.attempts - before,
+                reason = %d.reason,
+                "connection denied"
+            );
+        }
+        now.insert((src, dst), d.attempts);
+    }
+    *seen = now;
 }
 
 fn sync_once(

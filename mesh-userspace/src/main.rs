@@ -72,6 +72,12 @@ enum Command {
         node: NodeArgs,
         #[arg(long)]
         json: bool,
+        /// Only flows from or to this workload (`namespace/name`, or `name`).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only flows with this verdict.
+        #[arg(long, value_parser = ["FAST", "DENY", "PASS", "L7"], ignore_case = true)]
+        verdict: Option<String>,
     },
     /// Show the agent's state.
     Status {
@@ -134,7 +140,18 @@ fn main() -> anyhow::Result<()> {
                 app::run(&config).context("agent")?;
             }
         }
-        Command::Flows { node, json } => cli::flows(&node.socket(), json)?,
+        Command::Flows {
+            node,
+            json,
+            workload,
+            verdict,
+        } => {
+            let filter = cli::FlowFilter {
+                workload,
+                verdict: verdict.map(|v| v.to_uppercase()),
+            };
+            cli::flows(&node.socket(), json, &filter)?;
+        }
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
         Command::Fastpath {
             state,

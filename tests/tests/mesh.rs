@@ -301,6 +301,11 @@ spec:
                 .contains("default/b-from-a-only"),
             "reason: {row}"
         );
+        // The agent logs it as a structured event too.
+        ensure!(
+            m.agent.stderr().contains("connection denied"),
+            "no denial event in the agent log"
+        );
         Ok(())
     })?;
     // Deleting the policy reverts live.

@@ -40,14 +40,49 @@ fn fetch(socket: &Path, path: &str) -> Result<bytes::Bytes, CliError> {
     Ok(body)
 }
 
-pub fn flows(socket: &Path, json: bool) -> Result<(), CliError> {
-    let body = fetch(socket, "/flows")?;
-    if json {
-        println!("{}", String::from_utf8_lossy(&body));
-        return Ok(());
+/// Which rows `weft flows` shows.
+#[derive(Debug, Default, Clone)]
+pub struct FlowFilter {
+    /// `namespace/name` or a bare name, matched against either end.
+    pub workload: Option<String>,
+    pub verdict: Option<String>,
+}
+
+impl FlowFilter {
+    fn keeps(&self, f: &FlowView) -> bool {
+        let names = |w: &str| {
+            self.workload
+                .as_deref()
+                .is_none_or(|want| w == want || w.rsplit('/').next() == Some(want))
+        };
+        let workload_ok = self.workload.is_none()
+            || [&f.src.workload, &f.dst.workload]
+                .into_iter()
+                .flatten()
+                .any(|w| names(w));
+        let verdict_ok = self.verdict.as_deref().is_none_or(|v| f.verdict == v);
+        workload_ok && verdict_ok
     }
-    let snap: FlowSnapshot = serde_json::from_slice(&body).map_err(CliError::Decode)?;
-    print!("{}", render_flows(&snap));
+
+    pub fn apply(&self, snap: &mut FlowSnapshot) {
+        for rows in [&mut snap.live, &mut snap.recent, &mut snap.denied] {
+            rows.retain(|f| self.keeps(f));
+        }
+    }
+}
+
+pub fn flows(socket: &Path, json: bool, filter: &FlowFilter) -> Result<(), CliError> {
+    let body = fetch(socket, "/flows")?;
+    let mut snap: FlowSnapshot = serde_json::from_slice(&body).map_err(CliError::Decode)?;
+    filter.apply(&mut snap);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&snap).map_err(CliError::Decode)?
+        );
+    } else {
+        print!("{}", render_flows(&snap));
+    }
     Ok(())
 }
 
@@ -181,4 +216,83 @@ pub fn fastpath(bpffs_dir: &Path, on: bool) -> Result<(), CliError> {
         bpffs_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::Peer;
+
+    fn row(src: &str, dst: &str, verdict: &str) -> FlowView {
+        let peer = |w: &str, port| Peer {
+            workload: Some(w.into()),
+            ip: std::net::Ipv4Addr::LOCALHOST,
+            port,
+        };
+        FlowView {
+            src: peer(src, 40000),
+            dst: peer(dst, 80),
+            service: None,
+            verdict: verdict.into(),
+            reason: "why".into(),
+            state: if verdict == "DENY" { "denied" } else { "open" }.into(),
+            fast_path: Some(verdict == "FAST"),
+            bytes_to_dst: 2048,
+            bytes_to_src: 10,
+            fast_bytes: 2058,
+            attempts: 3,
+            opened_ms: 0,
+            closed_ms: None,
+        }
+    }
+
+    #[test]
+    fn filter_by_workload_and_verdict() {
+        let snap = FlowSnapshot {
+            live: vec![
+                row("shop/web", "shop/db", "FAST"),
+                row("shop/api", "shop/cache", "FAST"),
+            ],
+            recent: vec![],
+            denied: vec![row("jobs/batch", "shop/db", "DENY")],
+        };
+        let mut by_name = snap.clone();
+        FlowFilter {
+            workload: Some("db".into()),
+            verdict: None,
+        }
+        .apply(&mut by_name);
+        assert_eq!(by_name.live.len() + by_name.denied.len(), 2);
+        let mut denied = snap.clone();
+        FlowFilter {
+            workload: Some("shop/db".into()),
+            verdict: Some("DENY".into()),
+        }
+        .apply(&mut denied);
+        assert_eq!((denied.live.len(), denied.denied.len()), (0, 1));
+    }
+
+    #[test]
+    fn table_shows_verdict_fast_path_bytes_and_attempts() {
+        let snap = FlowSnapshot {
+            live: vec![row("shop/web", "shop/db", "FAST")],
+            recent: vec![],
+            denied: vec![row("jobs/batch", "shop/db", "DENY")],
+        };
+        let text = render_flows(&snap);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("STATE"));
+        assert!(
+            lines[1].contains("FAST")
+                && lines[1].contains("yes")
+                && lines[1].contains("→ 2.0 KiB ← 10 B"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("DENY") && lines[2].contains("3 attempt(s)"),
+            "{}",
+            lines[2]
+        );
+    }
 }
