@@ -277,6 +277,15 @@ pub struct Config {
     pub _pad2: u32,
 }
 
+impl Config {
+    /// The fast path is on when the mesh configuration enables it and the operator's kill switch
+    /// is off. One definition for the kernel and the agent.
+    #[must_use]
+    pub const fn fast_path_on(&self) -> bool {
+        self.flags & config_flags::FAST_PATH != 0 && self.fast_path_killed == 0
+    }
+}
+
 /// Handed from `connect4` to `sock_ops` through the socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -43,3 +43,11 @@ pub static WEFT_GLOBAL: PerCpuArray<GlobalStats> = PerCpuArray::pinned(1, 0);
 /// the VIP rather than the backend (the application never learns about the rewrite).
 #[map]
 pub static WEFT_REVNAT: LruHashMap<u64, Backend> = LruHashMap::pinned(capacity::REVNAT, 0);
+
+/// Whether the fast path is on right now (mesh config and kill switch, see `Config`).
+#[inline(always)]
+pub fn fast_path_on() -> bool {
+    WEFT_CONFIG
+        .get(mesh_common::CONFIG_INDEX)
+        .is_some_and(Config::fast_path_on)
+}

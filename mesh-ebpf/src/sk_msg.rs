@@ -13,10 +13,10 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mesh_common::{CONFIG_INDEX, SockKey, config_flags, fast_state, global_counter, role};
+use mesh_common::{SockKey, fast_state, global_counter, role};
 
 use crate::{
-    maps::{WEFT_CONFIG, WEFT_FLOWS, WEFT_SOCKS},
+    maps::{WEFT_FLOWS, WEFT_SOCKS, fast_path_on},
     stats,
 };
 
@@ -48,9 +48,7 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     // concurrent writer.
     let flow = unsafe { &mut *flow };
 
-    let enabled = WEFT_CONFIG
-        .get(CONFIG_INDEX)
-        .is_some_and(|c| c.flags & config_flags::FAST_PATH != 0 && c.fast_path_killed == 0);
+    let enabled = fast_path_on();
 
     let mut fast = false;
     if flow.fast == fast_state::SLOW {

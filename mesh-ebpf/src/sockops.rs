@@ -15,12 +15,11 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    CONFIG_INDEX, FlowEntry, SockKey, ZERO_FLOW, config_flags, fast_state, flow_state,
-    global_counter, reason, role, verdict,
+    FlowEntry, SockKey, ZERO_FLOW, fast_state, flow_state, global_counter, reason, role, verdict,
 };
 
 use crate::{
-    maps::{WEFT_CONFIG, WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_REVNAT, WEFT_SOCKS},
+    maps::{WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_REVNAT, WEFT_SOCKS, fast_path_on},
     stats,
 };
 
@@ -124,9 +123,7 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     // worth it (and only exercised by our tests) when messages are redirected.
     let allowed =
         flow_verdict == verdict::FAST || flow_verdict == verdict::L7 || my_role == role::SERVER;
-    let enabled = WEFT_CONFIG
-        .get(CONFIG_INDEX)
-        .is_some_and(|c| c.flags & config_flags::FAST_PATH != 0 && c.fast_path_killed == 0);
+    let enabled = fast_path_on();
     if !enabled {
         if let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) {
             // SAFETY: valid map value; see above.

@@ -124,9 +124,11 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
     let mut denials_seen: BTreeMap<(String, String), u64> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
         let mut config_errors = None;
+        let mut node_changed = false;
         match source.poll() {
             Ok(Some(objects)) => {
                 node = state::build(&objects, &config.node_name, &config.cgroup_path);
+                node_changed = true;
                 let errors: Vec<String> = objects
                     .errors
                     .iter()
@@ -148,7 +150,7 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
             Err(e) => config_errors = Some(vec![e.to_string()]),
         }
 
-        let result = sync_once(&mut dp, config, &node);
+        let result = sync_once(&mut dp, &node);
         match &result {
             Ok(()) => syncs += 1,
             Err(e) => {
@@ -160,8 +162,8 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
                 }
             }
         }
-        let interfaces = pod_interfaces(config, &node);
-        let attached = match dp.sync_interfaces(&interfaces.keys().cloned().collect()) {
+        let interfaces = pod_interfaces(&config.pod_interface_prefix);
+        let attached = match dp.sync_interfaces(&interfaces.values().cloned().collect()) {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "attaching TC counters failed");
@@ -183,18 +185,20 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
             }
             s.last_sync_error = result.err().map(|e| e.to_string());
             s.ready = s.ready || s.last_sync_error.is_none();
-            s.node = node.clone();
+            // The node state only changes with the objects: no per-tick copy of the policy matrix.
+            if node_changed {
+                s.node = node.clone();
+            }
             s.flows = snapshot;
-            s.interfaces = interfaces
+            let pods: BTreeMap<&String, &String> = kernel
+                .interfaces
+                .iter()
+                .map(|(i, pod, _)| (i, pod))
+                .collect();
+            s.interfaces = attached
                 .into_iter()
-                .filter(|(i, _)| attached.contains(i))
-                .map(|(i, _)| {
-                    let pod = kernel
-                        .interfaces
-                        .iter()
-                        .find(|(n, _, _)| *n == i)
-                        .map(|(_, p, _)| p.clone())
-                        .unwrap_or_default();
+                .map(|i| {
+                    let pod = pods.get(&i).map(|p| (*p).clone()).unwrap_or_default();
                     (i, pod)
                 })
                 .collect();
@@ -240,11 +244,7 @@ fn log_new_denials(snapshot: &FlowSnapshot, seen: &mut BTreeMap<(String, String)
     *seen = now;
 }
 
-fn sync_once(
-    dp: &mut Datapath,
-    _config: &AgentConfig,
-    node: &NodeState,
-) -> Result<(), ebpf::EbpfError> {
+fn sync_once(dp: &mut Datapath, node: &NodeState) -> Result<(), ebpf::EbpfError> {
     let mut want = Desired {
         fast_path: node.fast_path,
         ..Desired::default()
@@ -314,16 +314,14 @@ fn sync_once(
     Ok(())
 }
 
-/// Host-side pod interfaces in the agent's network namespace, recognised by their name prefix.
-/// The pod behind each one is learnt later from the TC counters (the source address of the
-/// pod's packets), so the value starts empty.
-fn pod_interfaces(config: &AgentConfig, _node: &NodeState) -> BTreeMap<String, String> {
+/// Host-side pod interfaces in the agent's network namespace (ifindex → name), recognised by
+/// their name prefix. The pod behind each one is learnt from the TC counters.
+fn pod_interfaces(prefix: &str) -> BTreeMap<u32, String> {
     nix::net::if_::if_nameindex()
         .map(|list| {
             list.iter()
-                .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
-                .filter(|n| n.starts_with(&config.pod_interface_prefix))
-                .map(|n| (n, String::new()))
+                .filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned())))
+                .filter(|(_, n)| n.starts_with(prefix))
                 .collect()
         })
         .unwrap_or_default()
@@ -332,7 +330,7 @@ fn pod_interfaces(config: &AgentConfig, _node: &NodeState) -> BTreeMap<String, S
 fn kernel_snapshot(
     dp: &Datapath,
     node: &NodeState,
-    interfaces: &BTreeMap<String, String>,
+    interfaces: &BTreeMap<u32, String>,
     syncs: u64,
     failures: u64,
 ) -> KernelSnapshot {
@@ -365,23 +363,15 @@ fn kernel_snapshot(
             )
         })
         .collect();
-    let by_index: BTreeMap<u32, String> = nix::net::if_::if_nameindex()
-        .map(|l| {
-            l.iter()
-                .filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
     let interfaces_out = dp
         .if_stats()
         .into_iter()
         .filter_map(|(idx, st)| {
-            let ifname = by_index.get(&idx)?.clone();
+            let ifname = interfaces.get(&idx)?.clone();
             // The TC program records the source address of the pod's packets.
             let pod = node
                 .workload_by_ip(std::net::Ipv4Addr::from(u32::from_be(st.pod_ip_be)))
                 .map(crate::state::Workload::key)
-                .or_else(|| interfaces.get(&ifname).filter(|p| !p.is_empty()).cloned())
                 .unwrap_or_default();
             Some((ifname, pod, st))
         })

@@ -128,24 +128,23 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
 impl Datapath {
     /// Adopts the pinned datapath in `dir` if it is complete, otherwise installs it on `cgroup`.
     pub fn open(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<Self> {
-        for sub in ["maps", "progs", "links/tc"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
-        }
         let complete = ["links/sock_ops", "links/connect4", "links/getpeer4"]
             .iter()
             .map(|l| dir.join(l))
             .chain(program_names::ALL.iter().map(|p| dir.join("progs").join(p)))
             .chain(map_names::ALL.iter().map(|m| dir.join("maps").join(m)))
             .all(|p| p.exists());
+        if !complete {
+            // A partial state (crash during install, or pins removed by hand) is rebuilt whole.
+            remove_pins(dir)?;
+        }
+        for sub in ["maps", "progs", "links/tc"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
+        }
         let startup = if complete {
             tracing::info!(dir = %dir.display(), "adopting the pinned datapath");
             Startup::Adopted
         } else {
-            // A partial state (crash during install, or pins removed by hand) is rebuilt whole.
-            remove_pins(dir)?;
-            for sub in ["maps", "progs", "links/tc"] {
-                std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
-            }
             install(dir, cgroup, sockhash_capacity)?;
             tracing::info!(dir = %dir.display(), cgroup = %cgroup.display(), "installed the datapath");
             Startup::Installed

@@ -52,8 +52,7 @@ where
     V: Pod + PartialEq,
 {
     let mut report = SyncReport::default();
-    let have: Vec<(K, V)> = map.iter().filter_map(Result::ok).collect();
-    let have_map: BTreeMap<K, V> = have.into_iter().collect();
+    let have_map: BTreeMap<K, V> = map.iter().filter_map(Result::ok).collect();
     for k in have_map.keys().filter(|k| !want.contains_key(k)) {
         match map.remove(k) {
             Ok(()) | Err(MapError::KeyNotFound) => report.removed += 1,
