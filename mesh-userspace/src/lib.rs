@@ -14,4 +14,5 @@ pub mod control;
 pub mod ebpf;
 pub mod flows;
 pub mod metrics;
+pub mod proxy;
 pub mod state;
