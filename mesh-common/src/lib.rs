@@ -32,9 +32,10 @@ pub mod map_names {
     pub const IF_STATS: &str = "WEFT_IFSTATS";
     pub const GLOBAL_STATS: &str = "WEFT_GLOBAL";
     pub const REVNAT: &str = "WEFT_REVNAT";
+    pub const L7_ORIG: &str = "WEFT_L7ORIG";
 
     /// Every map, for tooling that walks them all (pin sweeps, the object layout test).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SOCKS,
         ENDPOINTS,
         CGROUPS,
@@ -49,6 +50,7 @@ pub mod map_names {
         IF_STATS,
         GLOBAL_STATS,
         REVNAT,
+        L7_ORIG,
     ];
 }
 
@@ -86,7 +88,13 @@ pub mod capacity {
     pub const PAIR_STATS: u32 = 65_536;
     pub const IF_STATS: u32 = 4_096;
     pub const REVNAT: u32 = 65_536;
+    pub const L7_ORIG: u32 = 65_536;
 }
+
+/// Workload id of the node's L7 engine. Its listener address is registered as an endpoint with
+/// this id, so the engine's legs to local pods are meshed sockets (fast-path eligible). The
+/// agent never hands this id to a pod.
+pub const ENGINE_WORKLOAD: u32 = u32::MAX;
 
 // --- verdicts and states --------------------------------------------------------------------
 
@@ -98,7 +106,8 @@ pub mod verdict {
     pub const FAST: u8 = 1;
     /// Refused: `connect()` fails with `EPERM`.
     pub const DENY: u8 = 2;
-    /// Needs the userspace L7 engine. Until the engine exists it behaves exactly like `FAST`.
+    /// Redirected to the userspace L7 engine at connect() (the destination service has L7
+    /// policy). The legs to and from the engine are fast-path eligible like `FAST`.
     pub const L7: u8 = 3;
 }
 
@@ -116,6 +125,17 @@ pub mod reason {
     pub const NO_BACKEND: u8 = 4;
     /// Inbound connection observed on the server side.
     pub const INBOUND: u8 = 5;
+    /// The destination service has L7 policy: the connection was sent to the engine.
+    pub const L7_SERVICE: u8 = 6;
+    /// A connection the L7 engine opened to a local backend.
+    pub const ENGINE: u8 = 7;
+}
+
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// The service has L7 policy (a route or a traffic policy): meshed clients are redirected
+    /// to the node's L7 engine.
+    pub const L7: u32 = 1 << 0;
 }
 
 /// Socket-level fast-path decision, sticky for the life of a socket: a socket that sent its first
@@ -161,7 +181,12 @@ pub mod global_counter {
     pub const REDIRECT_FAILED: usize = 6;
     /// `connect()` to a service address that had no backend.
     pub const NO_BACKEND: usize = 7;
-    pub const COUNT: usize = 8;
+    /// A connection was redirected to the L7 engine.
+    pub const L7_REDIRECT: usize = 8;
+    /// A connection to an L7 service went straight to a backend because the engine was not
+    /// alive (no heartbeat): L7 policy is skipped rather than the connection refused.
+    pub const L7_ENGINE_DOWN: usize = 9;
+    pub const COUNT: usize = 10;
 }
 
 /// Index 0 of [`map_names::CONFIG`].
@@ -224,6 +249,9 @@ pub struct ServiceValue {
     pub service_id: u32,
     /// Backends occupy slots `0..backend_count` in the backends map.
     pub backend_count: u32,
+    /// [`service_flags`].
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -273,9 +301,17 @@ pub struct Config {
     /// Verdict for meshed pairs with no policy entry.
     pub default_verdict: u8,
     pub _pad0: u8,
-    pub _pad1: u16,
-    pub _pad2: u32,
+    /// The L7 engine's listener (node address); 0 when the engine is off.
+    pub engine_port_be: u16,
+    pub engine_ip_be: u32,
+    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) time of the engine's last heartbeat. Connections are
+    /// redirected only while it is recent (see [`ENGINE_HEARTBEAT_MAX_AGE_NS`]).
+    pub engine_seen_ns: u64,
 }
+
+/// A redirect to the engine needs a heartbeat at most this old: when the agent is down, L7
+/// services are reached directly (L7 policy skipped, traffic kept) instead of failing.
+pub const ENGINE_HEARTBEAT_MAX_AGE_NS: u64 = 3_000_000_000;
 
 impl Config {
     /// The fast path is on when the mesh configuration enables it and the operator's kill switch
@@ -286,7 +322,17 @@ impl Config {
     }
 }
 
-/// Handed from `connect4` to `sock_ops` through the socket cookie.
+/// A client socket's own address (pod IP and ephemeral port): key of the L7 engine's lookup of
+/// a redirected connection's original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientAddr {
+    pub ip_be: u32,
+    pub port_host: u32,
+}
+
+/// Handed from `connect4` to `sock_ops` through the socket cookie; for connections redirected to
+/// the engine also the value of the L7_ORIG map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectInfo {
@@ -406,12 +452,13 @@ assert_size! {
     Endpoint => 8,
     CgroupIdentity => 8,
     ServiceKey => 8,
-    ServiceValue => 8,
+    ServiceValue => 16,
     BackendKey => 8,
     Backend => 8,
     PolicyKey => 12,
     PolicyValue => 8,
-    Config => 16,
+    Config => 24,
+    ClientAddr => 8,
     ConnectInfo => 24,
     FlowEntry => 80,
     DenyKey => 16,
@@ -419,12 +466,12 @@ assert_size! {
     PairKey => 8,
     PairStats => 56,
     IfStats => 40,
-    GlobalStats => 64,
+    GlobalStats => 80,
 }
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test
 /// compares these with the maps parsed from the embedded object.
-pub const MAP_LAYOUT: [(&str, usize, usize); 14] = {
+pub const MAP_LAYOUT: [(&str, usize, usize); 15] = {
     use core::mem::size_of;
     [
         (map_names::SOCKS, size_of::<SockKey>(), size_of::<u32>()),
@@ -481,15 +528,20 @@ pub const MAP_LAYOUT: [(&str, usize, usize); 14] = {
             size_of::<GlobalStats>(),
         ),
         (map_names::REVNAT, size_of::<u64>(), size_of::<Backend>()),
+        (
+            map_names::L7_ORIG,
+            size_of::<ClientAddr>(),
+            size_of::<ConnectInfo>(),
+        ),
     ]
 };
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
-        FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
-        ServiceValue, SockKey,
+        Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue,
+        Endpoint, FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue,
+        ServiceKey, ServiceValue, SockKey,
     };
     macro_rules! pod {
         ($($t:ty),* $(,)?) => { $(
@@ -517,6 +569,7 @@ mod pod {
         PairStats,
         IfStats,
         GlobalStats,
+        ClientAddr,
     );
 }
 

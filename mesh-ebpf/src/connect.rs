@@ -13,8 +13,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Backend, BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue, PolicyKey, ServiceKey,
-    global_counter, reason, verdict,
+    Backend, BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue,
+    ENGINE_HEARTBEAT_MAX_AGE_NS, PolicyKey, ServiceKey, global_counter, reason, service_flags,
+    verdict,
 };
 
 use crate::{
@@ -53,9 +54,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         _pad: 0,
     };
     let mut service_id = 0;
+    let mut l7_service = false;
     // SAFETY: copied out of the map.
     if let Some(svc) = unsafe { WEFT_SERVICES.get(&svc_key) }.copied() {
         service_id = svc.service_id;
+        l7_service = svc.flags & service_flags::L7 != 0;
         if svc.backend_count == 0 {
             stats::bump(global_counter::NO_BACKEND);
             // Left as is: the VIP is not routable from a pod, so connect() fails with
@@ -124,10 +127,40 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         record_deny(&info, dst_ip_be, dst_port_be);
         return Ok(REFUSE);
     }
+    if l7_service {
+        redirect_to_engine(ctx, &mut info);
+    }
     // SAFETY: the context is a valid sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = WEFT_CONNECTS.insert(&cookie, &info, 0);
     Ok(ALLOW)
+}
+
+/// A meshed client's connection to a service with L7 policy goes to the node's engine instead;
+/// sock_ops publishes the original destination for the engine once the client's port is known.
+/// Without a live engine (no recent heartbeat) the connection goes to the backend chosen above.
+#[inline(always)]
+fn redirect_to_engine(ctx: &SockAddrContext, info: &mut ConnectInfo) {
+    let Some(cfg) = WEFT_CONFIG.get(CONFIG_INDEX) else {
+        return;
+    };
+    if cfg.engine_ip_be == 0 {
+        return;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(cfg.engine_seen_ns) > ENGINE_HEARTBEAT_MAX_AGE_NS {
+        stats::bump(global_counter::L7_ENGINE_DOWN);
+        return;
+    }
+    // SAFETY: user_ip4 and user_port are writable in connect4 programs.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = cfg.engine_ip_be;
+        (*ctx.sock_addr).user_port = u32::from(cfg.engine_port_be);
+    }
+    info.verdict = verdict::L7;
+    info.reason = reason::L7_SERVICE;
+    stats::bump(global_counter::L7_REDIRECT);
 }
 
 /// Policy lookup: exact port, then any port, then the node default.

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
+    Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
     FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
     ServiceValue, SockKey, capacity,
 };
@@ -51,3 +51,10 @@ pub fn fast_path_on() -> bool {
         .get(mesh_common::CONFIG_INDEX)
         .is_some_and(Config::fast_path_on)
 }
+/// Client address of a connection redirected to the L7 engine → what the client asked for
+/// (original destination, source workload, service). Written by sock_ops when the client's
+/// socket is established, before the engine can accept it; read by the engine; removed when the
+/// client socket closes.
+#[map]
+pub static WEFT_L7ORIG: LruHashMap<ClientAddr, ConnectInfo> =
+    LruHashMap::pinned(capacity::L7_ORIG, 0);

@@ -15,11 +15,15 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    FlowEntry, SockKey, ZERO_FLOW, fast_state, flow_state, global_counter, reason, role, verdict,
+    ClientAddr, ENGINE_WORKLOAD, FlowEntry, SockKey, ZERO_FLOW, fast_state, flow_state,
+    global_counter, reason, role, verdict,
 };
 
 use crate::{
-    maps::{WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_REVNAT, WEFT_SOCKS, fast_path_on},
+    maps::{
+        WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_L7ORIG, WEFT_REVNAT, WEFT_SOCKS,
+        fast_path_on,
+    },
     stats,
 };
 
@@ -93,7 +97,19 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
                 flow.service_id = info.service_id;
                 flow.orig_dst_ip_be = info.orig_dst_ip_be;
                 flow.orig_dst_port_be = info.orig_dst_port_be;
+                if info.verdict == verdict::L7 {
+                    // Published before this socket's final ACK leaves, so before the engine
+                    // can accept the connection.
+                    let client = ClientAddr {
+                        ip_be: key.local_ip_be,
+                        port_host: key.local_port_host,
+                    };
+                    let _ = WEFT_L7ORIG.insert(&client, &info, 0);
+                }
                 let _ = WEFT_CONNECTS.remove(&cookie);
+            } else if local.workload_id == ENGINE_WORKLOAD {
+                flow.verdict = verdict::L7;
+                flow.reason = reason::ENGINE;
             } else {
                 flow.reason = reason::UNMESHED_SOURCE;
             }
@@ -149,6 +165,11 @@ fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = WEFT_REVNAT.remove(&cookie);
     let key = sock_key(ctx);
+    let client = ClientAddr {
+        ip_be: key.local_ip_be,
+        port_host: key.local_port_host,
+    };
+    let _ = WEFT_L7ORIG.remove(&client);
     let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) else {
         return Ok(());
     };

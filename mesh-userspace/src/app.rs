@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{Backend, BackendKey, CgroupIdentity, Endpoint, ServiceKey, ServiceValue};
+use mesh_common::{
+    Backend, BackendKey, CgroupIdentity, ENGINE_WORKLOAD, Endpoint, ServiceKey, ServiceValue,
+    service_flags,
+};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
@@ -20,6 +23,7 @@ use crate::{
     ebpf::{self, Datapath, Desired, Startup},
     flows::{FlowSnapshot, FlowTable},
     metrics::{KernelSnapshot, Metrics, PairLabels},
+    proxy::{self, Engine, OrigDst, Redirected, snapshot::Snapshot},
     state::{self, NodeState},
 };
 
@@ -31,6 +35,11 @@ pub enum AgentError {
     Admin(std::io::Error),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("L7 engine listener {addr}: {source}; is the address one of this node's?")]
+    EngineListen {
+        addr: std::net::SocketAddrV4,
+        source: std::io::Error,
+    },
 }
 
 /// What the admin API serves.
@@ -49,6 +58,8 @@ pub struct Shared {
     pub metrics: Metrics,
     #[serde(skip)]
     pub registry: Option<Arc<Registry>>,
+    #[serde(skip)]
+    pub engine: Option<Arc<Engine>>,
 }
 
 pub type SharedState = Arc<RwLock<Shared>>;
@@ -63,11 +74,23 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     )?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let (snapshots_tx, snapshots_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let engine = match config.engine_addr {
+        Some(addr) => Some(start_engine(
+            &datapath,
+            config,
+            addr,
+            snapshots_rx,
+            &mut registry,
+        )?),
+        None => None,
+    };
     let shared: SharedState = Arc::new(RwLock::new(Shared {
         config: Some(config.clone()),
         startup: Some(datapath.startup),
         metrics,
         registry: Some(Arc::new(registry)),
+        engine,
         ..Shared::default()
     }));
 
@@ -76,7 +99,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         let (shared, stop, config) = (shared.clone(), stop.clone(), config.clone());
         std::thread::Builder::new()
             .name("datapath-sync".into())
-            .spawn(move || sync_loop(datapath, &config, &shared, &stop))
+            .spawn(move || sync_loop(datapath, &config, &shared, &stop, &snapshots_tx))
             .map_err(AgentError::Runtime)?
     };
 
@@ -100,6 +123,71 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     result
 }
 
+/// The kernel's record of redirected connections, as the engine sees it.
+struct KernelOrigDst(ebpf::OrigDstTable);
+
+impl OrigDst for KernelOrigDst {
+    fn lookup(&self, client: std::net::SocketAddrV4) -> Option<Redirected> {
+        let info = self.0.lookup(client)?;
+        Some(Redirected {
+            orig_dst: std::net::SocketAddrV4::new(
+                u32::from_be(info.orig_dst_ip_be).into(),
+                u16::from_be(info.orig_dst_port_be),
+            ),
+            src_workload: info.src_workload,
+        })
+    }
+}
+
+/// Binds the engine's listener and runs the engine on its own thread and single-threaded
+/// runtime (the data plane never shares a runtime with the admin server).
+fn start_engine(
+    datapath: &Datapath,
+    config: &AgentConfig,
+    addr: std::net::SocketAddrV4,
+    snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    registry: &mut Registry,
+) -> Result<Arc<Engine>, AgentError> {
+    if let Some(cg) = &config.engine_sockops_cgroup {
+        datapath.attach_engine_sockops(cg)?;
+    }
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| AgentError::EngineListen { addr, source })?;
+    let orig = ebpf::OrigDstTable::open(datapath.dir())?;
+    let engine = Arc::new(Engine::new(
+        snapshots,
+        proxy::metrics::L7Metrics::register(registry),
+        Box::new(KernelOrigDst(orig)),
+    ));
+    let runner = engine.clone();
+    std::thread::Builder::new()
+        .name("l7-engine".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "L7 engine runtime failed to start");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        tracing::info!(%addr, "L7 engine listening");
+                        let _ = runner.serve(l).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "L7 engine listener"),
+                }
+            });
+        })
+        .map_err(AgentError::Runtime)?;
+    Ok(engine)
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -115,7 +203,13 @@ async fn shutdown_signal() {
     }
 }
 
-fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop: &AtomicBool) {
+fn sync_loop(
+    mut dp: Datapath,
+    config: &AgentConfig,
+    shared: &SharedState,
+    stop: &AtomicBool,
+    snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
+) {
     let mut source = FileSource::new(&config.objects_path);
     let mut flows = FlowTable::new(config.recent_flows);
     let mut node = NodeState::default();
@@ -129,6 +223,10 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
             Ok(Some(objects)) => {
                 node = state::build(&objects, &config.node_name, &config.cgroup_path);
                 node_changed = true;
+                let previous = snapshots.borrow().clone();
+                let snapshot = Snapshot::build(&node, Some(&previous));
+                node.problems.extend(snapshot.problems.iter().cloned());
+                snapshots.send_replace(Arc::new(snapshot));
                 let errors: Vec<String> = objects
                     .errors
                     .iter()
@@ -150,7 +248,7 @@ fn sync_loop(mut dp: Datapath, config: &AgentConfig, shared: &SharedState, stop:
             Err(e) => config_errors = Some(vec![e.to_string()]),
         }
 
-        let result = sync_once(&mut dp, &node);
+        let result = sync_once(&mut dp, &node, config);
         match &result {
             Ok(()) => syncs += 1,
             Err(e) => {
@@ -244,11 +342,27 @@ fn log_new_denials(snapshot: &FlowSnapshot, seen: &mut BTreeMap<(String, String)
     *seen = now;
 }
 
-fn sync_once(dp: &mut Datapath, node: &NodeState) -> Result<(), ebpf::EbpfError> {
+fn sync_once(
+    dp: &mut Datapath,
+    node: &NodeState,
+    config: &AgentConfig,
+) -> Result<(), ebpf::EbpfError> {
     let mut want = Desired {
         fast_path: node.fast_path,
+        engine: config.engine_addr,
         ..Desired::default()
     };
+    // With sock_ops on its cgroup, the engine is a meshed endpoint: its legs to local pods are
+    // fast-path eligible like any pod-to-pod connection.
+    if let (Some(addr), Some(_)) = (config.engine_addr, &config.engine_sockops_cgroup) {
+        want.endpoints.insert(
+            u32::from(*addr.ip()).to_be(),
+            Endpoint {
+                workload_id: ENGINE_WORKLOAD,
+                flags: 0,
+            },
+        );
+    }
     for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
         want.endpoints.insert(
             u32::from(w.ip).to_be(),
@@ -285,6 +399,12 @@ fn sync_once(dp: &mut Datapath, node: &NodeState) -> Result<(), ebpf::EbpfError>
             ServiceValue {
                 service_id: s.id,
                 backend_count: u32::try_from(s.backends.len()).unwrap_or(0),
+                flags: if s.l7 && config.engine_addr.is_some() {
+                    service_flags::L7
+                } else {
+                    0
+                },
+                _pad: 0,
             },
         );
         for (slot, (_, ip, port)) in s.backends.iter().enumerate() {

@@ -1,5 +1,9 @@
 //! The agent's typed configuration, built from flags (see `app`), served at `/config_dump`.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -27,6 +31,12 @@ pub struct AgentConfig {
     pub sockhash_capacity: Option<u32>,
     /// How many closed flows `/flows` remembers.
     pub recent_flows: usize,
+    /// The L7 engine's listener (an address of this node that pods can reach). Without it the
+    /// engine is off and L7 services are reached directly.
+    pub engine_addr: Option<SocketAddrV4>,
+    /// Local mode: the agent's own cgroup, where sock_ops is attached too so the engine's
+    /// connections to local pods take the fast path. Must be a cgroup this deployment owns.
+    pub engine_sockops_cgroup: Option<PathBuf>,
 }
 
 mod millis {

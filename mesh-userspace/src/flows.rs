@@ -99,6 +99,8 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
         reason::DEFAULT => "no policy selects the destination: mesh default (allow)".into(),
         reason::NO_BACKEND => "service has no ready backend".into(),
         reason::INBOUND => "inbound from outside the mesh".into(),
+        reason::L7_SERVICE => "destination service has L7 policy: sent to the L7 engine".into(),
+        reason::ENGINE => "L7 engine to a backend".into(),
         other => format!("reason {other}"),
     }
 }

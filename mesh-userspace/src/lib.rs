@@ -14,5 +14,6 @@ pub mod control;
 pub mod ebpf;
 pub mod flows;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod state;

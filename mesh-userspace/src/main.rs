@@ -1,5 +1,5 @@
 //! `weft`: the node agent and its CLI.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::{SocketAddr, SocketAddrV4}, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -62,6 +62,13 @@ enum Command {
         sockhash_capacity: Option<u32>,
         #[arg(long, default_value_t = 1000)]
         recent_flows: usize,
+        /// Run the L7 engine on this node address (e.g. the node's bridge IP and port 15001).
+        #[arg(long)]
+        engine_addr: Option<SocketAddrV4>,
+        /// Attach sock_ops to this cgroup too (the agent's own), so the engine's legs to local
+        /// pods use the fast path. Only give a cgroup this deployment owns.
+        #[arg(long)]
+        engine_sockops_cgroup: Option<PathBuf>,
         /// Remove every program, link, map and pin of this node, then exit.
         #[arg(long)]
         uninstall: bool,
@@ -120,6 +127,8 @@ fn main() -> anyhow::Result<()> {
             sync_interval_ms,
             sockhash_capacity,
             recent_flows,
+            engine_addr,
+            engine_sockops_cgroup,
             uninstall,
         } => {
             let config = AgentConfig {
@@ -133,6 +142,8 @@ fn main() -> anyhow::Result<()> {
                 sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
                 sockhash_capacity,
                 recent_flows,
+                engine_addr,
+                engine_sockops_cgroup,
             };
             if uninstall {
                 app::uninstall(&config).context("uninstall")?;

@@ -87,6 +87,8 @@ const EVENTS: [(usize, &str); global_counter::COUNT] = [
     (global_counter::FLOWS_FULL, "flow_table_insert_failed"),
     (global_counter::REDIRECT_FAILED, "redirect_failed"),
     (global_counter::NO_BACKEND, "service_without_backend"),
+    (global_counter::L7_REDIRECT, "l7_redirect"),
+    (global_counter::L7_ENGINE_DOWN, "l7_engine_down"),
 ];
 
 fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(

@@ -53,6 +53,25 @@ pub struct ServicePort {
     pub port: u16,
     /// Ready backends: (workload id, address, target port).
     pub backends: Vec<(u32, Ipv4Addr, u16)>,
+    /// The port's `appProtocol` (e.g. `http`, `kubernetes.io/h2c`, `grpc`, `tcp`): the engine
+    /// skips protocol detection when it is set.
+    pub app_protocol: Option<String>,
+    /// Routes or a traffic policy are attached: meshed clients go through the L7 engine.
+    pub l7: bool,
+}
+
+/// What the L7 engine needs for one service port that has L7 policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct L7Service {
+    pub service_id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    pub app_protocol: Option<String>,
+    pub http_routes: Vec<gateway_api::httproutes::HttpRoute>,
+    pub grpc_routes: Vec<gateway_api::grpcroutes::GrpcRoute>,
+    /// `namespace/name` of the traffic policy and its spec.
+    pub policy: Option<(String, crate::policy::TrafficPolicySpec)>,
 }
 
 /// Why a policy entry exists; `/flows` shows it next to each verdict.
@@ -72,6 +91,7 @@ pub struct NodeState {
     pub fast_path: bool,
     pub workloads: Vec<Workload>,
     pub services: Vec<ServicePort>,
+    pub l7: Vec<L7Service>,
     pub rules: Vec<RuleInfo>,
     #[serde(skip)]
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
@@ -109,7 +129,7 @@ fn stable_id(s: &str, taken: &BTreeSet<u32>) -> u32 {
         h = h.wrapping_mul(0x0100_0193);
     }
     loop {
-        if h != 0 && !taken.contains(&h) {
+        if h != 0 && h != mesh_common::ENGINE_WORKLOAD && !taken.contains(&h) {
             return h;
         }
         h = h.wrapping_add(1);
@@ -186,6 +206,8 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
             Err(p) => problems.push(p),
         }
     }
+
+    state.l7 = l7_services(objects, &mut state.services, &mut problems);
 
     let (policy, rules) = policy_entries(&state.workloads, &objects.authorization_policies);
     state.policy = policy;
@@ -324,9 +346,89 @@ fn service_ports(
             vip,
             port: svc_port,
             backends,
+            app_protocol: port.app_protocol.clone(),
+            l7: false,
         });
     }
     Ok(out)
+}
+
+/// Attaches routes (GAMMA: a Service as parentRef) and traffic policies to service ports; every
+/// port with either becomes an L7 service.
+fn l7_services(
+    objects: &ObjectSet,
+    services: &mut [ServicePort],
+    problems: &mut Vec<String>,
+) -> Vec<L7Service> {
+    use crate::proxy::route::{ServiceRef, attaches};
+    let mut out = Vec::new();
+    for svc in services.iter_mut() {
+        let sref = ServiceRef {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+        };
+        let http_routes: Vec<_> = objects
+            .http_routes
+            .iter()
+            .filter(|r| {
+                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
+                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
+            })
+            .cloned()
+            .collect();
+        let grpc_routes: Vec<_> = objects
+            .grpc_routes
+            .iter()
+            .filter(|r| {
+                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
+                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
+            })
+            .cloned()
+            .collect();
+        let mut policies = objects.traffic_policies.iter().filter(|p| {
+            p.metadata.namespace.as_deref().unwrap_or("default") == svc.namespace
+                && p.spec.target_ref.as_ref().is_some_and(|t| {
+                    (t.group.is_empty() || t.group == "core")
+                        && t.kind == "Service"
+                        && t.name == svc.name
+                        && t.port.is_none_or(|p| p == svc.port)
+                })
+        });
+        let policy = policies.next().map(|p| {
+            let name = format!(
+                "{}/{}",
+                svc.namespace,
+                p.metadata.name.as_deref().unwrap_or_default()
+            );
+            (name, p.spec.clone())
+        });
+        if let Some(extra) = policies.next() {
+            problems.push(format!(
+                "TrafficPolicy {}/{} also targets service {}/{}:{}; only {} applies",
+                svc.namespace,
+                extra.metadata.name.as_deref().unwrap_or_default(),
+                svc.namespace,
+                svc.name,
+                svc.port,
+                policy.as_ref().map(|p| p.0.as_str()).unwrap_or_default()
+            ));
+        }
+        if http_routes.is_empty() && grpc_routes.is_empty() && policy.is_none() {
+            continue;
+        }
+        svc.l7 = true;
+        out.push(L7Service {
+            service_id: svc.id,
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            port: svc.port,
+            app_protocol: svc.app_protocol.clone(),
+            http_routes,
+            grpc_routes,
+            policy,
+        });
+    }
+    out
 }
 
 /// targetPort: a number, a container port name, or (absent) the service port.
@@ -508,6 +610,35 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_and_traffic_policies_make_l7_services() {
+        let yaml = format!(
+            "{PODS}\n---\n{}",
+            r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules:
+  - backendRefs: [{name: web, port: 80}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: db, namespace: default}
+spec:
+  targetRef: {kind: Service, name: db}
+  timeout: 1s
+"
+        );
+        let set = objects(&yaml);
+        assert_eq!(set.http_routes.len(), 1);
+        let s = build(&set, "n1", Path::new("/cg/node"));
+        let l7: Vec<_> = s.services.iter().filter(|p| p.l7).map(|p| p.name.as_str()).collect();
+        assert!(l7.contains(&"web"), "{:?}", s.services);
+        assert_eq!(s.l7.len(), l7.len());
+    }
 
     fn objects(yaml: &str) -> ObjectSet {
         let mut set = ObjectSet::default();

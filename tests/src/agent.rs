@@ -23,6 +23,8 @@ pub struct Agent {
     proc: Option<Proc>,
     node_name: String,
     cgroup: PathBuf,
+    agent_cgroup: PathBuf,
+    engine_addr: std::net::SocketAddrV4,
     pub bpffs_dir: PathBuf,
     pub objects_dir: PathBuf,
     pub socket: PathBuf,
@@ -38,6 +40,8 @@ impl Agent {
             proc: None,
             node_name: node.name().to_owned(),
             cgroup: node.cgroup_path(),
+            agent_cgroup: node.agent_cgroup(),
+            engine_addr: node.engine_addr(),
             bpffs_dir: node.bpffs_dir(),
             socket: node.run_dir().join("admin.sock"),
             objects_dir,
@@ -62,6 +66,10 @@ impl Agent {
             &self.socket.display().to_string(),
             "--sync-interval-ms",
             "100",
+            "--engine-addr",
+            &self.engine_addr.to_string(),
+            "--engine-sockops-cgroup",
+            &self.agent_cgroup.display().to_string(),
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -72,7 +80,7 @@ impl Agent {
 
     fn spawn(&mut self, node: &Node) -> Result<()> {
         let _ = std::fs::remove_file(&self.socket);
-        let proc = node.spawn(weft_bin(), self.args())?;
+        let proc = node.spawn_agent(weft_bin(), self.args())?;
         self.proc = Some(proc);
         eventually(READY_TIMEOUT, || {
             if let Some(p) = self.proc.as_mut()

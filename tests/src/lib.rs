@@ -26,6 +26,7 @@
 pub mod agent;
 mod eventually;
 mod host;
+pub mod http;
 mod node;
 mod pod;
 mod process;

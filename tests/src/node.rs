@@ -60,6 +60,7 @@ impl Node {
         for dir in [
             self.cgroup_path(),
             self.host_cgroup(),
+            self.agent_cgroup(),
             self.run_dir(),
             self.bpffs_dir(),
         ] {
@@ -130,6 +131,33 @@ impl Node {
             .run_cgroup(&self.run.prefix)
             .join(HOST_CGROUP)
             .join(&self.name)
+    }
+
+    /// cgroup of the node's agent alone, `weft-<prefix>/_host/<node>/agent`: the agent attaches
+    /// sock_ops here too (its L7 engine's sockets join the fast path), so nothing else may run in
+    /// it.
+    #[must_use]
+    pub fn agent_cgroup(&self) -> PathBuf {
+        self.host_cgroup().join("agent")
+    }
+
+    /// The L7 engine's listener: the node address, port 15001.
+    #[must_use]
+    pub fn engine_addr(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(self.bridge_ip(), 15001)
+    }
+
+    /// Starts the agent binary with `args` in the node's netns and [`Node::agent_cgroup`].
+    pub fn spawn_agent<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<Proc>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let _alive = self.run.guard_alive()?;
+        let label = format!("{}: agent", self.name);
+        let mut command =
+            process::command_in(program, &self.netns_path(), &self.agent_cgroup())?;
+        Proc::spawn(label, command.args(args))
     }
 
     /// `/sys/fs/bpf/weft-<prefix>/<node>`, for the agent's pins.

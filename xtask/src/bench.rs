@@ -1,4 +1,7 @@
-//! `cargo xtask bench l4`: same-node pod-to-pod TCP, without a mesh and with Weft's socket fast
+//! `cargo xtask bench l4` (here) and `cargo xtask bench l7` (in `l7`, with the reverse proxies
+//! it compares with in `proxies` and its `wrk` driver).
+//!
+//! `bench l4`: same-node pod-to-pod TCP, without a mesh and with Weft's socket fast
 //! path, measured side by side in one run on two identical testbed nodes. Runs alternate
 //! (baseline, mesh, baseline, mesh, …) so that drift on the machine hits both equally; the
 //! median of the repeats is reported.
@@ -12,6 +15,12 @@ use serde::Serialize;
 use testbed::{Pod, ServeMode, Testbed, agent::Agent};
 
 use crate::step;
+
+mod l7;
+mod proxies;
+mod wrk;
+
+pub use l7::{Options as L7Options, l7};
 
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 struct Rr {

@@ -73,6 +73,23 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// HTTP/1.1 pod to pod: direct vs Weft's L7 engine vs nginx vs haproxy (requests/s with wrk,
+    /// fixed-rate latency with weft-workload http-load, the agent's memory).
+    L7 {
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds per measurement run (each round runs wrk and the fixed-rate load this long
+        /// per column).
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Requests per second of the fixed-rate latency runs.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Rounds over all columns (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -171,6 +188,24 @@ fn main() -> Result<()> {
             ensure_setup()?;
             let bins = build(true)?;
             bench::l4(&bins.0, &bins.1, secs, repeats, json.as_deref())
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::L7 {
+                    json,
+                    secs,
+                    rate,
+                    repeats,
+                },
+        } => {
+            ensure_setup()?;
+            let bins = build(true)?;
+            let options = bench::L7Options {
+                secs,
+                rate,
+                repeats,
+            };
+            bench::l7(&bins.0, &bins.1, options, json.as_deref())
         }
     }
 }

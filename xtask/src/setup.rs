@@ -1,5 +1,9 @@
 //! `cargo xtask setup`: installs every prerequisite, idempotently, saying what it does.
-use std::{path::Path, process::Command};
+//!
+//! Debian starts the services of packages such as nginx and haproxy on installation, listening
+//! on the host: the benchmark only wants their binaries (it runs them inside a testbed node), so
+//! installs go through [`NoServiceStarts`] and are checked for processes they left running.
+use std::{collections::BTreeSet, os::unix::fs::PermissionsExt as _, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -16,7 +20,17 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "curl",
     "procps",
+    // `cargo xtask bench l7`: the reverse proxies Weft's L7 engine is compared with (Debian 12
+    // ships nginx 1.22 and haproxy 2.6; `nginx-light` is only a metapackage over `nginx` there),
+    // and the saturation load generator.
+    "nginx",
+    "haproxy",
+    "wrk",
 ];
+/// Packages whose installation would start a system service; see [`NoServiceStarts`].
+const SERVICE_PACKAGES: &[&str] = &["nginx", "haproxy"];
+/// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -31,6 +45,120 @@ fn missing_packages() -> Vec<&'static str> {
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect()
+}
+
+/// `apt-get install` with service starts refused, then a check that nothing was left running.
+fn install_packages(missing: &[&str]) -> Result<()> {
+    step!("setup: installing Debian packages: {}", missing.join(" "));
+    let services: Vec<&str> = SERVICE_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| missing.contains(p))
+        .collect();
+    let running_before = service_pids(&services);
+    let guard = if services.is_empty() {
+        None
+    } else {
+        Some(NoServiceStarts::install()?)
+    };
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    let installed = run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    drop(guard);
+    installed?;
+    stop_started_services(&services, &running_before)
+}
+
+/// While alive, Debian maintainer scripts may not start services: a `policy-rc.d` that answers
+/// 101 ("action forbidden"). Created only if there is none; removed on drop only if created here.
+struct NoServiceStarts {
+    created: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> Result<Self> {
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            step!(
+                "setup: {POLICY_RC_D} exists already; relying on it to keep services from starting"
+            );
+            return Ok(Self { created: false });
+        }
+        step!("setup: writing a temporary {POLICY_RC_D} so that package installs start no service");
+        std::fs::write(
+            path,
+            "#!/bin/sh\n# Written by `cargo xtask setup`, removed after the install.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.created {
+            match std::fs::remove_file(POLICY_RC_D) {
+                Ok(()) => step!("setup: removed the temporary {POLICY_RC_D}"),
+                Err(error) => {
+                    eprintln!("setup: could not remove {POLICY_RC_D}: {error}; remove it by hand");
+                }
+            }
+        }
+    }
+}
+
+/// Pids of processes named exactly like one of `names` (`pgrep -x`).
+fn service_pids(names: &[&str]) -> BTreeSet<u32> {
+    names
+        .iter()
+        .filter_map(|name| Command::new("pgrep").args(["-x", name]).output().ok())
+        .flat_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Stops (SIGTERM, by pid) service processes that appeared during the install despite
+/// `policy-rc.d`; processes that ran before are someone else's and stay.
+fn stop_started_services(names: &[&str], before: &BTreeSet<u32>) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let started: Vec<u32> = service_pids(names).difference(before).copied().collect();
+    if started.is_empty() {
+        step!(
+            "setup: checked: the install started no {} process",
+            names.join("/")
+        );
+        return Ok(());
+    }
+    step!(
+        "setup: the install started {started:?} ({}); stopping them",
+        names.join("/")
+    );
+    for pid in &started {
+        run(Command::new("kill").args(["-TERM", &pid.to_string()]))?;
+    }
+    for _ in 0..50 {
+        if service_pids(names)
+            .intersection(&started.iter().copied().collect())
+            .next()
+            .is_none()
+        {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!(
+        "processes {started:?} started by the package install are still running; stop them by hand"
+    )
 }
 
 fn has_nightly() -> bool {
@@ -85,12 +213,7 @@ pub fn setup() -> Result<()> {
     if missing.is_empty() {
         step!("setup: Debian packages present ({})", PACKAGES.join(", "));
     } else {
-        step!("setup: installing Debian packages: {}", missing.join(" "));
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        install_packages(&missing)?;
     }
     let toolchain = if has_nightly() { "nightly" } else { "stable" };
     if rust_src_installed(toolchain) {

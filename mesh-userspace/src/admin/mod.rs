@@ -141,7 +141,14 @@ async fn handle(
             }
         }
         "/config_dump" => json(&*s),
-        "/flows" => json(&s.flows),
+        "/flows" => json(&FlowsView {
+            flows: &s.flows,
+            l7: s
+                .engine
+                .as_ref()
+                .map(|e| e.connections.snapshot())
+                .unwrap_or_default(),
+        }),
         "/status" => json(&status(&s)),
         _ => respond(
             StatusCode::NOT_FOUND,
@@ -150,6 +157,14 @@ async fn handle(
         ),
     };
     Ok(resp)
+}
+
+/// `/flows`: the kernel's flow table plus the connections the L7 engine holds.
+#[derive(Serialize)]
+struct FlowsView<'a> {
+    #[serde(flatten)]
+    flows: &'a crate::flows::FlowSnapshot,
+    l7: crate::proxy::L7Flows,
 }
 
 fn status(s: &crate::app::Shared) -> Status {

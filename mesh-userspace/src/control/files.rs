@@ -83,13 +83,7 @@ impl FileSource {
                 self.last_good.insert(f.clone(), set.clone());
                 set
             };
-            merged.namespaces.extend(chosen.namespaces);
-            merged.pods.extend(chosen.pods);
-            merged.services.extend(chosen.services);
-            merged
-                .authorization_policies
-                .extend(chosen.authorization_policies);
-            merged.mesh_configs.extend(chosen.mesh_configs);
+            merged.merge(chosen);
         }
         Ok(Some(merged))
     }

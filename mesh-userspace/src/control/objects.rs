@@ -7,9 +7,13 @@ use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service},
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use serde::{Deserialize, Serialize};
 
+use crate::policy::TrafficPolicy;
+
 pub const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
 
 /// Pod/namespace annotation or label that takes a workload out of the mesh.
 pub const INJECT_ANNOTATION: &str = "weft.dev/inject";
@@ -122,6 +126,9 @@ pub struct ObjectSet {
     pub services: Vec<Service>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub mesh_configs: Vec<MeshConfig>,
+    pub http_routes: Vec<HttpRoute>,
+    pub grpc_routes: Vec<GrpcRoute>,
+    pub traffic_policies: Vec<TrafficPolicy>,
     pub errors: Vec<ParseError>,
 }
 
@@ -136,6 +143,31 @@ pub struct ParseError {
 }
 
 impl ObjectSet {
+    /// Adds every object (and error) of `other`. Destructured so that a new kind cannot be
+    /// forgotten here.
+    pub fn merge(&mut self, other: Self) {
+        let Self {
+            namespaces,
+            pods,
+            services,
+            authorization_policies,
+            mesh_configs,
+            http_routes,
+            grpc_routes,
+            traffic_policies,
+            errors,
+        } = other;
+        self.namespaces.extend(namespaces);
+        self.pods.extend(pods);
+        self.services.extend(services);
+        self.authorization_policies.extend(authorization_policies);
+        self.mesh_configs.extend(mesh_configs);
+        self.http_routes.extend(http_routes);
+        self.grpc_routes.extend(grpc_routes);
+        self.traffic_policies.extend(traffic_policies);
+        self.errors.extend(errors);
+    }
+
     /// Parses a multi-document YAML (or JSON) text. Bad documents are recorded in `errors`.
     pub fn add_yaml(&mut self, source_name: &str, text: &str) {
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -200,10 +232,32 @@ impl ObjectSet {
                 self.mesh_configs
                     .push(serde_yaml::from_value(value).map_err(typed)?);
             }
+            (GATEWAY_API_VERSION | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+                let r: HttpRoute = serde_yaml::from_value(value).map_err(typed)?;
+                if r.metadata.name.is_none() {
+                    return Err(format!("{kind}: metadata.name is required"));
+                }
+                self.http_routes.push(r);
+            }
+            (GATEWAY_API_VERSION, "GRPCRoute") => {
+                let r: GrpcRoute = serde_yaml::from_value(value).map_err(typed)?;
+                if r.metadata.name.is_none() {
+                    return Err(format!("{kind}: metadata.name is required"));
+                }
+                self.grpc_routes.push(r);
+            }
+            (WEFT_API_VERSION, "TrafficPolicy") => {
+                let p: TrafficPolicy = serde_yaml::from_value(value).map_err(typed)?;
+                if p.metadata.name.is_none() {
+                    return Err(format!("{kind}: metadata.name is required"));
+                }
+                self.traffic_policies.push(p);
+            }
             (v, k) => {
                 return Err(format!(
-                    "unsupported kind {k} ({v}); expected v1 Pod/Service/Namespace or \
-                     {WEFT_API_VERSION} AuthorizationPolicy/MeshConfig"
+                    "unsupported kind {k} ({v}); expected v1 Pod/Service/Namespace, \
+                     {GATEWAY_API_VERSION} HTTPRoute/GRPCRoute or \
+                     {WEFT_API_VERSION} AuthorizationPolicy/MeshConfig/TrafficPolicy"
                 ));
             }
         }

@@ -7,6 +7,8 @@
 //! <dir>/links/sock_ops        cgroup link of sock_ops on the node cgroup
 //! <dir>/links/connect4        cgroup link of connect4 on the node cgroup
 //! <dir>/links/getpeer4        cgroup link of getpeername4 (answers with the service VIP)
+//! <dir>/links/sock_ops_engine  sock_ops on the agent's own cgroup (local mode, opt-in): makes
+//!                              the L7 engine's sockets fast-path eligible
 //! <dir>/links/tc/<if>-from    tcx ingress link on a pod's host-side veth (traffic from the pod)
 //! <dir>/links/tc/<if>-to      tcx egress link (traffic to the pod)
 //! ```
@@ -30,7 +32,7 @@ use aya::{
     },
 };
 use mesh_common::{
-    Backend, BackendKey, CgroupIdentity, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
+    Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
     FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
     ServiceValue, SockKey, map_names, program_names,
 };
@@ -213,6 +215,62 @@ impl Datapath {
             have.insert(ifname.clone());
         }
         Ok(have)
+    }
+}
+
+/// Read side of the `L7_ORIG` map for the engine: where a redirected client wanted to go.
+pub struct OrigDstTable {
+    map: HashMap<MapData, ClientAddr, ConnectInfo>,
+}
+
+impl OrigDstTable {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let name = map_names::L7_ORIG;
+        let data = MapData::from_pin(dir.join("maps").join(name))
+            .map_err(|source| EbpfError::Map { name, source })?;
+        let map = Map::from_map_data(data)
+            .and_then(TryInto::try_into)
+            .map_err(|source| EbpfError::Map { name, source })?;
+        Ok(Self { map })
+    }
+
+    /// One map lookup (a syscall of about a microsecond).
+    #[must_use]
+    pub fn lookup(&self, client: std::net::SocketAddrV4) -> Option<ConnectInfo> {
+        let key = ClientAddr {
+            ip_be: u32::from(*client.ip()).to_be(),
+            port_host: u32::from(client.port()),
+        };
+        self.map.get(&key, 0).ok()
+    }
+}
+
+impl Datapath {
+    /// Attaches sock_ops to the agent's own cgroup as well, so the engine's sockets to local
+    /// pods join the fast path. Idempotent (an existing pin is kept).
+    pub fn attach_engine_sockops(&self, cgroup: &Path) -> Result<()> {
+        let pin = self.dir.join("links/sock_ops_engine");
+        if pin.exists() {
+            return Ok(());
+        }
+        let name = program_names::SOCK_OPS;
+        let mut prog = SockOps::from_pin(self.dir.join("progs").join(name)).map_err(prog_err(name))?;
+        let fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let id = prog
+            .attach(&fd, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(
+            |source| EbpfError::Link {
+                path: cgroup.to_owned(),
+                source,
+            },
+        )?;
+        link.pin(&pin)
+            .map(drop)
+            .map_err(|source| EbpfError::Pin { path: pin, source })
     }
 }
 

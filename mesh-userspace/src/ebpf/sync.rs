@@ -22,6 +22,8 @@ pub struct Desired {
     pub backends: BTreeMap<BackendKey, Backend>,
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
     pub fast_path: bool,
+    /// The L7 engine's listener, when it runs.
+    pub engine: Option<std::net::SocketAddrV4>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -98,8 +100,15 @@ impl Datapath {
             fast_path_killed: cfg.fast_path_killed, // operator-owned: preserved
             default_verdict: verdict::FAST,
             _pad0: 0,
-            _pad1: 0,
-            _pad2: 0,
+            engine_port_be: want.engine.map_or(0, |a| a.port().to_be()),
+            engine_ip_be: want.engine.map_or(0, |a| u32::from(*a.ip()).to_be()),
+            // Every reconcile pass is a heartbeat: the kernel redirects to the engine only
+            // while this is recent.
+            engine_seen_ns: if want.engine.is_some() {
+                monotonic_ns()
+            } else {
+                0
+            },
         };
         if cfg != wanted {
             cfg = wanted;
@@ -196,4 +205,12 @@ impl Datapath {
     pub fn sockhash_len(&self) -> usize {
         self.maps.socks.keys().flatten().count()
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
 }

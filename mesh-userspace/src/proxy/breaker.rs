@@ -1,1 +1,253 @@
-//! (being written)
+//! Circuit breaking, Envoy style: hard caps on the connections, pending requests and requests
+//! in flight to one backend service. Over a cap the engine fails fast instead of queueing, so
+//! one slow backend cannot absorb every task and socket of the proxy.
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Caps for one backend service. Every cap defaults to `u32::MAX` (in effect unlimited), as
+/// Istio does: Envoy's own default of 1024 surprises busy services that never asked for a
+/// limit. 0 means what it says: nothing is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open upstream connections.
+    pub max_connections: u32,
+    /// Requests waiting for a connection (or an HTTP/2 stream).
+    pub max_pending_requests: u32,
+    /// Requests in flight, retries included.
+    pub max_requests: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: u32::MAX,
+            max_pending_requests: u32::MAX,
+            max_requests: u32::MAX,
+        }
+    }
+}
+
+/// Counts what is in use and what was refused. A cheap handle: clones share the counters, and
+/// permits keep a reference, so they can move into spawned tasks.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    /// Indexed by `Kind`.
+    gauges: Arc<[Gauge; 3]>,
+}
+
+/// What is held right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub connections: u32,
+    pub pending_requests: u32,
+    pub requests: u32,
+}
+
+#[derive(Debug)]
+struct Gauge {
+    max: u32,
+    active: AtomicU32,
+    overflows: AtomicU64,
+}
+
+impl Gauge {
+    fn new(max: u32) -> Self {
+        Self {
+            max,
+            active: AtomicU32::new(0),
+            overflows: AtomicU64::new(0),
+        }
+    }
+
+    fn try_acquire(&self) -> bool {
+        let admitted = (self.active)
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.max).then(|| n + 1))
+            .is_ok();
+        if !admitted {
+            self.overflows.fetch_add(1, Relaxed);
+        }
+        admitted
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Connection = 0,
+    Pending = 1,
+    Request = 2,
+}
+
+/// Releases its slot on drop.
+#[derive(Debug)]
+struct Held {
+    gauges: Arc<[Gauge; 3]>,
+    kind: Kind,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gauges[self.kind as usize].active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A request in flight; hold it until the response (body included) is done.
+#[derive(Debug)]
+#[must_use = "the slot is released when the permit is dropped"]
+pub struct RequestPermit(#[allow(dead_code, reason = "held for its Drop")] Held);
+
+/// A request waiting for a connection; drop it once the request has one.
+#[derive(Debug)]
+#[must_use = "the slot is released when the permit is dropped"]
+pub struct PendingPermit(#[allow(dead_code, reason = "held for its Drop")] Held);
+
+/// An open upstream connection; store it with the connection.
+#[derive(Debug)]
+#[must_use = "the slot is released when the permit is dropped"]
+pub struct ConnPermit(#[allow(dead_code, reason = "held for its Drop")] Held);
+
+impl Breaker {
+    #[must_use]
+    pub fn new(limits: Limits) -> Self {
+        let gauges = [
+            Gauge::new(limits.max_connections),
+            Gauge::new(limits.max_pending_requests),
+            Gauge::new(limits.max_requests),
+        ];
+        Self {
+            gauges: Arc::new(gauges),
+        }
+    }
+
+    pub fn try_request(&self) -> Option<RequestPermit> {
+        self.hold(Kind::Request).map(RequestPermit)
+    }
+
+    pub fn try_pending(&self) -> Option<PendingPermit> {
+        self.hold(Kind::Pending).map(PendingPermit)
+    }
+
+    pub fn try_connection(&self) -> Option<ConnPermit> {
+        self.hold(Kind::Connection).map(ConnPermit)
+    }
+
+    #[must_use]
+    pub fn usage(&self) -> Usage {
+        let [connections, pending_requests, requests] =
+            self.gauges.each_ref().map(|g| g.active.load(Relaxed));
+        Usage {
+            connections,
+            pending_requests,
+            requests,
+        }
+    }
+
+    /// Refusals since the breaker was created, whichever cap refused (Envoy's
+    /// `upstream_cx_overflow` + `upstream_rq_pending_overflow` + `upstream_rq_overflow`).
+    #[must_use]
+    pub fn overflows(&self) -> u64 {
+        self.gauges.iter().map(|g| g.overflows.load(Relaxed)).sum()
+    }
+
+    fn hold(&self, kind: Kind) -> Option<Held> {
+        self.gauges[kind as usize].try_acquire().then(|| Held {
+            gauges: Arc::clone(&self.gauges),
+            kind,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+
+    const _: () = {
+        const fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<Breaker>();
+        send_sync::<RequestPermit>();
+        send_sync::<PendingPermit>();
+        send_sync::<ConnPermit>();
+    };
+
+    fn breaker(max_connections: u32, max_pending_requests: u32, max_requests: u32) -> Breaker {
+        Breaker::new(Limits {
+            max_connections,
+            max_pending_requests,
+            max_requests,
+        })
+    }
+
+    #[test]
+    fn request_cap_refuses_and_counts_then_frees_on_drop() {
+        let b = breaker(10, 10, 2);
+        let first = b.try_request().unwrap();
+        let _second = b.try_request().unwrap();
+        assert!(b.try_request().is_none());
+        assert!(b.try_request().is_none());
+        assert_eq!(b.overflows(), 2);
+        assert_eq!(b.usage().requests, 2);
+        drop(first);
+        assert_eq!(b.usage().requests, 1);
+        assert!(b.try_request().is_some());
+        assert_eq!(b.overflows(), 2);
+    }
+
+    #[test]
+    fn caps_are_independent() {
+        let b = breaker(1, 2, 3);
+        let _c = b.try_connection().unwrap();
+        assert!(b.try_connection().is_none());
+        let _p = (b.try_pending().unwrap(), b.try_pending().unwrap());
+        assert!(b.try_pending().is_none());
+        let _r: Vec<_> = (0..3).map(|_| b.try_request().unwrap()).collect();
+        assert!(b.try_request().is_none());
+        let u = b.usage();
+        assert_eq!((u.connections, u.pending_requests, u.requests), (1, 2, 3));
+        assert_eq!(b.overflows(), 3);
+    }
+
+    #[test]
+    fn default_is_unlimited_and_zero_admits_nothing() {
+        let b = Breaker::new(Limits::default());
+        let held: Vec<_> = (0..10_000).map(|_| b.try_request().unwrap()).collect();
+        assert_eq!(b.usage().requests, 10_000);
+        drop(held);
+        assert_eq!(b.usage().requests, 0);
+
+        let closed = breaker(0, 0, 0);
+        assert!(closed.try_connection().is_none() && closed.try_pending().is_none());
+        assert!(closed.try_request().is_none());
+    }
+
+    #[test]
+    fn permits_move_across_threads_and_the_cap_holds_under_contention() {
+        let b = breaker(1, 1, 10);
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let b = b.clone();
+                thread::spawn(move || (0..100).filter_map(|_| b.try_request()).collect::<Vec<_>>())
+            })
+            .collect();
+        let held: Vec<_> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(held.len(), 10);
+        assert_eq!(b.overflows(), 790);
+        drop(held);
+        assert_eq!(b.usage().requests, 0);
+    }
+
+    #[test]
+    fn limits_serde_fills_defaults_and_rejects_unknown_fields() {
+        let l: Limits = serde_yaml::from_str("maxRequests: 5").unwrap();
+        assert_eq!((l.max_requests, l.max_connections), (5, u32::MAX));
+        assert!(serde_yaml::from_str::<Limits>("maxRetries: 5").is_err());
+    }
+}

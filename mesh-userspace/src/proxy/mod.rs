@@ -1,8 +1,381 @@
 //! The L7 engine: receives the flows the kernel redirects (verdict L7), detects their protocol and
-//! applies routes and traffic policy. Reads `state`; never imports `control` or aya.
+//! applies routes and traffic policy. Reads `state` (through [`snapshot::Snapshot`]); never
+//! imports `control` or aya: the original destination comes through the [`OrigDst`] trait.
+//!
+//! One listener on the node address; per connection: original destination lookup, protocol
+//! detection (or the port's `appProtocol`), then HTTP/1.1, HTTP/2 (gRPC) or an opaque byte pipe.
 pub mod balance;
 pub mod breaker;
 pub mod budget;
+pub mod detect;
+pub mod http;
+mod io;
+pub mod metrics;
 pub mod outlier;
 pub mod ratelimit;
 pub mod route;
+pub mod snapshot;
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::BytesMut;
+use serde::Serialize;
+use tokio::{
+    io::AsyncReadExt as _,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use self::{
+    detect::{Detection, Protocol},
+    metrics::{L7Metrics, ProtocolLabels, ProtocolValue},
+    snapshot::Snapshot,
+};
+
+/// How long the engine waits for a client's first bytes before treating the connection as
+/// opaque TCP (server-first protocols send nothing).
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// What the kernel recorded about a redirected connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirected {
+    /// The address the application connected to (a service VIP and port).
+    pub orig_dst: SocketAddrV4,
+    pub src_workload: u32,
+}
+
+/// Where the engine learns a redirected connection's original destination.
+pub trait OrigDst: Send + Sync {
+    fn lookup(&self, client: SocketAddrV4) -> Option<Redirected>;
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("connections", &self.connections.total.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shared by every connection of the engine.
+pub struct Engine {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    upstreams: http::Upstreams,
+    pub metrics: L7Metrics,
+    pub connections: Connections,
+    orig: Box<dyn OrigDst>,
+}
+
+impl Engine {
+    #[must_use]
+    pub fn new(
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        metrics: L7Metrics,
+        orig: Box<dyn OrigDst>,
+    ) -> Self {
+        Self {
+            snapshot,
+            upstreams: http::Upstreams::new(),
+            metrics,
+            connections: Connections::default(),
+            orig,
+        }
+    }
+
+    #[must_use]
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; other flows go on.
+                    tracing::warn!(error = %e, "engine accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let engine = self.clone();
+            tokio::spawn(async move {
+                engine.connection(stream, peer).await;
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let SocketAddr::V4(client) = peer else {
+            return;
+        };
+        let Some(redirected) = self.orig.lookup(client) else {
+            // Not redirected by our kernel programs (or already closed): nothing to proxy to.
+            self.metrics.error("no_original_destination");
+            tracing::debug!(%client, "connection without an original destination; closed");
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let snapshot = self.snapshot();
+        let src = snapshot
+            .workloads
+            .get(&redirected.src_workload)
+            .cloned()
+            .unwrap_or_else(|| (String::new(), "unknown".to_owned()));
+        let target = snapshot.targets.get(&redirected.orig_dst).cloned();
+        let span = tracing::debug_span!("l7", %client, orig_dst = %redirected.orig_dst, source = %format!("{}/{}", src.0, src.1));
+        let _enter = span.enter();
+        drop(_enter);
+
+        let id = self.connections.open(client, redirected.orig_dst, &src);
+        let ctx = Arc::new(ConnCtx {
+            engine: self.clone(),
+            client,
+            orig_dst: redirected.orig_dst,
+            src,
+            id,
+        });
+
+        // Protocol: the port's appProtocol, else the first bytes.
+        let mut stream = stream;
+        let mut buf = BytesMut::with_capacity(1024);
+        let protocol = match target.as_ref().and_then(|t| t.protocol.clone()) {
+            Some(p) => p,
+            None => detect_protocol(&mut stream, &mut buf).await,
+        };
+        self.connections.set_protocol(id, &protocol);
+        self.metrics
+            .connections
+            .get_or_create(&ProtocolLabels {
+                protocol: match protocol {
+                    Protocol::Http1 => ProtocolValue::http1,
+                    Protocol::H2 => ProtocolValue::h2,
+                    Protocol::Tls { .. } => ProtocolValue::tls,
+                    Protocol::Opaque => ProtocolValue::opaque,
+                },
+            })
+            .inc();
+        let prefix = buf.freeze();
+        match protocol {
+            Protocol::Http1 => {
+                let raw = stream.as_ref_std_clone();
+                http::serve_http1(io::Prefixed::new(prefix, stream), raw, ctx.clone()).await;
+            }
+            Protocol::H2 => http::serve_h2(io::Prefixed::new(prefix, stream), ctx.clone()).await,
+            Protocol::Tls { .. } | Protocol::Opaque => {
+                opaque(io::Prefixed::new(prefix, stream), &ctx).await;
+            }
+        }
+        self.connections.close(id);
+    }
+}
+
+/// A second handle on the socket (dup), for writing a last word after hyper gave up on it.
+trait StdClone {
+    fn as_ref_std_clone(&self) -> Option<std::net::TcpStream>;
+}
+
+impl StdClone for TcpStream {
+    fn as_ref_std_clone(&self) -> Option<std::net::TcpStream> {
+        use std::os::fd::AsFd as _;
+        let fd = self.as_fd().try_clone_to_owned().ok()?;
+        Some(std::net::TcpStream::from(fd))
+    }
+}
+
+async fn detect_protocol(stream: &mut TcpStream, buf: &mut BytesMut) -> Protocol {
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+            Err(_) | Ok(Ok(0) | Err(_)) => return detect::on_timeout(buf),
+            Ok(Ok(_)) => {
+                if let Detection::Done(p) = detect::detect(buf) {
+                    return p;
+                }
+                if buf.len() >= detect::MAX_DETECT_BYTES {
+                    return detect::on_timeout(buf);
+                }
+                buf.reserve(4096);
+            }
+        }
+    }
+}
+
+/// Opaque TCP (and TLS, passed through): one endpoint of the service, bytes copied both ways.
+async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
+    let snapshot = ctx.engine.snapshot();
+    let pool = snapshot
+        .targets
+        .get(&ctx.orig_dst)
+        .and_then(|t| t.pool(&t.default_backend).cloned())
+        .or_else(|| snapshot.plain.get(&ctx.orig_dst).cloned());
+    let Some(pool) = pool else {
+        ctx.engine.metrics.error("no_endpoint");
+        return;
+    };
+    let Some(pick) = pool.balancer.pick(None, |ep| {
+        !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
+    }) else {
+        ctx.engine.metrics.error("no_endpoint");
+        return;
+    };
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(pick.addr())).await {
+        Ok(Ok(mut upstream)) => {
+            let _ = upstream.set_nodelay(true);
+            pick.record(started.elapsed(), true);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+        _ => {
+            // The client sees its connection closed, as it would have seen a refused connect
+            // had it gone direct.
+            pick.record(started.elapsed(), false);
+            ctx.engine.metrics.error("upstream_connect");
+        }
+    }
+}
+
+/// Per-connection context of the request handlers.
+pub struct ConnCtx {
+    pub engine: Arc<Engine>,
+    pub client: SocketAddrV4,
+    pub orig_dst: SocketAddrV4,
+    /// Source workload (namespace, name).
+    pub src: (String, String),
+    id: u64,
+}
+
+impl ConnCtx {
+    fn note_route(&self, route: &str) {
+        self.engine.connections.note_request(self.id, route);
+    }
+}
+
+// --- the engine's part of the flow table ------------------------------------------------------
+
+/// One live connection through the engine, as `/flows` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct L7Flow {
+    pub client: SocketAddrV4,
+    pub source: String,
+    pub destination: SocketAddrV4,
+    pub protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    pub requests: u64,
+    /// Routes used so far and how often.
+    pub routes: BTreeMap<String, u64>,
+    pub opened_unix_ms: u64,
+}
+
+/// Closed connections `/flows` keeps.
+const RECENT_L7_FLOWS: usize = 256;
+
+/// The engine's connections, live and recently closed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct L7Flows {
+    pub live: Vec<L7Flow>,
+    pub recent: Vec<L7Flow>,
+}
+
+#[derive(Default)]
+struct Table {
+    live: BTreeMap<u64, L7Flow>,
+    recent: std::collections::VecDeque<L7Flow>,
+}
+
+#[derive(Default)]
+pub struct Connections {
+    next: AtomicU64,
+    live: Mutex<Table>,
+    /// Connections accepted since start.
+    pub total: AtomicU64,
+}
+
+impl Connections {
+    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<u64, L7Flow>) -> R) -> R {
+        f(&mut self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .live)
+    }
+
+    fn open(&self, client: SocketAddrV4, destination: SocketAddrV4, src: &(String, String)) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let opened_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let flow = L7Flow {
+            client,
+            source: format!("{}/{}", src.0, src.1),
+            destination,
+            protocol: "detecting".into(),
+            sni: None,
+            requests: 0,
+            routes: BTreeMap::new(),
+            opened_unix_ms,
+        };
+        self.with(|m| m.insert(id, flow));
+        id
+    }
+
+    fn set_protocol(&self, id: u64, p: &Protocol) {
+        self.with(|m| {
+            if let Some(f) = m.get_mut(&id) {
+                p.name().clone_into(&mut f.protocol);
+                if let Protocol::Tls { sni } = p {
+                    f.sni.clone_from(sni);
+                }
+            }
+        });
+    }
+
+    fn note_request(&self, id: u64, route: &str) {
+        self.with(|m| {
+            if let Some(f) = m.get_mut(&id) {
+                f.requests += 1;
+                if let Some(n) = f.routes.get_mut(route) {
+                    *n += 1;
+                } else if f.routes.len() < 16 {
+                    f.routes.insert(route.to_owned(), 1);
+                }
+            }
+        });
+    }
+
+    fn close(&self, id: u64) {
+        let mut t = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(f) = t.live.remove(&id) {
+            if t.recent.len() == RECENT_L7_FLOWS {
+                t.recent.pop_front();
+            }
+            t.recent.push_back(f);
+        }
+    }
+
+    #[must_use]
+    pub fn snapshot(&self) -> L7Flows {
+        let t = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        L7Flows {
+            live: t.live.values().cloned().collect(),
+            recent: t.recent.iter().cloned().collect(),
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! `weft-workload`: the servers and clients that run inside testbed pods. Real TCP sockets, one
-//! thread per connection; every loop is bounded in iterations and in time. Each subcommand
+//! thread per connection (the `http-*` subcommands: hyper on tokio, see `testbed::http`); every
+//! loop is bounded in iterations and in time. Each subcommand
 //! prints one JSON object as its last stdout line (types in `testbed::workload::report`);
 //! setup failures print `{"error": "..."}` and exit 2.
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use nix::sys::socket::{setsockopt, sockopt};
 use serde::Serialize;
+use testbed::http::{self, HttpGetArgs, HttpLoadArgs, HttpServerArgs};
 use testbed::workload::{
     ServeMode,
     pattern::Pattern,
@@ -63,6 +65,12 @@ enum Command {
     Rr(RrArgs),
     /// Throughput to a sink server.
     Stream(StreamArgs),
+    /// HTTP/1.1 and h2c server whose answers the request path chooses (see `testbed::http::server`).
+    HttpServer(HttpServerArgs),
+    /// HTTP requests over keep-alive connections: counts per status and backend, latency.
+    HttpGet(HttpGetArgs),
+    /// Open-loop constant-rate HTTP load (wrk2-style latency from the intended send time).
+    HttpLoad(HttpLoadArgs),
 }
 
 #[derive(Args)]
@@ -189,6 +197,15 @@ fn main() -> ExitCode {
             let report = stream(&args, secs);
             emit_result(&report, report.ok)
         }),
+        Command::HttpServer(args) => http::server::run(&args, |local| {
+            emit(&Listening {
+                listening: local.to_string(),
+            });
+        })
+        .map(|report| emit_result(&report, true)),
+        // Failed requests are results (tests provoke them), so these exit 0 once they ran.
+        Command::HttpGet(args) => http::get::run(&args).map(|report| emit_result(&report, true)),
+        Command::HttpLoad(args) => http::load::run(&args).map(|report| emit_result(&report, true)),
     };
     outcome.unwrap_or_else(|error| {
         emit(&serde_json::json!({ "error": error }));

@@ -1,0 +1,327 @@
+//! Weft's traffic policy kind (`weft.dev/v1alpha1` `TrafficPolicy`): timeouts, retries and their
+//! budget, circuit breaking, outlier detection, faults, rate limits, load balancing, mirroring and
+//! access logging for one Service. Attaching any of it makes the Service an L7 service: its
+//! meshed clients are redirected to the engine. Shared by the object parser (`control`) and the
+//! engine (`proxy`), which is why it is its own module.
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proxy::{balance::Algorithm, breaker::Limits, outlier::OutlierConfig};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    pub spec: TrafficPolicySpec,
+}
+
+/// The Service a policy applies to (in the policy's namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRef {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    /// Only this service port; absent: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicySpec {
+    pub target_ref: Option<TargetRef>,
+    /// Whole-request deadline, retries included (e.g. "2s").
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<Faults>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+    /// One structured event per request (target `weft::access`).
+    #[serde(default)]
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retries {
+    /// Total tries including the first (like Linkerd's and Istio's "attempts" + 1 semantics
+    /// are confusing: here 3 means one try and up to two retries).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// Conditions: `connect-failure`, `reset`, `5xx`, `gateway-error` (502/503/504),
+    /// `retriable-status-codes` (see `statusCodes`), `retriable-grpc` (see `grpcStatusCodes`).
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<String>,
+    #[serde(default)]
+    pub status_codes: Vec<u16>,
+    /// gRPC status codes (numbers, e.g. 14 for UNAVAILABLE) in `grpc-status`.
+    #[serde(default)]
+    pub grpc_status_codes: Vec<u32>,
+    #[serde(default)]
+    pub budget: Budget,
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Request bodies up to this size are kept so they can be sent again; a larger body makes
+    /// the request non-retriable (it streams through).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+}
+
+const fn default_attempts() -> u32 {
+    3
+}
+fn default_retry_on() -> Vec<String> {
+    vec!["connect-failure".into(), "reset".into(), "gateway-error".into()]
+}
+const fn default_max_body() -> u64 {
+    64 * 1024
+}
+
+/// Retries allowed = `minPerSecond` × window + `percent`% of the requests in the window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default = "default_budget_percent")]
+    pub percent: f64,
+    #[serde(default = "default_min_per_second")]
+    pub min_per_second: u32,
+    #[serde(default = "default_budget_window", with = "duration")]
+    pub window: Duration,
+}
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            percent: default_budget_percent(),
+            min_per_second: default_min_per_second(),
+            window: default_budget_window(),
+        }
+    }
+}
+const fn default_budget_percent() -> f64 {
+    20.0
+}
+const fn default_min_per_second() -> u32 {
+    10
+}
+const fn default_budget_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default = "default_backoff_base", with = "duration")]
+    pub base: Duration,
+    #[serde(default = "default_backoff_max", with = "duration")]
+    pub max: Duration,
+}
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
+    }
+}
+const fn default_backoff_base() -> Duration {
+    Duration::from_millis(25)
+}
+const fn default_backoff_max() -> Duration {
+    Duration::from_millis(250)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Faults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<Abort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Delay>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Abort {
+    pub percent: f64,
+    /// HTTP status to answer with (default 503)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// ...or, for gRPC requests, this `grpc-status` (HTTP 200 with trailers-only response).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delay {
+    pub percent: f64,
+    #[serde(with = "duration")]
+    pub fixed_delay: Duration,
+}
+
+/// Local token bucket for the whole destination service (per agent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// For `RingHash`: what to hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<HashOn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HashOn {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+}
+
+/// Copies of requests go to another Service; its answers are dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub name: String,
+    pub port: u16,
+    #[serde(default = "hundred")]
+    pub percent: f64,
+}
+const fn hundred() -> f64 {
+    100.0
+}
+
+/// Durations as Gateway API writes them: `1h`, `30s`, `250ms`, `1m30s`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration like 250ms, 2s, 1m30s");
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 9 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return Err(bad());
+        };
+        rest = &rest[len..];
+        total += unit * u32::try_from(n).map_err(|_| bad())?;
+    }
+    Ok(total)
+}
+
+#[must_use]
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+pub mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option, reason = "serde's `with` passes a reference")]
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| super::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "5", "s", "1x", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn full_policy_parses_and_unknown_fields_are_errors() {
+        let text = r"
+metadata: {name: web, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  timeout: 2s
+  retries: {attempts: 3, perTryTimeout: 500ms, on: [5xx, reset], budget: {percent: 20, minPerSecond: 5}}
+  faults: {abort: {percent: 10, httpStatus: 503}, delay: {percent: 5, fixedDelay: 100ms}}
+  rateLimit: {requestsPerSecond: 100, burst: 20}
+  mirror: {name: shadow, port: 80}
+  accessLog: true
+";
+        let p: TrafficPolicy = serde_yaml::from_str(text).unwrap();
+        assert_eq!(p.spec.timeout, Some(Duration::from_secs(2)));
+        let r = p.spec.retries.unwrap();
+        assert_eq!(r.per_try_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(r.budget.min_per_second, 5);
+        assert!(serde_yaml::from_str::<TrafficPolicy>("metadata: {}\nspec: {retrys: {}}").is_err());
+    }
+}

@@ -1,0 +1,850 @@
+//! HTTP/1.1 and HTTP/2 (gRPC included) through the engine: routes, traffic policy, golden
+//! metrics. One hyper server connection per client connection; upstream requests go through
+//! pooled hyper clients (HTTP/1.1 keep-alive, HTTP/2 multiplexed) straight to endpoints.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    Request, Response, StatusCode, Version,
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use rand::Rng as _;
+use tokio::{net::TcpStream, time::Instant};
+
+use super::{
+    ConnCtx, Engine,
+    metrics::{RequestLabels, RouteLabels, ServiceLabels, status_class},
+    outlier::Outcome,
+    route::{BackendTarget, RequestView, RuleAction},
+    snapshot::{Pool, Target},
+};
+use crate::policy::Retries;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Longest time a client may take to send a request head (slow-loris protection): 408 after.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted: bigger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Pooled upstream clients.
+pub struct Upstreams {
+    h1: Client<HttpConnector, Body>,
+    h2: Client<HttpConnector, Body>,
+}
+
+impl Upstreams {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .set_host(false)
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(true)
+            .set_host(false)
+            .build(connector);
+        Self { h1, h2 }
+    }
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A response the engine makes itself (errors, faults, limits). gRPC clients get a
+/// trailers-only response with the matching `grpc-status`, as a gRPC server would send.
+fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Body> {
+    let mut resp = Response::new(if grpc { empty() } else { full(format!("{message}\n")) });
+    if grpc {
+        *resp.status_mut() = StatusCode::OK;
+        let code = match status.as_u16() {
+            429 | 503 => 14, // UNAVAILABLE
+            504 => 4,        // DEADLINE_EXCEEDED
+            403 => 7,        // PERMISSION_DENIED
+            404 => 12,       // UNIMPLEMENTED
+            _ => 13,         // INTERNAL
+        };
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(v) = HeaderValue::from_str(message) {
+            h.insert("grpc-message", v);
+        }
+    } else {
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp.headers_mut()
+        .insert("x-weft-local-reply", HeaderValue::from_static("1"));
+    resp
+}
+
+fn grpc_reply(code: u32, message: &str) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(message) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+// --- serving client connections -------------------------------------------------------------
+
+/// Serves an HTTP/1.1 connection. `raw` is a second handle on the same socket, used only to
+/// answer 408 when the request head does not arrive in time (hyper closes silently then).
+pub async fn serve_http1<I>(io: I, raw: Option<std::net::TcpStream>, ctx: Arc<ConnCtx>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| handle(req, ctx.clone()))
+    };
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = result {
+        if e.is_timeout() {
+            ctx.engine.metrics.error("header_timeout");
+            if let Some(mut raw) = raw {
+                use std::io::Write as _;
+                let _ = raw.write_all(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        } else if e.is_parse() || e.is_parse_too_large() {
+            ctx.engine.metrics.error("bad_request");
+        }
+        tracing::debug!(error = %e, "HTTP/1 connection ended with an error");
+    }
+}
+
+pub async fn serve_h2<I>(io: I, ctx: Arc<ConnCtx>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| handle(req, ctx.clone()))
+    };
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    if let Err(e) = result {
+        ctx.engine.metrics.error("h2_connection");
+        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+// --- one request ----------------------------------------------------------------------------
+
+struct Labels {
+    route: RouteLabels,
+}
+
+async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let snapshot = ctx.engine.snapshot();
+    let target = snapshot.targets.get(&ctx.orig_dst).cloned();
+    let grpc = is_grpc(req.headers());
+    let Some(target) = target else {
+        // The service lost its L7 policy while this connection was open: plain proxying.
+        return Ok(match snapshot.plain.get(&ctx.orig_dst).cloned() {
+            Some(pool) => {
+                let (resp, _) = forward_plain(req, &ctx, &pool).await;
+                resp
+            }
+            None => local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "service has no endpoints"),
+        });
+    };
+
+    let selected = {
+        let view = RequestView {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        target.routes.select(&view).cloned()
+    };
+    let route_name = selected
+        .as_ref()
+        .map_or_else(|| "default".to_owned(), |a| format!("{}#{}", a.route, a.rule));
+    let labels = Labels {
+        route: RouteLabels {
+            source_namespace: ctx.src.0.clone(),
+            source_workload: ctx.src.1.clone(),
+            destination_namespace: target.service.namespace.clone(),
+            destination_service: target.service.name.clone(),
+            route: route_name.clone(),
+        },
+    };
+    ctx.note_route(&route_name);
+    let m = &ctx.engine.metrics;
+    let in_flight = m.in_flight.get_or_create(&labels.route).clone();
+    in_flight.inc();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = route_request(req, &ctx, &target, selected.as_ref(), &labels, grpc).await;
+    in_flight.dec();
+    let status = resp.status().as_u16();
+    let class = if grpc {
+        grpc_class(&resp, status)
+    } else {
+        status_class(status)
+    };
+    m.requests
+        .get_or_create(&RequestLabels {
+            route: labels.route.clone(),
+            status_class: class,
+        })
+        .inc();
+    let elapsed = start.elapsed();
+    m.duration
+        .get_or_create(&labels.route)
+        .observe(elapsed.as_secs_f64());
+    if target
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.spec.access_log)
+    {
+        tracing::info!(
+            target: "weft::access",
+            source = %format!("{}/{}", ctx.src.0, ctx.src.1),
+            client = %ctx.client,
+            destination = %format!("{}/{}:{}", target.service.namespace, target.service.name, target.port),
+            route = %route_name,
+            method = %method,
+            path = %path,
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            trace_id = resp.extensions().get::<TraceId>().map_or("", |t| t.0.as_str()),
+            "request"
+        );
+    }
+    Ok(resp)
+}
+
+/// For gRPC the HTTP status is 200 even for failures: a trailers-only `grpc-status` decides.
+fn grpc_class(resp: &Response<Body>, status: u16) -> &'static str {
+    match resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        Some(0) | None => status_class(status),
+        Some(_) => "5xx",
+    }
+}
+
+#[derive(Clone)]
+struct TraceId(String);
+
+async fn route_request(
+    mut req: Request<Incoming>,
+    ctx: &Arc<ConnCtx>,
+    target: &Arc<Target>,
+    action: Option<&RuleAction>,
+    labels: &Labels,
+    grpc: bool,
+) -> Response<Body> {
+    let m = &ctx.engine.metrics;
+    let policy = target.policy.as_ref();
+
+    // Route-level filters.
+    if let Some(a) = action {
+        if let Some(resp) = a.redirect_response(&req) {
+            return resp.map(|()| empty());
+        }
+        a.request_headers.apply(req.headers_mut());
+        if let Some(uri) = a.rewritten_uri(&req) {
+            *req.uri_mut() = uri;
+        }
+        if let Some(host) = a.rewritten_host() {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    let trace = propagate_trace(req.headers_mut());
+
+    // Faults.
+    if let Some(faults) = policy.and_then(|p| p.spec.faults.as_ref()) {
+        if let Some(d) = &faults.delay {
+            if roll(d.percent) {
+                m.faults.get_or_create(&labels.route).inc();
+                tokio::time::sleep(d.fixed_delay).await;
+            }
+        }
+        if let Some(a) = &faults.abort {
+            if roll(a.percent) {
+                m.faults.get_or_create(&labels.route).inc();
+                if grpc {
+                    if let Some(code) = a.grpc_status {
+                        return grpc_reply(code, "fault injected");
+                    }
+                }
+                let status = StatusCode::from_u16(a.http_status.unwrap_or(503))
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return local_reply(status, grpc, "fault injected");
+            }
+        }
+    }
+    // Local rate limit.
+    if let Some(bucket) = policy.and_then(|p| p.bucket.as_ref()) {
+        if let Err(wait) = bucket.try_acquire() {
+            m.rate_limited.get_or_create(&labels.route).inc();
+            let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, grpc, "rate limited");
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            return resp;
+        }
+    }
+
+    // Backend choice (weighted backendRefs).
+    let backend = match action {
+        Some(a) => match a.pick_backend(rand::rng().random()) {
+            Some(b) => b.clone(),
+            None => return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, "route has no usable backend"),
+        },
+        None => target.default_backend.clone(),
+    };
+    let Some(pool) = target.pool(&backend).cloned() else {
+        return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, "backend service does not exist");
+    };
+
+    let (parts_ro, _) = (&req, ());
+    if is_upgrade(parts_ro.version(), parts_ro.method(), parts_ro.headers()) {
+        let Some(pick) = pool.balancer.pick(None, |ep| {
+            !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
+        }) else {
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy endpoint");
+        };
+        let ep = pick.addr();
+        return forward_upgrade(req, ep).await;
+    }
+
+    let retries = policy.and_then(|p| p.spec.retries.as_ref());
+    let mirror = policy
+        .and_then(|p| p.spec.mirror.as_ref())
+        .filter(|mi| roll(mi.percent))
+        .and_then(|mi| {
+            target.pool(&BackendTarget {
+                service: super::route::ServiceRef {
+                    namespace: target.service.namespace.clone(),
+                    name: mi.name.clone(),
+                },
+                port: Some(mi.port),
+                weight: 1,
+            })
+        })
+        .cloned();
+    let timeout = action
+        .and_then(|a| a.request_timeout)
+        .or_else(|| policy.and_then(|p| p.spec.timeout));
+    let per_try = action
+        .and_then(|a| a.backend_timeout)
+        .or_else(|| retries.and_then(|r| r.per_try_timeout));
+
+    // Bodies are kept for retries and mirroring up to a cap; a larger body streams through and
+    // makes the request single-try.
+    let keep_cap = if retries.is_some() || mirror.is_some() {
+        retries.map_or(64 * 1024, |r| r.max_body_bytes)
+    } else {
+        0
+    };
+    let (parts, body) = req.into_parts();
+    let body = match buffer_body(body, keep_cap).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(error = %e, "client body failed");
+            return local_reply(StatusCode::BAD_REQUEST, grpc, "request body could not be read");
+        }
+    };
+    if let (Some(mpool), ReqBody::Kept(bytes)) = (&mirror, &body) {
+        m.mirrored.get_or_create(&labels.route).inc();
+        spawn_mirror(ctx, mpool.clone(), &parts, bytes.clone());
+    }
+
+    let attempts = retries.map_or(1, |r| r.attempts.max(1));
+    let run = attempt_loop(ctx, target, &pool, parts, body, attempts, retries, per_try, labels, grpc);
+    let mut resp = match timeout {
+        Some(t) => match tokio::time::timeout(t, run).await {
+            Ok(r) => r,
+            Err(_) => local_reply(StatusCode::GATEWAY_TIMEOUT, grpc, "request timeout"),
+        },
+        None => run.await,
+    };
+    if let Some(a) = action {
+        a.response_headers.apply(resp.headers_mut());
+    }
+    resp.extensions_mut().insert(TraceId(trace));
+    resp
+}
+
+fn roll(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && rand::rng().random::<f64>() * 100.0 < percent)
+}
+
+/// W3C trace context: continue the caller's trace with a new span id, or start one.
+fn propagate_trace(headers: &mut HeaderMap) -> String {
+    let mut rng = rand::rng();
+    let span: u64 = rng.random();
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    let (trace_id, flags) = incoming.unwrap_or_else(|| {
+        let id: u128 = rng.random();
+        (format!("{:032x}", id.max(1)), "01".to_owned())
+    });
+    let value = format!("00-{trace_id}-{:016x}-{flags}", span.max(1));
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("traceparent", v);
+    }
+    trace_id
+}
+
+fn parse_traceparent(v: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let [version, trace, parent, flags] = parts.as_slice() else {
+        return None;
+    };
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    (hex(version, 2)
+        && *version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2))
+    .then(|| ((*trace).to_owned(), (*flags).to_owned()))
+}
+
+enum ReqBody {
+    /// Whole body in memory (replayable).
+    Kept(Bytes),
+    /// Streams through once.
+    Stream(Body),
+}
+
+async fn buffer_body(mut body: Incoming, cap: u64) -> Result<ReqBody, hyper::Error> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Ok(ReqBody::Kept(Bytes::new()));
+    }
+    let fits = body.size_hint().upper().is_some_and(|u| u <= cap);
+    if cap == 0 || (!fits && body.size_hint().lower() > cap) {
+        return Ok(ReqBody::Stream(body.map_err(Into::into).boxed_unsync()));
+    }
+    // Read frames until the body ends or passes the cap.
+    let mut kept: Vec<Bytes> = Vec::new();
+    let mut size = 0u64;
+    loop {
+        match body.frame().await {
+            None => {
+                let mut all = bytes::BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
+                for c in kept {
+                    all.extend_from_slice(&c);
+                }
+                return Ok(ReqBody::Kept(all.freeze()));
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    size += data.len() as u64;
+                    kept.push(data);
+                }
+                // Request trailers are dropped when a body is kept (gRPC clients do not send
+                // them); documented in ARCHITECTURE.md.
+                if size > cap {
+                    let prefix = futures_util::stream::iter(
+                        kept.into_iter()
+                            .map(|b| Ok::<_, BoxError>(hyper::body::Frame::data(b))),
+                    );
+                    let rest = http_body_util::BodyStream::new(body.map_err(BoxError::from));
+                    let chained = futures_util::StreamExt::chain(prefix, rest);
+                    return Ok(ReqBody::Stream(
+                        http_body_util::StreamBody::new(chained).boxed_unsync(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn spawn_mirror(ctx: &Arc<ConnCtx>, pool: Arc<Pool>, parts: &hyper::http::request::Parts, body: Bytes) {
+    let Some(pick) = pool.balancer.pick(None, |_| true) else {
+        return;
+    };
+    let addr = pick.addr();
+    let mut req = Request::new(full(body));
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    *req.version_mut() = parts.version;
+    let Some(uri) = upstream_uri(addr, &parts.uri) else {
+        return;
+    };
+    *req.uri_mut() = uri;
+    let engine = ctx.engine.clone();
+    tokio::spawn(async move {
+        let res = tokio::time::timeout(Duration::from_secs(10), engine.send(req)).await;
+        // Fire-and-forget: the mirror's answer is read and dropped.
+        if let Ok(Ok(resp)) = res {
+            let _ = resp.into_body().collect().await;
+        }
+        drop(pick);
+    });
+}
+
+fn upstream_uri(addr: SocketAddr, uri: &hyper::Uri) -> Option<hyper::Uri> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{addr}{pq}").parse().ok()
+}
+
+/// Why an attempt failed, for retry decisions and outlier detection.
+enum Failure {
+    Connect,
+    Reset,
+    Timeout,
+}
+
+#[allow(clippy::too_many_arguments, reason = "one request's whole context")]
+async fn attempt_loop(
+    ctx: &Arc<ConnCtx>,
+    target: &Arc<Target>,
+    pool: &Arc<Pool>,
+    parts: hyper::http::request::Parts,
+    body: ReqBody,
+    attempts: u32,
+    retries: Option<&Retries>,
+    per_try: Option<Duration>,
+    labels: &Labels,
+    grpc: bool,
+) -> Response<Body> {
+    let m = &ctx.engine.metrics;
+    let svc_labels = ServiceLabels {
+        destination_namespace: pool.service.namespace.clone(),
+        destination_service: pool.service.name.clone(),
+    };
+    let budget = target.policy.as_ref().and_then(|p| p.budget.as_ref());
+    if let Some(b) = budget {
+        b.deposit();
+    }
+    let hash = pool.hash_on.as_ref().and_then(|h| hash_key(h, &parts.headers));
+    let (kept, mut stream) = match body {
+        ReqBody::Kept(b) => (Some(b), None),
+        ReqBody::Stream(s) => (None, Some(s)),
+    };
+    let mut tried = Vec::new();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let body = match (&kept, stream.take()) {
+            (Some(b), _) => full(b.clone()),
+            (None, Some(s)) => s,
+            (None, None) => empty(),
+        };
+        let replayable = kept.is_some();
+        // Endpoint: not ejected, and (on retries) not one that already failed if another exists.
+        let Some(pick) = pool.balancer.pick(hash, |ep| {
+            !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
+                && (tried.len() >= pool.endpoints.len() || !tried.contains(&ep))
+        }).or_else(|| pool.balancer.pick(hash, |_| true)) else {
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy endpoint");
+        };
+        let ep = pick.addr();
+        tried.push(ep);
+        let permit = match pool.breaker.as_ref() {
+            Some(b) => match b.try_request() {
+                Some(p) => Some(p),
+                None => {
+                    m.circuit_open.get_or_create(&svc_labels).inc();
+                    return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "circuit breaker open: too many concurrent requests");
+                }
+            },
+            None => None,
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.headers_mut() = parts.headers.clone();
+        let Some(uri) = upstream_uri(ep, &parts.uri) else {
+            return local_reply(StatusCode::BAD_REQUEST, grpc, "bad request target");
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = parts.version;
+
+        let started = Instant::now();
+        let send = ctx.engine.send(req);
+        let result = match per_try {
+            Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(SendError::Timeout)),
+            None => send.await,
+        };
+        drop(permit);
+        let latency = started.elapsed();
+        let (outcome, failure, resp) = match result {
+            Ok(resp) => {
+                let s = resp.status().as_u16();
+                let outcome = if matches!(s, 502..=504) {
+                    Outcome::GatewayError
+                } else if s >= 500 {
+                    Outcome::Status5xx(s)
+                } else {
+                    Outcome::Success
+                };
+                (outcome, None, Some(resp))
+            }
+            Err(SendError::Connect(_)) => (Outcome::GatewayError, Some(Failure::Connect), None),
+            Err(SendError::Timeout) => (Outcome::GatewayError, Some(Failure::Timeout), None),
+            Err(SendError::Other(_)) => (Outcome::GatewayError, Some(Failure::Reset), None),
+        };
+        pick.record(latency, matches!(outcome, Outcome::Success));
+        if let Some(o) = &pool.outlier {
+            if o.record(ep, outcome) {
+                m.ejections.get_or_create(&svc_labels).inc();
+                tracing::info!(target: "weft::outlier", endpoint = %ep, service = %format!("{}/{}", pool.service.namespace, pool.service.name), "endpoint ejected");
+            }
+        }
+        let retriable = replayable
+            && attempt < attempts
+            && retries.is_some_and(|r| should_retry(r, resp.as_ref(), failure.as_ref()));
+        if retriable {
+            if budget.is_none_or(|b| b.withdraw()) {
+                m.retries.get_or_create(&labels.route).inc();
+                if let Some(r) = retries {
+                    let wait = super::budget::backoff(attempt - 1, r.backoff.base, r.backoff.max, &mut rand::rng());
+                    tokio::time::sleep(wait).await;
+                }
+                continue;
+            }
+            m.budget_exhausted.get_or_create(&labels.route).inc();
+        }
+        return match (resp, failure) {
+            (Some(resp), _) => resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            (None, Some(Failure::Connect)) => local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "upstream connect error"),
+            (None, Some(Failure::Timeout)) => local_reply(StatusCode::GATEWAY_TIMEOUT, grpc, "upstream per-try timeout"),
+            (None, _) => {
+                m.error("upstream_protocol");
+                local_reply(StatusCode::BAD_GATEWAY, grpc, "upstream connection reset or sent an invalid response")
+            }
+        };
+    }
+}
+
+fn should_retry(r: &Retries, resp: Option<&Response<Incoming>>, failure: Option<&Failure>) -> bool {
+    let on = |c: &str| r.on.iter().any(|o| o.eq_ignore_ascii_case(c));
+    match (resp, failure) {
+        (_, Some(Failure::Connect)) => on("connect-failure") || on("gateway-error") || on("5xx"),
+        (_, Some(Failure::Reset)) => on("reset") || on("gateway-error") || on("5xx"),
+        (_, Some(Failure::Timeout)) => on("5xx") || on("gateway-error") || on("reset"),
+        (Some(resp), None) => {
+            let s = resp.status().as_u16();
+            let grpc_status = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok());
+            (s >= 500 && on("5xx"))
+                || (matches!(s, 502..=504) && on("gateway-error"))
+                || (r.status_codes.contains(&s)
+                    && (on("retriable-status-codes") || !r.status_codes.is_empty()))
+                || grpc_status.is_some_and(|g| r.grpc_status_codes.contains(&g))
+        }
+        (None, None) => false,
+    }
+}
+
+fn hash_key(h: &crate::policy::HashOn, headers: &HeaderMap) -> Option<u64> {
+    if let Some(name) = &h.header {
+        return headers
+            .get(name.as_str())
+            .map(|v| super::balance::hash_key(v.as_bytes()));
+    }
+    if let Some(cookie) = &h.cookie {
+        for v in headers.get_all(header::COOKIE) {
+            let Ok(text) = v.to_str() else { continue };
+            for kv in text.split(';') {
+                if let Some((k, val)) = kv.trim().split_once('=') {
+                    if k == cookie {
+                        return Some(super::balance::hash_key(val.as_bytes()));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn is_upgrade(version: Version, method: &hyper::Method, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && (method == hyper::Method::CONNECT || headers.contains_key(header::UPGRADE))
+}
+
+pub enum SendError {
+    Connect(hyper_util::client::legacy::Error),
+    Timeout,
+    Other(hyper_util::client::legacy::Error),
+}
+
+impl Engine {
+    /// Sends `req` on a pooled upstream connection (HTTP/2 when the request is HTTP/2).
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        strip_hop_by_hop(req.headers_mut());
+        let client = if req.version() == Version::HTTP_2 {
+            &self.upstreams.h2
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            &self.upstreams.h1
+        };
+        client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                SendError::Connect(e)
+            } else {
+                SendError::Other(e)
+            }
+        })
+    }
+}
+
+/// Connection-specific headers are not forwarded (RFC 9110 §7.6.1); `te: trailers` is kept
+/// for gRPC.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+    if h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("trailers"))
+    {
+        h.remove(header::TE);
+    }
+}
+
+/// WebSocket / `Upgrade` and `CONNECT`: a dedicated upstream connection, the request passed on
+/// with its upgrade headers, and after `101` (or `2xx` to CONNECT) bytes copied both ways.
+async fn forward_upgrade(req: Request<Incoming>, ep: SocketAddr) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let connect = parts.method == hyper::Method::CONNECT;
+    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(ep)).await
+    else {
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, false, "upstream connect error");
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await
+    else {
+        return local_reply(StatusCode::BAD_GATEWAY, false, "upstream handshake failed");
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let up_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+    let Ok(mut resp) = sender.send_request(up_req).await else {
+        return local_reply(StatusCode::BAD_GATEWAY, false, "upstream closed during upgrade");
+    };
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (connect && resp.status().is_success());
+    let (Some(client_side), true) = (client_side, switching) else {
+        return resp.map(|b| b.map_err(BoxError::from).boxed_unsync());
+    };
+    let upstream_side = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let (Ok(down), Ok(up)) = (client_side.await, upstream_side.await) else {
+            return;
+        };
+        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+    });
+    let (head, _) = resp.into_parts();
+    Response::from_parts(head, empty())
+}
+
+/// A connection whose service has no L7 policy any more: forwarded to one endpoint as is.
+async fn forward_plain(
+    req: Request<Incoming>,
+    ctx: &Arc<ConnCtx>,
+    pool: &Arc<Pool>,
+) -> (Response<Body>, Option<SocketAddr>) {
+    let grpc = is_grpc(req.headers());
+    let Some(pick) = pool.balancer.pick(None, |_| true) else {
+        return (local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no endpoint"), None);
+    };
+    let ep = pick.addr();
+    let (parts, body) = req.into_parts();
+    let Some(uri) = upstream_uri(ep, &parts.uri) else {
+        return (local_reply(StatusCode::BAD_REQUEST, grpc, "bad request target"), None);
+    };
+    let mut up = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+    *up.uri_mut() = uri;
+    match ctx.engine.send(up).await {
+        Ok(resp) => (resp.map(|b| b.map_err(BoxError::from).boxed_unsync()), Some(ep)),
+        Err(_) => (local_reply(StatusCode::BAD_GATEWAY, grpc, "upstream error"), Some(ep)),
+    }
+}

@@ -1,0 +1,148 @@
+//! Golden metrics of the L7 engine, per source workload, destination service and route.
+//! Registered under the `weft_` prefix next to the kernel metrics; base units (seconds).
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub source_namespace: String,
+    pub source_workload: String,
+    pub destination_namespace: String,
+    pub destination_service: String,
+    /// `namespace/name#rule` of the HTTPRoute/GRPCRoute rule, or `default`.
+    pub route: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
+    /// `2xx`..`5xx`, or `error` when no response was received.
+    pub status_class: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub destination_namespace: String,
+    pub destination_service: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types, reason = "label values as users see them")]
+pub enum ProtocolValue {
+    http1,
+    h2,
+    tls,
+    opaque,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: ProtocolValue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `no_original_destination`, `bad_request`, `header_timeout`, `upstream_protocol`, ...
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct L7Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RouteLabels, Histogram>,
+    pub in_flight: Family<RouteLabels, Gauge>,
+    pub retries: Family<RouteLabels, Counter>,
+    pub budget_exhausted: Family<RouteLabels, Counter>,
+    pub rate_limited: Family<RouteLabels, Counter>,
+    pub faults: Family<RouteLabels, Counter>,
+    pub mirrored: Family<RouteLabels, Counter>,
+    pub ejections: Family<ServiceLabels, Counter>,
+    pub circuit_open: Family<ServiceLabels, Counter>,
+    pub connections: Family<ProtocolLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+}
+
+impl L7Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                // 1 ms .. ~16 s
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.000_5, 2.0, 16,
+                ))
+            }),
+            in_flight: Family::default(),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+            rate_limited: Family::default(),
+            faults: Family::default(),
+            mirrored: Family::default(),
+            ejections: Family::default(),
+            circuit_open: Family::default(),
+            connections: Family::default(),
+            errors: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("weft_l7");
+        r.register("requests", "Requests handled by the L7 engine", m.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "Time from request to response headers",
+            m.duration.clone(),
+        );
+        r.register("requests_in_flight", "Requests in progress", m.in_flight.clone());
+        r.register("retries", "Retries sent", m.retries.clone());
+        r.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the retry budget was used up",
+            m.budget_exhausted.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests answered 429 by the local rate limit",
+            m.rate_limited.clone(),
+        );
+        r.register("faults", "Injected faults (aborts and delays)", m.faults.clone());
+        r.register("mirrored", "Requests copied to a mirror backend", m.mirrored.clone());
+        r.register(
+            "ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        r.register(
+            "circuit_open",
+            "Requests refused by circuit-breaking limits",
+            m.circuit_open.clone(),
+        );
+        r.register(
+            "connections",
+            "Connections accepted by the engine, by detected protocol",
+            m.connections.clone(),
+        );
+        r.register(
+            "errors",
+            "Connections or requests the engine could not serve",
+            m.errors.clone(),
+        );
+        m
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+}
+
+#[must_use]
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,258 @@
+//! The engine's view of the node, rebuilt from `state` whenever the objects change. Stateful
+//! parts (endpoint latency, ejections, budgets, token buckets) survive a rebuild when the
+//! service's own configuration and endpoints did not change.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+};
+
+use super::{
+    balance::{Algorithm, Balancer},
+    breaker::Breaker,
+    budget::RetryBudget,
+    detect::Protocol,
+    outlier::Detector,
+    ratelimit::TokenBucket,
+    route::{self, BackendTarget, RouteTable, ServiceRef},
+};
+use crate::{
+    policy::{HashOn, TrafficPolicySpec},
+    state::{L7Service, NodeState},
+};
+
+/// Endpoints of one backend service port, with the state of its load balancer.
+pub struct Pool {
+    pub service: ServiceRef,
+    pub port: u16,
+    pub endpoints: Vec<SocketAddr>,
+    pub balancer: Balancer,
+    pub outlier: Option<Detector>,
+    pub breaker: Option<Breaker>,
+    pub hash_on: Option<HashOn>,
+}
+
+impl Pool {
+    fn new(service: ServiceRef, port: u16, endpoints: Vec<SocketAddr>, spec: Option<&TrafficPolicySpec>) -> Self {
+        let lb = spec.and_then(|s| s.load_balancer.clone()).unwrap_or_default();
+        let algorithm: Algorithm = lb.algorithm;
+        Self {
+            balancer: Balancer::new(endpoints.clone(), algorithm),
+            outlier: spec
+                .and_then(|s| s.outlier_detection.clone())
+                .map(|c| {
+                    let d = Detector::new(c);
+                    d.update(&endpoints);
+                    d
+                }),
+            breaker: spec.and_then(|s| s.circuit_breaker.clone()).map(Breaker::new),
+            hash_on: lb.hash,
+            service,
+            port,
+            endpoints,
+        }
+    }
+}
+
+/// What the engine does for one service port with L7 policy.
+pub struct Target {
+    pub service: ServiceRef,
+    pub port: u16,
+    /// `appProtocol` of the port, when it names a protocol: detection is skipped.
+    pub protocol: Option<Protocol>,
+    pub routes: RouteTable,
+    /// Where requests go when no route matches (or none is attached): the service itself.
+    pub default_backend: BackendTarget,
+    pub policy: Option<PolicyRuntime>,
+    /// Backend pools by (service, service port): every backendRef of the routes, the mirror,
+    /// and the service itself.
+    pub pools: HashMap<(ServiceRef, u16), Arc<Pool>>,
+    source: L7Service,
+}
+
+pub struct PolicyRuntime {
+    pub name: String,
+    pub spec: TrafficPolicySpec,
+    pub budget: Option<RetryBudget>,
+    pub bucket: Option<TokenBucket>,
+}
+
+impl Target {
+    #[must_use]
+    pub fn pool(&self, backend: &BackendTarget) -> Option<&Arc<Pool>> {
+        let port = backend.port.unwrap_or(self.port);
+        self.pools.get(&(backend.service.clone(), port))
+    }
+}
+
+/// The engine's whole configuration at one moment.
+#[derive(Default)]
+pub struct Snapshot {
+    /// L7 services by the address clients connect to (VIP and port).
+    pub targets: HashMap<SocketAddrV4, Arc<Target>>,
+    /// Every service by VIP and port, for connections whose service lost its L7 policy.
+    pub plain: HashMap<SocketAddrV4, Arc<Pool>>,
+    /// Workload id → (namespace, name), for metric labels.
+    pub workloads: HashMap<u32, (String, String)>,
+    pub problems: Vec<String>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot for `node`, reusing what `previous` already has when unchanged.
+    #[must_use]
+    pub fn build(node: &NodeState, previous: Option<&Self>) -> Self {
+        let mut endpoints: HashMap<(ServiceRef, u16), (Ipv4Addr, Vec<SocketAddr>)> = HashMap::new();
+        for s in &node.services {
+            let eps = s
+                .backends
+                .iter()
+                .map(|(_, ip, port)| SocketAddr::from((*ip, *port)))
+                .collect();
+            endpoints.insert(
+                (
+                    ServiceRef {
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                    },
+                    s.port,
+                ),
+                (s.vip, eps),
+            );
+        }
+        let mut snap = Self {
+            workloads: node
+                .workloads
+                .iter()
+                .map(|w| (w.id, (w.namespace.clone(), w.name.clone())))
+                .collect(),
+            ..Self::default()
+        };
+        for ((sref, port), (vip, eps)) in &endpoints {
+            let key = SocketAddrV4::new(*vip, *port);
+            let reuse = previous
+                .and_then(|p| p.plain.get(&key))
+                .filter(|p| p.endpoints == *eps && p.service == *sref)
+                .cloned();
+            snap.plain.insert(
+                key,
+                reuse.unwrap_or_else(|| Arc::new(Pool::new(sref.clone(), *port, eps.clone(), None))),
+            );
+        }
+        for l7 in &node.l7 {
+            let Some(svc) = node.services.iter().find(|s| s.id == l7.service_id) else {
+                continue;
+            };
+            let key = SocketAddrV4::new(svc.vip, svc.port);
+            let old = previous.and_then(|p| p.targets.get(&key));
+            let target = match old {
+                Some(t) if same_inputs(&t.source, l7) && pools_current(t, &endpoints) => t.clone(),
+                _ => {
+                    let (t, mut problems) = build_target(l7, &endpoints);
+                    snap.problems.append(&mut problems);
+                    Arc::new(t)
+                }
+            };
+            snap.targets.insert(key, target);
+        }
+        snap
+    }
+}
+
+fn same_inputs(a: &L7Service, b: &L7Service) -> bool {
+    a.http_routes == b.http_routes
+        && a.grpc_routes == b.grpc_routes
+        && a.policy == b.policy
+        && a.app_protocol == b.app_protocol
+}
+
+fn pools_current(t: &Target, endpoints: &HashMap<(ServiceRef, u16), (Ipv4Addr, Vec<SocketAddr>)>) -> bool {
+    t.pools.iter().all(|(k, pool)| {
+        endpoints
+            .get(k)
+            .is_some_and(|(_, eps)| *eps == pool.endpoints)
+    })
+}
+
+fn build_target(
+    l7: &L7Service,
+    endpoints: &HashMap<(ServiceRef, u16), (Ipv4Addr, Vec<SocketAddr>)>,
+) -> (Target, Vec<String>) {
+    let service = ServiceRef {
+        namespace: l7.namespace.clone(),
+        name: l7.name.clone(),
+    };
+    let compiled = route::compile(&service, l7.port, &l7.http_routes, &l7.grpc_routes);
+    let mut problems = compiled.problems;
+    let spec = l7.policy.as_ref().map(|(_, s)| s);
+    let default_backend = BackendTarget {
+        service: service.clone(),
+        port: Some(l7.port),
+        weight: 1,
+    };
+    let mut wanted: Vec<BackendTarget> = vec![default_backend.clone()];
+    wanted.extend(compiled.table.backends().cloned());
+    if let Some(m) = spec.and_then(|s| s.mirror.as_ref()) {
+        wanted.push(BackendTarget {
+            service: ServiceRef {
+                namespace: l7.namespace.clone(),
+                name: m.name.clone(),
+            },
+            port: Some(m.port),
+            weight: 1,
+        });
+    }
+    let mut pools = HashMap::new();
+    for b in wanted {
+        let port = b.port.unwrap_or(l7.port);
+        let key = (b.service.clone(), port);
+        if pools.contains_key(&key) {
+            continue;
+        }
+        let eps = match endpoints.get(&key) {
+            Some((_, eps)) => eps.clone(),
+            None => {
+                problems.push(format!(
+                    "service {}/{}:{}: backend {}/{}:{port} does not exist; requests routed to it get 500",
+                    l7.namespace, l7.name, l7.port, b.service.namespace, b.service.name
+                ));
+                continue;
+            }
+        };
+        pools.insert(key, Arc::new(Pool::new(b.service.clone(), port, eps, spec)));
+    }
+    let policy = l7.policy.as_ref().map(|(name, spec)| PolicyRuntime {
+        name: name.clone(),
+        budget: spec.retries.as_ref().map(|r| {
+            RetryBudget::new(
+                r.budget.percent / 100.0,
+                r.budget.min_per_second,
+                r.budget.window,
+            )
+        }),
+        bucket: spec
+            .rate_limit
+            .as_ref()
+            .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.unwrap_or_else(|| {
+                // Default burst: one second's worth.
+                rl.requests_per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
+            }))),
+        spec: spec.clone(),
+    });
+    let protocol = l7
+        .app_protocol
+        .as_deref()
+        .and_then(Protocol::from_app_protocol);
+    (
+        Target {
+            service,
+            port: l7.port,
+            protocol,
+            routes: compiled.table,
+            default_backend,
+            policy,
+            pools,
+            source: l7.clone(),
+        },
+        problems,
+    )
+}

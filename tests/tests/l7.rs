@@ -1,0 +1,471 @@
+//! The L7 engine end to end: a real agent, real eBPF redirect, real HTTP servers (hyper) and
+//! clients (our `http-get` and curl) in pods. Each test shows one feature by what a client sees,
+//! and the engine's flow table and metrics confirm which path the traffic took.
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::float_cmp,
+    reason = "metric samples are exact small integers"
+)]
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
+use testbed::{
+    Node, Pod, Testbed,
+    agent::Agent,
+    eventually,
+    http::{HttpGetArgs, HttpGetReport, HttpServer, HttpServerArgs},
+};
+
+const WEB_VIP: &str = "198.19.0.20";
+const PLAIN_VIP: &str = "198.19.0.23";
+
+/// Node `n1`: client pod `a`, backends `v1` and `v2` (label app=web, version v1/v2), each
+/// running `http-server` on 8080; Services `web` (both), `web-v1`, `web-v2`, and `plain` (v1, no
+/// L7 policy ever).
+struct L7Mesh {
+    agent: Agent,
+    pods: Vec<Pod>,
+    servers: Vec<HttpServer>,
+    _node: Node,
+    _tb: Testbed,
+}
+
+const SERVICES: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 198.19.0.20, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v1, namespace: default}
+spec: {clusterIP: 198.19.0.21, selector: {version: v1}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v2, namespace: default}
+spec: {clusterIP: 198.19.0.22, selector: {version: v2}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: default}
+spec: {clusterIP: 198.19.0.23, selector: {version: v1}, ports: [{port: 80, targetPort: 8080}]}
+";
+
+impl L7Mesh {
+    /// `servers`: extra `http-server` flags for v1 and v2.
+    fn new(label: &str, v1: &[&str], v2: &[&str]) -> Result<Self> {
+        let tb = Testbed::new(label)?;
+        let node = tb.node("n1")?;
+        let a = node.pod("a")?;
+        let p1 = node.pod("v1")?;
+        let p2 = node.pod("v2")?;
+        let manifests = [
+            a.manifest(&[("app", "client")], "a"),
+            p1.manifest(&[("app", "web"), ("version", "v1")], "web"),
+            p2.manifest(&[("app", "web"), ("version", "v2")], "web"),
+        ];
+        let agent = Agent::start(&node, &[])?;
+        agent.apply("pods.yaml", &manifests.join("\n---\n"))?;
+        agent.apply("services.yaml", SERVICES)?;
+        agent.wait_workloads(3)?;
+        let servers = vec![
+            serve(&p1, "v1", v1)?,
+            serve(&p2, "v2", v2)?,
+        ];
+        Ok(Self {
+            agent,
+            pods: vec![a, p1, p2],
+            servers,
+            _node: node,
+            _tb: tb,
+        })
+    }
+
+    fn client(&self) -> &Pod {
+        &self.pods[0]
+    }
+
+    fn get(&self, vip: &str, path: &str, count: u64, headers: &[&str]) -> Result<HttpGetReport> {
+        let mut args = HttpGetArgs::new(format!("http://{vip}{path}").parse()?);
+        args.count = count;
+        args.concurrency = 4;
+        args.headers = headers.iter().map(|h| (*h).to_owned()).collect();
+        args.show = 3;
+        self.client().http_get(&args)
+    }
+
+    /// Waits until requests to `web` are answered by the engine with `expect` applied
+    /// (objects are re-read every 100 ms).
+    fn apply_and_wait(&self, file: &str, yaml: &str, check: impl Fn() -> Result<()>) -> Result<()> {
+        self.agent.apply(file, yaml)?;
+        eventually(Duration::from_secs(10), check)
+    }
+
+    /// What the agent says about the objects, for failure messages.
+    fn diag(&self) -> String {
+        self.agent.json("/config_dump").map_or_else(
+            |e| e.to_string(),
+            |d| format!("problems {} errors {} l7 services {}", d["node"]["problems"], d["config_errors"], d["node"]["l7"].as_array().map_or(0, Vec::len)),
+        )
+    }
+
+    fn l7_connections(&self) -> Result<f64> {
+        let text = self.agent.metrics()?;
+        Ok(["http1", "h2", "tls", "opaque"]
+            .iter()
+            .map(|p| testbed::agent::sum_metric(&text, "weft_l7_connections_total", &[("protocol", p)]))
+            .sum())
+    }
+
+    fn l7_metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(testbed::agent::sum_metric(&self.agent.metrics()?, name, labels))
+    }
+}
+
+fn serve(pod: &Pod, name: &str, extra: &[&str]) -> Result<HttpServer> {
+    let mut args = HttpServerArgs::new(name, 8080);
+    for pair in extra.chunks(2) {
+        match pair {
+            ["--fail-percent", v] => args.fail_percent = v.parse()?,
+            ["--fail-status", v] => args.fail_status = v.parse()?,
+            ["--delay-ms", v] => args.delay_ms = v.parse()?,
+            ["--garbage", _] => args.garbage = true,
+            other => anyhow::bail!("unknown server flag {other:?}"),
+        }
+    }
+    pod.serve_http(&args)
+}
+
+fn served(r: &HttpGetReport, name: &str) -> u64 {
+    r.by_server.get(name).copied().unwrap_or(0)
+}
+
+const SPLIT_80_20: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-split, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules:
+  - backendRefs: [{name: web-v1, port: 80, weight: 80}, {name: web-v2, port: 80, weight: 20}]
+";
+
+#[test]
+fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<()> {
+    let m = L7Mesh::new("l7-split", &[], &[])?;
+    // Before any route: `web` is an L4 service, balanced in the kernel; no engine involved.
+    let before = m.get(WEB_VIP, "/", 40, &[])?;
+    ensure!(before.status(200) == 40, "{before:?}");
+    ensure!(m.l7_connections()? == 0.0, "engine saw connections without L7 policy");
+
+    m.apply_and_wait("route.yaml", SPLIT_80_20, || {
+        let r = m.get(WEB_VIP, "/", 1, &[])?;
+        let dump = m.agent.json("/config_dump")?;
+        ensure!(
+            r.status(200) == 1 && m.l7_connections()? > 0.0,
+            "not routed yet: {r:?}\nservices {}\nl7 {}\nproblems {} {}\n{}",
+            dump["node"]["services"], dump["node"]["l7"], dump["node"]["problems"], dump["config_errors"],
+            m.agent.metrics()?.lines().filter(|l| l.contains("event")).collect::<Vec<_>>().join("\n")
+        );
+        Ok(())
+    })?;
+    let r = m.get(WEB_VIP, "/", 400, &[])?;
+    ensure!(r.status(200) == 400, "all requests succeed: {r:?}");
+    let v2 = served(&r, "v2");
+    // Binomial(400, 0.2): mean 80, sd 8; ±5 sd.
+    ensure!((40..=120).contains(&v2), "v2 got {v2} of 400 (expected about 80): {r:?}");
+    ensure!(served(&r, "v1") + v2 == 400);
+
+    // A client nobody here wrote: curl, HTTP/1.1 and h2c prior knowledge, through the VIP.
+    for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
+        let mut args = vec!["-sS", "-D", "-", "-o", "/dev/null", "--max-time", "10"];
+        args.extend_from_slice(extra);
+        let url = format!("http://{WEB_VIP}/hello");
+        args.push(&url);
+        let out = m.client().run(Duration::from_secs(15), "curl", &args)?;
+        ensure!(out.success(), "curl {extra:?}: {}", out.stderr);
+        let head = out.stdout.to_ascii_lowercase();
+        ensure!(head.contains(" 200") && head.contains("x-served-by: v"), "curl {extra:?}: {head}");
+    }
+
+    // The flow table: engine connections with protocol and route; the kernel flows of the client
+    // carry the L7 verdict.
+    let flows = m.agent.flows()?;
+    let l7: Vec<&Value> = flows["l7"]["live"]
+        .as_array()
+        .into_iter()
+        .chain(flows["l7"]["recent"].as_array())
+        .flatten()
+        .collect();
+    ensure!(
+        l7.iter().any(|f| f["protocol"] == "http1"
+            && f["destination"] == format!("{WEB_VIP}:80")
+            && f["source"] == "default/a"
+            && f["routes"].get("default/web-split#0").is_some()),
+        "no http1 L7 flow with its route: {l7:?}"
+    );
+    ensure!(l7.iter().any(|f| f["protocol"] == "h2"), "curl's h2c connection missing: {l7:?}");
+    let kernel_l7 = flows["live"]
+        .as_array()
+        .into_iter()
+        .chain(flows["recent"].as_array())
+        .flatten()
+        .filter(|f| f["verdict"] == "L7" && f["src"]["workload"] == "default/a")
+        .count();
+    ensure!(kernel_l7 > 0, "no kernel flow of a with verdict L7");
+
+    // `plain` has no L7 policy: its requests never reach the engine.
+    let engine_before = m.l7_connections()?;
+    let p = m.get(PLAIN_VIP, "/", 50, &[])?;
+    ensure!(p.status(200) == 50 && served(&p, "v1") == 50, "{p:?}");
+    ensure!(m.l7_connections()? == engine_before, "plain traffic touched the engine");
+
+    // Deleting the route reverts `web` to kernel-only balancing.
+    m.agent.delete("route.yaml")?;
+    eventually(Duration::from_secs(10), || {
+        let before = m.l7_connections()?;
+        let r = m.get(WEB_VIP, "/", 5, &[])?;
+        ensure!(r.status(200) == 5 && m.l7_connections()? == before, "still through the engine");
+        Ok(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn path_header_matches_rewrites_and_redirects() -> Result<()> {
+    let m = L7Mesh::new("l7-match", &[], &[])?;
+    let routes = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2api}}}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - matches: [{headers: [{name: x-canary, value: 'yes'}]}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-routed, value: canary}]}}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - matches: [{path: {type: Exact, value: /old}}]
+    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]
+  - backendRefs: [{name: web-v1, port: 80}]
+";
+    m.apply_and_wait("route.yaml", routes, || {
+        let r = m.get(WEB_VIP, "/api/x", 1, &[])?;
+        ensure!(served(&r, "v2") == 1, "{r:?}");
+        Ok(())
+    })?;
+    let api = m.get(WEB_VIP, "/api/items?id=3", 10, &[])?;
+    ensure!(served(&api, "v2") == 10, "{api:?}");
+    let echo = api.responses[0].echo().context("echo body")?;
+    ensure!(echo.path == "/v2api/items" && echo.query == "id=3", "rewrite: {echo:?}");
+    // Prefix matching is per path segment: /apix is not under /api.
+    let apix = m.get(WEB_VIP, "/apix", 10, &[])?;
+    ensure!(served(&apix, "v1") == 10, "{apix:?}");
+    let canary = m.get(WEB_VIP, "/", 10, &["x-canary: yes"])?;
+    ensure!(served(&canary, "v2") == 10, "{canary:?}");
+    let echo = canary.responses[0].echo().context("echo body")?;
+    ensure!(echo.headers.get("x-routed").map(String::as_str) == Some("canary"), "{echo:?}");
+    ensure!(echo.headers.contains_key("traceparent"), "trace context not propagated: {echo:?}");
+    let old = m.get(WEB_VIP, "/old", 1, &[])?;
+    ensure!(old.status(301) == 1, "{old:?}");
+    let location = old.responses[0].headers.get("location").cloned().unwrap_or_default();
+    ensure!(location.ends_with("/new"), "location {location}");
+    Ok(())
+}
+
+#[test]
+fn retries_fix_a_flaky_backend_and_the_budget_stops_a_storm() -> Result<()> {
+    // v1 fails every other request with 503; v2 fails every request with 503.
+    let m = L7Mesh::new("l7-retry", &["--fail-percent", "50"], &["--fail-percent", "100"])?;
+    let policy = r"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web-v1, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web-v1}
+  retries: {attempts: 3, on: [5xx], backoff: {base: 1ms, max: 5ms}, budget: {percent: 100}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web-v2, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web-v2}
+  retries: {attempts: 5, on: [5xx], backoff: {base: 1ms, max: 2ms}, budget: {percent: 10, minPerSecond: 1, window: 10s}}
+";
+    m.apply_and_wait("policy.yaml", policy, || {
+        ensure!(m.l7_connections()? > 0.0 || m.get("198.19.0.21", "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
+        Ok(())
+    })?;
+    // One request at a time: with every other answer failing, the first retry always succeeds.
+    let mut args = HttpGetArgs::new("http://198.19.0.21/".parse()?);
+    args.count = 200;
+    args.concurrency = 1;
+    let flaky = m.client().http_get(&args)?;
+    ensure!(flaky.status(200) == 200, "retries should hide the flaky backend: {flaky:?}");
+    let retries = m.l7_metric("weft_l7_retries_total", &[("destination_service", "web-v1")])?;
+    ensure!(retries >= 50.0, "retries {retries}");
+
+    // A backend that always fails: the budget allows about 10% of requests plus 1/s × 10 s.
+    let storm = m.get("198.19.0.22", "/", 300, &[])?;
+    ensure!(storm.status(503) == 300, "{storm:?}");
+    let storm_retries = m.l7_metric("weft_l7_retries_total", &[("destination_service", "web-v2")])?;
+    let exhausted =
+        m.l7_metric("weft_l7_retry_budget_exhausted_total", &[("destination_service", "web-v2")])?;
+    // Without a budget this would be 4 × 300 = 1200 retries.
+    ensure!(storm_retries <= 30.0 + 10.0 + 10.0, "budget let {storm_retries} retries through");
+    ensure!(exhausted >= 250.0, "budget exhaustions {exhausted}");
+    Ok(())
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint() -> Result<()> {
+    let m = L7Mesh::new("l7-outlier", &[], &["--fail-percent", "100", "--fail-status", "500"])?;
+    let policy = r"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}
+  loadBalancer: {algorithm: RoundRobin}
+";
+    m.apply_and_wait("policy.yaml", policy, || {
+        ensure!(m.get(WEB_VIP, "/", 1, &[])?.completed == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
+        Ok(())
+    })?;
+    // Warm-up: v2 fails three times in a row and is ejected.
+    let _ = m.get(WEB_VIP, "/", 20, &[])?;
+    let ejections = m.l7_metric("weft_l7_ejections_total", &[("destination_service", "web")])?;
+    ensure!(ejections >= 1.0, "no ejection");
+    let after = m.get(WEB_VIP, "/", 100, &[])?;
+    ensure!(after.status(200) == 100 && served(&after, "v1") == 100, "ejected endpoint still used: {after:?}");
+    Ok(())
+}
+
+#[test]
+fn faults_rate_limits_and_mirroring() -> Result<()> {
+    let m = L7Mesh::new("l7-faults", &[], &[])?;
+    let policy = r"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: v1, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web-v1}
+  faults: {abort: {percent: 50, httpStatus: 418}}
+  mirror: {name: web-v2, port: 80}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: plainish, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  rateLimit: {requestsPerSecond: 1, burst: 10}
+";
+    m.apply_and_wait("policy.yaml", policy, || {
+        ensure!(m.get("198.19.0.21", "/", 1, &[])?.completed == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
+        Ok(())
+    })?;
+    let r = m.get("198.19.0.21", "/", 400, &[])?;
+    let aborted = r.status(418);
+    ensure!((140..=260).contains(&aborted), "50% abort gave {aborted} of 400: {r:?}");
+    ensure!(r.status(200) + aborted == 400, "{r:?}");
+    // The non-aborted requests were mirrored to v2 (fire-and-forget; counted by the engine).
+    let mirrored = m.l7_metric("weft_l7_mirrored_total", &[("destination_service", "web-v1")])?;
+    ensure!(mirrored >= r.status(200) as f64 - 5.0, "mirrored {mirrored}");
+
+    let mut args = HttpGetArgs::new(format!("http://{WEB_VIP}/").parse()?);
+    args.count = 40;
+    args.concurrency = 1;
+    args.show = 40;
+    let limited = m.client().http_get(&args)?;
+    let ok = limited.status(200);
+    ensure!((10..=14).contains(&ok), "burst 10 at 1/s: {ok} passed: {limited:?}");
+    ensure!(limited.status(429) == 40 - ok, "{limited:?}");
+    let retry_after = limited
+        .responses
+        .iter()
+        .find(|x| x.status == 429)
+        .and_then(|x| x.headers.get("retry-after").cloned());
+    ensure!(retry_after.as_deref() == Some("1"), "retry-after {retry_after:?}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_spares_other_connections() -> Result<()> {
+    let m = L7Mesh::new("l7-bad", &[], &["--garbage", "x"])?;
+    let route = SPLIT_80_20.replace("weight: 80", "weight: 100").replace("weight: 20", "weight: 0");
+    m.apply_and_wait("route.yaml", &route, || {
+        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
+        Ok(())
+    })?;
+    // A long-lived keep-alive client runs meanwhile and must see only 200s.
+    let mut long = HttpGetArgs::new(format!("http://{WEB_VIP}/delay/5").parse()?);
+    long.count = 40;
+    long.concurrency = 2;
+    let mut bystander = m.client().spawn(
+        testbed::workload_bin(),
+        std::iter::once("http-get".to_owned()).chain(long.to_args()),
+    )?;
+
+    let raw = |request: &str, wait: u64| -> Result<String> {
+        let script = format!(
+            "exec 3<>/dev/tcp/{WEB_VIP}/80; printf '{request}' >&3; timeout {wait} cat <&3"
+        );
+        let out = m.client().run(Duration::from_secs(wait + 10), "bash", ["-c", &script])?;
+        Ok(out.stdout)
+    };
+    let malformed = raw("GET / HTTP/1.1\\r\\nHost x\\r\\n\\r\\n", 3)?;
+    ensure!(malformed.starts_with("HTTP/1.1 400"), "malformed header: {malformed:?}");
+    let big = format!("GET / HTTP/1.1\\r\\nHost: a\\r\\nX-Big: {}\\r\\n\\r\\n", "a".repeat(70_000));
+    let too_large = raw(&big, 3)?;
+    ensure!(too_large.starts_with("HTTP/1.1 431"), "huge header: {too_large:.80?}");
+    let slow = raw("GET / HTTP/1.1\\r\\nHost: a\\r\\n", 14)?;
+    ensure!(slow.starts_with("HTTP/1.1 408"), "slow-loris: {slow:?}");
+
+    // v2 answers every connection with junk: 502 for the client.
+    let header_route = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: junk, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /junk}}]
+    backendRefs: [{name: web-v2, port: 80}]
+";
+    m.apply_and_wait("junk.yaml", header_route, || {
+        let r = m.get(WEB_VIP, "/junk", 1, &[])?;
+        ensure!(r.status(502) == 1, "{r:?}");
+        Ok(())
+    })?;
+
+    let done = bystander.wait(Duration::from_secs(60))?;
+    let report: HttpGetReport = done.json_as()?;
+    ensure!(report.status(200) == 40 && report.errors == 0, "bystander disturbed: {report:?}");
+    ensure!(m.agent.get("/ready")?.0 == 200, "agent not ready after bad input");
+    drop(m.servers);
+    Ok(())
+}
+
+#[test]
+fn opaque_tcp_and_engine_restart_fall_back() -> Result<()> {
+    let m = L7Mesh::new("l7-opaque", &[], &[])?;
+    m.apply_and_wait("route.yaml", SPLIT_80_20, || {
+        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
+        Ok(())
+    })?;
+    // Not HTTP: the engine pipes the bytes to an endpoint of the service.
+    let script = format!(
+        "exec 3<>/dev/tcp/{WEB_VIP}/80; printf '\\001\\002binary\\n' >&3; timeout 2 cat <&3; echo done"
+    );
+    let out = m.client().run(Duration::from_secs(15), "bash", ["-c", &script])?;
+    ensure!(out.stdout.contains("done"), "{out:?}");
+    let opaque = m.l7_metric("weft_l7_connections_total", &[("protocol", "opaque")])?;
+    ensure!(opaque >= 1.0, "opaque connections {opaque}");
+    Ok(())
+}

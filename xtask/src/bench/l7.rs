@@ -1,0 +1,718 @@
+//! `cargo xtask bench l7`: HTTP/1.1 between two pods of one node, four ways, measured side by
+//! side in one run:
+//!
+//! | column | path |
+//! | --- | --- |
+//! | direct | client pod → upstream pod IP (no proxy, no mesh) |
+//! | weft | client pod → Service VIP; the kernel redirects to Weft's L7 engine in the node, which proxies to the upstream pod (an `HTTPRoute` is attached) |
+//! | nginx | client pod → nginx 1.22 in the node (bridge IP) → upstream pod |
+//! | haproxy | client pod → haproxy 2.6 in the node (bridge IP) → upstream pod |
+//!
+//! direct, nginx and haproxy run on node `base`, which has no agent (no eBPF on its pods, so
+//! "direct" is the plain kernel path); weft runs on node `mesh`, identical but with the agent.
+//! Each node has its own `upstream` pod (`weft-workload http-server`, one thread) and `client` pod.
+//!
+//! For each column, every round: requests/s at saturation with `wrk -t1 -c32` (closed loop), then
+//! p50/p99 at a fixed rate (default 1000 requests/s) with `weft-workload http-load` (open loop,
+//! 16 keep-alive connections, latency from the intended send time). For weft, the agent's RSS is
+//! sampled during the fixed-rate run. Columns rotate order each round so that drift on the
+//! machine spreads over all of them; medians of the rounds are reported.
+//!
+//! Fairness: every proxy gets one worker — nginx one worker process, haproxy `nbthread 1`; the
+//! engine runs on the agent's own data-plane runtime (what the agent ships with). On this
+//! 2-core machine the load generator, the proxy and the upstream server share both cores in
+//! every column.
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::Serialize;
+use testbed::{
+    Node, Pod, Testbed,
+    agent::Agent,
+    eventually,
+    http::{HttpGetArgs, HttpLoadArgs, HttpServer, HttpServerArgs},
+};
+
+use super::{
+    proxies::{Kind, Proxy},
+    wrk,
+};
+use crate::step;
+
+/// The upstream server's port in its pod.
+const UPSTREAM_PORT: u16 = 8080;
+/// Where nginx and haproxy listen on the base node's bridge IP.
+const NGINX_PORT: u16 = 8081;
+const HAPROXY_PORT: u16 = 8082;
+/// The Service the weft column goes through (the project's service range, 198.19.0.0/16).
+const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
+const SERVICE_PORT: u16 = 80;
+/// Keep-alive connections of the fixed-rate client.
+const LOAD_CONNECTIONS: u32 = 16;
+/// Requests that must succeed through a column before it is measured.
+const WARM_UP_REQUESTS: u64 = 200;
+/// How often the agent's RSS is read during the fixed-rate run.
+const RSS_INTERVAL: Duration = Duration::from_millis(50);
+/// How long the agent gets to apply the Service and route and pass the warm-up.
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Targets (see the report).
+const TARGET_RATIO: f64 = 0.5;
+const TARGET_RSS_MB: f64 = 12.0;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub secs: u64,
+    pub rate: f64,
+    pub repeats: usize,
+}
+
+fn objects() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: upstream, namespace: default}}
+spec:
+  clusterIP: {SERVICE_VIP}
+  selector: {{app: upstream}}
+  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {UPSTREAM_PORT}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: upstream, namespace: default}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: upstream, port: {SERVICE_PORT}}}]
+  rules:
+  - backendRefs: [{{name: upstream, port: {SERVICE_PORT}}}]
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Columns
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Column {
+    Direct,
+    Weft,
+    Nginx,
+    Haproxy,
+}
+
+const COLUMNS: [Column; 4] = [Column::Direct, Column::Weft, Column::Nginx, Column::Haproxy];
+
+impl Column {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Weft => "weft",
+            Self::Nginx => "nginx",
+            Self::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// What was measured through one column (medians are taken at the end).
+#[derive(Debug)]
+struct Measured {
+    column: Column,
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    rss_mb: Vec<f64>,
+    /// Who the upstream saw as its peer in the warm-up (the client pod, or a proxy).
+    upstream_peer: Option<String>,
+    /// Why the column could not be set up or measured; it has no numbers then.
+    error: Option<String>,
+}
+
+impl Measured {
+    fn new(column: Column) -> Self {
+        Self {
+            column,
+            rps: Vec::new(),
+            p50: Vec::new(),
+            p99: Vec::new(),
+            rss_mb: Vec::new(),
+            upstream_peer: None,
+            error: None,
+        }
+    }
+
+    /// Median of `samples`, `None` if the column failed or has none.
+    fn median(&self, samples: &[f64]) -> Option<f64> {
+        if self.error.is_some() || samples.is_empty() {
+            return None;
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Some(sorted[sorted.len() / 2])
+    }
+}
+
+/// One column's way in (`None` once it failed), and what was measured through it.
+struct Lane {
+    target: Option<Target>,
+    measured: Measured,
+}
+
+struct Target {
+    client: Pod,
+    url: String,
+    /// weft: the agent, for its RSS.
+    agent_pid: Option<u32>,
+}
+
+impl Lane {
+    fn new(column: Column, target: Result<Target>) -> Self {
+        let mut lane = Self {
+            target: None,
+            measured: Measured::new(column),
+        };
+        match target {
+            Ok(target) => lane.target = Some(target),
+            Err(error) => lane.fail("not measured", &error),
+        }
+        lane
+    }
+
+    fn fail(&mut self, what: &str, error: &anyhow::Error) {
+        step!("{}: {what}: {error:#}", self.measured.column.name());
+        self.target = None;
+        self.measured.error = Some(format!("{error:#}"));
+    }
+
+    /// Checks the column end to end before it is measured: every request answered 200 by the
+    /// upstream; records who the upstream saw as the peer.
+    fn warm_up(&mut self) {
+        let Some(target) = &self.target else { return };
+        match warm_up(target) {
+            Ok(peer) => self.measured.upstream_peer = Some(peer),
+            Err(error) => self.fail("warm-up failed", &error),
+        }
+    }
+
+    /// One round: saturation with wrk, then the fixed-rate run. A failure marks the column
+    /// failed instead of stopping the benchmark.
+    fn measure(&mut self, options: &Options) {
+        let Some(target) = &self.target else { return };
+        match measure(target, options) {
+            Ok(sample) => {
+                let m = &mut self.measured;
+                m.rps.push(sample.rps);
+                m.p50.push(sample.p50_us);
+                m.p99.push(sample.p99_us);
+                if let Some(rss) = sample.rss_mb {
+                    m.rss_mb.push(rss);
+                }
+            }
+            Err(error) => self.fail("measurement failed", &error),
+        }
+    }
+}
+
+/// [`Lane::warm_up`]; returns the upstream's view of the peer.
+fn warm_up(target: &Target) -> Result<String> {
+    let report = target.client.http_get(
+        &HttpGetArgs::new(target.url.parse()?)
+            .count(WARM_UP_REQUESTS)
+            .concurrency(4)
+            .show(1),
+    )?;
+    ensure!(
+        report.all_ok() && report.by_server.get("upstream") == Some(&WARM_UP_REQUESTS),
+        "warm-up through {}: {} of {WARM_UP_REQUESTS} answered 2xx, statuses {:?}, servers {:?}, errors {:?}",
+        target.url,
+        report.ok(),
+        report.by_status,
+        report.by_server,
+        report.error_samples
+    );
+    let echo = report
+        .responses
+        .first()
+        .context("no response shown")?
+        .echo()
+        .context("the upstream's answer is not its JSON echo")?;
+    Ok(echo.peer)
+}
+
+struct Sample {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    rss_mb: Option<f64>,
+}
+
+fn measure(target: &Target, options: &Options) -> Result<Sample> {
+    let saturated = wrk::run(&target.client, &target.url, options.secs)?;
+    let load = HttpLoadArgs::new(
+        target.url.parse()?,
+        options.rate,
+        Duration::from_secs(options.secs),
+    )
+    .connections(LOAD_CONNECTIONS);
+    let mut run = target.client.start_http_load(&load)?;
+    let mut rss_kb: Option<u64> = None;
+    if let Some(pid) = target.agent_pid {
+        while run.is_running() {
+            let now = vm_rss_kb(pid).with_context(|| format!("agent (pid {pid}) RSS"))?;
+            rss_kb = Some(rss_kb.map_or(now, |max| max.max(now)));
+            std::thread::sleep(RSS_INTERVAL);
+        }
+    }
+    let report = run.finish()?;
+    ensure!(
+        report.clean(),
+        "http-load at {} req/s through {}: {} of {} scheduled answered, {} errors {:?}, {} not 2xx, {} never sent",
+        options.rate,
+        target.url,
+        report.completed,
+        report.scheduled,
+        report.errors,
+        report.error_samples,
+        report.non_2xx,
+        report.missed
+    );
+    #[allow(clippy::cast_precision_loss, reason = "kilobytes far below 2^52")]
+    Ok(Sample {
+        rps: saturated.rps,
+        p50_us: report.p50_us,
+        p99_us: report.p99_us,
+        rss_mb: rss_kb.map(|kb| kb as f64 / 1024.0),
+    })
+}
+
+/// `VmRSS` of `pid`, in KiB.
+fn vm_rss_kb(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS line")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup of each side
+
+/// A node's two pods and its upstream server.
+struct Side {
+    client: Pod,
+    upstream: Pod,
+    server: HttpServer,
+}
+
+fn side(node: &Node) -> Result<Side> {
+    let client = node.pod("client")?;
+    let upstream = node.pod("upstream")?;
+    let server = upstream.serve_http(&HttpServerArgs::new("upstream", UPSTREAM_PORT))?;
+    Ok(Side {
+        client,
+        upstream,
+        server,
+    })
+}
+
+/// The mesh node's agent with the Service and its `HTTPRoute` applied; the target goes through the
+/// VIP once the warm-up passes through it.
+fn weft_target(node: &Node, side: &Side, agent: &mut Option<Agent>) -> Result<Target> {
+    let started = Agent::start(node, &[]).context("starting the agent")?;
+    let agent = agent.insert(started);
+    agent.apply(
+        "pods.yaml",
+        &[
+            side.client.manifest(&[("app", "client")], "client"),
+            side.upstream.manifest(&[("app", "upstream")], "upstream"),
+        ]
+        .join("\n---\n"),
+    )?;
+    agent.apply("l7.yaml", &objects())?;
+    agent.wait_workloads(2)?;
+    let url = format!("http://{SERVICE_VIP}:{SERVICE_PORT}/");
+    // The engine may take a sync or two to take the route: wait for one good answer.
+    eventually(ROUTE_TIMEOUT, || {
+        let one = side
+            .client
+            .http_get(&HttpGetArgs::new(url.parse()?).request_timeout(Duration::from_secs(2)))?;
+        ensure!(
+            one.all_ok(),
+            "GET {url}: statuses {:?}, errors {:?}",
+            one.by_status,
+            one.error_samples
+        );
+        Ok(())
+    })
+    .with_context(|| format!("no answer through the Service VIP {url} (is the L7 engine on?)"))?;
+    let agent_pid = agent_pid(node)?;
+    Ok(Target {
+        client: side.client.clone(),
+        url,
+        agent_pid: Some(agent_pid),
+    })
+}
+
+/// The agent runs alone in the node's agent cgroup.
+fn agent_pid(node: &Node) -> Result<u32> {
+    let procs = node.agent_cgroup().join("cgroup.procs");
+    let text =
+        std::fs::read_to_string(&procs).with_context(|| format!("reading {}", procs.display()))?;
+    let pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    match pids.as_slice() {
+        [pid] => Ok(*pid),
+        other => bail!(
+            "expected the agent alone in {}, found {other:?}",
+            procs.display()
+        ),
+    }
+}
+
+fn proxy_target(
+    node: &Node,
+    side: &Side,
+    kind: Kind,
+    port: u16,
+    proxies: &mut Vec<Proxy>,
+) -> Result<Target> {
+    let listen = SocketAddrV4::new(node.bridge_ip(), port);
+    let proxy = Proxy::start(node, kind, listen, side.server.addr())?;
+    let url = proxy.url("/");
+    proxies.push(proxy);
+    Ok(Target {
+        client: side.client.clone(),
+        url,
+        agent_pid: None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+#[derive(Debug, Serialize)]
+#[allow(clippy::struct_field_names, reason = "flat JSON for scripts")]
+struct Report {
+    tool: String,
+    secs_per_run: u64,
+    repeats: usize,
+    fixed_rate_rps: f64,
+    direct_p50_us: Option<f64>,
+    direct_p99_us: Option<f64>,
+    weft_p50_us: Option<f64>,
+    weft_p99_us: Option<f64>,
+    nginx_p50_us: Option<f64>,
+    nginx_p99_us: Option<f64>,
+    haproxy_p50_us: Option<f64>,
+    haproxy_p99_us: Option<f64>,
+    direct_rps: Option<f64>,
+    weft_rps: Option<f64>,
+    nginx_rps: Option<f64>,
+    haproxy_rps: Option<f64>,
+    /// Max `VmRSS` of the agent during the fixed-rate run (MiB), median over rounds.
+    weft_rss_mb: Option<f64>,
+    /// p99 added over direct.
+    weft_added_p99_us: Option<f64>,
+    nginx_added_p99_us: Option<f64>,
+    haproxy_added_p99_us: Option<f64>,
+    /// `weft_added_p99 / min(nginx_added_p99, haproxy_added_p99)`; target ≤ 0.5.
+    ratio_weft_added_p99_vs_best_proxy: Option<f64>,
+    target_ratio: f64,
+    target_weft_rss_mb: f64,
+    /// Who the upstream saw connecting in each column's warm-up (a proxy's address, or the
+    /// client pod's own for direct).
+    upstream_peers: std::collections::BTreeMap<&'static str, Option<String>>,
+    /// Why a column has no numbers.
+    errors: std::collections::BTreeMap<&'static str, String>,
+}
+
+fn report(columns: &[Measured], options: &Options) -> Report {
+    let lane = |c: Column| {
+        columns
+            .iter()
+            .find(|m| m.column == c)
+            .expect("every column is measured")
+    };
+    let p50 = |c| lane(c).median(&lane(c).p50);
+    let p99 = |c| lane(c).median(&lane(c).p99);
+    let rps = |c| lane(c).median(&lane(c).rps);
+    let added = |c| Some(p99(c)? - p99(Column::Direct)?);
+    let best_proxy = match (added(Column::Nginx), added(Column::Haproxy)) {
+        (Some(n), Some(h)) => Some(n.min(h)),
+        (one, other) => one.or(other),
+    };
+    let ratio = match (added(Column::Weft), best_proxy) {
+        (Some(w), Some(b)) if b > 0.0 => Some(w / b),
+        _ => None,
+    };
+    Report {
+        tool: format!(
+            "saturation: wrk -t{} -c{}; fixed rate: weft-workload http-load ({LOAD_CONNECTIONS} connections, open loop)",
+            wrk::THREADS,
+            wrk::CONNECTIONS
+        ),
+        secs_per_run: options.secs,
+        repeats: options.repeats,
+        fixed_rate_rps: options.rate,
+        direct_p50_us: p50(Column::Direct),
+        direct_p99_us: p99(Column::Direct),
+        weft_p50_us: p50(Column::Weft),
+        weft_p99_us: p99(Column::Weft),
+        nginx_p50_us: p50(Column::Nginx),
+        nginx_p99_us: p99(Column::Nginx),
+        haproxy_p50_us: p50(Column::Haproxy),
+        haproxy_p99_us: p99(Column::Haproxy),
+        direct_rps: rps(Column::Direct),
+        weft_rps: rps(Column::Weft),
+        nginx_rps: rps(Column::Nginx),
+        haproxy_rps: rps(Column::Haproxy),
+        weft_rss_mb: lane(Column::Weft).median(&lane(Column::Weft).rss_mb),
+        weft_added_p99_us: added(Column::Weft),
+        nginx_added_p99_us: added(Column::Nginx),
+        haproxy_added_p99_us: added(Column::Haproxy),
+        ratio_weft_added_p99_vs_best_proxy: ratio,
+        target_ratio: TARGET_RATIO,
+        target_weft_rss_mb: TARGET_RSS_MB,
+        upstream_peers: columns
+            .iter()
+            .map(|m| (m.column.name(), m.upstream_peer.clone()))
+            .collect(),
+        errors: columns
+            .iter()
+            .filter_map(|m| Some((m.column.name(), m.error.clone()?)))
+            .collect(),
+    }
+}
+
+fn print_table(r: &Report) {
+    let cell = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.0}"));
+    let row = |name: &str, values: [Option<f64>; 4], target: &str| {
+        let mut line = format!("{name:<34}");
+        for v in values {
+            let _ = write!(line, " {:>9}", cell(v));
+        }
+        println!("{line}  {target}");
+    };
+    println!();
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9}  target",
+        "HTTP/1.1, same node, pod → pod", "direct", "weft", "nginx", "haproxy"
+    );
+    row(
+        &format!("requests/s (wrk -t{} -c{})", wrk::THREADS, wrk::CONNECTIONS),
+        [r.direct_rps, r.weft_rps, r.nginx_rps, r.haproxy_rps],
+        "",
+    );
+    row(
+        &format!("p50 at {:.0} req/s (µs)", r.fixed_rate_rps),
+        [
+            r.direct_p50_us,
+            r.weft_p50_us,
+            r.nginx_p50_us,
+            r.haproxy_p50_us,
+        ],
+        "",
+    );
+    row(
+        &format!("p99 at {:.0} req/s (µs)", r.fixed_rate_rps),
+        [
+            r.direct_p99_us,
+            r.weft_p99_us,
+            r.nginx_p99_us,
+            r.haproxy_p99_us,
+        ],
+        "",
+    );
+    row(
+        "added p99 vs direct (µs)",
+        [
+            None,
+            r.weft_added_p99_us,
+            r.nginx_added_p99_us,
+            r.haproxy_added_p99_us,
+        ],
+        "",
+    );
+    println!(
+        "{:<34} {:>9} {:>9}  ≤ {TARGET_RSS_MB:.0}",
+        "agent RSS during the run (MiB)",
+        "",
+        r.weft_rss_mb
+            .map_or_else(|| "—".to_owned(), |v| format!("{v:.1}"))
+    );
+    println!(
+        "weft added p99 / best of nginx, haproxy: {}  (target ≤ {TARGET_RATIO})",
+        r.ratio_weft_added_p99_vs_best_proxy
+            .map_or_else(|| "—".to_owned(), |v| format!("{v:.2}"))
+    );
+    for (column, peer) in &r.upstream_peers {
+        if let Some(peer) = peer {
+            println!("  {column}: the upstream saw connections from {peer}");
+        }
+    }
+    for (column, error) in &r.errors {
+        println!("  {column}: NOT MEASURED: {error}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+#[allow(clippy::too_many_lines, reason = "one linear measurement script")]
+pub fn l7(weft: &Path, workload: &Path, options: Options, json: Option<&Path>) -> Result<()> {
+    testbed::use_binaries(weft, workload)?;
+    let options = Options {
+        repeats: options.repeats.max(1),
+        secs: options.secs.max(1),
+        ..options
+    };
+    ensure!(
+        options.rate.is_finite() && options.rate > 0.0,
+        "--rate must be positive"
+    );
+    step!(
+        "bench l7: HTTP/1.1 pod → pod, direct vs Weft's L7 engine vs nginx vs haproxy ({}s per run, {} rounds, fixed rate {} req/s)",
+        options.secs,
+        options.repeats,
+        options.rate
+    );
+    let tb = Testbed::new("bench-l7")?;
+    let base_node = tb.node("base")?;
+    let mesh_node = tb.node("mesh")?;
+    let base = side(&base_node)?;
+    let mesh = side(&mesh_node)?;
+
+    step!("starting nginx and haproxy in node base (one worker each, upstream keep-alive)");
+    let mut proxies = Vec::new();
+    let nginx = proxy_target(&base_node, &base, Kind::Nginx, NGINX_PORT, &mut proxies);
+    let haproxy = proxy_target(&base_node, &base, Kind::Haproxy, HAPROXY_PORT, &mut proxies);
+    step!(
+        "starting the Weft agent (L7 engine) in node mesh, with Service upstream and its HTTPRoute"
+    );
+    let mut agent = None;
+    let weft = weft_target(&mesh_node, &mesh, &mut agent);
+    let direct = Ok(Target {
+        client: base.client.clone(),
+        url: base.server.url("/").to_string(),
+        agent_pid: None,
+    });
+    let mut lanes = vec![
+        Lane::new(Column::Direct, direct),
+        Lane::new(Column::Weft, weft),
+        Lane::new(Column::Nginx, nginx),
+        Lane::new(Column::Haproxy, haproxy),
+    ];
+    debug_assert!(lanes.iter().map(|l| l.measured.column).eq(COLUMNS));
+
+    step!(
+        "warm-up: {WARM_UP_REQUESTS} requests through each column, all must be answered 200 by the upstream"
+    );
+    for lane in &mut lanes {
+        lane.warm_up();
+    }
+
+    let started = Instant::now();
+    for round in 0..options.repeats {
+        // Rotate the order each round: no column always runs first or last.
+        let order: Vec<usize> = (0..lanes.len())
+            .map(|i| (i + round) % lanes.len())
+            .collect();
+        let names: Vec<&str> = order
+            .iter()
+            .map(|&i| lanes[i].measured.column.name())
+            .collect();
+        step!(
+            "round {}/{}: {} (wrk {}s, then {} req/s for {}s, each)",
+            round + 1,
+            options.repeats,
+            names.join(", "),
+            options.secs,
+            options.rate,
+            options.secs
+        );
+        for i in order {
+            lanes[i].measure(&options);
+        }
+    }
+    step!("measured in {:.0}s", started.elapsed().as_secs_f64());
+
+    let measured: Vec<Measured> = lanes.into_iter().map(|l| l.measured).collect();
+    let r = report(&measured, &options);
+    print_table(&r);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&r)?)?;
+        step!("wrote {}", path.display());
+    }
+
+    step!("stopping the proxies, the servers and the agent; removing the testbed");
+    for proxy in proxies {
+        let name = proxy.kind().name();
+        proxy.stop().with_context(|| format!("stopping {name}"))?;
+    }
+    for s in [base, mesh] {
+        if let Err(error) = s.server.finish() {
+            eprintln!("[bench] upstream server: {error:#}");
+        }
+    }
+    if let Some(mut agent) = agent {
+        agent.uninstall(&mesh_node)?;
+    }
+    let left = tb.teardown()?;
+    ensure!(
+        left.is_empty(),
+        "the benchmark left something behind: {left:?}"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_name_the_service_and_route() {
+        let yaml = objects();
+        assert!(yaml.contains("clusterIP: 198.19.0.20"));
+        assert!(yaml.contains("ports: [{name: http, port: 80, targetPort: 8080}]"));
+        assert!(yaml.contains("kind: HTTPRoute"));
+        assert!(
+            yaml.contains("parentRefs: [{group: \"\", kind: Service, name: upstream, port: 80}]")
+        );
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp, reason = "exact small values")]
+    fn added_latency_and_ratio_use_the_better_proxy() {
+        let column = |column, p99: f64| Measured {
+            p99: vec![p99, p99 + 1000.0, p99 - 1.0],
+            rps: vec![1.0],
+            p50: vec![1.0],
+            ..Measured::new(column)
+        };
+        let mut columns = vec![
+            column(Column::Direct, 100.0),
+            column(Column::Weft, 150.0),
+            column(Column::Nginx, 300.0),
+            column(Column::Haproxy, 200.0),
+        ];
+        let options = Options {
+            secs: 1,
+            rate: 1.0,
+            repeats: 3,
+        };
+        let r = report(&columns, &options);
+        assert_eq!(r.weft_added_p99_us, Some(50.0));
+        assert_eq!(r.haproxy_added_p99_us, Some(100.0));
+        assert_eq!(r.ratio_weft_added_p99_vs_best_proxy, Some(0.5));
+        columns[1].error = Some("no engine".into());
+        let r = report(&columns, &options);
+        assert_eq!(
+            (r.weft_p99_us, r.ratio_weft_added_p99_vs_best_proxy),
+            (None, None)
+        );
+        assert_eq!(r.errors["weft"], "no engine");
+        assert_eq!(r.nginx_added_p99_us, Some(200.0));
+    }
+}
