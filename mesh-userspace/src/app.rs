@@ -457,7 +457,9 @@ fn kernel_snapshot(
     let name = |id: u32| {
         node.workload(id).map_or_else(
             || {
-                if id == 0 {
+                if id == ENGINE_WORKLOAD {
+                    ("weft-system".to_owned(), "l7-engine".to_owned())
+                } else if id == 0 {
                     (String::new(), "unmeshed".to_owned())
                 } else {
                     (String::new(), format!("unknown-{id}"))

@@ -217,6 +217,21 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
         .count();
     ensure!(kernel_l7 > 0, "no kernel flow of a with verdict L7");
 
+    // Both legs through the engine are local socket pairs: the kernel moved their payload
+    // socket to socket.
+    eventually(Duration::from_secs(5), || {
+        let text = m.agent.metrics()?;
+        for (src, dst) in [("a", "l7-engine"), ("l7-engine", "v1"), ("l7-engine", "v2")] {
+            let fast = testbed::agent::sum_metric(
+                &text,
+                "weft_tcp_fast_path_bytes_total",
+                &[("source_workload", src), ("destination_workload", dst)],
+            );
+            ensure!(fast > 0.0, "no fast-path bytes {src} → {dst}");
+        }
+        Ok(())
+    })?;
+
     // `plain` has no L7 policy: its requests never reach the engine.
     let engine_before = m.l7_connections()?;
     let p = m.get(PLAIN_VIP, "/", 50, &[])?;

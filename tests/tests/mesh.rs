@@ -552,9 +552,10 @@ fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
     let dir = m.agent.bpffs_dir.clone();
     let ids = pinned_program_ids(&dir)?;
     let link_ids = pinned_link_ids(&dir)?;
-    // sock_ops, connect4 and getpeername4 on the node cgroup, and two TC links per pod veth.
+    // sock_ops, connect4 and getpeername4 on the node cgroup, sock_ops on the agent's cgroup
+    // (the L7 engine's legs), and two TC links per pod veth.
     ensure!(
-        link_ids.len() == 3 + 2 * m.pods.len(),
+        link_ids.len() == 4 + 2 * m.pods.len(),
         "pinned links: {link_ids:?}"
     );
     ensure!(
