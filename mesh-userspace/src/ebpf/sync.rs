@@ -111,11 +111,16 @@ impl Datapath {
             },
         };
         if cfg != wanted {
+            // A heartbeat alone is not a configuration change worth reporting.
+            let changed = Config {
+                engine_seen_ns: cfg.engine_seen_ns,
+                ..wanted
+            } != cfg;
             cfg = wanted;
             m.config
                 .set(CONFIG_INDEX, cfg, 0)
                 .map_err(map_err(n::CONFIG))?;
-            report.inserted += 1;
+            report.inserted += usize::from(changed);
         }
         Ok(report)
     }

@@ -1733,6 +1733,37 @@ mod tests {
         assert!(a.redirect_response(&absolute).is_none());
     }
 
+    const HOSTILE: &str = r"[
+        {backendRefs: [{name: a, port: 70000}, {name: b, weight: -3}, {group: x.io, kind: Pod, name: c}],
+         filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m}, fraction: {numerator: 5, denominator: 0}}},
+                   {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: 'bad name', value: x}]}},
+                   {type: ExtensionRef, extensionRef: {group: x.io, kind: K, name: n}},
+                   {type: URLRewrite}]},
+        {matches: [{path: {type: Exact, value: /x}}],
+         filters: [{type: RequestRedirect, requestRedirect: {statusCode: 999, port: 0,
+                    path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]},
+    ]";
+
+    #[test]
+    fn hostile_values_become_problems() {
+        let c = one(HOSTILE);
+        assert_eq!(c.problems.len(), 9, "{:#?}", c.problems);
+        let a = select(&c.table, "GET", "/", NONE).unwrap();
+        assert!(a.backends.is_empty() && a.mirror.is_empty() && a.request_headers.is_empty());
+        assert_eq!((a.invalid_weight, a.pick_backend(0)), (2, None)); // a and c; b weighs 0
+        let r = select(&c.table, "GET", "/x", NONE)
+            .unwrap()
+            .redirect
+            .clone()
+            .unwrap();
+        assert_eq!((r.status, r.port), (302, None));
+        let grpc =
+            "metadata: {name: g}\nspec: {parentRefs: [{kind: Service, name: svc, namespace: ns}],
+                    rules: [{matches: [{method: {type: Exact}}]}]}";
+        let c = compile(&svc(), 80, &[], &[serde_yaml::from_str(grpc).unwrap()]);
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+    }
+
     const REVIEWS: &str = r"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
