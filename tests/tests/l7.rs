@@ -290,6 +290,23 @@ spec:
     ensure!(old.status(301) == 1, "{old:?}");
     let location = old.responses[0].headers.get("location").cloned().unwrap_or_default();
     ensure!(location.ends_with("/new"), "location {location}");
+
+    // Routes attached but none matches: 404.
+    let only_api = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: web-v2, port: 80}]
+";
+    m.apply_and_wait("route.yaml", only_api, || {
+        let r = m.get(WEB_VIP, "/", 1, &[])?;
+        ensure!(r.status(404) == 1, "{r:?}");
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -468,7 +485,7 @@ spec:
 }
 
 #[test]
-fn opaque_tcp_and_engine_restart_fall_back() -> Result<()> {
+fn non_http_bytes_are_piped_opaque() -> Result<()> {
     let m = L7Mesh::new("l7-opaque", &[], &[])?;
     m.apply_and_wait("route.yaml", SPLIT_80_20, || {
         ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
@@ -483,6 +500,39 @@ fn opaque_tcp_and_engine_restart_fall_back() -> Result<()> {
     let opaque = m.l7_metric("weft_l7_connections_total", &[("protocol", "opaque")])?;
     ensure!(opaque >= 1.0, "opaque connections {opaque}");
     Ok(())
+}
+
+/// The agent (and so the engine) dies: new connections to an L7 service go straight to a
+/// backend once the heartbeat is stale (L7 policy skipped, traffic kept); the restarted agent
+/// takes them back.
+#[test]
+fn l7_services_fail_open_while_the_agent_is_down() -> Result<()> {
+    let mut m = L7Mesh::new("l7-failopen", &[], &[])?;
+    m.apply_and_wait("route.yaml", SPLIT_80_20, || {
+        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet");
+        Ok(())
+    })?;
+    let via_engine = m.get(WEB_VIP, "/", 1, &[])?;
+    let peer = via_engine.responses[0].echo().context("echo")?.peer;
+    ensure!(peer.starts_with("198.18.1.1:"), "not from the engine: {peer}");
+
+    m.agent.kill9();
+    let client_ip = m.client().ip().to_string();
+    eventually(Duration::from_secs(10), || {
+        let r = m.get(WEB_VIP, "/", 1, &[])?;
+        ensure!(r.status(200) == 1, "{r:?}");
+        let peer = r.responses[0].echo().context("echo")?.peer;
+        ensure!(peer.starts_with(&format!("{client_ip}:")), "still redirected: {peer}");
+        Ok(())
+    })?;
+    let node = m._node.clone();
+    m.agent.restart(&node)?;
+    eventually(Duration::from_secs(10), || {
+        let r = m.get(WEB_VIP, "/", 1, &[])?;
+        let peer = r.responses[0].echo().context("echo")?.peer;
+        ensure!(peer.starts_with("198.18.1.1:"), "not back through the engine: {peer}");
+        Ok(())
+    })
 }
 
 #[test]

@@ -214,10 +214,14 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
             query: req.uri().query(),
             headers: req.headers(),
         };
-        target.routes.select(&view).cloned()
+        target.routes.select(&view)
     };
+    if selected.is_none() && !target.routes.is_empty() {
+        // Routes are attached but none matches: 404, as Gateway API specifies.
+        ctx.note_route("no-match");
+        return Ok(local_reply(StatusCode::NOT_FOUND, grpc, "no route matches the request"));
+    }
     let route_name = selected
-        .as_ref()
         .map_or_else(|| "default".to_owned(), |a| format!("{}#{}", a.route, a.rule));
     let labels = Labels {
         route: RouteLabels {
@@ -234,7 +238,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
     in_flight.inc();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let resp = route_request(req, &ctx, &target, selected.as_ref(), &labels, grpc).await;
+    let resp = route_request(req, &ctx, &target, selected, &labels, grpc).await;
     in_flight.dec();
     let status = resp.status().as_u16();
     let class = if grpc {
@@ -376,7 +380,8 @@ async fn route_request(
     }
 
     let retries = policy.and_then(|p| p.spec.retries.as_ref());
-    let mirror = policy
+    // Mirrors: the traffic policy's and the route rule's RequestMirror filters.
+    let mut mirrors: Vec<Arc<Pool>> = policy
         .and_then(|p| p.spec.mirror.as_ref())
         .filter(|mi| roll(mi.percent))
         .and_then(|mi| {
@@ -389,7 +394,18 @@ async fn route_request(
                 weight: 1,
             })
         })
-        .cloned();
+        .cloned()
+        .into_iter()
+        .collect();
+    if let Some(a) = action {
+        let mut rng = rand::rng();
+        mirrors.extend(
+            a.mirror
+                .iter()
+                .filter(|mi| mi.fires(rng.random()))
+                .filter_map(|mi| target.pool(&mi.target).cloned()),
+        );
+    }
     let timeout = action
         .and_then(|a| a.request_timeout)
         .or_else(|| policy.and_then(|p| p.spec.timeout));
@@ -399,7 +415,7 @@ async fn route_request(
 
     // Bodies are kept for retries and mirroring up to a cap; a larger body streams through and
     // makes the request single-try.
-    let keep_cap = if retries.is_some() || mirror.is_some() {
+    let keep_cap = if retries.is_some() || !mirrors.is_empty() {
         retries.map_or(64 * 1024, |r| r.max_body_bytes)
     } else {
         0
@@ -412,9 +428,11 @@ async fn route_request(
             return local_reply(StatusCode::BAD_REQUEST, grpc, "request body could not be read");
         }
     };
-    if let (Some(mpool), ReqBody::Kept(bytes)) = (&mirror, &body) {
-        m.mirrored.get_or_create(&labels.route).inc();
-        spawn_mirror(ctx, mpool.clone(), &parts, bytes.clone());
+    if let ReqBody::Kept(bytes) = &body {
+        for mpool in mirrors {
+            m.mirrored.get_or_create(&labels.route).inc();
+            spawn_mirror(ctx, mpool, &parts, bytes.clone());
+        }
     }
 
     let attempts = retries.map_or(1, |r| r.attempts.max(1));

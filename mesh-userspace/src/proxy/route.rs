@@ -4,8 +4,8 @@
 //! is the one the spec picks.
 //!
 //! Choices where the spec leaves room (each one is tested below):
-//! - `RegularExpression` paths are full matches on the raw path and rank after `Exact` and `PathPrefix`
-//!   paths of any length; among themselves they compare by method/headers/query only.
+//! - `RegularExpression` paths are full matches on the raw path and rank after `Exact` and
+//!   `PathPrefix` paths of any length; among themselves they compare by method/headers/query.
 //! - Prefix length counts the prefix without its trailing slash (`/a/` and `/a` are one match).
 //! - Query parameters are percent-decoded (`+` stays literal); header and query values are
 //!   compared on the first occurrence only; a header value that is not UTF-8 never matches.
@@ -407,7 +407,9 @@ macro_rules! ref_parts {
     ($($t:ty),*) => {$(
         impl AsRefParts for $t {
             fn ref_parts(&self) -> RefParts<'_> {
-                RefParts { group: self.group.as_deref(), kind: self.kind.as_deref(), name: &self.name, namespace: self.namespace.as_deref(), port: self.port }
+                let (group, kind) = (self.group.as_deref(), self.kind.as_deref());
+                let (name, namespace, port) = (&self.name, self.namespace.as_deref(), self.port);
+                RefParts { group, kind, name, namespace, port }
             }
         }
     )*};
@@ -712,6 +714,14 @@ macro_rules! problem {
     ($cx:expr, $($fmt:tt)*) => { $cx.problem(&format!($($fmt)*)) };
 }
 
+/// A filter type as spelled in YAML (`URLRewrite`, not `UrlRewrite`).
+fn type_name<T: Serialize>(t: &T) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// Runs `$body` with the filter's configuration, or reports that it is missing.
 macro_rules! with_config {
     ($cx:expr, $f:expr, $field:ident, |$m:ident| $body:expr) => {
@@ -719,8 +729,8 @@ macro_rules! with_config {
             Some($m) => $body,
             None => problem!(
                 $cx,
-                "filter {:?} lacks its configuration, ignored",
-                $f.r#type
+                "filter {} lacks its configuration, ignored",
+                type_name(&$f.r#type)
             ),
         }
     };
@@ -798,8 +808,8 @@ impl<'c> Compiler<'c> {
         // Compiled alone first: a pattern such as `a)|(b` must not escape the anchoring group.
         let anchored = format!("^(?:{pattern})$");
         let build = |p: &str| RegexBuilder::new(p).size_limit(1 << 20).build();
-        let built = build(pattern).and_then(|_| build(&anchored));
-        built
+        let regex = build(pattern).and_then(|_| build(&anchored));
+        regex
             .map_err(|e| {
                 problem!(
                     self,
@@ -864,7 +874,8 @@ impl<'c> Compiler<'c> {
             let (g, k) = (r.group.unwrap_or(""), r.kind.unwrap_or(""));
             problem!(
                 self,
-                "backend {name} is a {g}/{k}, only Services are supported; its share of requests gets 500"
+                "backend {name} is a {g}/{k}, only Services are supported; \
+                 its share of requests gets 500"
             );
             return Err(w);
         }
@@ -874,8 +885,8 @@ impl<'c> Compiler<'c> {
             Some(_) => {
                 problem!(
                     self,
-                    "backend {name} has invalid port {:?}; its share of requests gets 500",
-                    r.port
+                    "backend {name} has invalid port {}; its share of requests gets 500",
+                    r.port.unwrap_or_default()
                 );
                 return Err(w);
             }
@@ -1054,7 +1065,11 @@ fn http_rule(cx: &mut Compiler<'_>, rule: &HttpRouteRules) {
                 });
             }),
             T::ExtensionRef | T::Cors => {
-                problem!(cx, "filter {:?} is not supported, ignored", f.r#type);
+                problem!(
+                    cx,
+                    "filter {} is not supported, ignored",
+                    type_name(&f.r#type)
+                );
             }
         }
     }
@@ -1097,7 +1112,11 @@ fn redirect(cx: &mut Compiler<'_>, r: &HttpRouteRulesFiltersRequestRedirect) -> 
         .port
         .and_then(|v| u16::try_from(v).ok().filter(|p| *p != 0));
     if r.port.is_some() && port.is_none() {
-        problem!(cx, "redirect port {:?} is out of range, ignored", r.port);
+        problem!(
+            cx,
+            "redirect port {} is out of range, ignored",
+            r.port.unwrap_or_default()
+        );
     }
     let path = r.path.as_ref().and_then(|m| {
         let full = m.r#type == HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath;
@@ -1747,9 +1766,11 @@ mod tests {
     #[test]
     fn hostile_values_become_problems() {
         let c = one(HOSTILE);
-        assert_eq!(c.problems.len(), 9, "{:#?}", c.problems);
+        assert_eq!(c.problems.len(), 10, "{:#?}", c.problems);
+        assert!(c.problems[6].ends_with("filter URLRewrite lacks its configuration, ignored"));
         let a = select(&c.table, "GET", "/", NONE).unwrap();
-        assert!(a.backends.is_empty() && a.mirror.is_empty() && a.request_headers.is_empty());
+        assert!(a.mirror.is_empty() && a.request_headers.is_empty());
+        assert_eq!(a.backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [0]); // b
         assert_eq!((a.invalid_weight, a.pick_backend(0)), (2, None)); // a and c; b weighs 0
         let r = select(&c.table, "GET", "/x", NONE)
             .unwrap()
@@ -1758,7 +1779,7 @@ mod tests {
             .unwrap();
         assert_eq!((r.status, r.port), (302, None));
         let grpc =
-            "metadata: {name: g}\nspec: {parentRefs: [{kind: Service, name: svc, namespace: ns}],
+            "metadata: {name: g, namespace: ns}\nspec: {parentRefs: [{kind: Service, name: svc}],
                     rules: [{matches: [{method: {type: Exact}}]}]}";
         let c = compile(&svc(), 80, &[], &[serde_yaml::from_str(grpc).unwrap()]);
         assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
@@ -1808,7 +1829,7 @@ spec:
         let c = compile(&s, 9080, &[again], &[]);
         assert_eq!(
             c.problems,
-            ["HTTPRoute shop/reviews rule 1: filter Cors is not supported, ignored"]
+            ["HTTPRoute shop/reviews rule 1: filter CORS is not supported, ignored"]
         );
         assert!(compile(&s, 9081, &[route], &[]).table.is_empty()); // port-restricted parentRef
 
@@ -2069,6 +2090,24 @@ spec:
         })
     }
 
+    const QUERIES: &[Option<&str>] = &[
+        None,
+        Some("q=1"),
+        Some("q=2&q=1"),
+        Some("r=1&q=2"),
+        Some("q"),
+        Some("q=%31"),
+        Some("r=3"),
+    ];
+
+    fn request_headers() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
+        let header = (
+            prop::sample::select(vec!["x-a", "X-A", "x-b"]),
+            prop::sample::select(vec!["1", "2", "3"]),
+        );
+        prop::collection::vec(header, 0..=3)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
@@ -2076,8 +2115,8 @@ spec:
             routes in routes(),
             method in prop::sample::select(vec!["GET", "POST", "PUT"]),
             path in prop::sample::select(vec!["/", "/a", "/a/", "/a/b", "/a/bc", "/ab", "/b"]),
-            headers in prop::collection::vec((prop::sample::select(vec!["x-a", "X-A", "x-b"]), prop::sample::select(vec!["1", "2", "3"])), 0..=3),
-            query in prop::sample::select(vec![None, Some("q=1"), Some("q=2&q=1"), Some("r=1&q=2"), Some("q"), Some("q=%31"), Some("r=3")]),
+            headers in request_headers(),
+            query in prop::sample::select(QUERIES.to_vec()),
         ) {
             let c = compile(&svc(), 80, &routes, &[]);
             prop_assert!(c.problems.is_empty(), "{:?}", c.problems);
