@@ -155,25 +155,25 @@ fn start_engine(
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|source| AgentError::EngineListen { addr, source })?;
     let orig = ebpf::OrigDstTable::open(datapath.dir())?;
-    let engine = Arc::new(Engine::new(
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let mut engine = Engine::new(
         snapshots,
         proxy::metrics::L7Metrics::register(registry),
         Box::new(KernelOrigDst(orig)),
-    ));
+    );
+    if let Some(endpoint) = &config.otlp_endpoint {
+        // The exporter's task lives on the engine's runtime.
+        let _guard = rt.enter();
+        engine.tracer = Some(proxy::trace::Exporter::spawn(endpoint));
+    }
+    let engine = Arc::new(engine);
     let runner = engine.clone();
     std::thread::Builder::new()
         .name("l7-engine".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "L7 engine runtime failed to start");
-                    return;
-                }
-            };
             rt.block_on(async move {
                 match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => {

@@ -37,6 +37,21 @@ pub struct AgentConfig {
     /// Local mode: the agent's own cgroup, where sock_ops is attached too so the engine's
     /// connections to local pods take the fast path. Must be a cgroup this deployment owns.
     pub engine_sockops_cgroup: Option<PathBuf>,
+    /// OTLP/HTTP collector (`http://host:4318`): the engine sends one span per request.
+    #[serde(with = "opt_uri")]
+    pub otlp_endpoint: Option<hyper::Uri>,
+}
+
+mod opt_uri {
+    use serde::Serializer;
+
+    #[allow(clippy::ref_option, reason = "serde's `with` passes a reference")]
+    pub fn serialize<S: Serializer>(u: &Option<hyper::Uri>, s: S) -> Result<S::Ok, S::Error> {
+        match u {
+            Some(u) => s.serialize_str(&u.to_string()),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 mod millis {

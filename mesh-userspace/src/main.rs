@@ -69,6 +69,9 @@ enum Command {
         /// pods use the fast path. Only give a cgroup this deployment owns.
         #[arg(long)]
         engine_sockops_cgroup: Option<PathBuf>,
+        /// Send one span per L7 request to this OTLP/HTTP collector (e.g. http://10.0.0.5:4318).
+        #[arg(long)]
+        otlp_endpoint: Option<hyper::Uri>,
         /// Remove every program, link, map and pin of this node, then exit.
         #[arg(long)]
         uninstall: bool,
@@ -130,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             recent_flows,
             engine_addr,
             engine_sockops_cgroup,
+            otlp_endpoint,
             uninstall,
         } => {
             let config = AgentConfig {
@@ -145,6 +149,7 @@ fn main() -> anyhow::Result<()> {
                 recent_flows,
                 engine_addr,
                 engine_sockops_cgroup,
+                otlp_endpoint,
             };
             if uninstall {
                 app::uninstall(&config).context("uninstall")?;

@@ -57,6 +57,11 @@ spec: {clusterIP: 198.19.0.23, selector: {version: v1}, ports: [{port: 80, targe
 impl L7Mesh {
     /// `servers`: extra `http-server` flags for v1 and v2.
     fn new(label: &str, v1: &[&str], v2: &[&str]) -> Result<Self> {
+        Self::build(label, v1, v2, false)
+    }
+
+    /// `otlp`: the agent exports spans to a collector on pod `a`, port 4318.
+    fn build(label: &str, v1: &[&str], v2: &[&str], otlp: bool) -> Result<Self> {
         let tb = Testbed::new(label)?;
         let node = tb.node("n1")?;
         let a = node.pod("a")?;
@@ -67,7 +72,13 @@ impl L7Mesh {
             p1.manifest(&[("app", "web"), ("version", "v1")], "web"),
             p2.manifest(&[("app", "web"), ("version", "v2")], "web"),
         ];
-        let agent = Agent::start(&node, &[])?;
+        let collector = format!("http://{}:4318", a.ip());
+        let agent_args: Vec<&str> = if otlp {
+            vec!["--otlp-endpoint", &collector]
+        } else {
+            Vec::new()
+        };
+        let agent = Agent::start(&node, &agent_args)?;
         agent.apply("pods.yaml", &manifests.join("\n---\n"))?;
         agent.apply("services.yaml", SERVICES)?;
         agent.wait_workloads(3)?;
@@ -658,4 +669,29 @@ spec:
         ensure!(found, "no TLS flow with SNI: {}", flows["l7"]);
         Ok(())
     })
+}
+
+#[test]
+fn spans_are_exported_over_otlp() -> Result<()> {
+    let m = L7Mesh::build("l7-otlp", &[], &[], true)?;
+    let collector = m.client().serve_http(&HttpServerArgs::new("collector", 4318))?;
+    m.apply_and_wait("route.yaml", SPLIT_80_20, || {
+        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet");
+        Ok(())
+    })?;
+    let traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = m.get(WEB_VIP, "/", 20, &[&format!("traceparent: {traced}")])?;
+    ensure!(r.status(200) == 20, "{r:?}");
+    // The upstream sees the caller's trace id with the engine's span as parent.
+    let echo = r.responses[0].echo().context("echo")?;
+    let upstream = echo.headers.get("traceparent").cloned().unwrap_or_default();
+    ensure!(
+        upstream.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && !upstream.contains("b7ad6b7169203331"),
+        "traceparent upstream: {upstream}"
+    );
+    // Batches leave at least once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let report = collector.finish()?;
+    ensure!(report.requests >= 1 && report.body_bytes > 1000, "collector saw {report:?}");
+    Ok(())
 }

@@ -256,6 +256,27 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
     m.duration
         .get_or_create(&labels.route)
         .observe(elapsed.as_secs_f64());
+    if let (Some(exporter), Some(trace)) = (
+        ctx.engine.tracer.as_ref(),
+        resp.extensions().get::<super::trace::Context>(),
+    ) {
+        let end = std::time::SystemTime::now();
+        exporter.record(super::trace::Span {
+            ctx: trace.clone(),
+            name: format!("{method} {}/{}", target.service.namespace, target.service.name),
+            start: end - elapsed,
+            end,
+            attributes: vec![
+                ("http.request.method", method.to_string()),
+                ("url.path", path.clone()),
+                ("http.route", route_name.clone()),
+                ("http.response.status_code", status.to_string()),
+                ("source.workload", format!("{}/{}", ctx.src.0, ctx.src.1)),
+                ("client.address", ctx.client.to_string()),
+            ],
+            error: status >= 500,
+        });
+    }
     if target
         .policy
         .as_ref()
@@ -271,7 +292,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
             path = %path,
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            trace_id = resp.extensions().get::<TraceId>().map_or("", |t| t.0.as_str()),
+            trace_id = resp.extensions().get::<super::trace::Context>().map_or("", |t| t.trace_id.as_str()),
             "request"
         );
     }
@@ -291,8 +312,6 @@ fn grpc_class(resp: &Response<Body>, status: u16) -> &'static str {
     }
 }
 
-#[derive(Clone)]
-struct TraceId(String);
 
 async fn route_request(
     mut req: Request<Incoming>,
@@ -320,7 +339,7 @@ async fn route_request(
             }
         }
     }
-    let trace = propagate_trace(req.headers_mut());
+    let trace = super::trace::propagate(req.headers_mut());
 
     // Faults.
     if let Some(faults) = policy.and_then(|p| p.spec.faults.as_ref()) {
@@ -447,47 +466,12 @@ async fn route_request(
     if let Some(a) = action {
         a.response_headers.apply(resp.headers_mut());
     }
-    resp.extensions_mut().insert(TraceId(trace));
+    resp.extensions_mut().insert(trace);
     resp
 }
 
 fn roll(percent: f64) -> bool {
     percent >= 100.0 || (percent > 0.0 && rand::rng().random::<f64>() * 100.0 < percent)
-}
-
-/// W3C trace context: continue the caller's trace with a new span id, or start one.
-fn propagate_trace(headers: &mut HeaderMap) -> String {
-    let mut rng = rand::rng();
-    let span: u64 = rng.random();
-    let incoming = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent);
-    let (trace_id, flags) = incoming.unwrap_or_else(|| {
-        let id: u128 = rng.random();
-        (format!("{:032x}", id.max(1)), "01".to_owned())
-    });
-    let value = format!("00-{trace_id}-{:016x}-{flags}", span.max(1));
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("traceparent", v);
-    }
-    trace_id
-}
-
-fn parse_traceparent(v: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = v.trim().split('-').collect();
-    let [version, trace, parent, flags] = parts.as_slice() else {
-        return None;
-    };
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-    (hex(version, 2)
-        && *version != "ff"
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(parent, 16)
-        && parent.bytes().any(|b| b != b'0')
-        && hex(flags, 2))
-    .then(|| ((*trace).to_owned(), (*flags).to_owned()))
 }
 
 enum ReqBody {

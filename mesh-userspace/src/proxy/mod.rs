@@ -15,6 +15,7 @@ pub mod outlier;
 pub mod ratelimit;
 pub mod route;
 pub mod snapshot;
+pub mod trace;
 
 use std::{
     collections::BTreeMap,
@@ -72,6 +73,8 @@ pub struct Engine {
     pub metrics: L7Metrics,
     pub connections: Connections,
     orig: Box<dyn OrigDst>,
+    /// OTLP span export, when an endpoint is configured (set once the runtime runs).
+    pub tracer: Option<trace::Exporter>,
 }
 
 impl Engine {
@@ -87,6 +90,7 @@ impl Engine {
             metrics,
             connections: Connections::default(),
             orig,
+            tracer: None,
         }
     }
 
