@@ -7,7 +7,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use testbed::{ServeMode, Testbed, agent::Agent};
+use testbed::{
+    ServeMode, Testbed,
+    agent::Agent,
+    http::{HttpGetArgs, HttpServerArgs},
+};
 
 use crate::step;
 
@@ -37,6 +41,41 @@ spec:
   action: ALLOW
   rules:
   - from: [{source: {serviceAccounts: [frontend]}}]
+";
+
+const L7_OBJECTS: &str = r"# Only this service gets L7 treatment: its clients are sent to the agent's L7 engine.
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {clusterIP: 198.19.0.30, selector: {app: reviews}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: default}
+spec: {clusterIP: 198.19.0.31, selector: {app: reviews, version: v1}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: default}
+spec: {clusterIP: 198.19.0.32, selector: {app: reviews, version: v2}, ports: [{port: 80, targetPort: 8080}]}
+---
+# A canary: 90% to v1, 10% to v2 (Gateway API HTTPRoute with the Service as parent).
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-canary, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+---
+# v2 is flaky: retry 5xx up to twice, within a budget.
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews, namespace: default}
+spec:
+  targetRef: {kind: Service, name: reviews}
+  timeout: 2s
+  retries: {attempts: 3, on: [5xx], budget: {percent: 50}}
 ";
 
 fn explain(text: &str) {
@@ -180,12 +219,55 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
         sum("weft_tcp_connections_denied_total", &[])
     );
 
+    step!("L7: a canary split and retries, only for the service that asks for them");
+    let reviews_v1 = node.pod("reviews-v1")?;
+    let reviews_v2 = node.pod("reviews-v2")?;
+    agent.apply(
+        "reviews-pods.yaml",
+        &[
+            reviews_v1.manifest(&[("app", "reviews"), ("version", "v1")], "reviews"),
+            reviews_v2.manifest(&[("app", "reviews"), ("version", "v2")], "reviews"),
+        ]
+        .join("\n---\n"),
+    )?;
+    agent.apply("reviews.yaml", L7_OBJECTS)?;
+    explain(L7_OBJECTS);
+    agent.wait_workloads(7)?;
+    let _v1 = reviews_v1.serve_http(&HttpServerArgs::new("reviews-v1", 8080))?;
+    let mut flaky = HttpServerArgs::new("reviews-v2", 8080);
+    flaky.fail_percent = 30;
+    let _v2 = reviews_v2.serve_http(&flaky)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut get = HttpGetArgs::new("http://198.19.0.30/reviews".parse()?);
+    get.count = 1000;
+    get.concurrency = 4;
+    let report = frontend.http_get(&get)?;
+    println!(
+        "    frontend → reviews: {} requests, {} answered 200; served by {:?}",
+        report.count,
+        report.status(200),
+        report.by_server
+    );
+    let m = agent.metrics()?;
+    let sum = |name: &str, labels: &[(&str, &str)]| testbed::agent::sum_metric(&m, name, labels);
+    println!(
+        "    engine: {} requests, {} retries of v2's 503s ({} requests still failed after 3 tries); \
+         p50 latency {:.0} µs",
+        sum("weft_l7_requests_total", &[]),
+        sum("weft_l7_retries_total", &[]),
+        report.count - report.status(200),
+        report.p50_us
+    );
+    explain(
+        "catalog and payments never touched the engine: no L7 policy, so they stay kernel-only.",
+    );
+
     step!("status (`weft status`)");
     print!("{}", cli(weft, &agent, &["status"])?);
 
     step!("cleaning up: uninstalling the datapath and removing the node");
     agent.uninstall(&node)?;
-    drop((frontend, catalog, payments, intruder, legacy, node));
+    drop((frontend, catalog, payments, intruder, legacy, reviews_v1, reviews_v2, node));
     let left = tb.teardown()?;
     ensure!(left.is_empty(), "the demo left something behind: {left:?}");
     println!("    nothing left: no programs, maps, pins, namespaces or cgroups");
