@@ -106,7 +106,7 @@ pub mod verdict {
     pub const FAST: u8 = 1;
     /// Refused: `connect()` fails with `EPERM`.
     pub const DENY: u8 = 2;
-    /// Redirected to the userspace L7 engine at connect() (the destination service has L7
+    /// Redirected to the userspace L7 engine at `connect()` (the destination service has L7
     /// policy). The legs to and from the engine are fast-path eligible like `FAST`.
     pub const L7: u8 = 3;
 }
@@ -304,7 +304,7 @@ pub struct Config {
     /// The L7 engine's listener (node address); 0 when the engine is off.
     pub engine_port_be: u16,
     pub engine_ip_be: u32,
-    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) time of the engine's last heartbeat. Connections are
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) time of the engine's last heartbeat. Connections are
     /// redirected only while it is recent (see [`ENGINE_HEARTBEAT_MAX_AGE_NS`]).
     pub engine_seen_ns: u64,
 }
@@ -332,7 +332,7 @@ pub struct ClientAddr {
 }
 
 /// Handed from `connect4` to `sock_ops` through the socket cookie; for connections redirected to
-/// the engine also the value of the L7_ORIG map.
+/// the engine also the value of the `L7_ORIG` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectInfo {

@@ -34,7 +34,7 @@ pub struct AgentConfig {
     /// The L7 engine's listener (an address of this node that pods can reach). Without it the
     /// engine is off and L7 services are reached directly.
     pub engine_addr: Option<SocketAddrV4>,
-    /// Local mode: the agent's own cgroup, where sock_ops is attached too so the engine's
+    /// Local mode: the agent's own cgroup, where `sock_ops` is attached too so the engine's
     /// connections to local pods take the fast path. Must be a cgroup this deployment owns.
     pub engine_sockops_cgroup: Option<PathBuf>,
     /// OTLP/HTTP collector (`http://host:4318`): the engine sends one span per request.

@@ -1,5 +1,9 @@
 //! `weft`: the node agent and its CLI.
-use std::{net::{SocketAddr, SocketAddrV4}, path::PathBuf, time::Duration};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -35,6 +39,10 @@ impl NodeArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; boxing would only obscure the flags"
+)]
 enum Command {
     /// Run the node agent: load or adopt the datapath, sync it with the objects, serve the admin API.
     Agent {
@@ -65,11 +73,11 @@ enum Command {
         /// Run the L7 engine on this node address (e.g. the node's bridge IP and port 15001).
         #[arg(long)]
         engine_addr: Option<SocketAddrV4>,
-        /// Attach sock_ops to this cgroup too (the agent's own), so the engine's legs to local
+        /// Attach `sock_ops` to this cgroup too (the agent's own), so the engine's legs to local
         /// pods use the fast path. Only give a cgroup this deployment owns.
         #[arg(long)]
         engine_sockops_cgroup: Option<PathBuf>,
-        /// Send one span per L7 request to this OTLP/HTTP collector (e.g. http://10.0.0.5:4318).
+        /// Send one span per L7 request to this OTLP/HTTP collector (e.g. <http://10.0.0.5:4318>).
         #[arg(long)]
         otlp_endpoint: Option<hyper::Uri>,
         /// Remove every program, link, map and pin of this node, then exit.

@@ -34,7 +34,11 @@ pub struct TargetRef {
 pub struct TrafficPolicySpec {
     pub target_ref: Option<TargetRef>,
     /// Whole-request deadline, retries included (e.g. "2s").
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
@@ -62,7 +66,11 @@ pub struct Retries {
     /// are confusing: here 3 means one try and up to two retries).
     #[serde(default = "default_attempts")]
     pub attempts: u32,
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub per_try_timeout: Option<Duration>,
     /// Conditions: `connect-failure`, `reset`, `5xx`, `gateway-error` (502/503/504),
     /// `retriable-status-codes` (see `statusCodes`), `retriable-grpc` (see `grpcStatusCodes`).
@@ -87,7 +95,11 @@ const fn default_attempts() -> u32 {
     3
 }
 fn default_retry_on() -> Vec<String> {
-    vec!["connect-failure".into(), "reset".into(), "gateway-error".into()]
+    vec![
+        "connect-failure".into(),
+        "reset".into(),
+        "gateway-error".into(),
+    ]
 }
 const fn default_max_body() -> u64 {
     64 * 1024
@@ -234,9 +246,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let (unit, len) = if rest.starts_with("ms") {
             (Duration::from_millis(1), 2)
         } else if rest.starts_with('h') {
-            (Duration::from_secs(3600), 1)
+            (Duration::from_hours(1), 1)
         } else if rest.starts_with('m') {
-            (Duration::from_secs(60), 1)
+            (Duration::from_mins(1), 1)
         } else if rest.starts_with('s') {
             (Duration::from_secs(1), 1)
         } else {
@@ -298,7 +310,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_hours(2)));
         for bad in ["", "5", "s", "1x", "-1s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }

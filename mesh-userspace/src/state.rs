@@ -635,7 +635,12 @@ spec:
         let set = objects(&yaml);
         assert_eq!(set.http_routes.len(), 1);
         let s = build(&set, "n1", Path::new("/cg/node"));
-        let l7: Vec<_> = s.services.iter().filter(|p| p.l7).map(|p| p.name.as_str()).collect();
+        let l7: Vec<_> = s
+            .services
+            .iter()
+            .filter(|p| p.l7)
+            .map(|p| p.name.as_str())
+            .collect();
         assert!(l7.contains(&"web"), "{:?}", s.services);
         assert_eq!(s.l7.len(), l7.len());
     }

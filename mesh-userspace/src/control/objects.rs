@@ -3,11 +3,11 @@
 //! and position and skipped; it never hides the good ones.
 use std::collections::BTreeMap;
 
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service},
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::TrafficPolicy;

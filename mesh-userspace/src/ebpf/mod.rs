@@ -32,9 +32,9 @@ use aya::{
     },
 };
 use mesh_common::{
-    Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
-    FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
-    ServiceValue, SockKey, map_names, program_names,
+    Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue,
+    Endpoint, FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue,
+    ServiceKey, ServiceValue, SockKey, map_names, program_names,
 };
 pub use sync::{Desired, SyncReport};
 
@@ -246,7 +246,7 @@ impl OrigDstTable {
 }
 
 impl Datapath {
-    /// Attaches sock_ops to the agent's own cgroup as well, so the engine's sockets to local
+    /// Attaches `sock_ops` to the agent's own cgroup as well, so the engine's sockets to local
     /// pods join the fast path. Idempotent (an existing pin is kept).
     pub fn attach_engine_sockops(&self, cgroup: &Path) -> Result<()> {
         let pin = self.dir.join("links/sock_ops_engine");
@@ -254,7 +254,8 @@ impl Datapath {
             return Ok(());
         }
         let name = program_names::SOCK_OPS;
-        let mut prog = SockOps::from_pin(self.dir.join("progs").join(name)).map_err(prog_err(name))?;
+        let mut prog =
+            SockOps::from_pin(self.dir.join("progs").join(name)).map_err(prog_err(name))?;
         let fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -262,12 +263,13 @@ impl Datapath {
         let id = prog
             .attach(&fd, CgroupAttachMode::Single)
             .map_err(prog_err(name))?;
-        let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(
-            |source| EbpfError::Link {
-                path: cgroup.to_owned(),
-                source,
-            },
-        )?;
+        let link =
+            FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(|source| {
+                EbpfError::Link {
+                    path: cgroup.to_owned(),
+                    source,
+                }
+            })?;
         link.pin(&pin)
             .map(drop)
             .map_err(|source| EbpfError::Pin { path: pin, source })

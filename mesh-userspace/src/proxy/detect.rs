@@ -3,7 +3,7 @@
 //!
 //! - `PRI * HTTP/2.0…` (the HTTP/2 connection preface): h2c with prior knowledge, gRPC included.
 //! - a request line `TOKEN SP target SP HTTP/1.x CRLF`: HTTP/1.1.
-//! - a TLS handshake record: TLS, passed through opaque; the ClientHello's SNI is recorded.
+//! - a TLS handshake record: TLS, passed through opaque; the `ClientHello`'s SNI is recorded.
 //! - anything else: opaque TCP.
 //!
 //! A server-first protocol sends nothing: the caller's timeout ends detection as opaque.
@@ -109,7 +109,10 @@ fn detect_http1(buf: &[u8]) -> Detection {
             return Detection::Done(Protocol::Http1); // let the parser answer 414
         }
         // A bare LF or a non-printable byte already rules HTTP out.
-        if buf.iter().any(|b| *b == b'\n' || (b.is_ascii_control() && *b != b'\r')) {
+        if buf
+            .iter()
+            .any(|b| *b == b'\n' || (b.is_ascii_control() && *b != b'\r'))
+        {
             return Detection::Done(Protocol::Opaque);
         }
         return Detection::NeedMore;
@@ -157,7 +160,8 @@ impl<'a> Cursor<'a> {
         self.take(1).map(|b| b[0])
     }
     fn u16(&mut self) -> Option<usize> {
-        self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        self.take(2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
     }
     fn u24(&mut self) -> Option<usize> {
         self.take(3)
@@ -173,7 +177,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// The server name of a ClientHello handshake message (RFC 8446 §4.1.2, RFC 6066 §3).
+/// The server name of a `ClientHello` handshake message (RFC 8446 §4.1.2, RFC 6066 §3).
 fn client_hello_sni(handshake: &[u8]) -> Option<String> {
     let mut c = Cursor(handshake);
     if c.u8()? != 1 {
@@ -252,7 +256,10 @@ mod tests {
             detect(b"GET /x FTP/1\r\n"),
             Detection::Done(Protocol::Opaque)
         );
-        assert_eq!(detect(b"get / HTTP/1.1\r\n"), Detection::Done(Protocol::Opaque));
+        assert_eq!(
+            detect(b"get / HTTP/1.1\r\n"),
+            Detection::Done(Protocol::Opaque)
+        );
         assert_eq!(detect(b"\x00\x01binary"), Detection::Done(Protocol::Opaque));
         assert_eq!(detect(b"HELLO\n"), Detection::Done(Protocol::Opaque));
     }
@@ -277,7 +284,10 @@ mod tests {
             })
         );
         assert_eq!(detect(&hello[..20]), Detection::NeedMore);
-        assert_eq!(detect(&[0x16, 0x07, 0x01]), Detection::Done(Protocol::Opaque));
+        assert_eq!(
+            detect(&[0x16, 0x07, 0x01]),
+            Detection::Done(Protocol::Opaque)
+        );
     }
 
     #[test]
@@ -296,11 +306,10 @@ mod tests {
             // Once decided, more bytes never change the decision (except SNI, which needs the
             // whole record and is only set once complete).
             for cut in 0..bytes.len() {
-                if let Detection::Done(p) = detect(&bytes[..cut]) {
-                    if !matches!(p, Protocol::Tls { .. }) {
+                if let Detection::Done(p) = detect(&bytes[..cut])
+                    && !matches!(p, Protocol::Tls { .. }) {
                         proptest::prop_assert_eq!(Detection::Done(p), full.clone());
                     }
-                }
             }
         }
     }

@@ -1,12 +1,7 @@
 //! HTTP/1.1 and HTTP/2 (gRPC included) through the engine: routes, traffic policy, golden
 //! metrics. One hyper server connection per client connection; upstream requests go through
 //! pooled hyper clients (HTTP/1.1 keep-alive, HTTP/2 multiplexed) straight to endpoints.
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
@@ -54,14 +49,14 @@ impl Upstreams {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_mins(1))
             .pool_max_idle_per_host(256)
             .set_host(false)
             .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_mins(1))
             .http2_only(true)
             .set_host(false)
             .build(connector);
@@ -76,7 +71,9 @@ impl Default for Upstreams {
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn empty() -> Body {
@@ -93,7 +90,11 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// A response the engine makes itself (errors, faults, limits). gRPC clients get a
 /// trailers-only response with the matching `grpc-status`, as a gRPC server would send.
 fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Body> {
-    let mut resp = Response::new(if grpc { empty() } else { full(format!("{message}\n")) });
+    let mut resp = Response::new(if grpc {
+        empty()
+    } else {
+        full(format!("{message}\n"))
+    });
     if grpc {
         *resp.status_mut() = StatusCode::OK;
         let code = match status.as_u16() {
@@ -104,7 +105,10 @@ fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Body> 
             _ => 13,         // INTERNAL
         };
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         h.insert("grpc-status", HeaderValue::from(code));
         if let Ok(v) = HeaderValue::from_str(message) {
             h.insert("grpc-message", v);
@@ -122,7 +126,10 @@ fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Body> 
 fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     let mut resp = Response::new(empty());
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     h.insert("grpc-status", HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(message) {
         h.insert("grpc-message", v);
@@ -191,6 +198,10 @@ struct Labels {
     route: RouteLabels,
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one request's life in order: route, forward, observe"
+)]
 async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let snapshot = ctx.engine.snapshot();
@@ -203,7 +214,11 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
                 let (resp, _) = forward_plain(req, &ctx, &pool).await;
                 resp
             }
-            None => local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "service has no endpoints"),
+            None => local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                grpc,
+                "service has no endpoints",
+            ),
         });
     };
 
@@ -219,10 +234,16 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
     if selected.is_none() && !target.routes.is_empty() {
         // Routes are attached but none matches: 404, as Gateway API specifies.
         ctx.note_route("no-match");
-        return Ok(local_reply(StatusCode::NOT_FOUND, grpc, "no route matches the request"));
+        return Ok(local_reply(
+            StatusCode::NOT_FOUND,
+            grpc,
+            "no route matches the request",
+        ));
     }
-    let route_name = selected
-        .map_or_else(|| "default".to_owned(), |a| format!("{}#{}", a.route, a.rule));
+    let route_name = selected.map_or_else(
+        || "default".to_owned(),
+        |a| format!("{}#{}", a.route, a.rule),
+    );
     let labels = Labels {
         route: RouteLabels {
             source_namespace: ctx.src.0.clone(),
@@ -263,7 +284,10 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
         let end = std::time::SystemTime::now();
         exporter.record(super::trace::Span {
             ctx: trace.clone(),
-            name: format!("{method} {}/{}", target.service.namespace, target.service.name),
+            name: format!(
+                "{method} {}/{}",
+                target.service.namespace, target.service.name
+            ),
             start: end - elapsed,
             end,
             attributes: vec![
@@ -277,11 +301,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
             error: status >= 500,
         });
     }
-    if target
-        .policy
-        .as_ref()
-        .is_some_and(|p| p.spec.access_log)
-    {
+    if target.policy.as_ref().is_some_and(|p| p.spec.access_log) {
         tracing::info!(
             target: "weft::access",
             source = %format!("{}/{}", ctx.src.0, ctx.src.1),
@@ -312,7 +332,6 @@ fn grpc_class(resp: &Response<Body>, status: u16) -> &'static str {
     }
 }
 
-
 async fn route_request(
     mut req: Request<Incoming>,
     ctx: &Arc<ConnCtx>,
@@ -333,61 +352,69 @@ async fn route_request(
         if let Some(uri) = a.rewritten_uri(&req) {
             *req.uri_mut() = uri;
         }
-        if let Some(host) = a.rewritten_host() {
-            if let Ok(v) = HeaderValue::from_str(host) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+        if let Some(host) = a.rewritten_host()
+            && let Ok(v) = HeaderValue::from_str(host)
+        {
+            req.headers_mut().insert(header::HOST, v);
         }
     }
     let trace = super::trace::propagate(req.headers_mut());
 
     // Faults.
     if let Some(faults) = policy.and_then(|p| p.spec.faults.as_ref()) {
-        if let Some(d) = &faults.delay {
-            if roll(d.percent) {
-                m.faults.get_or_create(&labels.route).inc();
-                tokio::time::sleep(d.fixed_delay).await;
-            }
+        if let Some(d) = &faults.delay
+            && roll(d.percent)
+        {
+            m.faults.get_or_create(&labels.route).inc();
+            tokio::time::sleep(d.fixed_delay).await;
         }
-        if let Some(a) = &faults.abort {
-            if roll(a.percent) {
-                m.faults.get_or_create(&labels.route).inc();
-                if grpc {
-                    if let Some(code) = a.grpc_status {
-                        return grpc_reply(code, "fault injected");
-                    }
-                }
-                let status = StatusCode::from_u16(a.http_status.unwrap_or(503))
-                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                return local_reply(status, grpc, "fault injected");
+        if let Some(a) = &faults.abort
+            && roll(a.percent)
+        {
+            m.faults.get_or_create(&labels.route).inc();
+            if grpc && let Some(code) = a.grpc_status {
+                return grpc_reply(code, "fault injected");
             }
+            let status = StatusCode::from_u16(a.http_status.unwrap_or(503))
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return local_reply(status, grpc, "fault injected");
         }
     }
     // Local rate limit.
-    if let Some(bucket) = policy.and_then(|p| p.bucket.as_ref()) {
-        if let Err(wait) = bucket.try_acquire() {
-            m.rate_limited.get_or_create(&labels.route).inc();
-            let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, grpc, "rate limited");
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            return resp;
-        }
+    if let Some(bucket) = policy.and_then(|p| p.bucket.as_ref())
+        && let Err(wait) = bucket.try_acquire()
+    {
+        m.rate_limited.get_or_create(&labels.route).inc();
+        let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, grpc, "rate limited");
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return resp;
     }
 
     // Backend choice (weighted backendRefs).
     let backend = match action {
         Some(a) => match a.pick_backend(rand::rng().random()) {
             Some(b) => b.clone(),
-            None => return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, "route has no usable backend"),
+            None => {
+                return local_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    grpc,
+                    "route has no usable backend",
+                );
+            }
         },
         None => target.default_backend.clone(),
     };
     let Some(pool) = target.pool(&backend).cloned() else {
-        return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, "backend service does not exist");
+        return local_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            grpc,
+            "backend service does not exist",
+        );
     };
 
-    let (parts_ro, _) = (&req, ());
+    let (parts_ro, ()) = (&req, ());
     if is_upgrade(parts_ro.version(), parts_ro.method(), parts_ro.headers()) {
         let Some(pick) = pool.balancer.pick(None, |ep| {
             !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
@@ -444,18 +471,24 @@ async fn route_request(
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(error = %e, "client body failed");
-            return local_reply(StatusCode::BAD_REQUEST, grpc, "request body could not be read");
+            return local_reply(
+                StatusCode::BAD_REQUEST,
+                grpc,
+                "request body could not be read",
+            );
         }
     };
     if let ReqBody::Kept(bytes) = &body {
         for mpool in mirrors {
             m.mirrored.get_or_create(&labels.route).inc();
-            spawn_mirror(ctx, mpool, &parts, bytes.clone());
+            spawn_mirror(ctx, &mpool, &parts, bytes.clone());
         }
     }
 
     let attempts = retries.map_or(1, |r| r.attempts.max(1));
-    let run = attempt_loop(ctx, target, &pool, parts, body, attempts, retries, per_try, labels, grpc);
+    let run = attempt_loop(
+        ctx, target, &pool, parts, body, attempts, retries, per_try, labels, grpc,
+    );
     let mut resp = match timeout {
         Some(t) => match tokio::time::timeout(t, run).await {
             Ok(r) => r,
@@ -526,7 +559,12 @@ async fn buffer_body(mut body: Incoming, cap: u64) -> Result<ReqBody, hyper::Err
     }
 }
 
-fn spawn_mirror(ctx: &Arc<ConnCtx>, pool: Arc<Pool>, parts: &hyper::http::request::Parts, body: Bytes) {
+fn spawn_mirror(
+    ctx: &Arc<ConnCtx>,
+    pool: &Arc<Pool>,
+    parts: &hyper::http::request::Parts,
+    body: Bytes,
+) {
     let Some(pick) = pool.balancer.pick(None, |_| true) else {
         return;
     };
@@ -562,7 +600,11 @@ enum Failure {
     Timeout,
 }
 
-#[allow(clippy::too_many_arguments, reason = "one request's whole context")]
+#[allow(
+    clippy::too_many_arguments,
+    clippy::too_many_lines,
+    reason = "the retry loop keeps one request's whole context in one place"
+)]
 async fn attempt_loop(
     ctx: &Arc<ConnCtx>,
     target: &Arc<Target>,
@@ -584,7 +626,10 @@ async fn attempt_loop(
     if let Some(b) = budget {
         b.deposit();
     }
-    let hash = pool.hash_on.as_ref().and_then(|h| hash_key(h, &parts.headers));
+    let hash = pool
+        .hash_on
+        .as_ref()
+        .and_then(|h| hash_key(h, &parts.headers));
     let (kept, mut stream) = match body {
         ReqBody::Kept(b) => (Some(b), None),
         ReqBody::Stream(s) => (None, Some(s)),
@@ -600,22 +645,31 @@ async fn attempt_loop(
         };
         let replayable = kept.is_some();
         // Endpoint: not ejected, and (on retries) not one that already failed if another exists.
-        let Some(pick) = pool.balancer.pick(hash, |ep| {
-            !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
-                && (tried.len() >= pool.endpoints.len() || !tried.contains(&ep))
-        }).or_else(|| pool.balancer.pick(hash, |_| true)) else {
+        let Some(pick) = pool
+            .balancer
+            .pick(hash, |ep| {
+                !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
+                    && (tried.len() >= pool.endpoints.len() || !tried.contains(&ep))
+            })
+            .or_else(|| pool.balancer.pick(hash, |_| true))
+        else {
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy endpoint");
         };
         let ep = pick.addr();
         tried.push(ep);
         let permit = match pool.breaker.as_ref() {
-            Some(b) => match b.try_request() {
-                Some(p) => Some(p),
-                None => {
+            Some(b) => {
+                if let Some(p) = b.try_request() {
+                    Some(p)
+                } else {
                     m.circuit_open.get_or_create(&svc_labels).inc();
-                    return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "circuit breaker open: too many concurrent requests");
+                    return local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        grpc,
+                        "circuit breaker open: too many concurrent requests",
+                    );
                 }
-            },
+            }
             None => None,
         };
         let mut req = Request::new(body);
@@ -630,7 +684,9 @@ async fn attempt_loop(
         let started = Instant::now();
         let send = ctx.engine.send(req);
         let result = match per_try {
-            Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(SendError::Timeout)),
+            Some(t) => tokio::time::timeout(t, send)
+                .await
+                .unwrap_or(Err(SendError::Timeout)),
             None => send.await,
         };
         drop(permit);
@@ -652,20 +708,25 @@ async fn attempt_loop(
             Err(SendError::Other(_)) => (Outcome::GatewayError, Some(Failure::Reset), None),
         };
         pick.record(latency, matches!(outcome, Outcome::Success));
-        if let Some(o) = &pool.outlier {
-            if o.record(ep, outcome) {
-                m.ejections.get_or_create(&svc_labels).inc();
-                tracing::info!(target: "weft::outlier", endpoint = %ep, service = %format!("{}/{}", pool.service.namespace, pool.service.name), "endpoint ejected");
-            }
+        if let Some(o) = &pool.outlier
+            && o.record(ep, outcome)
+        {
+            m.ejections.get_or_create(&svc_labels).inc();
+            tracing::info!(target: "weft::outlier", endpoint = %ep, service = %format!("{}/{}", pool.service.namespace, pool.service.name), "endpoint ejected");
         }
         let retriable = replayable
             && attempt < attempts
             && retries.is_some_and(|r| should_retry(r, resp.as_ref(), failure.as_ref()));
         if retriable {
-            if budget.is_none_or(|b| b.withdraw()) {
+            if budget.is_none_or(super::budget::RetryBudget::withdraw) {
                 m.retries.get_or_create(&labels.route).inc();
                 if let Some(r) = retries {
-                    let wait = super::budget::backoff(attempt - 1, r.backoff.base, r.backoff.max, &mut rand::rng());
+                    let wait = super::budget::backoff(
+                        attempt - 1,
+                        r.backoff.base,
+                        r.backoff.max,
+                        &mut rand::rng(),
+                    );
                     tokio::time::sleep(wait).await;
                 }
                 continue;
@@ -674,11 +735,23 @@ async fn attempt_loop(
         }
         return match (resp, failure) {
             (Some(resp), _) => resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
-            (None, Some(Failure::Connect)) => local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "upstream connect error"),
-            (None, Some(Failure::Timeout)) => local_reply(StatusCode::GATEWAY_TIMEOUT, grpc, "upstream per-try timeout"),
+            (None, Some(Failure::Connect)) => local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                grpc,
+                "upstream connect error",
+            ),
+            (None, Some(Failure::Timeout)) => local_reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                grpc,
+                "upstream per-try timeout",
+            ),
             (None, _) => {
                 m.error("upstream_protocol");
-                local_reply(StatusCode::BAD_GATEWAY, grpc, "upstream connection reset or sent an invalid response")
+                local_reply(
+                    StatusCode::BAD_GATEWAY,
+                    grpc,
+                    "upstream connection reset or sent an invalid response",
+                )
             }
         };
     }
@@ -717,10 +790,10 @@ fn hash_key(h: &crate::policy::HashOn, headers: &HeaderMap) -> Option<u64> {
         for v in headers.get_all(header::COOKIE) {
             let Ok(text) = v.to_str() else { continue };
             for kv in text.split(';') {
-                if let Some((k, val)) = kv.trim().split_once('=') {
-                    if k == cookie {
-                        return Some(super::balance::hash_key(val.as_bytes()));
-                    }
+                if let Some((k, val)) = kv.trim().split_once('=')
+                    && k == cookie
+                {
+                    return Some(super::balance::hash_key(val.as_bytes()));
                 }
             }
         }
@@ -781,8 +854,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     ] {
         h.remove(n);
     }
-    if h
-        .get(header::TE)
+    if h.get(header::TE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| !v.eq_ignore_ascii_case("trailers"))
     {
@@ -798,10 +870,15 @@ async fn forward_upgrade(req: Request<Incoming>, ep: SocketAddr) -> Response<Bod
     let connect = parts.method == hyper::Method::CONNECT;
     let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(ep)).await
     else {
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, false, "upstream connect error");
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            false,
+            "upstream connect error",
+        );
     };
     let _ = stream.set_nodelay(true);
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await
+    let Ok((mut sender, conn)) =
+        hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await
     else {
         return local_reply(StatusCode::BAD_GATEWAY, false, "upstream handshake failed");
     };
@@ -810,10 +887,14 @@ async fn forward_upgrade(req: Request<Incoming>, ep: SocketAddr) -> Response<Bod
     });
     let up_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     let Ok(mut resp) = sender.send_request(up_req).await else {
-        return local_reply(StatusCode::BAD_GATEWAY, false, "upstream closed during upgrade");
+        return local_reply(
+            StatusCode::BAD_GATEWAY,
+            false,
+            "upstream closed during upgrade",
+        );
     };
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        || (connect && resp.status().is_success());
+    let switching =
+        resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
     let (Some(client_side), true) = (client_side, switching) else {
         return resp.map(|b| b.map_err(BoxError::from).boxed_unsync());
     };
@@ -836,17 +917,29 @@ async fn forward_plain(
 ) -> (Response<Body>, Option<SocketAddr>) {
     let grpc = is_grpc(req.headers());
     let Some(pick) = pool.balancer.pick(None, |_| true) else {
-        return (local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no endpoint"), None);
+        return (
+            local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no endpoint"),
+            None,
+        );
     };
     let ep = pick.addr();
     let (parts, body) = req.into_parts();
     let Some(uri) = upstream_uri(ep, &parts.uri) else {
-        return (local_reply(StatusCode::BAD_REQUEST, grpc, "bad request target"), None);
+        return (
+            local_reply(StatusCode::BAD_REQUEST, grpc, "bad request target"),
+            None,
+        );
     };
     let mut up = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     *up.uri_mut() = uri;
     match ctx.engine.send(up).await {
-        Ok(resp) => (resp.map(|b| b.map_err(BoxError::from).boxed_unsync()), Some(ep)),
-        Err(_) => (local_reply(StatusCode::BAD_GATEWAY, grpc, "upstream error"), Some(ep)),
+        Ok(resp) => (
+            resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            Some(ep),
+        ),
+        Err(_) => (
+            local_reply(StatusCode::BAD_GATEWAY, grpc, "upstream error"),
+            Some(ep),
+        ),
     }
 }

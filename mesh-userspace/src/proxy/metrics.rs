@@ -88,13 +88,21 @@ impl L7Metrics {
             errors: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("weft_l7");
-        r.register("requests", "Requests handled by the L7 engine", m.requests.clone());
+        r.register(
+            "requests",
+            "Requests handled by the L7 engine",
+            m.requests.clone(),
+        );
         r.register(
             "request_duration_seconds",
             "Time from request to response headers",
             m.duration.clone(),
         );
-        r.register("requests_in_flight", "Requests in progress", m.in_flight.clone());
+        r.register(
+            "requests_in_flight",
+            "Requests in progress",
+            m.in_flight.clone(),
+        );
         r.register("retries", "Retries sent", m.retries.clone());
         r.register(
             "retry_budget_exhausted",
@@ -106,8 +114,16 @@ impl L7Metrics {
             "Requests answered 429 by the local rate limit",
             m.rate_limited.clone(),
         );
-        r.register("faults", "Injected faults (aborts and delays)", m.faults.clone());
-        r.register("mirrored", "Requests copied to a mirror backend", m.mirrored.clone());
+        r.register(
+            "faults",
+            "Injected faults (aborts and delays)",
+            m.faults.clone(),
+        );
+        r.register(
+            "mirrored",
+            "Requests copied to a mirror backend",
+            m.mirrored.clone(),
+        );
         r.register(
             "ejections",
             "Endpoints ejected by outlier detection",

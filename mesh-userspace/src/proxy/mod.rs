@@ -61,7 +61,10 @@ pub trait OrigDst: Send + Sync {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("connections", &self.connections.total.load(Ordering::Relaxed))
+            .field(
+                "connections",
+                &self.connections.total.load(Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -112,9 +115,12 @@ impl Engine {
                 }
             };
             let engine = self.clone();
-            tokio::spawn(async move {
-                engine.connection(stream, peer).await;
-            });
+            // One span per connection; the handlers' events carry the client address.
+            let span = tracing::debug_span!("l7_conn", client = %peer);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move { engine.connection(stream, peer).await },
+                span,
+            ));
         }
     }
 
@@ -136,9 +142,6 @@ impl Engine {
             .cloned()
             .unwrap_or_else(|| (String::new(), "unknown".to_owned()));
         let target = snapshot.targets.get(&redirected.orig_dst).cloned();
-        let span = tracing::debug_span!("l7", %client, orig_dst = %redirected.orig_dst, source = %format!("{}/{}", src.0, src.1));
-        let _enter = span.enter();
-        drop(_enter);
 
         let id = self.connections.open(client, redirected.orig_dst, &src);
         let ctx = Arc::new(ConnCtx {
@@ -233,18 +236,17 @@ async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
         return;
     };
     let started = tokio::time::Instant::now();
-    match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(pick.addr())).await {
-        Ok(Ok(mut upstream)) => {
-            let _ = upstream.set_nodelay(true);
-            pick.record(started.elapsed(), true);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-        }
-        _ => {
-            // The client sees its connection closed, as it would have seen a refused connect
-            // had it gone direct.
-            pick.record(started.elapsed(), false);
-            ctx.engine.metrics.error("upstream_connect");
-        }
+    if let Ok(Ok(mut upstream)) =
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(pick.addr())).await
+    {
+        let _ = upstream.set_nodelay(true);
+        pick.record(started.elapsed(), true);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    } else {
+        // The client sees its connection closed, as it would have seen a refused connect
+        // had it gone direct.
+        pick.record(started.elapsed(), false);
+        ctx.engine.metrics.error("upstream_connect");
     }
 }
 

@@ -33,19 +33,24 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn new(service: ServiceRef, port: u16, endpoints: Vec<SocketAddr>, spec: Option<&TrafficPolicySpec>) -> Self {
-        let lb = spec.and_then(|s| s.load_balancer.clone()).unwrap_or_default();
+    fn new(
+        service: ServiceRef,
+        port: u16,
+        endpoints: Vec<SocketAddr>,
+        spec: Option<&TrafficPolicySpec>,
+    ) -> Self {
+        let lb = spec
+            .and_then(|s| s.load_balancer.clone())
+            .unwrap_or_default();
         let algorithm: Algorithm = lb.algorithm;
         Self {
             balancer: Balancer::new(endpoints.clone(), algorithm),
-            outlier: spec
-                .and_then(|s| s.outlier_detection.clone())
-                .map(|c| {
-                    let d = Detector::new(c);
-                    d.update(&endpoints);
-                    d
-                }),
-            breaker: spec.and_then(|s| s.circuit_breaker.clone()).map(Breaker::new),
+            outlier: spec.and_then(|s| s.outlier_detection.clone()).map(|c| {
+                let d = Detector::new(c);
+                d.update(&endpoints);
+                d
+            }),
+            breaker: spec.and_then(|s| s.circuit_breaker).map(Breaker::new),
             hash_on: lb.hash,
             service,
             port,
@@ -135,7 +140,8 @@ impl Snapshot {
                 .cloned();
             snap.plain.insert(
                 key,
-                reuse.unwrap_or_else(|| Arc::new(Pool::new(sref.clone(), *port, eps.clone(), None))),
+                reuse
+                    .unwrap_or_else(|| Arc::new(Pool::new(sref.clone(), *port, eps.clone(), None))),
             );
         }
         for l7 in &node.l7 {
@@ -165,7 +171,10 @@ fn same_inputs(a: &L7Service, b: &L7Service) -> bool {
         && a.app_protocol == b.app_protocol
 }
 
-fn pools_current(t: &Target, endpoints: &HashMap<(ServiceRef, u16), (Ipv4Addr, Vec<SocketAddr>)>) -> bool {
+fn pools_current(
+    t: &Target,
+    endpoints: &HashMap<(ServiceRef, u16), (Ipv4Addr, Vec<SocketAddr>)>,
+) -> bool {
     t.pools.iter().all(|(k, pool)| {
         endpoints
             .get(k)
@@ -208,15 +217,14 @@ fn build_target(
         if pools.contains_key(&key) {
             continue;
         }
-        let eps = match endpoints.get(&key) {
-            Some((_, eps)) => eps.clone(),
-            None => {
-                problems.push(format!(
-                    "service {}/{}:{}: backend {}/{}:{port} does not exist; requests routed to it get 500",
-                    l7.namespace, l7.name, l7.port, b.service.namespace, b.service.name
-                ));
-                continue;
-            }
+        let eps = if let Some((_, eps)) = endpoints.get(&key) {
+            eps.clone()
+        } else {
+            problems.push(format!(
+                "service {}/{}:{}: backend {}/{}:{port} does not exist; requests routed to it get 500",
+                l7.namespace, l7.name, l7.port, b.service.namespace, b.service.name
+            ));
+            continue;
         };
         pools.insert(key, Arc::new(Pool::new(b.service.clone(), port, eps, spec)));
     }
@@ -229,13 +237,20 @@ fn build_target(
                 r.budget.window,
             )
         }),
-        bucket: spec
-            .rate_limit
-            .as_ref()
-            .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.unwrap_or_else(|| {
-                // Default burst: one second's worth.
-                rl.requests_per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
-            }))),
+        bucket: spec.rate_limit.as_ref().map(|rl| {
+            TokenBucket::new(
+                rl.requests_per_second,
+                rl.burst.unwrap_or_else(|| {
+                    // Default burst: one second's worth.
+                    #[allow(clippy::cast_sign_loss, reason = "clamped to 1..=u32::MAX first")]
+                    let burst = rl
+                        .requests_per_second
+                        .ceil()
+                        .clamp(1.0, f64::from(u32::MAX)) as u32;
+                    burst
+                }),
+            )
+        }),
         spec: spec.clone(),
     });
     let protocol = l7

@@ -75,8 +75,7 @@ fn parse_traceparent(v: &str) -> Option<(String, String, String)> {
     }
     let hex = |s: &str, n: usize| {
         s.len() == n
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
@@ -137,8 +136,7 @@ impl Exporter {
 }
 
 async fn run(mut rx: mpsc::Receiver<Span>, url: Uri, dropped: Arc<AtomicU64>) {
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let deadline = tokio::time::sleep(FLUSH_EVERY);
