@@ -219,6 +219,16 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
         "no http1 L7 flow with its route: {l7:?}"
     );
     ensure!(l7.iter().any(|f| f["protocol"] == "h2"), "curl's h2c connection missing: {l7:?}");
+    // The same through the CLI a user would run.
+    let out = std::process::Command::new(testbed::weft_bin())
+        .args(["flows", "--verdict", "L7", "--admin-socket"])
+        .arg(&m.agent.socket)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("L7 ENGINE") && text.contains("default/web-split#0×"),
+        "weft flows: {text}"
+    );
     let kernel_l7 = flows["live"]
         .as_array()
         .into_iter()

@@ -73,17 +73,67 @@ impl FlowFilter {
 
 pub fn flows(socket: &Path, json: bool, filter: &FlowFilter) -> Result<(), CliError> {
     let body = fetch(socket, "/flows")?;
-    let mut snap: FlowSnapshot = serde_json::from_slice(&body).map_err(CliError::Decode)?;
-    filter.apply(&mut snap);
+    let mut all: FlowsWithL7 = serde_json::from_slice(&body).map_err(CliError::Decode)?;
+    filter.apply(&mut all.flows);
+    let keep = |f: &crate::proxy::L7Flow| {
+        filter.verdict.as_deref().is_none_or(|v| v == "L7")
+            && filter.workload.as_deref().is_none_or(|w| {
+                f.source == w || f.source.rsplit('/').next() == Some(w)
+            })
+    };
+    all.l7.live.retain(keep);
+    all.l7.recent.retain(keep);
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&snap).map_err(CliError::Decode)?
+            serde_json::to_string_pretty(&all).map_err(CliError::Decode)?
         );
     } else {
-        print!("{}", render_flows(&snap));
+        print!("{}", render_flows(&all.flows));
+        print!("{}", render_l7(&all.l7));
     }
     Ok(())
+}
+
+/// `/flows`: the kernel's table and the engine's connections.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FlowsWithL7 {
+    #[serde(flatten)]
+    flows: FlowSnapshot,
+    #[serde(default)]
+    l7: crate::proxy::L7Flows,
+}
+
+/// The L7 engine's connections: protocol, requests and the routes they took.
+#[must_use]
+pub fn render_l7(l7: &crate::proxy::L7Flows) -> String {
+    use std::fmt::Write as _;
+    if l7.live.is_empty() && l7.recent.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nL7 ENGINE  SOURCE → DESTINATION  PROTOCOL  REQUESTS  ROUTES\n");
+    for (state, f) in l7
+        .live
+        .iter()
+        .map(|f| ("open", f))
+        .chain(l7.recent.iter().map(|f| ("closed", f)))
+    {
+        let routes: Vec<String> = f.routes.iter().map(|(r, n)| format!("{r}×{n}")).collect();
+        let proto = match &f.sni {
+            Some(sni) => format!("{} (sni {sni})", f.protocol),
+            None => f.protocol.clone(),
+        };
+        let _ = writeln!(
+            out,
+            "{state:<10} {} ({}) → {}  {proto}  {}  {}",
+            f.source,
+            f.client,
+            f.destination,
+            f.requests,
+            routes.join(", ")
+        );
+    }
+    out
 }
 
 fn endpoint(p: &crate::flows::Peer) -> String {

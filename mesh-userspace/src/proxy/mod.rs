@@ -269,13 +269,13 @@ impl ConnCtx {
 // --- the engine's part of the flow table ------------------------------------------------------
 
 /// One live connection through the engine, as `/flows` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct L7Flow {
     pub client: SocketAddrV4,
     pub source: String,
     pub destination: SocketAddrV4,
     pub protocol: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
     pub requests: u64,
     /// Routes used so far and how often.
@@ -287,7 +287,7 @@ pub struct L7Flow {
 const RECENT_L7_FLOWS: usize = 256;
 
 /// The engine's connections, live and recently closed.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct L7Flows {
     pub live: Vec<L7Flow>,
     pub recent: Vec<L7Flow>,
