@@ -520,6 +520,32 @@ fn non_http_bytes_are_piped_opaque() -> Result<()> {
     ensure!(out.stdout.contains("done"), "{out:?}");
     let opaque = m.l7_metric("weft_l7_connections_total", &[("protocol", "opaque")])?;
     ensure!(opaque >= 1.0, "opaque connections {opaque}");
+
+    // A backend port nobody listens on: the client gets a reset (direct, it would have got a
+    // refused connect; its connect() to the engine had already succeeded).
+    let dead = r"
+apiVersion: v1
+kind: Service
+metadata: {name: dead, namespace: default}
+spec: {clusterIP: 198.19.0.40, selector: {version: v1}, ports: [{port: 80, targetPort: 9999, appProtocol: tcp}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: dead, namespace: default}
+spec:
+  targetRef: {kind: Service, name: dead}
+  timeout: 1s
+";
+    m.agent.apply("dead.yaml", dead)?;
+    eventually(Duration::from_secs(10), || {
+        let out = m.client().run(
+            Duration::from_secs(10),
+            "bash",
+            ["-c", "exec 3<>/dev/tcp/198.19.0.40/80 && printf x >&3; timeout 3 cat <&3"],
+        )?;
+        ensure!(out.stderr.contains("reset by peer"), "{out:?}");
+        Ok(())
+    })?;
     Ok(())
 }
 

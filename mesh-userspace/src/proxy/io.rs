@@ -17,6 +17,10 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
     }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

@@ -227,12 +227,14 @@ async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
         .or_else(|| snapshot.plain.get(&ctx.orig_dst).cloned());
     let Some(pool) = pool else {
         ctx.engine.metrics.error("no_endpoint");
+        let _ = client.get_ref().set_zero_linger();
         return;
     };
     let Some(pick) = pool.balancer.pick(None, |ep| {
         !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
     }) else {
         ctx.engine.metrics.error("no_endpoint");
+        let _ = client.get_ref().set_zero_linger();
         return;
     };
     let started = tokio::time::Instant::now();
@@ -243,10 +245,11 @@ async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
         pick.record(started.elapsed(), true);
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     } else {
-        // The client sees its connection closed, as it would have seen a refused connect
-        // had it gone direct.
+        // The client's connect() already succeeded (to the engine); the closest thing to the
+        // refusal it would have seen going direct is a reset.
         pick.record(started.elapsed(), false);
         ctx.engine.metrics.error("upstream_connect");
+        let _ = client.get_ref().set_zero_linger();
     }
 }
 
