@@ -362,6 +362,7 @@ fn l7_services(
 ) -> Vec<L7Service> {
     use crate::proxy::route::{ServiceRef, attaches};
     let mut out = Vec::new();
+    let mut used_policies = BTreeSet::new();
     for svc in services.iter_mut() {
         let sref = ServiceRef {
             namespace: svc.namespace.clone(),
@@ -403,6 +404,11 @@ fn l7_services(
             (name, p.spec.clone())
         });
         if let Some(extra) = policies.next() {
+            used_policies.insert(format!(
+                "{}/{}",
+                svc.namespace,
+                extra.metadata.name.as_deref().unwrap_or_default()
+            ));
             problems.push(format!(
                 "TrafficPolicy {}/{} also targets service {}/{}:{}; only {} applies",
                 svc.namespace,
@@ -417,6 +423,7 @@ fn l7_services(
             continue;
         }
         svc.l7 = true;
+        used_policies.extend(policy.as_ref().map(|(n, _)| n.clone()));
         out.push(L7Service {
             service_id: svc.id,
             namespace: svc.namespace.clone(),
@@ -427,6 +434,19 @@ fn l7_services(
             grpc_routes,
             policy,
         });
+    }
+    for p in &objects.traffic_policies {
+        let name = format!(
+            "{}/{}",
+            p.metadata.namespace.as_deref().unwrap_or("default"),
+            p.metadata.name.as_deref().unwrap_or_default()
+        );
+        if !used_policies.contains(&name) {
+            problems.push(format!(
+                "TrafficPolicy {name}: its targetRef names no Service port of this mesh \
+                 (kind must be Service, in the policy's namespace)"
+            ));
+        }
     }
     out
 }
