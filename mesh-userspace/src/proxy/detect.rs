@@ -104,16 +104,19 @@ fn detect_http1(buf: &[u8]) -> Detection {
     if !looks_like_http1_start(buf) {
         return Detection::Done(Protocol::Opaque);
     }
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    // A request line holds no control bytes; CR is allowed only as the start of its CRLF.
+    let line_end = buf.windows(2).position(|w| w == b"\r\n");
+    let scanned = &buf[..line_end.unwrap_or(buf.len())];
+    let last = scanned.len().saturating_sub(1);
+    let bad_byte = scanned.iter().enumerate().any(|(i, b)| {
+        b.is_ascii_control() && !(line_end.is_none() && i == last && *b == b'\r')
+    });
+    if bad_byte {
+        return Detection::Done(Protocol::Opaque);
+    }
+    let Some(end) = line_end else {
         if buf.len() >= MAX_REQUEST_LINE {
             return Detection::Done(Protocol::Http1); // let the parser answer 414
-        }
-        // A bare LF or a non-printable byte already rules HTTP out.
-        if buf
-            .iter()
-            .any(|b| *b == b'\n' || (b.is_ascii_control() && *b != b'\r'))
-        {
-            return Detection::Done(Protocol::Opaque);
         }
         return Detection::NeedMore;
     };
@@ -262,6 +265,12 @@ mod tests {
         );
         assert_eq!(detect(b"\x00\x01binary"), Detection::Done(Protocol::Opaque));
         assert_eq!(detect(b"HELLO\n"), Detection::Done(Protocol::Opaque));
+        // Found by cargo-fuzz: a control byte inside an otherwise valid request line.
+        assert_eq!(
+            detect(b"P \x00P\r\x00 * HTTP/1.0\r\n"),
+            Detection::Done(Protocol::Opaque)
+        );
+        assert_eq!(detect(b"GET / HTTP/1.1\r"), Detection::NeedMore);
     }
 
     #[test]
