@@ -120,6 +120,13 @@ fn bpffs_default(node: &str) -> PathBuf {
 }
 
 fn main() -> anyhow::Result<()> {
+    // glibc gives every thread that allocates its own 64 MiB arena; the agent's few threads
+    // (datapath sync, admin, L7 engine) need no more than two, and memory is a target.
+    // SAFETY: mallopt only tunes the allocator and runs before any other thread exists.
+    #[allow(unsafe_code, reason = "one libc call to tune the allocator")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

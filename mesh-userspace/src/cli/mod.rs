@@ -77,9 +77,10 @@ pub fn flows(socket: &Path, json: bool, filter: &FlowFilter) -> Result<(), CliEr
     filter.apply(&mut all.flows);
     let keep = |f: &crate::proxy::L7Flow| {
         filter.verdict.as_deref().is_none_or(|v| v == "L7")
-            && filter.workload.as_deref().is_none_or(|w| {
-                f.source == w || f.source.rsplit('/').next() == Some(w)
-            })
+            && filter
+                .workload
+                .as_deref()
+                .is_none_or(|w| f.source == w || f.source.rsplit('/').next() == Some(w))
     };
     all.l7.live.retain(keep);
     all.l7.recent.retain(keep);

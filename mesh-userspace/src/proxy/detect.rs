@@ -108,9 +108,10 @@ fn detect_http1(buf: &[u8]) -> Detection {
     let line_end = buf.windows(2).position(|w| w == b"\r\n");
     let scanned = &buf[..line_end.unwrap_or(buf.len())];
     let last = scanned.len().saturating_sub(1);
-    let bad_byte = scanned.iter().enumerate().any(|(i, b)| {
-        b.is_ascii_control() && !(line_end.is_none() && i == last && *b == b'\r')
-    });
+    let bad_byte = scanned
+        .iter()
+        .enumerate()
+        .any(|(i, b)| b.is_ascii_control() && !(line_end.is_none() && i == last && *b == b'\r'));
     if bad_byte {
         return Detection::Done(Protocol::Opaque);
     }

@@ -194,9 +194,60 @@ where
 
 // --- one request ----------------------------------------------------------------------------
 
-struct Labels {
-    route: RouteLabels,
+/// A request's route as metric labels, with the metric handles of the hot path resolved once
+/// per (connection, route) instead of hashed label lookups on every request.
+pub struct RouteObs {
+    pub route: RouteLabels,
+    pub name: String,
+    requests: [prometheus_client::metrics::counter::Counter; 5],
+    duration: prometheus_client::metrics::histogram::Histogram,
+    in_flight: prometheus_client::metrics::gauge::Gauge,
 }
+
+impl RouteObs {
+    fn new(ctx: &ConnCtx, target: &Target, action: Option<&RuleAction>) -> Self {
+        let name = action.map_or_else(
+            || "default".to_owned(),
+            |a| format!("{}#{}", a.route, a.rule),
+        );
+        let route = RouteLabels {
+            source_namespace: ctx.src.0.clone(),
+            source_workload: ctx.src.1.clone(),
+            destination_namespace: target.service.namespace.clone(),
+            destination_service: target.service.name.clone(),
+            route: name.clone(),
+        };
+        let m = &ctx.engine.metrics;
+        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            m.requests
+                .get_or_create(&RequestLabels {
+                    route: route.clone(),
+                    status_class: class,
+                })
+                .clone()
+        });
+        Self {
+            requests,
+            duration: m.duration.get_or_create(&route).clone(),
+            in_flight: m.in_flight.get_or_create(&route).clone(),
+            route,
+            name,
+        }
+    }
+
+    fn count(&self, class: &str) {
+        let i = match class {
+            "1xx" => 0,
+            "2xx" => 1,
+            "3xx" => 2,
+            "4xx" => 3,
+            _ => 4,
+        };
+        self.requests[i].inc();
+    }
+}
+
+type Labels = RouteObs;
 
 #[allow(
     clippy::too_many_lines,
@@ -240,22 +291,10 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
             "no route matches the request",
         ));
     }
-    let route_name = selected.map_or_else(
-        || "default".to_owned(),
-        |a| format!("{}#{}", a.route, a.rule),
-    );
-    let labels = Labels {
-        route: RouteLabels {
-            source_namespace: ctx.src.0.clone(),
-            source_workload: ctx.src.1.clone(),
-            destination_namespace: target.service.namespace.clone(),
-            destination_service: target.service.name.clone(),
-            route: route_name.clone(),
-        },
-    };
-    ctx.note_route(&route_name);
-    let m = &ctx.engine.metrics;
-    let in_flight = m.in_flight.get_or_create(&labels.route).clone();
+    let labels = ctx.route_obs(&target, selected, || RouteObs::new(&ctx, &target, selected));
+    let route_name = &labels.name;
+    ctx.note_route(route_name);
+    let in_flight = labels.in_flight.clone();
     in_flight.inc();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -267,16 +306,9 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
     } else {
         status_class(status)
     };
-    m.requests
-        .get_or_create(&RequestLabels {
-            route: labels.route.clone(),
-            status_class: class,
-        })
-        .inc();
+    labels.count(class);
     let elapsed = start.elapsed();
-    m.duration
-        .get_or_create(&labels.route)
-        .observe(elapsed.as_secs_f64());
+    labels.duration.observe(elapsed.as_secs_f64());
     if let (Some(exporter), Some(trace)) = (
         ctx.engine.tracer.as_ref(),
         resp.extensions().get::<super::trace::Context>(),
@@ -332,6 +364,10 @@ fn grpc_class(resp: &Response<Body>, status: u16) -> &'static str {
     }
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "the request's policy steps in the order they apply"
+)]
 async fn route_request(
     mut req: Request<Incoming>,
     ctx: &Arc<ConnCtx>,
@@ -609,7 +645,7 @@ async fn attempt_loop(
     ctx: &Arc<ConnCtx>,
     target: &Arc<Target>,
     pool: &Arc<Pool>,
-    parts: hyper::http::request::Parts,
+    mut parts: hyper::http::request::Parts,
     body: ReqBody,
     attempts: u32,
     retries: Option<&Retries>,
@@ -674,7 +710,12 @@ async fn attempt_loop(
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        *req.headers_mut() = parts.headers.clone();
+        // The last possible try takes the headers instead of copying them.
+        *req.headers_mut() = if attempt >= attempts {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
         let Some(uri) = upstream_uri(ep, &parts.uri) else {
             return local_reply(StatusCode::BAD_REQUEST, grpc, "bad request target");
         };

@@ -150,6 +150,7 @@ impl Engine {
             orig_dst: redirected.orig_dst,
             src,
             id,
+            obs: Mutex::new(Vec::new()),
         });
 
         // Protocol: the port's appProtocol, else the first bytes.
@@ -261,11 +262,42 @@ pub struct ConnCtx {
     /// Source workload (namespace, name).
     pub src: (String, String),
     id: u64,
+    /// Metric handles per route used on this connection (keyed by target and rule identity;
+    /// the `Arc<Target>` keeps the key's addresses valid).
+    #[allow(clippy::type_complexity, reason = "a small private cache")]
+    obs: Mutex<Vec<(usize, Arc<snapshot::Target>, Arc<http::RouteObs>)>>,
 }
 
 impl ConnCtx {
     fn note_route(&self, route: &str) {
         self.engine.connections.note_request(self.id, route);
+    }
+
+    /// Cached metric handles for `action` of `target` (a handful of routes per connection).
+    fn route_obs(
+        &self,
+        target: &Arc<snapshot::Target>,
+        action: Option<&route::RuleAction>,
+        make: impl FnOnce() -> http::RouteObs,
+    ) -> Arc<http::RouteObs> {
+        const MAX_CACHED: usize = 16;
+        let key = action.map_or(0, |a| std::ptr::from_ref(a) as usize);
+        let mut cache = self
+            .obs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, obs)) = cache
+            .iter()
+            .find(|(k, t, _)| *k == key && Arc::ptr_eq(t, target))
+        {
+            return obs.clone();
+        }
+        let obs = Arc::new(make());
+        if cache.len() >= MAX_CACHED {
+            cache.remove(0);
+        }
+        cache.push((key, target.clone(), obs.clone()));
+        obs
     }
 }
 
