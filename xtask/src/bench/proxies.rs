@@ -187,7 +187,7 @@ fn haproxy_cfg(listen: SocketAddrV4, upstream: SocketAddr) -> String {
         "# Written by `cargo xtask bench l7`.
 global
     nbthread 1
-    maxconn 10000
+    maxconn 4096
 
 defaults
     mode http
