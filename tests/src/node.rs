@@ -155,8 +155,7 @@ impl Node {
     {
         let _alive = self.run.guard_alive()?;
         let label = format!("{}: agent", self.name);
-        let mut command =
-            process::command_in(program, &self.netns_path(), &self.agent_cgroup())?;
+        let mut command = process::command_in(program, &self.netns_path(), &self.agent_cgroup())?;
         Proc::spawn(label, command.args(args))
     }
 

@@ -82,10 +82,7 @@ impl L7Mesh {
         agent.apply("pods.yaml", &manifests.join("\n---\n"))?;
         agent.apply("services.yaml", SERVICES)?;
         agent.wait_workloads(3)?;
-        let servers = vec![
-            serve(&p1, "v1", v1)?,
-            serve(&p2, "v2", v2)?,
-        ];
+        let servers = vec![serve(&p1, "v1", v1)?, serve(&p2, "v2", v2)?];
         Ok(Self {
             agent,
             pods: vec![a, p1, p2],
@@ -119,20 +116,47 @@ impl L7Mesh {
     fn diag(&self) -> String {
         self.agent.json("/config_dump").map_or_else(
             |e| e.to_string(),
-            |d| format!("problems {} errors {} l7 services {}", d["node"]["problems"], d["config_errors"], d["node"]["l7"].as_array().map_or(0, Vec::len)),
+            |d| {
+                format!(
+                    "problems {} errors {} l7 services {}",
+                    d["node"]["problems"],
+                    d["config_errors"],
+                    d["node"]["l7"].as_array().map_or(0, Vec::len)
+                )
+            },
         )
+    }
+
+    /// Applies objects that make the service at `vip` an L7 service and waits until requests to
+    /// it go through the engine.
+    fn apply_l7(&self, file: &str, yaml: &str, vip: &str) -> Result<()> {
+        self.apply_and_wait(file, yaml, || {
+            let r = self.get(vip, "/", 1, &[])?;
+            ensure!(
+                r.completed == 1 && self.l7_connections()? > 0.0,
+                "not L7 yet: {}",
+                self.diag()
+            );
+            Ok(())
+        })
     }
 
     fn l7_connections(&self) -> Result<f64> {
         let text = self.agent.metrics()?;
         Ok(["http1", "h2", "tls", "opaque"]
             .iter()
-            .map(|p| testbed::agent::sum_metric(&text, "weft_l7_connections_total", &[("protocol", p)]))
+            .map(|p| {
+                testbed::agent::sum_metric(&text, "weft_l7_connections_total", &[("protocol", p)])
+            })
             .sum())
     }
 
     fn l7_metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-        Ok(testbed::agent::sum_metric(&self.agent.metrics()?, name, labels))
+        Ok(testbed::agent::sum_metric(
+            &self.agent.metrics()?,
+            name,
+            labels,
+        ))
     }
 }
 
@@ -170,7 +194,10 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
     // Before any route: `web` is an L4 service, balanced in the kernel; no engine involved.
     let before = m.get(WEB_VIP, "/", 40, &[])?;
     ensure!(before.status(200) == 40, "{before:?}");
-    ensure!(m.l7_connections()? == 0.0, "engine saw connections without L7 policy");
+    ensure!(
+        m.l7_connections()? == 0.0,
+        "engine saw connections without L7 policy"
+    );
 
     m.apply_and_wait("route.yaml", SPLIT_80_20, || {
         let r = m.get(WEB_VIP, "/", 1, &[])?;
@@ -178,8 +205,16 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
         ensure!(
             r.status(200) == 1 && m.l7_connections()? > 0.0,
             "not routed yet: {r:?}\nservices {}\nl7 {}\nproblems {} {}\n{}",
-            dump["node"]["services"], dump["node"]["l7"], dump["node"]["problems"], dump["config_errors"],
-            m.agent.metrics()?.lines().filter(|l| l.contains("event")).collect::<Vec<_>>().join("\n")
+            dump["node"]["services"],
+            dump["node"]["l7"],
+            dump["node"]["problems"],
+            dump["config_errors"],
+            m.agent
+                .metrics()?
+                .lines()
+                .filter(|l| l.contains("event"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         Ok(())
     })?;
@@ -187,7 +222,10 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
     ensure!(r.status(200) == 400, "all requests succeed: {r:?}");
     let v2 = served(&r, "v2");
     // Binomial(400, 0.2): mean 80, sd 8; ±5 sd.
-    ensure!((40..=120).contains(&v2), "v2 got {v2} of 400 (expected about 80): {r:?}");
+    ensure!(
+        (40..=120).contains(&v2),
+        "v2 got {v2} of 400 (expected about 80): {r:?}"
+    );
     ensure!(served(&r, "v1") + v2 == 400);
 
     // A client nobody here wrote: curl, HTTP/1.1 and h2c prior knowledge, through the VIP.
@@ -199,7 +237,10 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
         let out = m.client().run(Duration::from_secs(15), "curl", &args)?;
         ensure!(out.success(), "curl {extra:?}: {}", out.stderr);
         let head = out.stdout.to_ascii_lowercase();
-        ensure!(head.contains(" 200") && head.contains("x-served-by: v"), "curl {extra:?}: {head}");
+        ensure!(
+            head.contains(" 200") && head.contains("x-served-by: v"),
+            "curl {extra:?}: {head}"
+        );
     }
 
     // The flow table: engine connections with protocol and route; the kernel flows of the client
@@ -218,7 +259,10 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
             && f["routes"].get("default/web-split#0").is_some()),
         "no http1 L7 flow with its route: {l7:?}"
     );
-    ensure!(l7.iter().any(|f| f["protocol"] == "h2"), "curl's h2c connection missing: {l7:?}");
+    ensure!(
+        l7.iter().any(|f| f["protocol"] == "h2"),
+        "curl's h2c connection missing: {l7:?}"
+    );
     // The same through the CLI a user would run.
     let out = std::process::Command::new(testbed::weft_bin())
         .args(["flows", "--verdict", "L7", "--admin-socket"])
@@ -257,14 +301,20 @@ fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<(
     let engine_before = m.l7_connections()?;
     let p = m.get(PLAIN_VIP, "/", 50, &[])?;
     ensure!(p.status(200) == 50 && served(&p, "v1") == 50, "{p:?}");
-    ensure!(m.l7_connections()? == engine_before, "plain traffic touched the engine");
+    ensure!(
+        m.l7_connections()? == engine_before,
+        "plain traffic touched the engine"
+    );
 
     // Deleting the route reverts `web` to kernel-only balancing.
     m.agent.delete("route.yaml")?;
     eventually(Duration::from_secs(10), || {
         let before = m.l7_connections()?;
         let r = m.get(WEB_VIP, "/", 5, &[])?;
-        ensure!(r.status(200) == 5 && m.l7_connections()? == before, "still through the engine");
+        ensure!(
+            r.status(200) == 5 && m.l7_connections()? == before,
+            "still through the engine"
+        );
         Ok(())
     })?;
     Ok(())
@@ -299,18 +349,31 @@ spec:
     let api = m.get(WEB_VIP, "/api/items?id=3", 10, &[])?;
     ensure!(served(&api, "v2") == 10, "{api:?}");
     let echo = api.responses[0].echo().context("echo body")?;
-    ensure!(echo.path == "/v2api/items" && echo.query == "id=3", "rewrite: {echo:?}");
+    ensure!(
+        echo.path == "/v2api/items" && echo.query == "id=3",
+        "rewrite: {echo:?}"
+    );
     // Prefix matching is per path segment: /apix is not under /api.
     let apix = m.get(WEB_VIP, "/apix", 10, &[])?;
     ensure!(served(&apix, "v1") == 10, "{apix:?}");
     let canary = m.get(WEB_VIP, "/", 10, &["x-canary: yes"])?;
     ensure!(served(&canary, "v2") == 10, "{canary:?}");
     let echo = canary.responses[0].echo().context("echo body")?;
-    ensure!(echo.headers.get("x-routed").map(String::as_str) == Some("canary"), "{echo:?}");
-    ensure!(echo.headers.contains_key("traceparent"), "trace context not propagated: {echo:?}");
+    ensure!(
+        echo.headers.get("x-routed").map(String::as_str) == Some("canary"),
+        "{echo:?}"
+    );
+    ensure!(
+        echo.headers.contains_key("traceparent"),
+        "trace context not propagated: {echo:?}"
+    );
     let old = m.get(WEB_VIP, "/old", 1, &[])?;
     ensure!(old.status(301) == 1, "{old:?}");
-    let location = old.responses[0].headers.get("location").cloned().unwrap_or_default();
+    let location = old.responses[0]
+        .headers
+        .get("location")
+        .cloned()
+        .unwrap_or_default();
     ensure!(location.ends_with("/new"), "location {location}");
 
     // Routes attached but none matches: 404.
@@ -335,7 +398,11 @@ spec:
 #[test]
 fn retries_fix_a_flaky_backend_and_the_budget_stops_a_storm() -> Result<()> {
     // v1 fails every other request with 503; v2 fails every request with 503.
-    let m = L7Mesh::new("l7-retry", &["--fail-percent", "50"], &["--fail-percent", "100"])?;
+    let m = L7Mesh::new(
+        "l7-retry",
+        &["--fail-percent", "50"],
+        &["--fail-percent", "100"],
+    )?;
     let policy = r"
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
@@ -351,34 +418,49 @@ spec:
   targetRef: {kind: Service, name: web-v2}
   retries: {attempts: 5, on: [5xx], backoff: {base: 1ms, max: 2ms}, budget: {percent: 10, minPerSecond: 1, window: 10s}}
 ";
-    m.apply_and_wait("policy.yaml", policy, || {
-        ensure!(m.l7_connections()? > 0.0 || m.get("198.19.0.21", "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
-        Ok(())
-    })?;
+    m.apply_l7("policy.yaml", policy, "198.19.0.21")?;
     // One request at a time: with every other answer failing, the first retry always succeeds.
     let mut args = HttpGetArgs::new("http://198.19.0.21/".parse()?);
     args.count = 200;
     args.concurrency = 1;
     let flaky = m.client().http_get(&args)?;
-    ensure!(flaky.status(200) == 200, "retries should hide the flaky backend: {flaky:?}");
-    let retries = m.l7_metric("weft_l7_retries_total", &[("destination_service", "web-v1")])?;
+    ensure!(
+        flaky.status(200) == 200,
+        "retries should hide the flaky backend: {flaky:?}"
+    );
+    let retries = m.l7_metric(
+        "weft_l7_retries_total",
+        &[("destination_service", "web-v1")],
+    )?;
     ensure!(retries >= 50.0, "retries {retries}");
 
     // A backend that always fails: the budget allows about 10% of requests plus 1/s × 10 s.
     let storm = m.get("198.19.0.22", "/", 300, &[])?;
     ensure!(storm.status(503) == 300, "{storm:?}");
-    let storm_retries = m.l7_metric("weft_l7_retries_total", &[("destination_service", "web-v2")])?;
-    let exhausted =
-        m.l7_metric("weft_l7_retry_budget_exhausted_total", &[("destination_service", "web-v2")])?;
+    let storm_retries = m.l7_metric(
+        "weft_l7_retries_total",
+        &[("destination_service", "web-v2")],
+    )?;
+    let exhausted = m.l7_metric(
+        "weft_l7_retry_budget_exhausted_total",
+        &[("destination_service", "web-v2")],
+    )?;
     // Without a budget this would be 4 × 300 = 1200 retries.
-    ensure!(storm_retries <= 30.0 + 10.0 + 10.0, "budget let {storm_retries} retries through");
+    ensure!(
+        storm_retries <= 30.0 + 10.0 + 10.0,
+        "budget let {storm_retries} retries through"
+    );
     ensure!(exhausted >= 250.0, "budget exhaustions {exhausted}");
     Ok(())
 }
 
 #[test]
 fn outlier_detection_ejects_a_failing_endpoint() -> Result<()> {
-    let m = L7Mesh::new("l7-outlier", &[], &["--fail-percent", "100", "--fail-status", "500"])?;
+    let m = L7Mesh::new(
+        "l7-outlier",
+        &[],
+        &["--fail-percent", "100", "--fail-status", "500"],
+    )?;
     let policy = r"
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
@@ -388,16 +470,16 @@ spec:
   outlierDetection: {consecutive5xx: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}
   loadBalancer: {algorithm: RoundRobin}
 ";
-    m.apply_and_wait("policy.yaml", policy, || {
-        ensure!(m.get(WEB_VIP, "/", 1, &[])?.completed == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
-        Ok(())
-    })?;
+    m.apply_l7("policy.yaml", policy, WEB_VIP)?;
     // Warm-up: v2 fails three times in a row and is ejected.
     let _ = m.get(WEB_VIP, "/", 20, &[])?;
     let ejections = m.l7_metric("weft_l7_ejections_total", &[("destination_service", "web")])?;
     ensure!(ejections >= 1.0, "no ejection");
     let after = m.get(WEB_VIP, "/", 100, &[])?;
-    ensure!(after.status(200) == 100 && served(&after, "v1") == 100, "ejected endpoint still used: {after:?}");
+    ensure!(
+        after.status(200) == 100 && served(&after, "v1") == 100,
+        "ejected endpoint still used: {after:?}"
+    );
     Ok(())
 }
 
@@ -420,17 +502,23 @@ spec:
   targetRef: {kind: Service, name: web}
   rateLimit: {requestsPerSecond: 1, burst: 10}
 ";
-    m.apply_and_wait("policy.yaml", policy, || {
-        ensure!(m.get("198.19.0.21", "/", 1, &[])?.completed == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
-        Ok(())
-    })?;
+    m.apply_l7("policy.yaml", policy, "198.19.0.21")?;
     let r = m.get("198.19.0.21", "/", 400, &[])?;
     let aborted = r.status(418);
-    ensure!((140..=260).contains(&aborted), "50% abort gave {aborted} of 400: {r:?}");
+    ensure!(
+        (140..=260).contains(&aborted),
+        "50% abort gave {aborted} of 400: {r:?}"
+    );
     ensure!(r.status(200) + aborted == 400, "{r:?}");
     // The non-aborted requests were mirrored to v2 (fire-and-forget; counted by the engine).
-    let mirrored = m.l7_metric("weft_l7_mirrored_total", &[("destination_service", "web-v1")])?;
-    ensure!(mirrored >= r.status(200) as f64 - 5.0, "mirrored {mirrored}");
+    let mirrored = m.l7_metric(
+        "weft_l7_mirrored_total",
+        &[("destination_service", "web-v1")],
+    )?;
+    ensure!(
+        mirrored >= r.status(200) as f64 - 5.0,
+        "mirrored {mirrored}"
+    );
 
     let mut args = HttpGetArgs::new(format!("http://{WEB_VIP}/").parse()?);
     args.count = 40;
@@ -438,25 +526,30 @@ spec:
     args.show = 40;
     let limited = m.client().http_get(&args)?;
     let ok = limited.status(200);
-    ensure!((10..=14).contains(&ok), "burst 10 at 1/s: {ok} passed: {limited:?}");
+    ensure!(
+        (10..=14).contains(&ok),
+        "burst 10 at 1/s: {ok} passed: {limited:?}"
+    );
     ensure!(limited.status(429) == 40 - ok, "{limited:?}");
     let retry_after = limited
         .responses
         .iter()
         .find(|x| x.status == 429)
         .and_then(|x| x.headers.get("retry-after").cloned());
-    ensure!(retry_after.as_deref() == Some("1"), "retry-after {retry_after:?}");
+    ensure!(
+        retry_after.as_deref() == Some("1"),
+        "retry-after {retry_after:?}"
+    );
     Ok(())
 }
 
 #[test]
 fn bad_input_gets_clear_errors_and_spares_other_connections() -> Result<()> {
     let m = L7Mesh::new("l7-bad", &[], &["--garbage", "x"])?;
-    let route = SPLIT_80_20.replace("weight: 80", "weight: 100").replace("weight: 20", "weight: 0");
-    m.apply_and_wait("route.yaml", &route, || {
-        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
-        Ok(())
-    })?;
+    let route = SPLIT_80_20
+        .replace("weight: 80", "weight: 100")
+        .replace("weight: 20", "weight: 0");
+    m.apply_l7("route.yaml", &route, WEB_VIP)?;
     // A long-lived keep-alive client runs meanwhile and must see only 200s.
     let mut long = HttpGetArgs::new(format!("http://{WEB_VIP}/delay/5").parse()?);
     long.count = 40;
@@ -470,14 +563,25 @@ fn bad_input_gets_clear_errors_and_spares_other_connections() -> Result<()> {
         let script = format!(
             "exec 3<>/dev/tcp/{WEB_VIP}/80; printf '{request}' >&3; timeout {wait} cat <&3"
         );
-        let out = m.client().run(Duration::from_secs(wait + 10), "bash", ["-c", &script])?;
+        let out = m
+            .client()
+            .run(Duration::from_secs(wait + 10), "bash", ["-c", &script])?;
         Ok(out.stdout)
     };
     let malformed = raw("GET / HTTP/1.1\\r\\nHost x\\r\\n\\r\\n", 3)?;
-    ensure!(malformed.starts_with("HTTP/1.1 400"), "malformed header: {malformed:?}");
-    let big = format!("GET / HTTP/1.1\\r\\nHost: a\\r\\nX-Big: {}\\r\\n\\r\\n", "a".repeat(70_000));
+    ensure!(
+        malformed.starts_with("HTTP/1.1 400"),
+        "malformed header: {malformed:?}"
+    );
+    let big = format!(
+        "GET / HTTP/1.1\\r\\nHost: a\\r\\nX-Big: {}\\r\\n\\r\\n",
+        "a".repeat(70_000)
+    );
     let too_large = raw(&big, 3)?;
-    ensure!(too_large.starts_with("HTTP/1.1 431"), "huge header: {too_large:.80?}");
+    ensure!(
+        too_large.starts_with("HTTP/1.1 431"),
+        "huge header: {too_large:.80?}"
+    );
     let slow = raw("GET / HTTP/1.1\\r\\nHost: a\\r\\n", 14)?;
     ensure!(slow.starts_with("HTTP/1.1 408"), "slow-loris: {slow:?}");
 
@@ -500,8 +604,14 @@ spec:
 
     let done = bystander.wait(Duration::from_secs(60))?;
     let report: HttpGetReport = done.json_as()?;
-    ensure!(report.status(200) == 40 && report.errors == 0, "bystander disturbed: {report:?}");
-    ensure!(m.agent.get("/ready")?.0 == 200, "agent not ready after bad input");
+    ensure!(
+        report.status(200) == 40 && report.errors == 0,
+        "bystander disturbed: {report:?}"
+    );
+    ensure!(
+        m.agent.get("/ready")?.0 == 200,
+        "agent not ready after bad input"
+    );
     drop(m.servers);
     Ok(())
 }
@@ -509,15 +619,14 @@ spec:
 #[test]
 fn non_http_bytes_are_piped_opaque() -> Result<()> {
     let m = L7Mesh::new("l7-opaque", &[], &[])?;
-    m.apply_and_wait("route.yaml", SPLIT_80_20, || {
-        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
-        Ok(())
-    })?;
+    m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
     // Not HTTP: the engine pipes the bytes to an endpoint of the service.
     let script = format!(
         "exec 3<>/dev/tcp/{WEB_VIP}/80; printf '\\001\\002binary\\n' >&3; timeout 2 cat <&3; echo done"
     );
-    let out = m.client().run(Duration::from_secs(15), "bash", ["-c", &script])?;
+    let out = m
+        .client()
+        .run(Duration::from_secs(15), "bash", ["-c", &script])?;
     ensure!(out.stdout.contains("done"), "{out:?}");
     let opaque = m.l7_metric("weft_l7_connections_total", &[("protocol", "opaque")])?;
     ensure!(opaque >= 1.0, "opaque connections {opaque}");
@@ -542,7 +651,10 @@ spec:
         let out = m.client().run(
             Duration::from_secs(10),
             "bash",
-            ["-c", "exec 3<>/dev/tcp/198.19.0.40/80 && printf x >&3; timeout 3 cat <&3"],
+            [
+                "-c",
+                "exec 3<>/dev/tcp/198.19.0.40/80 && printf x >&3; timeout 3 cat <&3",
+            ],
         )?;
         ensure!(out.stderr.contains("reset by peer"), "{out:?}");
         Ok(())
@@ -556,13 +668,13 @@ spec:
 #[test]
 fn l7_services_fail_open_while_the_agent_is_down() -> Result<()> {
     let mut m = L7Mesh::new("l7-failopen", &[], &[])?;
-    m.apply_and_wait("route.yaml", SPLIT_80_20, || {
-        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet");
-        Ok(())
-    })?;
+    m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
     let via_engine = m.get(WEB_VIP, "/", 1, &[])?;
     let peer = via_engine.responses[0].echo().context("echo")?.peer;
-    ensure!(peer.starts_with("198.18.1.1:"), "not from the engine: {peer}");
+    ensure!(
+        peer.starts_with("198.18.1.1:"),
+        "not from the engine: {peer}"
+    );
 
     m.agent.kill9();
     let client_ip = m.client().ip().to_string();
@@ -570,7 +682,10 @@ fn l7_services_fail_open_while_the_agent_is_down() -> Result<()> {
         let r = m.get(WEB_VIP, "/", 1, &[])?;
         ensure!(r.status(200) == 1, "{r:?}");
         let peer = r.responses[0].echo().context("echo")?.peer;
-        ensure!(peer.starts_with(&format!("{client_ip}:")), "still redirected: {peer}");
+        ensure!(
+            peer.starts_with(&format!("{client_ip}:")),
+            "still redirected: {peer}"
+        );
         Ok(())
     })?;
     let node = m._node.clone();
@@ -578,7 +693,10 @@ fn l7_services_fail_open_while_the_agent_is_down() -> Result<()> {
     eventually(Duration::from_secs(10), || {
         let r = m.get(WEB_VIP, "/", 1, &[])?;
         let peer = r.responses[0].echo().context("echo")?.peer;
-        ensure!(peer.starts_with("198.18.1.1:"), "not back through the engine: {peer}");
+        ensure!(
+            peer.starts_with("198.18.1.1:"),
+            "not back through the engine: {peer}"
+        );
         Ok(())
     })
 }
@@ -603,24 +721,30 @@ spec:
   targetRef: {kind: Service, name: web}
   loadBalancer: {algorithm: RingHash, hash: {header: x-user}}
 ";
-    m.apply_and_wait("policy.yaml", policy, || {
-        ensure!(m.get("198.19.0.21", "/", 1, &[])?.completed == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
-        Ok(())
-    })?;
+    m.apply_l7("policy.yaml", policy, "198.19.0.21")?;
     // Request timeout: a 2 s answer is cut at 500 ms with 504.
     let started = std::time::Instant::now();
     let slow = m.get("198.19.0.21", "/delay/2000", 1, &[])?;
     ensure!(slow.status(504) == 1, "{slow:?}");
-    ensure!(started.elapsed() < Duration::from_millis(1900), "timeout not applied");
+    ensure!(
+        started.elapsed() < Duration::from_millis(1900),
+        "timeout not applied"
+    );
 
     // Circuit breaking: at most 2 requests in flight to web-v1; 6 concurrent slow requests.
     let mut args = HttpGetArgs::new("http://198.19.0.21/delay/300".parse()?);
     args.count = 6;
     args.concurrency = 6;
     let burst = m.client().http_get(&args)?;
-    ensure!(burst.status(200) >= 2 && burst.status(503) >= 1, "breaker: {burst:?}");
     ensure!(
-        m.l7_metric("weft_l7_circuit_open_total", &[("destination_service", "web-v1")])? >= 1.0,
+        burst.status(200) >= 2 && burst.status(503) >= 1,
+        "breaker: {burst:?}"
+    );
+    ensure!(
+        m.l7_metric(
+            "weft_l7_circuit_open_total",
+            &[("destination_service", "web-v1")]
+        )? >= 1.0,
         "breaker not counted"
     );
 
@@ -631,16 +755,26 @@ spec:
     let posted = m.client().http_get(&up)?;
     ensure!(posted.status(200) == 1, "{posted:?}");
     let echo = posted.responses[0].echo().context("echo")?;
-    ensure!(echo.body_bytes == 8 << 20, "upstream saw {} body bytes", echo.body_bytes);
+    ensure!(
+        echo.body_bytes == 8 << 20,
+        "upstream saw {} body bytes",
+        echo.body_bytes
+    );
     let down = m.get("198.19.0.21", "/bytes/8388608", 1, &[])?;
-    ensure!(down.status(200) == 1 && down.body_bytes == 8 << 20, "{down:?}");
+    ensure!(
+        down.status(200) == 1 && down.body_bytes == 8 << 20,
+        "{down:?}"
+    );
 
     // Ring hash on x-user: one user always lands on one endpoint; users spread over both.
     let mut seen = std::collections::BTreeSet::new();
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
         let header = format!("x-user: {user}");
         let r = m.get(WEB_VIP, "/", 10, &[&header])?;
-        ensure!(r.by_server.len() == 1 && r.status(200) == 10, "{user}: {r:?}");
+        ensure!(
+            r.by_server.len() == 1 && r.status(200) == 10,
+            "{user}: {r:?}"
+        );
         seen.extend(r.by_server.keys().cloned());
     }
     ensure!(seen.len() == 2, "six users all hashed to {seen:?}");
@@ -678,14 +812,14 @@ spec:
   targetRef: {kind: Service, name: web}
   timeout: 5s
 ";
-    m.apply_and_wait("raw.yaml", objects, || {
-        ensure!(m.get("198.19.0.30", "/", 1, &[])?.completed == 1 && m.l7_connections()? > 0.0, "not L7 yet: {}", m.diag());
-        Ok(())
-    })?;
+    m.apply_l7("raw.yaml", objects, "198.19.0.30")?;
     // appProtocol: tcp — the engine pipes bytes without parsing: no trace context is added.
     let r = m.get("198.19.0.30", "/", 3, &[])?;
     let echo = r.responses[0].echo().context("echo")?;
-    ensure!(!echo.headers.contains_key("traceparent"), "HTTP was parsed: {echo:?}");
+    ensure!(
+        !echo.headers.contains_key("traceparent"),
+        "HTTP was parsed: {echo:?}"
+    );
     ensure!(m.l7_metric("weft_l7_connections_total", &[("protocol", "opaque")])? >= 1.0);
 
     // TLS to an L7 service: passed through opaque, the SNI shows in the flow table. (The
@@ -693,7 +827,14 @@ spec:
     let _ = m.client().run(
         Duration::from_secs(15),
         "curl",
-        ["-sk", "--max-time", "3", "--resolve", "shop.example:80:198.19.0.20", "https://shop.example:80/"],
+        [
+            "-sk",
+            "--max-time",
+            "3",
+            "--resolve",
+            "shop.example:80:198.19.0.20",
+            "https://shop.example:80/",
+        ],
     )?;
     eventually(Duration::from_secs(5), || {
         let flows = m.agent.flows()?;
@@ -711,11 +852,10 @@ spec:
 #[test]
 fn spans_are_exported_over_otlp() -> Result<()> {
     let m = L7Mesh::build("l7-otlp", &[], &[], true)?;
-    let collector = m.client().serve_http(&HttpServerArgs::new("collector", 4318))?;
-    m.apply_and_wait("route.yaml", SPLIT_80_20, || {
-        ensure!(m.get(WEB_VIP, "/", 1, &[])?.status(200) == 1 && m.l7_connections()? > 0.0, "not L7 yet");
-        Ok(())
-    })?;
+    let collector = m
+        .client()
+        .serve_http(&HttpServerArgs::new("collector", 4318))?;
+    m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
     let traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let r = m.get(WEB_VIP, "/", 20, &[&format!("traceparent: {traced}")])?;
     ensure!(r.status(200) == 20, "{r:?}");
@@ -723,12 +863,16 @@ fn spans_are_exported_over_otlp() -> Result<()> {
     let echo = r.responses[0].echo().context("echo")?;
     let upstream = echo.headers.get("traceparent").cloned().unwrap_or_default();
     ensure!(
-        upstream.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && !upstream.contains("b7ad6b7169203331"),
+        upstream.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+            && !upstream.contains("b7ad6b7169203331"),
         "traceparent upstream: {upstream}"
     );
     // Batches leave at least once a second.
     std::thread::sleep(Duration::from_millis(2500));
     let report = collector.finish()?;
-    ensure!(report.requests >= 1 && report.body_bytes > 1000, "collector saw {report:?}");
+    ensure!(
+        report.requests >= 1 && report.body_bytes > 1000,
+        "collector saw {report:?}"
+    );
     Ok(())
 }

@@ -422,7 +422,7 @@ mod tests {
     #[test]
     fn config_serde() {
         let c: OutlierConfig =
-            serde_yaml::from_str("consecutive5xx: 3\nbaseEjection: 10s").unwrap();
+            serde_yaml::from_str("consecutive5xx: 3\nbaseEjectionTime: 10s").unwrap();
         assert_eq!(c.consecutive_5xx, 3);
         assert_eq!(c.base_ejection, Duration::from_secs(10));
         assert_eq!(c.max_ejection_percent, 10);
