@@ -23,7 +23,7 @@ pub struct Agent {
     proc: Option<Proc>,
     node_name: String,
     cgroup: PathBuf,
-    agent_cgroup: PathBuf,
+    own_cgroup: PathBuf,
     engine_addr: std::net::SocketAddrV4,
     pub bpffs_dir: PathBuf,
     pub objects_dir: PathBuf,
@@ -40,7 +40,7 @@ impl Agent {
             proc: None,
             node_name: node.name().to_owned(),
             cgroup: node.cgroup_path(),
-            agent_cgroup: node.agent_cgroup(),
+            own_cgroup: node.agent_cgroup(),
             engine_addr: node.engine_addr(),
             bpffs_dir: node.bpffs_dir(),
             socket: node.run_dir().join("admin.sock"),
@@ -69,7 +69,7 @@ impl Agent {
             "--engine-addr",
             &self.engine_addr.to_string(),
             "--engine-sockops-cgroup",
-            &self.agent_cgroup.display().to_string(),
+            &self.own_cgroup.display().to_string(),
         ]
         .iter()
         .map(|s| (*s).to_owned())

@@ -25,6 +25,7 @@
 
 pub mod agent;
 mod eventually;
+pub mod grpc;
 mod host;
 pub mod http;
 mod node;

@@ -134,7 +134,7 @@ impl Node {
     }
 
     /// cgroup of the node's agent alone, `weft-<prefix>/_host/<node>/agent`: the agent attaches
-    /// sock_ops here too (its L7 engine's sockets join the fast path), so nothing else may run in
+    /// `sock_ops` here too (its L7 engine's sockets join the fast path), so nothing else may run in
     /// it.
     #[must_use]
     pub fn agent_cgroup(&self) -> PathBuf {

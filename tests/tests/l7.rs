@@ -28,7 +28,7 @@ struct L7Mesh {
     agent: Agent,
     pods: Vec<Pod>,
     servers: Vec<HttpServer>,
-    _node: Node,
+    node: Node,
     _tb: Testbed,
 }
 
@@ -87,7 +87,7 @@ impl L7Mesh {
             agent,
             pods: vec![a, p1, p2],
             servers,
-            _node: node,
+            node,
             _tb: tb,
         })
     }
@@ -189,6 +189,7 @@ spec:
 ";
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn weighted_split_goes_through_the_engine_and_plain_flows_never_do() -> Result<()> {
     let m = L7Mesh::new("l7-split", &[], &[])?;
     // Before any route: `web` is an L4 service, balanced in the kernel; no engine involved.
@@ -602,7 +603,7 @@ spec:
         Ok(())
     })?;
 
-    let done = bystander.wait(Duration::from_secs(60))?;
+    let done = bystander.wait(Duration::from_mins(1))?;
     let report: HttpGetReport = done.json_as()?;
     ensure!(
         report.status(200) == 40 && report.errors == 0,
@@ -688,7 +689,7 @@ fn l7_services_fail_open_while_the_agent_is_down() -> Result<()> {
         );
         Ok(())
     })?;
-    let node = m._node.clone();
+    let node = m.node.clone();
     m.agent.restart(&node)?;
     eventually(Duration::from_secs(10), || {
         let r = m.get(WEB_VIP, "/", 1, &[])?;
@@ -873,6 +874,95 @@ fn spans_are_exported_over_otlp() -> Result<()> {
     ensure!(
         report.requests >= 1 && report.body_bytes > 1000,
         "collector saw {report:?}"
+    );
+    Ok(())
+}
+
+/// gRPC (tonic client and server in pods) through the engine: a `GRPCRoute` split on method and
+/// metadata, retries on a gRPC status, and an injected gRPC fault.
+#[test]
+fn grpc_routes_retries_and_faults() -> Result<()> {
+    use testbed::grpc::{GrpcCallArgs, GrpcServerArgs};
+    let m = L7Mesh::new("l7-grpc", &[], &[])?;
+    let mut flaky = GrpcServerArgs::new("g1", 9090);
+    flaky.fail_every = 2; // every other call: UNAVAILABLE (14)
+    let _g1 = m.pods[1].serve_grpc(&flaky)?;
+    let _g2 = m.pods[2].serve_grpc(&GrpcServerArgs::new("g2", 9090))?;
+    let objects = r"
+apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: default}
+spec: {clusterIP: 198.19.0.50, selector: {app: web}, ports: [{port: 80, targetPort: 9090, appProtocol: kubernetes.io/h2c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-v1, namespace: default}
+spec: {clusterIP: 198.19.0.51, selector: {version: v1}, ports: [{port: 80, targetPort: 9090}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-v2, namespace: default}
+spec: {clusterIP: 198.19.0.52, selector: {version: v2}, ports: [{port: 80, targetPort: 9090}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: grpc, port: 80}]
+  rules:
+  - matches: [{method: {service: weft.test.Echo, method: Say}, headers: [{name: x-canary, value: 'yes'}]}]
+    backendRefs: [{name: grpc-v2, port: 80}]
+  - backendRefs: [{name: grpc-v1, port: 80}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: grpc, namespace: default}
+spec:
+  targetRef: {kind: Service, name: grpc}
+  retries: {attempts: 3, on: [retriable-grpc], grpcStatusCodes: [14], budget: {percent: 100}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: grpc-v2, namespace: default}
+spec:
+  targetRef: {kind: Service, name: grpc-v2}
+  faults: {abort: {percent: 100, grpcStatus: 7}}
+";
+    let call = |vip: &str, count: u64, headers: &[&str]| {
+        let mut args = GrpcCallArgs::new(&format!("http://{vip}:80"));
+        args.count = count;
+        args.headers = headers.iter().map(|h| (*h).to_owned()).collect();
+        m.client().grpc_call(&args)
+    };
+    m.agent.apply("grpc.yaml", objects)?;
+    eventually(Duration::from_secs(10), || {
+        let r = call("198.19.0.50", 4, &["x-canary: yes"])?;
+        ensure!(
+            r.by_server.get("g2") == Some(&4),
+            "not routed yet: {r:?} {}",
+            m.diag()
+        );
+        Ok(())
+    })?;
+    // Default rule → g1, which fails every other call: retries on UNAVAILABLE hide it.
+    let plain = call("198.19.0.50", 20, &[])?;
+    ensure!(
+        plain.ok == 20 && plain.by_server.get("g1") == Some(&20),
+        "{plain:?}"
+    );
+    let retries = m.l7_metric("weft_l7_retries_total", &[("destination_service", "grpc")])?;
+    ensure!(retries >= 5.0, "retries {retries}");
+    // grpc-v2 reached directly (detected as h2, no appProtocol): every call aborted with 7.
+    let aborted = call("198.19.0.52", 5, &[])?;
+    ensure!(aborted.by_code.get(&7) == Some(&5), "{aborted:?}");
+    let text = m.agent.metrics()?;
+    ensure!(
+        testbed::agent::sum_metric(
+            &text,
+            "weft_l7_requests_total",
+            &[("destination_service", "grpc-v2"), ("status_class", "5xx")]
+        ) >= 5.0,
+        "gRPC failures counted as errors"
     );
     Ok(())
 }

@@ -71,6 +71,10 @@ enum Command {
     HttpGet(HttpGetArgs),
     /// Open-loop constant-rate HTTP load (wrk2-style latency from the intended send time).
     HttpLoad(HttpLoadArgs),
+    /// gRPC server (tonic): unary `weft.test.Echo/Say`, optionally failing every N-th call.
+    GrpcServer(testbed::grpc::GrpcServerArgs),
+    /// Sequential unary gRPC calls over one HTTP/2 connection.
+    GrpcCall(testbed::grpc::GrpcCallArgs),
 }
 
 #[derive(Args)]
@@ -206,6 +210,15 @@ fn main() -> ExitCode {
         // Failed requests are results (tests provoke them), so these exit 0 once they ran.
         Command::HttpGet(args) => http::get::run(&args).map(|report| emit_result(&report, true)),
         Command::HttpLoad(args) => http::load::run(&args).map(|report| emit_result(&report, true)),
+        Command::GrpcServer(args) => testbed::grpc::serve(&args, |local| {
+            emit(&Listening {
+                listening: local.to_string(),
+            });
+        })
+        .map(|report| emit_result(&report, true)),
+        Command::GrpcCall(args) => {
+            testbed::grpc::call(&args).map(|report| emit_result(&report, true))
+        }
     };
     outcome.unwrap_or_else(|error| {
         emit(&serde_json::json!({ "error": error }));
