@@ -966,3 +966,38 @@ spec:
     );
     Ok(())
 }
+
+/// HTTP/1.1 Upgrade (the WebSocket handshake) through the engine: 101 reaches the client and
+/// bytes then flow both ways unchanged.
+#[test]
+fn upgrade_connections_pass_through() -> Result<()> {
+    let m = L7Mesh::new("l7-upgrade", &[], &[])?;
+    m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
+    let script = format!(
+        "exec 3<>/dev/tcp/{WEB_VIP}/80; \
+         printf 'GET /upgrade HTTP/1.1\\r\\nHost: web\\r\\nConnection: Upgrade\\r\\nUpgrade: websocket\\r\\n\
+         Sec-WebSocket-Version: 13\\r\\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n\\r\\n' >&3; \
+         sleep 0.3; printf 'frame-one|frame-two|' >&3; timeout 2 cat <&3"
+    );
+    let out = m
+        .client()
+        .run(Duration::from_secs(15), "bash", ["-c", &script])?;
+    ensure!(
+        out.stdout.starts_with("HTTP/1.1 101"),
+        "no 101: {:?}",
+        out.stdout
+    );
+    ensure!(
+        out.stdout
+            .to_ascii_lowercase()
+            .contains("upgrade: websocket"),
+        "{:?}",
+        out.stdout
+    );
+    ensure!(
+        out.stdout.ends_with("frame-one|frame-two|"),
+        "bytes after the upgrade: {:?}",
+        out.stdout
+    );
+    Ok(())
+}

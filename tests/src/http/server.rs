@@ -360,7 +360,7 @@ async fn connection(
             )
         })
     };
-    if let Err(error) = builder.serve_connection(io, service).await
+    if let Err(error) = builder.serve_connection_with_upgrades(io, service).await
         && !garbage.load(Ordering::Relaxed)
     {
         stats.conn_error(format!("{peer}: {}", error_chain(&*error)));
@@ -377,6 +377,11 @@ async fn respond(
     garbage: Arc<AtomicBool>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut request = request;
+    if request.uri().path() == "/upgrade" && request.headers().contains_key(hyper::header::UPGRADE)
+    {
+        return Ok(count(&stats, upgrade_echo(&mut request, &config.name)));
+    }
     let (parts, body) = request.into_parts();
     let version = format!("{:?}", parts.version);
     *stats
@@ -441,6 +446,30 @@ async fn respond(
     *response.status_mut() = answer;
     served_by(&mut response, &config.name);
     Ok(count(&stats, response))
+}
+
+/// `GET /upgrade` with `Upgrade: <protocol>`: 101, then every byte on the upgraded connection is
+/// echoed (WebSocket, or any protocol switched to with HTTP/1.1 Upgrade, at the byte level).
+fn upgrade_echo(request: &mut Request<Incoming>, name: &str) -> Response<ResponseBody> {
+    let protocol = request.headers()[hyper::header::UPGRADE].clone();
+    let on_upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::time::timeout(Duration::from_secs(60), tokio::io::copy(&mut r, &mut w))
+                .await;
+        }
+    });
+    let mut response = plain(StatusCode::SWITCHING_PROTOCOLS, name);
+    *response.body_mut() = http_body_util::Empty::new().boxed();
+    let h = response.headers_mut();
+    h.insert(hyper::header::UPGRADE, protocol);
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.remove(hyper::header::CONTENT_TYPE);
+    response
 }
 
 fn plain(status: StatusCode, name: &str) -> Response<ResponseBody> {
