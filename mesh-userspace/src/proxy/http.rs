@@ -550,8 +550,11 @@ enum ReqBody {
     Stream(Body),
 }
 
-async fn buffer_body(mut body: Incoming, cap: u64) -> Result<ReqBody, hyper::Error> {
-    use hyper::body::Body as _;
+async fn buffer_body<B>(mut body: B, cap: u64) -> Result<ReqBody, BoxError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     if body.is_end_stream() {
         return Ok(ReqBody::Kept(Bytes::new()));
     }
@@ -559,11 +562,18 @@ async fn buffer_body(mut body: Incoming, cap: u64) -> Result<ReqBody, hyper::Err
     if cap == 0 || (!fits && body.size_hint().lower() > cap) {
         return Ok(ReqBody::Stream(body.map_err(Into::into).boxed_unsync()));
     }
-    // Read frames until the body ends or passes the cap.
+    // Read frames until the body ends, passes the cap, or stops arriving for a moment: a
+    // streaming request (gRPC client or bidi streaming, long uploads) must not wait for its own
+    // end before it is forwarded; it then streams through as one try.
+    let deadline = Instant::now() + BUFFER_WAIT;
     let mut kept: Vec<Bytes> = Vec::new();
     let mut size = 0u64;
     loop {
-        match body.frame().await {
+        let next = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(next) => next,
+            Err(_) => return Ok(ReqBody::Stream(chain_prefix(kept, body))),
+        };
+        match next {
             None => {
                 let mut all = bytes::BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
                 for c in kept {
@@ -571,7 +581,7 @@ async fn buffer_body(mut body: Incoming, cap: u64) -> Result<ReqBody, hyper::Err
                 }
                 return Ok(ReqBody::Kept(all.freeze()));
             }
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e.into()),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     size += data.len() as u64;
@@ -580,19 +590,28 @@ async fn buffer_body(mut body: Incoming, cap: u64) -> Result<ReqBody, hyper::Err
                 // Request trailers are dropped when a body is kept (gRPC clients do not send
                 // them); documented in ARCHITECTURE.md.
                 if size > cap {
-                    let prefix = futures_util::stream::iter(
-                        kept.into_iter()
-                            .map(|b| Ok::<_, BoxError>(hyper::body::Frame::data(b))),
-                    );
-                    let rest = http_body_util::BodyStream::new(body.map_err(BoxError::from));
-                    let chained = futures_util::StreamExt::chain(prefix, rest);
-                    return Ok(ReqBody::Stream(
-                        http_body_util::StreamBody::new(chained).boxed_unsync(),
-                    ));
+                    return Ok(ReqBody::Stream(chain_prefix(kept, body)));
                 }
             }
         }
     }
+}
+
+/// How long a request body may take to arrive completely and still be kept for retries.
+const BUFFER_WAIT: Duration = Duration::from_millis(100);
+
+/// The chunks already read, then the rest of the body.
+fn chain_prefix<B>(kept: Vec<Bytes>, rest: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let prefix = futures_util::stream::iter(
+        kept.into_iter()
+            .map(|b| Ok::<_, BoxError>(hyper::body::Frame::data(b))),
+    );
+    let rest = http_body_util::BodyStream::new(rest.map_err(Into::into));
+    http_body_util::StreamBody::new(futures_util::StreamExt::chain(prefix, rest)).boxed_unsync()
 }
 
 fn spawn_mirror(
@@ -982,5 +1001,51 @@ async fn forward_plain(
             local_reply(StatusCode::BAD_GATEWAY, grpc, "upstream error"),
             Some(ep),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    use super::{ReqBody, buffer_body};
+
+    /// A body whose first chunk arrives and whose end never does (a streaming request).
+    fn endless()
+    -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Unpin> {
+        let first = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(b"first")))]);
+        StreamBody::new(futures_util::StreamExt::chain(
+            first,
+            futures_util::stream::pending(),
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streaming_request_is_forwarded_without_waiting_for_its_end() {
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            buffer_body(endless(), 1 << 20),
+        )
+        .await
+        .expect("buffering gave up in time")
+        .unwrap();
+        assert!(matches!(out, ReqBody::Stream(_)), "streamed, not kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn complete_small_body_is_kept_and_large_one_streams() {
+        let small = http_body_util::Full::new(Bytes::from_static(b"hello"));
+        assert!(
+            matches!(buffer_body(small, 1024).await.unwrap(), ReqBody::Kept(b) if b == "hello")
+        );
+        let large = http_body_util::Full::new(Bytes::from(vec![7u8; 4096]));
+        assert!(matches!(
+            buffer_body(large, 1024).await.unwrap(),
+            ReqBody::Stream(_)
+        ));
     }
 }
