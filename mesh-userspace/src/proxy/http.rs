@@ -569,9 +569,8 @@ where
     let mut kept: Vec<Bytes> = Vec::new();
     let mut size = 0u64;
     loop {
-        let next = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(next) => next,
-            Err(_) => return Ok(ReqBody::Stream(chain_prefix(kept, body))),
+        let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            return Ok(ReqBody::Stream(chain_prefix(kept, body)));
         };
         match next {
             None => {
