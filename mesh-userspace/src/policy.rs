@@ -228,36 +228,11 @@ const fn hundred() -> f64 {
     100.0
 }
 
-/// Durations as Gateway API writes them: `1h`, `30s`, `250ms`, `1m30s`.
+/// Durations as Gateway API writes them (GEP-2257: `1h`, `30s`, `250ms`, `1m30s`): the same
+/// parser as the route timeouts, so one spelling is valid everywhere.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration like 250ms, 2s, 1m30s");
-    let mut total = Duration::ZERO;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 9 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(1), 2)
-        } else if rest.starts_with('h') {
-            (Duration::from_hours(1), 1)
-        } else if rest.starts_with('m') {
-            (Duration::from_mins(1), 1)
-        } else if rest.starts_with('s') {
-            (Duration::from_secs(1), 1)
-        } else {
-            return Err(bad());
-        };
-        rest = &rest[len..];
-        total += unit * u32::try_from(n).map_err(|_| bad())?;
-    }
-    Ok(total)
+    crate::proxy::route::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 250ms, 2s, 1m30s: {e}"))
 }
 
 #[must_use]

@@ -90,13 +90,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// A response the engine makes itself (errors, faults, limits). gRPC clients get a
 /// trailers-only response with the matching `grpc-status`, as a gRPC server would send.
 fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Body> {
-    let mut resp = Response::new(if grpc {
-        empty()
-    } else {
-        full(format!("{message}\n"))
-    });
-    if grpc {
-        *resp.status_mut() = StatusCode::OK;
+    let mut resp = if grpc {
         let code = match status.as_u16() {
             429 | 503 => 14, // UNAVAILABLE
             504 => 4,        // DEADLINE_EXCEEDED
@@ -104,25 +98,20 @@ fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Body> 
             404 => 12,       // UNIMPLEMENTED
             _ => 13,         // INTERNAL
         };
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert("grpc-status", HeaderValue::from(code));
-        if let Ok(v) = HeaderValue::from_str(message) {
-            h.insert("grpc-message", v);
-        }
+        grpc_reply(code, message)
     } else {
+        let mut resp = Response::new(full(format!("{message}\n")));
         *resp.status_mut() = status;
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    }
+        resp
+    };
     resp.headers_mut()
         .insert("x-weft-local-reply", HeaderValue::from_static("1"));
     resp
 }
 
+/// A trailers-only gRPC response (HTTP 200, `grpc-status` in the headers).
 fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     let mut resp = Response::new(empty());
     let h = resp.headers_mut();
