@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue, Endpoint,
-    FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue, ServiceKey,
-    ServiceValue, SockKey, capacity,
+    Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue,
+    Endpoint, FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue,
+    ServiceKey, ServiceValue, SockKey, capacity,
 };
 
 #[map]

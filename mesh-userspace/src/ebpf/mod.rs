@@ -114,6 +114,10 @@ pub struct Datapath {
     tc_from_pod: SchedClassifier,
     tc_to_pod: SchedClassifier,
     pub startup: Startup,
+    /// What the last successful `apply` left in the agent-owned maps. `None` until the first
+    /// pass (which reads the pinned maps back, to adopt whatever a previous agent wrote) and
+    /// after a failed pass; otherwise passes diff against it and read nothing from the kernel.
+    applied: Option<sync::Applied>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EbpfError + '_ {
@@ -159,6 +163,7 @@ impl Datapath {
         Ok(Self {
             maps: Maps::open(&dir.join("maps"))?,
             dir: dir.to_owned(),
+            applied: None,
             tc_from_pod,
             tc_to_pod,
             startup,

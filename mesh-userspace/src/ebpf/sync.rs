@@ -43,9 +43,11 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
 }
 
-/// Makes a hash map hold exactly `want`: stale keys removed, new or changed values written.
+/// Makes a hash map that holds `have` hold exactly `want`: stale keys removed, new or changed
+/// values written.
 fn reconcile<K, V>(
     map: &mut HashMap<MapData, K, V>,
+    have: &BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
     name: &'static str,
 ) -> Result<SyncReport, EbpfError>
@@ -54,15 +56,14 @@ where
     V: Pod + PartialEq,
 {
     let mut report = SyncReport::default();
-    let have_map: BTreeMap<K, V> = map.iter().filter_map(Result::ok).collect();
-    for k in have_map.keys().filter(|k| !want.contains_key(k)) {
+    for k in have.keys().filter(|k| !want.contains_key(k)) {
         match map.remove(k) {
             Ok(()) | Err(MapError::KeyNotFound) => report.removed += 1,
             Err(e) => return Err(map_err(name)(e)),
         }
     }
     for (k, v) in want {
-        if have_map.get(k) != Some(v) {
+        if have.get(k) != Some(v) {
             map.insert(k, v, 0).map_err(map_err(name))?;
             report.inserted += 1;
         }
@@ -70,26 +71,95 @@ where
     Ok(report)
 }
 
+/// Everything in a hash map, read from the kernel. Iterating walks every bucket of the map
+/// (its capacity, not its length), so this is done once, when the agent adopts the maps.
+fn read_all<K: Pod + Ord, V: Pod>(map: &HashMap<MapData, K, V>) -> BTreeMap<K, V> {
+    map.iter().filter_map(Result::ok).collect()
+}
+
+/// The agent-owned maps' contents, as last written.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Applied {
+    endpoints: BTreeMap<u32, Endpoint>,
+    cgroups: BTreeMap<u64, CgroupIdentity>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    backends: BTreeMap<BackendKey, Backend>,
+    policy: BTreeMap<PolicyKey, PolicyValue>,
+}
+
+impl Applied {
+    fn of(want: &Desired) -> Self {
+        Self {
+            endpoints: want.endpoints.clone(),
+            cgroups: want.cgroups.clone(),
+            services: want.services.clone(),
+            backends: want.backends.clone(),
+            policy: want.policy.clone(),
+        }
+    }
+
+    fn matches(&self, want: &Desired) -> bool {
+        self.endpoints == want.endpoints
+            && self.cgroups == want.cgroups
+            && self.services == want.services
+            && self.backends == want.backends
+            && self.policy == want.policy
+    }
+}
+
 impl Datapath {
     /// Writes `want` into the maps. Order matters for connections being made meanwhile:
     /// identities and backends first, then services that point at them, then policy, and
     /// removals of backends last.
     pub fn apply(&mut self, want: &Desired) -> Result<SyncReport, EbpfError> {
+        let mut report = SyncReport::default();
+        if !self.applied.as_ref().is_some_and(|a| a.matches(want)) {
+            // Forget the shadow first: if a write fails half-way, the next pass reads back.
+            let have = match self.applied.take() {
+                Some(applied) => applied,
+                None => Applied {
+                    endpoints: read_all(&self.maps.endpoints),
+                    cgroups: read_all(&self.maps.cgroups),
+                    services: read_all(&self.maps.services),
+                    backends: read_all(&self.maps.backends),
+                    policy: read_all(&self.maps.policy),
+                },
+            };
+            report += self.write_maps(&have, want)?;
+            self.applied = Some(Applied::of(want));
+        }
+        report += self.write_config(want)?;
+        Ok(report)
+    }
+
+    fn write_maps(&mut self, have: &Applied, want: &Desired) -> Result<SyncReport, EbpfError> {
         use mesh_common::map_names as n;
         let m = &mut self.maps;
-        let mut report = reconcile(&mut m.endpoints, &want.endpoints, n::ENDPOINTS)?;
-        report += reconcile(&mut m.cgroups, &want.cgroups, n::CGROUPS)?;
+        let mut report = reconcile(
+            &mut m.endpoints,
+            &have.endpoints,
+            &want.endpoints,
+            n::ENDPOINTS,
+        )?;
+        report += reconcile(&mut m.cgroups, &have.cgroups, &want.cgroups, n::CGROUPS)?;
         // Add new backend slots before services grow into them...
         let mut grown = want.backends.clone();
-        for (k, v) in m.backends.iter().filter_map(Result::ok) {
-            grown.entry(k).or_insert(v);
+        for (k, v) in &have.backends {
+            grown.entry(*k).or_insert(*v);
         }
-        report += reconcile(&mut m.backends, &grown, n::BACKENDS)?;
-        report += reconcile(&mut m.services, &want.services, n::SERVICES)?;
+        report += reconcile(&mut m.backends, &have.backends, &grown, n::BACKENDS)?;
+        report += reconcile(&mut m.services, &have.services, &want.services, n::SERVICES)?;
         // ...and drop stale slots only after services shrank.
-        report += reconcile(&mut m.backends, &want.backends, n::BACKENDS)?;
-        report += reconcile(&mut m.policy, &want.policy, n::POLICY)?;
+        report += reconcile(&mut m.backends, &grown, &want.backends, n::BACKENDS)?;
+        report += reconcile(&mut m.policy, &have.policy, &want.policy, n::POLICY)?;
+        Ok(report)
+    }
 
+    /// The config entry; written on every pass, as the engine heartbeat.
+    fn write_config(&mut self, want: &Desired) -> Result<SyncReport, EbpfError> {
+        use mesh_common::map_names as n;
+        let m = &mut self.maps;
+        let mut report = SyncReport::default();
         let mut cfg = m.config.get(&CONFIG_INDEX, 0).map_err(map_err(n::CONFIG))?;
         let wanted = Config {
             flags: if want.fast_path {

@@ -456,8 +456,8 @@ fn upgrade_echo(request: &mut Request<Incoming>, name: &str) -> Response<Respons
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
             let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
-            let _ = tokio::time::timeout(Duration::from_mins(1), tokio::io::copy(&mut r, &mut w))
-                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_mins(1), tokio::io::copy(&mut r, &mut w)).await;
         }
     });
     let mut response = plain(StatusCode::SWITCHING_PROTOCOLS, name);
