@@ -7,7 +7,7 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use mesh_common::{
@@ -210,38 +210,26 @@ fn sync_loop(
     stop: &AtomicBool,
     snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
 ) {
+    // Background work: on a busy node the L7 engine and the pods win any contention for a CPU,
+    // while a tenth of one is still plenty for a pass every interval (and the heartbeat).
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!(error = %e, "could not lower the sync thread's priority");
+    }
     let mut source = FileSource::new(&config.objects_path);
     let mut flows = FlowTable::new(config.recent_flows);
     let mut node = NodeState::default();
     let (mut syncs, mut failures) = (0u64, 0u64);
     let mut last_reported: Option<String> = None;
     let mut denials_seen: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut last_observed: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         let mut config_errors = None;
         let mut node_changed = false;
         match source.poll() {
             Ok(Some(objects)) => {
-                node = state::build(&objects, &config.node_name, &config.cgroup_path);
+                let (built, errors) = load(&objects, config, snapshots);
+                node = built;
                 node_changed = true;
-                let previous = snapshots.borrow().clone();
-                let snapshot = Snapshot::build(&node, Some(&previous));
-                node.problems.extend(snapshot.problems.iter().cloned());
-                snapshots.send_replace(Arc::new(snapshot));
-                let errors: Vec<String> = objects
-                    .errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .chain(node.problems.iter().cloned())
-                    .collect();
-                for e in &errors {
-                    tracing::warn!(target: "weft::config", error = %e, "object not applied");
-                }
-                tracing::info!(
-                    workloads = node.workloads.len(),
-                    services = node.services.len(),
-                    policy_entries = node.policy.len(),
-                    "objects loaded"
-                );
                 config_errors = Some(errors);
             }
             Ok(None) => {}
@@ -269,11 +257,21 @@ fn sync_loop(
             }
         };
 
-        let entries = dp.take_flows();
-        let denies = dp.denies();
-        let snapshot = flows.update(&entries, &denies, &node);
-        log_new_denials(&snapshot, &mut denials_seen);
-        let kernel = kernel_snapshot(&dp, &node, &interfaces, syncs, failures);
+        // Reading the kernel's flows and counters walks every bucket of those maps, so it runs
+        // at its own, slower pace (and at once after a change, so the views follow it).
+        let now = Instant::now();
+        let observe = node_changed
+            || config_errors.is_some()
+            || last_observed.is_none_or(|t| now.duration_since(t) >= config.stats_interval);
+        let observed = observe.then(|| {
+            last_observed = Some(now);
+            let entries = dp.take_flows();
+            let denies = dp.denies();
+            let snapshot = flows.update(&entries, &denies, &node);
+            log_new_denials(&snapshot, &mut denials_seen);
+            let kernel = kernel_snapshot(&dp, &node, &interfaces, syncs, failures);
+            (snapshot, kernel)
+        });
         {
             let mut s = shared
                 .write()
@@ -287,25 +285,56 @@ fn sync_loop(
             if node_changed {
                 s.node = node.clone();
             }
-            s.flows = snapshot;
-            let pods: BTreeMap<&String, &String> = kernel
-                .interfaces
-                .iter()
-                .map(|(i, pod, _)| (i, pod))
-                .collect();
-            s.interfaces = attached
-                .into_iter()
-                .map(|i| {
-                    let pod = pods.get(&i).map(|p| (*p).clone()).unwrap_or_default();
-                    (i, pod)
-                })
-                .collect();
-            let mut kernel = kernel;
-            kernel.config_errors = s.config_errors.len();
-            s.metrics.set(kernel);
+            if let Some((snapshot, mut kernel)) = observed {
+                s.flows = snapshot;
+                let pods: BTreeMap<&String, &String> = kernel
+                    .interfaces
+                    .iter()
+                    .map(|(i, pod, _)| (i, pod))
+                    .collect();
+                s.interfaces = attached
+                    .into_iter()
+                    .map(|i| {
+                        let pod = pods.get(&i).map(|p| (*p).clone()).unwrap_or_default();
+                        (i, pod)
+                    })
+                    .collect();
+                kernel.config_errors = s.config_errors.len();
+                s.metrics.set(kernel);
+            }
         }
         std::thread::sleep(config.sync_interval);
     }
+}
+
+/// The node state for new objects; the engine gets its snapshot at once. Returns the state and
+/// every problem found, each also logged.
+fn load(
+    objects: &crate::control::ObjectSet,
+    config: &AgentConfig,
+    snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
+) -> (NodeState, Vec<String>) {
+    let mut node = state::build(objects, &config.node_name, &config.cgroup_path);
+    let previous = snapshots.borrow().clone();
+    let snapshot = Snapshot::build(&node, Some(&previous));
+    node.problems.extend(snapshot.problems.iter().cloned());
+    snapshots.send_replace(Arc::new(snapshot));
+    let errors: Vec<String> = objects
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .chain(node.problems.iter().cloned())
+        .collect();
+    for e in &errors {
+        tracing::warn!(target: "weft::config", error = %e, "object not applied");
+    }
+    tracing::info!(
+        workloads = node.workloads.len(),
+        services = node.services.len(),
+        policy_entries = node.policy.len(),
+        "objects loaded"
+    );
+    (node, errors)
 }
 
 /// One structured event per new denial (target `weft::deny`), so refused connections show up in

@@ -27,6 +27,9 @@ pub struct AgentConfig {
     /// How often the objects are re-read and the maps reconciled.
     #[serde(with = "millis")]
     pub sync_interval: Duration,
+    /// How often the flows and counters are read from the kernel.
+    #[serde(with = "millis")]
+    pub stats_interval: Duration,
     /// Overrides the sockhash capacity (tests shrink it to exercise the map-full fallback).
     pub sockhash_capacity: Option<u32>,
     /// How many closed flows `/flows` remembers.

@@ -63,8 +63,14 @@ enum Command {
         /// Name prefix of the host-side pod veths that get TC counters.
         #[arg(long, default_value = "vh")]
         pod_interface_prefix: String,
+        /// How often the objects are re-read, the maps reconciled and the engine heartbeat
+        /// written.
         #[arg(long, default_value_t = 250)]
         sync_interval_ms: u64,
+        /// How often the kernel's flow table and counters are read (a walk over each map's
+        /// capacity, so less often than the sync).
+        #[arg(long, default_value_t = 1000)]
+        stats_interval_ms: u64,
         /// Override the fast-path socket map capacity.
         #[arg(long)]
         sockhash_capacity: Option<u32>,
@@ -144,6 +150,7 @@ fn main() -> anyhow::Result<()> {
             metrics_addr,
             pod_interface_prefix,
             sync_interval_ms,
+            stats_interval_ms,
             sockhash_capacity,
             recent_flows,
             engine_addr,
@@ -160,6 +167,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 pod_interface_prefix,
                 sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
+                stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
                 sockhash_capacity,
                 recent_flows,
                 engine_addr,

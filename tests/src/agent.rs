@@ -64,8 +64,6 @@ impl Agent {
             &self.objects_dir.display().to_string(),
             "--admin-socket",
             &self.socket.display().to_string(),
-            "--sync-interval-ms",
-            "100",
             "--engine-addr",
             &self.engine_addr.to_string(),
             "--engine-sockops-cgroup",
@@ -74,9 +72,21 @@ impl Agent {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        // Tests want changes and counters to show quickly; callers that measure (benches, the
+        // demo) pass the production intervals instead.
+        if !self.extra.iter().any(|a| a.ends_with("-interval-ms")) {
+            args.extend(
+                ["--sync-interval-ms", "100", "--stats-interval-ms", "100"].map(str::to_owned),
+            );
+        }
         args.extend(self.extra.iter().cloned());
         args
     }
+
+    /// The agent's own defaults for its sync and stats intervals (what a user runs): for
+    /// measurements, where the test-speed intervals would cost CPU a deployment does not spend.
+    pub const PRODUCTION_INTERVALS: [&str; 4] =
+        ["--sync-interval-ms", "250", "--stats-interval-ms", "1000"];
 
     fn spawn(&mut self, node: &Node) -> Result<()> {
         let _ = std::fs::remove_file(&self.socket);

@@ -115,7 +115,7 @@ pub fn l4(
     let mesh_node = tb.node("mesh")?;
     let (bc, bs) = (base_node.pod("client")?, base_node.pod("server")?);
     let (mc, ms) = (mesh_node.pod("client")?, mesh_node.pod("server")?);
-    let agent = Agent::start(&mesh_node, &[])?;
+    let agent = Agent::start(&mesh_node, &Agent::PRODUCTION_INTERVALS)?;
     agent.apply(
         "pods.yaml",
         &[

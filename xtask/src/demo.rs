@@ -107,7 +107,7 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     }
 
     step!("starting the Weft node agent (loads the eBPF programs into the kernel)");
-    let mut agent = Agent::start(&node, &[])?;
+    let mut agent = Agent::start(&node, &Agent::PRODUCTION_INTERVALS)?;
     println!("    programs pinned under {}", agent.bpffs_dir.display());
 
     step!("describing the mesh: pods, two services and one policy");
@@ -267,7 +267,9 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
 
     step!("cleaning up: uninstalling the datapath and removing the node");
     agent.uninstall(&node)?;
-    drop((frontend, catalog, payments, intruder, legacy, reviews_v1, reviews_v2, node));
+    drop((
+        frontend, catalog, payments, intruder, legacy, reviews_v1, reviews_v2, node,
+    ));
     let left = tb.teardown()?;
     ensure!(left.is_empty(), "the demo left something behind: {left:?}");
     println!("    nothing left: no programs, maps, pins, namespaces or cgroups");

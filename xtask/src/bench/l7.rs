@@ -321,7 +321,7 @@ fn side(node: &Node) -> Result<Side> {
 /// The mesh node's agent with the Service and its `HTTPRoute` applied; the target goes through the
 /// VIP once the warm-up passes through it.
 fn weft_target(node: &Node, side: &Side, agent: &mut Option<Agent>) -> Result<Target> {
-    let started = Agent::start(node, &[]).context("starting the agent")?;
+    let started = Agent::start(node, &Agent::PRODUCTION_INTERVALS).context("starting the agent")?;
     let agent = agent.insert(started);
     agent.apply(
         "pods.yaml",
