@@ -717,6 +717,13 @@ spec:
 ---
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
+metadata: {name: v2, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web-v2}
+  circuitBreaker: {maxConnections: 1, maxPendingRequests: 1}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
 metadata: {name: web, namespace: default}
 spec:
   targetRef: {kind: Service, name: web}
@@ -747,6 +754,26 @@ spec:
             &[("destination_service", "web-v1")]
         )? >= 1.0,
         "breaker not counted"
+    );
+
+    // One HTTP/1.1 connection to web-v2 and one request waiting for it: of 6 concurrent
+    // 300 ms requests, the first two are served one after the other, the rest refused at once.
+    let mut args = HttpGetArgs::new("http://198.19.0.22/delay/300".parse()?);
+    args.count = 6;
+    args.concurrency = 6;
+    let queued = m.client().http_get(&args)?;
+    ensure!(
+        queued.status(200) >= 2
+            && queued.status(503) >= 3
+            && queued.status(200) + queued.status(503) == 6,
+        "maxConnections/maxPendingRequests: {queued:?}"
+    );
+    ensure!(
+        m.l7_metric(
+            "weft_l7_circuit_open_total",
+            &[("destination_service", "web-v2")]
+        )? >= 3.0,
+        "pending overflow not counted"
     );
 
     // Bodies stream through both ways: 8 MiB up, 8 MiB down (chunked).

@@ -1,12 +1,13 @@
 //! Circuit breaking, Envoy style: hard caps on the connections, pending requests and requests
-//! in flight to one backend service. Over a cap the engine fails fast instead of queueing, so
-//! one slow backend cannot absorb every task and socket of the proxy.
+//! in flight to one backend service. Over a cap the engine fails fast instead of queueing
+//! without bound, so one slow backend cannot absorb every task and socket of the proxy.
 use std::sync::{
     Arc,
     atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
 };
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Caps for one backend service. Every cap defaults to `u32::MAX` (in effect unlimited), as
 /// Istio does: Envoy's own default of 1024 surprises busy services that never asked for a
@@ -14,9 +15,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Limits {
-    /// Open upstream connections.
+    /// HTTP/1.1 upstream connections in use (each carries one request at a time). A request
+    /// that finds them all busy waits, as a pending request.
     pub max_connections: u32,
-    /// Requests waiting for a connection (or an HTTP/2 stream).
+    /// Requests waiting for a connection; one more is refused with 503.
     pub max_pending_requests: u32,
     /// Requests in flight, retries included.
     pub max_requests: u32,
@@ -38,6 +40,9 @@ impl Default for Limits {
 pub struct Breaker {
     /// Indexed by `Kind`.
     gauges: Arc<[Gauge; 3]>,
+    /// Connection slots, `None` when unlimited. A semaphore, not a gauge, because a request
+    /// that finds no free connection waits for one (fairly, in arrival order).
+    connections: Option<Arc<Semaphore>>,
 }
 
 /// What is held right now.
@@ -103,12 +108,14 @@ pub struct RequestPermit(#[allow(dead_code, reason = "held for its Drop")] Held)
 /// A request waiting for a connection; drop it once the request has one.
 #[derive(Debug)]
 #[must_use = "the slot is released when the permit is dropped"]
-pub struct PendingPermit(#[allow(dead_code, reason = "held for its Drop")] Held);
+struct PendingPermit(#[allow(dead_code, reason = "held for its Drop")] Held);
 
-/// An open upstream connection; store it with the connection.
+/// An upstream connection in use; hold it until the response (body included) is done.
 #[derive(Debug)]
 #[must_use = "the slot is released when the permit is dropped"]
-pub struct ConnPermit(#[allow(dead_code, reason = "held for its Drop")] Held);
+pub struct ConnPermit(
+    #[allow(dead_code, reason = "held for its Drop")] Option<OwnedSemaphorePermit>,
+);
 
 impl Breaker {
     #[must_use]
@@ -118,8 +125,13 @@ impl Breaker {
             Gauge::new(limits.max_pending_requests),
             Gauge::new(limits.max_requests),
         ];
+        let connections = (limits.max_connections != u32::MAX).then(|| {
+            let slots = usize::try_from(limits.max_connections).unwrap_or(usize::MAX);
+            Arc::new(Semaphore::new(slots.min(Semaphore::MAX_PERMITS)))
+        });
         Self {
             gauges: Arc::new(gauges),
+            connections,
         }
     }
 
@@ -127,18 +139,37 @@ impl Breaker {
         self.hold(Kind::Request).map(RequestPermit)
     }
 
-    pub fn try_pending(&self) -> Option<PendingPermit> {
+    fn try_pending(&self) -> Option<PendingPermit> {
         self.hold(Kind::Pending).map(PendingPermit)
     }
 
-    pub fn try_connection(&self) -> Option<ConnPermit> {
-        self.hold(Kind::Connection).map(ConnPermit)
+    /// A connection slot: at once if one is free, else after waiting as a pending request;
+    /// `None` when the pending requests are already at their cap (counted as an overflow).
+    /// Cancel-safe: dropping the future gives up the place in the queue.
+    pub async fn connection(&self) -> Option<ConnPermit> {
+        let Some(slots) = &self.connections else {
+            return Some(ConnPermit(None));
+        };
+        if let Ok(p) = Arc::clone(slots).try_acquire_owned() {
+            return Some(ConnPermit(Some(p)));
+        }
+        let pending = self.try_pending()?;
+        // The semaphore is never closed.
+        let p = Arc::clone(slots).acquire_owned().await.ok()?;
+        drop(pending);
+        Some(ConnPermit(Some(p)))
     }
 
     #[must_use]
     pub fn usage(&self) -> Usage {
-        let [connections, pending_requests, requests] =
+        let [_, pending_requests, requests] =
             self.gauges.each_ref().map(|g| g.active.load(Relaxed));
+        let connections = self.connections.as_ref().map_or(0, |s| {
+            let free = u32::try_from(s.available_permits()).unwrap_or(u32::MAX);
+            self.gauges[Kind::Connection as usize]
+                .max
+                .saturating_sub(free)
+        });
         Usage {
             connections,
             pending_requests,
@@ -163,7 +194,7 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
-    use std::thread;
+    use std::{thread, time::Duration};
 
     use super::*;
 
@@ -171,7 +202,6 @@ mod tests {
         const fn send_sync<T: Send + Sync + 'static>() {}
         send_sync::<Breaker>();
         send_sync::<RequestPermit>();
-        send_sync::<PendingPermit>();
         send_sync::<ConnPermit>();
     };
 
@@ -198,31 +228,68 @@ mod tests {
         assert_eq!(b.overflows(), 2);
     }
 
-    #[test]
-    fn caps_are_independent() {
+    #[tokio::test]
+    async fn caps_are_independent() {
         let b = breaker(1, 2, 3);
-        let _c = b.try_connection().unwrap();
-        assert!(b.try_connection().is_none());
-        let _p = (b.try_pending().unwrap(), b.try_pending().unwrap());
-        assert!(b.try_pending().is_none());
+        let _c = b.connection().await.unwrap();
         let _r: Vec<_> = (0..3).map(|_| b.try_request().unwrap()).collect();
         assert!(b.try_request().is_none());
         let u = b.usage();
-        assert_eq!((u.connections, u.pending_requests, u.requests), (1, 2, 3));
-        assert_eq!(b.overflows(), 3);
+        assert_eq!((u.connections, u.pending_requests, u.requests), (1, 0, 3));
+        assert_eq!(b.overflows(), 1);
     }
 
-    #[test]
-    fn default_is_unlimited_and_zero_admits_nothing() {
+    #[tokio::test(start_paused = true)]
+    async fn busy_connections_queue_requests_up_to_the_pending_cap() {
+        let b = breaker(1, 2, u32::MAX);
+        let first = b.connection().await.unwrap();
+        let wait = || {
+            let b = b.clone();
+            tokio::spawn(async move { b.connection().await.map(|_held| ()) })
+        };
+        let w1 = wait();
+        tokio::task::yield_now().await;
+        assert_eq!(b.usage().pending_requests, 1);
+        // A waiter that gives up frees its pending slot.
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), b.connection()).await;
+        assert!(gave_up.is_err());
+        assert_eq!(b.usage().pending_requests, 1);
+        let w2 = wait();
+        tokio::task::yield_now().await;
+        assert_eq!(b.usage().pending_requests, 2);
+        // One more is refused at once and counted.
+        assert!(b.connection().await.is_none());
+        assert_eq!(b.overflows(), 1);
+        let waiting = [w1, w2];
+        drop(first);
+        for w in waiting {
+            assert!(w.await.unwrap().is_some());
+        }
+        let u = b.usage();
+        assert_eq!((u.connections, u.pending_requests), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn default_is_unlimited_and_zero_admits_nothing() {
         let b = Breaker::new(Limits::default());
         let held: Vec<_> = (0..10_000).map(|_| b.try_request().unwrap()).collect();
         assert_eq!(b.usage().requests, 10_000);
         drop(held);
         assert_eq!(b.usage().requests, 0);
+        let conns = futures_held(&b, 1000).await;
+        assert_eq!((conns, b.usage().connections), (1000, 0));
 
         let closed = breaker(0, 0, 0);
-        assert!(closed.try_connection().is_none() && closed.try_pending().is_none());
+        assert!(closed.connection().await.is_none());
         assert!(closed.try_request().is_none());
+    }
+
+    async fn futures_held(b: &Breaker, n: usize) -> usize {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.extend(b.connection().await);
+        }
+        held.len()
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use super::{
     ConnCtx, Engine,
+    breaker::{ConnPermit, RequestPermit},
     metrics::{RequestLabels, RouteLabels, ServiceLabels, status_class},
     outlier::Outcome,
     route::{BackendTarget, RequestView, RuleAction},
@@ -715,6 +716,35 @@ async fn attempt_loop(
             }
             None => None,
         };
+        // HTTP/1.1 upstreams: one connection per request in flight, at most maxConnections;
+        // a request that finds none free waits (pending) within its per-try timeout.
+        let conn = match pool.breaker.as_ref() {
+            Some(b) if parts.version != Version::HTTP_2 => {
+                let waited = match per_try {
+                    Some(t) => tokio::time::timeout(t, b.connection()).await.ok(),
+                    None => Some(b.connection().await),
+                };
+                match waited {
+                    Some(Some(c)) => Some(c),
+                    Some(None) => {
+                        m.circuit_open.get_or_create(&svc_labels).inc();
+                        return local_reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            grpc,
+                            "circuit breaker open: too many pending requests",
+                        );
+                    }
+                    None => {
+                        return local_reply(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            grpc,
+                            "upstream per-try timeout waiting for a connection",
+                        );
+                    }
+                }
+            }
+            _ => None,
+        };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         // The last possible try takes the headers instead of copying them.
@@ -737,7 +767,6 @@ async fn attempt_loop(
                 .unwrap_or(Err(SendError::Timeout)),
             None => send.await,
         };
-        drop(permit);
         let latency = started.elapsed();
         let (outcome, failure, resp) = match result {
             Ok(resp) => {
@@ -782,7 +811,14 @@ async fn attempt_loop(
             m.budget_exhausted.get_or_create(&labels.route).inc();
         }
         return match (resp, failure) {
-            (Some(resp), _) => resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            (Some(resp), _) => resp.map(|body| {
+                Held {
+                    body,
+                    _permits: (permit, conn),
+                }
+                .map_err(BoxError::from)
+                .boxed_unsync()
+            }),
             (None, Some(Failure::Connect)) => local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 grpc,
@@ -802,6 +838,33 @@ async fn attempt_loop(
                 )
             }
         };
+    }
+}
+
+/// A response body that keeps the request's circuit-breaker slots until it is done (dropped
+/// by hyper once sent, or on error): an HTTP/1.1 connection is busy until its body is read.
+struct Held<B> {
+    body: B,
+    _permits: (Option<RequestPermit>, Option<ConnPermit>),
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

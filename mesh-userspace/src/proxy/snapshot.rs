@@ -193,15 +193,6 @@ fn build_target(
     let compiled = route::compile(&service, l7.port, &l7.http_routes, &l7.grpc_routes);
     let mut problems = compiled.problems;
     let spec = l7.policy.as_ref().map(|(_, s)| s);
-    if let Some(limits) = spec.and_then(|s| s.circuit_breaker.as_ref())
-        && (limits.max_connections != u32::MAX || limits.max_pending_requests != u32::MAX)
-    {
-        problems.push(format!(
-            "TrafficPolicy {}: circuitBreaker.maxConnections and maxPendingRequests are not \
-             enforced yet (upstream connections are pooled on demand); maxRequests is",
-            l7.policy.as_ref().map_or("", |(n, _)| n.as_str())
-        ));
-    }
     let default_backend = BackendTarget {
         service: service.clone(),
         port: Some(l7.port),
