@@ -1026,5 +1026,25 @@ fn upgrade_connections_pass_through() -> Result<()> {
         "bytes after the upgrade: {:?}",
         out.stdout
     );
+
+    // CONNECT: the 200 comes back and the tunnel carries bytes both ways.
+    let script = format!(
+        "exec 3<>/dev/tcp/{WEB_VIP}/80; \
+         printf 'CONNECT db.example:5432 HTTP/1.1\\r\\nHost: db.example:5432\\r\\n\\r\\n' >&3; \
+         sleep 0.3; printf 'tunnelled|bytes|' >&3; timeout 2 cat <&3"
+    );
+    let out = m
+        .client()
+        .run(Duration::from_secs(15), "bash", ["-c", &script])?;
+    ensure!(
+        out.stdout.starts_with("HTTP/1.1 200"),
+        "CONNECT not answered 200: {:?}",
+        out.stdout
+    );
+    ensure!(
+        out.stdout.ends_with("tunnelled|bytes|"),
+        "bytes through the CONNECT tunnel: {:?}",
+        out.stdout
+    );
     Ok(())
 }

@@ -378,7 +378,9 @@ async fn respond(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let mut request = request;
-    if request.uri().path() == "/upgrade" && request.headers().contains_key(hyper::header::UPGRADE)
+    if request.method() == hyper::Method::CONNECT
+        || (request.uri().path() == "/upgrade"
+            && request.headers().contains_key(hyper::header::UPGRADE))
     {
         return Ok(count(&stats, upgrade_echo(&mut request, &config.name)));
     }
@@ -450,8 +452,10 @@ async fn respond(
 
 /// `GET /upgrade` with `Upgrade: <protocol>`: 101, then every byte on the upgraded connection is
 /// echoed (WebSocket, or any protocol switched to with HTTP/1.1 Upgrade, at the byte level).
+/// `CONNECT <authority>`: 200, then the tunnel echoes the same way (the server plays the proxy
+/// and the far end at once).
 fn upgrade_echo(request: &mut Request<Incoming>, name: &str) -> Response<ResponseBody> {
-    let protocol = request.headers()[hyper::header::UPGRADE].clone();
+    let protocol = request.headers().get(hyper::header::UPGRADE).cloned();
     let on_upgrade = hyper::upgrade::on(request);
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
@@ -460,6 +464,11 @@ fn upgrade_echo(request: &mut Request<Incoming>, name: &str) -> Response<Respons
                 tokio::time::timeout(Duration::from_mins(1), tokio::io::copy(&mut r, &mut w)).await;
         }
     });
+    let Some(protocol) = protocol else {
+        let mut response = plain(StatusCode::OK, name);
+        *response.body_mut() = http_body_util::Empty::new().boxed();
+        return response;
+    };
     let mut response = plain(StatusCode::SWITCHING_PROTOCOLS, name);
     *response.body_mut() = http_body_util::Empty::new().boxed();
     let h = response.headers_mut();
