@@ -125,6 +125,28 @@ fn bpffs_default(node: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/weft/{node}"))
 }
 
+/// glibc keeps freed memory in its arenas: after a burst (many connections, large bodies) the
+/// agent would stay at its peak RSS. Once a second, hand free pages back to the kernel.
+/// `malloc_trim` walks the free lists of two small arenas: microseconds when nothing changed.
+fn spawn_heap_trimmer() {
+    let spawned = std::thread::Builder::new()
+        .name("weft-trim".into())
+        .stack_size(64 * 1024)
+        .spawn(|| {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                // SAFETY: malloc_trim is thread-safe (it takes each arena's lock).
+                #[allow(unsafe_code, reason = "one libc call to release freed memory")]
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no heap trimmer thread; RSS stays at its peak after bursts");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     // glibc gives every thread that allocates its own 64 MiB arena; the agent's few threads
     // (datapath sync, admin, L7 engine) need no more than two, and memory is a target.
@@ -177,6 +199,7 @@ fn main() -> anyhow::Result<()> {
             if uninstall {
                 app::uninstall(&config).context("uninstall")?;
             } else {
+                spawn_heap_trimmer();
                 app::run(&config).context("agent")?;
             }
         }
