@@ -110,6 +110,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print Weft's `CustomResourceDefinitions` as YAML (for `kubectl apply -f -`).
+    Crds {
+        /// Write one file per CRD into this directory instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// The fast-path kill switch; works even while the agent is down.
     Fastpath {
         #[arg(value_parser = ["on", "off"])]
@@ -119,6 +125,27 @@ enum Command {
         #[arg(long)]
         bpffs_dir: Option<PathBuf>,
     },
+}
+
+/// `weft crds`: every CRD to stdout as one multi-document YAML, or one file each into `dir`.
+fn crds(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use weft::control::crds;
+    let mut all = String::new();
+    for crd in crds::all() {
+        let text = crds::render(&crd)?;
+        if let Some(dir) = dir {
+            let path = dir.join(crds::file_name(&crd));
+            std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        } else {
+            all.push_str("---\n");
+            all.push_str(&text);
+        }
+    }
+    if dir.is_none() {
+        print!("{all}");
+    }
+    Ok(())
 }
 
 fn bpffs_default(node: &str) -> PathBuf {
@@ -216,6 +243,7 @@ fn main() -> anyhow::Result<()> {
             cli::flows(&node.socket(), json, &filter)?;
         }
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
+        Command::Crds { out_dir } => crds(out_dir.as_deref())?,
         Command::Fastpath {
             state,
             node,

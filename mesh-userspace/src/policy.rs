@@ -5,22 +5,25 @@
 //! engine (`proxy`), which is why it is its own module.
 use std::time::Duration;
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::proxy::{balance::Algorithm, breaker::Limits, outlier::OutlierConfig};
+use crate::{
+    control::objects::ObjectStatus,
+    proxy::{balance::Algorithm, breaker::Limits, outlier::OutlierConfig},
+};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TrafficPolicy {
-    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    pub spec: TrafficPolicySpec,
-}
+/// Gateway API's duration syntax (GEP-2257), checked by the API server too.
+pub const DURATION_PATTERN: &str = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$";
 
 /// The Service a policy applies to (in the policy's namespace).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
-    #[serde(default)]
+    /// The core group: empty (a 1.20 API server rejects an empty-string schema default, so
+    /// none is declared).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group: String,
     pub kind: String,
     pub name: String,
@@ -29,7 +32,19 @@ pub struct TargetRef {
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced,
+    status = "ObjectStatus",
+    derive = "PartialEq",
+    shortname = "wtp",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    doc = "Timeouts, retries, circuit breaking, outlier detection, faults, rate limits, load balancing and mirroring for one Service."
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     pub target_ref: Option<TargetRef>,
@@ -39,6 +54,7 @@ pub struct TrafficPolicySpec {
         with = "opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", regex(pattern = DURATION_PATTERN))]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
@@ -59,7 +75,7 @@ pub struct TrafficPolicySpec {
     pub access_log: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retries {
     /// Total tries including the first (like Linkerd's and Istio's "attempts" + 1 semantics
@@ -71,6 +87,7 @@ pub struct Retries {
         with = "opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", regex(pattern = DURATION_PATTERN))]
     pub per_try_timeout: Option<Duration>,
     /// Conditions: `connect-failure`, `reset`, `5xx`, `gateway-error` (502/503/504),
     /// `retriable-status-codes` (see `statusCodes`), `retriable-grpc` (see `grpcStatusCodes`).
@@ -106,14 +123,16 @@ const fn default_max_body() -> u64 {
 }
 
 /// Retries allowed = `minPerSecond` × window + `percent`% of the requests in the window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Budget {
     #[serde(default = "default_budget_percent")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
     #[serde(default = "default_min_per_second")]
     pub min_per_second: u32,
     #[serde(default = "default_budget_window", with = "duration")]
+    #[schemars(with = "String", regex(pattern = DURATION_PATTERN))]
     pub window: Duration,
 }
 impl Default for Budget {
@@ -135,12 +154,14 @@ const fn default_budget_window() -> Duration {
     Duration::from_secs(10)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
     #[serde(default = "default_backoff_base", with = "duration")]
+    #[schemars(with = "String", regex(pattern = DURATION_PATTERN))]
     pub base: Duration,
     #[serde(default = "default_backoff_max", with = "duration")]
+    #[schemars(with = "String", regex(pattern = DURATION_PATTERN))]
     pub max: Duration,
 }
 impl Default for Backoff {
@@ -158,7 +179,7 @@ const fn default_backoff_max() -> Duration {
     Duration::from_millis(250)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Faults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,28 +188,33 @@ pub struct Faults {
     pub delay: Option<Delay>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Abort {
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
     /// HTTP status to answer with (default 503)...
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 200, max = 599))]
     pub http_status: Option<u16>,
     /// ...or, for gRPC requests, this `grpc-status` (HTTP 200 with trailers-only response).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16))]
     pub grpc_status: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Delay {
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
     #[serde(with = "duration")]
+    #[schemars(with = "String", regex(pattern = DURATION_PATTERN))]
     pub fixed_delay: Duration,
 }
 
 /// Local token bucket for the whole destination service (per agent).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimit {
     pub requests_per_second: f64,
@@ -196,7 +222,7 @@ pub struct RateLimit {
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
     #[serde(default)]
@@ -206,7 +232,7 @@ pub struct LoadBalancer {
     pub hash: Option<HashOn>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HashOn {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,12 +242,13 @@ pub struct HashOn {
 }
 
 /// Copies of requests go to another Service; its answers are dropped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mirror {
     pub name: String,
     pub port: u16,
     #[serde(default = "hundred")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
 }
 const fn hundred() -> f64 {

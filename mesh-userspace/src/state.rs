@@ -877,6 +877,7 @@ spec:
                     action: if deny { Action::Deny } else { Action::Allow },
                     rules,
                 },
+                status: None,
             })
     }
 

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | build | test | demo | bench`.
+//! Project automation: `cargo xtask setup | build | test | demo | bench | manifests | envtest`.
 //!
 //! Each command installs what it needs first (see `setup`), prints what it is doing, and leaves
 //! nothing behind on the machine but installed packages and tools.
@@ -10,6 +10,7 @@
 
 mod bench;
 mod demo;
+mod envtest;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -52,6 +53,11 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         secs: u64,
     },
+    /// Regenerate the manifests under deploy/ from the Rust types (the CRDs).
+    Manifests,
+    /// Provide a kube-apiserver and etcd for the Kubernetes tests (built from Debian's source
+    /// once, then cached) and print their directory, for `KUBEBUILDER_ASSETS`.
+    Envtest,
     /// Benchmarks, side by side in one run.
     Bench {
         #[command(subcommand)]
@@ -154,12 +160,40 @@ pub fn build(release: bool) -> Result<(PathBuf, PathBuf)> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
+        Cmd::Manifests => {
+            let dir = workspace_root().join("deploy/crds");
+            step!(
+                "writing the CRDs generated from the Rust types into {}",
+                dir.display()
+            );
+            std::fs::create_dir_all(&dir)?;
+            run(cargo()
+                .args([
+                    "run",
+                    "-q",
+                    "-p",
+                    "mesh-userspace",
+                    "--bin",
+                    "weft",
+                    "--",
+                    "crds",
+                    "--out-dir",
+                ])
+                .arg(&dir))
+        }
+        Cmd::Envtest => {
+            ensure_setup()?;
+            let dir = envtest::assets()?;
+            println!("{}", dir.display());
+            Ok(())
+        }
         Cmd::Build { release } => {
             ensure_setup()?;
             build(release).map(drop)
         }
         Cmd::Test { args } => {
             ensure_setup()?;
+            let assets = envtest::assets()?;
             let (weft, workload) = build(false)?;
             step!(
                 "running the tests (unit, object layout, and privileged testbed integration tests)"
@@ -168,6 +202,7 @@ fn main() -> Result<()> {
             cmd.args(["test", "--no-fail-fast", "--"])
                 .args(["--test-threads", "2"])
                 .args(&args)
+                .env("KUBEBUILDER_ASSETS", &assets)
                 .env("WEFT_BIN", &weft)
                 .env("WEFT_WORKLOAD_BIN", &workload);
             run(&mut cmd)

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service},
-    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+    apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector},
 };
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::TrafficPolicy;
@@ -19,15 +21,15 @@ pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
 pub const INJECT_ANNOTATION: &str = "weft.dev/inject";
 
 /// Mesh-wide settings (cluster-scoped; the object named `default` wins, others are reported).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MeshConfig {
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: MeshConfigSpec,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "MeshConfig",
+    status = "ObjectStatus",
+    derive = "PartialEq",
+    doc = "Mesh-wide settings. Cluster-scoped; only the object named `default` applies."
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshConfigSpec {
     /// Socket-level fast path for same-node meshed connections (default on).
@@ -48,14 +50,19 @@ const fn yes() -> bool {
 /// Who may connect to which workloads, enforced at `connect()` time (same node: in the kernel).
 /// Semantics follow Istio's `AuthorizationPolicy`: DENY rules win; if any ALLOW policy selects a
 /// workload, a connection must match one of their rules; otherwise the mesh default applies.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuthorizationPolicy {
-    pub metadata: ObjectMeta,
-    pub spec: AuthorizationPolicySpec,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    status = "ObjectStatus",
+    derive = "PartialEq",
+    shortname = "wap",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    doc = "Who may connect to which workloads (Istio semantics: DENY wins, then ALLOW lists)."
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// Destination workloads in the policy's namespace; absent selects all of them.
@@ -67,7 +74,16 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// What the controller says about a Weft object: `Accepted`, `ResolvedRefs` and `Programmed`
+/// conditions, each with the generation it describes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     #[default]
@@ -77,7 +93,7 @@ pub enum Action {
 
 /// A rule matches when one of `from` matches the source and one of `to` matches the
 /// destination port; an empty list matches everything.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
@@ -86,14 +102,14 @@ pub struct Rule {
     pub to: Vec<To>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
     pub source: Source,
 }
 
 /// Every field that is set must match (AND); within a list, any entry may match (OR).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// `namespace/name`, or `name` for the policy's own namespace.
@@ -105,13 +121,13 @@ pub struct Source {
     pub pod_selector: Option<LabelSelector>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
     pub operation: Operation,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]

@@ -9,10 +9,10 @@ use std::sync::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Caps for one backend service. Every cap defaults to `u32::MAX` (in effect unlimited), as
+/// Caps for one backend service. Every cap defaults to 4294967295 (in effect unlimited), as
 /// Istio does: Envoy's own default of 1024 surprises busy services that never asked for a
 /// limit. 0 means what it says: nothing is admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Limits {
     /// HTTP/1.1 upstream connections in use (each carries one request at a time). A request

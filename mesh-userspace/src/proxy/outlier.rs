@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::policy::duration;
 
 /// Istio's defaults, except where noted. A threshold of 0 disables that detector.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct OutlierConfig {
     /// Consecutive 5xx responses (gateway errors included) that eject: 5.
@@ -25,12 +25,15 @@ pub struct OutlierConfig {
     pub consecutive_gateway_errors: u32,
     /// The first ejection lasts this long, the n-th n times as long: 30s.
     #[serde(with = "duration", rename = "baseEjectionTime")]
+    #[schemars(with = "String", regex(pattern = crate::policy::DURATION_PATTERN))]
     pub base_ejection: Duration,
     /// Cap on one ejection (Envoy's `max_ejection_time`): 300s.
     #[serde(with = "duration", rename = "maxEjectionTime")]
+    #[schemars(with = "String", regex(pattern = crate::policy::DURATION_PATTERN))]
     pub max_ejection: Duration,
     /// At most `max(1, floor(endpoints × percent / 100))` endpoints are ejected at once; 0 never
     /// ejects: 10. The "at least one" follows Envoy, so small services still shed a bad endpoint.
+    #[schemars(range(max = 100))]
     pub max_ejection_percent: u32,
 }
 
