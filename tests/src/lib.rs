@@ -28,6 +28,7 @@ mod eventually;
 pub mod grpc;
 mod host;
 pub mod http;
+pub mod kube;
 mod node;
 mod pod;
 mod process;

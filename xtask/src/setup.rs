@@ -27,15 +27,24 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
 ];
-/// Packages whose installation would start a system service; see [`NoServiceStarts`].
-const SERVICE_PACKAGES: &[&str] = &["nginx", "haproxy"];
+/// Packages whose installation would start a system service, with the service's process
+/// name; see [`NoServiceStarts`].
+const SERVICE_PACKAGES: &[(&str, &str)] = &[
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
+    ("etcd-server", "etcd"),
+];
 /// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+    missing(PACKAGES)
+}
+
+fn missing(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -47,13 +56,24 @@ fn missing_packages() -> Vec<&'static str> {
         .collect()
 }
 
+/// Installs whichever of `packages` are missing (see [`install_packages`]).
+pub fn ensure_packages(packages: &[&'static str]) -> Result<()> {
+    let missing = missing(packages);
+    if missing.is_empty() {
+        step!("setup: Debian packages present ({})", packages.join(", "));
+        Ok(())
+    } else {
+        install_packages(&missing)
+    }
+}
+
 /// `apt-get install` with service starts refused, then a check that nothing was left running.
 fn install_packages(missing: &[&str]) -> Result<()> {
     step!("setup: installing Debian packages: {}", missing.join(" "));
     let services: Vec<&str> = SERVICE_PACKAGES
         .iter()
-        .copied()
-        .filter(|p| missing.contains(p))
+        .filter(|(p, _)| missing.contains(p))
+        .map(|(_, process)| *process)
         .collect();
     let running_before = service_pids(&services);
     let guard = if services.is_empty() {
@@ -209,12 +229,7 @@ pub fn setup() -> Result<()> {
             "Weft's setup, demo and tests need root (eBPF, network namespaces, cgroups); run as root"
         );
     }
-    let missing = missing_packages();
-    if missing.is_empty() {
-        step!("setup: Debian packages present ({})", PACKAGES.join(", "));
-    } else {
-        install_packages(&missing)?;
-    }
+    ensure_packages(PACKAGES)?;
     let toolchain = if has_nightly() { "nightly" } else { "stable" };
     if rust_src_installed(toolchain) {
         step!("setup: rust-src present for {toolchain}");

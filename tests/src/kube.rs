@@ -1,0 +1,223 @@
+//! A real Kubernetes control plane for the tests, envtest style: etcd and kube-apiserver from
+//! `$KUBEBUILDER_ASSETS` (`cargo xtask test` provides them; see `xtask/src/envtest.rs`), run as
+//! node processes of a testbed node. They listen on that node's loopback only, so nothing is
+//! reachable from the host, and the run's teardown (or the sweep after a crash) stops them.
+//!
+//! The test process reaches the API server from a thread that has joined the node's network
+//! namespace ([`ControlPlane::block_on`]); Weft's own processes in the node get a kubeconfig
+//! file ([`ControlPlane::kubeconfig_path`]).
+use std::{
+    fs,
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::{Node, Proc, eventually};
+
+/// The API server's secure port on the node's loopback.
+pub const API_PORT: u16 = 6443;
+const ETCD_CLIENT: &str = "http://127.0.0.1:2379";
+/// The bearer token of the test's cluster-admin (`system:masters`).
+const ADMIN_TOKEN: &str = "weft-test-admin-token";
+
+/// Where the binaries are: `$KUBEBUILDER_ASSETS`, the envtest convention.
+pub fn assets_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("KUBEBUILDER_ASSETS").context(
+        "KUBEBUILDER_ASSETS is not set: run the tests with `cargo xtask test`, which provides \
+         kube-apiserver and etcd (or `cargo xtask envtest` prints a directory to set it to)",
+    )?;
+    let dir = PathBuf::from(dir);
+    for bin in ["kube-apiserver", "etcd"] {
+        ensure!(
+            dir.join(bin).is_file(),
+            "KUBEBUILDER_ASSETS={} has no {bin}",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// etcd and kube-apiserver running in `node`; stopped on drop.
+pub struct ControlPlane {
+    node: Node,
+    dir: PathBuf,
+    // Dropped in this order: the API server before its etcd.
+    apiserver: Proc,
+    etcd: Proc,
+}
+
+impl ControlPlane {
+    /// Starts etcd, then the API server, and waits until the server is ready.
+    pub fn start(node: &Node) -> Result<Self> {
+        let assets = assets_dir()?;
+        let dir = node.run_dir().join("kube");
+        fs::create_dir_all(dir.join("certs"))?;
+        let etcd = node.spawn(
+            assets.join("etcd"),
+            [
+                "--name=default",
+                &format!("--data-dir={}", dir.join("etcd").display()),
+                &format!("--listen-client-urls={ETCD_CLIENT}"),
+                &format!("--advertise-client-urls={ETCD_CLIENT}"),
+                "--listen-peer-urls=http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+                "--initial-cluster=default=http://127.0.0.1:2380",
+                "--log-level=warn",
+            ],
+        )?;
+        write_credentials(node, &dir)?;
+        let d = |name: &str| dir.join(name).display().to_string();
+        let apiserver = node.spawn(
+            assets.join("kube-apiserver"),
+            [
+                format!("--etcd-servers={ETCD_CLIENT}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={API_PORT}"),
+                "--insecure-port=0".into(),
+                format!("--cert-dir={}", d("certs")),
+                format!("--token-auth-file={}", d("tokens.csv")),
+                "--authorization-mode=RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", d("sa.pub")),
+                format!("--service-account-signing-key-file={}", d("sa.key")),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                // No controller-manager: no Endpoints reconciler, and no service-account
+                // token controller for the ServiceAccount admission plugin to wait for.
+                "--endpoint-reconciler-type=none".into(),
+                "--disable-admission-plugins=ServiceAccount".into(),
+                "--v=0".into(),
+            ],
+        )?;
+        let mut cp = Self {
+            node: node.clone(),
+            dir,
+            apiserver,
+            etcd,
+        };
+        cp.wait_ready(Duration::from_mins(1))?;
+        Ok(cp)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let url = format!("https://127.0.0.1:{API_PORT}/readyz");
+        let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
+        let result = eventually(timeout, || {
+            for p in [&mut self.etcd, &mut self.apiserver] {
+                if !p.is_running() {
+                    bail!("{} exited: {}", p.label(), tail(&p.stderr()));
+                }
+            }
+            let out = self.node.run(
+                Duration::from_secs(5),
+                "curl",
+                ["-sk", "--max-time", "2", "-H", &auth, &url],
+            )?;
+            ensure!(out.stdout.trim() == "ok", "readyz: {:?}", out.stdout);
+            Ok(())
+        });
+        result.with_context(|| {
+            format!(
+                "kube-apiserver not ready; its log ends with:\n{}",
+                tail(&self.apiserver.stderr())
+            )
+        })
+    }
+
+    /// A kubeconfig for processes in the node: the admin token, the server's self-signed
+    /// certificate trusted as is.
+    pub fn kubeconfig_path(&self) -> Result<PathBuf> {
+        let path = self.dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {{server: 'https://127.0.0.1:{API_PORT}', insecure-skip-tls-verify: true}}
+users:
+- name: admin
+  user: {{token: {ADMIN_TOKEN}}}
+contexts:
+- name: test
+  context: {{cluster: test, user: admin}}
+current-context: test
+"
+        );
+        fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// The API server log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        self.apiserver.stderr()
+    }
+
+    /// Runs `f` with a client of this API server, on a thread inside the node's network
+    /// namespace (where the server listens), and returns its result.
+    pub fn block_on<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(::kube::Client) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>>,
+    {
+        let netns = self.node.netns_path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                enter_netns(&netns)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let mut config =
+                        ::kube::Config::new(format!("https://127.0.0.1:{API_PORT}").parse()?);
+                    config.auth_info.token = Some(ADMIN_TOKEN.to_owned().into());
+                    config.accept_invalid_certs = true;
+                    config.read_timeout = Some(Duration::from_secs(30));
+                    let client = ::kube::Client::try_from(config)?;
+                    f(client).await
+                })
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the API client thread panicked"))?
+        })
+    }
+}
+
+/// The token file (one cluster-admin) and the service-account signing key pair.
+fn write_credentials(node: &Node, dir: &Path) -> Result<()> {
+    fs::write(
+        dir.join("tokens.csv"),
+        format!("{ADMIN_TOKEN},weft-test-admin,weft-test-admin,system:masters\n"),
+    )?;
+    let key = dir.join("sa.key").display().to_string();
+    let public = dir.join("sa.pub").display().to_string();
+    node.run(
+        Duration::from_secs(30),
+        "openssl",
+        ["genrsa", "-out", &key, "2048"],
+    )?
+    .check()?;
+    node.run(
+        Duration::from_secs(30),
+        "openssl",
+        ["rsa", "-in", &key, "-pubout", "-out", &public],
+    )?
+    .check()?;
+    Ok(())
+}
+
+/// Moves the calling thread (only it) into the network namespace at `path`.
+fn enter_netns(path: &Path) -> Result<()> {
+    let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering {}", path.display()))
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().rev().take(15).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
