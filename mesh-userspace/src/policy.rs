@@ -32,6 +32,23 @@ pub struct TargetRef {
     pub port: Option<u16>,
 }
 
+impl TargetRef {
+    /// A core-group Service (the only kind a policy can target).
+    #[must_use]
+    pub fn is_service(&self) -> bool {
+        (self.group.is_empty() || self.group == "core") && self.kind == "Service"
+    }
+}
+
+/// Order among policies that target the same Service port: oldest first, then by name.
+#[must_use]
+pub fn precedence(p: &TrafficPolicy) -> (Option<k8s_openapi::jiff::Timestamp>, String) {
+    (
+        p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        p.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[kube(
     group = "weft.dev",

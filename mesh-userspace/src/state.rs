@@ -386,15 +386,20 @@ fn l7_services(
             })
             .cloned()
             .collect();
-        let mut policies = objects.traffic_policies.iter().filter(|p| {
-            p.metadata.namespace.as_deref().unwrap_or("default") == svc.namespace
-                && p.spec.target_ref.as_ref().is_some_and(|t| {
-                    (t.group.is_empty() || t.group == "core")
-                        && t.kind == "Service"
-                        && t.name == svc.name
-                        && t.port.is_none_or(|p| p == svc.port)
-                })
-        });
+        let mut policies: Vec<&crate::policy::TrafficPolicy> = objects
+            .traffic_policies
+            .iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref().unwrap_or("default") == svc.namespace
+                    && p.spec.target_ref.as_ref().is_some_and(|t| {
+                        t.is_service() && t.name == svc.name && t.port.is_none_or(|p| p == svc.port)
+                    })
+            })
+            .collect();
+        // Of several, the oldest applies (then by name), as Gateway API resolves conflicts;
+        // the controller reports the others as Conflicted.
+        policies.sort_by_key(|p| crate::policy::precedence(p));
+        let mut policies = policies.into_iter();
         let policy = policies.next().map(|p| {
             let name = format!(
                 "{}/{}",
