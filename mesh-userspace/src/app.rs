@@ -40,6 +40,33 @@ pub enum AgentError {
         addr: std::net::SocketAddrV4,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Kube(#[from] crate::control::kube::KubeSourceError),
+}
+
+/// Where the objects come from.
+enum Source {
+    Files(FileSource),
+    Kube(crate::control::kube::KubeSource),
+}
+
+impl Source {
+    fn open(config: &AgentConfig) -> Result<Self, AgentError> {
+        Ok(match &config.kube {
+            Some(k) => Self::Kube(crate::control::kube::KubeSource::start(
+                k.kubeconfig.as_deref(),
+            )?),
+            None => Self::Files(FileSource::new(&config.objects_path)),
+        })
+    }
+
+    /// A new object set when anything changed since the last call.
+    fn poll(&mut self) -> Result<Option<crate::control::ObjectSet>, String> {
+        match self {
+            Self::Files(f) => f.poll().map_err(|e| e.to_string()),
+            Self::Kube(k) => Ok(k.poll()),
+        }
+    }
 }
 
 /// What the admin API serves.
@@ -94,12 +121,15 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         ..Shared::default()
     }));
 
+    let source = Source::open(config)?;
     let stop = Arc::new(AtomicBool::new(false));
     let loop_thread = {
         let (shared, stop, config) = (shared.clone(), stop.clone(), config.clone());
         std::thread::Builder::new()
             .name("datapath-sync".into())
-            .spawn(move || sync_loop(datapath, &config, &shared, &stop, &snapshots_tx))
+            .spawn(move || {
+                sync_loop(datapath, source, &config, &shared, &stop, &snapshots_tx);
+            })
             .map_err(AgentError::Runtime)?
     };
 
@@ -188,7 +218,7 @@ fn start_engine(
     Ok(engine)
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -205,6 +235,7 @@ async fn shutdown_signal() {
 
 fn sync_loop(
     mut dp: Datapath,
+    mut source: Source,
     config: &AgentConfig,
     shared: &SharedState,
     stop: &AtomicBool,
@@ -215,7 +246,6 @@ fn sync_loop(
     if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
         tracing::debug!(error = %e, "could not lower the sync thread's priority");
     }
-    let mut source = FileSource::new(&config.objects_path);
     let mut flows = FlowTable::new(config.recent_flows);
     let mut node = NodeState::default();
     let (mut syncs, mut failures) = (0u64, 0u64);
@@ -233,7 +263,7 @@ fn sync_loop(
                 config_errors = Some(errors);
             }
             Ok(None) => {}
-            Err(e) => config_errors = Some(vec![e.to_string()]),
+            Err(e) => config_errors = Some(vec![e]),
         }
 
         let result = sync_once(&mut dp, &node, config);

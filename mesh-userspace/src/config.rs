@@ -16,8 +16,11 @@ pub struct AgentConfig {
     pub cgroup_path: PathBuf,
     /// Per-node bpffs directory holding the pinned programs, links and maps.
     pub bpffs_dir: PathBuf,
-    /// YAML objects: one file or a directory of `*.yaml`/`*.yml`/`*.json` files.
+    /// YAML objects: one file or a directory of `*.yaml`/`*.yml`/`*.json` files. Unused in
+    /// Kubernetes mode.
     pub objects_path: PathBuf,
+    /// Kubernetes mode: objects from an API server instead of `objects_path`.
+    pub kube: Option<KubeMode>,
     /// Unix socket of the admin API (the CLI talks to it).
     pub admin_socket: PathBuf,
     /// Optional TCP listener for Prometheus scrapes (same endpoints as the socket).
@@ -43,6 +46,14 @@ pub struct AgentConfig {
     /// OTLP/HTTP collector (`http://host:4318`): the engine sends one span per request.
     #[serde(with = "opt_uri")]
     pub otlp_endpoint: Option<hyper::Uri>,
+}
+
+/// How the agent reaches the API server.
+#[derive(Debug, Clone, Serialize)]
+pub struct KubeMode {
+    /// A kubeconfig file; without it the configuration is inferred (in-cluster service account,
+    /// then `$KUBECONFIG` or `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 mod opt_uri {

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft::{app, cli, config::AgentConfig};
+use weft::{app, cli, config::AgentConfig, control::controller::ControllerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -55,8 +55,15 @@ enum Command {
         #[arg(long)]
         bpffs_dir: Option<PathBuf>,
         /// YAML objects: a file or a directory.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kube")]
         objects: Option<PathBuf>,
+        /// Kubernetes mode: watch the API server for pods, services, routes and Weft's kinds
+        /// instead of reading YAML files.
+        #[arg(long)]
+        kube: bool,
+        /// The kubeconfig for `--kube`; default: in-cluster, then $KUBECONFIG or ~/.kube/config.
+        #[arg(long, requires = "kube")]
+        kubeconfig: Option<PathBuf>,
         /// Also serve /metrics (and the rest) on this TCP address.
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
@@ -110,6 +117,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the control plane: validate Weft's objects on the API server and write their status
+    /// conditions (two replicas elect a leader with a Lease).
+    Controller {
+        /// The kubeconfig; default: in-cluster, then $KUBECONFIG or ~/.kube/config.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Namespace of the leader-election Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+        namespace: String,
+        /// This replica's name in the Lease; default: the host name and process id.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// A leader that has not renewed the Lease for this long is replaced.
+        #[arg(long, default_value_t = 15)]
+        lease_duration_secs: u64,
+    },
     /// Print Weft's `CustomResourceDefinitions` as YAML (for `kubectl apply -f -`).
     Crds {
         /// Write one file per CRD into this directory instead.
@@ -125,6 +148,19 @@ enum Command {
         #[arg(long)]
         bpffs_dir: Option<PathBuf>,
     },
+}
+
+/// The host name and process id: unique among replicas outside a cluster.
+fn default_identity() -> String {
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    format!("{host}-{}", std::process::id())
+}
+
+fn controller(config: &ControllerConfig) -> anyhow::Result<()> {
+    weft::control::controller::run(config).context("controller")
 }
 
 /// `weft crds`: every CRD to stdout as one multi-document YAML, or one file each into `dir`.
@@ -196,6 +232,8 @@ fn main() -> anyhow::Result<()> {
             cgroup,
             bpffs_dir,
             objects,
+            kube,
+            kubeconfig,
             metrics_addr,
             pod_interface_prefix,
             sync_interval_ms,
@@ -213,6 +251,7 @@ fn main() -> anyhow::Result<()> {
                 node_name: node.node,
                 cgroup_path: cgroup,
                 objects_path: objects.unwrap_or_else(|| PathBuf::from("/etc/weft/objects")),
+                kube: kube.then_some(weft::config::KubeMode { kubeconfig }),
                 metrics_addr,
                 pod_interface_prefix,
                 sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
@@ -244,6 +283,19 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
         Command::Crds { out_dir } => crds(out_dir.as_deref())?,
+        Command::Controller {
+            kubeconfig,
+            namespace,
+            identity,
+            lease_duration_secs,
+        } => {
+            controller(&ControllerConfig {
+                kubeconfig,
+                namespace,
+                identity: identity.unwrap_or_else(default_identity),
+                lease_duration: Duration::from_secs(lease_duration_secs.max(3)),
+            })?;
+        }
         Command::Fastpath {
             state,
             node,

@@ -29,11 +29,23 @@ pub struct Agent {
     pub objects_dir: PathBuf,
     pub socket: PathBuf,
     extra: Vec<String>,
+    /// Kubernetes mode: the agent watches the API server this kubeconfig names instead of
+    /// reading `objects_dir`.
+    kubeconfig: Option<PathBuf>,
 }
 
 impl Agent {
     /// Starts the agent for `node` and waits until `/ready` answers 200.
     pub fn start(node: &Node, extra_args: &[&str]) -> Result<Self> {
+        Self::start_with(node, extra_args, None)
+    }
+
+    /// Starts the agent for `node` in Kubernetes mode (`--kube --kubeconfig <kubeconfig>`).
+    pub fn start_kube(node: &Node, kubeconfig: &Path, extra_args: &[&str]) -> Result<Self> {
+        Self::start_with(node, extra_args, Some(kubeconfig.to_owned()))
+    }
+
+    fn start_with(node: &Node, extra_args: &[&str], kubeconfig: Option<PathBuf>) -> Result<Self> {
         let objects_dir = node.run_dir().join("objects");
         std::fs::create_dir_all(&objects_dir)?;
         let mut agent = Self {
@@ -46,6 +58,7 @@ impl Agent {
             socket: node.run_dir().join("admin.sock"),
             objects_dir,
             extra: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            kubeconfig,
         };
         agent.spawn(node)?;
         Ok(agent)
@@ -60,8 +73,6 @@ impl Agent {
             &self.cgroup.display().to_string(),
             "--bpffs-dir",
             &self.bpffs_dir.display().to_string(),
-            "--objects",
-            &self.objects_dir.display().to_string(),
             "--admin-socket",
             &self.socket.display().to_string(),
             "--engine-addr",
@@ -72,6 +83,14 @@ impl Agent {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        match &self.kubeconfig {
+            Some(k) => args.extend([
+                "--kube".into(),
+                "--kubeconfig".into(),
+                k.display().to_string(),
+            ]),
+            None => args.extend(["--objects".into(), self.objects_dir.display().to_string()]),
+        }
         // Tests want changes and counters to show quickly; callers that measure (benches, the
         // demo) pass the production intervals instead.
         if !self.extra.iter().any(|a| a.ends_with("-interval-ms")) {

@@ -13,7 +13,13 @@ use std::{
     time::Duration,
 };
 
+use ::kube::{
+    Api,
+    api::{DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    discovery::Scope,
+};
 use anyhow::{Context as _, Result, bail, ensure};
+use serde::Deserialize as _;
 
 use crate::{Node, Proc, eventually};
 
@@ -185,6 +191,106 @@ current-context: test
             .map_err(|_| anyhow::anyhow!("the API client thread panicked"))?
         })
     }
+}
+
+impl ControlPlane {
+    /// Server-side applies every document of `yaml` (any kind the server serves), like
+    /// `kubectl apply --server-side`; a document's `status` is then written to the status
+    /// subresource (Pods carry their IP there).
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let docs = documents(yaml)?;
+        self.block_on(move |client| async move {
+            let params = PatchParams::apply("weft-tests").force();
+            for mut doc in docs {
+                // What the server assigns is not the client's to set.
+                if let Some(meta) = doc["metadata"].as_object_mut() {
+                    for field in ["uid", "resourceVersion", "creationTimestamp", "generation"] {
+                        meta.remove(field);
+                    }
+                }
+                let (api, name) = api_for(&client, &doc).await?;
+                api.patch(&name, &params, &Patch::Apply(&doc))
+                    .await
+                    .with_context(|| format!("applying {}", describe(&doc)))?;
+                if doc.get("status").is_some() {
+                    // A merge patch: an apply of the status alone by the same field manager
+                    // would drop the fields of the first apply (labels) on a 1.20 server.
+                    let status = serde_json::json!({ "status": doc["status"] });
+                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                        .await
+                        .with_context(|| format!("applying the status of {}", describe(&doc)))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes the objects `yaml` names (absent ones are fine), at once: no kubelet runs here to
+    /// finish a Pod's graceful termination, so the grace period is 0.
+    pub fn delete(&self, yaml: &str) -> Result<()> {
+        let docs = documents(yaml)?;
+        self.block_on(move |client| async move {
+            for doc in docs {
+                let (api, name) = api_for(&client, &doc).await?;
+                match api
+                    .delete(&name, &DeleteParams::default().grace_period(0))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(::kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("deleting {}", describe(&doc)));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The documents of a multi-document YAML text, empty ones skipped.
+fn documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc).context("parsing YAML")?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn describe(doc: &serde_json::Value) -> String {
+    format!(
+        "{} {}/{}",
+        doc["kind"].as_str().unwrap_or("?"),
+        doc["metadata"]["namespace"].as_str().unwrap_or("-"),
+        doc["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// The API of `doc`'s kind (found by discovery) in its namespace, and its name.
+async fn api_for(
+    client: &::kube::Client,
+    doc: &serde_json::Value,
+) -> Result<(Api<DynamicObject>, String)> {
+    let api_version = doc["apiVersion"].as_str().context("no apiVersion")?;
+    let kind = doc["kind"].as_str().context("no kind")?;
+    let name = doc["metadata"]["name"]
+        .as_str()
+        .context("no metadata.name")?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let (resource, caps) = ::kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .with_context(|| format!("the API server does not serve {api_version} {kind}"))?;
+    let api = match (caps.scope, doc["metadata"]["namespace"].as_str()) {
+        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+        (Scope::Namespaced, ns) => {
+            Api::namespaced_with(client.clone(), ns.unwrap_or("default"), &resource)
+        }
+    };
+    Ok((api, name.to_owned()))
 }
 
 /// The token file (one cluster-admin) and the service-account signing key pair.

@@ -6,10 +6,12 @@ use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api,
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    api::{
+        ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+    },
 };
 use serde_json::json;
-use testbed::{Testbed, kube::ControlPlane};
+use testbed::{ServeMode, Testbed, agent::Agent, eventually, kube::ControlPlane};
 
 /// The CRDs as shipped: the files under deploy/crds (what the Helm chart installs).
 fn shipped_crds() -> Result<Vec<CustomResourceDefinition>> {
@@ -135,6 +137,252 @@ fn crds_install_on_a_real_api_server_which_then_enforces_their_schemas() -> Resu
         Ok(())
     });
     result.with_context(|| format!("API server log:\n{}", tail(&cp.log())))
+}
+
+/// The objects of an authorization policy that only lets workload `a` reach `b`.
+const B_FROM_A_ONLY: &str = r"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: b-from-a-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: b}}
+  action: ALLOW
+  rules:
+  - from: [{source: {serviceAccounts: [a]}}]
+";
+
+#[test]
+fn agent_in_kube_mode_follows_pods_services_and_policies_on_the_api_server() -> Result<()> {
+    let bed = Testbed::new("kube-agent")?;
+    let node = bed.node("n1")?;
+    // The API server runs on the node's loopback, where the agent (a node process) reaches it.
+    let cp = ControlPlane::start(&node)?;
+    for crd in shipped_crds()? {
+        cp.apply(&serde_yaml::to_string(&crd)?)?;
+    }
+    let pods: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|name| node.pod(name))
+        .collect::<Result<_>>()?;
+    let manifests: Vec<String> = pods
+        .iter()
+        .map(|p| p.manifest(&[("app", p.name())], p.name()))
+        .collect();
+    cp.apply(&manifests.join("\n---\n"))?;
+    cp.apply(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: default}
+spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort: 7000, protocol: TCP}]}
+",
+    )?;
+    let kubeconfig = cp.kubeconfig_path()?;
+    let agent = Agent::start_kube(&node, &kubeconfig, &[])?;
+    agent.wait_workloads(3)?;
+    let server = pods[1].serve(ServeMode::Echo, 7000)?;
+    let vip: std::net::SocketAddr = "10.96.0.10:80".parse()?;
+
+    // The Service from the API server is load-balanced in the kernel.
+    let r = pods[2].try_connect(vip, Duration::from_secs(2))?;
+    ensure!(
+        r.ok,
+        "c→b through the Service VIP: {r:?}; agent: {}",
+        agent.json("/config_dump")?
+    );
+
+    // A policy created on the API server is enforced within a bounded time...
+    cp.apply(B_FROM_A_ONLY)?;
+    eventually(Duration::from_secs(10), || {
+        let r = pods[2].try_connect(server.addr(), Duration::from_secs(2))?;
+        ensure!(
+            !r.ok && r.errno == Some(libc::EPERM),
+            "c→b should fail with EPERM: {r:?}"
+        );
+        Ok(())
+    })?;
+    let allowed = pods[0].try_connect(server.addr(), Duration::from_secs(2))?;
+    ensure!(allowed.ok, "a→b is allowed: {allowed:?}");
+
+    // ...and deleting it reverts.
+    cp.delete(B_FROM_A_ONLY)?;
+    eventually(Duration::from_secs(10), || {
+        let r = pods[2].try_connect(server.addr(), Duration::from_secs(2))?;
+        ensure!(r.ok, "c→b after the policy is gone: {r:?}");
+        Ok(())
+    })?;
+
+    // A pod deleted on the API server stops being a workload of the node.
+    cp.delete(&manifests[2])?;
+    agent.wait_workloads(2)?;
+    Ok(())
+}
+
+/// `(type, status, reason, message, observedGeneration == generation)` of each condition.
+fn conditions(obj: &DynamicObject) -> Vec<(String, String, String, String, bool)> {
+    let generation = obj.metadata.generation;
+    obj.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            let current = c["observedGeneration"].as_i64() == generation;
+            (s("type"), s("status"), s("reason"), s("message"), current)
+        })
+        .collect()
+}
+
+fn condition<'a>(
+    conds: &'a [(String, String, String, String, bool)],
+    type_: &str,
+) -> Option<&'a (String, String, String, String, bool)> {
+    conds.iter().find(|c| c.0 == type_)
+}
+
+const POLICIES: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {ports: [{port: 80, protocol: TCP}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: good, namespace: default}
+spec: {targetRef: {kind: Service, name: web}, timeout: 2s}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: dangling, namespace: default}
+spec: {targetRef: {kind: Service, name: api}, timeout: 2s}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: unhashed, namespace: default}
+spec: {targetRef: {kind: Service, name: api}, loadBalancer: {algorithm: RingHash}}
+";
+
+fn get_policy(cp: &ControlPlane, name: &'static str) -> Result<DynamicObject> {
+    cp.block_on(move |client| async move { Ok(traffic_policies(client).get(name).await?) })
+}
+
+/// The conditions the controller writes for POLICIES: in effect, dangling, invalid.
+fn expect_conditions(cp: &ControlPlane) -> Result<()> {
+    let get = |name| get_policy(cp, name);
+    eventually(Duration::from_secs(20), || {
+        let good = conditions(&get("good")?);
+        for t in ["Accepted", "ResolvedRefs", "Programmed"] {
+            let c = condition(&good, t).with_context(|| format!("good: no {t}: {good:?}"))?;
+            ensure!(c.1 == "True" && c.4, "good: {c:?}");
+        }
+        let dangling = conditions(&get("dangling")?);
+        let c = condition(&dangling, "ResolvedRefs").context("dangling: no ResolvedRefs")?;
+        ensure!(
+            c.1 == "False"
+                && c.2 == "BackendNotFound"
+                && c.3.contains("Service default/api does not exist"),
+            "dangling: {dangling:?}"
+        );
+        ensure!(
+            condition(&dangling, "Programmed").is_some_and(|c| c.1 == "False"),
+            "dangling: {dangling:?}"
+        );
+        let unhashed = conditions(&get("unhashed")?);
+        let c = condition(&unhashed, "Accepted").context("unhashed: no Accepted")?;
+        ensure!(
+            c.1 == "False" && c.2 == "Invalid" && c.3.contains("RingHash needs hash.header"),
+            "unhashed: {unhashed:?}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn controller_writes_conditions_and_events_and_a_second_replica_takes_over() -> Result<()> {
+    let bed = Testbed::new("kube-ctl")?;
+    let node = bed.node("cp")?;
+    let cp = ControlPlane::start(&node)?;
+    for crd in shipped_crds()? {
+        cp.apply(&serde_yaml::to_string(&crd)?)?;
+    }
+    let kubeconfig = cp.kubeconfig_path()?.display().to_string();
+    let controller = |identity: &str| {
+        node.spawn(
+            testbed::weft_bin(),
+            [
+                "controller",
+                "--kubeconfig",
+                &kubeconfig,
+                "--namespace",
+                "default",
+                "--identity",
+                identity,
+                "--lease-duration-secs",
+                "3",
+            ],
+        )
+    };
+    let mut replicas = [controller("replica-1")?, controller("replica-2")?];
+    cp.apply(POLICIES)?;
+
+    expect_conditions(&cp)?;
+    // The refusal is an Event on the object, as `kubectl describe` shows.
+    let events = cp.block_on(|client| async move {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, "default");
+        Ok(api.list(&ListParams::default()).await?.items)
+    })?;
+    ensure!(
+        events.iter().any(|e| e.type_.as_deref() == Some("Warning")
+            && e.reason.as_deref() == Some("Invalid")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("unhashed")
+            && e.note.as_deref().is_some_and(|n| n.contains("RingHash"))),
+        "no Warning Event for the invalid policy: {events:?}"
+    );
+
+    // Kill the leader: the other replica takes the Lease and keeps the status current.
+    let holder = || {
+        cp.block_on(|client| async move {
+            let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+                Api::namespaced(client, "default");
+            Ok(api
+                .get("weft-controller")
+                .await?
+                .spec
+                .and_then(|s| s.holder_identity)
+                .unwrap_or_default())
+        })
+    };
+    let leader = holder()?;
+    let index = match leader.as_str() {
+        "replica-1" => 0,
+        "replica-2" => 1,
+        other => anyhow::bail!("Lease held by {other:?}"),
+    };
+    replicas[index].kill()?;
+    cp.apply(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {ports: [{port: 80, protocol: TCP}]}
+",
+    )?;
+    eventually(Duration::from_secs(20), || {
+        let now = holder()?;
+        ensure!(
+            !now.is_empty() && now != leader,
+            "Lease still held by {now:?}"
+        );
+        let dangling = conditions(&get_policy(&cp, "dangling")?);
+        ensure!(
+            condition(&dangling, "ResolvedRefs").is_some_and(|c| c.1 == "True"),
+            "dangling after its Service appeared: {dangling:?}"
+        );
+        Ok(())
+    })?;
+    let survivor = &mut replicas[1 - index];
+    ensure!(survivor.is_running(), "replica died: {}", survivor.stderr());
+    Ok(())
 }
 
 fn tail(text: &str) -> String {

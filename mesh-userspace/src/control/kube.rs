@@ -1,0 +1,265 @@
+//! Kubernetes mode: the agent's objects come from an API server instead of files. kube-rs
+//! reflectors keep a cache of every kind the node needs; after any change (debounced) the
+//! caches become one [`ObjectSet`], which the agent turns into datapath state exactly as it does
+//! in local mode.
+//!
+//! Pods are watched cluster-wide, not only this node's: without `EndpointSlices` (absent on the
+//! 1.20 servers Weft supports) a Service's endpoints are derived from Pods, and backends on other
+//! nodes count. Only this node's pods become workloads with a cgroup (see `state`).
+//!
+//! Nothing is published until every watched kind has been listed once, so the datapath never
+//! runs on a partial view (an authorization policy not yet seen would be an allow).
+use std::{
+    fmt::Debug,
+    hash::Hash,
+    path::PathBuf,
+    sync::{Arc, mpsc},
+    time::Duration,
+};
+
+use futures_util::StreamExt as _;
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::{
+    Api, Client, Resource,
+    api::ApiResource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use super::objects::{AuthorizationPolicy, MeshConfig, ObjectSet};
+use crate::policy::TrafficPolicy;
+
+/// Changes closer together than this are published together.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration: not in a pod and no $KUBECONFIG or ~/.kube/config ({0}); pass --kubeconfig"
+    )]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("Kubernetes source thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Where to find the API server: a kubeconfig file, or inferred (in-cluster service account,
+/// then `$KUBECONFIG` / `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file =
+                Kubeconfig::read_from(path).map_err(|source| KubeSourceError::Kubeconfig {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeSourceError::Kubeconfig {
+                    path: path.to_owned(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The objects of one node's agent, from the API server. A thread of its own runs the
+/// reflectors; [`KubeSource::poll`] hands over the newest complete view.
+pub struct KubeSource {
+    updates: mpsc::Receiver<ObjectSet>,
+}
+
+impl KubeSource {
+    /// Connects (on its own thread) and starts watching. Connection problems after the start
+    /// are retried with backoff and logged; they never stop the agent, which keeps its last view.
+    pub fn start(kubeconfig: Option<&std::path::Path>) -> Result<Self, KubeSourceError> {
+        let (tx, updates) = mpsc::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(KubeSourceError::Thread)?;
+        // The client is built here so that a bad kubeconfig fails the agent's start.
+        let client = runtime.block_on(client(kubeconfig))?;
+        std::thread::Builder::new()
+            .name("kube-source".into())
+            .spawn(move || runtime.block_on(watch_all(client, tx)))
+            .map_err(KubeSourceError::Thread)?;
+        Ok(Self { updates })
+    }
+
+    /// The newest complete view since the last call, if any.
+    pub fn poll(&mut self) -> Option<ObjectSet> {
+        self.updates.try_iter().last()
+    }
+}
+
+/// One watched kind: its cache, or `None` when the API server does not serve it.
+struct Kind<K: Resource + 'static>
+where
+    K::DynamicType: Hash + Eq + Clone,
+{
+    store: Option<Store<K>>,
+}
+
+impl<K> Kind<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Hash + Eq + Clone + Default,
+{
+    /// Starts watching `api` when `served`; every event wakes `changed`.
+    fn watch(api: Api<K>, served: bool, changed: &Arc<Notify>) -> Self {
+        if !served {
+            let kind = K::kind(&K::DynamicType::default()).into_owned();
+            tracing::warn!(
+                kind,
+                "the API server does not serve this kind (CRD not installed?); such objects are ignored"
+            );
+            return Self { store: None };
+        }
+        let (reader, writer) = reflector::store();
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff();
+        let changed = Arc::clone(changed);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    let kind = K::kind(&K::DynamicType::default()).into_owned();
+                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                }
+                changed.notify_one();
+            }
+        });
+        Self {
+            store: Some(reader),
+        }
+    }
+
+    async fn ready(&self) {
+        if let Some(store) = &self.store {
+            // Only fails when the writer is dropped, which ends the watch: nothing to wait for.
+            let _ = store.wait_until_ready().await;
+        }
+    }
+
+    fn objects(&self) -> Vec<K> {
+        self.store.as_ref().map_or_else(Vec::new, |s| {
+            s.state().iter().map(|o| K::clone(o)).collect()
+        })
+    }
+}
+
+/// Whether the API server serves `K` (its group/version lists its plural).
+async fn served<K: Resource>(client: &Client) -> bool
+where
+    K::DynamicType: Default,
+{
+    let dt = K::DynamicType::default();
+    let resource = ApiResource::erase::<K>(&dt);
+    let listing = if resource.group.is_empty() {
+        client.list_core_api_resources(&resource.version).await
+    } else {
+        client.list_api_group_resources(&resource.api_version).await
+    };
+    listing.is_ok_and(|l| l.resources.iter().any(|r| r.name == resource.plural))
+}
+
+struct Kinds {
+    namespaces: Kind<Namespace>,
+    pods: Kind<Pod>,
+    services: Kind<Service>,
+    authorization_policies: Kind<AuthorizationPolicy>,
+    mesh_configs: Kind<MeshConfig>,
+    http_routes: Kind<HttpRoute>,
+    grpc_routes: Kind<GrpcRoute>,
+    traffic_policies: Kind<TrafficPolicy>,
+}
+
+impl Kinds {
+    async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
+        let c = || client.clone();
+        Self {
+            namespaces: Kind::watch(Api::all(c()), true, changed),
+            pods: Kind::watch(Api::all(c()), true, changed),
+            services: Kind::watch(Api::all(c()), true, changed),
+            authorization_policies: Kind::watch(
+                Api::all(c()),
+                served::<AuthorizationPolicy>(client).await,
+                changed,
+            ),
+            mesh_configs: Kind::watch(Api::all(c()), served::<MeshConfig>(client).await, changed),
+            http_routes: Kind::watch(Api::all(c()), served::<HttpRoute>(client).await, changed),
+            grpc_routes: Kind::watch(Api::all(c()), served::<GrpcRoute>(client).await, changed),
+            traffic_policies: Kind::watch(
+                Api::all(c()),
+                served::<TrafficPolicy>(client).await,
+                changed,
+            ),
+        }
+    }
+
+    async fn ready(&self) {
+        self.namespaces.ready().await;
+        self.pods.ready().await;
+        self.services.ready().await;
+        self.authorization_policies.ready().await;
+        self.mesh_configs.ready().await;
+        self.http_routes.ready().await;
+        self.grpc_routes.ready().await;
+        self.traffic_policies.ready().await;
+    }
+
+    /// Destructured so that a new kind cannot be forgotten here.
+    fn snapshot(&self) -> ObjectSet {
+        let Self {
+            namespaces,
+            pods,
+            services,
+            authorization_policies,
+            mesh_configs,
+            http_routes,
+            grpc_routes,
+            traffic_policies,
+        } = self;
+        ObjectSet {
+            namespaces: namespaces.objects(),
+            pods: pods.objects(),
+            services: services.objects(),
+            authorization_policies: authorization_policies.objects(),
+            mesh_configs: mesh_configs.objects(),
+            http_routes: http_routes.objects(),
+            grpc_routes: grpc_routes.objects(),
+            traffic_policies: traffic_policies.objects(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+async fn watch_all(client: Client, tx: mpsc::Sender<ObjectSet>) {
+    let changed = Arc::new(Notify::new());
+    let kinds = Kinds::start(&client, &changed).await;
+    kinds.ready().await;
+    tracing::info!("Kubernetes objects listed; programming the datapath from them");
+    loop {
+        if tx.send(kinds.snapshot()).is_err() {
+            return; // the agent is gone
+        }
+        changed.notified().await;
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}

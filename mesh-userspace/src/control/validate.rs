@@ -1,0 +1,396 @@
+//! What the controller says about each Weft object: the checks the API server's schema cannot
+//! make (references, conflicts, cross-field rules), as Gateway API style conditions.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::objects::{AuthorizationPolicy, MeshConfig};
+use crate::policy::{TrafficPolicy, precedence};
+
+/// The outcome for one object; the controller turns it into `Accepted`, `ResolvedRefs` and
+/// `Programmed` conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// `None`: accepted; else (reason, message) of the refusal.
+    pub rejected: Option<(&'static str, String)>,
+    /// `None`: every reference resolves; else (reason, message).
+    pub unresolved: Option<(&'static str, String)>,
+}
+
+impl Verdict {
+    const OK: Self = Self {
+        rejected: None,
+        unresolved: None,
+    };
+
+    fn rejected(reason: &'static str, message: String) -> Self {
+        Self {
+            rejected: Some((reason, message)),
+            unresolved: None,
+        }
+    }
+
+    /// In effect: accepted with every reference resolved.
+    #[must_use]
+    pub fn effective(&self) -> bool {
+        self.rejected.is_none() && self.unresolved.is_none()
+    }
+}
+
+/// `namespace/name` → Service.
+pub type Services<'a> = BTreeMap<(String, String), &'a Service>;
+
+#[must_use]
+pub fn services(list: &[Service]) -> Services<'_> {
+    list.iter()
+        .map(|s| {
+            (
+                (
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default(),
+                ),
+                s,
+            )
+        })
+        .collect()
+}
+
+fn service_ports(svc: &Service) -> Vec<u16> {
+    svc.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| u16::try_from(p.port).ok())
+        .collect()
+}
+
+/// Checks one policy against the Services and the other policies.
+#[must_use]
+pub fn traffic_policy(p: &TrafficPolicy, all: &[TrafficPolicy], services: &Services) -> Verdict {
+    let ns = p.metadata.namespace.clone().unwrap_or_default();
+    let Some(target) = &p.spec.target_ref else {
+        return Verdict::rejected(
+            "Invalid",
+            "spec.targetRef is required: name a Service".into(),
+        );
+    };
+    if !target.is_service() {
+        return Verdict::rejected(
+            "Invalid",
+            format!(
+                "spec.targetRef must be a core Service (group \"\", kind Service), not {}/{}",
+                target.group, target.kind
+            ),
+        );
+    }
+    let invalid = spec_problems(&p.spec);
+    if !invalid.is_empty() {
+        return Verdict::rejected("Invalid", invalid.join("; "));
+    }
+    // Conflicts: another policy on the same Service (and port, or either without one) that
+    // takes precedence.
+    let overlaps = |other: &TrafficPolicy| {
+        other.metadata.namespace.as_deref().unwrap_or_default() == ns
+            && other.spec.target_ref.as_ref().is_some_and(|t| {
+                t.is_service()
+                    && t.name == target.name
+                    && (t.port.is_none() || target.port.is_none() || t.port == target.port)
+            })
+    };
+    if let Some(winner) = all
+        .iter()
+        .filter(|o| overlaps(o) && precedence(o) < precedence(p))
+        .min_by_key(|o| precedence(o))
+    {
+        return Verdict::rejected(
+            "Conflicted",
+            format!(
+                "TrafficPolicy {ns}/{} targets the same Service port and is older; only it applies \
+                 (merge the two, or target different ports)",
+                winner.metadata.name.as_deref().unwrap_or_default()
+            ),
+        );
+    }
+    references(&ns, target, p.spec.mirror.as_ref(), services)
+}
+
+/// The policy's target Service (and port) and its mirror Service must exist.
+fn references(
+    ns: &str,
+    target: &crate::policy::TargetRef,
+    mirror: Option<&crate::policy::Mirror>,
+    services: &Services,
+) -> Verdict {
+    let mut verdict = Verdict::OK;
+    match services.get(&(ns.to_owned(), target.name.clone())) {
+        None => {
+            verdict.unresolved = Some((
+                "BackendNotFound",
+                format!("Service {ns}/{} does not exist", target.name),
+            ));
+        }
+        Some(svc) => {
+            if let Some(port) = target.port
+                && !service_ports(svc).contains(&port)
+            {
+                verdict.unresolved = Some((
+                    "BackendNotFound",
+                    format!(
+                        "Service {ns}/{} has no port {port} (it has {:?})",
+                        target.name,
+                        service_ports(svc)
+                    ),
+                ));
+            }
+        }
+    }
+    if verdict.unresolved.is_none()
+        && let Some(m) = mirror
+    {
+        match services.get(&(ns.to_owned(), m.name.clone())) {
+            None => {
+                verdict.unresolved = Some((
+                    "BackendNotFound",
+                    format!("mirror Service {ns}/{} does not exist", m.name),
+                ));
+            }
+            Some(svc) if !service_ports(svc).contains(&m.port) => {
+                verdict.unresolved = Some((
+                    "BackendNotFound",
+                    format!("mirror Service {ns}/{} has no port {}", m.name, m.port),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    verdict
+}
+
+/// Cross-field rules the schema cannot express.
+fn spec_problems(s: &crate::policy::TrafficPolicySpec) -> Vec<String> {
+    let mut invalid = Vec::new();
+    if let Some(r) = &s.retries {
+        if r.attempts == 0 {
+            invalid.push("spec.retries.attempts must be at least 1 (the first try)".to_owned());
+        }
+        if r.backoff.base > r.backoff.max {
+            invalid.push("spec.retries.backoff.base is larger than backoff.max".to_owned());
+        }
+        if let (Some(per_try), Some(total)) = (r.per_try_timeout, s.timeout)
+            && per_try > total
+        {
+            invalid.push("spec.retries.perTryTimeout is longer than spec.timeout".to_owned());
+        }
+    }
+    if let Some(rl) = &s.rate_limit
+        && !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0)
+    {
+        invalid.push("spec.rateLimit.requestsPerSecond must be a positive number".to_owned());
+    }
+    if let Some(lb) = &s.load_balancer
+        && lb.algorithm == crate::proxy::balance::Algorithm::RingHash
+        && lb
+            .hash
+            .as_ref()
+            .is_none_or(|h| h.header.is_none() && h.cookie.is_none())
+    {
+        invalid.push(
+            "spec.loadBalancer.algorithm RingHash needs hash.header or hash.cookie".to_owned(),
+        );
+    }
+    if let Some(o) = &s.outlier_detection
+        && o.base_ejection > o.max_ejection
+    {
+        invalid.push(
+            "spec.outlierDetection.baseEjectionTime is longer than maxEjectionTime".to_owned(),
+        );
+    }
+    invalid
+}
+
+#[must_use]
+pub fn authorization_policy(p: &AuthorizationPolicy) -> Verdict {
+    let mut invalid = Vec::new();
+    let known = ["In", "NotIn", "Exists", "DoesNotExist"];
+    let mut selectors = Vec::new();
+    selectors.extend(
+        p.spec
+            .selector
+            .as_ref()
+            .map(|s| ("spec.selector".to_owned(), s)),
+    );
+    for (i, rule) in p.spec.rules.iter().enumerate() {
+        for (j, from) in rule.from.iter().enumerate() {
+            let at = format!("spec.rules[{i}].from[{j}].source");
+            if let Some(s) = &from.source.pod_selector {
+                selectors.push((format!("{at}.podSelector"), s));
+            }
+            for sa in &from.source.service_accounts {
+                let parts: Vec<&str> = sa.split('/').collect();
+                if parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
+                    invalid.push(format!(
+                        "{at}.serviceAccounts: {sa:?} is not <name> or <namespace>/<name>"
+                    ));
+                }
+            }
+        }
+        for (j, to) in rule.to.iter().enumerate() {
+            if to.operation.ports.contains(&0) {
+                invalid.push(format!(
+                    "spec.rules[{i}].to[{j}].operation.ports: 0 is not a port"
+                ));
+            }
+        }
+    }
+    for (at, s) in selectors {
+        for e in s.match_expressions.iter().flatten() {
+            if !known.contains(&e.operator.as_str()) {
+                invalid.push(format!(
+                    "{at}: operator {:?} is not one of In, NotIn, Exists, DoesNotExist",
+                    e.operator
+                ));
+            }
+        }
+    }
+    if invalid.is_empty() {
+        Verdict::OK
+    } else {
+        Verdict::rejected("Invalid", invalid.join("; "))
+    }
+}
+
+#[must_use]
+pub fn mesh_config(c: &MeshConfig) -> Verdict {
+    match c.metadata.name.as_deref() {
+        Some("default") => Verdict::OK,
+        other => Verdict::rejected(
+            "Ignored",
+            format!(
+                "only the MeshConfig named \"default\" applies; {:?} is ignored (rename it to default)",
+                other.unwrap_or_default()
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(name: &str, created: i64, spec: &str) -> TrafficPolicy {
+        let mut p: TrafficPolicy = serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: default}}\nspec: {spec}"
+        ))
+        .unwrap();
+        p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
+        ));
+        p
+    }
+
+    fn svc(name: &str, port: i32) -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: default}}\nspec: {{ports: [{{port: {port}}}]}}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn references_resolve_or_say_what_is_missing() {
+        let list = [svc("web", 80)];
+        let services = services(&list);
+        let good = tp("a", 1, "{targetRef: {kind: Service, name: web}}");
+        assert!(traffic_policy(&good, &[], &services).effective());
+        let missing = tp("b", 1, "{targetRef: {kind: Service, name: nope}}");
+        let v = traffic_policy(&missing, &[], &services);
+        assert!(v.rejected.is_none());
+        assert_eq!(
+            v.unresolved,
+            Some((
+                "BackendNotFound",
+                "Service default/nope does not exist".into()
+            ))
+        );
+        let port = tp("c", 1, "{targetRef: {kind: Service, name: web, port: 81}}");
+        let v = traffic_policy(&port, &[], &services);
+        assert!(v.unresolved.unwrap().1.contains("no port 81"));
+        let mirror = tp(
+            "d",
+            1,
+            "{targetRef: {kind: Service, name: web}, mirror: {name: shadow, port: 80}}",
+        );
+        assert!(
+            traffic_policy(&mirror, &[], &services)
+                .unresolved
+                .unwrap()
+                .1
+                .contains("mirror Service default/shadow")
+        );
+    }
+
+    #[test]
+    fn cross_field_rules_reject_with_every_problem_named() {
+        let p = tp(
+            "a",
+            1,
+            "{targetRef: {kind: Service, name: web}, timeout: 1s, retries: {attempts: 0, perTryTimeout: 2s}, \
+             loadBalancer: {algorithm: RingHash}}",
+        );
+        let (reason, message) = traffic_policy(&p, &[], &BTreeMap::new()).rejected.unwrap();
+        assert_eq!(reason, "Invalid");
+        for part in ["attempts", "perTryTimeout", "RingHash"] {
+            assert!(message.contains(part), "{message}");
+        }
+        let wrong_kind = tp("b", 1, "{targetRef: {kind: Deployment, name: web}}");
+        assert!(
+            traffic_policy(&wrong_kind, &[], &BTreeMap::new())
+                .rejected
+                .unwrap()
+                .1
+                .contains("core Service")
+        );
+    }
+
+    #[test]
+    fn of_two_policies_on_one_port_the_older_wins() {
+        let list = [svc("web", 80)];
+        let services = services(&list);
+        let old = tp("zeta", 1, "{targetRef: {kind: Service, name: web}}");
+        let new = tp(
+            "alpha",
+            2,
+            "{targetRef: {kind: Service, name: web, port: 80}}",
+        );
+        let other_port = tp(
+            "beta",
+            3,
+            "{targetRef: {kind: Service, name: web, port: 81}}",
+        );
+        let all = [old.clone(), new.clone(), other_port.clone()];
+        assert!(traffic_policy(&old, &all, &services).rejected.is_none());
+        let (reason, message) = traffic_policy(&new, &all, &services).rejected.unwrap();
+        assert_eq!(reason, "Conflicted");
+        assert!(message.contains("default/zeta"), "{message}");
+        // A policy for another port conflicts only with the port-less one.
+        assert_eq!(
+            traffic_policy(&other_port, &all, &services)
+                .rejected
+                .unwrap()
+                .0,
+            "Conflicted"
+        );
+    }
+
+    #[test]
+    fn authorization_policies_and_mesh_configs() {
+        let p: AuthorizationPolicy = serde_yaml::from_str(
+            "metadata: {name: p, namespace: default}\nspec:\n  selector: {matchExpressions: [{key: app, operator: Equals}]}\n  rules: [{from: [{source: {serviceAccounts: [a/b/c]}}], to: [{operation: {ports: [0]}}]}]",
+        )
+        .unwrap();
+        let (_, message) = authorization_policy(&p).rejected.unwrap();
+        for part in ["Equals", "a/b/c", "0 is not a port"] {
+            assert!(message.contains(part), "{message}");
+        }
+        let mc: MeshConfig = serde_yaml::from_str("metadata: {name: other}\nspec: {}").unwrap();
+        assert_eq!(mesh_config(&mc).rejected.unwrap().0, "Ignored");
+    }
+}
