@@ -198,9 +198,20 @@ impl ControlPlane {
     /// `kubectl apply --server-side`; a document's `status` is then written to the status
     /// subresource (Pods carry their IP there).
     pub fn apply(&self, yaml: &str) -> Result<()> {
+        self.apply_with(yaml, false)
+    }
+
+    /// [`ControlPlane::apply`] as a server-side dry run: the server validates and admits every
+    /// object (schemas, defaults, RBAC rules) and stores nothing.
+    pub fn apply_dry_run(&self, yaml: &str) -> Result<()> {
+        self.apply_with(yaml, true)
+    }
+
+    fn apply_with(&self, yaml: &str, dry_run: bool) -> Result<()> {
         let docs = documents(yaml)?;
         self.block_on(move |client| async move {
-            let params = PatchParams::apply("weft-tests").force();
+            let mut params = PatchParams::apply("weft-tests").force();
+            params.dry_run = dry_run;
             for mut doc in docs {
                 // What the server assigns is not the client's to set.
                 if let Some(meta) = doc["metadata"].as_object_mut() {
@@ -212,7 +223,7 @@ impl ControlPlane {
                 api.patch(&name, &params, &Patch::Apply(&doc))
                     .await
                     .with_context(|| format!("applying {}", describe(&doc)))?;
-                if doc.get("status").is_some() {
+                if doc.get("status").is_some() && !dry_run {
                     // A merge patch: an apply of the status alone by the same field manager
                     // would drop the fields of the first apply (labels) on a 1.20 server.
                     let status = serde_json::json!({ "status": doc["status"] });

@@ -13,9 +13,9 @@ use kube::{
 use serde_json::json;
 use testbed::{ServeMode, Testbed, agent::Agent, eventually, kube::ControlPlane};
 
-/// The CRDs as shipped: the files under deploy/crds (what the Helm chart installs).
+/// The CRDs as shipped: the files the Helm chart installs (deploy/helm/weft/crds).
 fn shipped_crds() -> Result<Vec<CustomResourceDefinition>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/weft/crds");
     let mut crds = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();

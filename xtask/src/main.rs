@@ -12,6 +12,7 @@ mod bench;
 mod demo;
 mod envtest;
 mod setup;
+mod tools;
 
 use std::{path::PathBuf, process::Command};
 
@@ -157,30 +158,64 @@ pub fn build(release: bool) -> Result<(PathBuf, PathBuf)> {
     Ok((dir.join("weft"), dir.join("weft-workload")))
 }
 
+/// Regenerates what deploy/ holds from the code: the CRDs (into the chart) and the chart
+/// rendered as plain manifests.
+fn manifests() -> Result<()> {
+    let chart = workspace_root().join("deploy/helm/weft");
+    let crds = chart.join("crds");
+    step!(
+        "writing the CRDs generated from the Rust types into {}",
+        crds.display()
+    );
+    std::fs::create_dir_all(&crds)?;
+    run(cargo()
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "mesh-userspace",
+            "--bin",
+            "weft",
+            "--",
+            "crds",
+            "--out-dir",
+        ])
+        .arg(&crds))?;
+    let helm = tools::helm()?;
+    let out = workspace_root().join("deploy/manifests/weft.yaml");
+    step!("rendering the chart into {}", out.display());
+    let rendered = Command::new(&helm)
+        .args(RENDER_ARGS)
+        .arg(&chart)
+        .output()
+        .context("running helm template")?;
+    if !rendered.status.success() {
+        bail!(
+            "helm template failed: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+    }
+    std::fs::create_dir_all(out.parent().unwrap_or(&chart))?;
+    let mut text = String::from(MANIFESTS_HEADER);
+    text.push_str(&String::from_utf8_lossy(&rendered.stdout));
+    std::fs::write(&out, text)?;
+    Ok(())
+}
+
+/// How deploy/manifests/weft.yaml is rendered (the test that checks it is current uses the same).
+pub const RENDER_ARGS: &[&str] = &[
+    "template",
+    "weft",
+    "--namespace",
+    "weft-system",
+    "--include-crds",
+];
+const MANIFESTS_HEADER: &str = "# The Helm chart deploy/helm/weft rendered with its default values (`cargo xtask manifests`);\n# apply after `kubectl create namespace weft-system`. Do not edit: change the chart.\n";
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
-        Cmd::Manifests => {
-            let dir = workspace_root().join("deploy/crds");
-            step!(
-                "writing the CRDs generated from the Rust types into {}",
-                dir.display()
-            );
-            std::fs::create_dir_all(&dir)?;
-            run(cargo()
-                .args([
-                    "run",
-                    "-q",
-                    "-p",
-                    "mesh-userspace",
-                    "--bin",
-                    "weft",
-                    "--",
-                    "crds",
-                    "--out-dir",
-                ])
-                .arg(&dir))
-        }
+        Cmd::Manifests => manifests(),
         Cmd::Envtest => {
             ensure_setup()?;
             let dir = envtest::assets()?;
@@ -194,6 +229,8 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             ensure_setup()?;
             let assets = envtest::assets()?;
+            let helm = tools::helm()?;
+            tools::kubernetes_validate()?;
             let (weft, workload) = build(false)?;
             step!(
                 "running the tests (unit, object layout, and privileged testbed integration tests)"
@@ -203,6 +240,7 @@ fn main() -> Result<()> {
                 .args(["--test-threads", "2"])
                 .args(&args)
                 .env("KUBEBUILDER_ASSETS", &assets)
+                .env("WEFT_HELM", &helm)
                 .env("WEFT_BIN", &weft)
                 .env("WEFT_WORKLOAD_BIN", &workload);
             run(&mut cmd)

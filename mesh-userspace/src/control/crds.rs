@@ -1,6 +1,6 @@
 //! The `CustomResourceDefinitions` of Weft's kinds, generated from the Rust types (kube's
 //! `CustomResource` derive and schemars). `weft crds` prints them; `cargo xtask manifests`
-//! writes them into `deploy/crds/`, and a test fails when the committed files differ.
+//! writes them into the Helm chart (`deploy/helm/weft/crds/`), and a test fails when the committed files differ.
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt as _;
 
@@ -40,7 +40,7 @@ mod tests {
 
     #[test]
     fn committed_crds_match_the_types() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/weft/crds");
         for crd in all() {
             let path = dir.join(file_name(&crd));
             let committed = std::fs::read_to_string(&path).unwrap_or_default();
