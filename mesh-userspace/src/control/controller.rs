@@ -13,7 +13,6 @@
 //! synchronised node clocks.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use futures_util::StreamExt as _;
 use k8s_openapi::{
     api::{coordination::v1::Lease, core::v1::Service},
     apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time},
@@ -24,10 +23,8 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     core::object::HasStatus,
     runtime::{
-        WatchStreamExt as _,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{self, Store},
-        watcher,
+        reflector::Store,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -230,23 +227,7 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff();
-    let changed = Arc::clone(changed);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "watch failed; retrying with backoff");
-            }
-            changed.notify_one();
-        }
-    });
-    reader
+    super::kube::cache(Api::all(client.clone()), changed)
 }
 
 fn cloned<K: Clone + Resource>(store: &Store<K>) -> Vec<K>

@@ -131,22 +131,8 @@ where
             );
             return Self { store: None };
         }
-        let (reader, writer) = reflector::store();
-        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff();
-        let changed = Arc::clone(changed);
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    let kind = K::kind(&K::DynamicType::default()).into_owned();
-                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
-                }
-                changed.notify_one();
-            }
-        });
         Self {
-            store: Some(reader),
+            store: Some(cache(api, changed)),
         }
     }
 
@@ -162,6 +148,30 @@ where
             s.state().iter().map(|o| K::clone(o)).collect()
         })
     }
+}
+
+/// A cache of every `K` that `api` lists, kept current by a watch (retried with backoff) on a
+/// spawned task; every event, an error included, wakes `changed`.
+pub(super) fn cache<K>(api: Api<K>, changed: &Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Hash + Eq + Clone + Default,
+{
+    let (reader, writer) = reflector::store();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let changed = Arc::clone(changed);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                let kind = K::kind(&K::DynamicType::default()).into_owned();
+                tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+            }
+            changed.notify_one();
+        }
+    });
+    reader
 }
 
 /// Whether the API server serves `K` (its group/version lists its plural).
