@@ -277,6 +277,20 @@ fn workload_of(
     })
 }
 
+/// Whether a pod is a Service endpoint, as Kubernetes' endpoints controller decides: not while
+/// it terminates (`deletionTimestamp`), not once it has finished, not while its `Ready`
+/// condition is False. A pod without conditions (local-mode files) is ready.
+fn serves_traffic(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let finished = status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| matches!(p, "Succeeded" | "Failed"));
+    let not_ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
+    pod.metadata.deletion_timestamp.is_none() && !finished && !not_ready
+}
+
 fn service_ports(
     svc: &Service,
     pods: &[Pod],
@@ -319,6 +333,7 @@ fn service_ports(
             })?;
             Some((w, pod))
         })
+        .filter(|(_, pod)| serves_traffic(pod))
         .collect();
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
@@ -741,6 +756,48 @@ spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80, targetPo
         assert!(
             s.policy.is_empty(),
             "no policy, no entries: the default applies"
+        );
+    }
+
+    #[test]
+    fn terminating_finished_and_unready_pods_are_no_endpoints_but_keep_their_identity() {
+        let extra = r"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: going, namespace: shop, labels: {app: web}, deletionTimestamp: '2026-11-24T10:00:00Z'}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 198.18.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 198.18.1.21, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: warming, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 198.18.1.22, phase: Running, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ready, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 198.18.1.23, phase: Running, conditions: [{type: Ready, status: 'True'}]}
+";
+        let s = build(&objects(&format!("{PODS}{extra}")), "n1", Path::new("/cg"));
+        assert_eq!(s.workloads.len(), 8, "every pod keeps its identity");
+        let mut ips: Vec<_> = s.services[0].backends.iter().map(|b| b.1).collect();
+        ips.sort();
+        assert_eq!(
+            ips,
+            [
+                Ipv4Addr::new(198, 18, 1, 10),
+                Ipv4Addr::new(198, 18, 1, 13),
+                Ipv4Addr::new(198, 18, 1, 23)
+            ]
         );
     }
 
