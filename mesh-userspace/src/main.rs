@@ -138,6 +138,11 @@ enum Command {
         /// Write one file per CRD into this directory instead.
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Print instead the Gateway API route CRDs (`HTTPRoute`, `GRPCRoute`) as Weft's types
+        /// describe them: for test clusters. Production clusters install the Gateway API
+        /// project's own CRDs.
+        #[arg(long, conflicts_with = "out_dir")]
+        gateway_api: bool,
     },
     /// The fast-path kill switch; works even while the agent is down.
     Fastpath {
@@ -163,9 +168,14 @@ fn controller(config: &ControllerConfig) -> anyhow::Result<()> {
     weft::control::controller::run(config).context("controller")
 }
 
-/// `weft crds`: every CRD to stdout as one multi-document YAML, or one file each into `dir`.
-fn crds(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+/// `weft crds`: every CRD to stdout as one multi-document YAML, or one file each into `dir`;
+/// with `gateway_api`, the Gateway API route CRDs instead.
+fn crds(dir: Option<&std::path::Path>, gateway_api: bool) -> anyhow::Result<()> {
     use weft::control::crds;
+    if gateway_api {
+        print!("{}", crds::gateway_api_routes()?);
+        return Ok(());
+    }
     let mut all = String::new();
     for crd in crds::all() {
         let text = crds::render(&crd)?;
@@ -282,7 +292,10 @@ fn main() -> anyhow::Result<()> {
             cli::flows(&node.socket(), json, &filter)?;
         }
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
-        Command::Crds { out_dir } => crds(out_dir.as_deref())?,
+        Command::Crds {
+            out_dir,
+            gateway_api,
+        } => crds(out_dir.as_deref(), gateway_api)?,
         Command::Controller {
             kubeconfig,
             namespace,
