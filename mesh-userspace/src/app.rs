@@ -2,7 +2,6 @@
 //! metrics server runs on a small tokio runtime. They share only [`Shared`].
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::unix::fs::MetadataExt as _,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
@@ -18,6 +17,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::{
+    cgroups::PodCgroups,
     config::AgentConfig,
     control::files::FileSource,
     ebpf::{self, Datapath, Desired, Startup},
@@ -422,6 +422,8 @@ fn sync_once(
             },
         );
     }
+    let kubelet_pods = (config.pod_cgroups == PodCgroups::Kubelet)
+        .then(|| crate::cgroups::kubelet_pods(&config.cgroup_path));
     for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
         want.endpoints.insert(
             u32::from(w.ip).to_be(),
@@ -430,16 +432,18 @@ fn sync_once(
                 flags: 0,
             },
         );
-        // The cgroup v2 id the kernel reports is the inode of the cgroup directory. A pod whose
-        // cgroup does not exist yet joins on a later pass.
-        if let Some(ino) = w
-            .cgroup
-            .as_ref()
-            .and_then(|c| std::fs::metadata(c).ok())
-            .map(|m| m.ino())
+        // The pod's cgroup and every cgroup below it (its containers) are the pod. A pod whose
+        // cgroup does not exist yet, or a container started later, joins on a later pass.
+        let dir = match &kubelet_pods {
+            Some(pods) => w.uid.as_ref().and_then(|uid| pods.get(uid)),
+            None => w.cgroup.as_ref(),
+        };
+        for id in dir
+            .map(|d| crate::cgroups::subtree_ids(d))
+            .unwrap_or_default()
         {
             want.cgroups.insert(
-                ino,
+                id,
                 CgroupIdentity {
                     workload_id: w.id,
                     flags: 0,

@@ -21,6 +21,8 @@ pub struct AgentConfig {
     pub objects_path: PathBuf,
     /// Kubernetes mode: objects from an API server instead of `objects_path`.
     pub kube: Option<KubeMode>,
+    /// Where pod cgroups are below `cgroup_path`.
+    pub pod_cgroups: crate::cgroups::PodCgroups,
     /// Unix socket of the admin API (the CLI talks to it).
     pub admin_socket: PathBuf,
     /// Optional TCP listener for Prometheus scrapes (same endpoints as the socket).

@@ -57,6 +57,10 @@ enum Command {
         /// YAML objects: a file or a directory.
         #[arg(long, conflicts_with = "kube")]
         objects: Option<PathBuf>,
+        /// Where pod cgroups are below --cgroup: `weft` (`<namespace>_<pod>`, local mode) or
+        /// `kubelet` (found by pod UID; containers below the pod cgroup count as the pod).
+        #[arg(long, value_enum, default_value_t = weft::cgroups::PodCgroups::Weft)]
+        pod_cgroups: weft::cgroups::PodCgroups,
         /// Kubernetes mode: watch the API server for pods, services, routes and Weft's kinds
         /// instead of reading YAML files.
         #[arg(long)]
@@ -244,6 +248,7 @@ fn main() -> anyhow::Result<()> {
             objects,
             kube,
             kubeconfig,
+            pod_cgroups,
             metrics_addr,
             pod_interface_prefix,
             sync_interval_ms,
@@ -262,6 +267,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup_path: cgroup,
                 objects_path: objects.unwrap_or_else(|| PathBuf::from("/etc/weft/objects")),
                 kube: kube.then_some(weft::config::KubeMode { kubeconfig }),
+                pod_cgroups,
                 metrics_addr,
                 pod_interface_prefix,
                 sync_interval: Duration::from_millis(sync_interval_ms.max(10)),

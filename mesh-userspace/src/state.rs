@@ -32,8 +32,10 @@ pub struct Workload {
     pub meshed: bool,
     /// Hosted by this agent's node.
     pub local: bool,
-    /// Pod cgroup (local workloads only): `<node cgroup>/<namespace>_<name>`.
+    /// Pod cgroup (local workloads only) in Weft's layout: `<node cgroup>/<namespace>_<name>`.
     pub cgroup: Option<PathBuf>,
+    /// The pod's UID, which names its cgroup in kubelet's layouts.
+    pub uid: Option<String>,
 }
 
 impl Workload {
@@ -263,6 +265,7 @@ fn workload_of(
     Ok(Workload {
         id,
         cgroup: local.then(|| node_cgroup.join(format!("{namespace}_{name}"))),
+        uid: pod.metadata.uid.clone(),
         meshed: !disabled && !opted_out_ns.contains(namespace.as_str()),
         service_account: spec
             .service_account_name
@@ -881,6 +884,7 @@ spec:
             meshed: true,
             local: true,
             cgroup: None,
+            uid: None,
         };
         vec![
             w(1, "a", "p1", "x", "s1"),

@@ -347,6 +347,22 @@ impl Pod {
         process::command_in(program, &self.netns_path(), &self.cgroup_path())
     }
 
+    /// A command that runs `program` in a container of the pod: in the pod's network namespace
+    /// and in the cgroup `<pod cgroup>/<container>` (created if needed), as a container runtime
+    /// places a container's processes below its pod's cgroup.
+    pub fn command_in_container(
+        &self,
+        container: &str,
+        program: impl AsRef<OsStr>,
+    ) -> Result<Command> {
+        crate::node::validate_dns_label("container", container)?;
+        let _alive = self.node.run.guard_alive()?;
+        let cgroup = self.cgroup_path().join(container);
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating {}", cgroup.display()))?;
+        process::command_in(program, &self.netns_path(), &cgroup)
+    }
+
     /// Starts `program` with `args` inside the pod.
     pub fn spawn<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<Proc>
     where

@@ -308,6 +308,23 @@ spec:
         );
         Ok(())
     })?;
+    // A process in a container cgroup below pod c's (as a container runtime places it) is c
+    // once the agent has seen that cgroup (its next pass): denied as well; one below a's is
+    // allowed.
+    eventually(Duration::from_secs(5), || {
+        let r = m
+            .pod("c")
+            .try_connect_from("app", server.addr(), Duration::from_secs(2))?;
+        ensure!(
+            !r.ok && r.errno == Some(libc::EPERM),
+            "a container of c → b should fail with EPERM: {r:?}"
+        );
+        Ok(())
+    })?;
+    let r = m
+        .pod("a")
+        .try_connect_from("app", server.addr(), Duration::from_secs(2))?;
+    ensure!(r.ok, "a container of a → b is allowed: {r:?}");
     // Deleting the policy reverts live.
     m.agent.delete("policy.yaml")?;
     eventually(Duration::from_secs(5), || {

@@ -162,6 +162,30 @@ impl Pod {
             .json_as()
     }
 
+    /// [`Pod::try_connect`] from a process in one of the pod's containers (a cgroup below the
+    /// pod's, see [`Pod::command_in_container`]).
+    pub fn try_connect_from(
+        &self,
+        container: &str,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> Result<ConnectReport> {
+        let mut command = self.command_in_container(container, workload_bin())?;
+        command.args([
+            "connect",
+            "--connect",
+            &to.to_string(),
+            "--timeout-ms",
+            &millis(timeout),
+        ]);
+        crate::Proc::spawn(
+            format!("{}/{container}: connect", self.name()),
+            &mut command,
+        )?
+        .wait(timeout + CLIENT_SLACK)?
+        .json_as()
+    }
+
     /// `reset`: connects to `to`, sends a little and aborts the connection with an RST.
     pub fn reset(&self, to: SocketAddr) -> Result<ResetReport> {
         self.run(
