@@ -34,6 +34,15 @@ fn shipped_crds() -> Result<Vec<CustomResourceDefinition>> {
     Ok(crds)
 }
 
+/// An API server in `node` with Weft's CRDs installed.
+fn with_weft_crds(node: &testbed::Node) -> Result<ControlPlane> {
+    let cp = ControlPlane::start(node)?;
+    for crd in shipped_crds()? {
+        cp.apply(&serde_yaml::to_string(&crd)?)?;
+    }
+    Ok(cp)
+}
+
 fn traffic_policies(client: kube::Client) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("weft.dev", "v1alpha1", "TrafficPolicy");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "trafficpolicies");
@@ -162,10 +171,7 @@ fn agent_in_kube_mode_follows_pods_services_and_policies_on_the_api_server() -> 
     let bed = Testbed::new("kube-agent")?;
     let node = bed.node("n1")?;
     // The API server runs on the node's loopback, where the agent (a node process) reaches it.
-    let cp = ControlPlane::start(&node)?;
-    for crd in shipped_crds()? {
-        cp.apply(&serde_yaml::to_string(&crd)?)?;
-    }
+    let cp = with_weft_crds(&node)?;
     let pods: Vec<_> = ["a", "b", "c"]
         .into_iter()
         .map(|name| node.pod(name))
@@ -257,10 +263,7 @@ spec:
 fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> Result<()> {
     let bed = Testbed::new("kube-route")?;
     let node = bed.node("n1")?;
-    let cp = ControlPlane::start(&node)?;
-    for crd in shipped_crds()? {
-        cp.apply(&serde_yaml::to_string(&crd)?)?;
-    }
+    let cp = with_weft_crds(&node)?;
     let gateway_crds = std::process::Command::new(testbed::weft_bin())
         .args(["crds", "--gateway-api"])
         .output()?;
@@ -404,10 +407,7 @@ fn expect_conditions(cp: &ControlPlane) -> Result<()> {
 fn controller_writes_conditions_and_events_and_a_second_replica_takes_over() -> Result<()> {
     let bed = Testbed::new("kube-ctl")?;
     let node = bed.node("cp")?;
-    let cp = ControlPlane::start(&node)?;
-    for crd in shipped_crds()? {
-        cp.apply(&serde_yaml::to_string(&crd)?)?;
-    }
+    let cp = with_weft_crds(&node)?;
     let kubeconfig = cp.kubeconfig_path()?.display().to_string();
     let controller = |identity: &str| {
         node.spawn(
