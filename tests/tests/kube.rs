@@ -259,7 +259,19 @@ spec:
   - backendRefs: [{name: web-v2, port: 80}]
 ";
 
+/// A route whose backend does not exist (on `web-v1`, which the route test does not call).
+const DANGLING_ROUTE: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: v1-to-nowhere, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: web-v1}]
+  rules:
+  - backendRefs: [{name: web-v9, port: 80}]
+";
+
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> Result<()> {
     let bed = Testbed::new("kube-route")?;
     let node = bed.node("n1")?;
@@ -309,6 +321,74 @@ fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> 
         ensure!(
             r.status(200) == 20 && r.by_server.keys().eq(["v2"]),
             "the route sends everything to v2: {r:?}"
+        );
+        Ok(())
+    })?;
+
+    // The controller reports on the route's Service parent (GAMMA): accepted, refs resolved;
+    // a route to a missing backend says so.
+    let kubeconfig = cp.kubeconfig_path()?.display().to_string();
+    let _controller = node.spawn(
+        testbed::weft_bin(),
+        [
+            "controller",
+            "--kubeconfig",
+            &kubeconfig,
+            "--namespace",
+            "default",
+        ],
+    )?;
+    cp.apply(DANGLING_ROUTE)?;
+    let route_parent = |name: &'static str| -> Result<serde_json::Value> {
+        let route = cp.block_on(move |client| async move {
+            let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute");
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                client,
+                "default",
+                &ApiResource::from_gvk_with_plural(&gvk, "httproutes"),
+            );
+            Ok(api.get(name).await?)
+        })?;
+        route.data["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["controllerName"] == "weft.dev/mesh")
+            .cloned()
+            .with_context(|| format!("{name}: no status from weft.dev/mesh: {}", route.data))
+    };
+    let status = |parent: &serde_json::Value, type_: &str| {
+        parent["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .map(|c| {
+                (
+                    c["status"].clone(),
+                    c["reason"].clone(),
+                    c["message"].clone(),
+                )
+            })
+    };
+    eventually(Duration::from_secs(20), || {
+        let good = route_parent("web-to-v2")?;
+        ensure!(
+            good["parentRef"]["name"] == "web"
+                && status(&good, "Accepted").is_some_and(|c| c.0 == "True")
+                && status(&good, "ResolvedRefs").is_some_and(|c| c.0 == "True"),
+            "web-to-v2: {good}"
+        );
+        let dangling = route_parent("v1-to-nowhere")?;
+        let resolved = status(&dangling, "ResolvedRefs").context("no ResolvedRefs")?;
+        ensure!(
+            resolved.0 == "False"
+                && resolved.1 == "BackendNotFound"
+                && resolved
+                    .2
+                    .as_str()
+                    .is_some_and(|m| m.contains("default/web-v9")),
+            "v1-to-nowhere: {dangling}"
         );
         Ok(())
     })?;

@@ -36,6 +36,7 @@ use super::{
     validate::{self, Verdict},
 };
 use crate::policy::TrafficPolicy;
+use gateway_api::httproutes::HttpRoute;
 
 /// The Lease both replicas compete for.
 pub const LEASE_NAME: &str = "weft-controller";
@@ -246,6 +247,10 @@ async fn write_statuses(
     let traffic = watch::<TrafficPolicy>(&client, &changed);
     let authz = watch::<AuthorizationPolicy>(&client, &changed);
     let mesh = watch::<MeshConfig>(&client, &changed);
+    // HTTPRoutes only where the Gateway API CRDs are installed.
+    let routes = super::kube::served::<HttpRoute>(&client)
+        .await
+        .then(|| watch::<HttpRoute>(&client, &changed));
     for ready in [
         services.wait_until_ready().await,
         traffic.wait_until_ready().await,
@@ -255,6 +260,11 @@ async fn write_statuses(
         if ready.is_err() {
             return;
         }
+    }
+    if let Some(routes) = &routes
+        && routes.wait_until_ready().await.is_err()
+    {
+        return;
     }
     let recorder = Recorder::new(
         client.clone(),
@@ -286,6 +296,10 @@ async fn write_statuses(
                 )
                 .await;
             }
+            for r in routes.as_ref().map(cloned).unwrap_or_default() {
+                let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
+                publish_route(&api, &r, &validate::http_route(&r, &service_map)).await;
+            }
         }
         tokio::select! {
             () = changed.notified() => {}
@@ -293,6 +307,49 @@ async fn write_statuses(
         }
         // Changes close together (an apply of many objects) are handled in one pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Weft's name in a route's `status.parents[].controllerName`.
+pub const ROUTE_CONTROLLER: &str = "weft.dev/mesh";
+
+/// Writes the route's `status.parents` entries for its Service parents (GAMMA), keeping other
+/// controllers' entries, when they changed.
+async fn publish_route(api: &Api<HttpRoute>, route: &HttpRoute, parents: &[validate::RouteParent]) {
+    let old = serde_json::to_value(route.status.as_ref().map(|s| &s.parents)).unwrap_or_default();
+    let old_entries: Vec<serde_json::Value> = old.as_array().cloned().unwrap_or_default();
+    let mut entries: Vec<serde_json::Value> = old_entries
+        .iter()
+        .filter(|e| e["controllerName"] != ROUTE_CONTROLLER)
+        .cloned()
+        .collect();
+    for p in parents {
+        let previous: Vec<Condition> = old_entries
+            .iter()
+            .find(|e| e["controllerName"] == ROUTE_CONTROLLER && e["parentRef"] == p.parent_ref)
+            .and_then(|e| serde_json::from_value(e["conditions"].clone()).ok())
+            .unwrap_or_default();
+        let mut conditions = conditions(&p.verdict, route.metadata.generation, &previous);
+        conditions.retain(|c| c.type_ != "Programmed"); // routes have Accepted and ResolvedRefs
+        entries.push(serde_json::json!({
+            "parentRef": p.parent_ref,
+            "controllerName": ROUTE_CONTROLLER,
+            "conditions": conditions,
+        }));
+    }
+    if entries == old_entries {
+        return;
+    }
+    let patch = serde_json::json!({ "status": { "parents": entries } });
+    if let Err(e) = api
+        .patch_status(
+            &route.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::warn!(route = route.name_any(), error = %e, "writing route status failed");
     }
 }
 

@@ -175,7 +175,7 @@ where
 }
 
 /// Whether the API server serves `K` (its group/version lists its plural).
-async fn served<K: Resource>(client: &Client) -> bool
+pub(super) async fn served<K: Resource>(client: &Client) -> bool
 where
     K::DynamicType: Default,
 {

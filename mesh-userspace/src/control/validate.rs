@@ -207,6 +207,104 @@ fn spec_problems(s: &crate::policy::TrafficPolicySpec) -> Vec<String> {
     invalid
 }
 
+/// One Service parent of an `HTTPRoute` and what Weft says about the route there (GAMMA: the
+/// mesh reports on the Service parents it implements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteParent {
+    /// The parentRef as written (`kind`, `name`, and `namespace`/`port` when set).
+    pub parent_ref: serde_json::Value,
+    pub verdict: Verdict,
+}
+
+fn core_kind(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(group, None | Some("" | "core")) && kind == Some("Service")
+}
+
+/// The route's Service parents: `Accepted` when the Service (and port) exists, `ResolvedRefs`
+/// when every Service backendRef exists in the route's namespace (cross-namespace backends
+/// would need a `ReferenceGrant`, which Weft does not read: `RefNotPermitted`).
+#[must_use]
+pub fn http_route(
+    route: &gateway_api::httproutes::HttpRoute,
+    services: &Services,
+) -> Vec<RouteParent> {
+    let ns = route.metadata.namespace.clone().unwrap_or_default();
+    let mut unresolved = None;
+    for b in route
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|r| r.backend_refs.iter().flatten())
+    {
+        if !core_kind(b.group.as_deref(), b.kind.as_deref().or(Some("Service"))) {
+            unresolved = Some((
+                "InvalidKind",
+                format!("backendRef {}: only Services are supported", b.name),
+            ));
+            break;
+        }
+        if b.namespace.as_deref().is_some_and(|n| n != ns) {
+            unresolved = Some((
+                "RefNotPermitted",
+                format!(
+                    "backendRef {}/{}: another namespace needs a ReferenceGrant, which Weft does not support",
+                    b.namespace.as_deref().unwrap_or_default(),
+                    b.name
+                ),
+            ));
+            break;
+        }
+        if !services.contains_key(&(ns.clone(), b.name.clone())) {
+            unresolved = Some((
+                "BackendNotFound",
+                format!("backendRef Service {ns}/{} does not exist", b.name),
+            ));
+            break;
+        }
+    }
+    let mut parents = Vec::new();
+    for p in route.spec.parent_refs.iter().flatten() {
+        if !core_kind(p.group.as_deref(), p.kind.as_deref()) {
+            continue; // a Gateway's parent: another controller's to report on
+        }
+        let parent_ns = p.namespace.clone().unwrap_or_else(|| ns.clone());
+        let mut parent_ref = serde_json::json!({"kind": "Service", "name": p.name});
+        if let Some(n) = &p.namespace {
+            parent_ref["namespace"] = n.clone().into();
+        }
+        if let Some(port) = p.port {
+            parent_ref["port"] = port.into();
+        }
+        let rejected = match services.get(&(parent_ns.clone(), p.name.clone())) {
+            None => Some((
+                "NoMatchingParent",
+                format!("Service {parent_ns}/{} does not exist", p.name),
+            )),
+            Some(svc) => p.port.and_then(|port| {
+                let ports = service_ports(svc);
+                (!ports.iter().any(|&have| i32::from(have) == port)).then(|| {
+                    (
+                        "NoMatchingParent",
+                        format!(
+                            "Service {parent_ns}/{} has no port {port} (it has {ports:?})",
+                            p.name
+                        ),
+                    )
+                })
+            }),
+        };
+        parents.push(RouteParent {
+            parent_ref,
+            verdict: Verdict {
+                rejected,
+                unresolved: unresolved.clone(),
+            },
+        });
+    }
+    parents
+}
+
 #[must_use]
 pub fn authorization_policy(p: &AuthorizationPolicy) -> Verdict {
     let mut invalid = Vec::new();
@@ -377,6 +475,51 @@ mod tests {
                 .unwrap()
                 .0,
             "Conflicted"
+        );
+    }
+
+    #[test]
+    fn route_parents_and_backends() {
+        let list = [svc("web", 80), svc("web-v2", 80)];
+        let services = services(&list);
+        let route = |spec: &str| -> gateway_api::httproutes::HttpRoute {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: r, namespace: default}}\nspec: {spec}"
+            ))
+            .unwrap()
+        };
+        let good = route(
+            "{parentRefs: [{kind: Service, name: web, port: 80}, {name: gw}], rules: [{backendRefs: [{name: web-v2, port: 80}]}]}",
+        );
+        let parents = http_route(&good, &services);
+        assert_eq!(parents.len(), 1, "a Gateway parent is not ours to report");
+        assert!(parents[0].verdict.effective());
+        assert_eq!(parents[0].parent_ref["port"], 80);
+        let bad = route(
+            "{parentRefs: [{kind: Service, name: web, port: 81}, {kind: Service, name: api}], rules: [{backendRefs: [{name: web-v3, port: 80}]}]}",
+        );
+        let parents = http_route(&bad, &services);
+        assert!(
+            parents[0]
+                .verdict
+                .rejected
+                .as_ref()
+                .unwrap()
+                .1
+                .contains("no port 81")
+        );
+        assert!(
+            parents[1]
+                .verdict
+                .rejected
+                .as_ref()
+                .unwrap()
+                .1
+                .contains("default/api does not exist")
+        );
+        assert_eq!(
+            parents[0].verdict.unresolved.as_ref().unwrap().0,
+            "BackendNotFound"
         );
     }
 
