@@ -797,6 +797,8 @@ async fn attempt_loop(
         if retriable {
             if budget.is_none_or(super::budget::RetryBudget::withdraw) {
                 m.retries.get_or_create(&labels.route).inc();
+                // The failed try's response and its breaker slots are not held while waiting.
+                drop((resp, permit, conn));
                 if let Some(r) = retries {
                     let wait = super::budget::backoff(
                         attempt - 1,
