@@ -39,10 +39,10 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct Breaker {
     /// Indexed by `Kind`.
-    gauges: Arc<[Gauge; 3]>,
-    /// Connection slots, `None` when unlimited. A semaphore, not a gauge, because a request
-    /// that finds no free connection waits for one (fairly, in arrival order).
-    connections: Option<Arc<Semaphore>>,
+    gauges: Arc<[Gauge; 2]>,
+    /// Connection slots and their number, `None` when unlimited. A semaphore, not a gauge,
+    /// because a request that finds no free connection waits for one (fairly, in arrival order).
+    connections: Option<(Arc<Semaphore>, u32)>,
 }
 
 /// What is held right now.
@@ -82,15 +82,14 @@ impl Gauge {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Connection = 0,
-    Pending = 1,
-    Request = 2,
+    Pending = 0,
+    Request = 1,
 }
 
 /// Releases its slot on drop.
 #[derive(Debug)]
 struct Held {
-    gauges: Arc<[Gauge; 3]>,
+    gauges: Arc<[Gauge; 2]>,
     kind: Kind,
 }
 
@@ -121,13 +120,13 @@ impl Breaker {
     #[must_use]
     pub fn new(limits: Limits) -> Self {
         let gauges = [
-            Gauge::new(limits.max_connections),
             Gauge::new(limits.max_pending_requests),
             Gauge::new(limits.max_requests),
         ];
         let connections = (limits.max_connections != u32::MAX).then(|| {
             let slots = usize::try_from(limits.max_connections).unwrap_or(usize::MAX);
-            Arc::new(Semaphore::new(slots.min(Semaphore::MAX_PERMITS)))
+            let semaphore = Arc::new(Semaphore::new(slots.min(Semaphore::MAX_PERMITS)));
+            (semaphore, limits.max_connections)
         });
         Self {
             gauges: Arc::new(gauges),
@@ -147,7 +146,7 @@ impl Breaker {
     /// `None` when the pending requests are already at their cap (counted as an overflow).
     /// Cancel-safe: dropping the future gives up the place in the queue.
     pub async fn connection(&self) -> Option<ConnPermit> {
-        let Some(slots) = &self.connections else {
+        let Some((slots, _)) = &self.connections else {
             return Some(ConnPermit(None));
         };
         if let Ok(p) = Arc::clone(slots).try_acquire_owned() {
@@ -162,13 +161,10 @@ impl Breaker {
 
     #[must_use]
     pub fn usage(&self) -> Usage {
-        let [_, pending_requests, requests] =
-            self.gauges.each_ref().map(|g| g.active.load(Relaxed));
-        let connections = self.connections.as_ref().map_or(0, |s| {
+        let [pending_requests, requests] = self.gauges.each_ref().map(|g| g.active.load(Relaxed));
+        let connections = self.connections.as_ref().map_or(0, |(s, max)| {
             let free = u32::try_from(s.available_permits()).unwrap_or(u32::MAX);
-            self.gauges[Kind::Connection as usize]
-                .max
-                .saturating_sub(free)
+            max.saturating_sub(free)
         });
         Usage {
             connections,
@@ -178,7 +174,8 @@ impl Breaker {
     }
 
     /// Refusals since the breaker was created, whichever cap refused (Envoy's
-    /// `upstream_cx_overflow` + `upstream_rq_pending_overflow` + `upstream_rq_overflow`).
+    /// `upstream_rq_pending_overflow` + `upstream_rq_overflow`; a busy connection makes a request
+    /// wait, not fail).
     #[must_use]
     pub fn overflows(&self) -> u64 {
         self.gauges.iter().map(|g| g.overflows.load(Relaxed)).sum()
