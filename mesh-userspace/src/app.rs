@@ -414,7 +414,7 @@ fn sync_once(
     // With sock_ops on its cgroup, the engine is a meshed endpoint: its legs to local pods are
     // fast-path eligible like any pod-to-pod connection.
     if let (Some(addr), Some(_)) = (config.engine_addr, &config.engine_sockops_cgroup) {
-        want.endpoints.insert(
+        want.maps.endpoints.insert(
             u32::from(*addr.ip()).to_be(),
             Endpoint {
                 workload_id: ENGINE_WORKLOAD,
@@ -425,7 +425,7 @@ fn sync_once(
     let kubelet_pods = (config.pod_cgroups == PodCgroups::Kubelet)
         .then(|| crate::cgroups::kubelet_pods(&config.cgroup_path));
     for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
-        want.endpoints.insert(
+        want.maps.endpoints.insert(
             u32::from(w.ip).to_be(),
             Endpoint {
                 workload_id: w.id,
@@ -442,7 +442,7 @@ fn sync_once(
             .map(|d| crate::cgroups::subtree_ids(d))
             .unwrap_or_default()
         {
-            want.cgroups.insert(
+            want.maps.cgroups.insert(
                 id,
                 CgroupIdentity {
                     workload_id: w.id,
@@ -457,7 +457,7 @@ fn sync_once(
             port_be: s.port.to_be(),
             _pad: 0,
         };
-        want.services.insert(
+        want.maps.services.insert(
             key,
             ServiceValue {
                 service_id: s.id,
@@ -472,7 +472,7 @@ fn sync_once(
         );
         for (slot, (_, ip, port)) in s.backends.iter().enumerate() {
             let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-            want.backends.insert(
+            want.maps.backends.insert(
                 BackendKey {
                     service_id: s.id,
                     slot,
@@ -485,7 +485,7 @@ fn sync_once(
             );
         }
     }
-    want.policy.clone_from(&node.policy);
+    want.maps.policy.clone_from(&node.policy);
     let report = dp.apply(&want)?;
     if report.inserted + report.removed > 0 {
         tracing::info!(

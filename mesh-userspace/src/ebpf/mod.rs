@@ -36,7 +36,7 @@ use mesh_common::{
     Endpoint, FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue,
     ServiceKey, ServiceValue, SockKey, map_names, program_names,
 };
-pub use sync::{Desired, SyncReport};
+pub use sync::{Desired, MapContents, SyncReport};
 
 /// The eBPF object built by build.rs from mesh-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -117,7 +117,7 @@ pub struct Datapath {
     /// What the last successful `apply` left in the agent-owned maps. `None` until the first
     /// pass (which reads the pinned maps back, to adopt whatever a previous agent wrote) and
     /// after a failed pass; otherwise passes diff against it and read nothing from the kernel.
-    applied: Option<sync::Applied>,
+    applied: Option<MapContents>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EbpfError + '_ {

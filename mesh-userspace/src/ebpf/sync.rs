@@ -16,14 +16,21 @@ use super::{Datapath, EbpfError};
 /// Exact contents the agent wants in its maps.
 #[derive(Debug, Default, Clone)]
 pub struct Desired {
+    pub maps: MapContents,
+    pub fast_path: bool,
+    /// The L7 engine's listener, when it runs.
+    pub engine: Option<std::net::SocketAddrV4>,
+}
+
+/// The contents of the agent-owned hash maps: what the agent wants, and (as the datapath's
+/// shadow) what it last wrote.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MapContents {
     pub endpoints: BTreeMap<u32, Endpoint>,
     pub cgroups: BTreeMap<u64, CgroupIdentity>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendKey, Backend>,
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
-    pub fast_path: bool,
-    /// The L7 engine's listener, when it runs.
-    pub engine: Option<std::net::SocketAddrV4>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -77,47 +84,17 @@ fn read_all<K: Pod + Ord, V: Pod>(map: &HashMap<MapData, K, V>) -> BTreeMap<K, V
     map.iter().filter_map(Result::ok).collect()
 }
 
-/// The agent-owned maps' contents, as last written.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct Applied {
-    endpoints: BTreeMap<u32, Endpoint>,
-    cgroups: BTreeMap<u64, CgroupIdentity>,
-    services: BTreeMap<ServiceKey, ServiceValue>,
-    backends: BTreeMap<BackendKey, Backend>,
-    policy: BTreeMap<PolicyKey, PolicyValue>,
-}
-
-impl Applied {
-    fn of(want: &Desired) -> Self {
-        Self {
-            endpoints: want.endpoints.clone(),
-            cgroups: want.cgroups.clone(),
-            services: want.services.clone(),
-            backends: want.backends.clone(),
-            policy: want.policy.clone(),
-        }
-    }
-
-    fn matches(&self, want: &Desired) -> bool {
-        self.endpoints == want.endpoints
-            && self.cgroups == want.cgroups
-            && self.services == want.services
-            && self.backends == want.backends
-            && self.policy == want.policy
-    }
-}
-
 impl Datapath {
     /// Writes `want` into the maps. Order matters for connections being made meanwhile:
     /// identities and backends first, then services that point at them, then policy, and
     /// removals of backends last.
     pub fn apply(&mut self, want: &Desired) -> Result<SyncReport, EbpfError> {
         let mut report = SyncReport::default();
-        if !self.applied.as_ref().is_some_and(|a| a.matches(want)) {
+        if self.applied.as_ref() != Some(&want.maps) {
             // Forget the shadow first: if a write fails half-way, the next pass reads back.
             let have = match self.applied.take() {
                 Some(applied) => applied,
-                None => Applied {
+                None => MapContents {
                     endpoints: read_all(&self.maps.endpoints),
                     cgroups: read_all(&self.maps.cgroups),
                     services: read_all(&self.maps.services),
@@ -125,14 +102,18 @@ impl Datapath {
                     policy: read_all(&self.maps.policy),
                 },
             };
-            report += self.write_maps(&have, want)?;
-            self.applied = Some(Applied::of(want));
+            report += self.write_maps(&have, &want.maps)?;
+            self.applied = Some(want.maps.clone());
         }
         report += self.write_config(want)?;
         Ok(report)
     }
 
-    fn write_maps(&mut self, have: &Applied, want: &Desired) -> Result<SyncReport, EbpfError> {
+    fn write_maps(
+        &mut self,
+        have: &MapContents,
+        want: &MapContents,
+    ) -> Result<SyncReport, EbpfError> {
         use mesh_common::map_names as n;
         let m = &mut self.maps;
         let mut report = reconcile(
