@@ -22,16 +22,13 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
     api::{Patch, PatchParams, PostParams},
     core::object::HasStatus,
-    runtime::{
-        events::{Event, EventType, Recorder, Reporter},
-        reflector::Store,
-    },
+    runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Notify;
 
 use super::{
-    kube::{KubeSourceError, client},
+    kube::{Kind, KubeSourceError, client},
     objects::{AuthorizationPolicy, MeshConfig, ObjectStatus},
     validate::{self, Verdict},
 };
@@ -223,49 +220,22 @@ async fn elect(
 
 // --- status ---------------------------------------------------------------------------------
 
-fn watch<K>(client: &Client, changed: &Arc<Notify>) -> Store<K>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone + Default,
-{
-    super::kube::cache(Api::all(client.clone()), changed)
-}
-
-fn cloned<K: Clone + Resource>(store: &Store<K>) -> Vec<K>
-where
-    K::DynamicType: std::hash::Hash + Eq + Clone,
-{
-    store.state().iter().map(|o| K::clone(o)).collect()
-}
-
 async fn write_statuses(
     client: Client,
     mut leader: tokio::sync::watch::Receiver<bool>,
     changed: Arc<Notify>,
 ) {
-    let services = watch::<Service>(&client, &changed);
-    let traffic = watch::<TrafficPolicy>(&client, &changed);
-    let authz = watch::<AuthorizationPolicy>(&client, &changed);
-    let mesh = watch::<MeshConfig>(&client, &changed);
-    // HTTPRoutes only where the Gateway API CRDs are installed.
-    let routes = super::kube::served::<HttpRoute>(&client)
-        .await
-        .then(|| watch::<HttpRoute>(&client, &changed));
-    for ready in [
-        services.wait_until_ready().await,
-        traffic.wait_until_ready().await,
-        authz.wait_until_ready().await,
-        mesh.wait_until_ready().await,
-    ] {
-        if ready.is_err() {
-            return;
-        }
-    }
-    if let Some(routes) = &routes
-        && routes.wait_until_ready().await.is_err()
-    {
-        return;
-    }
+    // A kind the server does not serve (HTTPRoutes without the Gateway API CRDs) is skipped.
+    let services = Kind::<Service>::start(&client, &changed).await;
+    let traffic = Kind::<TrafficPolicy>::start(&client, &changed).await;
+    let authz = Kind::<AuthorizationPolicy>::start(&client, &changed).await;
+    let mesh = Kind::<MeshConfig>::start(&client, &changed).await;
+    let routes = Kind::<HttpRoute>::start(&client, &changed).await;
+    services.ready().await;
+    traffic.ready().await;
+    authz.ready().await;
+    mesh.ready().await;
+    routes.ready().await;
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -275,19 +245,19 @@ async fn write_statuses(
     );
     loop {
         if *leader.borrow_and_update() {
-            let service_list = cloned(&services);
+            let service_list = services.objects();
             let service_map = validate::services(&service_list);
-            let policies = cloned(&traffic);
+            let policies = traffic.objects();
             for p in &policies {
                 let verdict = validate::traffic_policy(p, &policies, &service_map);
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
                 publish(&api, &recorder, p, &verdict).await;
             }
-            for p in cloned(&authz) {
+            for p in authz.objects() {
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
                 publish(&api, &recorder, &p, &validate::authorization_policy(&p)).await;
             }
-            for c in cloned(&mesh) {
+            for c in mesh.objects() {
                 publish(
                     &Api::all(client.clone()),
                     &recorder,
@@ -296,7 +266,7 @@ async fn write_statuses(
                 )
                 .await;
             }
-            for r in routes.as_ref().map(cloned).unwrap_or_default() {
+            for r in routes.objects() {
                 let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
                 publish_route(&api, &r, &validate::http_route(&r, &service_map)).await;
             }
@@ -307,6 +277,14 @@ async fn write_statuses(
         }
         // Changes close together (an apply of many objects) are handled in one pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Status writes are merge patches under the controller's field manager name.
+fn status_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
     }
 }
 
@@ -342,11 +320,7 @@ async fn publish_route(api: &Api<HttpRoute>, route: &HttpRoute, parents: &[valid
     }
     let patch = serde_json::json!({ "status": { "parents": entries } });
     if let Err(e) = api
-        .patch_status(
-            &route.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch_status(&route.name_any(), &status_params(), &Patch::Merge(&patch))
         .await
     {
         tracing::warn!(route = route.name_any(), error = %e, "writing route status failed");
@@ -425,7 +399,7 @@ where
     let name = obj.name_any();
     let patch = serde_json::json!({ "status": { "conditions": new } });
     if let Err(e) = api
-        .patch_status(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+        .patch_status(&name, &status_params(), &Patch::Merge(&patch))
         .await
     {
         tracing::warn!(kind = %K::kind(&()), name, error = %e, "writing status failed");

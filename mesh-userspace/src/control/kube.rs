@@ -109,7 +109,7 @@ impl KubeSource {
 }
 
 /// One watched kind: its cache, or `None` when the API server does not serve it.
-struct Kind<K: Resource + 'static>
+pub(super) struct Kind<K: Resource + 'static>
 where
     K::DynamicType: Hash + Eq + Clone,
 {
@@ -121,9 +121,10 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Hash + Eq + Clone + Default,
 {
-    /// Starts watching `api` when `served`; every event wakes `changed`.
-    fn watch(api: Api<K>, served: bool, changed: &Arc<Notify>) -> Self {
-        if !served {
+    /// Starts watching every `K` when the API server serves the kind; every event wakes
+    /// `changed`.
+    pub(super) async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
+        if !served::<K>(client).await {
             let kind = K::kind(&K::DynamicType::default()).into_owned();
             tracing::warn!(
                 kind,
@@ -132,18 +133,18 @@ where
             return Self { store: None };
         }
         Self {
-            store: Some(cache(api, changed)),
+            store: Some(cache(Api::all(client.clone()), changed)),
         }
     }
 
-    async fn ready(&self) {
+    pub(super) async fn ready(&self) {
         if let Some(store) = &self.store {
             // Only fails when the writer is dropped, which ends the watch: nothing to wait for.
             let _ = store.wait_until_ready().await;
         }
     }
 
-    fn objects(&self) -> Vec<K> {
+    pub(super) fn objects(&self) -> Vec<K> {
         self.store.as_ref().map_or_else(Vec::new, |s| {
             s.state().iter().map(|o| K::clone(o)).collect()
         })
@@ -152,7 +153,7 @@ where
 
 /// A cache of every `K` that `api` lists, kept current by a watch (retried with backoff) on a
 /// spawned task; every event, an error included, wakes `changed`.
-pub(super) fn cache<K>(api: Api<K>, changed: &Arc<Notify>) -> Store<K>
+fn cache<K>(api: Api<K>, changed: &Arc<Notify>) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Hash + Eq + Clone + Default,
@@ -175,7 +176,7 @@ where
 }
 
 /// Whether the API server serves `K` (its group/version lists its plural).
-pub(super) async fn served<K: Resource>(client: &Client) -> bool
+async fn served<K: Resource>(client: &Client) -> bool
 where
     K::DynamicType: Default,
 {
@@ -202,24 +203,15 @@ struct Kinds {
 
 impl Kinds {
     async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
-        let c = || client.clone();
         Self {
-            namespaces: Kind::watch(Api::all(c()), true, changed),
-            pods: Kind::watch(Api::all(c()), true, changed),
-            services: Kind::watch(Api::all(c()), true, changed),
-            authorization_policies: Kind::watch(
-                Api::all(c()),
-                served::<AuthorizationPolicy>(client).await,
-                changed,
-            ),
-            mesh_configs: Kind::watch(Api::all(c()), served::<MeshConfig>(client).await, changed),
-            http_routes: Kind::watch(Api::all(c()), served::<HttpRoute>(client).await, changed),
-            grpc_routes: Kind::watch(Api::all(c()), served::<GrpcRoute>(client).await, changed),
-            traffic_policies: Kind::watch(
-                Api::all(c()),
-                served::<TrafficPolicy>(client).await,
-                changed,
-            ),
+            namespaces: Kind::start(client, changed).await,
+            pods: Kind::start(client, changed).await,
+            services: Kind::start(client, changed).await,
+            authorization_policies: Kind::start(client, changed).await,
+            mesh_configs: Kind::start(client, changed).await,
+            http_routes: Kind::start(client, changed).await,
+            grpc_routes: Kind::start(client, changed).await,
+            traffic_policies: Kind::start(client, changed).await,
         }
     }
 
