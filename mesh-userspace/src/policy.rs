@@ -36,7 +36,7 @@ impl TargetRef {
     /// A core-group Service (the only kind a policy can target).
     #[must_use]
     pub fn is_service(&self) -> bool {
-        (self.group.is_empty() || self.group == "core") && self.kind == "Service"
+        crate::proxy::route::is_core_service(Some(&self.group), Some(&self.kind))
     }
 }
 

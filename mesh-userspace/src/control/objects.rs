@@ -281,6 +281,9 @@ impl ObjectSet {
     }
 }
 
+/// The `matchExpressions` operators [`selector_matches`] knows (any other never matches).
+pub const SELECTOR_OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
+
 /// `matchLabels` AND `matchExpressions` (In, `NotIn`, Exists, `DoesNotExist`), as Kubernetes defines.
 #[must_use]
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {

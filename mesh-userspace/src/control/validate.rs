@@ -4,8 +4,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::objects::{AuthorizationPolicy, MeshConfig};
-use crate::policy::{TrafficPolicy, precedence};
+use super::objects::{AuthorizationPolicy, MeshConfig, SELECTOR_OPERATORS};
+use crate::{
+    policy::{TrafficPolicy, precedence},
+    proxy::route::is_core_service,
+};
 
 /// The outcome for one object; the controller turns it into `Accepted`, `ResolvedRefs` and
 /// `Programmed` conditions.
@@ -55,12 +58,19 @@ pub fn services(list: &[Service]) -> Services<'_> {
         .collect()
 }
 
-fn service_ports(svc: &Service) -> Vec<u16> {
-    svc.spec
+/// Why `ns/name` (with `port`, when given) is not a Service, or `None` when it is one.
+fn missing_service(services: &Services, ns: &str, name: &str, port: Option<i64>) -> Option<String> {
+    let Some(svc) = services.get(&(ns.to_owned(), name.to_owned())) else {
+        return Some(format!("Service {ns}/{name} does not exist"));
+    };
+    let ports: Vec<i32> = svc
+        .spec
         .iter()
         .flat_map(|s| s.ports.iter().flatten())
-        .filter_map(|p| u16::try_from(p.port).ok())
-        .collect()
+        .map(|p| p.port)
+        .collect();
+    port.filter(|&p| !ports.iter().any(|&have| i64::from(have) == p))
+        .map(|p| format!("Service {ns}/{name} has no port {p} (it has {ports:?})"))
 }
 
 /// Checks one policy against the Services and the other policies.
@@ -120,49 +130,17 @@ fn references(
     mirror: Option<&crate::policy::Mirror>,
     services: &Services,
 ) -> Verdict {
-    let mut verdict = Verdict::OK;
-    match services.get(&(ns.to_owned(), target.name.clone())) {
-        None => {
-            verdict.unresolved = Some((
-                "BackendNotFound",
-                format!("Service {ns}/{} does not exist", target.name),
-            ));
-        }
-        Some(svc) => {
-            if let Some(port) = target.port
-                && !service_ports(svc).contains(&port)
-            {
-                verdict.unresolved = Some((
-                    "BackendNotFound",
-                    format!(
-                        "Service {ns}/{} has no port {port} (it has {:?})",
-                        target.name,
-                        service_ports(svc)
-                    ),
-                ));
-            }
-        }
+    let target = missing_service(services, ns, &target.name, target.port.map(i64::from));
+    let mirror = mirror.and_then(|m| {
+        missing_service(services, ns, &m.name, Some(i64::from(m.port)))
+            .map(|e| format!("mirror {e}"))
+    });
+    Verdict {
+        rejected: None,
+        unresolved: target
+            .or(mirror)
+            .map(|message| ("BackendNotFound", message)),
     }
-    if verdict.unresolved.is_none()
-        && let Some(m) = mirror
-    {
-        match services.get(&(ns.to_owned(), m.name.clone())) {
-            None => {
-                verdict.unresolved = Some((
-                    "BackendNotFound",
-                    format!("mirror Service {ns}/{} does not exist", m.name),
-                ));
-            }
-            Some(svc) if !service_ports(svc).contains(&m.port) => {
-                verdict.unresolved = Some((
-                    "BackendNotFound",
-                    format!("mirror Service {ns}/{} has no port {}", m.name, m.port),
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    verdict
 }
 
 /// Cross-field rules the schema cannot express.
@@ -216,10 +194,6 @@ pub struct RouteParent {
     pub verdict: Verdict,
 }
 
-fn core_kind(group: Option<&str>, kind: Option<&str>) -> bool {
-    matches!(group, None | Some("" | "core")) && kind == Some("Service")
-}
-
 /// The route's Service parents: `Accepted` when the Service (and port) exists, `ResolvedRefs`
 /// when every Service backendRef exists in the route's namespace (cross-namespace backends
 /// would need a `ReferenceGrant`, which Weft does not read: `RefNotPermitted`).
@@ -237,7 +211,7 @@ pub fn http_route(
         .flatten()
         .flat_map(|r| r.backend_refs.iter().flatten())
     {
-        if !core_kind(b.group.as_deref(), b.kind.as_deref().or(Some("Service"))) {
+        if !is_core_service(b.group.as_deref(), b.kind.as_deref().or(Some("Service"))) {
             unresolved = Some((
                 "InvalidKind",
                 format!("backendRef {}: only Services are supported", b.name),
@@ -255,17 +229,14 @@ pub fn http_route(
             ));
             break;
         }
-        if !services.contains_key(&(ns.clone(), b.name.clone())) {
-            unresolved = Some((
-                "BackendNotFound",
-                format!("backendRef Service {ns}/{} does not exist", b.name),
-            ));
+        if let Some(message) = missing_service(services, &ns, &b.name, None) {
+            unresolved = Some(("BackendNotFound", format!("backendRef: {message}")));
             break;
         }
     }
     let mut parents = Vec::new();
     for p in route.spec.parent_refs.iter().flatten() {
-        if !core_kind(p.group.as_deref(), p.kind.as_deref()) {
+        if !is_core_service(p.group.as_deref(), p.kind.as_deref()) {
             continue; // a Gateway's parent: another controller's to report on
         }
         let parent_ns = p.namespace.clone().unwrap_or_else(|| ns.clone());
@@ -276,24 +247,8 @@ pub fn http_route(
         if let Some(port) = p.port {
             parent_ref["port"] = port.into();
         }
-        let rejected = match services.get(&(parent_ns.clone(), p.name.clone())) {
-            None => Some((
-                "NoMatchingParent",
-                format!("Service {parent_ns}/{} does not exist", p.name),
-            )),
-            Some(svc) => p.port.and_then(|port| {
-                let ports = service_ports(svc);
-                (!ports.iter().any(|&have| i32::from(have) == port)).then(|| {
-                    (
-                        "NoMatchingParent",
-                        format!(
-                            "Service {parent_ns}/{} has no port {port} (it has {ports:?})",
-                            p.name
-                        ),
-                    )
-                })
-            }),
-        };
+        let rejected = missing_service(services, &parent_ns, &p.name, p.port.map(i64::from))
+            .map(|message| ("NoMatchingParent", message));
         parents.push(RouteParent {
             parent_ref,
             verdict: Verdict {
@@ -308,7 +263,6 @@ pub fn http_route(
 #[must_use]
 pub fn authorization_policy(p: &AuthorizationPolicy) -> Verdict {
     let mut invalid = Vec::new();
-    let known = ["In", "NotIn", "Exists", "DoesNotExist"];
     let mut selectors = Vec::new();
     selectors.extend(
         p.spec
@@ -341,10 +295,11 @@ pub fn authorization_policy(p: &AuthorizationPolicy) -> Verdict {
     }
     for (at, s) in selectors {
         for e in s.match_expressions.iter().flatten() {
-            if !known.contains(&e.operator.as_str()) {
+            if !SELECTOR_OPERATORS.contains(&e.operator.as_str()) {
                 invalid.push(format!(
-                    "{at}: operator {:?} is not one of In, NotIn, Exists, DoesNotExist",
-                    e.operator
+                    "{at}: operator {:?} is not one of {}",
+                    e.operator,
+                    SELECTOR_OPERATORS.join(", ")
                 ));
             }
         }

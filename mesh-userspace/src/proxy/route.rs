@@ -423,8 +423,11 @@ ref_parts!(
     GrpcRouteRulesFiltersRequestMirrorBackendRef
 );
 
-fn core_group(group: Option<&str>) -> bool {
-    matches!(group, None | Some("" | "core"))
+/// A reference to a core-group Service: group absent, `""` or `"core"`, kind `Service`.
+/// (Callers apply their field's default kind first: `Service` for backendRefs.)
+#[must_use]
+pub fn is_core_service(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(group, None | Some("" | "core")) && kind == Some("Service")
 }
 
 /// Whether a route in `route_ns` with these parentRefs attaches to `service` port `port`.
@@ -439,8 +442,7 @@ pub fn attaches<P: AsRefParts>(
         .iter()
         .map(AsRefParts::ref_parts)
         .any(|r| {
-            core_group(r.group)
-                && r.kind == Some("Service")
+            is_core_service(r.group, r.kind)
                 && r.name == service.name
                 && r.namespace.unwrap_or(route_ns) == service.namespace
                 && r.port.is_none_or(|p| p == i32::from(port))
@@ -870,7 +872,7 @@ impl<'c> Compiler<'c> {
             problem!(self, "backend {name} has negative weight {weight}, using 0");
             0
         });
-        if !core_group(r.group) || r.kind.is_some_and(|k| k != "Service") {
+        if !is_core_service(r.group, r.kind.or(Some("Service"))) {
             let (g, k) = (r.group.unwrap_or(""), r.kind.unwrap_or(""));
             problem!(
                 self,
