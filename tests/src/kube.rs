@@ -23,6 +23,16 @@ use serde::Deserialize as _;
 
 use crate::{Node, Proc, eventually};
 
+/// The `helm` arguments (before the chart path) that render `deploy/manifests/weft.yaml`:
+/// `cargo xtask manifests` writes it with them and a test checks it is current with them.
+pub const CHART_RENDER_ARGS: &[&str] = &[
+    "template",
+    "weft",
+    "--namespace",
+    "weft-system",
+    "--include-crds",
+];
+
 /// The API server's secure port on the node's loopback.
 pub const API_PORT: u16 = 6443;
 const ETCD_CLIENT: &str = "http://127.0.0.1:2379";
@@ -114,7 +124,7 @@ impl ControlPlane {
         let result = eventually(timeout, || {
             for p in [&mut self.etcd, &mut self.apiserver] {
                 if !p.is_running() {
-                    bail!("{} exited: {}", p.label(), tail(&p.stderr()));
+                    bail!("{} exited: {}", p.label(), last_lines(&p.stderr(), 15));
                 }
             }
             let out = self.node.run(
@@ -128,7 +138,7 @@ impl ControlPlane {
         result.with_context(|| {
             format!(
                 "kube-apiserver not ready; its log ends with:\n{}",
-                tail(&self.apiserver.stderr())
+                last_lines(&self.apiserver.stderr(), 15)
             )
         })
     }
@@ -156,10 +166,25 @@ current-context: test
         Ok(path)
     }
 
-    /// The API server log so far.
+    /// Starts `weft controller` in the node against this server (its Lease in namespace
+    /// `default`), with `extra` arguments.
+    pub fn spawn_controller(&self, extra: &[&str]) -> Result<Proc> {
+        let kubeconfig = self.kubeconfig_path()?.display().to_string();
+        let mut args = vec![
+            "controller",
+            "--kubeconfig",
+            &kubeconfig,
+            "--namespace",
+            "default",
+        ];
+        args.extend_from_slice(extra);
+        self.node.spawn(crate::weft_bin(), args)
+    }
+
+    /// The last `lines` lines of the API server's log, for failure messages.
     #[must_use]
-    pub fn log(&self) -> String {
-        self.apiserver.stderr()
+    pub fn log_tail(&self, lines: usize) -> String {
+        last_lines(&self.apiserver.stderr(), lines)
     }
 
     /// Runs `f` with a client of this API server, on a thread inside the node's network
@@ -334,7 +359,7 @@ fn enter_netns(path: &Path) -> Result<()> {
         .with_context(|| format!("entering {}", path.display()))
 }
 
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().rev().take(15).collect();
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }

@@ -6,16 +6,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use testbed::{Testbed, kube::ControlPlane};
-
-/// How deploy/manifests/weft.yaml is rendered (as `cargo xtask manifests` does).
-const RENDER: &[&str] = &[
-    "template",
-    "weft",
-    "--namespace",
-    "weft-system",
-    "--include-crds",
-];
+use testbed::{
+    Testbed,
+    kube::{CHART_RENDER_ARGS, ControlPlane},
+};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -43,7 +37,7 @@ fn helm(args: &[&str]) -> Result<String> {
 #[test]
 fn chart_lints_and_the_committed_rendering_is_current() -> Result<()> {
     helm(&["lint", "--strict", "deploy/helm/weft"])?;
-    let mut args = RENDER.to_vec();
+    let mut args = CHART_RENDER_ARGS.to_vec();
     args.push("deploy/helm/weft");
     let rendered = helm(&args)?;
     let committed = std::fs::read_to_string(root().join("deploy/manifests/weft.yaml"))?;
@@ -81,7 +75,7 @@ fn rendered_manifests_pass_kubernetes_schema_validation() -> Result<()> {
 fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
     let bed = Testbed::new("helm-dry-run")?;
     let cp = ControlPlane::start(&bed.node("cp")?)?;
-    let mut args = RENDER.to_vec();
+    let mut args = CHART_RENDER_ARGS.to_vec();
     args.extend(["--kube-version", "v1.20.2", "deploy/helm/weft"]);
     let rendered = helm(&args)?;
     let (crds, rest): (Vec<&str>, Vec<&str>) = rendered

@@ -151,7 +151,7 @@ fn crds_install_on_a_real_api_server_which_then_enforces_their_schemas() -> Resu
         }
         Ok(())
     });
-    result.with_context(|| format!("API server log:\n{}", tail(&cp.log())))
+    result.with_context(|| format!("API server log:\n{}", cp.log_tail(20)))
 }
 
 /// The objects of an authorization policy that only lets workload `a` reach `b`.
@@ -327,17 +327,7 @@ fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> 
 
     // The controller reports on the route's Service parent (GAMMA): accepted, refs resolved;
     // a route to a missing backend says so.
-    let kubeconfig = cp.kubeconfig_path()?.display().to_string();
-    let _controller = node.spawn(
-        testbed::weft_bin(),
-        [
-            "controller",
-            "--kubeconfig",
-            &kubeconfig,
-            "--namespace",
-            "default",
-        ],
-    )?;
+    let _controller = cp.spawn_controller(&[])?;
     cp.apply(DANGLING_ROUTE)?;
     let route_parent = |name: &'static str| -> Result<serde_json::Value> {
         let route = cp.block_on(move |client| async move {
@@ -488,22 +478,8 @@ fn controller_writes_conditions_and_events_and_a_second_replica_takes_over() -> 
     let bed = Testbed::new("kube-ctl")?;
     let node = bed.node("cp")?;
     let cp = with_weft_crds(&node)?;
-    let kubeconfig = cp.kubeconfig_path()?.display().to_string();
     let controller = |identity: &str| {
-        node.spawn(
-            testbed::weft_bin(),
-            [
-                "controller",
-                "--kubeconfig",
-                &kubeconfig,
-                "--namespace",
-                "default",
-                "--identity",
-                identity,
-                "--lease-duration-secs",
-                "3",
-            ],
-        )
+        cp.spawn_controller(&["--identity", identity, "--lease-duration-secs", "3"])
     };
     let mut replicas = [controller("replica-1")?, controller("replica-2")?];
     cp.apply(POLICIES)?;
@@ -566,9 +542,4 @@ spec: {ports: [{port: 80, protocol: TCP}]}
     let survivor = &mut replicas[1 - index];
     ensure!(survivor.is_running(), "replica died: {}", survivor.stderr());
     Ok(())
-}
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().rev().take(20).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }

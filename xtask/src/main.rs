@@ -185,7 +185,7 @@ fn manifests() -> Result<()> {
     let out = workspace_root().join("deploy/manifests/weft.yaml");
     step!("rendering the chart into {}", out.display());
     let rendered = Command::new(&helm)
-        .args(RENDER_ARGS)
+        .args(testbed::kube::CHART_RENDER_ARGS)
         .arg(&chart)
         .output()
         .context("running helm template")?;
@@ -202,14 +202,6 @@ fn manifests() -> Result<()> {
     Ok(())
 }
 
-/// How deploy/manifests/weft.yaml is rendered (the test that checks it is current uses the same).
-pub const RENDER_ARGS: &[&str] = &[
-    "template",
-    "weft",
-    "--namespace",
-    "weft-system",
-    "--include-crds",
-];
 const MANIFESTS_HEADER: &str = "# The Helm chart deploy/helm/weft rendered with its default values (`cargo xtask manifests`);\n# apply after `kubectl create namespace weft-system`. Do not edit: change the chart.\n";
 
 fn main() -> Result<()> {
