@@ -103,6 +103,30 @@ pub(crate) fn netns_del(paths: &HostPaths, name: &str) -> Result<()> {
     ip(&["netns", "del", name])
 }
 
+/// Sets a (network-namespaced) sysctl inside `netns`, e.g. forwarding for a node of the run.
+pub(crate) fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "sh",
+            "-c",
+            &format!("echo {value} > {path}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run `ip netns exec` (is iproute2 installed?)")?;
+    if !output.status.success() {
+        bail!(
+            "setting {key}={value} in netns {netns}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `ip ARGS`, failing with its stderr.
 pub(crate) fn ip(args: &[&str]) -> Result<()> {
     run_ip(args, None).map(drop)

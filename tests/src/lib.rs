@@ -10,6 +10,7 @@
 //! | node netns | `<prefix>-<node>`, with bridge `br0` at `198.18.<N>.1/24` |
 //! | pod netns | `<prefix>-<node>-<pod>` (`<prefix>-<node>-<namespace>_<pod>` outside `default`), `eth0` at `198.18.<N>.<10+k>/24` |
 //! | pod veth, node side | `vh<k>` on `br0` in the node netns |
+//! | fabric | netns `<prefix>-_fabric` with bridge `fab0`; node N's `uplink` at `198.18.0.<N>/24` routes the other nodes' pod networks (pods route `198.18.0.0/16` via their node; no default routes) |
 //! | node cgroup | `<cgroup2>/weft-<prefix>/<node>`; pod cgroups below it as `<namespace>_<pod>` |
 //! | node processes (agent) | `<cgroup2>/weft-<prefix>/_host/<node>`, outside the node cgroup |
 //! | bpffs | `/sys/fs/bpf/weft-<prefix>/<node>` |

@@ -18,6 +18,20 @@ use crate::{
 
 /// The bridge every pod of a node is attached to.
 pub const BRIDGE: &str = "br0";
+/// The node's interface on the run's fabric (see [`Node::uplink_ip`]).
+pub const UPLINK: &str = "uplink";
+/// The bridge of the fabric netns that links the run's nodes.
+const FABRIC_BRIDGE: &str = "fab0";
+
+/// The netns that links a run's nodes; `_` keeps it apart from node names (DNS labels).
+fn fabric_netns(prefix: &str) -> String {
+    format!("{prefix}-_fabric")
+}
+
+/// The route, in a node, to node `index`'s pod network through its uplink.
+fn route_to(index: u8) -> String {
+    format!("route add 198.18.{index}.0/24 via 198.18.0.{index} dev {UPLINK}")
+}
 
 /// A handle onto one node of a [`crate::Testbed`]; clones refer to the same node.
 #[derive(Clone)]
@@ -66,7 +80,84 @@ impl Node {
         ] {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        self.join_fabric()
+    }
+
+    /// Connects the node to the run's fabric: netns `<prefix>-_fabric` (made with the first node)
+    /// holds bridge `fab0`; the node's `uplink` veth is `198.18.0.<N>/24` on it. Every node routes
+    /// each other node's pod network through that node's uplink address and forwards (inside its
+    /// own namespace only), so cross-node traffic really crosses the fabric. Pods route
+    /// `198.18.0.0/16` (not a default route) via their node.
+    fn join_fabric(&self) -> Result<()> {
+        let _fabric = self.run.fabric_lock();
+        let fabric = fabric_netns(&self.run.prefix);
+        if !self.run.paths.netns_path(&fabric).exists() {
+            host::netns_add(&fabric)?;
+            host::ip_batch(
+                &fabric,
+                &[
+                    "link set lo up".to_owned(),
+                    format!("link add {FABRIC_BRIDGE} type bridge"),
+                    format!("link set {FABRIC_BRIDGE} up"),
+                ],
+            )?;
+        }
+        let port = format!("n{}", self.index);
+        host::ip_batch(
+            &fabric,
+            &[format!(
+                "link add {port} type veth peer name {UPLINK} netns {}",
+                self.netns
+            )],
+        )?;
+        host::ip_batch(
+            &fabric,
+            &[
+                format!("link set {port} master {FABRIC_BRIDGE}"),
+                format!("link set {port} up"),
+            ],
+        )?;
+        let others: Vec<(String, u8)> = self
+            .run
+            .registry()
+            .nodes
+            .iter()
+            .filter(|(name, _)| **name != self.name)
+            .map(|(name, entry)| (format!("{}-{name}", self.run.prefix), entry.index))
+            .collect();
+        let mut lines = vec![
+            format!("addr add {}/24 dev {UPLINK}", self.uplink_ip()),
+            format!("link set {UPLINK} up"),
+        ];
+        for (_, index) in &others {
+            lines.push(route_to(*index));
+        }
+        host::ip_batch(&self.netns, &lines)?;
+        host::sysctl_in(&self.netns, "net.ipv4.ip_forward", "1")?;
+        for (netns, _) in &others {
+            host::ip_batch(netns, &[route_to(self.index)])?;
+        }
         Ok(())
+    }
+
+    /// The node as a Kubernetes `Node` object: its fabric address as `InternalIP` (where its
+    /// agent's tunnel listens) and its pod network as `spec.podCIDR`.
+    #[must_use]
+    pub fn manifest(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n\
+             spec: {{podCIDR: 198.18.{}.0/24}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {}}}]}}\n",
+            self.name,
+            self.index,
+            self.uplink_ip()
+        )
+    }
+
+    /// The node's address on the fabric, `198.18.0.<N>`.
+    #[must_use]
+    pub fn uplink_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, self.index)
     }
 
     /// Undoes a failed [`Node::build`] (errors are logged: the run's teardown retries).

@@ -138,6 +138,8 @@ impl Pod {
                 "link set lo up".to_owned(),
                 format!("addr add {}/24 dev eth0", self.ip()),
                 "link set eth0 up".to_owned(),
+                // Other nodes' pods, through this node (no default route: nothing leaves the run).
+                format!("route add 198.18.0.0/16 via {}", self.node.bridge_ip()),
             ],
         )?;
         let cgroup = self.cgroup_path();
@@ -280,6 +282,17 @@ impl Pod {
             service_account,
             &[(UNMESHED_ANNOTATION, "disabled")],
         )
+    }
+
+    /// A meshed pod manifest with extra annotations (e.g. `weft.dev/mtls-mode`).
+    #[must_use]
+    pub fn manifest_annotated(
+        &self,
+        labels: &[(&str, &str)],
+        service_account: &str,
+        annotations: &[(&str, &str)],
+    ) -> String {
+        self.manifest_with(labels, service_account, annotations)
     }
 
     fn manifest_with(

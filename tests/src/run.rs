@@ -53,6 +53,8 @@ pub(crate) struct Run {
     registry: Mutex<Registry>,
     /// Source of unique names for files in the run's state directory.
     serial: AtomicU64,
+    /// Held while a node joins the fabric (creating it for the first node).
+    fabric: Mutex<()>,
 }
 
 /// Who exists in the run, and the next free addresses.
@@ -68,6 +70,8 @@ pub(crate) struct NodeEntry {
     pub(crate) next_pod: u8,
     /// `(namespace, name)` of its live pods.
     pub(crate) pods: BTreeSet<(String, String)>,
+    /// N in `198.18.<N>.0/24`.
+    pub(crate) index: u8,
 }
 
 impl Testbed {
@@ -95,6 +99,7 @@ impl Testbed {
             alive: RwLock::new(true),
             registry: Mutex::default(),
             serial: AtomicU64::new(0),
+            fabric: Mutex::new(()),
         });
         let testbed = Self { run };
         testbed
@@ -195,6 +200,11 @@ impl Run {
         self.paths.run_state(&self.prefix)
     }
 
+    /// Serialises nodes joining the fabric.
+    pub(crate) fn fabric_lock(&self) -> MutexGuard<'_, ()> {
+        self.fabric.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// A number unique within the run.
     pub(crate) fn next_serial(&self) -> u64 {
         self.serial.fetch_add(1, Ordering::Relaxed)
@@ -237,6 +247,7 @@ impl Registry {
             NodeEntry {
                 next_pod: 0,
                 pods: BTreeSet::new(),
+                index,
             },
         );
         Ok(index)

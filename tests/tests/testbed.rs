@@ -78,7 +78,8 @@ fn pods_on_a_node_talk_and_teardown_removes_everything() -> Result<()> {
         assert_eq!(
             ip(&["-n", pod.netns(), "-4", "route"]).trim(),
             format!(
-                "198.18.{}.0/24 dev eth0 proto kernel scope link src {}",
+                "198.18.0.0/16 via 198.18.{0}.1 dev eth0 \n\
+                 198.18.{0}.0/24 dev eth0 proto kernel scope link src {1}",
                 node.index(),
                 pod.ip()
             )
@@ -301,23 +302,55 @@ fn deleting_a_pod_kills_its_processes_and_frees_its_name() -> Result<()> {
     Ok(())
 }
 
+/// Bytes the node's `uplink` (its side of the fabric) has received, from `ip -s`.
+fn uplink_rx_bytes(node: &testbed::Node) -> u64 {
+    let out = ip(&[
+        "-n",
+        node.netns(),
+        "-j",
+        "-s",
+        "link",
+        "show",
+        "dev",
+        "uplink",
+    ]);
+    let links: serde_json::Value = serde_json::from_str(&out).unwrap();
+    links[0]["stats64"]["rx"]["bytes"].as_u64().unwrap()
+}
+
 #[test]
-fn nodes_are_numbered_and_isolated() -> Result<()> {
+fn nodes_are_numbered_and_linked_by_the_fabric() -> Result<()> {
     let tb = Testbed::new("nodes_are_numbered")?;
     let one = tb.node("one")?;
     let two = tb.node("two")?;
     assert_eq!((one.index(), two.index()), (1, 2));
+    assert_eq!(two.uplink_ip(), Ipv4Addr::new(198, 18, 0, 2));
     assert!(tb.node("one").is_err(), "duplicate node names are refused");
     assert!(tb.node("Bad_Name").is_err());
     assert_eq!(tb.node_names(), ["one", "two"]);
     let here = one.pod("web")?;
     let there = two.pod("web")?;
     assert_eq!(there.ip(), Ipv4Addr::new(198, 18, 2, 10));
-    let server = there.serve(ServeMode::Echo, 8080)?;
-    // No route between nodes: the testbed leaves that to the mesh.
-    let report = here.try_connect(server.addr(), Duration::from_millis(500))?;
-    assert!(!report.ok);
-    assert_eq!(report.errno, Some(libc::ENETUNREACH), "{report:?}");
+    // Still no default route anywhere: the fabric only links the run's own networks.
+    for netns in [one.netns(), two.netns(), here.netns(), there.netns()] {
+        assert_eq!(ip(&["-n", netns, "route", "show", "default"]), "");
+    }
+    let (_server, addr) = echo_server(&there, 8080)?;
+    let before = uplink_rx_bytes(&two);
+    let report = here.transfer(addr, 1 << 20, 2)?;
+    assert!(report.all_ok(), "{report:?}");
+    assert_eq!(report.bytes_verified, 2 << 20);
+    // The bytes really crossed the link into node two.
+    let crossed = uplink_rx_bytes(&two) - before;
+    assert!(
+        crossed >= 2 << 20,
+        "only {crossed} bytes arrived on two's uplink"
+    );
+    // A third node joins later and reaches the first two.
+    let three = tb.node("three")?;
+    let third = three.pod("web")?;
+    let report = third.transfer(addr, 1 << 16, 1)?;
+    assert!(report.all_ok(), "{report:?}");
     let left = tb.teardown()?;
     assert!(left.is_empty(), "{left}");
     Ok(())
@@ -398,8 +431,8 @@ fn a_new_testbed_sweeps_crashed_runs_and_orphans_but_not_live_runs() -> Result<(
     let live = alive.leftovers()?;
     assert_eq!(
         live.netns.len(),
-        2,
-        "the live run keeps its namespaces: {live}"
+        3,
+        "the live run keeps its namespaces (fabric, node, pod): {live}"
     );
     assert!(live.state_dir.is_some());
 
