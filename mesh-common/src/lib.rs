@@ -129,6 +129,24 @@ pub mod reason {
     pub const L7_SERVICE: u8 = 6;
     /// A connection the L7 engine opened to a local backend.
     pub const ENGINE: u8 = 7;
+    /// The destination is a meshed pod on another node: the connection was sent to the engine,
+    /// which carries it over the mutual-TLS tunnel.
+    pub const TUNNEL: u8 = 8;
+    /// The destination is a STRICT meshed pod on another node and the engine is not alive:
+    /// refused rather than sent in plaintext (fail closed).
+    pub const TUNNEL_DOWN: u8 = 9;
+}
+
+/// Bits of [`Endpoint::flags`].
+pub mod endpoint_flags {
+    /// A meshed pod on another node: meshed clients reach it through the engine's tunnel.
+    pub const REMOTE: u32 = 1 << 0;
+    /// The pod accepts only mutual TLS from outside its node (mTLS mode STRICT): plaintext
+    /// from a meshed client is refused at `connect()` when the tunnel is down, and new TCP
+    /// connections from outside the node are dropped before they reach a local STRICT pod.
+    pub const STRICT: u32 = 1 << 1;
+    /// A pod of this node.
+    pub const LOCAL: u32 = 1 << 2;
 }
 
 /// Bits of [`ServiceValue::flags`].
@@ -186,7 +204,11 @@ pub mod global_counter {
     /// A connection to an L7 service went straight to a backend because the engine was not
     /// alive (no heartbeat): L7 policy is skipped rather than the connection refused.
     pub const L7_ENGINE_DOWN: usize = 9;
-    pub const COUNT: usize = 10;
+    /// A connection to a meshed pod of another node was sent to the engine's tunnel.
+    pub const TUNNEL_REDIRECT: usize = 10;
+    /// A plaintext TCP connection from outside the node to a STRICT pod was dropped (its SYN).
+    pub const STRICT_INBOUND_DROP: usize = 11;
+    pub const COUNT: usize = 12;
 }
 
 /// Index 0 of [`map_names::CONFIG`].
@@ -222,7 +244,7 @@ impl SockKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     pub workload_id: u32,
-    /// Reserved for per-endpoint flags (e.g. mTLS mode); zero today.
+    /// [`endpoint_flags`].
     pub flags: u32,
 }
 
@@ -307,6 +329,10 @@ pub struct Config {
     /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) time of the engine's last heartbeat. Connections are
     /// redirected only while it is recent (see [`ENGINE_HEARTBEAT_MAX_AGE_NS`]).
     pub engine_seen_ns: u64,
+    /// This node's pod network (`spec.podCIDR` of its Node), for "from outside the node";
+    /// both 0 when unknown (then only this node's meshed pods and its own address are local).
+    pub local_net_be: u32,
+    pub local_mask_be: u32,
 }
 
 /// A redirect to the engine needs a heartbeat at most this old: when the agent is down, L7
@@ -457,7 +483,7 @@ assert_size! {
     Backend => 8,
     PolicyKey => 12,
     PolicyValue => 8,
-    Config => 24,
+    Config => 32,
     ClientAddr => 8,
     ConnectInfo => 24,
     FlowEntry => 80,
@@ -466,7 +492,7 @@ assert_size! {
     PairKey => 8,
     PairStats => 56,
     IfStats => 40,
-    GlobalStats => 80,
+    GlobalStats => 96,
 }
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test

@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Backend, BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue,
-    ENGINE_HEARTBEAT_MAX_AGE_NS, PolicyKey, ServiceKey, global_counter, reason, service_flags,
-    verdict,
+    ENGINE_HEARTBEAT_MAX_AGE_NS, PolicyKey, ServiceKey, endpoint_flags, global_counter, reason,
+    service_flags, verdict,
 };
 
 use crate::{
@@ -112,6 +112,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
 
     // SAFETY: copied out of the map.
     let dst = unsafe { WEFT_ENDPOINTS.get(&dst_ip_be) }.copied();
+    let mut dst_flags = 0;
     match dst {
         None => {
             info.verdict = verdict::PASS;
@@ -119,6 +120,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         }
         Some(dst) => {
             info.dst_workload = dst.workload_id;
+            dst_flags = dst.flags;
             decide(&mut info, dst_port_be);
         }
     }
@@ -127,8 +129,24 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         record_deny(&info, dst_ip_be, dst_port_be);
         return Ok(REFUSE);
     }
-    if l7_service {
-        redirect_to_engine(ctx, &mut info);
+    let remote = dst_flags & endpoint_flags::REMOTE != 0;
+    if l7_service || remote {
+        if redirect_to_engine(ctx, &mut info) {
+            if !l7_service {
+                // Plain L4 to another node's pod: the engine tunnels to the backend the kernel
+                // chose (no second load-balancing decision, no HTTP parsing).
+                info.orig_dst_ip_be = dst_ip_be;
+                info.orig_dst_port_be = dst_port_be;
+                info.reason = reason::TUNNEL;
+                stats::bump(global_counter::TUNNEL_REDIRECT);
+            }
+        } else if remote && dst_flags & endpoint_flags::STRICT != 0 {
+            // Fail closed: a meshed flow never leaves the node in plaintext towards a STRICT pod.
+            info.verdict = verdict::DENY;
+            info.reason = reason::TUNNEL_DOWN;
+            record_deny(&info, dst_ip_be, dst_port_be);
+            return Ok(REFUSE);
+        }
     }
     // SAFETY: the context is a valid sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -138,20 +156,21 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
 
 /// A meshed client's connection to a service with L7 policy goes to the node's engine instead;
 /// sock_ops publishes the original destination for the engine once the client's port is known.
-/// Without a live engine (no recent heartbeat) the connection goes to the backend chosen above.
+/// Without a live engine (no recent heartbeat) the connection goes to the backend chosen above
+/// and this returns false.
 #[inline(always)]
-fn redirect_to_engine(ctx: &SockAddrContext, info: &mut ConnectInfo) {
+fn redirect_to_engine(ctx: &SockAddrContext, info: &mut ConnectInfo) -> bool {
     let Some(cfg) = WEFT_CONFIG.get(CONFIG_INDEX) else {
-        return;
+        return false;
     };
     if cfg.engine_ip_be == 0 {
-        return;
+        return false;
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if now.saturating_sub(cfg.engine_seen_ns) > ENGINE_HEARTBEAT_MAX_AGE_NS {
         stats::bump(global_counter::L7_ENGINE_DOWN);
-        return;
+        return false;
     }
     // SAFETY: user_ip4 and user_port are writable in connect4 programs.
     unsafe {
@@ -161,6 +180,7 @@ fn redirect_to_engine(ctx: &SockAddrContext, info: &mut ConnectInfo) {
     info.verdict = verdict::L7;
     info.reason = reason::L7_SERVICE;
     stats::bump(global_counter::L7_REDIRECT);
+    true
 }
 
 /// Policy lookup: exact port, then any port, then the node default.

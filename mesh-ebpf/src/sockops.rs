@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    ClientAddr, ENGINE_WORKLOAD, FlowEntry, SockKey, ZERO_FLOW, fast_state, flow_state,
-    global_counter, reason, role, verdict,
+    ClientAddr, ENGINE_WORKLOAD, FlowEntry, SockKey, ZERO_FLOW, endpoint_flags, fast_state,
+    flow_state, global_counter, reason, role, verdict,
 };
 
 use crate::{
@@ -146,7 +146,9 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
             unsafe { (*flow).fast = fast_state::SLOW };
         }
     }
-    if remote.is_some() && allowed && enabled {
+    // A pod of another node (reached through the tunnel, or in plaintext) is never a local peer.
+    let remote_is_local = remote.is_some_and(|r| r.flags & endpoint_flags::REMOTE == 0);
+    if remote_is_local && allowed && enabled {
         // SAFETY: the context pointer is a valid bpf_sock_ops for the program's lifetime.
         let ops = unsafe { &mut *ctx.ops };
         if WEFT_SOCKS

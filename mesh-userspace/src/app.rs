@@ -11,7 +11,7 @@ use std::{
 
 use mesh_common::{
     Backend, BackendKey, CgroupIdentity, ENGINE_WORKLOAD, Endpoint, ServiceKey, ServiceValue,
-    service_flags,
+    endpoint_flags, service_flags,
 };
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -20,6 +20,7 @@ use crate::{
     cgroups::PodCgroups,
     config::AgentConfig,
     control::files::FileSource,
+    control::objects::MtlsMode,
     ebpf::{self, Datapath, Desired, Startup},
     flows::{FlowSnapshot, FlowTable},
     metrics::{KernelSnapshot, Metrics, PairLabels},
@@ -35,6 +36,8 @@ pub enum AgentError {
     Admin(std::io::Error),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("workload identity: {0}")]
+    Identity(crate::identity::IdentityError),
     #[error("L7 engine listener {addr}: {source}; is the address one of this node's?")]
     EngineListen {
         addr: std::net::SocketAddrV4,
@@ -189,6 +192,7 @@ fn start_engine(
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
+    let snapshots_for_tunnel = snapshots.clone();
     let mut engine = Engine::new(
         snapshots,
         proxy::metrics::L7Metrics::register(registry),
@@ -198,6 +202,10 @@ fn start_engine(
         // The exporter's task lives on the engine's runtime.
         let _guard = rt.enter();
         engine.tracer = Some(proxy::trace::Exporter::spawn(endpoint));
+    }
+    if let Some(identity) = &config.identity {
+        let tunnel = start_tunnel(identity, &rt, snapshots_for_tunnel, registry)?;
+        engine.tunnel = Some(tunnel);
     }
     let engine = Arc::new(engine);
     let runner = engine.clone();
@@ -216,6 +224,73 @@ fn start_engine(
         })
         .map_err(AgentError::Runtime)?;
     Ok(engine)
+}
+
+/// Loads the CA, binds the tunnel listener and starts, on the engine's runtime, the tunnel
+/// server and the certificate refresher (the node's workloads get SVIDs before anyone asks;
+/// each is replaced at half its life; the trust bundle file is re-read).
+fn start_tunnel(
+    identity: &crate::config::IdentityConfig,
+    rt: &tokio::runtime::Runtime,
+    snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    registry: &mut Registry,
+) -> Result<Arc<proxy::tunnel::Tunnel>, AgentError> {
+    use crate::identity::{Ca, Identities};
+    let ca = Ca::load(&identity.ca).map_err(AgentError::Identity)?;
+    // The trust domain comes with the objects (MeshConfig); the agent starts with the default
+    // and uses the domain of the first snapshot it gets.
+    let trust_domain = snapshots.borrow().trust_domain.clone();
+    let metrics = proxy::tunnel::TunnelMetrics::register(registry);
+    let ids = Arc::new(
+        Identities::new(
+            trust_domain,
+            ca,
+            identity.svid_ttl,
+            identity.trust_bundle.clone(),
+            metrics.certificates_issued.clone(),
+        )
+        .map_err(AgentError::Identity)?,
+    );
+    let addr = identity.tunnel_listen;
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| AgentError::EngineListen { addr, source })?;
+    let tunnel = Arc::new(proxy::tunnel::Tunnel::new(
+        ids.clone(),
+        addr.port(),
+        metrics,
+    ));
+    let _guard = rt.enter();
+    let server = tunnel.clone();
+    let server_snapshots = snapshots.clone();
+    tokio::spawn(async move {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => {
+                tracing::info!(%addr, "mTLS tunnel listening");
+                proxy::tunnel::serve(server, server_snapshots, l).await;
+            }
+            Err(e) => tracing::error!(error = %e, "tunnel listener"),
+        }
+    });
+    tokio::spawn(async move {
+        let mut snapshots = snapshots;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let (trust_domain, wanted) = {
+                let snapshot = snapshots.borrow_and_update();
+                (
+                    snapshot.trust_domain.clone(),
+                    snapshot.mesh.local_identities(),
+                )
+            };
+            ids.refresh(&trust_domain, &wanted);
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = snapshots.changed() => if r.is_err() { return },
+            }
+        }
+    });
+    Ok(tunnel)
 }
 
 pub(crate) async fn shutdown_signal() {
@@ -401,35 +476,61 @@ fn log_new_denials(snapshot: &FlowSnapshot, seen: &mut BTreeMap<(String, String)
     *seen = now;
 }
 
-fn sync_once(
-    dp: &mut Datapath,
+/// Endpoints and pod cgroups: this node's meshed pods (LOCAL, STRICT when they are and the
+/// node's pod network is known), the engine, and with the tunnel on the meshed pods of other
+/// nodes (REMOTE, STRICT).
+fn identities(
+    maps: &mut ebpf::MapContents,
     node: &NodeState,
     config: &AgentConfig,
-) -> Result<(), ebpf::EbpfError> {
-    let mut want = Desired {
-        fast_path: node.fast_path,
-        engine: config.engine_addr,
-        ..Desired::default()
-    };
+    tunnel: bool,
+    local_net: Option<(std::net::Ipv4Addr, u8)>,
+) {
     // With sock_ops on its cgroup, the engine is a meshed endpoint: its legs to local pods are
     // fast-path eligible like any pod-to-pod connection.
     if let (Some(addr), Some(_)) = (config.engine_addr, &config.engine_sockops_cgroup) {
-        want.maps.endpoints.insert(
+        maps.endpoints.insert(
             u32::from(*addr.ip()).to_be(),
             Endpoint {
                 workload_id: ENGINE_WORKLOAD,
-                flags: 0,
+                flags: endpoint_flags::LOCAL,
+            },
+        );
+    }
+    // With the tunnel on, meshed pods of other nodes are endpoints too: meshed clients reach
+    // them through the engine (REMOTE), and never in plaintext when they are STRICT.
+    for w in node.workloads.iter().filter(|w| w.meshed && !w.local) {
+        let reachable = node.nodes.get(&w.node).and_then(|n| n.address).is_some();
+        if !tunnel || !reachable || w.mtls == MtlsMode::Disable {
+            continue;
+        }
+        let strict = if w.mtls == MtlsMode::Strict {
+            endpoint_flags::STRICT
+        } else {
+            0
+        };
+        maps.endpoints.insert(
+            u32::from(w.ip).to_be(),
+            Endpoint {
+                workload_id: w.id,
+                flags: endpoint_flags::REMOTE | strict,
             },
         );
     }
     let kubelet_pods = (config.pod_cgroups == PodCgroups::Kubelet)
         .then(|| crate::cgroups::kubelet_pods(&config.cgroup_path));
     for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
-        want.maps.endpoints.insert(
+        // STRICT inbound needs the node's pod network, to tell this node's clients from others.
+        let strict = if local_net.is_some() && w.mtls == MtlsMode::Strict {
+            endpoint_flags::STRICT
+        } else {
+            0
+        };
+        maps.endpoints.insert(
             u32::from(w.ip).to_be(),
             Endpoint {
                 workload_id: w.id,
-                flags: 0,
+                flags: endpoint_flags::LOCAL | strict,
             },
         );
         // The pod's cgroup and every cgroup below it (its containers) are the pod. A pod whose
@@ -442,7 +543,7 @@ fn sync_once(
             .map(|d| crate::cgroups::subtree_ids(d))
             .unwrap_or_default()
         {
-            want.maps.cgroups.insert(
+            maps.cgroups.insert(
                 id,
                 CgroupIdentity {
                     workload_id: w.id,
@@ -451,6 +552,22 @@ fn sync_once(
             );
         }
     }
+}
+
+fn sync_once(
+    dp: &mut Datapath,
+    node: &NodeState,
+    config: &AgentConfig,
+) -> Result<(), ebpf::EbpfError> {
+    let tunnel = config.identity.is_some() && config.engine_addr.is_some();
+    let local_net = node.local_pod_cidr().filter(|_| tunnel);
+    let mut want = Desired {
+        fast_path: node.fast_path,
+        engine: config.engine_addr,
+        local_net,
+        ..Desired::default()
+    };
+    identities(&mut want.maps, node, config, tunnel, local_net);
     for s in &node.services {
         let key = ServiceKey {
             vip_be: u32::from(s.vip).to_be(),

@@ -48,6 +48,19 @@ pub struct AgentConfig {
     /// OTLP/HTTP collector (`http://host:4318`): the engine sends one span per request.
     #[serde(with = "opt_uri")]
     pub otlp_endpoint: Option<hyper::Uri>,
+    /// Workload identity and the node-to-node tunnel; off without a CA.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// The agent's CA, trust bundle and tunnel listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentityConfig {
+    pub ca: crate::identity::CaFiles,
+    /// PEM roots, re-read on change; default: the root of the CA's chain.
+    pub trust_bundle: Option<PathBuf>,
+    #[serde(with = "millis")]
+    pub svid_ttl: Duration,
+    pub tunnel_listen: std::net::SocketAddrV4,
 }
 
 /// How the agent reaches the API server.

@@ -101,6 +101,8 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
         reason::INBOUND => "inbound from outside the mesh".into(),
         reason::L7_SERVICE => "destination service has L7 policy: sent to the L7 engine".into(),
         reason::ENGINE => "L7 engine to a backend".into(),
+        reason::TUNNEL => "to another node's pod, through the mTLS tunnel".into(),
+        reason::TUNNEL_DOWN => "STRICT pod on another node, tunnel down: refused".into(),
         other => format!("reason {other}"),
     }
 }

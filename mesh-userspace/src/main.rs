@@ -39,67 +39,13 @@ impl NodeArgs {
 }
 
 #[derive(Subcommand)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "parsed once at startup; boxing would only obscure the flags"
-)]
 enum Command {
     /// Run the node agent: load or adopt the datapath, sync it with the objects, serve the admin API.
-    Agent {
-        #[command(flatten)]
-        node: NodeArgs,
-        /// The node's cgroup v2 directory (programs attach here; pods are its children).
-        #[arg(long)]
-        cgroup: PathBuf,
-        /// Per-node bpffs directory for pins; default /sys/fs/bpf/weft/<node>.
-        #[arg(long)]
-        bpffs_dir: Option<PathBuf>,
-        /// YAML objects: a file or a directory.
-        #[arg(long, conflicts_with = "kube")]
-        objects: Option<PathBuf>,
-        /// Where pod cgroups are below --cgroup: `weft` (`<namespace>_<pod>`, local mode) or
-        /// `kubelet` (found by pod UID; containers below the pod cgroup count as the pod).
-        #[arg(long, value_enum, default_value_t = weft::cgroups::PodCgroups::Weft)]
-        pod_cgroups: weft::cgroups::PodCgroups,
-        /// Kubernetes mode: watch the API server for pods, services, routes and Weft's kinds
-        /// instead of reading YAML files.
-        #[arg(long)]
-        kube: bool,
-        /// The kubeconfig for `--kube`; default: in-cluster, then $KUBECONFIG or ~/.kube/config.
-        #[arg(long, requires = "kube")]
-        kubeconfig: Option<PathBuf>,
-        /// Also serve /metrics (and the rest) on this TCP address.
-        #[arg(long)]
-        metrics_addr: Option<SocketAddr>,
-        /// Name prefix of the host-side pod veths that get TC counters.
-        #[arg(long, default_value = "vh")]
-        pod_interface_prefix: String,
-        /// How often the objects are re-read, the maps reconciled and the engine heartbeat
-        /// written.
-        #[arg(long, default_value_t = 250)]
-        sync_interval_ms: u64,
-        /// How often the kernel's flow table and counters are read (a walk over each map's
-        /// capacity, so less often than the sync).
-        #[arg(long, default_value_t = 1000)]
-        stats_interval_ms: u64,
-        /// Override the fast-path socket map capacity.
-        #[arg(long)]
-        sockhash_capacity: Option<u32>,
-        #[arg(long, default_value_t = 1000)]
-        recent_flows: usize,
-        /// Run the L7 engine on this node address (e.g. the node's bridge IP and port 15001).
-        #[arg(long)]
-        engine_addr: Option<SocketAddrV4>,
-        /// Attach `sock_ops` to this cgroup too (the agent's own), so the engine's legs to local
-        /// pods use the fast path. Only give a cgroup this deployment owns.
-        #[arg(long)]
-        engine_sockops_cgroup: Option<PathBuf>,
-        /// Send one span per L7 request to this OTLP/HTTP collector (e.g. <http://10.0.0.5:4318>).
-        #[arg(long)]
-        otlp_endpoint: Option<hyper::Uri>,
-        /// Remove every program, link, map and pin of this node, then exit.
-        #[arg(long)]
-        uninstall: bool,
+    Agent(Box<AgentArgs>),
+    /// The built-in CA's files.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Show the node's flows: verdict, bytes each way, fast path or not, and why.
     Flows {
@@ -157,6 +103,218 @@ enum Command {
         #[arg(long)]
         bpffs_dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line switches"
+)]
+struct AgentArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// The node's cgroup v2 directory (programs attach here; pods are its children).
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// Per-node bpffs directory for pins; default /sys/fs/bpf/weft/<node>.
+    #[arg(long)]
+    bpffs_dir: Option<PathBuf>,
+    /// YAML objects: a file or a directory.
+    #[arg(long, conflicts_with = "kube")]
+    objects: Option<PathBuf>,
+    /// Where pod cgroups are below --cgroup: `weft` (`<namespace>_<pod>`, local mode) or
+    /// `kubelet` (found by pod UID; containers below the pod cgroup count as the pod).
+    #[arg(long, value_enum, default_value_t = weft::cgroups::PodCgroups::Weft)]
+    pod_cgroups: weft::cgroups::PodCgroups,
+    /// Kubernetes mode: watch the API server for pods, services, routes and Weft's kinds
+    /// instead of reading YAML files.
+    #[arg(long)]
+    kube: bool,
+    /// The kubeconfig for `--kube`; default: in-cluster, then $KUBECONFIG or ~/.kube/config.
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    /// Also serve /metrics (and the rest) on this TCP address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Name prefix of the host-side pod veths that get TC counters.
+    #[arg(long, default_value = "vh")]
+    pod_interface_prefix: String,
+    /// How often the objects are re-read, the maps reconciled and the engine heartbeat
+    /// written.
+    #[arg(long, default_value_t = 250)]
+    sync_interval_ms: u64,
+    /// How often the kernel's flow table and counters are read (a walk over each map's
+    /// capacity, so less often than the sync).
+    #[arg(long, default_value_t = 1000)]
+    stats_interval_ms: u64,
+    /// Override the fast-path socket map capacity.
+    #[arg(long)]
+    sockhash_capacity: Option<u32>,
+    #[arg(long, default_value_t = 1000)]
+    recent_flows: usize,
+    /// Run the L7 engine on this node address (e.g. the node's bridge IP and port 15001).
+    #[arg(long)]
+    engine_addr: Option<SocketAddrV4>,
+    /// Attach `sock_ops` to this cgroup too (the agent's own), so the engine's legs to local
+    /// pods use the fast path. Only give a cgroup this deployment owns.
+    #[arg(long)]
+    engine_sockops_cgroup: Option<PathBuf>,
+    /// Send one span per L7 request to this OTLP/HTTP collector (e.g. <http://10.0.0.5:4318>).
+    #[arg(long)]
+    otlp_endpoint: Option<hyper::Uri>,
+    /// The CA that signs this node's workload certificates (PEM: the CA certificate, then
+    /// its chain when it is an intermediate). With it the agent runs the mTLS tunnel.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// PEM roots peers are verified against, re-read when the file changes (root rotation:
+    /// publish old and new roots together); default: the root of --ca-cert's chain.
+    #[arg(long, requires = "ca_cert")]
+    trust_bundle: Option<PathBuf>,
+    /// Lifetime of workload certificates; they are replaced at half of it.
+    #[arg(long, default_value_t = 3600)]
+    svid_ttl_secs: u64,
+    /// Where the tunnel listens (every node uses the same port).
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    tunnel_listen: SocketAddrV4,
+    /// Remove every program, link, map and pin of this node, then exit.
+    #[arg(long)]
+    uninstall: bool,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root CA (`ca.crt`, `ca.key`) in a directory.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, default_value_t = 3650)]
+        valid_days: u64,
+    },
+    /// Create an intermediate CA signed by an existing (e.g. your organisation's) CA: `ca.crt`
+    /// (the intermediate, then its chain) and `ca.key` in `--dir`.
+    Intermediate {
+        #[arg(long)]
+        root_cert: PathBuf,
+        #[arg(long)]
+        root_key: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+    },
+}
+
+fn ca_command(command: CaCommand) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    use weft::identity::{Ca, CaFiles, TrustDomain};
+    let write = |dir: &std::path::Path, cert: &str, key: &str| -> anyhow::Result<()> {
+        let files = CaFiles::in_dir(dir);
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        anyhow::ensure!(
+            !files.key.exists(),
+            "{} exists; not overwriting a CA key",
+            files.key.display()
+        );
+        std::fs::write(&files.cert, cert)?;
+        let mut key_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&files.key)
+            .with_context(|| format!("creating {}", files.key.display()))?;
+        std::io::Write::write_all(&mut key_file, key.as_bytes())?;
+        println!("wrote {} and {}", files.cert.display(), files.key.display());
+        Ok(())
+    };
+    let days = |d: u64| Duration::from_secs(d.saturating_mul(86_400));
+    match command {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            valid_days,
+        } => {
+            let td = TrustDomain::new(&trust_domain)?;
+            let (cert, key) = Ca::generate_root(&td, days(valid_days))?;
+            write(&dir, &cert, &key)
+        }
+        CaCommand::Intermediate {
+            root_cert,
+            root_key,
+            dir,
+            trust_domain,
+            valid_days,
+        } => {
+            let td = TrustDomain::new(&trust_domain)?;
+            let root = Ca::load(&CaFiles {
+                cert: root_cert,
+                key: root_key,
+            })?;
+            let (cert, key) = root.issue_intermediate(&td, days(valid_days))?;
+            write(&dir, &cert, &key)
+        }
+    }
+}
+
+/// The agent's configuration from its flags.
+fn agent_config(args: AgentArgs) -> AgentConfig {
+    let AgentArgs {
+        node,
+        cgroup,
+        bpffs_dir,
+        objects,
+        kube,
+        kubeconfig,
+        pod_cgroups,
+        metrics_addr,
+        pod_interface_prefix,
+        sync_interval_ms,
+        stats_interval_ms,
+        sockhash_capacity,
+        recent_flows,
+        engine_addr,
+        engine_sockops_cgroup,
+        otlp_endpoint,
+        ca_cert,
+        ca_key,
+        trust_bundle,
+        svid_ttl_secs,
+        tunnel_listen,
+        uninstall: _,
+    } = args;
+    AgentConfig {
+        admin_socket: node.socket(),
+        bpffs_dir: bpffs_dir.unwrap_or_else(|| bpffs_default(&node.node)),
+        node_name: node.node,
+        cgroup_path: cgroup,
+        objects_path: objects.unwrap_or_else(|| PathBuf::from("/etc/weft/objects")),
+        kube: kube.then_some(weft::config::KubeMode { kubeconfig }),
+        pod_cgroups,
+        metrics_addr,
+        pod_interface_prefix,
+        sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
+        stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
+        sockhash_capacity,
+        recent_flows,
+        engine_addr,
+        engine_sockops_cgroup,
+        otlp_endpoint,
+        identity: ca_cert
+            .zip(ca_key)
+            .map(|(cert, key)| weft::config::IdentityConfig {
+                ca: weft::identity::CaFiles { cert, key },
+                trust_bundle,
+                svid_ttl: Duration::from_secs(svid_ttl_secs.max(2)),
+                tunnel_listen,
+            }),
+    }
 }
 
 /// The host name and process id: unique among replicas outside a cluster.
@@ -241,43 +399,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Agent {
-            node,
-            cgroup,
-            bpffs_dir,
-            objects,
-            kube,
-            kubeconfig,
-            pod_cgroups,
-            metrics_addr,
-            pod_interface_prefix,
-            sync_interval_ms,
-            stats_interval_ms,
-            sockhash_capacity,
-            recent_flows,
-            engine_addr,
-            engine_sockops_cgroup,
-            otlp_endpoint,
-            uninstall,
-        } => {
-            let config = AgentConfig {
-                admin_socket: node.socket(),
-                bpffs_dir: bpffs_dir.unwrap_or_else(|| bpffs_default(&node.node)),
-                node_name: node.node,
-                cgroup_path: cgroup,
-                objects_path: objects.unwrap_or_else(|| PathBuf::from("/etc/weft/objects")),
-                kube: kube.then_some(weft::config::KubeMode { kubeconfig }),
-                pod_cgroups,
-                metrics_addr,
-                pod_interface_prefix,
-                sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
-                stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
-                sockhash_capacity,
-                recent_flows,
-                engine_addr,
-                engine_sockops_cgroup,
-                otlp_endpoint,
-            };
+        Command::Agent(args) => {
+            let uninstall = args.uninstall;
+            let config = agent_config(*args);
             if uninstall {
                 app::uninstall(&config).context("uninstall")?;
             } else {
@@ -298,6 +422,7 @@ fn main() -> anyhow::Result<()> {
             cli::flows(&node.socket(), json, &filter)?;
         }
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
+        Command::Ca { command } => ca_command(command)?,
         Command::Crds {
             out_dir,
             gateway_api,

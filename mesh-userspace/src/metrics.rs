@@ -89,6 +89,8 @@ const EVENTS: [(usize, &str); global_counter::COUNT] = [
     (global_counter::NO_BACKEND, "service_without_backend"),
     (global_counter::L7_REDIRECT, "l7_redirect"),
     (global_counter::L7_ENGINE_DOWN, "l7_engine_down"),
+    (global_counter::TUNNEL_REDIRECT, "tunnel_redirect"),
+    (global_counter::STRICT_INBOUND_DROP, "strict_inbound_drop"),
 ];
 
 fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(

@@ -12,9 +12,15 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_common::{PolicyKey, PolicyValue, verdict};
 use serde::Serialize;
 
-use crate::control::{
-    ObjectSet,
-    objects::{Action, AuthorizationPolicy, INJECT_ANNOTATION, Source, selector_matches},
+use crate::{
+    control::{
+        ObjectSet,
+        objects::{
+            Action, AuthorizationPolicy, INJECT_ANNOTATION, MTLS_MODE_KEY, MtlsMode, Source,
+            selector_matches,
+        },
+    },
+    identity::{SpiffeId, TrustDomain},
 };
 
 /// A pod of the mesh. `id` is stable across agent restarts (derived from namespace/name), so
@@ -36,6 +42,10 @@ pub struct Workload {
     pub cgroup: Option<PathBuf>,
     /// The pod's UID, which names its cgroup in kubelet's layouts.
     pub uid: Option<String>,
+    /// How it accepts connections from other nodes.
+    pub mtls: MtlsMode,
+    /// Its SPIFFE ID (from its service account).
+    pub identity: SpiffeId,
 }
 
 impl Workload {
@@ -43,6 +53,15 @@ impl Workload {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// What the agent knows of a node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    /// Its `InternalIP`: where its agent's tunnel listens.
+    pub address: Option<Ipv4Addr>,
+    /// Its pod network, `spec.podCIDR` (IPv4): (network, prefix length).
+    pub pod_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -91,6 +110,9 @@ pub struct RuleInfo {
 pub struct NodeState {
     pub node: String,
     pub fast_path: bool,
+    pub trust_domain: TrustDomain,
+    /// Nodes by name (from Node objects).
+    pub nodes: BTreeMap<String, NodeInfo>,
     pub workloads: Vec<Workload>,
     pub services: Vec<ServicePort>,
     pub l7: Vec<L7Service>,
@@ -110,6 +132,19 @@ impl NodeState {
     #[must_use]
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.ip == ip)
+    }
+
+    /// This node's pod network, when its Node object says.
+    #[must_use]
+    pub fn local_pod_cidr(&self) -> Option<(Ipv4Addr, u8)> {
+        self.nodes.get(&self.node).and_then(|n| n.pod_cidr)
+    }
+
+    /// Where the agent of `node` listens for tunnels (its address, `port`).
+    #[must_use]
+    pub fn tunnel_addr(&self, node: &str, port: u16) -> Option<std::net::SocketAddrV4> {
+        let address = self.nodes.get(node)?.address?;
+        Some(std::net::SocketAddrV4::new(address, port))
     }
 
     #[must_use]
@@ -147,22 +182,8 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     };
     let mut problems = Vec::new();
 
-    // Mesh config: the object named "default" (or the only one).
-    match objects.mesh_configs.as_slice() {
-        [] => {}
-        [one] => state.fast_path = one.spec.fast_path,
-        many => {
-            let chosen = many
-                .iter()
-                .find(|c| c.metadata.name.as_deref() == Some("default"));
-            match chosen {
-                Some(c) => state.fast_path = c.spec.fast_path,
-                None => problems.push(
-                    "several MeshConfig objects and none named \"default\": using defaults".into(),
-                ),
-            }
-        }
-    }
+    let mtls_default = mesh_settings(objects, &mut state, &mut problems);
+    state.nodes = nodes(objects, &mut problems);
 
     let opted_out_ns: BTreeSet<&str> = objects
         .namespaces
@@ -178,6 +199,25 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
         .filter_map(|n| n.metadata.name.as_deref())
         .collect();
 
+    let mut ns_mtls = BTreeMap::new();
+    for n in &objects.namespaces {
+        let (Some(name), Some(mode)) = (
+            n.metadata.name.as_deref(),
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MTLS_MODE_KEY)),
+        ) else {
+            continue;
+        };
+        match mode.parse::<MtlsMode>() {
+            Ok(m) => {
+                ns_mtls.insert(name.to_owned(), m);
+            }
+            Err(e) => problems.push(format!("namespace {name}: label {MTLS_MODE_KEY}: {e}")),
+        }
+    }
+
     // Workloads, sorted so that id collision resolution is deterministic.
     let mut pods: Vec<&Pod> = objects.pods.iter().collect();
     pods.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
@@ -185,7 +225,22 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     let mut seen_ips = BTreeMap::new();
     for pod in pods {
         match workload_of(pod, node, node_cgroup, &opted_out_ns, &mut taken) {
-            Ok(w) => {
+            Ok(mut w) => {
+                w.identity =
+                    SpiffeId::workload(&state.trust_domain, &w.namespace, &w.service_account);
+                w.mtls = ns_mtls.get(&w.namespace).copied().unwrap_or(mtls_default);
+                if let Some(mode) = pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(MTLS_MODE_KEY))
+                {
+                    match mode.parse() {
+                        Ok(m) => w.mtls = m,
+                        Err(e) => problems
+                            .push(format!("pod {}: annotation {MTLS_MODE_KEY}: {e}", w.key())),
+                    }
+                }
                 if let Some(other) = seen_ips.insert(w.ip, w.key()) {
                     problems.push(format!(
                         "pod {} has the same IP {} as {other}: ignored",
@@ -216,6 +271,43 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     state.rules = rules;
     state.problems = problems;
     state
+}
+
+/// Applies the mesh configuration (the object named "default", or the only one) to `state`;
+/// returns the mesh-wide mTLS mode.
+fn mesh_settings(
+    objects: &ObjectSet,
+    state: &mut NodeState,
+    problems: &mut Vec<String>,
+) -> MtlsMode {
+    // Mesh config: the object named "default" (or the only one).
+    let mesh = match objects.mesh_configs.as_slice() {
+        [] => None,
+        [one] => Some(&one.spec),
+        many => {
+            let chosen = many
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some("default"));
+            if chosen.is_none() {
+                problems.push(
+                    "several MeshConfig objects and none named \"default\": using defaults".into(),
+                );
+            }
+            chosen.map(|c| &c.spec)
+        }
+    };
+    let mut mtls_default = MtlsMode::default();
+    if let Some(spec) = mesh {
+        state.fast_path = spec.fast_path;
+        mtls_default = spec.mtls_mode.unwrap_or_default();
+        if let Some(td) = &spec.trust_domain {
+            match TrustDomain::new(td) {
+                Ok(td) => state.trust_domain = td,
+                Err(e) => problems.push(format!("MeshConfig: {e}; using cluster.local")),
+            }
+        }
+    }
+    mtls_default
 }
 
 fn workload_of(
@@ -272,12 +364,52 @@ fn workload_of(
             .clone()
             .unwrap_or_else(|| "default".into()),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
+        mtls: MtlsMode::default(),
+        identity: SpiffeId::workload(&TrustDomain::default(), &namespace, "default"),
         namespace,
         name,
         ip,
         node: pod_node,
         local,
     })
+}
+
+/// Nodes by name: `InternalIP` and IPv4 `spec.podCIDR`.
+fn nodes(objects: &ObjectSet, problems: &mut Vec<String>) -> BTreeMap<String, NodeInfo> {
+    let mut out = BTreeMap::new();
+    for n in &objects.nodes {
+        let Some(name) = n.metadata.name.clone() else {
+            continue;
+        };
+        let address = n
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+            .and_then(|a| a.address.parse().ok());
+        let pod_cidr = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(|c| {
+                let parsed = parse_cidr(c);
+                if parsed.is_none() {
+                    problems.push(format!(
+                        "node {name}: spec.podCIDR {c:?} is not an IPv4 CIDR; STRICT inbound is \
+                         not enforced on it"
+                    ));
+                }
+                parsed
+            });
+        out.insert(name, NodeInfo { address, pod_cidr });
+    }
+    out
+}
+
+fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = text.split_once('/')?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    Some((ip.parse().ok()?, len))
 }
 
 /// Whether a pod is a Service endpoint, as Kubernetes' endpoints controller decides: not while
@@ -885,6 +1017,8 @@ spec:
             local: true,
             cgroup: None,
             uid: None,
+            mtls: MtlsMode::Strict,
+            identity: SpiffeId::workload(&TrustDomain::default(), ns, sa),
         };
         vec![
             w(1, "a", "p1", "x", "s1"),

@@ -226,6 +226,35 @@ impl Agent {
     }
 }
 
+/// Agent flags giving it the run's CA (made with `weft ca init` on first use, in the run's
+/// state directory), so that it holds workload identities and runs the mTLS tunnel.
+pub fn identity_args(node: &Node) -> Result<Vec<String>> {
+    let dir = node
+        .run_dir()
+        .parent()
+        .context("a node run dir has a parent")?
+        .join("ca");
+    if !dir.join("ca.key").exists() {
+        let done = std::process::Command::new(weft_bin())
+            .args(["ca", "init", "--dir"])
+            .arg(&dir)
+            .output()
+            .context("running weft ca init")?;
+        if !done.status.success() {
+            bail!(
+                "weft ca init failed: {}",
+                String::from_utf8_lossy(&done.stderr)
+            );
+        }
+    }
+    Ok(vec![
+        "--ca-cert".into(),
+        dir.join("ca.crt").display().to_string(),
+        "--ca-key".into(),
+        dir.join("ca.key").display().to_string(),
+    ])
+}
+
 /// Sum of the samples of a Prometheus text metric, filtered by labels.
 #[must_use]
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

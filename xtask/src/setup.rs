@@ -20,6 +20,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "curl",
     "procps",
+    // Captures on the testbed's inter-node link (the mTLS tests).
+    "tcpdump",
     // `cargo xtask bench l7`: the reverse proxies Weft's L7 engine is compared with (Debian 12
     // ships nginx 1.22 and haproxy 2.6; `nginx-light` is only a metapackage over `nginx` there),
     // and the saturation load generator.

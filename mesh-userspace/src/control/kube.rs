@@ -19,7 +19,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::{
     Api, Client, Resource,
     api::ApiResource,
@@ -192,6 +192,7 @@ where
 
 struct Kinds {
     namespaces: Kind<Namespace>,
+    nodes: Kind<Node>,
     pods: Kind<Pod>,
     services: Kind<Service>,
     authorization_policies: Kind<AuthorizationPolicy>,
@@ -205,6 +206,7 @@ impl Kinds {
     async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
         Self {
             namespaces: Kind::start(client, changed).await,
+            nodes: Kind::start(client, changed).await,
             pods: Kind::start(client, changed).await,
             services: Kind::start(client, changed).await,
             authorization_policies: Kind::start(client, changed).await,
@@ -217,6 +219,7 @@ impl Kinds {
 
     async fn ready(&self) {
         self.namespaces.ready().await;
+        self.nodes.ready().await;
         self.pods.ready().await;
         self.services.ready().await;
         self.authorization_policies.ready().await;
@@ -230,6 +233,7 @@ impl Kinds {
     fn snapshot(&self) -> ObjectSet {
         let Self {
             namespaces,
+            nodes,
             pods,
             services,
             authorization_policies,
@@ -240,6 +244,7 @@ impl Kinds {
         } = self;
         ObjectSet {
             namespaces: namespaces.objects(),
+            nodes: nodes.objects(),
             pods: pods.objects(),
             services: services.objects(),
             authorization_policies: authorization_policies.objects(),

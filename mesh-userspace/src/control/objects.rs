@@ -35,13 +35,55 @@ pub struct MeshConfigSpec {
     /// Socket-level fast path for same-node meshed connections (default on).
     #[serde(default = "yes")]
     pub fast_path: bool,
+    /// SPIFFE trust domain of workload identities (default `cluster.local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9._-]{1,255}$"))]
+    pub trust_domain: Option<String>,
+    /// Mesh-wide mTLS mode of meshed pods (default STRICT). A namespace label or pod annotation
+    /// `weft.dev/mtls-mode` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls_mode: Option<MtlsMode>,
 }
 
 impl Default for MeshConfigSpec {
     fn default() -> Self {
-        Self { fast_path: true }
+        Self {
+            fast_path: true,
+            trust_domain: None,
+            mtls_mode: None,
+        }
     }
 }
+
+/// How a meshed pod accepts connections from outside its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Only through the mutual-TLS tunnel: plaintext from other nodes is refused.
+    #[default]
+    Strict,
+    /// Tunnel or plaintext.
+    Permissive,
+    /// No tunnel: meshed clients connect in plaintext.
+    Disable,
+}
+
+impl std::str::FromStr for MtlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "STRICT" => Ok(Self::Strict),
+            "PERMISSIVE" => Ok(Self::Permissive),
+            "DISABLE" => Ok(Self::Disable),
+            other => Err(format!(
+                "mTLS mode {other:?} is not STRICT, PERMISSIVE or DISABLE"
+            )),
+        }
+    }
+}
+
+/// Namespace label or pod annotation choosing the mTLS mode (`STRICT`, `PERMISSIVE`, `DISABLE`).
+pub const MTLS_MODE_KEY: &str = "weft.dev/mtls-mode";
 
 const fn yes() -> bool {
     true
@@ -138,6 +180,9 @@ pub struct Operation {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ObjectSet {
     pub namespaces: Vec<Namespace>,
+    /// Nodes: their `InternalIP` is where their agent's tunnel listens, `spec.podCIDR` their
+    /// pod network.
+    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
@@ -164,6 +209,7 @@ impl ObjectSet {
     pub fn merge(&mut self, other: Self) {
         let Self {
             namespaces,
+            nodes,
             pods,
             services,
             authorization_policies,
@@ -174,6 +220,7 @@ impl ObjectSet {
             errors,
         } = other;
         self.namespaces.extend(namespaces);
+        self.nodes.extend(nodes);
         self.pods.extend(pods);
         self.services.extend(services);
         self.authorization_policies.extend(authorization_policies);
@@ -228,6 +275,9 @@ impl ObjectSet {
                 self.namespaces
                     .push(serde_yaml::from_value(value).map_err(typed)?);
             }
+            ("v1", "Node") => self
+                .nodes
+                .push(serde_yaml::from_value(value).map_err(typed)?),
             ("v1", "List") => {
                 let items = value
                     .get("items")
@@ -271,7 +321,7 @@ impl ObjectSet {
             }
             (v, k) => {
                 return Err(format!(
-                    "unsupported kind {k} ({v}); expected v1 Pod/Service/Namespace, \
+                    "unsupported kind {k} ({v}); expected v1 Pod/Service/Namespace/Node, \
                      {GATEWAY_API_VERSION} HTTPRoute/GRPCRoute or \
                      {WEFT_API_VERSION} AuthorizationPolicy/MeshConfig/TrafficPolicy"
                 ));

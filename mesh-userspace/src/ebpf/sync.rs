@@ -20,6 +20,8 @@ pub struct Desired {
     pub fast_path: bool,
     /// The L7 engine's listener, when it runs.
     pub engine: Option<std::net::SocketAddrV4>,
+    /// This node's pod network (network, prefix length), for the STRICT inbound gate.
+    pub local_net: Option<(std::net::Ipv4Addr, u8)>,
 }
 
 /// The contents of the agent-owned hash maps: what the agent wants, and (as the datapath's
@@ -153,6 +155,12 @@ impl Datapath {
             _pad0: 0,
             engine_port_be: want.engine.map_or(0, |a| a.port().to_be()),
             engine_ip_be: want.engine.map_or(0, |a| u32::from(*a.ip()).to_be()),
+            local_net_be: want
+                .local_net
+                .map_or(0, |(net, len)| (u32::from(net) & prefix_mask(len)).to_be()),
+            local_mask_be: want
+                .local_net
+                .map_or(0, |(_, len)| prefix_mask(len).to_be()),
             // Every reconcile pass is a heartbeat: the kernel redirects to the engine only
             // while this is recent.
             engine_seen_ns: if want.engine.is_some() {
@@ -269,4 +277,11 @@ fn monotonic_ns() -> u64 {
         u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
             + u64::try_from(t.tv_nsec()).unwrap_or(0)
     })
+}
+
+/// The netmask of a prefix length, in host order.
+fn prefix_mask(len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0)
 }

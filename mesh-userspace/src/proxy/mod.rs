@@ -16,6 +16,7 @@ pub mod ratelimit;
 pub mod route;
 pub mod snapshot;
 pub mod trace;
+pub mod tunnel;
 
 use std::{
     collections::BTreeMap,
@@ -78,6 +79,8 @@ pub struct Engine {
     orig: Box<dyn OrigDst>,
     /// OTLP span export, when an endpoint is configured (set once the runtime runs).
     pub tracer: Option<trace::Exporter>,
+    /// The node-to-node tunnel, when the agent has an identity (a CA).
+    pub tunnel: Option<Arc<tunnel::Tunnel>>,
 }
 
 impl Engine {
@@ -94,6 +97,7 @@ impl Engine {
             connections: Connections::default(),
             orig,
             tracer: None,
+            tunnel: None,
         }
     }
 
@@ -144,11 +148,33 @@ impl Engine {
         let target = snapshot.targets.get(&redirected.orig_dst).cloned();
 
         let id = self.connections.open(client, redirected.orig_dst, &src);
+        if target.is_none()
+            && let Some(peer) = snapshot.mesh.remote(*redirected.orig_dst.ip())
+        {
+            // Plain L4 to a pod of another node: straight into the tunnel, nothing parsed.
+            self.connections.set_protocol(id, &Protocol::Opaque);
+            let mut stream = stream;
+            if !self
+                .tunnel_to(
+                    &snapshot,
+                    redirected.src_workload,
+                    peer,
+                    redirected.orig_dst,
+                    &mut stream,
+                )
+                .await
+            {
+                let _ = stream.set_zero_linger();
+            }
+            self.connections.close(id);
+            return;
+        }
         let ctx = Arc::new(ConnCtx {
             engine: self.clone(),
             client,
             orig_dst: redirected.orig_dst,
             src,
+            src_workload: redirected.src_workload,
             id,
             obs: Mutex::new(Vec::new()),
         });
@@ -184,6 +210,39 @@ impl Engine {
             }
         }
         self.connections.close(id);
+    }
+}
+
+impl Engine {
+    /// Carries `client` to `target` (a pod of `peer`'s node) through the tunnel, as the source
+    /// workload `src`. False when no stream could be opened (the caller resets the client).
+    async fn tunnel_to(
+        &self,
+        snapshot: &Snapshot,
+        src: u32,
+        peer: &snapshot::MeshPeer,
+        target: SocketAddrV4,
+        client: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    ) -> bool {
+        let (Some(tunnel), Some(source)) = (&self.tunnel, snapshot.mesh.by_id(src)) else {
+            self.metrics.error("no_tunnel");
+            tracing::warn!(%target, "no tunnel for a connection to another node; reset");
+            return false;
+        };
+        match tunnel::outbound(tunnel, client, source, peer, target).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics.error("tunnel");
+                tracing::warn!(
+                    target: "weft::tunnel",
+                    source = %source.key,
+                    destination = %peer.key,
+                    error = %e,
+                    "tunnel stream failed; connection reset"
+                );
+                false
+            }
+        }
     }
 }
 
@@ -239,6 +298,20 @@ async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
         return;
     };
     let started = tokio::time::Instant::now();
+    if let SocketAddr::V4(addr) = pick.addr()
+        && let Some(peer) = snapshot.mesh.remote(*addr.ip())
+    {
+        let src = ctx.src_workload;
+        let ok = ctx
+            .engine
+            .tunnel_to(&snapshot, src, peer, addr, &mut client)
+            .await;
+        pick.record(started.elapsed(), ok);
+        if !ok {
+            let _ = client.get_ref().set_zero_linger();
+        }
+        return;
+    }
     if let Ok(Ok(mut upstream)) =
         tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(pick.addr())).await
     {
@@ -261,6 +334,8 @@ pub struct ConnCtx {
     pub orig_dst: SocketAddrV4,
     /// Source workload (namespace, name).
     pub src: (String, String),
+    /// Source workload id (the kernel's).
+    pub src_workload: u32,
     id: u64,
     /// Metric handles per route used on this connection (keyed by target and rule identity;
     /// the `Arc<Target>` keeps the key's addresses valid).

@@ -2,7 +2,7 @@
 //! parts (endpoint latency, ejections, budgets, token buckets) survive a rebuild when the
 //! service's own configuration and endpoints did not change.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
 };
@@ -16,7 +16,10 @@ use super::{
     ratelimit::TokenBucket,
     route::{self, BackendTarget, RouteTable, ServiceRef},
 };
+use mesh_common::{PolicyKey, PolicyValue};
+
 use crate::{
+    identity::SpiffeId,
     policy::{HashOn, TrafficPolicySpec},
     state::{L7Service, NodeState},
 };
@@ -99,7 +102,102 @@ pub struct Snapshot {
     pub plain: HashMap<SocketAddrV4, Arc<Pool>>,
     /// Workload id → (namespace, name), for metric labels.
     pub workloads: HashMap<u32, (String, String)>,
+    /// Meshed pods and the authorization matrix, for the tunnel.
+    pub mesh: MeshView,
+    pub trust_domain: crate::identity::TrustDomain,
     pub problems: Vec<String>,
+}
+
+/// A meshed pod as the tunnel sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshPeer {
+    pub workload: u32,
+    /// `namespace/name`.
+    pub key: String,
+    pub identity: SpiffeId,
+    /// On this node.
+    pub local: bool,
+    /// The address of its node (where that node's tunnel listens), for remote pods.
+    pub node_addr: Option<Ipv4Addr>,
+}
+
+/// Meshed pods by address, id and name, and the policy matrix the kernel also has.
+#[derive(Debug, Default)]
+pub struct MeshView {
+    by_ip: HashMap<Ipv4Addr, MeshPeer>,
+    by_key: HashMap<String, Ipv4Addr>,
+    by_id: HashMap<u32, Ipv4Addr>,
+    policy: BTreeMap<PolicyKey, PolicyValue>,
+}
+
+impl MeshView {
+    fn build(node: &NodeState) -> Self {
+        let mut view = Self {
+            policy: node.policy.clone(),
+            ..Self::default()
+        };
+        for w in node.workloads.iter().filter(|w| w.meshed) {
+            let peer = MeshPeer {
+                workload: w.id,
+                key: w.key(),
+                identity: w.identity.clone(),
+                local: w.local,
+                node_addr: node.nodes.get(&w.node).and_then(|n| n.address),
+            };
+            view.by_key.insert(peer.key.clone(), w.ip);
+            view.by_id.insert(w.id, w.ip);
+            view.by_ip.insert(w.ip, peer);
+        }
+        view
+    }
+
+    /// A meshed pod of this node.
+    #[must_use]
+    pub fn local(&self, ip: Ipv4Addr) -> Option<&MeshPeer> {
+        self.by_ip.get(&ip).filter(|p| p.local)
+    }
+
+    /// The identities of this node's meshed pods (the SVIDs the agent must hold).
+    #[must_use]
+    pub fn local_identities(&self) -> std::collections::HashSet<SpiffeId> {
+        self.by_ip
+            .values()
+            .filter(|p| p.local)
+            .map(|p| p.identity.clone())
+            .collect()
+    }
+
+    /// A meshed pod of another node.
+    #[must_use]
+    pub fn remote(&self, ip: Ipv4Addr) -> Option<&MeshPeer> {
+        self.by_ip.get(&ip).filter(|p| !p.local)
+    }
+
+    #[must_use]
+    pub fn by_key(&self, key: &str) -> Option<&MeshPeer> {
+        self.by_ip.get(self.by_key.get(key)?)
+    }
+
+    #[must_use]
+    pub fn by_id(&self, id: u32) -> Option<&MeshPeer> {
+        self.by_ip.get(self.by_id.get(&id)?)
+    }
+
+    /// The kernel's decision for (source, destination, port), evaluated the same way: exact
+    /// port, then any port, then the mesh default (allow).
+    #[must_use]
+    pub fn allows(&self, src: u32, dst: u32, port: u16) -> bool {
+        let key = |port| PolicyKey {
+            src_workload: src,
+            dst_workload: dst,
+            dst_port_host: port,
+            _pad: 0,
+        };
+        self.policy
+            .get(&key(port))
+            .or_else(|| self.policy.get(&key(0)))
+            .is_none_or(|p| p.verdict != mesh_common::verdict::DENY)
+    }
 }
 
 impl Snapshot {
@@ -130,6 +228,8 @@ impl Snapshot {
                 .iter()
                 .map(|w| (w.id, (w.namespace.clone(), w.name.clone())))
                 .collect(),
+            mesh: MeshView::build(node),
+            trust_domain: node.trust_domain.clone(),
             ..Self::default()
         };
         for ((sref, port), (vip, eps)) in &endpoints {

@@ -1,0 +1,218 @@
+//! Workload identity: SPIFFE IDs, the built-in CA, and the X.509 SVIDs the agent holds for the
+//! workloads of its node (in memory only, rotated at half their lifetime).
+//!
+//! A workload's identity is its service account:
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`. The CA is a root (`weft ca
+//! init`) or an intermediate under a user's root (`weft ca intermediate`), loaded from PEM files;
+//! the trust bundle (the roots peers are checked against) is a PEM file of its own that may hold
+//! several roots, so a root can be rotated by publishing old and new side by side.
+mod ca;
+mod store;
+
+use std::fmt;
+
+use serde::Serialize;
+
+pub use self::{
+    ca::{Ca, CaFiles, Svid},
+    store::{Bundle, Identities},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)")]
+    NotSpiffe(String),
+    #[error("trust domain {0:?} is not valid: lowercase letters, digits, '.', '-' and '_' only")]
+    TrustDomain(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: no PEM {kind} found; expected a file written by `weft ca init`")]
+    NoPem { what: String, kind: &'static str },
+    #[error("{what}: {message}")]
+    Pem { what: String, message: String },
+    #[error("the CA could not sign: {0}")]
+    Sign(#[from] rcgen::Error),
+    #[error("certificate key: {0}")]
+    Key(rustls::Error),
+}
+
+/// A validated SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct SpiffeId(String);
+
+impl SpiffeId {
+    /// The identity of the pods running as `service_account` in `namespace`.
+    #[must_use]
+    pub fn workload(trust_domain: &TrustDomain, namespace: &str, service_account: &str) -> Self {
+        Self(format!(
+            "spiffe://{}/ns/{namespace}/sa/{service_account}",
+            trust_domain.0
+        ))
+    }
+
+    /// Parses `spiffe://<trust-domain>/<path>`.
+    ///
+    /// # Errors
+    /// When the scheme, the trust domain or the path is malformed.
+    pub fn parse(text: &str) -> Result<Self, IdentityError> {
+        let rest = text
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| IdentityError::NotSpiffe(text.to_owned()))?;
+        let (domain, path) = rest
+            .split_once('/')
+            .ok_or_else(|| IdentityError::NotSpiffe(text.to_owned()))?;
+        TrustDomain::new(domain)?;
+        let path_ok = !path.is_empty()
+            && path.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            });
+        if !path_ok {
+            return Err(IdentityError::NotSpiffe(text.to_owned()));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    #[must_use]
+    pub fn trust_domain(&self) -> &str {
+        self.0["spiffe://".len()..]
+            .split('/')
+            .next()
+            .unwrap_or_default()
+    }
+
+    /// `(namespace, service account)` of a workload identity (`/ns/<ns>/sa/<sa>`).
+    #[must_use]
+    pub fn namespace_and_account(&self) -> Option<(&str, &str)> {
+        let path = self.0["spiffe://".len()..].split_once('/')?.1;
+        let mut parts = path.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A SPIFFE trust domain (`cluster.local` unless the mesh configuration names another).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct TrustDomain(String);
+
+impl TrustDomain {
+    /// # Errors
+    /// When the name has characters a SPIFFE trust domain may not have.
+    pub fn new(name: &str) -> Result<Self, IdentityError> {
+        let ok = !name.is_empty()
+            && name.len() <= 255
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        if ok {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(IdentityError::TrustDomain(name.to_owned()))
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TrustDomain {
+    fn default() -> Self {
+        Self("cluster.local".to_owned())
+    }
+}
+
+/// The TLS server name a tunnel client asks for to reach the workload `id` of the serving node
+/// (`<service-account>.<namespace>.identity.weft`): SNI must be a DNS name, and the serving
+/// agent presents the certificate of that identity. `None` for a non-workload identity.
+#[must_use]
+pub fn server_name_for(id: &SpiffeId) -> Option<String> {
+    let (ns, sa) = id.namespace_and_account()?;
+    Some(format!("{sa}.{ns}.{SNI_SUFFIX}"))
+}
+
+/// The inverse of [`server_name_for`], in `trust_domain`.
+#[must_use]
+pub fn identity_for_server_name(trust_domain: &TrustDomain, sni: &str) -> Option<SpiffeId> {
+    let (sa, ns) = sni
+        .strip_suffix(SNI_SUFFIX)?
+        .strip_suffix('.')?
+        .rsplit_once('.')?;
+    let id = SpiffeId::workload(trust_domain, ns, sa);
+    SpiffeId::parse(id.as_str()).ok()
+}
+
+const SNI_SUFFIX: &str = "identity.weft";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let id = SpiffeId::workload(&td, "shop", "web");
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace_and_account(), Some(("shop", "web")));
+        assert_eq!(SpiffeId::parse(id.as_str()).unwrap(), id);
+        for bad in [
+            "http://cluster.local/ns/a/sa/b",
+            "spiffe://",
+            "spiffe://Cluster/ns/a",
+            "spiffe://td",
+            "spiffe://td/",
+            "spiffe://td/a//b",
+            "spiffe://td/a/../b",
+            "spiffe://td/a b",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            SpiffeId::parse("spiffe://td/other/path")
+                .unwrap()
+                .namespace_and_account(),
+            None
+        );
+    }
+
+    #[test]
+    fn server_names_round_trip() {
+        let td = TrustDomain::default();
+        let id = SpiffeId::workload(&td, "shop", "web-v1.x");
+        let sni = server_name_for(&id).unwrap();
+        assert_eq!(sni, "web-v1.x.shop.identity.weft");
+        assert_eq!(identity_for_server_name(&td, &sni), Some(id));
+        assert_eq!(identity_for_server_name(&td, "example.com"), None);
+        assert_eq!(identity_for_server_name(&td, "identity.weft"), None);
+    }
+}

@@ -1,0 +1,219 @@
+//! The SVIDs this agent holds for its node's workloads, and the trust bundle.
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use rustls::pki_types::{CertificateDer, TrustAnchor};
+
+use super::{Ca, IdentityError, SpiffeId, Svid, TrustDomain, ca::certs_from_pem};
+
+/// The roots peers' certificates must chain to.
+#[derive(Debug)]
+pub struct Bundle {
+    pub anchors: Vec<TrustAnchor<'static>>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Bumped on every change, so TLS configs built from it can be rebuilt.
+    pub generation: u64,
+}
+
+impl Bundle {
+    fn from_certs(
+        certs: &[CertificateDer<'static>],
+        generation: u64,
+    ) -> Result<Self, IdentityError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for cert in certs {
+            let anchor =
+                webpki::anchor_from_trusted_cert(cert).map_err(|e| IdentityError::Pem {
+                    what: "trust bundle".into(),
+                    message: e.to_string(),
+                })?;
+            anchors.push(anchor.to_owned());
+            roots.add(cert.clone()).map_err(IdentityError::Key)?;
+        }
+        Ok(Self {
+            anchors,
+            roots: Arc::new(roots),
+            generation,
+        })
+    }
+}
+
+/// Issues, caches and rotates the SVIDs of this node's workloads; keeps the trust bundle.
+pub struct Identities {
+    trust_domain: RwLock<TrustDomain>,
+    ca: Ca,
+    ttl: Duration,
+    svids: RwLock<HashMap<SpiffeId, Arc<Svid>>>,
+    bundle: RwLock<Arc<Bundle>>,
+    /// A PEM file of roots, re-read when it changes; else the CA's own root.
+    bundle_file: Option<PathBuf>,
+    bundle_stamp: RwLock<Option<(SystemTime, u64)>>,
+    /// SVIDs issued since start (first issues and rotations): `weft_identity_certificates_issued_total`.
+    issued: prometheus_client::metrics::counter::Counter,
+}
+
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identities")
+            .field("trust_domain", &self.trust_domain)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identities {
+    /// # Errors
+    /// When the bundle file cannot be read or parsed.
+    pub fn new(
+        trust_domain: TrustDomain,
+        ca: Ca,
+        ttl: Duration,
+        bundle_file: Option<PathBuf>,
+        issued: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Self, IdentityError> {
+        let bundle = Bundle::from_certs(&[ca.root().clone()], 0)?;
+        let this = Self {
+            trust_domain: RwLock::new(trust_domain),
+            ca,
+            ttl,
+            svids: RwLock::default(),
+            bundle: RwLock::new(Arc::new(bundle)),
+            bundle_file,
+            bundle_stamp: RwLock::default(),
+            issued,
+        };
+        this.reload_bundle()?;
+        Ok(this)
+    }
+
+    /// The trust domain of this mesh (from its `MeshConfig`).
+    #[must_use]
+    pub fn trust_domain(&self) -> TrustDomain {
+        self.trust_domain
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    #[must_use]
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the bundle file when its modification time or size changed. A file that
+    /// cannot be parsed keeps the previous bundle (and is reported).
+    ///
+    /// # Errors
+    /// When the file exists but is unreadable or holds no usable certificate.
+    pub fn reload_bundle(&self) -> Result<bool, IdentityError> {
+        let Some(path) = &self.bundle_file else {
+            return Ok(false);
+        };
+        let meta = std::fs::metadata(path).map_err(|source| IdentityError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        if *self
+            .bundle_stamp
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == Some(stamp)
+        {
+            return Ok(false);
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let certs = certs_from_pem("trust bundle", &text)?;
+        let generation = self.bundle().generation + 1;
+        let bundle = Bundle::from_certs(&certs, generation)?;
+        *self
+            .bundle
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(bundle);
+        *self
+            .bundle_stamp
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stamp);
+        Ok(true)
+    }
+
+    /// The current SVID of `id`, issued now when there is none or it is due.
+    ///
+    /// # Errors
+    /// When the CA cannot sign.
+    pub fn svid(&self, id: &SpiffeId) -> Result<Arc<Svid>, IdentityError> {
+        let now = SystemTime::now();
+        if let Some(svid) = self
+            .svids
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .filter(|s| s.renew_at() > now)
+        {
+            return Ok(svid.clone());
+        }
+        let fresh = Arc::new(self.ca.issue(id, self.ttl)?);
+        self.issued.inc();
+        tracing::info!(
+            target: "weft::identity",
+            identity = %id,
+            valid_for_s = self.ttl.as_secs(),
+            "issued a workload certificate"
+        );
+        self.svids
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone(), fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Keeps SVIDs for exactly `wanted` (the node's workloads): issues missing ones, replaces
+    /// those past half their life, forgets the rest. Open connections keep the certificate they
+    /// were established with; new handshakes use the new one.
+    pub fn refresh(&self, trust_domain: &TrustDomain, wanted: &HashSet<SpiffeId>) {
+        *self
+            .trust_domain
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = trust_domain.clone();
+        self.svids
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|id, _| wanted.contains(id));
+        for id in wanted {
+            if let Err(e) = self.svid(id) {
+                tracing::error!(identity = %id, error = %e, "cannot issue a workload certificate");
+            }
+        }
+        if let Err(e) = self.reload_bundle() {
+            tracing::warn!(error = %e, "trust bundle not reloaded; keeping the previous one");
+        }
+    }
+
+    /// The identities currently held, with their expiry (for `/status`).
+    #[must_use]
+    pub fn held(&self) -> Vec<(SpiffeId, SystemTime)> {
+        let mut v: Vec<_> = self
+            .svids
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|s| (s.id.clone(), s.not_after))
+            .collect();
+        v.sort();
+        v
+    }
+}

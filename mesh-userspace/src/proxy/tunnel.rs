@@ -1,0 +1,543 @@
+//! The node-to-node tunnel: mutual TLS 1.3 between agents, HTTP/2 CONNECT streams inside (one
+//! TLS connection per source identity, destination identity and node, many streams, as HBONE).
+//!
+//! Outbound, a meshed pod's connection to a meshed pod of another node reaches the engine (the
+//! kernel redirects it); the engine opens a CONNECT stream for `<pod ip>:<port>` with the source
+//! workload's SVID as client certificate, expecting the destination workload's identity from the
+//! server. Inbound, the receiving agent checks that the stream's claimed source workload
+//! (`weft-source`) has exactly the client certificate's SPIFFE ID, that the destination is one of
+//! its pods with the identity it presented, and the authorization policy; then it connects to
+//! the pod and copies bytes both ways. Plain L4: no HTTP is parsed inside the stream.
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, client::conn::http2::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::snapshot::{MeshPeer, Snapshot};
+use crate::{
+    identity::{self, Identities, SpiffeId},
+    tls,
+};
+
+/// The tunnel's port on every node (HBONE's).
+pub const DEFAULT_PORT: u16 = 15008;
+/// Header naming the source workload (`namespace/name`) of a stream.
+pub const SOURCE_HEADER: &str = "weft-source";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to the tunnel of {node}: {source}")]
+    Connect {
+        node: SocketAddrV4,
+        source: std::io::Error,
+    },
+    #[error("TLS with {node} failed: {source}")]
+    Handshake {
+        node: SocketAddrV4,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {node}: {source}")]
+    Http2 {
+        node: SocketAddrV4,
+        source: hyper::Error,
+    },
+    #[error("{node} refused the stream to {target}: {status}")]
+    Refused {
+        node: SocketAddrV4,
+        target: SocketAddrV4,
+        status: StatusCode,
+    },
+    #[error("timed out reaching {node}")]
+    Timeout { node: SocketAddrV4 },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("building the CONNECT request: {0}")]
+    Request(String),
+    #[error("the node of {0} has no known address (Node InternalIP)")]
+    NoNodeAddress(std::net::Ipv4Addr),
+    #[error("{0} has no server name (not a workload identity)")]
+    NoServerName(SpiffeId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// `ok`, or why the stream was refused or failed.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TunnelMetrics {
+    pub streams: Family<StreamLabels, Counter>,
+    pub connections: Family<StreamLabels, Counter>,
+    /// Workload certificates issued (first issues and rotations).
+    pub certificates_issued: Counter,
+}
+
+impl TunnelMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let registry = registry.sub_registry_with_prefix("weft");
+        registry.register(
+            "tunnel_streams",
+            "Tunnel streams (one per proxied connection) by direction and result",
+            m.streams.clone(),
+        );
+        registry.register(
+            "tunnel_connections",
+            "Tunnel TLS connections by direction and result (handshake failures included)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "identity_certificates_issued",
+            "Workload certificates (X.509 SVIDs) issued by this agent, rotations included",
+            m.certificates_issued.clone(),
+        );
+        m
+    }
+
+    fn stream(&self, direction: &'static str, result: &'static str) {
+        self.streams
+            .get_or_create(&StreamLabels { direction, result })
+            .inc();
+    }
+
+    fn connection(&self, direction: &'static str, result: &'static str) {
+        self.connections
+            .get_or_create(&StreamLabels { direction, result })
+            .inc();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: SpiffeId,
+    destination: SpiffeId,
+    node: SocketAddrV4,
+}
+
+/// The tunnel's state in the engine.
+pub struct Tunnel {
+    pub ids: Arc<Identities>,
+    pub port: u16,
+    server_configs: tls::ServerConfigs,
+    pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    pub metrics: TunnelMetrics,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tunnel {
+    #[must_use]
+    pub fn new(ids: Arc<Identities>, port: u16, metrics: TunnelMetrics) -> Self {
+        Self {
+            ids,
+            port,
+            server_configs: tls::ServerConfigs::default(),
+            pool: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// A stream to `target` (a pod of `peer`'s node) as `source`.
+    ///
+    /// # Errors
+    /// When the tunnel connection cannot be made or the far agent refuses the stream.
+    pub async fn open(
+        &self,
+        source: &MeshPeer,
+        peer: &MeshPeer,
+        target: SocketAddrV4,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
+        let node = SocketAddrV4::new(
+            peer.node_addr
+                .ok_or(TunnelError::NoNodeAddress(*target.ip()))?,
+            self.port,
+        );
+        let key = PoolKey {
+            source: source.identity.clone(),
+            destination: peer.identity.clone(),
+            node,
+        };
+        let mut sender = self.sender(&key).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(SOURCE_HEADER, source.key.as_str())
+            .body(Empty::new())
+            .map_err(|e| TunnelError::Request(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| TunnelError::Http2 { node, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(TunnelError::Refused {
+                node,
+                target,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|source| TunnelError::Http2 { node, source })?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    /// The pooled HTTP/2 connection for `key`, made (TLS handshake included) when there is none
+    /// or the old one closed.
+    async fn sender(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        if let Some(mut s) = pooled
+            && s.ready().await.is_ok()
+        {
+            return Ok(s);
+        }
+        let node = key.node;
+        let made = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(key)).await;
+        let sender = match made {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.connection("outbound", "failed");
+                return Err(e);
+            }
+            Err(_) => {
+                self.metrics.connection("outbound", "timeout");
+                return Err(TunnelError::Timeout { node });
+            }
+        };
+        self.metrics.connection("outbound", "ok");
+        self.pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+
+    async fn connect(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let node = key.node;
+        let config = tls::client_config(&self.ids, &key.source, &key.destination)?;
+        let sni = identity::server_name_for(&key.destination)
+            .ok_or_else(|| TunnelError::NoServerName(key.destination.clone()))?;
+        let server_name = ServerName::try_from(sni)
+            .map_err(|_| TunnelError::NoServerName(key.destination.clone()))?;
+        let tcp = TcpStream::connect(node)
+            .await
+            .map_err(|source| TunnelError::Connect { node, source })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|source| TunnelError::Handshake { node, source })?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| TunnelError::Http2 { node, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%node, error = %e, "tunnel connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Copies a redirected client connection into a tunnel stream to `target`.
+pub async fn outbound(
+    tunnel: &Tunnel,
+    client: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    source: &MeshPeer,
+    peer: &MeshPeer,
+    target: SocketAddrV4,
+) -> Result<(), TunnelError> {
+    match tunnel.open(source, peer, target).await {
+        Ok(mut stream) => {
+            tunnel.metrics.stream("outbound", "ok");
+            let _ = tokio::io::copy_bidirectional(client, &mut stream).await;
+            Ok(())
+        }
+        Err(e) => {
+            tunnel.metrics.stream(
+                "outbound",
+                if matches!(e, TunnelError::Refused { .. }) {
+                    "refused"
+                } else {
+                    "failed"
+                },
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Accepts tunnel connections until the listener fails.
+pub async fn serve(
+    tunnel: Arc<Tunnel>,
+    snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    listener: TcpListener,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (tunnel, snapshots) = (tunnel.clone(), snapshots.clone());
+        tokio::spawn(async move {
+            if let Err(reason) = inbound_connection(&tunnel, snapshots, tcp).await {
+                tunnel.metrics.connection("inbound", reason.label());
+                tracing::warn!(
+                    target: "weft::tunnel",
+                    %peer,
+                    reason = reason.label(),
+                    "tunnel connection refused: {reason}"
+                );
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum InboundError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake timed out")]
+    Timeout,
+    #[error("{0}")]
+    Identity(tls::TlsError),
+    #[error("client identity {0} is outside trust domain {1}")]
+    ForeignDomain(SpiffeId, String),
+    #[error("server configuration: {0}")]
+    Config(tls::TlsError),
+}
+
+impl InboundError {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Handshake(_) => "handshake_failed",
+            Self::Timeout => "timeout",
+            Self::Identity(_) => "no_identity",
+            Self::ForeignDomain(..) => "foreign_trust_domain",
+            Self::Config(_) => "config",
+        }
+    }
+}
+
+async fn inbound_connection(
+    tunnel: &Arc<Tunnel>,
+    snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    tcp: TcpStream,
+) -> Result<(), InboundError> {
+    let _ = tcp.set_nodelay(true);
+    let config = tunnel
+        .server_configs
+        .get(&tunnel.ids)
+        .map_err(InboundError::Config)?;
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+    )
+    .await
+    .map_err(|_| InboundError::Timeout)?
+    .map_err(InboundError::Handshake)?;
+    let (_, conn) = tls.get_ref();
+    let client_id = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(InboundError::Identity(tls::TlsError::NoCertificate))
+        .and_then(|c| tls::spiffe_id_of(c).map_err(InboundError::Identity))?;
+    let trust_domain = tunnel.ids.trust_domain();
+    if client_id.trust_domain() != trust_domain.as_str() {
+        return Err(InboundError::ForeignDomain(
+            client_id,
+            trust_domain.as_str().to_owned(),
+        ));
+    }
+    let served = conn
+        .server_name()
+        .and_then(|n| identity::identity_for_server_name(&trust_domain, n));
+    tunnel.metrics.connection("inbound", "ok");
+    let tunnel = tunnel.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let (tunnel, client_id, served) = (tunnel.clone(), client_id.clone(), served.clone());
+        let snapshot = snapshots.borrow().clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                stream(&tunnel, &snapshot, &client_id, served.as_ref(), request).await,
+            )
+        }
+    });
+    if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(error = %e, "tunnel connection ended");
+    }
+    Ok(())
+}
+
+/// Why an inbound stream was refused: the status the client gets, the metric label, a log line.
+struct Refusal(StatusCode, &'static str, String);
+
+/// The checks of one inbound stream: a CONNECT to a meshed pod of this node whose identity the
+/// connection was opened for, from a claimed source whose identity is the client certificate's,
+/// allowed by authorization policy. Returns the target.
+fn check_stream(
+    snapshot: &Snapshot,
+    client_id: &SpiffeId,
+    served: Option<&SpiffeId>,
+    request: &Request<hyper::body::Incoming>,
+) -> Result<SocketAddrV4, Refusal> {
+    if request.method() != Method::CONNECT {
+        return Err(Refusal(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "bad_request",
+            format!("method {} (only CONNECT)", request.method()),
+        ));
+    }
+    let target = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+        .ok_or_else(|| {
+            Refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("target {} is not an IPv4 address and port", request.uri()),
+            )
+        })?;
+    let dst = snapshot.mesh.local(*target.ip()).ok_or_else(|| {
+        Refusal(
+            StatusCode::NOT_FOUND,
+            "unknown_destination",
+            format!("{target} is no meshed pod of this node"),
+        )
+    })?;
+    if served != Some(&dst.identity) {
+        return Err(Refusal(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_destination_identity",
+            format!(
+                "{target} is {}, but the connection was opened for {}",
+                dst.identity,
+                served.map_or_else(|| "no identity".to_owned(), ToString::to_string)
+            ),
+        ));
+    }
+    let claimed = request
+        .headers()
+        .get(SOURCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let src = snapshot.mesh.by_key(claimed).ok_or_else(|| {
+        Refusal(
+            StatusCode::FORBIDDEN,
+            "unknown_source",
+            format!("claimed source {claimed:?} is no meshed pod"),
+        )
+    })?;
+    if src.identity != *client_id {
+        return Err(Refusal(
+            StatusCode::FORBIDDEN,
+            "identity_mismatch",
+            format!(
+                "claimed source {claimed} runs as {}, but the client certificate is {client_id}",
+                src.identity
+            ),
+        ));
+    }
+    if !snapshot
+        .mesh
+        .allows(src.workload, dst.workload, target.port())
+    {
+        return Err(Refusal(
+            StatusCode::FORBIDDEN,
+            "denied",
+            format!("authorization policy denies {claimed} -> {target}"),
+        ));
+    }
+    Ok(target)
+}
+
+/// One inbound stream: checks, then the connection to the local pod.
+async fn stream(
+    tunnel: &Arc<Tunnel>,
+    snapshot: &Snapshot,
+    client_id: &SpiffeId,
+    served: Option<&SpiffeId>,
+    mut request: Request<hyper::body::Incoming>,
+) -> Response<Empty<Bytes>> {
+    let checked = check_stream(snapshot, client_id, served, &request);
+    let connected = match checked {
+        Ok(target) => {
+            match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(target)).await {
+                Ok(Ok(s)) => Ok(s),
+                _ => Err(Refusal(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_connect",
+                    format!("{target} did not accept the connection"),
+                )),
+            }
+        }
+        Err(refusal) => Err(refusal),
+    };
+    let upstream = match connected {
+        Ok(upstream) => upstream,
+        Err(Refusal(status, result, why)) => {
+            tunnel.metrics.stream("inbound", result);
+            tracing::warn!(
+                target: "weft::tunnel",
+                client = %client_id,
+                result,
+                "tunnel stream refused: {why}"
+            );
+            let mut response = Response::new(Empty::new());
+            *response.status_mut() = status;
+            return response;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    tunnel.metrics.stream("inbound", "ok");
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let mut upstream = upstream;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "tunnel stream upgrade failed"),
+        }
+    });
+    Response::new(Empty::new())
+}

@@ -1,0 +1,325 @@
+//! Identity and the node-to-node mTLS tunnel, with two agents on two testbed nodes linked by the
+//! fabric: meshed cross-node flows cross the link only as TLS, plaintext from other nodes is
+//! refused in STRICT mode (also with the source's agent down: fail closed), and certificates
+//! rotate under live connections without breaking them.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use testbed::{
+    Node, Pod, Proc, ServeMode, Server, Testbed,
+    agent::{self, Agent},
+    eventually,
+    http::{HttpGetArgs, HttpServer, HttpServerArgs},
+};
+
+const SERVER_VIP: &str = "198.19.0.40";
+const MARKER: &str = "weft-plaintext-marker-7f3a";
+
+/// Node `n1`: meshed `client` and unmeshed `plain`; node `n2`: meshed `server` running an HTTP
+/// server on 8080 and an echo server on 7000; Service `server` (VIP port 80 → 8080). Both agents
+/// have the run's CA.
+struct TwoNodes {
+    a1: Agent,
+    a2: Agent,
+    n1: Node,
+    n2: Node,
+    client: Pod,
+    plain: Pod,
+    server: Pod,
+    _http: HttpServer,
+    echo: Server,
+    tb: Testbed,
+}
+
+impl TwoNodes {
+    fn new(label: &str, agent_args: &[&str], server_annotation: Option<&str>) -> Result<Self> {
+        let tb = Testbed::new(label)?;
+        let n1 = tb.node("n1")?;
+        let n2 = tb.node("n2")?;
+        let client = n1.pod("client")?;
+        let plain = n1.pod("plain")?;
+        let server = n2.pod("server")?;
+        let annotations: Vec<(&str, &str)> = server_annotation
+            .map(|mode| ("weft.dev/mtls-mode", mode))
+            .into_iter()
+            .collect();
+        let server_manifest =
+            server.manifest_annotated(&[("app", "server")], "server", &annotations);
+        let objects = [
+            n1.manifest(),
+            n2.manifest(),
+            client.manifest(&[("app", "client")], "client"),
+            plain.manifest_unmeshed(&[("app", "plain")], "plain"),
+            server_manifest,
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: default}}\n\
+                 spec: {{clusterIP: {SERVER_VIP}, selector: {{app: server}}, \
+                 ports: [{{port: 80, targetPort: 8080}}]}}\n"
+            ),
+        ]
+        .join("\n---\n");
+        let mut args = agent::identity_args(&n1)?;
+        args.extend(agent_args.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let a1 = Agent::start(&n1, &args)?;
+        let a2 = Agent::start(&n2, &args)?;
+        for a in [&a1, &a2] {
+            a.apply("objects.yaml", &objects)?;
+            a.wait_workloads(3)?;
+        }
+        let http = server.serve_http(&HttpServerArgs::new("server", 8080))?;
+        let echo = server.serve(ServeMode::Echo, 7000)?;
+        Ok(Self {
+            a1,
+            a2,
+            n1,
+            n2,
+            client,
+            plain,
+            server,
+            _http: http,
+            echo,
+            tb,
+        })
+    }
+
+    fn get(from: &Pod, url: &str, count: u64) -> Result<testbed::http::HttpGetReport> {
+        let mut args = HttpGetArgs::new(url.parse()?);
+        args.count = count;
+        args.request_timeout_ms = 3000;
+        args.timeout_secs = 20;
+        from.http_get(&args)
+    }
+
+    fn diag(&self) -> String {
+        format!(
+            "n1 agent: {}\nn2 agent: {}",
+            self.a1.stderr(),
+            self.a2.stderr()
+        )
+    }
+}
+
+/// `tcpdump` on a node's uplink (the fabric link into it), writing a pcap.
+struct Capture {
+    proc: Proc,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(node: &Node, file: &Path) -> Result<Self> {
+        let proc = node.spawn(
+            "tcpdump",
+            [
+                "-i",
+                "uplink",
+                "-nn",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+                &file.display().to_string(),
+                "tcp",
+            ],
+        )?;
+        eventually(Duration::from_secs(10), || {
+            if proc.stderr().contains("listening on") {
+                Ok(())
+            } else {
+                bail!("tcpdump not ready: {}", proc.stderr())
+            }
+        })?;
+        Ok(Self {
+            proc,
+            file: file.to_owned(),
+        })
+    }
+
+    /// Stops the capture; returns the raw pcap and one text line per packet.
+    fn finish(mut self) -> Result<(Vec<u8>, Vec<String>)> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.terminate(Duration::from_secs(5))?;
+        let raw = std::fs::read(&self.file)?;
+        let out = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .output()
+            .context("tcpdump -r")?;
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        Ok((raw, lines))
+    }
+}
+
+/// The agent's tunnel, identity and datapath event lines, for failure messages.
+fn tunnel_metrics(agent: &Agent) -> Result<String> {
+    Ok(agent
+        .metrics()?
+        .lines()
+        .filter(|l| l.contains("tunnel") || l.contains("identity") || l.contains("strict"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn cross_node_flows_cross_the_link_only_inside_the_mtls_tunnel() -> Result<()> {
+    let mesh = TwoNodes::new("mtls_tunnel", &[], None)?;
+    let capture = Capture::start(&mesh.n2, &mesh.n2.run_dir().join("uplink.pcap"))?;
+
+    let direct = format!("http://{}:8080/{MARKER}", mesh.server.ip());
+    let report = TwoNodes::get(&mesh.client, &direct, 20)?;
+    ensure!(
+        report.by_status.get(&200) == Some(&20),
+        "{report:?}\n{}",
+        mesh.diag()
+    );
+    let via_service = format!("http://{SERVER_VIP}/{MARKER}");
+    let report = TwoNodes::get(&mesh.client, &via_service, 5)?;
+    ensure!(report.by_status.get(&200) == Some(&5), "{report:?}");
+    let transfer = mesh.client.transfer(mesh.echo.addr(), 1 << 20, 4)?;
+    ensure!(transfer.all_ok(), "{transfer:?}");
+    ensure!(transfer.bytes_verified == 4 << 20);
+
+    let (raw, packets) = capture.finish()?;
+    ensure!(!packets.is_empty(), "nothing was captured");
+    ensure!(
+        !contains(&raw, MARKER.as_bytes()),
+        "the request path crossed the link in plaintext"
+    );
+    let plaintext: Vec<&String> = packets.iter().filter(|p| !p.contains(".15008")).collect();
+    ensure!(
+        plaintext.is_empty(),
+        "TCP outside the tunnel port crossed the link: {:?}",
+        &plaintext[..plaintext.len().min(5)]
+    );
+
+    // Both agents counted the streams: one per connection.
+    let out = mesh.a1.metric(
+        "weft_tunnel_streams_total",
+        &[("direction", "outbound"), ("result", "ok")],
+    )?;
+    let inbound = mesh.a2.metric(
+        "weft_tunnel_streams_total",
+        &[("direction", "inbound"), ("result", "ok")],
+    )?;
+    ensure!(
+        out >= 6.0 && inbound >= 6.0,
+        "streams out {out}, in {inbound}\n{}\n{}\n{}",
+        tunnel_metrics(&mesh.a1)?,
+        tunnel_metrics(&mesh.a2)?,
+        mesh.diag()
+    );
+    // One TLS connection carries them (per source and destination identity).
+    let conns = mesh.a1.metric(
+        "weft_tunnel_connections_total",
+        &[("direction", "outbound"), ("result", "ok")],
+    )?;
+    ensure!(
+        conns <= 2.0,
+        "{conns} tunnel connections for one identity pair"
+    );
+    Ok(())
+}
+
+#[test]
+fn strict_refuses_plaintext_from_other_nodes_and_fails_closed() -> Result<()> {
+    let mut mesh = TwoNodes::new("mtls_strict", &[], None)?;
+    // An unmeshed pod of another node: its SYNs never reach the STRICT pod.
+    let report = mesh
+        .plain
+        .try_connect(mesh.echo.addr(), Duration::from_secs(2))?;
+    ensure!(!report.ok && report.timed_out, "{report:?}");
+    let dropped = mesh.a2.metric(
+        "weft_datapath_events_total",
+        &[("event", "strict_inbound_drop")],
+    )?;
+    ensure!(dropped >= 1.0, "no SYN drop counted");
+    // The meshed client's connection goes through the tunnel meanwhile.
+    let ok = mesh
+        .client
+        .try_connect(mesh.echo.addr(), Duration::from_secs(2))?;
+    ensure!(ok.ok, "{ok:?}\n{}", mesh.diag());
+
+    // The client's agent dies: its heartbeat ages out and the kernel refuses the connection
+    // rather than sending it in plaintext.
+    mesh.a1.kill9();
+    std::thread::sleep(Duration::from_millis(3500));
+    let refused = mesh
+        .client
+        .try_connect(mesh.echo.addr(), Duration::from_secs(2))?;
+    ensure!(
+        refused.errno == Some(libc::EPERM),
+        "a STRICT destination was reached without the tunnel: {refused:?}"
+    );
+    mesh.a1.restart(&mesh.n1)?;
+    eventually(Duration::from_secs(10), || {
+        let r = mesh
+            .client
+            .try_connect(mesh.echo.addr(), Duration::from_secs(2))?;
+        ensure!(r.ok, "{r:?}");
+        Ok(())
+    })?;
+    drop(mesh.tb);
+    Ok(())
+}
+
+#[test]
+fn permissive_accepts_plaintext_and_the_tunnel() -> Result<()> {
+    let mesh = TwoNodes::new("mtls_permissive", &[], Some("PERMISSIVE"))?;
+    let plain = mesh
+        .plain
+        .try_connect(mesh.echo.addr(), Duration::from_secs(2))?;
+    ensure!(plain.ok, "{plain:?}");
+    let transfer = mesh.client.transfer(mesh.echo.addr(), 1 << 16, 2)?;
+    ensure!(transfer.all_ok(), "{transfer:?}");
+    let out = mesh.a1.metric(
+        "weft_tunnel_streams_total",
+        &[("direction", "outbound"), ("result", "ok")],
+    )?;
+    ensure!(
+        out >= 2.0,
+        "meshed flows to a PERMISSIVE pod still use the tunnel ({out})"
+    );
+    let _ = (&mesh.n1, &mesh.n2);
+    Ok(())
+}
+
+#[test]
+fn certificates_rotate_under_100_live_connections_without_breaking_them() -> Result<()> {
+    // 4 s certificates: replaced every 2 s, several times while the connections live.
+    let mesh = TwoNodes::new("mtls_rotation", &["--svid-ttl-secs", "4"], None)?;
+    let before = mesh
+        .a2
+        .metric("weft_identity_certificates_issued_total", &[])?;
+    let hold = mesh.client.hold(
+        mesh.echo.addr(),
+        100,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )?;
+    std::thread::sleep(Duration::from_secs(9));
+    // New connections after rotations are still accepted (new certificate, same CA).
+    let fresh = mesh.client.transfer(mesh.echo.addr(), 1 << 16, 4)?;
+    ensure!(fresh.all_ok(), "{fresh:?}");
+    let report = hold.finish()?;
+    ensure!(
+        report.conns == 100 && report.broken == 0 && report.rounds >= 10,
+        "{report:?}\n{}",
+        mesh.diag()
+    );
+    let after = mesh
+        .a2
+        .metric("weft_identity_certificates_issued_total", &[])?;
+    ensure!(
+        after - before >= 3.0,
+        "certificates issued before {before}, after {after}: no rotation happened"
+    );
+    Ok(())
+}
