@@ -323,3 +323,50 @@ fn certificates_rotate_under_100_live_connections_without_breaking_them() -> Res
     );
     Ok(())
 }
+
+#[test]
+fn l7_routes_apply_first_then_the_tunnel_carries_the_requests() -> Result<()> {
+    let mesh = TwoNodes::new("mtls_l7", &[], None)?;
+    let route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: server, namespace: default}}\n\
+         spec:\n  parentRefs: [{{kind: Service, name: server, port: 80}}]\n  rules:\n  \
+         - matches: [{{path: {{type: PathPrefix, value: /{MARKER}}}}}]\n    \
+         backendRefs: [{{name: server, port: 80}}]\n"
+    );
+    mesh.a1.apply("route.yaml", &route)?;
+    let matching = format!("http://{SERVER_VIP}/{MARKER}");
+    let other = format!("http://{SERVER_VIP}/elsewhere");
+    eventually(Duration::from_secs(10), || {
+        let r = TwoNodes::get(&mesh.client, &other, 1)?;
+        ensure!(
+            r.by_status.get(&404) == Some(&1),
+            "route not applied yet: {r:?}"
+        );
+        Ok(())
+    })?;
+    let capture = Capture::start(&mesh.n2, &mesh.n2.run_dir().join("l7.pcap"))?;
+    let report = TwoNodes::get(&mesh.client, &matching, 10)?;
+    ensure!(
+        report.by_status.get(&200) == Some(&10),
+        "{report:?}\n{}",
+        mesh.diag()
+    );
+    let (raw, packets) = capture.finish()?;
+    ensure!(!contains(&raw, MARKER.as_bytes()), "plaintext on the link");
+    ensure!(
+        packets.iter().all(|p| p.contains(".15008")),
+        "TCP outside the tunnel port crossed the link"
+    );
+    let l7 = mesh.a1.metric(
+        "weft_l7_requests_total",
+        &[("destination_service", "server"), ("status_class", "2xx")],
+    )?;
+    ensure!(l7 >= 10.0, "the engine saw {l7} requests");
+    let inbound = mesh.a2.metric(
+        "weft_tunnel_streams_total",
+        &[("direction", "inbound"), ("result", "ok")],
+    )?;
+    ensure!(inbound >= 1.0, "no stream reached the server's agent");
+    Ok(())
+}

@@ -36,10 +36,15 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted: bigger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Pooled upstream clients.
+/// Pooled upstream clients: direct ones for this node's pods, and per source workload ones
+/// through the tunnel for pods of other nodes.
 pub struct Upstreams {
     h1: Client<HttpConnector, Body>,
     h2: Client<HttpConnector, Body>,
+    /// (source workload, HTTP/2) → client over the tunnel.
+    tunneled: std::sync::Mutex<
+        std::collections::HashMap<(u32, bool), Client<super::tunnel::TunnelConnector, Body>>,
+    >,
 }
 
 impl Upstreams {
@@ -61,7 +66,38 @@ impl Upstreams {
             .http2_only(true)
             .set_host(false)
             .build(connector);
-        Self { h1, h2 }
+        Self {
+            h1,
+            h2,
+            tunneled: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The client that reaches pods of other nodes as `source` (created on first use).
+    fn tunneled(
+        &self,
+        connector: impl FnOnce() -> super::tunnel::TunnelConnector,
+        source: u32,
+        h2: bool,
+    ) -> Client<super::tunnel::TunnelConnector, Body> {
+        let mut clients = self
+            .tunneled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry((source, h2))
+            .or_insert_with(|| {
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_mins(1))
+                    .set_host(false);
+                if h2 {
+                    builder.timer(TokioTimer::new()).http2_only(true);
+                }
+                builder.build(connector())
+            })
+            .clone()
     }
 }
 
@@ -448,7 +484,7 @@ async fn route_request(
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy endpoint");
         };
         let ep = pick.addr();
-        return forward_upgrade(req, ep).await;
+        return forward_upgrade(req, ep, ctx).await;
     }
 
     let retries = policy.and_then(|p| p.spec.retries.as_ref());
@@ -622,8 +658,9 @@ fn spawn_mirror(
     };
     *req.uri_mut() = uri;
     let engine = ctx.engine.clone();
+    let src = ctx.src_workload;
     tokio::spawn(async move {
-        let res = tokio::time::timeout(Duration::from_secs(10), engine.send(req)).await;
+        let res = tokio::time::timeout(Duration::from_secs(10), engine.send(src, req)).await;
         // Fire-and-forget: the mirror's answer is read and dropped.
         if let Ok(Ok(resp)) = res {
             let _ = resp.into_body().collect().await;
@@ -760,7 +797,7 @@ async fn attempt_loop(
         *req.version_mut() = parts.version;
 
         let started = Instant::now();
-        let send = ctx.engine.send(req);
+        let send = ctx.engine.send(ctx.src_workload, req);
         let result = match per_try {
             Some(t) => tokio::time::timeout(t, send)
                 .await
@@ -926,16 +963,39 @@ pub enum SendError {
 }
 
 impl Engine {
-    /// Sends `req` on a pooled upstream connection (HTTP/2 when the request is HTTP/2).
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    /// Sends `req` for the source workload `src` on a pooled upstream connection (HTTP/2 when
+    /// the request is HTTP/2); to a pod of another node through the tunnel, as `src`.
+    pub async fn send(
+        &self,
+        src: u32,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
         strip_hop_by_hop(req.headers_mut());
-        let client = if req.version() == Version::HTTP_2 {
-            &self.upstreams.h2
-        } else {
+        let h2 = req.version() == Version::HTTP_2;
+        if !h2 {
             *req.version_mut() = Version::HTTP_11;
-            &self.upstreams.h1
+        }
+        let remote = req
+            .uri()
+            .host()
+            .and_then(|h| h.parse::<std::net::Ipv4Addr>().ok())
+            .is_some_and(|ip| self.snapshot().mesh.remote(ip).is_some());
+        let result = match (&self.tunnel, remote) {
+            (Some(tunnel), true) => {
+                let connector = || super::tunnel::TunnelConnector {
+                    tunnel: tunnel.clone(),
+                    snapshots: self.snapshot.clone(),
+                    source: src,
+                };
+                self.upstreams
+                    .tunneled(connector, src, h2)
+                    .request(req)
+                    .await
+            }
+            _ if h2 => self.upstreams.h2.request(req).await,
+            _ => self.upstreams.h1.request(req).await,
         };
-        client.request(req).await.map_err(|e| {
+        result.map_err(|e| {
             if e.is_connect() {
                 SendError::Connect(e)
             } else {
@@ -977,19 +1037,49 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// WebSocket / `Upgrade` and `CONNECT`: a dedicated upstream connection, the request passed on
 /// with its upgrade headers, and after `101` (or `2xx` to CONNECT) bytes copied both ways.
-async fn forward_upgrade(req: Request<Incoming>, ep: SocketAddr) -> Response<Body> {
-    let (mut parts, body) = req.into_parts();
-    let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    let connect = parts.method == hyper::Method::CONNECT;
-    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(ep)).await
-    else {
-        return local_reply(
+async fn forward_upgrade(
+    req: Request<Incoming>,
+    ep: SocketAddr,
+    ctx: &Arc<ConnCtx>,
+) -> Response<Body> {
+    let connect_error = || {
+        local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             false,
             "upstream connect error",
-        );
+        )
+    };
+    let snapshot = ctx.engine.snapshot();
+    let remote = match ep {
+        SocketAddr::V4(v4) => snapshot.mesh.remote(*v4.ip()).map(|peer| (v4, peer)),
+        SocketAddr::V6(_) => None,
+    };
+    if let (Some((target, peer)), Some(tunnel)) = (remote, &ctx.engine.tunnel) {
+        let Some(source) = snapshot.mesh.by_id(ctx.src_workload) else {
+            return connect_error();
+        };
+        return match tunnel.open(source, peer, target).await {
+            Ok(stream) => upgrade_over(req, stream).await,
+            Err(_) => connect_error(),
+        };
+    }
+    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(ep)).await
+    else {
+        return connect_error();
     };
     let _ = stream.set_nodelay(true);
+    upgrade_over(req, stream).await
+}
+
+/// Passes an upgrade request on over `stream` and, once the upstream switched protocols,
+/// copies bytes both ways.
+async fn upgrade_over(
+    req: Request<Incoming>,
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let connect = parts.method == hyper::Method::CONNECT;
     let Ok((mut sender, conn)) =
         hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await
     else {
@@ -1045,7 +1135,7 @@ async fn forward_plain(
     };
     let mut up = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     *up.uri_mut() = uri;
-    match ctx.engine.send(up).await {
+    match ctx.engine.send(ctx.src_workload, up).await {
         Ok(resp) => (
             resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
             Some(ep),

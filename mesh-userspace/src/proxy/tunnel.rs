@@ -171,6 +171,19 @@ impl Tunnel {
         peer: &MeshPeer,
         target: SocketAddrV4,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
+        self.open_raw(source, peer, target).await.map(TokioIo::new)
+    }
+
+    /// [`Tunnel::open`] as hyper IO (for the engine's HTTP clients).
+    ///
+    /// # Errors
+    /// As [`Tunnel::open`].
+    pub async fn open_raw(
+        &self,
+        source: &MeshPeer,
+        peer: &MeshPeer,
+        target: SocketAddrV4,
+    ) -> Result<hyper::upgrade::Upgraded, TunnelError> {
         let node = SocketAddrV4::new(
             peer.node_addr
                 .ok_or(TunnelError::NoNodeAddress(*target.ip()))?,
@@ -199,10 +212,9 @@ impl Tunnel {
                 status: response.status(),
             });
         }
-        let upgraded = hyper::upgrade::on(response)
+        hyper::upgrade::on(response)
             .await
-            .map_err(|source| TunnelError::Http2 { node, source })?;
-        Ok(TokioIo::new(upgraded))
+            .map_err(|source| TunnelError::Http2 { node, source })
     }
 
     /// The pooled HTTP/2 connection for `key`, made (TLS handshake included) when there is none
@@ -266,6 +278,98 @@ impl Tunnel {
             }
         });
         Ok(sender)
+    }
+}
+
+/// Connects the engine's HTTP clients to pods of other nodes through the tunnel, as one source
+/// workload (hyper's pool is per client, so each source workload has its own client and its
+/// upstream connections carry its identity).
+#[derive(Clone)]
+pub struct TunnelConnector {
+    pub tunnel: Arc<Tunnel>,
+    pub snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    pub source: u32,
+}
+
+/// A tunnel stream as an HTTP client connection.
+pub struct TunnelConn(hyper::upgrade::Upgraded);
+
+impl hyper::rt::Read for TunnelConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TunnelConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for TunnelConn {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl tower_service::Service<hyper::Uri> for TunnelConnector {
+    type Response = TunnelConn;
+    type Error = TunnelError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<TunnelConn, TunnelError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), TunnelError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let target: SocketAddrV4 = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| TunnelError::Request(format!("{uri} names no IPv4 endpoint")))?;
+            let snapshot = this.snapshots.borrow().clone();
+            let (Some(source), Some(peer)) = (
+                snapshot.mesh.by_id(this.source),
+                snapshot.mesh.remote(*target.ip()),
+            ) else {
+                return Err(TunnelError::Request(format!(
+                    "{target} is no meshed pod of another node (or the source is unknown)"
+                )));
+            };
+            let stream = this.tunnel.open_raw(source, peer, target).await;
+            this.tunnel
+                .metrics
+                .stream("outbound", if stream.is_ok() { "ok" } else { "failed" });
+            stream.map(TunnelConn)
+        })
     }
 }
 
