@@ -119,6 +119,10 @@ pub struct NodeState {
     pub rules: Vec<RuleInfo>,
     #[serde(skip)]
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// Verdicts for pods of other nodes connecting to this node's pods through the tunnel
+    /// (checked by the engine; the kernel only sees this node's sources).
+    #[serde(skip)]
+    pub inbound_policy: BTreeMap<PolicyKey, PolicyValue>,
     /// Objects that were understood but cannot be applied, with the reason.
     pub problems: Vec<String>,
 }
@@ -268,6 +272,13 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
 
     let (policy, rules) = policy_entries(&state.workloads, &objects.authorization_policies);
     state.policy = policy;
+    state.inbound_policy = policy_matrix(
+        &state.workloads,
+        &objects.authorization_policies,
+        |w| !w.local,
+        |w| w.local,
+    )
+    .0;
     state.rules = rules;
     state.problems = problems;
     state
@@ -676,6 +687,18 @@ pub fn policy_entries(
     workloads: &[Workload],
     policies: &[AuthorizationPolicy],
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
+    policy_matrix(workloads, policies, |w| w.local, |_| true)
+}
+
+/// The verdicts for meshed sources and destinations chosen by the two filters (the kernel's
+/// map: this node's sources; the tunnel's inbound checks: other nodes' sources to this node's
+/// pods).
+fn policy_matrix(
+    workloads: &[Workload],
+    policies: &[AuthorizationPolicy],
+    source: impl Fn(&Workload) -> bool,
+    destination: impl Fn(&Workload) -> bool,
+) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
     let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().collect();
     sorted.sort_by_key(|p| policy_name(p));
 
@@ -715,8 +738,8 @@ pub fn policy_entries(
     }
 
     let mut entries = BTreeMap::new();
-    let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && w.local).collect();
-    for dst in workloads.iter().filter(|w| w.meshed) {
+    let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && source(w)).collect();
+    for dst in workloads.iter().filter(|w| w.meshed && destination(w)) {
         let applying: Vec<&AuthorizationPolicy> =
             sorted.iter().copied().filter(|p| selects(p, dst)).collect();
         if applying.is_empty() {

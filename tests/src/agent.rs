@@ -229,11 +229,17 @@ impl Agent {
 /// Agent flags giving it the run's CA (made with `weft ca init` on first use, in the run's
 /// state directory), so that it holds workload identities and runs the mTLS tunnel.
 pub fn identity_args(node: &Node) -> Result<Vec<String>> {
+    ca_args(node, "ca")
+}
+
+/// Agent flags for the CA `name` of the run (made with `weft ca init` on first use): tests use
+/// a second one as a foreign CA.
+pub fn ca_args(node: &Node, name: &str) -> Result<Vec<String>> {
     let dir = node
         .run_dir()
         .parent()
         .context("a node run dir has a parent")?
-        .join("ca");
+        .join(name);
     if !dir.join("ca.key").exists() {
         let done = std::process::Command::new(weft_bin())
             .args(["ca", "init", "--dir"])

@@ -33,39 +33,62 @@ struct TwoNodes {
 }
 
 impl TwoNodes {
-    fn new(label: &str, agent_args: &[&str], server_annotation: Option<&str>) -> Result<Self> {
+    fn new(label: &str, agent_args: &[&str], server_mode: Option<&str>) -> Result<Self> {
+        let args: Vec<String> = agent_args.iter().map(|a| (*a).to_owned()).collect();
+        Self::with(
+            label,
+            &Setup {
+                a1_args: args.clone(),
+                a2_args: args,
+                server_mode,
+                ..Setup::default()
+            },
+        )
+    }
+
+    fn with(label: &str, setup: &Setup<'_>) -> Result<Self> {
         let tb = Testbed::new(label)?;
         let n1 = tb.node("n1")?;
         let n2 = tb.node("n2")?;
         let client = n1.pod("client")?;
         let plain = n1.pod("plain")?;
         let server = n2.pod("server")?;
-        let annotations: Vec<(&str, &str)> = server_annotation
+        let annotations: Vec<(&str, &str)> = setup
+            .server_mode
             .map(|mode| ("weft.dev/mtls-mode", mode))
             .into_iter()
             .collect();
-        let server_manifest =
-            server.manifest_annotated(&[("app", "server")], "server", &annotations);
-        let objects = [
-            n1.manifest(),
-            n2.manifest(),
-            client.manifest(&[("app", "client")], "client"),
-            plain.manifest_unmeshed(&[("app", "plain")], "plain"),
-            server_manifest,
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: default}}\n\
-                 spec: {{clusterIP: {SERVER_VIP}, selector: {{app: server}}, \
-                 ports: [{{port: 80, targetPort: 8080}}]}}\n"
-            ),
-        ]
-        .join("\n---\n");
-        let mut args = agent::identity_args(&n1)?;
-        args.extend(agent_args.iter().map(|a| (*a).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let a1 = Agent::start(&n1, &args)?;
-        let a2 = Agent::start(&n2, &args)?;
+        let objects = |client_sa: &str| {
+            [
+                n1.manifest(),
+                n2.manifest(),
+                client.manifest(&[("app", "client")], client_sa),
+                plain.manifest_unmeshed(&[("app", "plain")], "plain"),
+                server.manifest_annotated(&[("app", "server")], "server", &annotations),
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: default}}\n\
+                     spec: {{clusterIP: {SERVER_VIP}, selector: {{app: server}}, \
+                     ports: [{{port: 80, targetPort: 8080}}]}}\n"
+                ),
+            ]
+            .join("\n---\n")
+        };
+        let run_ca = agent::identity_args(&n1)?;
+        let mut args1 = setup.a1_identity.clone().unwrap_or_else(|| run_ca.clone());
+        args1.extend(setup.a1_args.iter().cloned());
+        let mut args2 = run_ca;
+        args2.extend(setup.a2_args.iter().cloned());
+        let a1 = Agent::start(&n1, &args1.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let a2 = Agent::start(&n2, &args2.iter().map(String::as_str).collect::<Vec<_>>())?;
+        a1.apply("objects.yaml", &objects("client"))?;
+        a2.apply(
+            "objects.yaml",
+            &objects(setup.n2_client_sa.unwrap_or("client")),
+        )?;
+        if let Some(extra) = &setup.n2_extra {
+            a2.apply("extra.yaml", extra)?;
+        }
         for a in [&a1, &a2] {
-            a.apply("objects.yaml", &objects)?;
             a.wait_workloads(3)?;
         }
         let http = server.serve_http(&HttpServerArgs::new("server", 8080))?;
@@ -99,6 +122,21 @@ impl TwoNodes {
             self.a2.stderr()
         )
     }
+}
+
+/// How [`TwoNodes::with`] differs from the plain setup.
+#[derive(Default)]
+struct Setup<'a> {
+    a1_args: Vec<String>,
+    a2_args: Vec<String>,
+    /// Replaces the run CA flags of n1's agent (another CA, an expired intermediate).
+    a1_identity: Option<Vec<String>>,
+    /// `weft.dev/mtls-mode` of the server pod.
+    server_mode: Option<&'a str>,
+    /// The client's service account as n2's agent believes it.
+    n2_client_sa: Option<&'a str>,
+    /// Objects only n2's agent sees.
+    n2_extra: Option<String>,
 }
 
 /// `tcpdump` on a node's uplink (the fabric link into it), writing a pcap.
@@ -369,4 +407,139 @@ fn l7_routes_apply_first_then_the_tunnel_carries_the_requests() -> Result<()> {
     )?;
     ensure!(inbound >= 1.0, "no stream reached the server's agent");
     Ok(())
+}
+
+/// A connection from the client to the server's echo port is carried to the far agent, which
+/// refuses it: the client sees its connection reset (no echo), and n2 counts the reason.
+fn refused_by_the_far_agent(mesh: &TwoNodes, metric: &str, labels: &[(&str, &str)]) -> Result<()> {
+    let transfer = mesh.client.transfer(mesh.echo.addr(), 1 << 10, 1)?;
+    ensure!(
+        !transfer.all_ok(),
+        "the connection went through: {transfer:?}"
+    );
+    eventually(Duration::from_secs(5), || {
+        let n = mesh.a2.metric(metric, labels)?;
+        ensure!(
+            n >= 1.0,
+            "{metric} {labels:?} = {n}\n{}",
+            tunnel_metrics(&mesh.a2)?
+        );
+        Ok(())
+    })?;
+    ensure!(
+        mesh.a2.stderr().contains("tunnel"),
+        "no log line on the server's agent: {}",
+        mesh.a2.stderr()
+    );
+    Ok(())
+}
+
+#[test]
+fn the_receiving_agent_enforces_authorization_for_cross_node_flows() -> Result<()> {
+    // Only n2 knows the policy: n1's kernel lets the connection out, n2's engine refuses it.
+    let mesh = TwoNodes::with(
+        "mtls_authz",
+        &Setup {
+            n2_extra: Some(
+                "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {name: no-client, namespace: default}\n\
+                 spec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  \
+                 rules:\n  - from: [{source: {serviceAccounts: [client]}}]\n"
+                    .to_owned(),
+            ),
+            ..Setup::default()
+        },
+    )?;
+    refused_by_the_far_agent(
+        &mesh,
+        "weft_tunnel_streams_total",
+        &[("direction", "inbound"), ("result", "denied")],
+    )
+}
+
+#[test]
+fn a_source_presenting_another_identity_is_refused() -> Result<()> {
+    // n2 believes the client pod runs as `impostor-check`; its certificate says `client`.
+    let mesh = TwoNodes::with(
+        "mtls_identity",
+        &Setup {
+            n2_client_sa: Some("impostor-check"),
+            ..Setup::default()
+        },
+    )?;
+    refused_by_the_far_agent(
+        &mesh,
+        "weft_tunnel_streams_total",
+        &[("direction", "inbound"), ("result", "identity_mismatch")],
+    )
+}
+
+#[test]
+fn certificates_from_a_foreign_ca_are_rejected() -> Result<()> {
+    let tb_probe = Testbed::new("mtls_foreign_ca_files")?;
+    let probe = tb_probe.node("x")?;
+    let foreign = agent::ca_args(&probe, "foreign")?;
+    let mesh = TwoNodes::with(
+        "mtls_foreign_ca",
+        &Setup {
+            a1_identity: Some(foreign),
+            ..Setup::default()
+        },
+    )?;
+    refused_by_the_far_agent(
+        &mesh,
+        "weft_tunnel_connections_total",
+        &[("direction", "inbound"), ("result", "handshake_failed")],
+    )?;
+    drop(tb_probe);
+    Ok(())
+}
+
+#[test]
+fn an_expired_intermediate_is_rejected() -> Result<()> {
+    let tb = Testbed::new("mtls_expired_files")?;
+    let probe = tb.node("x")?;
+    let root = agent::identity_args(&probe)?;
+    let dir = probe.run_dir().join("expired");
+    // Valid for 0 days: expired as soon as its one-minute backdate has passed.
+    let done = Command::new(testbed::weft_bin())
+        .args([
+            "ca",
+            "intermediate",
+            "--root-cert",
+            &root[1],
+            "--root-key",
+            &root[3],
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--valid-days", "0"])
+        .output()?;
+    ensure!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let expired = vec![
+        "--ca-cert".to_owned(),
+        dir.join("ca.crt").display().to_string(),
+        "--ca-key".to_owned(),
+        dir.join("ca.key").display().to_string(),
+    ];
+    // n1 signs with the expired intermediate; both agents trust the same root.
+    let mut a1_identity = expired;
+    a1_identity.extend(["--trust-bundle".to_owned(), root[1].clone()]);
+    let mesh = TwoNodes::with(
+        "mtls_expired",
+        &Setup {
+            a1_identity: Some(a1_identity),
+            ..Setup::default()
+        },
+    )?;
+    refused_by_the_far_agent(
+        &mesh,
+        "weft_tunnel_connections_total",
+        &[("direction", "inbound"), ("result", "handshake_failed")],
+    )
 }

@@ -132,8 +132,10 @@ pub struct MeshView {
 
 impl MeshView {
     fn build(node: &NodeState) -> Self {
+        let mut policy = node.inbound_policy.clone();
+        policy.extend(node.policy.iter().map(|(k, v)| (*k, *v)));
         let mut view = Self {
-            policy: node.policy.clone(),
+            policy,
             ..Self::default()
         };
         for w in node.workloads.iter().filter(|w| w.meshed) {
