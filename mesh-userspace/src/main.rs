@@ -209,6 +209,21 @@ enum CaCommand {
         #[arg(long, default_value_t = 365)]
         valid_days: u64,
     },
+    /// Issue a certificate for a peer outside the mesh (e.g. a proxy): one PEM file with the
+    /// certificate, its intermediates and its key.
+    Issue {
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// The SPIFFE ID it carries (URI SAN).
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        valid_days: u64,
+    },
 }
 
 fn ca_command(command: CaCommand) -> anyhow::Result<()> {
@@ -259,6 +274,30 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
             })?;
             let (cert, key) = root.issue_intermediate(&td, days(valid_days))?;
             write(&dir, &cert, &key)
+        }
+        CaCommand::Issue {
+            ca_cert,
+            ca_key,
+            id,
+            out,
+            valid_days,
+        } => {
+            let ca = Ca::load(&CaFiles {
+                cert: ca_cert,
+                key: ca_key,
+            })?;
+            let id = weft::identity::SpiffeId::parse(&id)?;
+            let pem = ca.issue_pem(&id, days(valid_days))?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            std::io::Write::write_all(&mut file, pem.as_bytes())?;
+            println!("wrote {}", out.display());
+            Ok(())
         }
     }
 }

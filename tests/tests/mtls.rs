@@ -76,7 +76,7 @@ impl TwoNodes {
         let run_ca = agent::identity_args(&n1)?;
         let mut args1 = setup.a1_identity.clone().unwrap_or_else(|| run_ca.clone());
         args1.extend(setup.a1_args.iter().cloned());
-        let mut args2 = run_ca;
+        let mut args2 = setup.a2_identity.clone().unwrap_or(run_ca);
         args2.extend(setup.a2_args.iter().cloned());
         let a1 = Agent::start(&n1, &args1.iter().map(String::as_str).collect::<Vec<_>>())?;
         let a2 = Agent::start(&n2, &args2.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -131,6 +131,8 @@ struct Setup<'a> {
     a2_args: Vec<String>,
     /// Replaces the run CA flags of n1's agent (another CA, an expired intermediate).
     a1_identity: Option<Vec<String>>,
+    /// Replaces the run CA flags of n2's agent.
+    a2_identity: Option<Vec<String>>,
     /// `weft.dev/mtls-mode` of the server pod.
     server_mode: Option<&'a str>,
     /// The client's service account as n2's agent believes it.
@@ -542,4 +544,53 @@ fn an_expired_intermediate_is_rejected() -> Result<()> {
         "weft_tunnel_connections_total",
         &[("direction", "inbound"), ("result", "handshake_failed")],
     )
+}
+
+#[test]
+fn a_new_root_is_trusted_once_the_bundle_file_lists_it_without_restarts() -> Result<()> {
+    // n1 signs with root B, n2 with the run's root A. Each agent reads its trust bundle from a
+    // file that lists only its own root at first: the handshake fails. Then both files list
+    // A and B (the middle step of a root rotation): traffic flows, no agent restarted.
+    let files = Testbed::new("mtls_bundle_files")?;
+    let probe = files.node("x")?;
+    let root_b = agent::ca_args(&probe, "root-b")?;
+    let dir = probe.run_dir();
+    let (bundle1, bundle2) = (dir.join("bundle-n1.pem"), dir.join("bundle-n2.pem"));
+    let root_a = agent::identity_args(&probe)?;
+    let pem_a = std::fs::read_to_string(&root_a[1])?;
+    let pem_b = std::fs::read_to_string(&root_b[1])?;
+    std::fs::write(&bundle1, &pem_b)?;
+    std::fs::write(&bundle2, &pem_a)?;
+    let bundle_flag = |p: &Path| vec!["--trust-bundle".to_owned(), p.display().to_string()];
+    let mut a1_identity = root_b.clone();
+    a1_identity.extend(bundle_flag(&bundle1));
+    let mut a2_identity = root_a.clone();
+    a2_identity.extend(bundle_flag(&bundle2));
+    let mesh = TwoNodes::with(
+        "mtls_bundle",
+        &Setup {
+            a1_identity: Some(a1_identity),
+            a2_identity: Some(a2_identity),
+            ..Setup::default()
+        },
+    )?;
+    refused_by_the_far_agent(
+        &mesh,
+        "weft_tunnel_connections_total",
+        &[("direction", "inbound"), ("result", "handshake_failed")],
+    )?;
+    let both = format!("{pem_a}{pem_b}");
+    for f in [&bundle1, &bundle2] {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, &both)?;
+        std::fs::rename(&tmp, f)?;
+    }
+    eventually(Duration::from_secs(10), || {
+        let t = mesh.client.transfer(mesh.echo.addr(), 1 << 12, 1)?;
+        ensure!(t.all_ok(), "{t:?}");
+        Ok(())
+    })
+    .with_context(|| mesh.diag())?;
+    drop(files);
+    Ok(())
 }

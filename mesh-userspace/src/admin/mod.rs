@@ -29,6 +29,10 @@ pub struct Status {
     pub interfaces: Vec<String>,
     pub config_errors: Vec<String>,
     pub last_sync_error: Option<String>,
+    /// Workload certificates this agent holds (`spiffe id` → expiry, seconds since the epoch);
+    /// absent without a CA (no tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identities: Option<Vec<(String, u64)>>,
 }
 
 pub async fn serve(shared: SharedState, config: &AgentConfig) -> std::io::Result<()> {
@@ -204,6 +208,18 @@ fn status(s: &crate::app::Shared) -> Status {
             .collect(),
         config_errors: s.config_errors.clone(),
         last_sync_error: s.last_sync_error.clone(),
+        identities: s.engine.as_ref().and_then(|e| e.tunnel.as_ref()).map(|t| {
+            t.ids
+                .held()
+                .into_iter()
+                .map(|(id, until)| {
+                    let secs = until
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    (id.to_string(), secs)
+                })
+                .collect()
+        }),
     }
 }
 

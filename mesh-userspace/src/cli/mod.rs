@@ -245,6 +245,15 @@ pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
     println!("policy entries    {}", s.policy_entries);
     println!("fast-path sockets {}", s.sockhash_entries);
     println!("live flows        {}", s.live_flows);
+    if let Some(ids) = &s.identities {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        println!("identities        {} (mTLS tunnel on)", ids.len());
+        for (id, until) in ids {
+            println!("  {id}  expires in {}s", until.saturating_sub(now));
+        }
+    }
     println!("pod interfaces    {}", s.interfaces.join(" "));
     for e in &s.config_errors {
         println!("config error      {e}");

@@ -111,7 +111,12 @@ fn ca_params(trust_domain: &TrustDomain, name: &str, validity: Duration) -> Cert
         DnType::OrganizationName,
         format!("weft {}", trust_domain.as_str()),
     );
-    dn.push(DnType::CommonName, name);
+    // A unique name per CA: verifiers pick trust anchors and issuers by subject, so two roots
+    // in one bundle (a rotation) must not share one.
+    dn.push(
+        DnType::CommonName,
+        format!("{name} {:08x}", rand::random::<u32>()),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -204,6 +209,45 @@ impl Ca {
     /// # Errors
     /// When signing fails.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, IdentityError> {
+        let (chain, key, not_before, not_after) = self.sign(id, ttl)?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signer =
+            rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Key)?;
+        Ok(Svid {
+            id: id.clone(),
+            certified: Arc::new(CertifiedKey::new(chain, signer)),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// [`Ca::issue`] as one PEM text: the certificate, its intermediates, then the key (the
+    /// layout haproxy and nginx read), for peers outside the mesh (`weft ca issue`).
+    ///
+    /// # Errors
+    /// When signing fails.
+    pub fn issue_pem(&self, id: &SpiffeId, ttl: Duration) -> Result<String, IdentityError> {
+        let (chain, key, _, _) = self.sign(id, ttl)?;
+        let mut out: String = chain.iter().map(rustls_pem).collect();
+        out.push_str(&key.serialize_pem());
+        Ok(out)
+    }
+
+    /// A fresh key pair and its certificate chain (leaf, then intermediates: the root is the
+    /// peer's trust anchor) for `id`.
+    fn sign(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            KeyPair,
+            SystemTime,
+            SystemTime,
+        ),
+        IdentityError,
+    > {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
@@ -225,21 +269,12 @@ impl Ca {
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer)?;
         let mut chain = vec![cert.der().clone()];
-        // The root is the peer's trust anchor; intermediates go with the leaf.
         chain.extend(self.chain.iter().filter(|c| **c != self.root).cloned());
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signer =
-            rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Key)?;
-        Ok(Svid {
-            id: id.clone(),
-            certified: Arc::new(CertifiedKey::new(chain, signer)),
-            not_before,
-            not_after,
-        })
+        Ok((chain, key, not_before, not_after))
     }
 }
 
 /// PEM text of one certificate.
-fn rustls_pem(cert: &CertificateDer<'_>) -> String {
+fn rustls_pem(cert: &CertificateDer<'static>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", cert.as_ref().to_vec()))
 }
