@@ -1,5 +1,5 @@
-//! `cargo xtask bench l4` (here) and `cargo xtask bench l7` (in `l7`, with the reverse proxies
-//! it compares with in `proxies` and its `wrk` driver).
+//! `cargo xtask bench l4` (here), `cargo xtask bench l7` (in `l7`, with the reverse proxies
+//! it compares with in `proxies` and its `wrk` driver) and `cargo xtask bench mtls` (in `mtls`).
 //!
 //! `bench l4`: same-node pod-to-pod TCP, without a mesh and with Weft's socket fast
 //! path, measured side by side in one run on two identical testbed nodes. Runs alternate
@@ -17,10 +17,12 @@ use testbed::{Pod, ServeMode, Testbed, agent::Agent};
 use crate::step;
 
 mod l7;
+mod mtls;
 mod proxies;
 mod wrk;
 
 pub use l7::{Options as L7Options, l7};
+pub use mtls::{Options as MtlsOptions, mtls};
 
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 struct Rr {

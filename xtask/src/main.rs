@@ -97,6 +97,22 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// Cross-node, encrypted: no mesh vs Weft's mTLS tunnel (L4 and L7) vs a haproxy mutual-TLS
+    /// pair (fixed-rate HTTP latency, bulk throughput, both agents' memory).
+    Mtls {
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds per measurement run.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Requests per second of the fixed-rate latency runs.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Rounds over all columns (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -271,6 +287,24 @@ fn main() -> Result<()> {
                 repeats,
             };
             bench::l7(&bins.0, &bins.1, options, json.as_deref())
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Mtls {
+                    json,
+                    secs,
+                    rate,
+                    repeats,
+                },
+        } => {
+            ensure_setup()?;
+            let bins = build(true)?;
+            let options = bench::MtlsOptions {
+                secs,
+                rate,
+                repeats,
+            };
+            bench::mtls(&bins.0, &bins.1, &options, json.as_deref())
         }
     }
 }

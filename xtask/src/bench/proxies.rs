@@ -89,6 +89,28 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// haproxy with a configuration of the caller's (written into `<node run dir>/<name>/`),
+    /// listening on `listen` once started.
+    pub fn haproxy_with(
+        node: &Node,
+        name: &str,
+        config: &str,
+        listen: SocketAddrV4,
+    ) -> Result<Self> {
+        let dir = node.run_dir().join(name);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let conf = dir.join("haproxy.cfg");
+        fs::write(&conf, config).with_context(|| format!("writing {}", conf.display()))?;
+        let proc = node.spawn("haproxy", ["-f".to_owned(), path(&conf), "-db".to_owned()])?;
+        let mut proxy = Self {
+            kind: Kind::Haproxy,
+            proc,
+            listen,
+        };
+        proxy.wait_listening(node)?;
+        Ok(proxy)
+    }
+
     #[must_use]
     pub fn kind(&self) -> Kind {
         self.kind
