@@ -311,6 +311,14 @@ pub fn mtls(weft: &Path, workload: &Path, options: &Options, json: Option<&Path>
             Ok(())
         })?;
     }
+    // One unrecorded second of load per column: every column's connections (TLS handshakes
+    // included) are open before anything is measured.
+    step!("warm-up: 1 s of load per column");
+    for col in &columns {
+        let warm = HttpLoadArgs::new(col.url.parse()?, options.rate, Duration::from_secs(1))
+            .connections(LOAD_CONNECTIONS);
+        col.client.http_load(&warm)?;
+    }
     let mut watched = Watched {
         pids: [agent_pid(&n1)?, agent_pid(&n2)?],
         peak_kb: [0, 0],
