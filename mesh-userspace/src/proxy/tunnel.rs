@@ -42,7 +42,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 DATA frames instead of 8 KiB ones.
 const COPY_BUFFER: usize = 64 * 1024;
 /// HTTP/2 settings of both ends: frames up to 64 KiB, windows large enough that one stream can
-/// fill a fast link without waiting for WINDOW_UPDATEs.
+/// fill a fast link without waiting for `WINDOW_UPDATE` frames.
 const MAX_FRAME: u32 = 64 * 1024;
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
