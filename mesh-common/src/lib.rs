@@ -109,6 +109,9 @@ pub mod verdict {
     /// Redirected to the userspace L7 engine at `connect()` (the destination service has L7
     /// policy). The legs to and from the engine are fast-path eligible like `FAST`.
     pub const L7: u8 = 3;
+    /// Only in the policy map: allowed (as `FAST`), but a dry-run policy would deny it; the
+    /// attempt is recorded like a denial with reason `DRY_RUN`.
+    pub const AUDIT: u8 = 4;
 }
 
 /// Why a verdict was reached, recorded with each flow.
@@ -135,6 +138,8 @@ pub mod reason {
     /// The destination is a STRICT meshed pod on another node and the engine is not alive:
     /// refused rather than sent in plaintext (fail closed).
     pub const TUNNEL_DOWN: u8 = 9;
+    /// Allowed, but a dry-run (audit) policy would have denied it.
+    pub const DRY_RUN: u8 = 10;
 }
 
 /// Bits of [`Endpoint::flags`].
@@ -208,7 +213,9 @@ pub mod global_counter {
     pub const TUNNEL_REDIRECT: usize = 10;
     /// A plaintext TCP connection from outside the node to a STRICT pod was dropped (its SYN).
     pub const STRICT_INBOUND_DROP: usize = 11;
-    pub const COUNT: usize = 12;
+    /// A connection a dry-run policy would have denied was allowed.
+    pub const DRY_RUN_WOULD_DENY: usize = 12;
+    pub const COUNT: usize = 13;
 }
 
 /// Index 0 of [`map_names::CONFIG`].
@@ -492,7 +499,7 @@ assert_size! {
     PairKey => 8,
     PairStats => 56,
     IfStats => 40,
-    GlobalStats => 96,
+    GlobalStats => 104,
 }
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test

@@ -126,8 +126,14 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
     }
 
     if info.verdict == verdict::DENY {
-        record_deny(&info, dst_ip_be, dst_port_be);
+        record_deny(&info, dst_ip_be, dst_port_be, info.reason);
         return Ok(REFUSE);
+    }
+    if info.verdict == verdict::AUDIT {
+        // A dry-run policy would deny this: recorded like a denial, then allowed.
+        record_deny(&info, dst_ip_be, dst_port_be, reason::DRY_RUN);
+        stats::bump(global_counter::DRY_RUN_WOULD_DENY);
+        info.verdict = verdict::FAST;
     }
     let remote = dst_flags & endpoint_flags::REMOTE != 0;
     if l7_service || remote {
@@ -144,7 +150,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
             // Fail closed: a meshed flow never leaves the node in plaintext towards a STRICT pod.
             info.verdict = verdict::DENY;
             info.reason = reason::TUNNEL_DOWN;
-            record_deny(&info, dst_ip_be, dst_port_be);
+            record_deny(&info, dst_ip_be, dst_port_be, reason::TUNNEL_DOWN);
             return Ok(REFUSE);
         }
     }
@@ -211,11 +217,15 @@ fn decide(info: &mut ConnectInfo, dst_port_be: u16) {
     }
 }
 
+/// Records a refused attempt (or, with reason `DRY_RUN`, one a dry-run policy would refuse:
+/// listed, but not counted as denied).
 #[inline(always)]
-fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16) {
-    stats::pair(info.src_workload, info.dst_workload, |s| {
-        s.conns_denied += 1
-    });
+fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16, why: u8) {
+    if why != reason::DRY_RUN {
+        stats::pair(info.src_workload, info.dst_workload, |s| {
+            s.conns_denied += 1
+        });
+    }
     let key = DenyKey {
         src_workload: info.src_workload,
         dst_workload: info.dst_workload,
@@ -232,13 +242,14 @@ fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16) {
             (*v).count += 1;
             (*v).last_ns = now;
             (*v).rule_id = info.rule_id;
+            (*v).reason = why;
         }
     } else {
         let v = DenyValue {
             count: 1,
             last_ns: now,
             rule_id: info.rule_id,
-            reason: info.reason,
+            reason: why,
             _pad0: 0,
             _pad1: 0,
         };

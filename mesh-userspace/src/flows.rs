@@ -103,6 +103,10 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
         reason::ENGINE => "L7 engine to a backend".into(),
         reason::TUNNEL => "to another node's pod, through the mTLS tunnel".into(),
         reason::TUNNEL_DOWN => "STRICT pod on another node, tunnel down: refused".into(),
+        reason::DRY_RUN => state.rule(rule_id).map_or_else(
+            || format!("dry-run policy rule #{rule_id}"),
+            |r| format!("{} (dry run: not enforced)", r.description),
+        ),
         other => format!("reason {other}"),
     }
 }
@@ -189,9 +193,17 @@ impl FlowTable {
                 },
                 dst: peer(state, k.dst_ip_be, u16::from_be(k.dst_port_be)),
                 service: None,
-                verdict: "DENY".into(),
-                reason: reason_text(state, reason::POLICY, v.rule_id),
-                state: "denied".into(),
+                verdict: if v.reason == reason::DRY_RUN {
+                    "AUDIT".into()
+                } else {
+                    "DENY".into()
+                },
+                reason: reason_text(state, v.reason, v.rule_id),
+                state: if v.reason == reason::DRY_RUN {
+                    "would be denied (dry run): allowed".into()
+                } else {
+                    "denied".into()
+                },
                 fast_path: None,
                 bytes_to_dst: 0,
                 bytes_to_src: 0,

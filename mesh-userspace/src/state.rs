@@ -16,8 +16,8 @@ use crate::{
     control::{
         ObjectSet,
         objects::{
-            Action, AuthorizationPolicy, INJECT_ANNOTATION, MTLS_MODE_KEY, MtlsMode, Source,
-            selector_matches,
+            Action, AuthorizationPolicy, DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY,
+            MtlsMode, Source, selector_matches,
         },
     },
     identity::{SpiffeId, TrustDomain},
@@ -189,19 +189,7 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     let mtls_default = mesh_settings(objects, &mut state, &mut problems);
     state.nodes = nodes(objects, &mut problems);
 
-    let opted_out_ns: BTreeSet<&str> = objects
-        .namespaces
-        .iter()
-        .filter(|n| {
-            n.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(INJECT_ANNOTATION))
-                .map(String::as_str)
-                == Some("disabled")
-        })
-        .filter_map(|n| n.metadata.name.as_deref())
-        .collect();
+    let opted_out_ns = labelled_namespaces(objects, INJECT_ANNOTATION, "disabled");
 
     let mut ns_mtls = BTreeMap::new();
     for n in &objects.namespaces {
@@ -270,11 +258,17 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
 
     state.l7 = l7_services(objects, &mut state.services, &mut problems);
 
-    let (policy, rules) = policy_entries(&state.workloads, &objects.authorization_policies);
+    let default_deny = labelled_namespaces(objects, DEFAULT_DENY_LABEL, "true");
+    let (policy, rules) = policy_entries(
+        &state.workloads,
+        &objects.authorization_policies,
+        &default_deny,
+    );
     state.policy = policy;
     state.inbound_policy = policy_matrix(
         &state.workloads,
         &objects.authorization_policies,
+        &default_deny,
         |w| !w.local,
         |w| w.local,
     )
@@ -325,7 +319,7 @@ fn workload_of(
     pod: &Pod,
     node: &str,
     node_cgroup: &Path,
-    opted_out_ns: &BTreeSet<&str>,
+    opted_out_ns: &BTreeSet<String>,
     taken: &mut BTreeSet<u32>,
 ) -> Result<Workload, String> {
     let name = pod
@@ -369,7 +363,7 @@ fn workload_of(
         id,
         cgroup: local.then(|| node_cgroup.join(format!("{namespace}_{name}"))),
         uid: pod.metadata.uid.clone(),
-        meshed: !disabled && !opted_out_ns.contains(namespace.as_str()),
+        meshed: !disabled && !opted_out_ns.contains(&namespace),
         service_account: spec
             .service_account_name
             .clone()
@@ -383,6 +377,22 @@ fn workload_of(
         node: pod_node,
         local,
     })
+}
+
+/// Names of the namespaces whose label `key` is `value`.
+fn labelled_namespaces(objects: &ObjectSet, key: &str, value: &str) -> BTreeSet<String> {
+    objects
+        .namespaces
+        .iter()
+        .filter(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(key))
+                .is_some_and(|v| v == value)
+        })
+        .filter_map(|n| n.metadata.name.clone())
+        .collect()
 }
 
 /// Nodes by name: `InternalIP` and IPv4 `spec.podCIDR`.
@@ -686,8 +696,9 @@ fn policy_name(p: &AuthorizationPolicy) -> String {
 pub fn policy_entries(
     workloads: &[Workload],
     policies: &[AuthorizationPolicy],
+    default_deny: &BTreeSet<String>,
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
-    policy_matrix(workloads, policies, |w| w.local, |_| true)
+    policy_matrix(workloads, policies, default_deny, |w| w.local, |_| true)
 }
 
 /// The verdicts for meshed sources and destinations chosen by the two filters (the kernel's
@@ -696,6 +707,7 @@ pub fn policy_entries(
 fn policy_matrix(
     workloads: &[Workload],
     policies: &[AuthorizationPolicy],
+    default_deny: &BTreeSet<String>,
     source: impl Fn(&Workload) -> bool,
     destination: impl Fn(&Workload) -> bool,
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
@@ -737,12 +749,34 @@ fn policy_matrix(
         }
     }
 
+    for ns in default_deny {
+        let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+        ids.insert((format!("namespace {ns}"), None), id);
+        rules.push(RuleInfo {
+            id,
+            policy: format!("namespace {ns}"),
+            action: "DENY".into(),
+            rule: None,
+            description: format!(
+                "DENY: namespace {ns} is default-deny ({DEFAULT_DENY_LABEL}) and no ALLOW rule \
+                 matched"
+            ),
+        });
+    }
+
     let mut entries = BTreeMap::new();
     let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && source(w)).collect();
     for dst in workloads.iter().filter(|w| w.meshed && destination(w)) {
         let applying: Vec<&AuthorizationPolicy> =
             sorted.iter().copied().filter(|p| selects(p, dst)).collect();
-        if applying.is_empty() {
+        let deny_by_default = default_deny
+            .contains(&dst.namespace)
+            .then(|| {
+                ids.get(&(format!("namespace {}", dst.namespace), None))
+                    .copied()
+            })
+            .flatten();
+        if applying.is_empty() && deny_by_default.is_none() {
             continue;
         }
         let mut ports: BTreeSet<u16> = applying
@@ -754,7 +788,7 @@ fn policy_matrix(
         ports.insert(0);
         for src in &sources {
             for &port in &ports {
-                let (v, rule_id) = decide(&applying, src, port, &ids);
+                let (v, rule_id) = decide(&applying, src, port, &ids, deny_by_default);
                 let key = PolicyKey {
                     src_workload: src.id,
                     dst_workload: dst.id,
@@ -776,13 +810,40 @@ fn policy_matrix(
     (entries, rules)
 }
 
-/// Verdict for one (source, destination port) given the policies selecting the destination.
-/// Port 0 stands for "a port no rule names": only rules without port lists can match it.
+/// Verdict for one (source, destination port) given the policies selecting the destination:
+/// the enforced policies decide; if they allow and the dry-run ones would deny, the verdict is
+/// AUDIT (allowed, recorded). Port 0 stands for "a port no rule names": only rules without port
+/// lists can match it. `deny_by_default`: the rule id of the destination namespace's
+/// default-deny, if it has one.
 fn decide(
     applying: &[&AuthorizationPolicy],
     src: &Workload,
     port: u16,
     ids: &BTreeMap<(String, Option<usize>), u32>,
+    deny_by_default: Option<u32>,
+) -> (u8, u32) {
+    let enforced: Vec<&AuthorizationPolicy> = applying
+        .iter()
+        .copied()
+        .filter(|p| !p.spec.dry_run)
+        .collect();
+    let (v, rule_id) = evaluate(&enforced, src, port, ids, deny_by_default);
+    if v != verdict::DENY && enforced.len() < applying.len() {
+        let (would, would_rule) = evaluate(applying, src, port, ids, deny_by_default);
+        if would == verdict::DENY {
+            return (verdict::AUDIT, would_rule);
+        }
+    }
+    (v, rule_id)
+}
+
+/// Istio's semantics for one set of policies: DENY rules win, then ALLOW lists.
+fn evaluate(
+    applying: &[&AuthorizationPolicy],
+    src: &Workload,
+    port: u16,
+    ids: &BTreeMap<(String, Option<usize>), u32>,
+    deny_by_default: Option<u32>,
 ) -> (u8, u32) {
     let rule_id = |p: &AuthorizationPolicy, i| ids.get(&(policy_name(p), i)).copied().unwrap_or(0);
     for p in applying.iter().filter(|p| p.spec.action == Action::Deny) {
@@ -795,7 +856,7 @@ fn decide(
         .filter(|p| p.spec.action == Action::Allow)
         .peekable();
     let Some(first) = allows.peek().copied() else {
-        return (verdict::FAST, 0);
+        return deny_by_default.map_or((verdict::FAST, 0), |id| (verdict::DENY, id));
     };
     for p in allows {
         if let Some(i) = matching_rule(p, src, port) {
@@ -894,6 +955,63 @@ spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80, targetPo
             .get(&key(port))
             .or_else(|| state.policy.get(&key(0)))
             .map(|v| v.verdict)
+    }
+
+    #[test]
+    fn default_deny_namespaces_and_dry_run_policies() {
+        let yaml = format!(
+            "{PODS}\n---\n{}",
+            r"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/default-deny: 'true'}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-from-batch, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {namespaces: [jobs]}}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: audit-batch, namespace: jobs}
+spec:
+  action: DENY
+  dryRun: true
+  rules: [{from: [{source: {namespaces: [shop]}}]}]
+"
+        );
+        let state = build(&objects(&yaml), "n1", Path::new("/cg"));
+        // shop is default-deny: db (no ALLOW policy) is refused to everyone...
+        assert_eq!(verdict_of(&state, "web", "db", 5432), Some(verdict::DENY));
+        assert_eq!(verdict_of(&state, "batch", "db", 5432), Some(verdict::DENY));
+        // ...web only to what its ALLOW policy lists.
+        assert_eq!(
+            verdict_of(&state, "batch", "web", 8080),
+            Some(verdict::FAST)
+        );
+        assert_eq!(verdict_of(&state, "db", "web", 8080), Some(verdict::DENY));
+        // A dry-run DENY is recorded, not enforced; jobs is not default-deny.
+        assert_eq!(verdict_of(&state, "web", "batch", 80), Some(verdict::AUDIT));
+        let audit = state
+            .policy
+            .values()
+            .find(|v| v.verdict == verdict::AUDIT)
+            .unwrap();
+        assert!(
+            state
+                .rule(audit.rule_id)
+                .unwrap()
+                .policy
+                .ends_with("audit-batch")
+        );
+        let shop_rule = state
+            .rules
+            .iter()
+            .find(|r| r.policy == "namespace shop")
+            .unwrap();
+        assert!(shop_rule.description.contains("default-deny"));
     }
 
     #[test]
@@ -1099,6 +1217,7 @@ spec:
                     }),
                     action: if deny { Action::Deny } else { Action::Allow },
                     rules,
+                    dry_run: false,
                 },
                 status: None,
             })
@@ -1151,7 +1270,7 @@ spec:
         #[test]
         fn kernel_lookup_agrees_with_direct_evaluation(policies in proptest::collection::vec(policy(), 0..4)) {
             let ws = workloads_fixture();
-            let (entries, _) = policy_entries(&ws, &policies);
+            let (entries, _) = policy_entries(&ws, &policies, &BTreeSet::new());
             for src in &ws {
                 for dst in &ws {
                     for port in [80, 443, 8080, 9999] {

@@ -594,3 +594,25 @@ fn a_new_root_is_trusted_once_the_bundle_file_lists_it_without_restarts() -> Res
     drop(files);
     Ok(())
 }
+
+#[test]
+fn a_dry_run_policy_on_the_receiving_node_counts_but_does_not_refuse() -> Result<()> {
+    let mesh = TwoNodes::with(
+        "mtls_dry_run",
+        &Setup {
+            n2_extra: Some(
+                "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {name: audit-client, namespace: default}\n\
+                 spec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  \
+                 dryRun: true\n  rules:\n  - from: [{source: {serviceAccounts: [client]}}]\n"
+                    .to_owned(),
+            ),
+            ..Setup::default()
+        },
+    )?;
+    let t = mesh.client.transfer(mesh.echo.addr(), 1 << 12, 1)?;
+    ensure!(t.all_ok(), "{t:?}");
+    let audited = mesh.a2.metric("weft_tunnel_dry_run_denials_total", &[])?;
+    ensure!(audited >= 1.0, "{}", tunnel_metrics(&mesh.a2)?);
+    Ok(())
+}

@@ -82,6 +82,10 @@ impl std::str::FromStr for MtlsMode {
     }
 }
 
+/// Namespace label: `"true"` makes the namespace default-deny: a destination no ALLOW policy
+/// selects is refused to everyone (as if an ALLOW policy with no rules selected it).
+pub const DEFAULT_DENY_LABEL: &str = "weft.dev/default-deny";
+
 /// Namespace label or pod annotation choosing the mTLS mode (`STRICT`, `PERMISSIVE`, `DISABLE`).
 pub const MTLS_MODE_KEY: &str = "weft.dev/mtls-mode";
 
@@ -114,6 +118,10 @@ pub struct AuthorizationPolicySpec {
     pub action: Action,
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Audit mode: the policy is evaluated as if it were enforced, and what it would deny is
+    /// allowed but logged, counted and listed in the flow table (verdict AUDIT).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// What the controller says about a Weft object: `Accepted`, `ResolvedRefs` and `Programmed`

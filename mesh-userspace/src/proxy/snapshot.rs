@@ -186,9 +186,10 @@ impl MeshView {
     }
 
     /// The kernel's decision for (source, destination, port), evaluated the same way: exact
-    /// port, then any port, then the mesh default (allow).
+    /// port, then any port, then the mesh default (allow): `FAST`, `DENY` or `AUDIT` (allowed;
+    /// a dry-run policy would deny).
     #[must_use]
-    pub fn allows(&self, src: u32, dst: u32, port: u16) -> bool {
+    pub fn verdict(&self, src: u32, dst: u32, port: u16) -> u8 {
         let key = |port| PolicyKey {
             src_workload: src,
             dst_workload: dst,
@@ -198,7 +199,7 @@ impl MeshView {
         self.policy
             .get(&key(port))
             .or_else(|| self.policy.get(&key(0)))
-            .is_none_or(|p| p.verdict != mesh_common::verdict::DENY)
+            .map_or(mesh_common::verdict::FAST, |p| p.verdict)
     }
 }
 

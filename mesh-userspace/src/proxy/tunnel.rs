@@ -96,6 +96,8 @@ pub struct TunnelMetrics {
     pub connections: Family<StreamLabels, Counter>,
     /// Workload certificates issued (first issues and rotations).
     pub certificates_issued: Counter,
+    /// Streams allowed that a dry-run policy would have denied.
+    pub dry_run_denials: Counter,
 }
 
 impl TunnelMetrics {
@@ -111,6 +113,11 @@ impl TunnelMetrics {
             "tunnel_connections",
             "Tunnel TLS connections by direction and result (handshake failures included)",
             m.connections.clone(),
+        );
+        registry.register(
+            "tunnel_dry_run_denials",
+            "Tunnel streams allowed that a dry-run authorization policy would deny",
+            m.dry_run_denials.clone(),
         );
         registry.register(
             "identity_certificates_issued",
@@ -537,6 +544,7 @@ struct Refusal(StatusCode, &'static str, String);
 /// connection was opened for, from a claimed source whose identity is the client certificate's,
 /// allowed by authorization policy. Returns the target.
 fn check_stream(
+    tunnel: &Tunnel,
     snapshot: &Snapshot,
     client_id: &SpiffeId,
     served: Option<&SpiffeId>,
@@ -600,15 +608,27 @@ fn check_stream(
             ),
         ));
     }
-    if !snapshot
+    match snapshot
         .mesh
-        .allows(src.workload, dst.workload, target.port())
+        .verdict(src.workload, dst.workload, target.port())
     {
-        return Err(Refusal(
-            StatusCode::FORBIDDEN,
-            "denied",
-            format!("authorization policy denies {claimed} -> {target}"),
-        ));
+        mesh_common::verdict::DENY => {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "denied",
+                format!("authorization policy denies {claimed} -> {target}"),
+            ));
+        }
+        mesh_common::verdict::AUDIT => {
+            tunnel.metrics.dry_run_denials.inc();
+            tracing::info!(
+                target: "weft::deny",
+                source = %claimed,
+                destination = %target,
+                "tunnel stream allowed that a dry-run policy would deny"
+            );
+        }
+        _ => {}
     }
     Ok(target)
 }
@@ -621,7 +641,7 @@ async fn stream(
     served: Option<&SpiffeId>,
     mut request: Request<hyper::body::Incoming>,
 ) -> Response<Empty<Bytes>> {
-    let checked = check_stream(snapshot, client_id, served, &request);
+    let checked = check_stream(tunnel, snapshot, client_id, served, &request);
     let connected = match checked {
         Ok(target) => {
             match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(target)).await {
