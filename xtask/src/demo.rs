@@ -107,11 +107,16 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     }
 
     step!("starting the Weft node agent (loads the eBPF programs into the kernel)");
-    let mut agent = Agent::start(&node, &Agent::PRODUCTION_INTERVALS)?;
+    // The mesh's CA (`weft ca init`): the agent issues its pods' certificates from it.
+    let mut args = testbed::agent::identity_args(&node)?;
+    args.extend(Agent::PRODUCTION_INTERVALS.map(str::to_owned));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::start(&node, &args)?;
     println!("    programs pinned under {}", agent.bpffs_dir.display());
 
     step!("describing the mesh: pods, two services and one policy");
     let pods = [
+        node.manifest(),
         frontend.manifest(&[("app", "frontend")], "frontend"),
         catalog.manifest(&[("app", "catalog")], "catalog"),
         payments.manifest(&[("app", "payments")], "payments"),
@@ -262,10 +267,13 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
         "catalog and payments never touched the engine: no L7 policy, so they stay kernel-only.",
     );
 
+    let (mut remote_agent, remote) = second_node(&tb, &agent, &frontend, &legacy)?;
+
     step!("status (`weft status`)");
     print!("{}", cli(weft, &agent, &["status"])?);
 
-    step!("cleaning up: uninstalling the datapath and removing the node");
+    step!("cleaning up: uninstalling the datapath and removing the nodes");
+    remote_agent.uninstall(&remote)?;
     agent.uninstall(&node)?;
     drop((
         frontend, catalog, payments, intruder, legacy, reviews_v1, reviews_v2, node,
@@ -274,6 +282,100 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     ensure!(left.is_empty(), "the demo left something behind: {left:?}");
     println!("    nothing left: no programs, maps, pins, namespaces or cgroups");
     Ok(())
+}
+
+/// A second node with its own agent and a pod `inventory`: the frontend reaches it through the
+/// agents' mutual-TLS tunnel; a capture of the link between the nodes sees only TLS; the
+/// unmeshed legacy pod is refused (STRICT).
+fn second_node(
+    tb: &Testbed,
+    agent: &Agent,
+    frontend: &testbed::Pod,
+    legacy: &testbed::Pod,
+) -> Result<(Agent, testbed::Node)> {
+    step!("a second node: cross-node traffic is encrypted and authenticated (mTLS)");
+    let remote = tb.node("remote")?;
+    let inventory = remote.pod("inventory")?;
+    println!(
+        "    node remote, link address {}; pod inventory {}",
+        remote.uplink_ip(),
+        inventory.ip()
+    );
+    let mut args = testbed::agent::identity_args(&remote)?;
+    args.extend(Agent::PRODUCTION_INTERVALS.map(str::to_owned));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let remote_agent = Agent::start(&remote, &args)?;
+    // Both agents see every node and pod; each programs its own.
+    let shared = [
+        remote.manifest(),
+        inventory.manifest(&[("app", "inventory")], "inventory"),
+    ]
+    .join("\n---\n");
+    agent.apply("remote.yaml", &shared)?;
+    for file in [
+        "pods.yaml",
+        "mesh.yaml",
+        "reviews-pods.yaml",
+        "reviews.yaml",
+    ] {
+        let text = std::fs::read_to_string(agent.objects_dir.join(file))?;
+        remote_agent.apply(file, &text)?;
+    }
+    remote_agent.apply("remote.yaml", &shared)?;
+    agent.wait_workloads(8)?;
+    remote_agent.wait_workloads(8)?;
+    let server = inventory.serve(ServeMode::Echo, 7000)?;
+    let capture_file = remote.run_dir().join("link.pcap");
+    let capture = remote.spawn(
+        "tcpdump",
+        [
+            "-i",
+            "uplink",
+            "-nn",
+            "-U",
+            "-w",
+            &capture_file.display().to_string(),
+            "tcp",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let report = frontend.transfer(server.addr(), 1024 * 1024, 4)?;
+    println!(
+        "    frontend → inventory (other node): 4 × 1 MiB echoed, {} ok",
+        if report.all_ok() { "all" } else { "NOT all" }
+    );
+    let plain = legacy.try_connect(server.addr(), Duration::from_secs(2))?;
+    println!(
+        "    legacy (unmeshed) → inventory: {}",
+        if plain.ok {
+            "connected (unexpected!)"
+        } else {
+            "no answer: plaintext from another node is dropped before it reaches a STRICT pod"
+        }
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut capture = capture;
+    capture.terminate(Duration::from_secs(5))?;
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&capture_file)
+        .output()
+        .context("tcpdump -r")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let packets = text.lines().count();
+    let tunnel = text.lines().filter(|l| l.contains(".15008")).count();
+    println!(
+        "    tcpdump on the link: {packets} TCP packets, {tunnel} of them the agents' TLS tunnel \
+         (port 15008); the rest: legacy's refused attempts"
+    );
+    let streams = remote_agent.metric(
+        "weft_tunnel_streams_total",
+        &[("direction", "inbound"), ("result", "ok")],
+    )?;
+    println!("    the remote agent accepted {streams} tunnel streams, each checked against the");
+    println!("    client certificate's SPIFFE ID (spiffe://cluster.local/ns/default/sa/frontend)");
+    drop(server);
+    Ok((remote_agent, remote))
 }
 
 fn cli(weft: &Path, agent: &Agent, args: &[&str]) -> Result<String> {
