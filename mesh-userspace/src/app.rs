@@ -487,6 +487,15 @@ fn log_new_denials(snapshot: &FlowSnapshot, seen: &mut BTreeMap<(String, String)
     *seen = now;
 }
 
+/// `endpoint_flags::STRICT` for a STRICT workload when it can be enforced.
+fn strict_flag(w: &crate::state::Workload, enforceable: bool) -> u32 {
+    if enforceable && w.mtls == MtlsMode::Strict {
+        endpoint_flags::STRICT
+    } else {
+        0
+    }
+}
+
 /// Endpoints and pod cgroups: this node's meshed pods (LOCAL, STRICT when they are and the
 /// node's pod network is known), the engine, and with the tunnel on the meshed pods of other
 /// nodes (REMOTE, STRICT).
@@ -515,16 +524,11 @@ fn identities(
         if !tunnel || !reachable || w.mtls == MtlsMode::Disable {
             continue;
         }
-        let strict = if w.mtls == MtlsMode::Strict {
-            endpoint_flags::STRICT
-        } else {
-            0
-        };
         maps.endpoints.insert(
             u32::from(w.ip).to_be(),
             Endpoint {
                 workload_id: w.id,
-                flags: endpoint_flags::REMOTE | strict,
+                flags: endpoint_flags::REMOTE | strict_flag(w, true),
             },
         );
     }
@@ -532,16 +536,11 @@ fn identities(
         .then(|| crate::cgroups::kubelet_pods(&config.cgroup_path));
     for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
         // STRICT inbound needs the node's pod network, to tell this node's clients from others.
-        let strict = if local_net.is_some() && w.mtls == MtlsMode::Strict {
-            endpoint_flags::STRICT
-        } else {
-            0
-        };
         maps.endpoints.insert(
             u32::from(w.ip).to_be(),
             Endpoint {
                 workload_id: w.id,
-                flags: endpoint_flags::LOCAL | strict,
+                flags: endpoint_flags::LOCAL | strict_flag(w, local_net.is_some()),
             },
         );
         // The pod's cgroup and every cgroup below it (its containers) are the pod. A pod whose

@@ -253,12 +253,19 @@ pub fn ca_args(node: &Node, name: &str) -> Result<Vec<String>> {
             );
         }
     }
-    Ok(vec![
+    Ok(ca_flags(&dir))
+}
+
+/// `--ca-cert <dir>/ca.crt --ca-key <dir>/ca.key` (the files `weft ca init` and
+/// `weft ca intermediate` write).
+#[must_use]
+pub fn ca_flags(dir: &Path) -> Vec<String> {
+    vec![
         "--ca-cert".into(),
         dir.join("ca.crt").display().to_string(),
         "--ca-key".into(),
         dir.join("ca.key").display().to_string(),
-    ])
+    ]
 }
 
 /// Sum of the samples of a Prometheus text metric, filtered by labels.

@@ -436,10 +436,22 @@ fn refused_by_the_far_agent(mesh: &TwoNodes, metric: &str, labels: &[(&str, &str
     Ok(())
 }
 
+/// Builds the two nodes as `setup` says and checks that the far agent refuses the client's
+/// connection, counting it in `metric` (inbound) with `result`.
+fn expect_refusal(label: &str, setup: &Setup<'_>, metric: &str, result: &str) -> Result<TwoNodes> {
+    let mesh = TwoNodes::with(label, setup)?;
+    refused_by_the_far_agent(
+        &mesh,
+        metric,
+        &[("direction", "inbound"), ("result", result)],
+    )?;
+    Ok(mesh)
+}
+
 #[test]
 fn the_receiving_agent_enforces_authorization_for_cross_node_flows() -> Result<()> {
     // Only n2 knows the policy: n1's kernel lets the connection out, n2's engine refuses it.
-    let mesh = TwoNodes::with(
+    expect_refusal(
         "mtls_authz",
         &Setup {
             n2_extra: Some(
@@ -451,29 +463,25 @@ fn the_receiving_agent_enforces_authorization_for_cross_node_flows() -> Result<(
             ),
             ..Setup::default()
         },
-    )?;
-    refused_by_the_far_agent(
-        &mesh,
         "weft_tunnel_streams_total",
-        &[("direction", "inbound"), ("result", "denied")],
+        "denied",
     )
+    .map(drop)
 }
 
 #[test]
 fn a_source_presenting_another_identity_is_refused() -> Result<()> {
     // n2 believes the client pod runs as `impostor-check`; its certificate says `client`.
-    let mesh = TwoNodes::with(
+    expect_refusal(
         "mtls_identity",
         &Setup {
             n2_client_sa: Some("impostor-check"),
             ..Setup::default()
         },
-    )?;
-    refused_by_the_far_agent(
-        &mesh,
         "weft_tunnel_streams_total",
-        &[("direction", "inbound"), ("result", "identity_mismatch")],
+        "identity_mismatch",
     )
+    .map(drop)
 }
 
 #[test]
@@ -481,17 +489,14 @@ fn certificates_from_a_foreign_ca_are_rejected() -> Result<()> {
     let tb_probe = Testbed::new("mtls_foreign_ca_files")?;
     let probe = tb_probe.node("x")?;
     let foreign = agent::ca_args(&probe, "foreign")?;
-    let mesh = TwoNodes::with(
+    expect_refusal(
         "mtls_foreign_ca",
         &Setup {
             a1_identity: Some(foreign),
             ..Setup::default()
         },
-    )?;
-    refused_by_the_far_agent(
-        &mesh,
         "weft_tunnel_connections_total",
-        &[("direction", "inbound"), ("result", "handshake_failed")],
+        "handshake_failed",
     )?;
     drop(tb_probe);
     Ok(())
@@ -523,27 +528,19 @@ fn an_expired_intermediate_is_rejected() -> Result<()> {
         String::from_utf8_lossy(&done.stderr)
     );
     std::thread::sleep(Duration::from_secs(2));
-    let expired = vec![
-        "--ca-cert".to_owned(),
-        dir.join("ca.crt").display().to_string(),
-        "--ca-key".to_owned(),
-        dir.join("ca.key").display().to_string(),
-    ];
     // n1 signs with the expired intermediate; both agents trust the same root.
-    let mut a1_identity = expired;
+    let mut a1_identity = agent::ca_flags(&dir);
     a1_identity.extend(["--trust-bundle".to_owned(), root[1].clone()]);
-    let mesh = TwoNodes::with(
+    expect_refusal(
         "mtls_expired",
         &Setup {
             a1_identity: Some(a1_identity),
             ..Setup::default()
         },
-    )?;
-    refused_by_the_far_agent(
-        &mesh,
         "weft_tunnel_connections_total",
-        &[("direction", "inbound"), ("result", "handshake_failed")],
+        "handshake_failed",
     )
+    .map(drop)
 }
 
 #[test]
@@ -566,18 +563,15 @@ fn a_new_root_is_trusted_once_the_bundle_file_lists_it_without_restarts() -> Res
     a1_identity.extend(bundle_flag(&bundle1));
     let mut a2_identity = root_a.clone();
     a2_identity.extend(bundle_flag(&bundle2));
-    let mesh = TwoNodes::with(
+    let mesh = expect_refusal(
         "mtls_bundle",
         &Setup {
             a1_identity: Some(a1_identity),
             a2_identity: Some(a2_identity),
             ..Setup::default()
         },
-    )?;
-    refused_by_the_far_agent(
-        &mesh,
         "weft_tunnel_connections_total",
-        &[("direction", "inbound"), ("result", "handshake_failed")],
+        "handshake_failed",
     )?;
     let both = format!("{pem_a}{pem_b}");
     for f in [&bundle1, &bundle2] {

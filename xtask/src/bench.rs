@@ -21,8 +21,8 @@ mod mtls;
 mod proxies;
 mod wrk;
 
-pub use l7::{Options as L7Options, l7};
-pub use mtls::{Options as MtlsOptions, mtls};
+pub use l7::{Options as RateOptions, l7};
+pub use mtls::mtls;
 
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 struct Rr {

@@ -82,37 +82,37 @@ enum BenchCmd {
     },
     /// HTTP/1.1 pod to pod: direct vs Weft's L7 engine vs nginx vs haproxy (requests/s with wrk,
     /// fixed-rate latency with weft-workload http-load, the agent's memory).
-    L7 {
-        /// Write the results as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Seconds per measurement run (each round runs wrk and the fixed-rate load this long
-        /// per column).
-        #[arg(long, default_value_t = 5)]
-        secs: u64,
-        /// Requests per second of the fixed-rate latency runs.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        /// Rounds over all columns (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-    },
+    L7(RateArgs),
     /// Cross-node, encrypted: no mesh vs Weft's mTLS tunnel (L4 and L7) vs a haproxy mutual-TLS
     /// pair (fixed-rate HTTP latency, bulk throughput, both agents' memory).
-    Mtls {
-        /// Write the results as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Seconds per measurement run.
-        #[arg(long, default_value_t = 5)]
-        secs: u64,
-        /// Requests per second of the fixed-rate latency runs.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        /// Rounds over all columns (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-    },
+    Mtls(RateArgs),
+}
+
+/// Flags of the benchmarks that drive a fixed request rate.
+#[derive(clap::Args)]
+struct RateArgs {
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Seconds per measurement run.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    /// Requests per second of the fixed-rate latency runs.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Rounds over all columns (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+impl RateArgs {
+    fn options(&self) -> bench::RateOptions {
+        bench::RateOptions {
+            secs: self.secs,
+            rate: self.rate,
+            repeats: self.repeats,
+        }
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -271,40 +271,18 @@ fn main() -> Result<()> {
             bench::l4(&bins.0, &bins.1, secs, repeats, json.as_deref())
         }
         Cmd::Bench {
-            which:
-                BenchCmd::L7 {
-                    json,
-                    secs,
-                    rate,
-                    repeats,
-                },
+            which: BenchCmd::L7(args),
         } => {
             ensure_setup()?;
             let bins = build(true)?;
-            let options = bench::L7Options {
-                secs,
-                rate,
-                repeats,
-            };
-            bench::l7(&bins.0, &bins.1, options, json.as_deref())
+            bench::l7(&bins.0, &bins.1, args.options(), args.json.as_deref())
         }
         Cmd::Bench {
-            which:
-                BenchCmd::Mtls {
-                    json,
-                    secs,
-                    rate,
-                    repeats,
-                },
+            which: BenchCmd::Mtls(args),
         } => {
             ensure_setup()?;
             let bins = build(true)?;
-            let options = bench::MtlsOptions {
-                secs,
-                rate,
-                repeats,
-            };
-            bench::mtls(&bins.0, &bins.1, &options, json.as_deref())
+            bench::mtls(&bins.0, &bins.1, &args.options(), args.json.as_deref())
         }
     }
 }

@@ -288,7 +288,7 @@ fn measure(target: &Target, options: &Options) -> Result<Sample> {
 }
 
 /// `VmRSS` of `pid`, in KiB.
-fn vm_rss_kb(pid: u32) -> Result<u64> {
+pub(super) fn vm_rss_kb(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -357,7 +357,7 @@ fn weft_target(node: &Node, side: &Side, agent: &mut Option<Agent>) -> Result<Ta
 }
 
 /// The agent runs alone in the node's agent cgroup.
-fn agent_pid(node: &Node) -> Result<u32> {
+pub(super) fn agent_pid(node: &Node) -> Result<u32> {
     let procs = node.agent_cgroup().join("cgroup.procs");
     let text =
         std::fs::read_to_string(&procs).with_context(|| format!("reading {}", procs.display()))?;

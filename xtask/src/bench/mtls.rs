@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use serde::Serialize;
 use testbed::{
     Node, Pod, ServeMode, Server, Testbed,
@@ -41,11 +41,7 @@ const LOAD_CONNECTIONS: u32 = 16;
 const TARGET_ADDED_P99_RATIO: f64 = 0.5;
 const TARGET_GBPS_RATIO: f64 = 1.0;
 
-pub struct Options {
-    pub secs: u64,
-    pub rate: f64,
-    pub repeats: usize,
-}
+use super::l7::{Options, agent_pid, vm_rss_kb};
 
 #[derive(Debug, Serialize)]
 struct Report {
@@ -109,28 +105,6 @@ impl Column {
 struct Watched {
     pids: [u32; 2],
     peak_kb: [u64; 2],
-}
-
-fn vm_rss_kb(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS line")
-}
-
-fn agent_pid(node: &Node) -> Result<u32> {
-    let procs = node.agent_cgroup().join("cgroup.procs");
-    let text = std::fs::read_to_string(&procs)?;
-    let pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-    match pids.as_slice() {
-        [pid] => Ok(*pid),
-        other => bail!(
-            "expected the agent alone in {}, found {other:?}",
-            procs.display()
-        ),
-    }
 }
 
 fn run_column(col: &mut Column, options: &Options, watch: Option<&mut Watched>) -> Result<()> {
