@@ -462,25 +462,19 @@ fn log_new_denials(snapshot: &FlowSnapshot, seen: &mut BTreeMap<(String, String)
         );
         let before = seen.get(&(src.clone(), dst.clone())).copied().unwrap_or(0);
         if d.attempts > before {
-            if d.verdict == "AUDIT" {
-                tracing::info!(
-                    target: "weft::deny",
-                    source = %src,
-                    destination = %dst,
-                    attempts = d.attempts - before,
-                    reason = %d.reason,
-                    "connection allowed that a dry-run policy would deny"
-                );
+            let what = if d.verdict == "AUDIT" {
+                "connection allowed that a dry-run policy would deny"
             } else {
-                tracing::info!(
-                    target: "weft::deny",
-                    source = %src,
-                    destination = %dst,
-                    attempts = d.attempts - before,
-                    reason = %d.reason,
-                    "connection denied"
-                );
-            }
+                "connection denied"
+            };
+            tracing::info!(
+                target: "weft::deny",
+                source = %src,
+                destination = %dst,
+                attempts = d.attempts - before,
+                reason = %d.reason,
+                "{what}"
+            );
         }
         now.insert((src, dst), d.attempts);
     }
