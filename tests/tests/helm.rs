@@ -76,7 +76,14 @@ fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
     let bed = Testbed::new("helm-dry-run")?;
     let cp = ControlPlane::start(&bed.node("cp")?)?;
     let mut args = CHART_RENDER_ARGS.to_vec();
-    args.extend(["--kube-version", "v1.20.2", "deploy/helm/weft"]);
+    // With mutual TLS on: the CA secret's volume and the tunnel flags are checked too.
+    args.extend([
+        "--kube-version",
+        "v1.20.2",
+        "--set",
+        "mtls.caSecretName=weft-ca",
+        "deploy/helm/weft",
+    ]);
     let rendered = helm(&args)?;
     let (crds, rest): (Vec<&str>, Vec<&str>) = rendered
         .split("\n---")
@@ -85,6 +92,11 @@ fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
     ensure!(
         crds.len() == 3 && rest.len() >= 10,
         "unexpected rendering: {rendered}"
+    );
+    ensure!(
+        rendered.contains("--ca-cert=/etc/weft/ca/ca.crt")
+            && rendered.contains("secretName: weft-ca"),
+        "mtls values not rendered: {rendered}"
     );
     // The namespace the chart is installed into, and its CRDs, for real; the rest dry-run.
     cp.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n")?;
