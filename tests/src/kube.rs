@@ -9,6 +9,7 @@
 use std::{
     fs,
     future::Future,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -90,7 +91,9 @@ impl ControlPlane {
             assets.join("kube-apiserver"),
             [
                 format!("--etcd-servers={ETCD_CLIENT}"),
-                "--bind-address=127.0.0.1".into(),
+                // Every address of the node: its loopback for its own processes, its fabric
+                // address for agents on the run's other nodes.
+                "--bind-address=0.0.0.0".into(),
                 "--advertise-address=127.0.0.1".into(),
                 format!("--secure-port={API_PORT}"),
                 "--insecure-port=0".into(),
@@ -146,13 +149,23 @@ impl ControlPlane {
     /// A kubeconfig for processes in the node: the admin token, the server's self-signed
     /// certificate trusted as is.
     pub fn kubeconfig_path(&self) -> Result<PathBuf> {
-        let path = self.dir.join("kubeconfig");
+        self.kubeconfig_at("kubeconfig", Ipv4Addr::LOCALHOST)
+    }
+
+    /// The same for processes on the run's other nodes: the server at this node's fabric
+    /// address.
+    pub fn kubeconfig_for_other_nodes(&self) -> Result<PathBuf> {
+        self.kubeconfig_at("kubeconfig-remote", self.node.uplink_ip())
+    }
+
+    fn kubeconfig_at(&self, file: &str, server: Ipv4Addr) -> Result<PathBuf> {
+        let path = self.dir.join(file);
         let text = format!(
             "apiVersion: v1
 kind: Config
 clusters:
 - name: test
-  cluster: {{server: 'https://127.0.0.1:{API_PORT}', insecure-skip-tls-verify: true}}
+  cluster: {{server: 'https://{server}:{API_PORT}', insecure-skip-tls-verify: true}}
 users:
 - name: admin
   user: {{token: {ADMIN_TOKEN}}}
