@@ -93,6 +93,8 @@ pub struct L7Service {
     pub grpc_routes: Vec<gateway_api::grpcroutes::GrpcRoute>,
     /// `namespace/name` of the traffic policy and its spec.
     pub policy: Option<(String, crate::policy::TrafficPolicySpec)>,
+    /// Authorization policies whose `targetRef` is this service (checked per request).
+    pub authz: Vec<AuthorizationPolicy>,
 }
 
 /// Why a policy entry exists; `/flows` shows it next to each verdict.
@@ -259,6 +261,7 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     state.l7 = l7_services(objects, &mut state.services, &mut problems);
 
     let default_deny = labelled_namespaces(objects, DEFAULT_DENY_LABEL, "true");
+    problems.extend(l7_attribute_problems(objects));
     let (policy, rules) = policy_entries(
         &state.workloads,
         &objects.authorization_policies,
@@ -377,6 +380,33 @@ fn workload_of(
         node: pod_node,
         local,
     })
+}
+
+/// Selector policies whose rules use request attributes the kernel cannot see.
+fn l7_attribute_problems(objects: &ObjectSet) -> Vec<String> {
+    let mut problems = Vec::new();
+    for p in objects
+        .authorization_policies
+        .iter()
+        .filter(|p| p.spec.target_ref.is_none())
+    {
+        for (i, rule) in p.spec.rules.iter().enumerate() {
+            if rule.has_l7_attributes() {
+                problems.push(format!(
+                    "AuthorizationPolicy {} rule {i} uses methods, paths or conditions, which \
+                     only a policy with a targetRef (a Service, checked per request) can see; at \
+                     connect() it {}",
+                    policy_name(p),
+                    if p.spec.action == Action::Allow {
+                        "never matches"
+                    } else {
+                        "matches on its sources and ports alone"
+                    }
+                ));
+            }
+        }
+    }
+    problems
 }
 
 /// Names of the namespaces whose label `key` is `value`.
@@ -526,6 +556,18 @@ fn service_ports(
 
 /// Attaches routes (GAMMA: a Service as parentRef) and traffic policies to service ports; every
 /// port with either becomes an L7 service.
+/// Whether a policy (its metadata and `targetRef`) targets this Service port.
+fn targets(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    target: Option<&crate::policy::TargetRef>,
+    svc: &ServicePort,
+) -> bool {
+    meta.namespace.as_deref().unwrap_or("default") == svc.namespace
+        && target.is_some_and(|t| {
+            t.is_service() && t.name == svc.name && t.port.is_none_or(|p| p == svc.port)
+        })
+}
+
 fn l7_services(
     objects: &ObjectSet,
     services: &mut [ServicePort],
@@ -560,12 +602,7 @@ fn l7_services(
         let mut policies: Vec<&crate::policy::TrafficPolicy> = objects
             .traffic_policies
             .iter()
-            .filter(|p| {
-                p.metadata.namespace.as_deref().unwrap_or("default") == svc.namespace
-                    && p.spec.target_ref.as_ref().is_some_and(|t| {
-                        t.is_service() && t.name == svc.name && t.port.is_none_or(|p| p == svc.port)
-                    })
-            })
+            .filter(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc))
             .collect();
         // Of several, the oldest applies (then by name), as Gateway API resolves conflicts;
         // the controller reports the others as Conflicted.
@@ -595,7 +632,14 @@ fn l7_services(
                 policy.as_ref().map(|p| p.0.as_str()).unwrap_or_default()
             ));
         }
-        if http_routes.is_empty() && grpc_routes.is_empty() && policy.is_none() {
+        let authz: Vec<AuthorizationPolicy> = objects
+            .authorization_policies
+            .iter()
+            .filter(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc))
+            .cloned()
+            .collect();
+        if http_routes.is_empty() && grpc_routes.is_empty() && policy.is_none() && authz.is_empty()
+        {
             continue;
         }
         svc.l7 = true;
@@ -609,6 +653,7 @@ fn l7_services(
             http_routes,
             grpc_routes,
             policy,
+            authz,
         });
     }
     for p in &objects.traffic_policies {
@@ -661,9 +706,15 @@ fn source_matches(src: &Source, w: &Workload, policy_ns: &str) -> bool {
 }
 
 /// Index of the first rule of `p` that matches (source, port).
+/// The first rule of `p` matching at `connect()` time. A rule with L7 attributes cannot be
+/// checked there: it never matches in an ALLOW policy and matches on its L4 parts in a DENY
+/// policy (both fail closed; such rules belong in `targetRef` policies).
 fn matching_rule(p: &AuthorizationPolicy, src: &Workload, port: u16) -> Option<usize> {
     let ns = p.metadata.namespace.as_deref().unwrap_or("default");
     p.spec.rules.iter().position(|r| {
+        if r.has_l7_attributes() && p.spec.action == Action::Allow {
+            return false;
+        }
         let from_ok =
             r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, src, ns));
         let to_ok = r.to.is_empty()
@@ -675,7 +726,8 @@ fn matching_rule(p: &AuthorizationPolicy, src: &Workload, port: u16) -> Option<u
 }
 
 fn selects(p: &AuthorizationPolicy, dst: &Workload) -> bool {
-    p.metadata.namespace.as_deref().unwrap_or("default") == dst.namespace
+    p.spec.target_ref.is_none()
+        && p.metadata.namespace.as_deref().unwrap_or("default") == dst.namespace
         && p.spec
             .selector
             .as_ref()
@@ -1015,6 +1067,56 @@ spec:
     }
 
     #[test]
+    fn l7_attributes_fail_closed_at_connect_time_and_target_ref_policies_make_l7_services() {
+        let yaml = format!(
+            "{PODS}\n---\n{}",
+            r"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-get-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-no-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [jobs]}}], to: [{operation: {paths: [/admin]}}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-per-request, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"
+        );
+        let state = build(&objects(&yaml), "n1", Path::new("/cg"));
+        // ALLOW with L7 attributes never matches at connect(): everything to web is refused.
+        assert_eq!(verdict_of(&state, "db", "web", 8080), Some(verdict::DENY));
+        // DENY with L7 attributes matches on its L4 part: jobs is refused, shop is not.
+        assert_eq!(verdict_of(&state, "batch", "db", 5432), Some(verdict::DENY));
+        assert_eq!(verdict_of(&state, "web", "db", 5432), Some(verdict::FAST));
+        assert_eq!(
+            state
+                .problems
+                .iter()
+                .filter(|p| p.contains("targetRef"))
+                .count(),
+            2,
+            "{:?}",
+            state.problems
+        );
+        // The targetRef policy makes web an L7 service and stays out of the kernel's matrix.
+        let web = state.l7.iter().find(|l| l.name == "web").unwrap();
+        assert_eq!(web.authz.len(), 1);
+        assert!(state.services.iter().any(|s| s.name == "web" && s.l7));
+    }
+
+    #[test]
     fn workloads_services_and_named_target_ports() {
         let s = build(&objects(PODS), "n1", Path::new("/cg/node"));
         assert_eq!(s.workloads.len(), 4);
@@ -1185,13 +1287,20 @@ spec:
                 }
             });
         let op = subset(&PORTS).prop_map(|ports| To {
-            operation: Operation { ports },
+            operation: Operation {
+                ports,
+                ..Operation::default()
+            },
         });
         (
             proptest::collection::vec(source, 0..3),
             proptest::collection::vec(op, 0..3),
         )
-            .prop_map(|(from, to)| Rule { from, to })
+            .prop_map(|(from, to)| Rule {
+                from,
+                to,
+                when: Vec::new(),
+            })
     }
 
     fn policy() -> impl Strategy<Value = AuthorizationPolicy> {
@@ -1218,6 +1327,7 @@ spec:
                     action: if deny { Action::Deny } else { Action::Allow },
                     rules,
                     dry_run: false,
+                    target_ref: None,
                 },
                 status: None,
             })

@@ -255,7 +255,13 @@ async fn write_statuses(
             }
             for p in authz.objects() {
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-                publish(&api, &recorder, &p, &validate::authorization_policy(&p)).await;
+                publish(
+                    &api,
+                    &recorder,
+                    &p,
+                    &validate::authorization_policy(&p, &service_map),
+                )
+                .await;
             }
             for c in mesh.objects() {
                 publish(

@@ -114,6 +114,12 @@ pub struct AuthorizationPolicySpec {
     /// Destination workloads in the policy's namespace; absent selects all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+    /// A Service (in the policy's namespace) instead of a selector: the policy is enforced per
+    /// request by the L7 engine for that Service (which becomes an L7 service), and may use L7
+    /// attributes (`methods`, `paths`, `when`). Without it the policy is enforced at
+    /// `connect()` in the kernel, where requests are not visible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<crate::policy::TargetRef>,
     #[serde(default)]
     pub action: Action,
     #[serde(default)]
@@ -150,6 +156,32 @@ pub struct Rule {
     pub from: Vec<From>,
     #[serde(default)]
     pub to: Vec<To>,
+    /// Request conditions (L7, `targetRef` policies): every condition must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<RequestCondition>,
+}
+
+impl Rule {
+    /// Whether the rule looks at requests (methods, paths, conditions), which only the L7
+    /// engine can see.
+    #[must_use]
+    pub fn has_l7_attributes(&self) -> bool {
+        !self.when.is_empty()
+            || self
+                .to
+                .iter()
+                .any(|t| !t.operation.methods.is_empty() || !t.operation.paths.is_empty())
+    }
+}
+
+/// `key` is `request.headers[<name>]`; the header must equal one of `values` (a value may end
+/// or start with `*`: prefix or suffix match).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestCondition {
+    #[schemars(regex(pattern = r"^request\.headers\[[^\]]+\]$"))]
+    pub key: String,
+    pub values: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
@@ -182,6 +214,12 @@ pub struct To {
 pub struct Operation {
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// HTTP methods (L7, `targetRef` policies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Request paths: exact, `prefix*` or `*suffix` (L7, `targetRef` policies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 /// Everything the agent currently knows, plus what it could not accept.

@@ -261,8 +261,23 @@ pub fn http_route(
 }
 
 #[must_use]
-pub fn authorization_policy(p: &AuthorizationPolicy) -> Verdict {
+pub fn authorization_policy(p: &AuthorizationPolicy, services: &Services) -> Verdict {
     let mut invalid = Vec::new();
+    if let Some(t) = &p.spec.target_ref {
+        if p.spec.selector.is_some() {
+            invalid.push(
+                "spec.selector and spec.targetRef: use one (a selector is enforced at connect(), \
+                 a targetRef per request by the L7 engine)"
+                    .to_owned(),
+            );
+        }
+        if !t.is_service() {
+            invalid.push(format!(
+                "spec.targetRef: kind {:?} is not a core Service",
+                t.kind
+            ));
+        }
+    }
     let mut selectors = Vec::new();
     selectors.extend(
         p.spec
@@ -304,10 +319,18 @@ pub fn authorization_policy(p: &AuthorizationPolicy) -> Verdict {
             }
         }
     }
-    if invalid.is_empty() {
-        Verdict::OK
-    } else {
-        Verdict::rejected("Invalid", invalid.join("; "))
+    if !invalid.is_empty() {
+        return Verdict::rejected("Invalid", invalid.join("; "));
+    }
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    Verdict {
+        rejected: None,
+        unresolved: p
+            .spec
+            .target_ref
+            .as_ref()
+            .and_then(|t| missing_service(services, ns, &t.name, t.port.map(i64::from)))
+            .map(|message| ("BackendNotFound", format!("targetRef: {message}"))),
     }
 }
 
@@ -484,10 +507,21 @@ mod tests {
             "metadata: {name: p, namespace: default}\nspec:\n  selector: {matchExpressions: [{key: app, operator: Equals}]}\n  rules: [{from: [{source: {serviceAccounts: [a/b/c]}}], to: [{operation: {ports: [0]}}]}]",
         )
         .unwrap();
-        let (_, message) = authorization_policy(&p).rejected.unwrap();
+        let none = services(&[]);
+        let (_, message) = authorization_policy(&p, &none).rejected.unwrap();
         for part in ["Equals", "a/b/c", "0 is not a port"] {
             assert!(message.contains(part), "{message}");
         }
+        let per_request: AuthorizationPolicy = serde_yaml::from_str(
+            "metadata: {name: p, namespace: default}\nspec:\n  targetRef: {kind: Service, name: web}",
+        )
+        .unwrap();
+        let v = authorization_policy(&per_request, &none);
+        assert!(v.rejected.is_none());
+        assert_eq!(
+            v.unresolved.unwrap().1,
+            "targetRef: Service default/web does not exist"
+        );
         let mc: MeshConfig = serde_yaml::from_str("metadata: {name: other}\nspec: {}").unwrap();
         assert_eq!(mesh_config(&mc).rejected.unwrap().0, "Ignored");
     }

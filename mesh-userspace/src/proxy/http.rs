@@ -317,6 +317,9 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
             "no route matches the request",
         ));
     }
+    if let Some(refused) = authorize(&ctx, &snapshot, &target, &req, grpc) {
+        return Ok(refused);
+    }
     let labels = ctx.route_obs(&target, selected, || RouteObs::new(&ctx, &target, selected));
     let route_name = &labels.name;
     ctx.note_route(route_name);
@@ -375,6 +378,58 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
         );
     }
     Ok(resp)
+}
+
+/// The service's authorization policies for this request: `Some(403)` when refused (gRPC:
+/// `PERMISSION_DENIED`); a dry-run refusal is counted and logged, and the request goes on.
+fn authorize(
+    ctx: &Arc<ConnCtx>,
+    snapshot: &super::snapshot::Snapshot,
+    target: &Target,
+    req: &Request<Incoming>,
+    grpc: bool,
+) -> Option<Response<Body>> {
+    let policies = target.authz();
+    if policies.is_empty() {
+        return None;
+    }
+    let source = snapshot.mesh.by_id(ctx.src_workload);
+    let verdict = super::authz::authorize(
+        policies,
+        source,
+        &super::authz::Request {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            headers: req.headers(),
+            port: target.port,
+        },
+    );
+    let (policy, mode) = match verdict {
+        super::authz::Verdict::Allow => return None,
+        super::authz::Verdict::Deny { policy } => (policy, "enforced"),
+        super::authz::Verdict::AuditDeny { policy } => (policy, "dry_run"),
+    };
+    ctx.engine
+        .metrics
+        .authz_denials
+        .get_or_create(&super::metrics::AuthzLabels {
+            destination_namespace: target.service.namespace.clone(),
+            destination_service: target.service.name.clone(),
+            policy: policy.clone(),
+            mode,
+        })
+        .inc();
+    tracing::info!(
+        target: "weft::deny",
+        source = %format!("{}/{}", ctx.src.0, ctx.src.1),
+        destination = %format!("{}/{}:{}", target.service.namespace, target.service.name, target.port),
+        method = %req.method(),
+        path = %req.uri().path(),
+        policy = %policy,
+        mode,
+        "request refused by authorization policy"
+    );
+    (mode == "enforced").then(|| local_reply(StatusCode::FORBIDDEN, grpc, "RBAC: access denied"))
 }
 
 /// For gRPC the HTTP status is 200 even for failures: a trailers-only `grpc-status` decides.

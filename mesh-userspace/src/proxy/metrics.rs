@@ -50,8 +50,19 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub destination_namespace: String,
+    pub destination_service: String,
+    /// The policy (and rule) that decided.
+    pub policy: String,
+    /// `enforced` (answered 403) or `dry_run` (allowed, reported).
+    pub mode: &'static str,
+}
+
 #[derive(Debug, Clone)]
 pub struct L7Metrics {
+    pub authz_denials: Family<AuthzLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RouteLabels, Histogram>,
     pub in_flight: Family<RouteLabels, Gauge>,
@@ -69,6 +80,7 @@ pub struct L7Metrics {
 impl L7Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
+            authz_denials: Family::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
                 // 1 ms .. ~16 s
@@ -138,6 +150,11 @@ impl L7Metrics {
             "connections",
             "Connections accepted by the engine, by detected protocol",
             m.connections.clone(),
+        );
+        r.register(
+            "authz_denials",
+            "Requests refused by an authorization policy (or, dry run, that one would refuse)",
+            m.authz_denials.clone(),
         );
         r.register(
             "errors",

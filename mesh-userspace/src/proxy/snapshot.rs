@@ -86,6 +86,12 @@ pub struct PolicyRuntime {
 }
 
 impl Target {
+    /// The authorization policies that target this service (checked per request).
+    #[must_use]
+    pub fn authz(&self) -> &[crate::control::objects::AuthorizationPolicy] {
+        &self.source.authz
+    }
+
     #[must_use]
     pub fn pool(&self, backend: &BackendTarget) -> Option<&Arc<Pool>> {
         let port = backend.port.unwrap_or(self.port);
@@ -119,6 +125,8 @@ pub struct MeshPeer {
     pub local: bool,
     /// The address of its node (where that node's tunnel listens), for remote pods.
     pub node_addr: Option<Ipv4Addr>,
+    /// Pod labels (authorization rules may select sources by them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Meshed pods by address, id and name, and the policy matrix the kernel also has.
@@ -145,6 +153,7 @@ impl MeshView {
                 identity: w.identity.clone(),
                 local: w.local,
                 node_addr: node.nodes.get(&w.node).and_then(|n| n.address),
+                labels: w.labels.clone(),
             };
             view.by_key.insert(peer.key.clone(), w.ip);
             view.by_id.insert(w.id, w.ip);
@@ -271,6 +280,7 @@ fn same_inputs(a: &L7Service, b: &L7Service) -> bool {
     a.http_routes == b.http_routes
         && a.grpc_routes == b.grpc_routes
         && a.policy == b.policy
+        && a.authz == b.authz
         && a.app_protocol == b.app_protocol
 }
 

@@ -1,0 +1,291 @@
+//! Per-request authorization of L7 services: `AuthorizationPolicy` objects whose `targetRef`
+//! names the Service, with Istio's semantics (DENY rules win; if any ALLOW policy applies, a
+//! request must match one of its rules). Rules may look at the source (service account,
+//! namespace, pod labels), the Service port, the method, the path and request headers.
+//! Dry-run policies are evaluated as if enforced; what they alone would deny is reported.
+use hyper::HeaderMap;
+
+use super::snapshot::MeshPeer;
+use crate::control::objects::{
+    Action, AuthorizationPolicy, RequestCondition, Rule, Source, selector_matches,
+};
+
+/// What one request is, for the rules.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The Service port the client connected to.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Refused: `policy` names the policy (and rule) that decided.
+    Deny {
+        policy: String,
+    },
+    /// Allowed, but a dry-run policy would refuse it.
+    AuditDeny {
+        policy: String,
+    },
+}
+
+/// The verdict for `request` from `source` (None: an unmeshed client) under `policies`.
+#[must_use]
+pub fn authorize(
+    policies: &[AuthorizationPolicy],
+    source: Option<&MeshPeer>,
+    request: &Request<'_>,
+) -> Verdict {
+    if policies.is_empty() {
+        return Verdict::Allow;
+    }
+    let enforced: Vec<&AuthorizationPolicy> = policies.iter().filter(|p| !p.spec.dry_run).collect();
+    if let Some(policy) = evaluate(&enforced, source, request) {
+        return Verdict::Deny { policy };
+    }
+    if enforced.len() < policies.len() {
+        let all: Vec<&AuthorizationPolicy> = policies.iter().collect();
+        if let Some(policy) = evaluate(&all, source, request) {
+            return Verdict::AuditDeny { policy };
+        }
+    }
+    Verdict::Allow
+}
+
+/// `Some(why)` when `policies` refuse the request.
+fn evaluate(
+    policies: &[&AuthorizationPolicy],
+    source: Option<&MeshPeer>,
+    request: &Request<'_>,
+) -> Option<String> {
+    let name = |p: &AuthorizationPolicy| {
+        format!(
+            "{}/{}",
+            p.metadata.namespace.as_deref().unwrap_or("default"),
+            p.metadata.name.as_deref().unwrap_or("?")
+        )
+    };
+    for p in policies.iter().filter(|p| p.spec.action == Action::Deny) {
+        if let Some(i) = matching_rule(p, source, request) {
+            return Some(format!("{} rule {i}", name(p)));
+        }
+    }
+    let mut allows = policies
+        .iter()
+        .filter(|p| p.spec.action == Action::Allow)
+        .peekable();
+    let first = allows.peek().copied()?;
+    for p in allows {
+        if matching_rule(p, source, request).is_some() {
+            return None;
+        }
+    }
+    Some(format!("{}: no ALLOW rule matched", name(first)))
+}
+
+fn matching_rule(
+    p: &AuthorizationPolicy,
+    source: Option<&MeshPeer>,
+    request: &Request<'_>,
+) -> Option<usize> {
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    p.spec
+        .rules
+        .iter()
+        .position(|r| rule_matches(r, ns, source, request))
+}
+
+fn rule_matches(
+    r: &Rule,
+    policy_ns: &str,
+    source: Option<&MeshPeer>,
+    request: &Request<'_>,
+) -> bool {
+    let from_ok = r.from.is_empty()
+        || source.is_some_and(|s| {
+            r.from
+                .iter()
+                .any(|f| source_matches(&f.source, s, policy_ns))
+        });
+    let to_ok = r.to.is_empty()
+        || r.to.iter().any(|t| {
+            let op = &t.operation;
+            (op.ports.is_empty() || op.ports.contains(&request.port))
+                && (op.methods.is_empty() || op.methods.iter().any(|m| m == request.method))
+                && (op.paths.is_empty() || op.paths.iter().any(|p| glob(p, request.path)))
+        });
+    let when_ok = r.when.iter().all(|c| condition_holds(c, request));
+    from_ok && to_ok && when_ok
+}
+
+fn source_matches(src: &Source, peer: &MeshPeer, policy_ns: &str) -> bool {
+    let Some((ns, sa)) = peer.identity.namespace_and_account() else {
+        return false;
+    };
+    let sa_ok = src.service_accounts.is_empty()
+        || src
+            .service_accounts
+            .iter()
+            .any(|want| match want.split_once('/') {
+                Some((want_ns, want_sa)) => want_ns == ns && want_sa == sa,
+                None => policy_ns == ns && want == sa,
+            });
+    let ns_ok = src.namespaces.is_empty() || src.namespaces.iter().any(|n| n == ns);
+    let pods_ok = src
+        .pod_selector
+        .as_ref()
+        .is_none_or(|s| selector_matches(s, &peer.labels));
+    sa_ok && ns_ok && pods_ok
+}
+
+/// `request.headers[<name>]` must have one of the values.
+fn condition_holds(c: &RequestCondition, request: &Request<'_>) -> bool {
+    let Some(name) = c
+        .key
+        .strip_prefix("request.headers[")
+        .and_then(|k| k.strip_suffix(']'))
+    else {
+        return false; // unknown keys never hold (the controller reports them)
+    };
+    request
+        .headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| c.values.iter().any(|want| glob(want, v)))
+}
+
+/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` for anything.
+fn glob(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        value.starts_with(prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        value.ends_with(suffix)
+    } else {
+        pattern == value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{SpiffeId, TrustDomain};
+
+    fn peer(ns: &str, sa: &str) -> MeshPeer {
+        MeshPeer {
+            workload: 1,
+            key: format!("{ns}/p"),
+            identity: SpiffeId::workload(&TrustDomain::default(), ns, sa),
+            local: true,
+            node_addr: None,
+            labels: [("app".to_owned(), sa.to_owned())].into(),
+        }
+    }
+
+    fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {
+        let mut set = crate::control::ObjectSet::default();
+        set.add_yaml("test", yaml);
+        assert!(set.errors.is_empty(), "{:?}", set.errors);
+        set.authorization_policies
+    }
+
+    fn check(
+        ps: &[AuthorizationPolicy],
+        who: Option<&MeshPeer>,
+        method: &str,
+        path: &str,
+        hdr: &[(&str, &str)],
+    ) -> Verdict {
+        let mut headers = HeaderMap::new();
+        for (k, v) in hdr {
+            headers.insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        authorize(
+            ps,
+            who,
+            &Request {
+                method,
+                path,
+                headers: &headers,
+                port: 80,
+            },
+        )
+    }
+
+    const POLICIES: &str = r"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-read, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  rules:
+  - from: [{source: {serviceAccounts: [frontend]}}]
+    to: [{operation: {methods: [GET], paths: [/public/*, /health]}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-block, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  action: DENY
+  rules:
+  - when: [{key: 'request.headers[x-block]', values: [yes]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-audit, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  action: DENY
+  dryRun: true
+  rules:
+  - to: [{operation: {paths: ['*.bak']}}]
+";
+
+    #[test]
+    fn methods_paths_headers_sources_and_dry_run() {
+        let ps = policies(POLICIES);
+        let fe = peer("shop", "frontend");
+        let other = peer("shop", "batch");
+        assert_eq!(
+            check(&ps, Some(&fe), "GET", "/public/a", &[]),
+            Verdict::Allow
+        );
+        assert_eq!(check(&ps, Some(&fe), "GET", "/health", &[]), Verdict::Allow);
+        let denied = |v: Verdict| matches!(v, Verdict::Deny { .. });
+        assert!(denied(check(&ps, Some(&fe), "POST", "/public/a", &[])));
+        assert!(denied(check(&ps, Some(&fe), "GET", "/private", &[])));
+        assert!(denied(check(&ps, Some(&other), "GET", "/public/a", &[])));
+        assert!(denied(check(&ps, None, "GET", "/public/a", &[])));
+        assert_eq!(
+            check(&ps, Some(&fe), "GET", "/public/a", &[("x-block", "yes")]),
+            Verdict::Deny {
+                policy: "shop/web-block rule 0".into()
+            }
+        );
+        assert_eq!(
+            check(&ps, Some(&fe), "GET", "/public/x.bak", &[]),
+            Verdict::AuditDeny {
+                policy: "shop/web-audit rule 0".into()
+            }
+        );
+        assert_eq!(check(&[], None, "DELETE", "/", &[]), Verdict::Allow);
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*", "anything"));
+        assert!(glob("/a/*", "/a/b/c"));
+        assert!(!glob("/a/*", "/b"));
+        assert!(glob("*.bak", "/x.bak"));
+        assert!(glob("/x", "/x") && !glob("/x", "/x/"));
+    }
+}
