@@ -194,9 +194,40 @@ where
             }
         } else if e.is_parse() || e.is_parse_too_large() {
             ctx.engine.metrics.error("bad_request");
+            // hyper has answered 400/431 and let go of the socket with the rest of the
+            // request unread: closing now would send a reset that can destroy that answer
+            // before the client reads it. Close as nginx does: our side first, then read and
+            // drop what the client still sends, for a bounded time.
+            if let Some(raw) = raw {
+                lingering_close(raw).await;
+            }
         }
         tracing::debug!(error = %e, "HTTP/1 connection ended with an error");
     }
+}
+
+/// Shuts the socket's sending side, then discards what the peer still sends (at most 1 MiB,
+/// for at most 2 s), so that the close does not reset the connection under the last answer.
+async fn lingering_close(raw: std::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut socket) = raw
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(raw))
+    else {
+        return;
+    };
+    let _ = socket.shutdown().await;
+    let mut buf = vec![0_u8; 16 * 1024];
+    let mut left: usize = 1 << 20;
+    let drain = async {
+        while left > 0 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 pub async fn serve_h2<I>(io: I, ctx: Arc<ConnCtx>)
