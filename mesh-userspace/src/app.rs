@@ -204,7 +204,8 @@ fn start_engine(
         engine.tracer = Some(proxy::trace::Exporter::spawn(endpoint));
     }
     if let Some(identity) = &config.identity {
-        let tunnel = start_tunnel(identity, &rt, snapshots_for_tunnel, registry)?;
+        let denials = engine.connections.denials.clone();
+        let tunnel = start_tunnel(identity, &rt, snapshots_for_tunnel, registry, denials)?;
         engine.tunnel = Some(tunnel);
     }
     let engine = Arc::new(engine);
@@ -234,6 +235,7 @@ fn start_tunnel(
     rt: &tokio::runtime::Runtime,
     snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     registry: &mut Registry,
+    denials: Arc<proxy::Denials>,
 ) -> Result<Arc<proxy::tunnel::Tunnel>, AgentError> {
     use crate::identity::{Ca, Identities};
     let ca = Ca::load(&identity.ca).map_err(AgentError::Identity)?;
@@ -259,6 +261,7 @@ fn start_tunnel(
         ids.clone(),
         addr.port(),
         metrics,
+        denials,
     ));
     let _guard = rt.enter();
     let server = tunnel.clone();

@@ -1117,6 +1117,18 @@ spec:
     ensure!(metric("default/web-read: no ALLOW rule matched", "enforced")? >= 2.0);
     ensure!(metric("default/web-block rule 0", "enforced")? == 1.0);
     ensure!(metric("default/web-audit rule 0", "dry_run")? == 2.0);
+    // Both kinds of refusal are in the flow table with the rule.
+    let flows = m.agent.flows()?;
+    let denied = flows["l7"]["denied"].as_array().context("no l7.denied")?;
+    let row = |rule: &str, mode: &str| {
+        denied
+            .iter()
+            .any(|d| d["rule"] == rule && d["mode"] == mode && d["source"] == "default/a")
+    };
+    ensure!(
+        row("default/web-block rule 0", "enforced") && row("default/web-audit rule 0", "dry_run"),
+        "{denied:?}"
+    );
     // A pod of another service account is refused even on an allowed path.
     let other = m.node.pod("other")?;
     m.agent

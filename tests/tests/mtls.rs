@@ -451,7 +451,7 @@ fn expect_refusal(label: &str, setup: &Setup<'_>, metric: &str, result: &str) ->
 #[test]
 fn the_receiving_agent_enforces_authorization_for_cross_node_flows() -> Result<()> {
     // Only n2 knows the policy: n1's kernel lets the connection out, n2's engine refuses it.
-    expect_refusal(
+    let mesh = expect_refusal(
         "mtls_authz",
         &Setup {
             n2_extra: Some(
@@ -465,8 +465,18 @@ fn the_receiving_agent_enforces_authorization_for_cross_node_flows() -> Result<(
         },
         "weft_tunnel_streams_total",
         "denied",
-    )
-    .map(drop)
+    )?;
+    // The refusal is in the receiving agent's flow table, with the check that refused.
+    let flows = mesh.a2.flows()?;
+    let denied = flows["l7"]["denied"].as_array().context("no l7.denied")?;
+    ensure!(
+        denied.iter().any(|d| d["rule"] == "tunnel: denied"
+            && d["source"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("default/client"))),
+        "{denied:?}"
+    );
+    Ok(())
 }
 
 #[test]

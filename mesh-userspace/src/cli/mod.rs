@@ -109,7 +109,7 @@ struct FlowsWithL7 {
 #[must_use]
 pub fn render_l7(l7: &crate::proxy::L7Flows) -> String {
     use std::fmt::Write as _;
-    if l7.live.is_empty() && l7.recent.is_empty() {
+    if l7.live.is_empty() && l7.recent.is_empty() && l7.denied.is_empty() {
         return String::new();
     }
     let mut out = String::from("\nL7 ENGINE  SOURCE → DESTINATION  PROTOCOL  REQUESTS  ROUTES\n");
@@ -133,6 +133,21 @@ pub fn render_l7(l7: &crate::proxy::L7Flows) -> String {
             f.requests,
             routes.join(", ")
         );
+    }
+    if !l7.denied.is_empty() {
+        out.push_str("\nREFUSED BY THE ENGINE  SOURCE → DESTINATION  COUNT  RULE\n");
+        for d in &l7.denied {
+            let what = if d.mode == "dry_run" {
+                "would refuse (dry run)"
+            } else {
+                "refused"
+            };
+            let _ = writeln!(
+                out,
+                "{what:<22} {} → {}  {}  {}",
+                d.source, d.destination, d.count, d.rule
+            );
+        }
     }
     out
 }

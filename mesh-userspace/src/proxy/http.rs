@@ -450,10 +450,19 @@ fn authorize(
             mode,
         })
         .inc();
+    let source = format!("{}/{}", ctx.src.0, ctx.src.1);
+    let destination = format!(
+        "{}/{}:{}",
+        target.service.namespace, target.service.name, target.port
+    );
+    ctx.engine
+        .connections
+        .denials
+        .record(&source, &destination, &policy, mode);
     tracing::info!(
         target: "weft::deny",
-        source = %format!("{}/{}", ctx.src.0, ctx.src.1),
-        destination = %format!("{}/{}:{}", target.service.namespace, target.service.name, target.port),
+        source = %source,
+        destination = %destination,
         method = %req.method(),
         path = %req.uri().path(),
         policy = %policy,

@@ -397,11 +397,90 @@ pub struct L7Flow {
 /// Closed connections `/flows` keeps.
 const RECENT_L7_FLOWS: usize = 256;
 
-/// The engine's connections, live and recently closed.
+/// The engine's connections, live and recently closed, and what it refused.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct L7Flows {
     pub live: Vec<L7Flow>,
     pub recent: Vec<L7Flow>,
+    /// Requests and tunnel streams refused by the engine (authorization, identity checks),
+    /// and those a dry-run policy would refuse.
+    #[serde(default)]
+    pub denied: Vec<L7Denial>,
+}
+
+/// Refusals of one kind between one source and one destination.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct L7Denial {
+    pub source: String,
+    pub destination: String,
+    /// The policy and rule, or the check, that refused.
+    pub rule: String,
+    /// `enforced` or `dry_run`.
+    pub mode: String,
+    pub count: u64,
+    pub last_unix_ms: u64,
+}
+
+/// Distinct (source, destination, rule, mode) refusals the engine keeps for `/flows`.
+const DENIALS_KEPT: usize = 256;
+
+/// The engine's refusals, shared by the HTTP handlers and the tunnel server.
+#[derive(Default)]
+pub struct Denials(Mutex<BTreeMap<(String, String, String, String), L7Denial>>);
+
+impl Denials {
+    /// Counts one refusal (when the table is full, a new kind replaces the oldest).
+    pub fn record(&self, source: &str, destination: &str, rule: &str, mode: &str) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut t = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (
+            source.to_owned(),
+            destination.to_owned(),
+            rule.to_owned(),
+            mode.to_owned(),
+        );
+        if let Some(d) = t.get_mut(&key) {
+            d.count += 1;
+            d.last_unix_ms = now;
+            return;
+        }
+        if t.len() >= DENIALS_KEPT
+            && let Some(oldest) = t
+                .iter()
+                .min_by_key(|(_, d)| d.last_unix_ms)
+                .map(|(k, _)| k.clone())
+        {
+            t.remove(&oldest);
+        }
+        t.insert(
+            key,
+            L7Denial {
+                source: source.to_owned(),
+                destination: destination.to_owned(),
+                rule: rule.to_owned(),
+                mode: mode.to_owned(),
+                count: 1,
+                last_unix_ms: now,
+            },
+        );
+    }
+
+    fn list(&self) -> Vec<L7Denial> {
+        let mut v: Vec<L7Denial> = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|d| std::cmp::Reverse(d.last_unix_ms));
+        v
+    }
 }
 
 #[derive(Default)]
@@ -416,6 +495,8 @@ pub struct Connections {
     live: Mutex<Table>,
     /// Connections accepted since start.
     pub total: AtomicU64,
+    /// What the engine refused (shared with the tunnel server).
+    pub denials: Arc<Denials>,
 }
 
 impl Connections {
@@ -493,6 +574,7 @@ impl Connections {
         L7Flows {
             live: t.live.values().cloned().collect(),
             recent: t.recent.iter().cloned().collect(),
+            denied: self.denials.list(),
         }
     }
 }

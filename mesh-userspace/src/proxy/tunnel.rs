@@ -154,6 +154,8 @@ pub struct Tunnel {
     server_configs: tls::ServerConfigs,
     pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
     pub metrics: TunnelMetrics,
+    /// Refused streams go to the engine's table of refusals (`/flows`).
+    denials: Arc<super::Denials>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -166,13 +168,19 @@ impl std::fmt::Debug for Tunnel {
 
 impl Tunnel {
     #[must_use]
-    pub fn new(ids: Arc<Identities>, port: u16, metrics: TunnelMetrics) -> Self {
+    pub fn new(
+        ids: Arc<Identities>,
+        port: u16,
+        metrics: TunnelMetrics,
+        denials: Arc<super::Denials>,
+    ) -> Self {
         Self {
             ids,
             port,
             server_configs: tls::ServerConfigs::default(),
             pool: Mutex::default(),
             metrics,
+            denials,
         }
     }
 
@@ -621,6 +629,12 @@ fn check_stream(
         }
         mesh_common::verdict::AUDIT => {
             tunnel.metrics.dry_run_denials.inc();
+            tunnel.denials.record(
+                claimed,
+                &format!("{}:{}", dst.key, target.port()),
+                "authorization policy (tunnel, dry run)",
+                "dry_run",
+            );
             tracing::info!(
                 target: "weft::deny",
                 source = %claimed,
@@ -659,6 +673,17 @@ async fn stream(
         Ok(upstream) => upstream,
         Err(Refusal(status, result, why)) => {
             tunnel.metrics.stream("inbound", result);
+            let claimed = request
+                .headers()
+                .get(SOURCE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?");
+            tunnel.denials.record(
+                &format!("{claimed} ({client_id})"),
+                &request.uri().to_string(),
+                &format!("tunnel: {result}"),
+                "enforced",
+            );
             tracing::warn!(
                 target: "weft::tunnel",
                 client = %client_id,
