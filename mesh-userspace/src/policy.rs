@@ -18,7 +18,7 @@ use crate::{
 pub const DURATION_PATTERN: &str = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$";
 
 /// The Service a policy applies to (in the policy's namespace).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
     /// The core group: empty (a 1.20 API server rejects an empty-string schema default, so

@@ -95,6 +95,8 @@ pub struct L7Service {
     pub policy: Option<(String, crate::policy::TrafficPolicySpec)>,
     /// Authorization policies whose `targetRef` is this service (checked per request).
     pub authz: Vec<AuthorizationPolicy>,
+    /// Request authentications (JWT rules) whose `targetRef` is this service.
+    pub authn: Vec<crate::control::objects::RequestAuthentication>,
 }
 
 /// Why a policy entry exists; `/flows` shows it next to each verdict.
@@ -568,6 +570,26 @@ fn targets(
         })
 }
 
+/// The objects of `all` whose targetRef is `svc`.
+fn targeting<T: Clone>(
+    all: &[T],
+    svc: &ServicePort,
+    target: impl Fn(
+        &T,
+    ) -> (
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        Option<&crate::policy::TargetRef>,
+    ),
+) -> Vec<T> {
+    all.iter()
+        .filter(|o| {
+            let (meta, t) = target(o);
+            targets(meta, t, svc)
+        })
+        .cloned()
+        .collect()
+}
+
 fn l7_services(
     objects: &ObjectSet,
     services: &mut [ServicePort],
@@ -632,13 +654,17 @@ fn l7_services(
                 policy.as_ref().map(|p| p.0.as_str()).unwrap_or_default()
             ));
         }
-        let authz: Vec<AuthorizationPolicy> = objects
-            .authorization_policies
-            .iter()
-            .filter(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc))
-            .cloned()
-            .collect();
-        if http_routes.is_empty() && grpc_routes.is_empty() && policy.is_none() && authz.is_empty()
+        let authz = targeting(&objects.authorization_policies, svc, |p| {
+            (&p.metadata, p.spec.target_ref.as_ref())
+        });
+        let jwt_policies = targeting(&objects.request_authentications, svc, |p| {
+            (&p.metadata, Some(&p.spec.target_ref))
+        });
+        if http_routes.is_empty()
+            && grpc_routes.is_empty()
+            && policy.is_none()
+            && authz.is_empty()
+            && jwt_policies.is_empty()
         {
             continue;
         }
@@ -654,22 +680,43 @@ fn l7_services(
             grpc_routes,
             policy,
             authz,
+            authn: jwt_policies,
         });
     }
+    unused_policies(objects, &out, &used_policies, problems);
+    out
+}
+
+/// Reports the traffic policies and `RequestAuthentication`s that apply to no service.
+fn unused_policies(
+    objects: &ObjectSet,
+    l7: &[L7Service],
+    used_traffic_policies: &BTreeSet<String>,
+    problems: &mut Vec<String>,
+) {
     for p in &objects.traffic_policies {
         let name = format!(
             "{}/{}",
             p.metadata.namespace.as_deref().unwrap_or("default"),
             p.metadata.name.as_deref().unwrap_or_default()
         );
-        if !used_policies.contains(&name) {
+        if !used_traffic_policies.contains(&name) {
             problems.push(format!(
                 "TrafficPolicy {name}: its targetRef names no Service port of this mesh \
                  (kind must be Service, in the policy's namespace)"
             ));
         }
     }
-    out
+    for p in &objects.request_authentications {
+        if !l7.iter().any(|l| l.authn.contains(p)) {
+            problems.push(format!(
+                "RequestAuthentication {}/{}: its targetRef names no Service port of this mesh \
+                 (kind must be Service, in the policy's namespace)",
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                p.metadata.name.as_deref().unwrap_or_default()
+            ));
+        }
+    }
 }
 
 /// targetPort: a number, a container port name, or (absent) the service port.
@@ -1283,6 +1330,7 @@ spec:
                         service_accounts: sas.into_iter().map(str::to_owned).collect(),
                         namespaces: nss.into_iter().map(str::to_owned).collect(),
                         pod_selector: None,
+                        request_principals: Vec::new(),
                     },
                 }
             });

@@ -90,7 +90,7 @@ fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
         .filter(|d| d.contains("kind:"))
         .partition(|d| d.contains("kind: CustomResourceDefinition"));
     ensure!(
-        crds.len() == 3 && rest.len() >= 10,
+        crds.len() == 4 && rest.len() >= 10,
         "unexpected rendering: {rendered}"
     );
     ensure!(

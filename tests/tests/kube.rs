@@ -44,8 +44,12 @@ fn with_weft_crds(node: &testbed::Node) -> Result<ControlPlane> {
 }
 
 fn traffic_policies(client: kube::Client) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("weft.dev", "v1alpha1", "TrafficPolicy");
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "trafficpolicies");
+    weft_objects(client, "TrafficPolicy", "trafficpolicies")
+}
+
+fn weft_objects(client: kube::Client, kind: &str, plural: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("weft.dev", "v1alpha1", kind);
+    let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
     Api::namespaced_with(client, "default", &resource)
 }
 
@@ -504,6 +508,13 @@ apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {name: unhashed, namespace: default}
 spec: {targetRef: {kind: Service, name: api}, loadBalancer: {algorithm: RingHash}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {name: bad-keys, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  jwtRules: [{issuer: https://issuer.test, jwks: '{}'}]
 ";
 
 fn get_policy(cp: &ControlPlane, name: &'static str) -> Result<DynamicObject> {
@@ -536,6 +547,18 @@ fn expect_conditions(cp: &ControlPlane) -> Result<()> {
         ensure!(
             c.1 == "False" && c.2 == "Invalid" && c.3.contains("RingHash needs hash.header"),
             "unhashed: {unhashed:?}"
+        );
+        let bad_keys = conditions(&cp.block_on(|client| async move {
+            Ok(
+                weft_objects(client, "RequestAuthentication", "requestauthentications")
+                    .get("bad-keys")
+                    .await?,
+            )
+        })?);
+        let c = condition(&bad_keys, "Accepted").context("bad-keys: no Accepted")?;
+        ensure!(
+            c.1 == "False" && c.2 == "Invalid" && c.3.contains("jwtRules[0].jwks: not a JWKS"),
+            "bad-keys: {bad_keys:?}"
         );
         Ok(())
     })

@@ -1142,3 +1142,122 @@ spec:
         Ok(())
     })
 }
+
+/// An ES256 signing key and the JWKS that holds its public half (`kid` k1), as an identity
+/// provider would publish it.
+fn jwt_issuer() -> Result<(jsonwebtoken::EncodingKey, String)> {
+    use base64::Engine as _;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let raw = pair.public_key_raw(); // 0x04 || x || y
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+    }]});
+    Ok((
+        jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()),
+        jwks.to_string(),
+    ))
+}
+
+fn jwt(key: &jsonwebtoken::EncodingKey, claims: &Value) -> Result<String> {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    Ok(jsonwebtoken::encode(&header, claims, key)?)
+}
+
+#[test]
+fn jwt_request_authentication_and_claims_in_authorization() -> Result<()> {
+    const ISSUER: &str = "https://issuer.weft.test";
+    let m = L7Mesh::new("l7-jwt", &[], &[])?;
+    let (key, jwks) = jwt_issuer()?;
+    let policies = format!(
+        r"
+apiVersion: weft.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {{name: web-jwt, namespace: default}}
+spec:
+  targetRef: {{kind: Service, name: web}}
+  jwtRules:
+  - issuer: {ISSUER}
+    audiences: [web]
+    jwks: '{jwks}'
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web-admin, namespace: default}}
+spec:
+  targetRef: {{kind: Service, name: web}}
+  rules:
+  - to: [{{operation: {{paths: ['/public/*']}}}}]
+  - from: [{{source: {{requestPrincipals: ['{ISSUER}/*']}}}}]
+    to: [{{operation: {{paths: ['/admin/*']}}}}]
+    when: [{{key: 'request.auth.claims[groups]', values: [admin]}}]
+"
+    );
+    m.apply_and_wait("jwt.yaml", &policies, || {
+        let r = m.get(WEB_VIP, "/admin/x", 1, &[])?;
+        ensure!(r.status(403) == 1, "not enforced yet: {r:?} {}", m.diag());
+        Ok(())
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = |sub: &str, groups: &[&str], exp: u64| serde_json::json!({"iss": ISSUER, "sub": sub, "aud": "web", "exp": exp, "groups": groups});
+    let bearer = |token: &str| format!("authorization: Bearer {token}");
+    let admin = jwt(&key, &claims("alice", &["dev", "admin"], now + 600))?;
+    let dev = jwt(&key, &claims("bob", &["dev"], now + 600))?;
+    let expired = jwt(&key, &claims("alice", &["admin"], now - 3600))?;
+    let (other_key, _) = jwt_issuer()?;
+    let forged = jwt(&other_key, &claims("mallory", &["admin"], now + 600))?;
+
+    // Without a token: the public path only.
+    ensure!(m.get(WEB_VIP, "/public/a", 2, &[])?.status(200) == 2);
+    // A valid token with the admin claim opens /admin; the token is not passed on.
+    let ok = m.get(WEB_VIP, "/admin/x", 2, &[&bearer(&admin)])?;
+    ensure!(ok.status(200) == 2, "{ok:?}");
+    let echo = ok.responses[0].echo()?;
+    ensure!(
+        !echo.headers.contains_key("authorization"),
+        "the validated token reached the service: {echo:?}"
+    );
+    // A valid token without the claim: authenticated, not authorized.
+    let no_claim = m.get(WEB_VIP, "/admin/x", 1, &[&bearer(&dev)])?;
+    ensure!(no_claim.status(403) == 1, "{no_claim:?}");
+    // Invalid tokens are refused (401) even where no token is needed.
+    for (token, reason) in [(&expired, "expired"), (&forged, "bad_signature")] {
+        let r = m.get(WEB_VIP, "/public/a", 1, &[&bearer(token)])?;
+        ensure!(r.status(401) == 1, "{reason}: {r:?}");
+        let www = r.responses[0].headers.get("www-authenticate");
+        ensure!(
+            www.is_some_and(|v| v.contains("invalid_token")),
+            "{reason}: {r:?}"
+        );
+        let counted = m.agent.metric(
+            "weft_l7_authn_failures_total",
+            &[
+                ("destination_service", "web"),
+                ("policy", "default/web-jwt"),
+                ("reason", reason),
+            ],
+        )?;
+        ensure!(counted == 1.0, "{reason}: counted {counted}");
+    }
+    let junk = m.get(
+        WEB_VIP,
+        "/public/a",
+        1,
+        &["authorization: Bearer not.a.jwt"],
+    )?;
+    ensure!(junk.status(401) == 1, "{junk:?}");
+    // The refusals are in the flow table with the policy and the reason.
+    let flows = m.agent.flows()?;
+    let denied = flows["l7"]["denied"].as_array().context("no l7.denied")?;
+    ensure!(
+        denied
+            .iter()
+            .any(|d| d["rule"] == "default/web-jwt (jwt expired)" && d["source"] == "default/a"),
+        "{denied:?}"
+    );
+    Ok(())
+}

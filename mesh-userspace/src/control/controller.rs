@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 
 use super::{
     kube::{Kind, KubeSourceError, client},
-    objects::{AuthorizationPolicy, MeshConfig, ObjectStatus},
+    objects::{AuthorizationPolicy, MeshConfig, ObjectStatus, RequestAuthentication},
     validate::{self, Verdict},
 };
 use crate::policy::TrafficPolicy;
@@ -229,11 +229,13 @@ async fn write_statuses(
     let services = Kind::<Service>::start(&client, &changed).await;
     let traffic = Kind::<TrafficPolicy>::start(&client, &changed).await;
     let authz = Kind::<AuthorizationPolicy>::start(&client, &changed).await;
+    let jwt_rules = Kind::<RequestAuthentication>::start(&client, &changed).await;
     let mesh = Kind::<MeshConfig>::start(&client, &changed).await;
     let routes = Kind::<HttpRoute>::start(&client, &changed).await;
     services.ready().await;
     traffic.ready().await;
     authz.ready().await;
+    jwt_rules.ready().await;
     mesh.ready().await;
     routes.ready().await;
     let recorder = Recorder::new(
@@ -260,6 +262,16 @@ async fn write_statuses(
                     &recorder,
                     &p,
                     &validate::authorization_policy(&p, &service_map),
+                )
+                .await;
+            }
+            for p in jwt_rules.objects() {
+                let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
+                publish(
+                    &api,
+                    &recorder,
+                    &p,
+                    &validate::request_authentication(&p, &service_map),
                 )
                 .await;
             }

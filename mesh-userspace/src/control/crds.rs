@@ -4,7 +4,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt as _;
 
-use super::objects::{AuthorizationPolicy, MeshConfig};
+use super::objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication};
 use crate::policy::TrafficPolicy;
 
 /// First line of every generated file.
@@ -18,6 +18,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         MeshConfig::crd(),
         TrafficPolicy::crd(),
         AuthorizationPolicy::crd(),
+        RequestAuthentication::crd(),
     ]
 }
 

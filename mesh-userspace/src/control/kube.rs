@@ -33,7 +33,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use super::objects::{AuthorizationPolicy, MeshConfig, ObjectSet};
+use super::objects::{AuthorizationPolicy, MeshConfig, ObjectSet, RequestAuthentication};
 use crate::policy::TrafficPolicy;
 
 /// Changes closer together than this are published together.
@@ -196,6 +196,7 @@ struct Kinds {
     pods: Kind<Pod>,
     services: Kind<Service>,
     authorization_policies: Kind<AuthorizationPolicy>,
+    request_authentications: Kind<RequestAuthentication>,
     mesh_configs: Kind<MeshConfig>,
     http_routes: Kind<HttpRoute>,
     grpc_routes: Kind<GrpcRoute>,
@@ -210,6 +211,7 @@ impl Kinds {
             pods: Kind::start(client, changed).await,
             services: Kind::start(client, changed).await,
             authorization_policies: Kind::start(client, changed).await,
+            request_authentications: Kind::start(client, changed).await,
             mesh_configs: Kind::start(client, changed).await,
             http_routes: Kind::start(client, changed).await,
             grpc_routes: Kind::start(client, changed).await,
@@ -223,6 +225,7 @@ impl Kinds {
         self.pods.ready().await;
         self.services.ready().await;
         self.authorization_policies.ready().await;
+        self.request_authentications.ready().await;
         self.mesh_configs.ready().await;
         self.http_routes.ready().await;
         self.grpc_routes.ready().await;
@@ -237,6 +240,7 @@ impl Kinds {
             pods,
             services,
             authorization_policies,
+            request_authentications,
             mesh_configs,
             http_routes,
             grpc_routes,
@@ -248,6 +252,7 @@ impl Kinds {
             pods: pods.objects(),
             services: services.objects(),
             authorization_policies: authorization_policies.objects(),
+            request_authentications: request_authentications.objects(),
             mesh_configs: mesh_configs.objects(),
             http_routes: http_routes.objects(),
             grpc_routes: grpc_routes.objects(),

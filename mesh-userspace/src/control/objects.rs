@@ -130,6 +130,68 @@ pub struct AuthorizationPolicySpec {
     pub dry_run: bool,
 }
 
+/// Which JWTs the L7 engine accepts on requests to one Service (Istio's `RequestAuthentication`,
+/// with a `targetRef`). A request carrying a token that fails validation (signature, issuer,
+/// audience, expiry) is refused with 401; a request without a token passes unauthenticated,
+/// so require one with an `AuthorizationPolicy` on `requestPrincipals`. A valid token's
+/// principal and claims are what authorization rules can match.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "RequestAuthentication",
+    namespaced,
+    status = "ObjectStatus",
+    derive = "PartialEq",
+    shortname = "wra",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    doc = "Which JWTs (issuer, keys, audiences) requests to one Service may carry."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    /// The Service (in this namespace) whose requests are authenticated; it becomes an L7
+    /// service.
+    pub target_ref: crate::policy::TargetRef,
+    #[schemars(length(min = 1))]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// One accepted token issuer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    /// The token's `iss` must equal this.
+    #[schemars(length(min = 1))]
+    pub issuer: String,
+    /// When set, the token's `aud` must contain one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// The issuer's public keys, a JSON Web Key Set (RSA or EC keys; RS256/384/512, PS256/384/512,
+    /// ES256/384), inline. Exactly one of `jwks` and `jwksFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// A file on the node holding the key set; re-read when it changes (key rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    /// Where the token is; default `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Pass the token on to the service (default: the header is removed once validated).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_original_token: bool,
+}
+
+/// A request header that carries the token after `prefix` (e.g. `Bearer `).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtHeader {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
 /// What the controller says about a Weft object: `Accepted`, `ResolvedRefs` and `Programmed`
 /// conditions, each with the generation it describes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
@@ -168,18 +230,27 @@ impl Rule {
     pub fn has_l7_attributes(&self) -> bool {
         !self.when.is_empty()
             || self
+                .from
+                .iter()
+                .any(|f| !f.source.request_principals.is_empty())
+            || self
                 .to
                 .iter()
                 .any(|t| !t.operation.methods.is_empty() || !t.operation.paths.is_empty())
     }
 }
 
-/// `key` is `request.headers[<name>]`; the header must equal one of `values` (a value may end
-/// or start with `*`: prefix or suffix match).
+/// `key` is `request.headers[<name>]`, `request.auth.principal` (`<issuer>/<subject>` of the
+/// request's validated JWT) or `request.auth.claims[<name>]` (nested: `[a][b]`; a list claim
+/// matches when one of its entries does); the attribute must equal one of `values` (a value
+/// may end or start with `*`: prefix or suffix match). Without a validated JWT, `request.auth`
+/// conditions never hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestCondition {
-    #[schemars(regex(pattern = r"^request\.headers\[[^\]]+\]$"))]
+    #[schemars(regex(
+        pattern = r"^request\.(headers\[[^\]]+\]|auth\.principal|auth\.claims(\[[^\]]+\])+)$"
+    ))]
     pub key: String,
     pub values: Vec<String>,
 }
@@ -201,6 +272,11 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
+    /// `<issuer>/<subject>` of the request's JWT, validated by a `RequestAuthentication` of the
+    /// target Service (`*`, a prefix `iss/*` or a suffix match allowed). L7 only (`targetRef`
+    /// policies); a request without a valid JWT never matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
@@ -232,6 +308,7 @@ pub struct ObjectSet {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub request_authentications: Vec<RequestAuthentication>,
     pub mesh_configs: Vec<MeshConfig>,
     pub http_routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
@@ -259,6 +336,7 @@ impl ObjectSet {
             pods,
             services,
             authorization_policies,
+            request_authentications,
             mesh_configs,
             http_routes,
             grpc_routes,
@@ -270,6 +348,7 @@ impl ObjectSet {
         self.pods.extend(pods);
         self.services.extend(services);
         self.authorization_policies.extend(authorization_policies);
+        self.request_authentications.extend(request_authentications);
         self.mesh_configs.extend(mesh_configs);
         self.http_routes.extend(http_routes);
         self.grpc_routes.extend(grpc_routes);
@@ -340,6 +419,13 @@ impl ObjectSet {
                 }
                 self.authorization_policies.push(p);
             }
+            (WEFT_API_VERSION, "RequestAuthentication") => {
+                let p: RequestAuthentication = serde_yaml::from_value(value).map_err(typed)?;
+                if p.metadata.name.is_none() {
+                    return Err(format!("{kind}: metadata.name is required"));
+                }
+                self.request_authentications.push(p);
+            }
             (WEFT_API_VERSION, "MeshConfig") => {
                 self.mesh_configs
                     .push(serde_yaml::from_value(value).map_err(typed)?);
@@ -369,7 +455,8 @@ impl ObjectSet {
                 return Err(format!(
                     "unsupported kind {k} ({v}); expected v1 Pod/Service/Namespace/Node, \
                      {GATEWAY_API_VERSION} HTTPRoute/GRPCRoute or \
-                     {WEFT_API_VERSION} AuthorizationPolicy/MeshConfig/TrafficPolicy"
+                     {WEFT_API_VERSION} AuthorizationPolicy/RequestAuthentication/MeshConfig/\
+                     TrafficPolicy"
                 ));
             }
         }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::objects::{AuthorizationPolicy, MeshConfig, SELECTOR_OPERATORS};
+use super::objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication, SELECTOR_OPERATORS};
 use crate::{
     policy::{TrafficPolicy, precedence},
     proxy::route::is_core_service,
@@ -334,6 +334,61 @@ pub fn authorization_policy(p: &AuthorizationPolicy, services: &Services) -> Ver
     }
 }
 
+/// Checks a `RequestAuthentication`: a Service target, one key source per rule, inline key sets
+/// that parse, header names. (A `jwksFile` lives on the nodes: each agent reports its own.)
+#[must_use]
+pub fn request_authentication(p: &RequestAuthentication, services: &Services) -> Verdict {
+    let mut invalid = Vec::new();
+    let t = &p.spec.target_ref;
+    if !t.is_service() {
+        invalid.push(format!(
+            "spec.targetRef: kind {:?} is not a core Service",
+            t.kind
+        ));
+    }
+    if p.spec.jwt_rules.is_empty() {
+        invalid.push("spec.jwtRules: at least one rule is needed".to_owned());
+    }
+    let mut issuers = std::collections::BTreeSet::new();
+    for (i, rule) in p.spec.jwt_rules.iter().enumerate() {
+        let at = format!("spec.jwtRules[{i}]");
+        if rule.issuer.is_empty() {
+            invalid.push(format!("{at}.issuer: empty"));
+        } else if !issuers.insert(rule.issuer.as_str()) {
+            invalid.push(format!(
+                "{at}.issuer: {:?} has an earlier rule; one rule per issuer",
+                rule.issuer
+            ));
+        }
+        match (&rule.jwks, &rule.jwks_file) {
+            (Some(inline), None) => {
+                if let Err(e) = crate::proxy::authn::parse_jwks(inline) {
+                    invalid.push(format!("{at}.jwks: {e}"));
+                }
+            }
+            (None, Some(_)) => {}
+            _ => invalid.push(format!("{at}: set exactly one of jwks and jwksFile")),
+        }
+        for (j, h) in rule.from_headers.iter().enumerate() {
+            if hyper::header::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                invalid.push(format!(
+                    "{at}.fromHeaders[{j}].name: {:?} is not a header name",
+                    h.name
+                ));
+            }
+        }
+    }
+    if !invalid.is_empty() {
+        return Verdict::rejected("Invalid", invalid.join("; "));
+    }
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    Verdict {
+        rejected: None,
+        unresolved: missing_service(services, ns, &t.name, t.port.map(i64::from))
+            .map(|message| ("BackendNotFound", format!("targetRef: {message}"))),
+    }
+}
+
 #[must_use]
 pub fn mesh_config(c: &MeshConfig) -> Verdict {
     match c.metadata.name.as_deref() {
@@ -524,5 +579,45 @@ mod tests {
         );
         let mc: MeshConfig = serde_yaml::from_str("metadata: {name: other}\nspec: {}").unwrap();
         assert_eq!(mesh_config(&mc).rejected.unwrap().0, "Ignored");
+    }
+
+    #[test]
+    fn request_authentications() {
+        let ra = |spec: &str| -> RequestAuthentication {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: j, namespace: default}}\nspec:\n{spec}"
+            ))
+            .unwrap()
+        };
+        let web = svc("web", 80);
+        let list = [web];
+        let services = services(&list);
+        let bad = ra(
+            "  targetRef: {kind: Pod, name: web}\n  jwtRules:\n  - {issuer: a, jwks: '{}'}\n  - {issuer: a, jwks: x, jwksFile: /f}\n  - {issuer: '', jwksFile: /f, fromHeaders: [{name: 'bad header'}]}",
+        );
+        let (reason, message) = request_authentication(&bad, &services).rejected.unwrap();
+        assert_eq!(reason, "Invalid");
+        for part in [
+            "kind \"Pod\"",
+            "jwtRules[0].jwks: not a JWKS",
+            "jwtRules[1].issuer: \"a\" has an earlier rule",
+            "jwtRules[1]: set exactly one",
+            "jwtRules[2].issuer: empty",
+            "\"bad header\" is not a header name",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        let good =
+            ra("  targetRef: {kind: Service, name: web}\n  jwtRules: [{issuer: a, jwksFile: /f}]");
+        assert!(request_authentication(&good, &services).effective());
+        let elsewhere =
+            ra("  targetRef: {kind: Service, name: api}\n  jwtRules: [{issuer: a, jwksFile: /f}]");
+        assert_eq!(
+            request_authentication(&elsewhere, &services)
+                .unresolved
+                .unwrap()
+                .0,
+            "BackendNotFound"
+        );
     }
 }

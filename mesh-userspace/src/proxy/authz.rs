@@ -1,11 +1,12 @@
 //! Per-request authorization of L7 services: `AuthorizationPolicy` objects whose `targetRef`
 //! names the Service, with Istio's semantics (DENY rules win; if any ALLOW policy applies, a
 //! request must match one of its rules). Rules may look at the source (service account,
-//! namespace, pod labels), the Service port, the method, the path and request headers.
+//! namespace, pod labels, the JWT principal), the Service port, the method, the path, request
+//! headers and JWT claims.
 //! Dry-run policies are evaluated as if enforced; what they alone would deny is reported.
 use hyper::HeaderMap;
 
-use super::snapshot::MeshPeer;
+use super::{authn::Principal, snapshot::MeshPeer};
 use crate::control::objects::{
     Action, AuthorizationPolicy, RequestCondition, Rule, Source, selector_matches,
 };
@@ -17,6 +18,8 @@ pub struct Request<'a> {
     pub headers: &'a HeaderMap,
     /// The Service port the client connected to.
     pub port: u16,
+    /// The request's validated JWT, if it carried one.
+    pub auth: Option<&'a Principal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,11 +108,9 @@ fn rule_matches(
     request: &Request<'_>,
 ) -> bool {
     let from_ok = r.from.is_empty()
-        || source.is_some_and(|s| {
-            r.from
-                .iter()
-                .any(|f| source_matches(&f.source, s, policy_ns))
-        });
+        || r.from
+            .iter()
+            .any(|f| source_matches(&f.source, source, request.auth, policy_ns));
     let to_ok = r.to.is_empty()
         || r.to.iter().any(|t| {
             let op = &t.operation;
@@ -121,7 +122,27 @@ fn rule_matches(
     from_ok && to_ok && when_ok
 }
 
-fn source_matches(src: &Source, peer: &MeshPeer, policy_ns: &str) -> bool {
+/// A source with only `requestPrincipals` matches any client whose request carries such a
+/// token; every other field needs a meshed client.
+fn source_matches(
+    src: &Source,
+    peer: Option<&MeshPeer>,
+    auth: Option<&Principal>,
+    policy_ns: &str,
+) -> bool {
+    let principal_ok = src.request_principals.is_empty()
+        || auth.is_some_and(|a| {
+            let name = a.name();
+            src.request_principals.iter().any(|want| glob(want, &name))
+        });
+    let only_principals = !src.request_principals.is_empty()
+        && src.service_accounts.is_empty()
+        && src.namespaces.is_empty()
+        && src.pod_selector.is_none();
+    principal_ok && (only_principals || peer.is_some_and(|p| peer_matches(src, p, policy_ns)))
+}
+
+fn peer_matches(src: &Source, peer: &MeshPeer, policy_ns: &str) -> bool {
     let Some((ns, sa)) = peer.identity.namespace_and_account() else {
         return false;
     };
@@ -141,21 +162,54 @@ fn source_matches(src: &Source, peer: &MeshPeer, policy_ns: &str) -> bool {
     sa_ok && ns_ok && pods_ok
 }
 
-/// `request.headers[<name>]` must have one of the values.
+/// The attribute named by the condition's key must have one of the values.
 fn condition_holds(c: &RequestCondition, request: &Request<'_>) -> bool {
-    let Some(name) = c
+    fn any<'v>(values: &[String], mut have: impl Iterator<Item = &'v str>) -> bool {
+        have.any(|v| values.iter().any(|want| glob(want, v)))
+    }
+    if let Some(name) = c
         .key
         .strip_prefix("request.headers[")
         .and_then(|k| k.strip_suffix(']'))
-    else {
-        return false; // unknown keys never hold (the controller reports them)
+    {
+        return any(
+            &c.values,
+            request
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+    }
+    let Some(auth) = request.auth else {
+        return false;
     };
-    request
-        .headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| c.values.iter().any(|want| glob(want, v)))
+    if c.key == "request.auth.principal" {
+        return any(&c.values, std::iter::once(auth.name().as_str()));
+    }
+    if let Some(path) = claim_path(&c.key) {
+        return any(
+            &c.values,
+            auth.claim_values(&path).iter().map(String::as_str),
+        );
+    }
+    false // unknown keys never hold (the schema and the controller refuse them)
+}
+
+/// `request.auth.claims[a][b]` → `["a", "b"]`.
+#[must_use]
+pub fn claim_path(key: &str) -> Option<Vec<&str>> {
+    let mut rest = key.strip_prefix("request.auth.claims")?;
+    let mut path = Vec::new();
+    while !rest.is_empty() {
+        let (name, tail) = rest.strip_prefix('[')?.split_once(']')?;
+        if name.is_empty() {
+            return None;
+        }
+        path.push(name);
+        rest = tail;
+    }
+    (!path.is_empty()).then_some(path)
 }
 
 /// Istio's string match: exact, `prefix*`, `*suffix`, or `*` for anything.
@@ -216,6 +270,7 @@ mod tests {
                 path,
                 headers: &headers,
                 port: 80,
+                auth: None,
             },
         )
     }
@@ -278,6 +333,73 @@ spec:
             }
         );
         assert_eq!(check(&[], None, "DELETE", "/", &[]), Verdict::Allow);
+    }
+
+    #[test]
+    fn jwt_principals_and_claims() {
+        let ps = policies(
+            r"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: need-jwt, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  rules:
+  - from: [{source: {requestPrincipals: ['https://issuer.test/*']}}]
+    when: [{key: 'request.auth.claims[groups]', values: [admin]}]
+  - from: [{source: {requestPrincipals: ['*'], serviceAccounts: [batch]}}]
+    when: [{key: 'request.auth.claims[org][team]', values: [pay]}]
+",
+        );
+        let principal = |sub: &str, claims: serde_json::Value| Principal {
+            issuer: "https://issuer.test".into(),
+            subject: sub.into(),
+            claims: claims.as_object().unwrap().clone(),
+        };
+        let headers = HeaderMap::new();
+        let req = |auth| Request {
+            method: "GET",
+            path: "/",
+            headers: &headers,
+            port: 80,
+            auth,
+        };
+        let admin = principal("alice", serde_json::json!({"groups": ["dev", "admin"]}));
+        let dev = principal(
+            "bob",
+            serde_json::json!({"groups": "dev", "org": {"team": "pay"}}),
+        );
+        // Principal-only sources match unmeshed clients too.
+        assert_eq!(authorize(&ps, None, &req(Some(&admin))), Verdict::Allow);
+        assert!(matches!(
+            authorize(&ps, None, &req(Some(&dev))),
+            Verdict::Deny { .. }
+        ));
+        assert!(matches!(
+            authorize(&ps, None, &req(None)),
+            Verdict::Deny { .. }
+        ));
+        // The second rule wants the token and the service account.
+        let batch = peer("shop", "batch");
+        assert_eq!(
+            authorize(&ps, Some(&batch), &req(Some(&dev))),
+            Verdict::Allow
+        );
+        assert!(matches!(
+            authorize(&ps, Some(&peer("shop", "other")), &req(Some(&dev))),
+            Verdict::Deny { .. }
+        ));
+        assert!(matches!(
+            authorize(&ps, Some(&batch), &req(None)),
+            Verdict::Deny { .. }
+        ));
+        assert_eq!(
+            claim_path("request.auth.claims[a][b]"),
+            Some(vec!["a", "b"])
+        );
+        assert_eq!(claim_path("request.auth.claims[]"), None);
+        assert_eq!(claim_path("request.auth.claims"), None);
+        assert_eq!(claim_path("request.auth.claims[a"), None);
     }
 
     #[test]

@@ -131,6 +131,7 @@ fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Body> 
         let code = match status.as_u16() {
             429 | 503 => 14, // UNAVAILABLE
             504 => 4,        // DEADLINE_EXCEEDED
+            401 => 16,       // UNAUTHENTICATED
             403 => 7,        // PERMISSION_DENIED
             404 => 12,       // UNIMPLEMENTED
             _ => 13,         // INTERNAL
@@ -310,7 +311,10 @@ type Labels = RouteObs;
     clippy::too_many_lines,
     reason = "one request's life in order: route, forward, observe"
 )]
-async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let snapshot = ctx.engine.snapshot();
     let target = snapshot.targets.get(&ctx.orig_dst).cloned();
@@ -348,7 +352,11 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
             "no route matches the request",
         ));
     }
-    if let Some(refused) = authorize(&ctx, &snapshot, &target, &req, grpc) {
+    let principal = match authenticate(&ctx, &target, &mut req, grpc) {
+        Ok(p) => p,
+        Err(refused) => return Ok(*refused),
+    };
+    if let Some(refused) = authorize(&ctx, &snapshot, &target, &req, principal.as_ref(), grpc) {
         return Ok(refused);
     }
     let labels = ctx.route_obs(&target, selected, || RouteObs::new(&ctx, &target, selected));
@@ -411,6 +419,58 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Bo
     Ok(resp)
 }
 
+/// The request's JWT under the service's `RequestAuthentication`s: the principal of a valid
+/// token (`None` without one), or the 401 (gRPC: `UNAUTHENTICATED`) for a token that fails.
+fn authenticate(
+    ctx: &Arc<ConnCtx>,
+    target: &Target,
+    req: &mut Request<Incoming>,
+    grpc: bool,
+) -> Result<Option<super::authn::Principal>, Box<Response<Body>>> {
+    if target.authn.is_empty() {
+        return Ok(None);
+    }
+    let service = format!("{}/{}", target.service.namespace, target.service.name);
+    let refused = match target.authn.authenticate(req.headers_mut(), &service) {
+        Ok(p) => return Ok(p),
+        Err(r) => r,
+    };
+    ctx.engine
+        .metrics
+        .authn_failures
+        .get_or_create(&super::metrics::AuthnLabels {
+            destination_namespace: target.service.namespace.clone(),
+            destination_service: target.service.name.clone(),
+            policy: refused.policy.clone(),
+            reason: refused.reason,
+        })
+        .inc();
+    let source = format!("{}/{}", ctx.src.0, ctx.src.1);
+    let destination = format!("{service}:{}", target.port);
+    ctx.engine.connections.denials.record(
+        &source,
+        &destination,
+        &format!("{} (jwt {})", refused.policy, refused.reason),
+        "enforced",
+    );
+    tracing::info!(
+        target: "weft::deny",
+        source = %source,
+        destination = %destination,
+        method = %req.method(),
+        path = %req.uri().path(),
+        policy = %refused.policy,
+        reason = refused.reason,
+        "request refused: {}", refused.message
+    );
+    let mut resp = local_reply(StatusCode::UNAUTHORIZED, grpc, "Jwt verification fails");
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    Err(Box::new(resp))
+}
+
 /// The service's authorization policies for this request: `Some(403)` when refused (gRPC:
 /// `PERMISSION_DENIED`); a dry-run refusal is counted and logged, and the request goes on.
 fn authorize(
@@ -418,6 +478,7 @@ fn authorize(
     snapshot: &super::snapshot::Snapshot,
     target: &Target,
     req: &Request<Incoming>,
+    auth: Option<&super::authn::Principal>,
     grpc: bool,
 ) -> Option<Response<Body>> {
     let policies = target.authz();
@@ -433,6 +494,7 @@ fn authorize(
             path: req.uri().path(),
             headers: req.headers(),
             port: target.port,
+            auth,
         },
     );
     let (policy, mode) = match verdict {

@@ -60,9 +60,21 @@ pub struct AuthzLabels {
     pub mode: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthnLabels {
+    pub destination_namespace: String,
+    pub destination_service: String,
+    /// The `RequestAuthentication` whose rule refused the token (the service, when no rule
+    /// knows its issuer).
+    pub policy: String,
+    /// `malformed`, `unknown_issuer`, `unknown_key`, `bad_signature`, `expired`, `audience`, ...
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Clone)]
 pub struct L7Metrics {
     pub authz_denials: Family<AuthzLabels, Counter>,
+    pub authn_failures: Family<AuthnLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RouteLabels, Histogram>,
     pub in_flight: Family<RouteLabels, Gauge>,
@@ -81,6 +93,7 @@ impl L7Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             authz_denials: Family::default(),
+            authn_failures: Family::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
                 // 1 ms .. ~16 s
@@ -155,6 +168,11 @@ impl L7Metrics {
             "authz_denials",
             "Requests refused by an authorization policy (or, dry run, that one would refuse)",
             m.authz_denials.clone(),
+        );
+        r.register(
+            "authn_failures",
+            "Requests refused (401) because their JWT failed validation",
+            m.authn_failures.clone(),
         );
         r.register(
             "errors",

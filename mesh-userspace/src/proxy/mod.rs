@@ -4,6 +4,7 @@
 //!
 //! One listener on the node address; per connection: original destination lookup, protocol
 //! detection (or the port's `appProtocol`), then HTTP/1.1, HTTP/2 (gRPC) or an opaque byte pipe.
+pub mod authn;
 pub mod authz;
 pub mod balance;
 pub mod breaker;

@@ -75,6 +75,10 @@ pub struct Target {
     /// Backend pools by (service, service port): every backendRef of the routes, the mirror,
     /// and the service itself.
     pub pools: HashMap<(ServiceRef, u16), Arc<Pool>>,
+    /// The JWTs requests may carry (`RequestAuthentication`s of the service).
+    pub authn: super::authn::Authenticator,
+    /// What was wrong with the service's routes and policies when this was built.
+    problems: Vec<String>,
     source: L7Service,
 }
 
@@ -264,12 +268,9 @@ impl Snapshot {
             let old = previous.and_then(|p| p.targets.get(&key));
             let target = match old {
                 Some(t) if same_inputs(&t.source, l7) && pools_current(t, &endpoints) => t.clone(),
-                _ => {
-                    let (t, mut problems) = build_target(l7, &endpoints);
-                    snap.problems.append(&mut problems);
-                    Arc::new(t)
-                }
+                _ => Arc::new(build_target(l7, &endpoints)),
             };
+            snap.problems.extend(target.problems.iter().cloned());
             snap.targets.insert(key, target);
         }
         snap
@@ -281,6 +282,7 @@ fn same_inputs(a: &L7Service, b: &L7Service) -> bool {
         && a.grpc_routes == b.grpc_routes
         && a.policy == b.policy
         && a.authz == b.authz
+        && a.authn == b.authn
         && a.app_protocol == b.app_protocol
 }
 
@@ -298,7 +300,7 @@ fn pools_current(
 fn build_target(
     l7: &L7Service,
     endpoints: &HashMap<(ServiceRef, u16), (Ipv4Addr, Vec<SocketAddr>)>,
-) -> (Target, Vec<String>) {
+) -> Target {
     let service = ServiceRef {
         namespace: l7.namespace.clone(),
         name: l7.name.clone(),
@@ -370,17 +372,18 @@ fn build_target(
         .app_protocol
         .as_deref()
         .and_then(Protocol::from_app_protocol);
-    (
-        Target {
-            service,
-            port: l7.port,
-            protocol,
-            routes: compiled.table,
-            default_backend,
-            policy,
-            pools,
-            source: l7.clone(),
-        },
+    let (authn, mut authn_problems) = super::authn::Authenticator::new(&l7.authn);
+    problems.append(&mut authn_problems);
+    Target {
+        service,
+        port: l7.port,
+        protocol,
+        routes: compiled.table,
+        default_backend,
+        policy,
+        pools,
+        authn,
         problems,
-    )
+        source: l7.clone(),
+    }
 }
