@@ -237,8 +237,13 @@ fn start_tunnel(
     registry: &mut Registry,
     denials: Arc<proxy::Denials>,
 ) -> Result<Arc<proxy::tunnel::Tunnel>, AgentError> {
-    use crate::identity::{Ca, Identities};
-    let ca = Ca::load(&identity.ca).map_err(AgentError::Identity)?;
+    use crate::identity::{Ca, Identities, Issuer};
+    let issuer = match &identity.issuer {
+        crate::config::IssuerConfig::Local(files) => {
+            Issuer::Local(Box::new(Ca::load(files).map_err(AgentError::Identity)?))
+        }
+        crate::config::IssuerConfig::Remote(remote) => Issuer::Remote(remote.clone()),
+    };
     // The trust domain comes with the objects (MeshConfig); the agent starts with the default
     // and uses the domain of the first snapshot it gets.
     let trust_domain = snapshots.borrow().trust_domain.clone();
@@ -246,7 +251,7 @@ fn start_tunnel(
     let ids = Arc::new(
         Identities::new(
             trust_domain,
-            ca,
+            issuer,
             identity.svid_ttl,
             identity.trust_bundle.clone(),
             metrics.certificates_issued.clone(),
@@ -286,7 +291,7 @@ fn start_tunnel(
                     snapshot.mesh.local_identities(),
                 )
             };
-            ids.refresh(&trust_domain, &wanted);
+            ids.refresh(&trust_domain, &wanted).await;
             tokio::select! {
                 _ = tick.tick() => {}
                 r = snapshots.changed() => if r.is_err() { return },

@@ -55,12 +55,21 @@ pub struct AgentConfig {
 /// The agent's CA, trust bundle and tunnel listener.
 #[derive(Debug, Clone, Serialize)]
 pub struct IdentityConfig {
-    pub ca: crate::identity::CaFiles,
+    pub issuer: IssuerConfig,
     /// PEM roots, re-read on change; default: the root of the CA's chain.
     pub trust_bundle: Option<PathBuf>,
     #[serde(with = "millis")]
     pub svid_ttl: Duration,
     pub tunnel_listen: std::net::SocketAddrV4,
+}
+
+/// Who signs the node's workload certificates.
+#[derive(Debug, Clone, Serialize)]
+pub enum IssuerConfig {
+    /// A CA the agent holds.
+    Local(crate::identity::CaFiles),
+    /// The controller's certificate service.
+    Remote(crate::identity::RemoteCa),
 }
 
 /// How the agent reaches the API server.

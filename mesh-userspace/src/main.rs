@@ -82,6 +82,29 @@ enum Command {
         /// A leader that has not renewed the Lease for this long is replaced.
         #[arg(long, default_value_t = 15)]
         lease_duration_secs: u64,
+        /// Run the certificate service with this CA (PEM chain; see `weft ca`): agents started
+        /// with --ca-addr get their workloads' certificates from it and never hold the CA key.
+        /// Every replica serves it (no leader needed).
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Where the certificate service listens.
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        ca_listen: std::net::SocketAddr,
+        /// The certificate service's own SPIFFE ID (agents check it).
+        #[arg(
+            long,
+            default_value = "spiffe://cluster.local/ns/weft-system/sa/weft-controller"
+        )]
+        ca_server_id: String,
+        /// The Kubernetes user (from `TokenReview`) whose tokens may request certificates: the
+        /// agents' service account.
+        #[arg(long, default_value = "system:serviceaccount:weft-system:weft-agent")]
+        agent_user: String,
+        /// Longest certificate lifetime handed out.
+        #[arg(long, default_value_t = 86_400)]
+        max_svid_ttl_secs: u64,
     },
     /// Print Weft's `CustomResourceDefinitions` as YAML (for `kubectl apply -f -`).
     Crds {
@@ -164,14 +187,31 @@ struct AgentArgs {
     otlp_endpoint: Option<hyper::Uri>,
     /// The CA that signs this node's workload certificates (PEM: the CA certificate, then
     /// its chain when it is an intermediate). With it the agent runs the mTLS tunnel.
-    #[arg(long, requires = "ca_key")]
+    #[arg(long, requires = "ca_key", conflicts_with = "ca_addr")]
     ca_cert: Option<PathBuf>,
     /// The CA's private key (PEM).
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// Instead of holding the CA: the certificate service of `weft controller --ca-cert …`
+    /// (host:port). The agent sends it a request per workload key, authenticated with
+    /// --ca-token-file; needs --trust-bundle. With it the agent runs the mTLS tunnel.
+    #[arg(long, requires = "trust_bundle")]
+    ca_addr: Option<String>,
+    /// The certificate service's SPIFFE ID (its certificate must carry exactly this).
+    #[arg(
+        long,
+        default_value = "spiffe://cluster.local/ns/weft-system/sa/weft-controller"
+    )]
+    ca_server_id: String,
+    /// The agent's Kubernetes service-account token, sent with certificate requests.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    ca_token_file: PathBuf,
     /// PEM roots peers are verified against, re-read when the file changes (root rotation:
     /// publish old and new roots together); default: the root of --ca-cert's chain.
-    #[arg(long, requires = "ca_cert")]
+    #[arg(long)]
     trust_bundle: Option<PathBuf>,
     /// Lifetime of workload certificates; they are replaced at half of it.
     #[arg(long, default_value_t = 3600)]
@@ -303,7 +343,7 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
 }
 
 /// The agent's configuration from its flags.
-fn agent_config(args: AgentArgs) -> AgentConfig {
+fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
     let AgentArgs {
         node,
         cgroup,
@@ -323,12 +363,32 @@ fn agent_config(args: AgentArgs) -> AgentConfig {
         otlp_endpoint,
         ca_cert,
         ca_key,
+        ca_addr,
+        ca_server_id,
+        ca_token_file,
         trust_bundle,
         svid_ttl_secs,
         tunnel_listen,
         uninstall: _,
     } = args;
-    AgentConfig {
+    let issuer = match (ca_cert.zip(ca_key), ca_addr) {
+        (Some((cert, key)), _) => {
+            Some(weft::config::IssuerConfig::Local(weft::identity::CaFiles {
+                cert,
+                key,
+            }))
+        }
+        (None, Some(addr)) => Some(weft::config::IssuerConfig::Remote(
+            weft::identity::RemoteCa {
+                addr,
+                server_id: weft::identity::SpiffeId::parse(&ca_server_id)?,
+                token_file: ca_token_file,
+                node: node.node.clone(),
+            },
+        )),
+        (None, None) => None,
+    };
+    Ok(AgentConfig {
         admin_socket: node.socket(),
         bpffs_dir: bpffs_dir.unwrap_or_else(|| bpffs_default(&node.node)),
         node_name: node.node,
@@ -345,15 +405,13 @@ fn agent_config(args: AgentArgs) -> AgentConfig {
         engine_addr,
         engine_sockops_cgroup,
         otlp_endpoint,
-        identity: ca_cert
-            .zip(ca_key)
-            .map(|(cert, key)| weft::config::IdentityConfig {
-                ca: weft::identity::CaFiles { cert, key },
-                trust_bundle,
-                svid_ttl: Duration::from_secs(svid_ttl_secs.max(2)),
-                tunnel_listen,
-            }),
-    }
+        identity: issuer.map(|issuer| weft::config::IdentityConfig {
+            issuer,
+            trust_bundle,
+            svid_ttl: Duration::from_secs(svid_ttl_secs.max(2)),
+            tunnel_listen,
+        }),
+    })
 }
 
 /// The host name and process id: unique among replicas outside a cluster.
@@ -440,7 +498,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => {
             let uninstall = args.uninstall;
-            let config = agent_config(*args);
+            let config = agent_config(*args)?;
             if uninstall {
                 app::uninstall(&config).context("uninstall")?;
             } else {
@@ -471,12 +529,29 @@ fn main() -> anyhow::Result<()> {
             namespace,
             identity,
             lease_duration_secs,
+            ca_cert,
+            ca_key,
+            ca_listen,
+            ca_server_id,
+            agent_user,
+            max_svid_ttl_secs,
         } => {
+            let certificates = match ca_cert.zip(ca_key) {
+                Some((cert, key)) => Some(weft::control::certs::CertServiceConfig {
+                    ca: weft::identity::CaFiles { cert, key },
+                    listen: ca_listen,
+                    server_id: weft::identity::SpiffeId::parse(&ca_server_id)?,
+                    agent_user,
+                    max_ttl: Duration::from_secs(max_svid_ttl_secs.max(60)),
+                }),
+                None => None,
+            };
             controller(&ControllerConfig {
                 kubeconfig,
                 namespace,
                 identity: identity.unwrap_or_else(default_identity),
                 lease_duration: Duration::from_secs(lease_duration_secs.max(3)),
+                certificates,
             })?;
         }
         Command::Fastpath {

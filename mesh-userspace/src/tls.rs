@@ -138,9 +138,27 @@ impl rustls::client::ResolvesClientCert for SourceSvid {
 /// expected destination; the TLS name is not used for anything else.
 #[derive(Debug)]
 struct ExpectIdentity {
-    ids: Arc<Identities>,
+    roots: Roots,
     expected: SpiffeId,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// Where a verifier takes its trust anchors from.
+#[derive(Debug)]
+enum Roots {
+    /// The agent's current bundle (it rotates).
+    Live(Arc<Identities>),
+    /// One bundle, for one connection.
+    Fixed(Arc<identity::Bundle>),
+}
+
+impl Roots {
+    fn bundle(&self) -> Arc<identity::Bundle> {
+        match self {
+            Self::Live(ids) => ids.bundle(),
+            Self::Fixed(b) => b.clone(),
+        }
+    }
 }
 
 impl ServerCertVerifier for ExpectIdentity {
@@ -152,7 +170,7 @@ impl ServerCertVerifier for ExpectIdentity {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let bundle = self.ids.bundle();
+        let bundle = self.roots.bundle();
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
         cert.verify_for_usage(
@@ -213,7 +231,7 @@ pub fn client_config(
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = ExpectIdentity {
-        ids: ids.clone(),
+        roots: Roots::Live(ids.clone()),
         expected: expected.clone(),
         algorithms: provider.signature_verification_algorithms,
     };
@@ -227,5 +245,46 @@ pub fn client_config(
             source: source.clone(),
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The client config of an agent's certificate request to the controller: no client
+/// certificate (the request carries a Kubernetes token), the server verified against `bundle`
+/// and its SPIFFE ID against `expected`.
+///
+/// # Errors
+/// Never in practice (TLS 1.3 is supported by the provider).
+pub fn ca_client_config(
+    bundle: Arc<identity::Bundle>,
+    expected: &SpiffeId,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = ExpectIdentity {
+        roots: Roots::Fixed(bundle),
+        expected: expected.clone(),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The server config of the controller's certificate service: the certificate `current`
+/// returns (renewed by its owner), no client certificates.
+///
+/// # Errors
+/// Never in practice (TLS 1.3 is supported by the provider).
+pub fn ca_server_config(
+    current: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(current);
     Ok(Arc::new(config))
 }

@@ -39,6 +39,11 @@ pub const API_PORT: u16 = 6443;
 const ETCD_CLIENT: &str = "http://127.0.0.1:2379";
 /// The bearer token of the test's cluster-admin (`system:masters`).
 const ADMIN_TOKEN: &str = "weft-test-admin-token";
+/// A token the API server knows as the agents' service account (what `weft controller`'s
+/// certificate service accepts by default).
+pub const AGENT_TOKEN: &str = "weft-test-agent-token";
+/// A token of some other user, valid for the API server.
+pub const OTHER_TOKEN: &str = "weft-test-other-token";
 
 /// Where the binaries are: `$KUBEBUILDER_ASSETS`, the envtest convention.
 pub fn assets_dir() -> Result<PathBuf> {
@@ -342,11 +347,16 @@ async fn api_for(
     Ok((api, name.to_owned()))
 }
 
-/// The token file (one cluster-admin) and the service-account signing key pair.
+/// The token file (a cluster-admin, the agents' service account, another user) and the
+/// service-account signing key pair.
 fn write_credentials(node: &Node, dir: &Path) -> Result<()> {
     fs::write(
         dir.join("tokens.csv"),
-        format!("{ADMIN_TOKEN},weft-test-admin,weft-test-admin,system:masters\n"),
+        format!(
+            "{ADMIN_TOKEN},weft-test-admin,weft-test-admin,system:masters\n\
+             {AGENT_TOKEN},system:serviceaccount:weft-system:weft-agent,weft-test-agent\n\
+             {OTHER_TOKEN},weft-test-other,weft-test-other\n"
+        ),
     )?;
     let key = dir.join("sa.key").display().to_string();
     let public = dir.join("sa.pub").display().to_string();

@@ -75,13 +75,32 @@ fn rendered_manifests_pass_kubernetes_schema_validation() -> Result<()> {
 fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
     let bed = Testbed::new("helm-dry-run")?;
     let cp = ControlPlane::start(&bed.node("cp")?)?;
+    // The namespace the chart is installed into, for real.
+    cp.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n")?;
+    // With mutual TLS on, agents holding the CA, then the controller's certificate service.
+    for (extra, expect) in [
+        ("mtls.certificateService=false", "--ca-key=/etc/weft/ca/ca.key"),
+        (
+            "mtls.certificateService=true",
+            "--ca-addr=weft-controller.weft-system.svc:15012",
+        ),
+    ] {
+        render_and_apply(&cp, extra, expect)?;
+    }
+    Ok(())
+}
+
+/// Renders the chart with the CA secret and `extra`, checks `expect` is in it, applies its
+/// CRDs and dry-runs the rest.
+fn render_and_apply(cp: &ControlPlane, extra: &str, expect: &str) -> Result<()> {
     let mut args = CHART_RENDER_ARGS.to_vec();
-    // With mutual TLS on: the CA secret's volume and the tunnel flags are checked too.
     args.extend([
         "--kube-version",
         "v1.20.2",
         "--set",
         "mtls.caSecretName=weft-ca",
+        "--set",
+        extra,
         "deploy/helm/weft",
     ]);
     let rendered = helm(&args)?;
@@ -94,12 +113,9 @@ fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
         "unexpected rendering: {rendered}"
     );
     ensure!(
-        rendered.contains("--ca-cert=/etc/weft/ca/ca.crt")
-            && rendered.contains("secretName: weft-ca"),
-        "mtls values not rendered: {rendered}"
+        rendered.contains(expect) && rendered.contains("secretName: weft-ca"),
+        "mtls values ({extra}) not rendered: {rendered}"
     );
-    // The namespace the chart is installed into, and its CRDs, for real; the rest dry-run.
-    cp.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n")?;
     cp.apply(&crds.join("\n---\n"))?;
     cp.apply_dry_run(&rest.join("\n---\n"))
 }

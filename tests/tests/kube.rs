@@ -16,7 +16,7 @@ use testbed::{
     agent::{self, Agent},
     eventually,
     http::{HttpGetArgs, HttpGetReport, HttpServerArgs},
-    kube::ControlPlane,
+    kube::{AGENT_TOKEN, ControlPlane, OTHER_TOKEN},
 };
 
 /// The CRDs as shipped: the files the Helm chart installs (deploy/helm/weft/crds).
@@ -255,12 +255,30 @@ fn two_agents_in_kube_mode_carry_cross_node_flows_in_the_mtls_tunnel() -> Result
         ]
         .join("\n---\n"),
     )?;
-    let ca = agent::identity_args(&n1)?;
-    let args: Vec<&str> = ca.iter().map(String::as_str).collect();
+    // The controller holds the CA and runs the certificate service; the agents hold only the
+    // root (their trust bundle) and a service-account token.
+    let ca_flags = agent::identity_args(&n1)?;
+    let mut controller_args = vec!["--ca-listen", "0.0.0.0:15012"];
+    controller_args.extend(ca_flags.iter().map(String::as_str));
+    let controller = cp.spawn_controller(&controller_args)?;
+    let root = &ca_flags[1]; // --ca-cert <root>: a root CA, so also the trust bundle
+    let token_file = n1.run_dir().join("agent-token");
+    std::fs::write(&token_file, AGENT_TOKEN)?;
+    let ca_addr = format!("{}:15012", n1.uplink_ip());
+    let token_path = token_file.display().to_string();
+    let args = [
+        "--ca-addr",
+        &ca_addr,
+        "--trust-bundle",
+        root,
+        "--ca-token-file",
+        &token_path,
+    ];
     let a1 = Agent::start_kube(&n1, &cp.kubeconfig_path()?, &args)?;
     let a2 = Agent::start_kube(&n2, &cp.kubeconfig_for_other_nodes()?, &args)?;
     a1.wait_workloads(3)?;
     a2.wait_workloads(3)?;
+    certificate_service_refuses_what_it_must(&n1, &controller)?;
     let server = b.serve(ServeMode::Echo, 7000)?;
     eventually(Duration::from_secs(10), || {
         let t = a.transfer(server.addr(), 1 << 16, 2)?;
@@ -275,6 +293,13 @@ fn two_agents_in_kube_mode_carry_cross_node_flows_in_the_mtls_tunnel() -> Result
         streams >= 2.0,
         "b's agent accepted {streams} tunnel streams"
     );
+    for (agent, name) in [(&a1, "n1"), (&a2, "n2")] {
+        let issued = agent.metric("weft_identity_certificates_issued_total", &[])?;
+        ensure!(
+            issued >= 1.0,
+            "{name}'s agent obtained {issued} certificates"
+        );
+    }
 
     cp.apply(B_FROM_A_ONLY)?;
     eventually(Duration::from_secs(10), || {
@@ -295,6 +320,64 @@ fn two_agents_in_kube_mode_carry_cross_node_flows_in_the_mtls_tunnel() -> Result
         ensure!(r.ok, "c → b after the policy is gone: {r:?}");
         Ok(())
     })
+}
+
+/// The controller's certificate service (on `node`, port 15012) refuses unknown tokens, other
+/// users' tokens, identities of pods on other nodes, and malformed certificate requests.
+fn certificate_service_refuses_what_it_must(
+    node: &testbed::Node,
+    controller: &testbed::Proc,
+) -> Result<()> {
+    let ask = |token: &str, identity: &str, on: &str| -> Result<String> {
+        let body = json!({"identity": identity, "node": on, "csr": "-", "ttlSeconds": 60});
+        let out = node
+            .run(
+                Duration::from_secs(10),
+                "curl",
+                [
+                    "-sk",
+                    "-w",
+                    " %{http_code}",
+                    "-X",
+                    "POST",
+                    "-H",
+                    &format!("Authorization: Bearer {token}"),
+                    "-d",
+                    &body.to_string(),
+                    "https://127.0.0.1:15012/v1/certificates",
+                ],
+            )?
+            .check()?;
+        Ok(out.stdout.trim().to_owned())
+    };
+    let b_id = "spiffe://cluster.local/ns/default/sa/b";
+    eventually(Duration::from_secs(10), || {
+        let answer = ask("not-a-token", b_id, "n2")?;
+        ensure!(
+            answer.ends_with(" 401") && answer.contains("does not accept the token"),
+            "{answer}"
+        );
+        Ok(())
+    })
+    .with_context(|| format!("controller: {}", controller.stderr()))?;
+    let other_user = ask(OTHER_TOKEN, b_id, "n2")?;
+    ensure!(
+        other_user.ends_with(" 403") && other_user.contains("may not request certificates"),
+        "{other_user}"
+    );
+    let wrong_node = ask(AGENT_TOKEN, b_id, "n1")?;
+    ensure!(
+        wrong_node.ends_with(" 403")
+            && wrong_node
+                .contains("no pod of service account default/b is scheduled on node \"n1\""),
+        "{wrong_node}"
+    );
+    let bad_csr = ask(AGENT_TOKEN, b_id, "n2")?;
+    ensure!(
+        bad_csr.ends_with(" 400") && bad_csr.contains("certificate request"),
+        "a bad CSR: {bad_csr}"
+    );
+    Ok(())
 }
 
 const WEB_SERVICES: &str = r"

@@ -49,6 +49,8 @@ pub struct ControllerConfig {
     pub identity: String,
     /// A leader that has not renewed for this long is replaced.
     pub lease_duration: Duration,
+    /// The certificate service for agents, when the controller holds the CA.
+    pub certificates: Option<super::certs::CertServiceConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,8 @@ pub enum ControllerError {
     Connect(#[from] KubeSourceError),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("certificate service: {0}")]
+    Certificates(#[from] super::certs::CertServiceError),
 }
 
 /// Runs until SIGINT/SIGTERM; a leader hands its Lease back on the way out.
@@ -71,10 +75,23 @@ pub fn run(config: &ControllerConfig) -> Result<(), ControllerError> {
         let changed = Arc::new(Notify::new());
         let leader = tokio::sync::watch::channel(false);
         let election = elect(&lease, config.lease_duration, &leader.0, &changed);
+        let certificates = match &config.certificates {
+            Some(c) => Some(super::certs::start(client.clone(), c).await?),
+            None => None,
+        };
         let statuses = write_statuses(client, leader.1, Arc::clone(&changed));
+        let certificates = async move {
+            match certificates {
+                Some(task) => {
+                    let _ = task.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = election => {}
             () = statuses => {}
+            () = certificates => tracing::error!("the certificate service stopped"),
             () = crate::app::shutdown_signal() => {}
         }
         if *leader.0.borrow() {

@@ -249,6 +249,39 @@ impl Ca {
         IdentityError,
     > {
         let key = KeyPair::generate()?;
+        let (chain, not_before, not_after) = self.certify(id, ttl, &key)?;
+        Ok((chain, key, not_before, not_after))
+    }
+
+    /// Signs the key of a certificate request (PEM) for `id` (whatever names the request asks
+    /// for: only `id` is certified), returning the chain as PEM: the certificate service of
+    /// `weft controller`.
+    ///
+    /// # Errors
+    /// When the request cannot be parsed or its signature does not verify, or signing fails.
+    pub fn sign_request(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        csr_pem: &str,
+    ) -> Result<String, IdentityError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            IdentityError::Pem {
+                what: "certificate request".into(),
+                message: e.to_string(),
+            }
+        })?;
+        let (chain, _, _) = self.certify(id, ttl, &csr.public_key)?;
+        Ok(chain.iter().map(rustls_pem).collect())
+    }
+
+    /// The certificate chain of `public_key` as `id`.
+    fn certify(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime, SystemTime), IdentityError> {
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
         params.distinguished_name = DistinguishedName::new();
@@ -267,11 +300,44 @@ impl Ca {
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(public_key, &self.issuer)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().filter(|c| **c != self.root).cloned());
-        Ok((chain, key, not_before, not_after))
+        Ok((chain, not_before, not_after))
     }
+}
+
+/// An SVID from a chain (PEM, leaf first) certifying `key`, with the leaf's validity.
+///
+/// # Errors
+/// When the chain or the key is unusable.
+pub(super) fn svid_from_chain(
+    id: &SpiffeId,
+    chain_pem: &str,
+    key: &KeyPair,
+) -> Result<Svid, IdentityError> {
+    let chain = certs_from_pem("issued certificate", chain_pem)?;
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| IdentityError::Pem {
+            what: "issued certificate".into(),
+            message: e.to_string(),
+        })?;
+    let time = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    let (not_before, not_after) = (
+        time(leaf.validity().not_before),
+        time(leaf.validity().not_after),
+    );
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Key)?;
+    Ok(Svid {
+        id: id.clone(),
+        certified: Arc::new(CertifiedKey::new(chain, signer)),
+        not_before,
+        not_after,
+    })
 }
 
 /// PEM text of one certificate.

@@ -7,6 +7,7 @@
 //! the trust bundle (the roots peers are checked against) is a PEM file of its own that may hold
 //! several roots, so a root can be rotated by publishing old and new side by side.
 mod ca;
+pub mod remote;
 mod store;
 
 use std::fmt;
@@ -15,7 +16,8 @@ use serde::Serialize;
 
 pub use self::{
     ca::{Ca, CaFiles, Svid},
-    store::{Bundle, Identities},
+    remote::RemoteCa,
+    store::{Bundle, Identities, Issuer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,10 @@ pub enum IdentityError {
     Sign(#[from] rcgen::Error),
     #[error("certificate key: {0}")]
     Key(rustls::Error),
+    #[error("certificate service {addr}: {message}")]
+    Remote { addr: String, message: String },
+    #[error("no certificate for {0} yet (the certificate service has not answered)")]
+    NotIssued(String),
 }
 
 /// A validated SPIFFE ID.
@@ -214,5 +220,48 @@ mod tests {
         assert_eq!(identity_for_server_name(&td, &sni), Some(id));
         assert_eq!(identity_for_server_name(&td, "example.com"), None);
         assert_eq!(identity_for_server_name(&td, "identity.weft"), None);
+    }
+
+    #[test]
+    fn certificate_requests_get_only_the_identity_asked_for() {
+        let td = TrustDomain::default();
+        let (cert, key) = Ca::generate_root(&td, std::time::Duration::from_hours(1)).unwrap();
+        let ca = Ca::from_pem(&cert, &key).unwrap();
+        let id = SpiffeId::workload(&td, "shop", "web");
+        // The request asks for another name too: it is not certified.
+        let workload_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap(),
+        ));
+        let csr = params.serialize_request(&workload_key).unwrap().pem().unwrap();
+        let chain = ca
+            .sign_request(&id, std::time::Duration::from_mins(10), &csr)
+            .unwrap();
+        let svid = ca::svid_from_chain(&id, &chain, &workload_key).unwrap();
+        let leaf = &svid.certified.cert[0];
+        assert_eq!(crate::tls::spiffe_id_of(leaf).unwrap(), id);
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).unwrap();
+        let names = parsed.subject_alternative_name().unwrap().unwrap().value;
+        assert_eq!(names.general_names.len(), 1, "{names:?}");
+        // It chains to the root, and the key is the requester's.
+        let anchor = webpki::anchor_from_trusted_cert(ca.root()).unwrap();
+        webpki::EndEntityCert::try_from(leaf)
+            .unwrap()
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &[anchor],
+                &[],
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .unwrap();
+        assert!(svid.not_after > std::time::SystemTime::now());
+        // Malformed requests are refused.
+        let tampered = csr.replacen("MII", "MIJ", 1);
+        assert!(ca.sign_request(&id, std::time::Duration::from_mins(10), &tampered).is_err());
+        assert!(ca.sign_request(&id, std::time::Duration::from_mins(10), "junk").is_err());
     }
 }

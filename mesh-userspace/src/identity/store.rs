@@ -8,7 +8,16 @@ use std::{
 
 use rustls::pki_types::{CertificateDer, TrustAnchor};
 
-use super::{Ca, IdentityError, SpiffeId, Svid, TrustDomain, ca::certs_from_pem};
+use super::{Ca, IdentityError, RemoteCa, SpiffeId, Svid, TrustDomain, ca::certs_from_pem};
+
+/// Who signs this node's workload certificates.
+#[derive(Debug)]
+pub enum Issuer {
+    /// The agent holds the CA (local mode).
+    Local(Box<Ca>),
+    /// The controller's certificate service (Kubernetes mode): keys stay on the node.
+    Remote(RemoteCa),
+}
 
 /// The roots peers' certificates must chain to.
 #[derive(Debug)]
@@ -46,7 +55,7 @@ impl Bundle {
 /// Issues, caches and rotates the SVIDs of this node's workloads; keeps the trust bundle.
 pub struct Identities {
     trust_domain: RwLock<TrustDomain>,
-    ca: Ca,
+    issuer: Issuer,
     ttl: Duration,
     svids: RwLock<HashMap<SpiffeId, Arc<Svid>>>,
     bundle: RwLock<Arc<Bundle>>,
@@ -68,24 +77,37 @@ impl std::fmt::Debug for Identities {
 
 impl Identities {
     /// # Errors
-    /// When the bundle file cannot be read or parsed.
+    /// When the bundle file cannot be read or parsed, or a remote issuer has no bundle file.
     pub fn new(
         trust_domain: TrustDomain,
-        ca: Ca,
+        issuer: Issuer,
         ttl: Duration,
         bundle_file: Option<PathBuf>,
-        issued: prometheus_client::metrics::counter::Counter,
+        issued_total: prometheus_client::metrics::counter::Counter,
     ) -> Result<Self, IdentityError> {
-        let bundle = Bundle::from_certs(&[ca.root().clone()], 0)?;
+        let bundle = match &issuer {
+            Issuer::Local(ca) => Bundle::from_certs(&[ca.root().clone()], 0)?,
+            Issuer::Remote(_) => Bundle {
+                anchors: Vec::new(),
+                roots: Arc::new(rustls::RootCertStore::empty()),
+                generation: 0,
+            },
+        };
+        if matches!(issuer, Issuer::Remote(_)) && bundle_file.is_none() {
+            return Err(IdentityError::NoPem {
+                what: "trust bundle (required with a certificate service)".into(),
+                kind: "certificate",
+            });
+        }
         let this = Self {
             trust_domain: RwLock::new(trust_domain),
-            ca,
+            issuer,
             ttl,
             svids: RwLock::default(),
             bundle: RwLock::new(Arc::new(bundle)),
             bundle_file,
             bundle_stamp: RwLock::default(),
-            issued,
+            issued: issued_total,
         };
         this.reload_bundle()?;
         Ok(this)
@@ -151,40 +173,50 @@ impl Identities {
         Ok(true)
     }
 
-    /// The current SVID of `id`, issued now when there is none or it is due.
+    /// The current SVID of `id`. With a local CA it is issued now when there is none or it is
+    /// due; with a certificate service (which must not be called from a TLS handshake) the one
+    /// held is used until it expires, and [`Identities::refresh`] renews it.
     ///
     /// # Errors
-    /// When the CA cannot sign.
+    /// When the CA cannot sign, or the service has not issued one yet.
     pub fn svid(&self, id: &SpiffeId) -> Result<Arc<Svid>, IdentityError> {
         let now = SystemTime::now();
-        if let Some(svid) = self
+        let held = self
             .svids
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(id)
-            .filter(|s| s.renew_at() > now)
-        {
-            return Ok(svid.clone());
+            .cloned();
+        match (&self.issuer, held) {
+            (_, Some(svid)) if svid.renew_at() > now => Ok(svid),
+            (Issuer::Local(ca), _) => {
+                let fresh = Arc::new(ca.issue(id, self.ttl)?);
+                self.store(fresh.clone());
+                Ok(fresh)
+            }
+            (Issuer::Remote(_), Some(svid)) if svid.not_after > now => Ok(svid),
+            (Issuer::Remote(_), _) => Err(IdentityError::NotIssued(id.to_string())),
         }
-        let fresh = Arc::new(self.ca.issue(id, self.ttl)?);
+    }
+
+    fn store(&self, svid: Arc<Svid>) {
         self.issued.inc();
         tracing::info!(
             target: "weft::identity",
-            identity = %id,
-            valid_for_s = self.ttl.as_secs(),
-            "issued a workload certificate"
+            identity = %svid.id,
+            valid_for_s = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+            "new workload certificate"
         );
         self.svids
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.clone(), fresh.clone());
-        Ok(fresh)
+            .insert(svid.id.clone(), svid);
     }
 
-    /// Keeps SVIDs for exactly `wanted` (the node's workloads): issues missing ones, replaces
+    /// Keeps SVIDs for exactly `wanted` (the node's workloads): obtains missing ones, replaces
     /// those past half their life, forgets the rest. Open connections keep the certificate they
     /// were established with; new handshakes use the new one.
-    pub fn refresh(&self, trust_domain: &TrustDomain, wanted: &HashSet<SpiffeId>) {
+    pub async fn refresh(&self, trust_domain: &TrustDomain, wanted: &HashSet<SpiffeId>) {
         *self
             .trust_domain
             .write()
@@ -193,13 +225,33 @@ impl Identities {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|id, _| wanted.contains(id));
-        for id in wanted {
-            if let Err(e) = self.svid(id) {
-                tracing::error!(identity = %id, error = %e, "cannot issue a workload certificate");
-            }
-        }
         if let Err(e) = self.reload_bundle() {
             tracing::warn!(error = %e, "trust bundle not reloaded; keeping the previous one");
+        }
+        let now = SystemTime::now();
+        for id in wanted {
+            let result = match &self.issuer {
+                Issuer::Local(_) => self.svid(id).map(drop),
+                Issuer::Remote(remote) => {
+                    let due = self
+                        .svids
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get(id)
+                        .is_none_or(|s| s.renew_at() <= now);
+                    if due {
+                        remote
+                            .issue(id, self.ttl, self.bundle())
+                            .await
+                            .map(|svid| self.store(Arc::new(svid)))
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::error!(identity = %id, error = %e, "cannot obtain a workload certificate");
+            }
         }
     }
 
