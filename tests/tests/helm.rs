@@ -79,7 +79,10 @@ fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
     cp.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n")?;
     // With mutual TLS on, agents holding the CA, then the controller's certificate service.
     for (extra, expect) in [
-        ("mtls.certificateService=false", "--ca-key=/etc/weft/ca/ca.key"),
+        (
+            "mtls.certificateService=false",
+            "--ca-key=/etc/weft/ca/ca.key",
+        ),
         (
             "mtls.certificateService=true",
             "--ca-addr=weft-controller.weft-system.svc:15012",

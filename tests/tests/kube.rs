@@ -418,6 +418,14 @@ spec:
   parentRefs: [{kind: Service, name: web-v1}]
   rules:
   - backendRefs: [{name: web-v9, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc-to-nowhere, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: web-v2}]
+  rules:
+  - backendRefs: [{name: grpc-v9, port: 80}]
 ";
 
 #[test]
@@ -484,13 +492,14 @@ fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> 
     // a route to a missing backend says so.
     let _controller = cp.spawn_controller(&[])?;
     cp.apply(DANGLING_ROUTE)?;
-    let route_parent = |name: &'static str| -> Result<serde_json::Value> {
+    let route_parent_of = |kind: &'static str, name: &'static str| -> Result<serde_json::Value> {
         let route = cp.block_on(move |client| async move {
-            let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute");
+            let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind);
+            let plural = format!("{}s", kind.to_lowercase());
             let api: Api<DynamicObject> = Api::namespaced_with(
                 client,
                 "default",
-                &ApiResource::from_gvk_with_plural(&gvk, "httproutes"),
+                &ApiResource::from_gvk_with_plural(&gvk, &plural),
             );
             Ok(api.get(name).await?)
         })?;
@@ -502,6 +511,7 @@ fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> 
             .cloned()
             .with_context(|| format!("{name}: no status from weft.dev/mesh: {}", route.data))
     };
+    let route_parent = |name: &'static str| route_parent_of("HTTPRoute", name);
     let status = |parent: &serde_json::Value, type_: &str| {
         parent["conditions"]
             .as_array()
@@ -534,6 +544,19 @@ fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> 
                     .as_str()
                     .is_some_and(|m| m.contains("default/web-v9")),
             "v1-to-nowhere: {dangling}"
+        );
+        let grpc = route_parent_of("GRPCRoute", "grpc-to-nowhere")?;
+        let resolved = status(&grpc, "ResolvedRefs").context("GRPCRoute: no ResolvedRefs")?;
+        ensure!(
+            grpc["parentRef"]["name"] == "web-v2"
+                && status(&grpc, "Accepted").is_some_and(|c| c.0 == "True")
+                && resolved.0 == "False"
+                && resolved.1 == "BackendNotFound"
+                && resolved
+                    .2
+                    .as_str()
+                    .is_some_and(|m| m.contains("default/grpc-v9")),
+            "grpc-to-nowhere: {grpc}"
         );
         Ok(())
     })?;

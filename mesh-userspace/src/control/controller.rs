@@ -33,7 +33,7 @@ use super::{
     validate::{self, Verdict},
 };
 use crate::policy::TrafficPolicy;
-use gateway_api::httproutes::HttpRoute;
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 
 /// The Lease both replicas compete for.
 pub const LEASE_NAME: &str = "weft-controller";
@@ -249,12 +249,14 @@ async fn write_statuses(
     let jwt_rules = Kind::<RequestAuthentication>::start(&client, &changed).await;
     let mesh = Kind::<MeshConfig>::start(&client, &changed).await;
     let routes = Kind::<HttpRoute>::start(&client, &changed).await;
+    let grpc_routes = Kind::<GrpcRoute>::start(&client, &changed).await;
     services.ready().await;
     traffic.ready().await;
     authz.ready().await;
     jwt_rules.ready().await;
     mesh.ready().await;
     routes.ready().await;
+    grpc_routes.ready().await;
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -303,7 +305,15 @@ async fn write_statuses(
             }
             for r in routes.objects() {
                 let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
-                publish_route(&api, &r, &validate::http_route(&r, &service_map)).await;
+                let old = serde_json::to_value(r.status.as_ref().map(|s| &s.parents));
+                let parents = validate::http_route(&r, &service_map);
+                publish_route(&api, &r, old.unwrap_or_default(), &parents).await;
+            }
+            for r in grpc_routes.objects() {
+                let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
+                let old = serde_json::to_value(r.status.as_ref().map(|s| &s.parents));
+                let parents = validate::grpc_route(&r, &service_map);
+                publish_route(&api, &r, old.unwrap_or_default(), &parents).await;
             }
         }
         tokio::select! {
@@ -328,8 +338,15 @@ pub const ROUTE_CONTROLLER: &str = "weft.dev/mesh";
 
 /// Writes the route's `status.parents` entries for its Service parents (GAMMA), keeping other
 /// controllers' entries, when they changed.
-async fn publish_route(api: &Api<HttpRoute>, route: &HttpRoute, parents: &[validate::RouteParent]) {
-    let old = serde_json::to_value(route.status.as_ref().map(|s| &s.parents)).unwrap_or_default();
+/// `old`: the route's current `status.parents` (JSON), whatever its route kind.
+async fn publish_route<K>(
+    api: &Api<K>,
+    route: &K,
+    old: serde_json::Value,
+    parents: &[validate::RouteParent],
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let old_entries: Vec<serde_json::Value> = old.as_array().cloned().unwrap_or_default();
     let mut entries: Vec<serde_json::Value> = old_entries
         .iter()
@@ -342,7 +359,7 @@ async fn publish_route(api: &Api<HttpRoute>, route: &HttpRoute, parents: &[valid
             .find(|e| e["controllerName"] == ROUTE_CONTROLLER && e["parentRef"] == p.parent_ref)
             .and_then(|e| serde_json::from_value(e["conditions"].clone()).ok())
             .unwrap_or_default();
-        let mut conditions = conditions(&p.verdict, route.metadata.generation, &previous);
+        let mut conditions = conditions(&p.verdict, route.meta().generation, &previous);
         conditions.retain(|c| c.type_ != "Programmed"); // routes have Accepted and ResolvedRefs
         entries.push(serde_json::json!({
             "parentRef": p.parent_ref,

@@ -194,6 +194,15 @@ pub struct RouteParent {
     pub verdict: Verdict,
 }
 
+/// A route's reference, whatever its route kind: (group, kind, name, namespace, port).
+type Ref<'a> = (
+    Option<&'a str>,
+    Option<&'a str>,
+    &'a str,
+    Option<&'a str>,
+    Option<i32>,
+);
+
 /// The route's Service parents: `Accepted` when the Service (and port) exists, `ResolvedRefs`
 /// when every Service backendRef exists in the route's namespace (cross-namespace backends
 /// would need a `ReferenceGrant`, which Weft does not read: `RefNotPermitted`).
@@ -202,52 +211,121 @@ pub fn http_route(
     route: &gateway_api::httproutes::HttpRoute,
     services: &Services,
 ) -> Vec<RouteParent> {
-    let ns = route.metadata.namespace.clone().unwrap_or_default();
-    let mut unresolved = None;
-    for b in route
+    let parents = route.spec.parent_refs.iter().flatten().map(|p| {
+        (
+            p.group.as_deref(),
+            p.kind.as_deref(),
+            p.name.as_str(),
+            p.namespace.as_deref(),
+            p.port,
+        )
+    });
+    let backends = route
         .spec
         .rules
         .iter()
         .flatten()
         .flat_map(|r| r.backend_refs.iter().flatten())
-    {
-        if !is_core_service(b.group.as_deref(), b.kind.as_deref().or(Some("Service"))) {
+        .map(|b| {
+            (
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                b.name.as_str(),
+                b.namespace.as_deref(),
+                b.port,
+            )
+        });
+    route_parents(
+        route.metadata.namespace.as_deref(),
+        parents,
+        backends,
+        services,
+    )
+}
+
+/// [`http_route`] for a `GRPCRoute`.
+#[must_use]
+pub fn grpc_route(
+    route: &gateway_api::grpcroutes::GrpcRoute,
+    services: &Services,
+) -> Vec<RouteParent> {
+    let parents = route.spec.parent_refs.iter().flatten().map(|p| {
+        (
+            p.group.as_deref(),
+            p.kind.as_deref(),
+            p.name.as_str(),
+            p.namespace.as_deref(),
+            p.port,
+        )
+    });
+    let backends = route
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|r| r.backend_refs.iter().flatten())
+        .map(|b| {
+            (
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                b.name.as_str(),
+                b.namespace.as_deref(),
+                b.port,
+            )
+        });
+    route_parents(
+        route.metadata.namespace.as_deref(),
+        parents,
+        backends,
+        services,
+    )
+}
+
+fn route_parents<'a>(
+    ns: Option<&str>,
+    parent_refs: impl Iterator<Item = Ref<'a>>,
+    backend_refs: impl Iterator<Item = Ref<'a>>,
+    services: &Services,
+) -> Vec<RouteParent> {
+    let ns = ns.unwrap_or_default().to_owned();
+    let mut unresolved = None;
+    for (group, kind, name, namespace, _) in backend_refs {
+        if !is_core_service(group, kind.or(Some("Service"))) {
             unresolved = Some((
                 "InvalidKind",
-                format!("backendRef {}: only Services are supported", b.name),
+                format!("backendRef {name}: only Services are supported"),
             ));
             break;
         }
-        if b.namespace.as_deref().is_some_and(|n| n != ns) {
+        if namespace.is_some_and(|n| n != ns) {
             unresolved = Some((
                 "RefNotPermitted",
                 format!(
-                    "backendRef {}/{}: another namespace needs a ReferenceGrant, which Weft does not support",
-                    b.namespace.as_deref().unwrap_or_default(),
-                    b.name
+                    "backendRef {}/{name}: another namespace needs a ReferenceGrant, which Weft does not support",
+                    namespace.unwrap_or_default(),
                 ),
             ));
             break;
         }
-        if let Some(message) = missing_service(services, &ns, &b.name, None) {
+        if let Some(message) = missing_service(services, &ns, name, None) {
             unresolved = Some(("BackendNotFound", format!("backendRef: {message}")));
             break;
         }
     }
     let mut parents = Vec::new();
-    for p in route.spec.parent_refs.iter().flatten() {
-        if !is_core_service(p.group.as_deref(), p.kind.as_deref()) {
+    for (group, kind, name, namespace, port) in parent_refs {
+        if !is_core_service(group, kind) {
             continue; // a Gateway's parent: another controller's to report on
         }
-        let parent_ns = p.namespace.clone().unwrap_or_else(|| ns.clone());
-        let mut parent_ref = serde_json::json!({"kind": "Service", "name": p.name});
-        if let Some(n) = &p.namespace {
-            parent_ref["namespace"] = n.clone().into();
+        let parent_ns = namespace.map_or_else(|| ns.clone(), str::to_owned);
+        let mut parent_ref = serde_json::json!({"kind": "Service", "name": name});
+        if let Some(n) = namespace {
+            parent_ref["namespace"] = n.into();
         }
-        if let Some(port) = p.port {
+        if let Some(port) = port {
             parent_ref["port"] = port.into();
         }
-        let rejected = missing_service(services, &parent_ns, &p.name, p.port.map(i64::from))
+        let rejected = missing_service(services, &parent_ns, name, port.map(i64::from))
             .map(|message| ("NoMatchingParent", message));
         parents.push(RouteParent {
             parent_ref,

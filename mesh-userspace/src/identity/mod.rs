@@ -232,9 +232,15 @@ mod tests {
         let workload_key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
         params.subject_alt_names.push(rcgen::SanType::URI(
-            "spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap(),
+            "spiffe://cluster.local/ns/kube-system/sa/admin"
+                .try_into()
+                .unwrap(),
         ));
-        let csr = params.serialize_request(&workload_key).unwrap().pem().unwrap();
+        let csr = params
+            .serialize_request(&workload_key)
+            .unwrap()
+            .pem()
+            .unwrap();
         let chain = ca
             .sign_request(&id, std::time::Duration::from_mins(10), &csr)
             .unwrap();
@@ -261,7 +267,13 @@ mod tests {
         assert!(svid.not_after > std::time::SystemTime::now());
         // Malformed requests are refused.
         let tampered = csr.replacen("MII", "MIJ", 1);
-        assert!(ca.sign_request(&id, std::time::Duration::from_mins(10), &tampered).is_err());
-        assert!(ca.sign_request(&id, std::time::Duration::from_mins(10), "junk").is_err());
+        assert!(
+            ca.sign_request(&id, std::time::Duration::from_mins(10), &tampered)
+                .is_err()
+        );
+        assert!(
+            ca.sign_request(&id, std::time::Duration::from_mins(10), "junk")
+                .is_err()
+        );
     }
 }
