@@ -635,4 +635,23 @@ mod tests {
             "{problems:?}"
         );
     }
+
+    proptest::proptest! {
+        /// Whatever a client puts in the header, the engine answers (no panic): junk is refused
+        /// as malformed or from an unknown issuer, never accepted.
+        #[test]
+        fn arbitrary_tokens_are_refused_not_panicked(token in "[ -~]{0,300}", payload in "[ -~]{0,120}") {
+            let (_, jwk) = es256("k1");
+            let a = authenticator(&json!({"keys": [jwk]}), "");
+            let b64 = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
+            for t in [token.clone(), format!("{}.{}.{}", b64("{\"alg\":\"ES256\"}"), b64(&payload), b64(&token))] {
+                let mut h = HeaderMap::new();
+                if let Ok(v) = format!("Bearer {t}").parse() {
+                    h.insert("authorization", v);
+                    let r = a.authenticate(&mut h, "s");
+                    proptest::prop_assert!(!matches!(r, Ok(Some(_))), "accepted {t:?}");
+                }
+            }
+        }
+    }
 }
