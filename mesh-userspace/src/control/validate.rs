@@ -203,6 +203,45 @@ type Ref<'a> = (
     Option<i32>,
 );
 
+/// One reference (`parentRef` or `backendRef`) of either route kind as a [`Ref`].
+macro_rules! reference {
+    ($r:expr) => {{
+        let r: Ref<'_> = (
+            $r.group.as_deref(),
+            $r.kind.as_deref(),
+            $r.name.as_str(),
+            $r.namespace.as_deref(),
+            $r.port,
+        );
+        r
+    }};
+}
+
+/// [`route_parents`] of a route of either kind.
+macro_rules! route_parents_of {
+    ($route:expr, $services:expr) => {{
+        let parents = $route
+            .spec
+            .parent_refs
+            .iter()
+            .flatten()
+            .map(|p| reference!(p));
+        let backends = $route
+            .spec
+            .rules
+            .iter()
+            .flatten()
+            .flat_map(|r| r.backend_refs.iter().flatten())
+            .map(|b| reference!(b));
+        route_parents(
+            $route.metadata.namespace.as_deref(),
+            parents,
+            backends,
+            $services,
+        )
+    }};
+}
+
 /// The route's Service parents: `Accepted` when the Service (and port) exists, `ResolvedRefs`
 /// when every Service backendRef exists in the route's namespace (cross-namespace backends
 /// would need a `ReferenceGrant`, which Weft does not read: `RefNotPermitted`).
@@ -211,36 +250,7 @@ pub fn http_route(
     route: &gateway_api::httproutes::HttpRoute,
     services: &Services,
 ) -> Vec<RouteParent> {
-    let parents = route.spec.parent_refs.iter().flatten().map(|p| {
-        (
-            p.group.as_deref(),
-            p.kind.as_deref(),
-            p.name.as_str(),
-            p.namespace.as_deref(),
-            p.port,
-        )
-    });
-    let backends = route
-        .spec
-        .rules
-        .iter()
-        .flatten()
-        .flat_map(|r| r.backend_refs.iter().flatten())
-        .map(|b| {
-            (
-                b.group.as_deref(),
-                b.kind.as_deref(),
-                b.name.as_str(),
-                b.namespace.as_deref(),
-                b.port,
-            )
-        });
-    route_parents(
-        route.metadata.namespace.as_deref(),
-        parents,
-        backends,
-        services,
-    )
+    route_parents_of!(route, services)
 }
 
 /// [`http_route`] for a `GRPCRoute`.
@@ -249,36 +259,7 @@ pub fn grpc_route(
     route: &gateway_api::grpcroutes::GrpcRoute,
     services: &Services,
 ) -> Vec<RouteParent> {
-    let parents = route.spec.parent_refs.iter().flatten().map(|p| {
-        (
-            p.group.as_deref(),
-            p.kind.as_deref(),
-            p.name.as_str(),
-            p.namespace.as_deref(),
-            p.port,
-        )
-    });
-    let backends = route
-        .spec
-        .rules
-        .iter()
-        .flatten()
-        .flat_map(|r| r.backend_refs.iter().flatten())
-        .map(|b| {
-            (
-                b.group.as_deref(),
-                b.kind.as_deref(),
-                b.name.as_str(),
-                b.namespace.as_deref(),
-                b.port,
-            )
-        });
-    route_parents(
-        route.metadata.namespace.as_deref(),
-        parents,
-        backends,
-        services,
-    )
+    route_parents_of!(route, services)
 }
 
 fn route_parents<'a>(

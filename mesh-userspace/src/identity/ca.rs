@@ -66,6 +66,24 @@ pub struct Svid {
 }
 
 impl Svid {
+    /// `chain` (leaf first) certifying `key` as `id`, valid during `(not_before, not_after)`.
+    fn new(
+        id: &SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: &KeyPair,
+        (not_before, not_after): (SystemTime, SystemTime),
+    ) -> Result<Self, IdentityError> {
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signer =
+            rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Key)?;
+        Ok(Self {
+            id: id.clone(),
+            certified: Arc::new(CertifiedKey::new(chain, signer)),
+            not_before,
+            not_after,
+        })
+    }
+
     /// When it should be replaced: half way through its life.
     #[must_use]
     pub fn renew_at(&self) -> SystemTime {
@@ -210,15 +228,7 @@ impl Ca {
     /// When signing fails.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, IdentityError> {
         let (chain, key, not_before, not_after) = self.sign(id, ttl)?;
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signer =
-            rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Key)?;
-        Ok(Svid {
-            id: id.clone(),
-            certified: Arc::new(CertifiedKey::new(chain, signer)),
-            not_before,
-            not_after,
-        })
+        Svid::new(id, chain, &key, (not_before, not_after))
     }
 
     /// [`Ca::issue`] as one PEM text: the certificate, its intermediates, then the key (the
@@ -325,19 +335,11 @@ pub(super) fn svid_from_chain(
     let time = |t: x509_parser::time::ASN1Time| {
         SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
     };
-    let (not_before, not_after) = (
+    let validity = (
         time(leaf.validity().not_before),
         time(leaf.validity().not_after),
     );
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signer =
-        rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Key)?;
-    Ok(Svid {
-        id: id.clone(),
-        certified: Arc::new(CertifiedKey::new(chain, signer)),
-        not_before,
-        not_after,
-    })
+    Svid::new(id, chain, key, validity)
 }
 
 /// PEM text of one certificate.

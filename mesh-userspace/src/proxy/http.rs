@@ -445,23 +445,13 @@ fn authenticate(
             reason: refused.reason,
         })
         .inc();
-    let source = format!("{}/{}", ctx.src.0, ctx.src.1);
-    let destination = format!("{service}:{}", target.port);
-    ctx.engine.connections.denials.record(
-        &source,
-        &destination,
+    record_refusal(
+        ctx,
+        target,
+        req,
         &format!("{} (jwt {})", refused.policy, refused.reason),
         "enforced",
-    );
-    tracing::info!(
-        target: "weft::deny",
-        source = %source,
-        destination = %destination,
-        method = %req.method(),
-        path = %req.uri().path(),
-        policy = %refused.policy,
-        reason = refused.reason,
-        "request refused: {}", refused.message
+        &refused.message,
     );
     let mut resp = local_reply(StatusCode::UNAUTHORIZED, grpc, "Jwt verification fails");
     resp.headers_mut().insert(
@@ -512,6 +502,27 @@ fn authorize(
             mode,
         })
         .inc();
+    record_refusal(
+        ctx,
+        target,
+        req,
+        &policy,
+        mode,
+        "request refused by authorization policy",
+    );
+    (mode == "enforced").then(|| local_reply(StatusCode::FORBIDDEN, grpc, "RBAC: access denied"))
+}
+
+/// A refused request (or, dry run, one that would be): the flow table's `l7.denied` row and a
+/// `weft::deny` log line.
+fn record_refusal(
+    ctx: &ConnCtx,
+    target: &Target,
+    req: &Request<Incoming>,
+    rule: &str,
+    mode: &'static str,
+    why: &str,
+) {
     let source = format!("{}/{}", ctx.src.0, ctx.src.1);
     let destination = format!(
         "{}/{}:{}",
@@ -520,18 +531,17 @@ fn authorize(
     ctx.engine
         .connections
         .denials
-        .record(&source, &destination, &policy, mode);
+        .record(&source, &destination, rule, mode);
     tracing::info!(
         target: "weft::deny",
         source = %source,
         destination = %destination,
         method = %req.method(),
         path = %req.uri().path(),
-        policy = %policy,
+        rule,
         mode,
-        "request refused by authorization policy"
+        "{why}"
     );
-    (mode == "enforced").then(|| local_reply(StatusCode::FORBIDDEN, grpc, "RBAC: access denied"))
 }
 
 /// For gRPC the HTTP status is 200 even for failures: a trailers-only `grpc-status` decides.
