@@ -47,6 +47,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// A signing key and tokens for trying RequestAuthentication without an identity provider.
+    Jwt {
+        #[command(subcommand)]
+        command: JwtCommand,
+    },
     /// Show the node's flows: verdict, bytes each way, fast path or not, and why.
     Flows {
         #[command(flatten)]
@@ -225,6 +230,37 @@ struct AgentArgs {
 }
 
 #[derive(Subcommand)]
+enum JwtCommand {
+    /// Write an ES256 key (`key.pem`) and its public JWKS (`jwks.json`, for `jwks`/`jwksFile`).
+    Keygen {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "weft")]
+        kid: String,
+    },
+    /// Print a token signed with a `keygen` key.
+    Sign {
+        /// The `key.pem` from `weft jwt keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, default_value = "weft")]
+        kid: String,
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        aud: Option<String>,
+        /// Valid for this long from now.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// More claims, `name=value` (a JSON value, or text), repeatable.
+        #[arg(long)]
+        claim: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum CaCommand {
     /// Create a root CA (`ca.crt`, `ca.key`) in a directory.
     Init {
@@ -340,6 +376,39 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn jwt_command(command: JwtCommand) -> anyhow::Result<()> {
+    use weft::cli::jwt;
+    match command {
+        JwtCommand::Keygen { dir, kid } => {
+            jwt::keygen(&dir, &kid)?;
+            println!(
+                "wrote {} and {}",
+                dir.join("key.pem").display(),
+                dir.join("jwks.json").display()
+            );
+        }
+        JwtCommand::Sign {
+            key,
+            kid,
+            iss,
+            sub,
+            aud,
+            ttl_secs,
+            claim,
+        } => {
+            let claims = jwt::Claims {
+                issuer: iss,
+                subject: sub,
+                audience: aud,
+                ttl: Duration::from_secs(ttl_secs),
+                extra: claim,
+            };
+            println!("{}", jwt::sign(&key, &kid, &claims)?);
+        }
+    }
+    Ok(())
 }
 
 /// The agent's configuration from its flags.
@@ -520,6 +589,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
         Command::Ca { command } => ca_command(command)?,
+        Command::Jwt { command } => jwt_command(command)?,
         Command::Crds {
             out_dir,
             gateway_api,

@@ -1,6 +1,8 @@
-//! The user's side: `weft flows`, `weft status`, `weft fastpath`. Output here is the CLI's own,
+//! The user's side: `weft flows`, `weft status`, `weft fastpath`, `weft jwt`. Output here is the CLI's own,
 //! printed to stdout.
 #![allow(clippy::print_stdout, reason = "the CLI's output is its product")]
+
+pub mod jwt;
 
 use std::{fmt::Write as _, path::Path};
 
