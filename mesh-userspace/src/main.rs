@@ -47,7 +47,7 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
-    /// A signing key and tokens for trying RequestAuthentication without an identity provider.
+    /// A signing key and tokens, for trying JWT request authentication without an identity provider.
     Jwt {
         #[command(subcommand)]
         command: JwtCommand,
