@@ -184,6 +184,11 @@ pub mod flow_state {
 pub mod config_flags {
     /// The mesh configuration (`MeshConfig` `spec.fastPath`) enables the socket fast path.
     pub const FAST_PATH: u32 = 1 << 0;
+    /// The host's TCP memory is running high: sockets move off the fast path (sticky, as with
+    /// the kill switch) so that TCP's flow control makes senders wait. The kernel's ingress
+    /// redirect has none of its own: a receiver that does not read lets redirected bytes pile
+    /// up until TCP memory runs out and senders get ENOMEM. Set and cleared by the agent.
+    pub const SHED: u32 = 1 << 1;
 }
 
 /// Indices of [`GlobalStats::counters`].
@@ -215,7 +220,10 @@ pub mod global_counter {
     pub const STRICT_INBOUND_DROP: usize = 11;
     /// A connection a dry-run policy would have denied was allowed.
     pub const DRY_RUN_WOULD_DENY: usize = 12;
-    pub const COUNT: usize = 13;
+    /// A fast-path socket moved to the normal stack because the agent asked to shed (host TCP
+    /// memory high, see [`crate::config_flags::SHED`]).
+    pub const BACKPRESSURE: usize = 13;
+    pub const COUNT: usize = 14;
 }
 
 /// Index 0 of [`map_names::CONFIG`].
@@ -352,6 +360,12 @@ impl Config {
     #[must_use]
     pub const fn fast_path_on(&self) -> bool {
         self.flags & config_flags::FAST_PATH != 0 && self.fast_path_killed == 0
+    }
+
+    /// The agent asks sockets to leave the fast path (host TCP memory high).
+    #[must_use]
+    pub const fn shedding(&self) -> bool {
+        self.flags & config_flags::SHED != 0
     }
 }
 
@@ -499,7 +513,7 @@ assert_size! {
     PairKey => 8,
     PairStats => 56,
     IfStats => 40,
-    GlobalStats => 104,
+    GlobalStats => 112,
 }
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test

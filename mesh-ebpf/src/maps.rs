@@ -44,6 +44,14 @@ pub static WEFT_GLOBAL: PerCpuArray<GlobalStats> = PerCpuArray::pinned(1, 0);
 #[map]
 pub static WEFT_REVNAT: LruHashMap<u64, Backend> = LruHashMap::pinned(capacity::REVNAT, 0);
 
+/// Whether the agent asks sockets to leave the fast path (host TCP memory high).
+#[inline(always)]
+pub fn shedding() -> bool {
+    WEFT_CONFIG
+        .get(mesh_common::CONFIG_INDEX)
+        .is_some_and(Config::shedding)
+}
+
 /// Whether the fast path is on right now (mesh config and kill switch, see `Config`).
 #[inline(always)]
 pub fn fast_path_on() -> bool {

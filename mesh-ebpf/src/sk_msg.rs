@@ -8,6 +8,9 @@
 //! - The per-socket decision is sticky (see `mesh_common::fast_state`): a socket that sent a byte
 //!   through the stack never switches to the fast path, because the receiver reads its
 //!   redirected queue before its TCP queue and would reorder the stream.
+//! - Flow control: the kernel's ingress redirect queues at the receiver without limit. When the
+//!   agent sees the host's TCP memory run high it sets `SHED`, and sockets leave the fast path
+//!   (sticky), so TCP's window makes fast senders wait for slow readers.
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
     macros::sk_msg,
@@ -16,7 +19,7 @@ use aya_ebpf::{
 use mesh_common::{SockKey, fast_state, global_counter, role};
 
 use crate::{
-    maps::{WEFT_FLOWS, WEFT_SOCKS, fast_path_on},
+    maps::{WEFT_FLOWS, WEFT_SOCKS, fast_path_on, shedding},
     stats,
 };
 
@@ -56,6 +59,9 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     } else if !enabled {
         flow.fast = fast_state::SLOW;
         stats::bump(global_counter::MSG_SLOW_DISABLED);
+    } else if shedding() {
+        flow.fast = fast_state::SLOW;
+        stats::bump(global_counter::BACKPRESSURE);
     } else {
         let mut peer = key.peer();
         if WEFT_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {

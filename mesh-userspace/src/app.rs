@@ -335,6 +335,7 @@ fn sync_loop(
     let mut last_reported: Option<String> = None;
     let mut denials_seen: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut last_observed: Option<Instant> = None;
+    let mut tcp_memory = crate::pressure::TcpMemory::default();
     while !stop.load(Ordering::Relaxed) {
         let mut config_errors = None;
         let mut node_changed = false;
@@ -349,7 +350,8 @@ fn sync_loop(
             Err(e) => config_errors = Some(vec![e]),
         }
 
-        let result = sync_once(&mut dp, &node, config);
+        let shed = tcp_memory.update();
+        let result = sync_once(&mut dp, &node, config, shed);
         match &result {
             Ok(()) => syncs += 1,
             Err(e) => {
@@ -570,6 +572,7 @@ fn sync_once(
     dp: &mut Datapath,
     node: &NodeState,
     config: &AgentConfig,
+    shed: bool,
 ) -> Result<(), ebpf::EbpfError> {
     let tunnel = config.identity.is_some() && config.engine_addr.is_some();
     let local_net = node.local_pod_cidr().filter(|_| tunnel);
@@ -577,6 +580,7 @@ fn sync_once(
         fast_path: node.fast_path,
         engine: config.engine_addr,
         local_net,
+        shed,
         ..Desired::default()
     };
     identities(&mut want.maps, node, config, tunnel, local_net);

@@ -17,6 +17,7 @@ pub mod flows;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod pressure;
 pub mod proxy;
 pub mod state;
 pub mod tls;

@@ -92,6 +92,7 @@ const EVENTS: [(usize, &str); global_counter::COUNT] = [
     (global_counter::TUNNEL_REDIRECT, "tunnel_redirect"),
     (global_counter::STRICT_INBOUND_DROP, "strict_inbound_drop"),
     (global_counter::DRY_RUN_WOULD_DENY, "dry_run_would_deny"),
+    (global_counter::BACKPRESSURE, "fast_path_shed"),
 ];
 
 fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(

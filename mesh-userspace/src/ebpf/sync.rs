@@ -22,6 +22,8 @@ pub struct Desired {
     pub engine: Option<std::net::SocketAddrV4>,
     /// This node's pod network (network, prefix length), for the STRICT inbound gate.
     pub local_net: Option<(std::net::Ipv4Addr, u8)>,
+    /// Ask sockets to leave the fast path (host TCP memory high).
+    pub shed: bool,
 }
 
 /// The contents of the agent-owned hash maps: what the agent wants, and (as the datapath's
@@ -149,7 +151,7 @@ impl Datapath {
                 config_flags::FAST_PATH
             } else {
                 0
-            },
+            } | if want.shed { config_flags::SHED } else { 0 },
             fast_path_killed: cfg.fast_path_killed, // operator-owned: preserved
             default_verdict: verdict::FAST,
             _pad0: 0,

@@ -92,6 +92,9 @@ struct ServerArgs {
     /// Drop a connection that stays silent (or does not drain) for this many seconds.
     #[arg(long, default_value_t = 300)]
     idle_secs: u64,
+    /// Read nothing from a new connection for this long (a reader that falls behind).
+    #[arg(long, default_value_t = 0)]
+    read_delay_ms: u64,
 }
 
 #[derive(Args)]
@@ -376,10 +379,12 @@ fn server(args: &ServerArgs) -> Result<ServerReport, String> {
                 stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let conn_stats = Arc::clone(&stats);
                 let mode = args.mode;
+                let read_delay = Duration::from_millis(args.read_delay_ms);
                 let spawned =
                     thread::Builder::new()
                         .name(format!("conn {peer}"))
                         .spawn(move || {
+                            thread::sleep(read_delay);
                             if let Err(error) = handle(&stream, mode, idle, deadline, &conn_stats) {
                                 conn_stats.conn_errors.fetch_add(1, Ordering::Relaxed);
                                 eprintln!("{peer}: {error}");

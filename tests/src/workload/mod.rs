@@ -114,11 +114,15 @@ impl Pod {
     /// Starts `weft-workload server` on `0.0.0.0:<port>` (0: any free port) and waits until it
     /// listens; [`Server::addr`] is the pod's IP with the real port.
     pub fn serve(&self, mode: ServeMode, port: u16) -> Result<Server> {
+        self.serve_with(mode, port, &[])
+    }
+
+    /// [`Pod::serve`] with more `server` flags (e.g. `--read-delay-ms`).
+    pub fn serve_with(&self, mode: ServeMode, port: u16, extra: &[&str]) -> Result<Server> {
         let listen = format!("0.0.0.0:{port}");
-        let proc = self.spawn(
-            workload_bin(),
-            ["server", "--listen", &listen, "--mode", mode.as_str()],
-        )?;
+        let mut args = vec!["server", "--listen", &listen, "--mode", mode.as_str()];
+        args.extend_from_slice(extra);
+        let proc = self.spawn(workload_bin(), args)?;
         let line = proc.wait_for_json(LISTEN_TIMEOUT, "listening")?;
         let listening: report::Listening = serde_json::from_value(line)?;
         let bound: SocketAddr = listening
