@@ -411,6 +411,95 @@ fn l7_routes_apply_first_then_the_tunnel_carries_the_requests() -> Result<()> {
     Ok(())
 }
 
+/// JWT authentication and per-request authorization run in the client node's engine, before the
+/// tunnel: a refused request never crosses the link, an allowed one crosses it encrypted. The
+/// tokens come from `weft jwt keygen` / `weft jwt sign`.
+#[test]
+fn jwt_rules_apply_before_the_tunnel_for_a_service_on_another_node() -> Result<()> {
+    let mesh = TwoNodes::new("mtls_jwt", &[], None)?;
+    let dir = mesh.n1.run_dir().join("jwt");
+    let weft = |args: &[&str]| -> Result<String> {
+        let out = Command::new(testbed::weft_bin()).args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "weft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    };
+    let dir_arg = dir.display().to_string();
+    weft(&["jwt", "keygen", "--dir", &dir_arg])?;
+    let key = dir.join("key.pem").display().to_string();
+    let token = |role: &str| {
+        weft(&[
+            "jwt",
+            "sign",
+            "--key",
+            &key,
+            "--iss",
+            "https://login.test",
+            "--sub",
+            "alice",
+            "--claim",
+            &format!("role={role}"),
+        ])
+    };
+    let (admin, guest) = (token("admin")?, token("guest")?);
+    let objects = format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: RequestAuthentication\n\
+         metadata: {{name: server-jwt, namespace: default}}\nspec:\n  \
+         targetRef: {{kind: Service, name: server}}\n  jwtRules:\n  - issuer: https://login.test\n    \
+         jwksFile: {dir_arg}/jwks.json\n---\n\
+         apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: server-admins, namespace: default}}\nspec:\n  \
+         targetRef: {{kind: Service, name: server}}\n  rules:\n  \
+         - from: [{{source: {{requestPrincipals: ['https://login.test/*']}}}}]\n    \
+         when: [{{key: 'request.auth.claims[role]', values: [admin]}}]\n"
+    );
+    mesh.a1.apply("jwt.yaml", &objects)?;
+    let url = format!("http://{SERVER_VIP}/{MARKER}");
+    let get = |token: Option<&str>| {
+        let mut args = HttpGetArgs::new(url.parse()?);
+        args.count = 5;
+        args.request_timeout_ms = 3000;
+        args.timeout_secs = 20;
+        args.headers = token
+            .map(|t| vec![format!("authorization: Bearer {t}")])
+            .unwrap_or_default();
+        mesh.client.http_get(&args)
+    };
+    eventually(Duration::from_secs(10), || {
+        let r = get(None)?;
+        ensure!(r.status(403) == 5, "not in effect yet: {r:?}");
+        Ok(())
+    })?;
+    let streams = || {
+        mesh.a2.metric(
+            "weft_tunnel_streams_total",
+            &[("direction", "inbound"), ("result", "ok")],
+        )
+    };
+    let before = streams()?;
+    let guest_report = get(Some(&guest))?;
+    ensure!(guest_report.status(403) == 5, "{guest_report:?}");
+    let forged = get(Some(&format!("{admin}x")))?;
+    ensure!(forged.status(401) == 5, "{forged:?}");
+    ensure!(
+        streams()? == before,
+        "refused requests opened tunnel streams to the other node"
+    );
+    let capture = Capture::start(&mesh.n2, &mesh.n2.run_dir().join("jwt.pcap"))?;
+    let allowed = get(Some(&admin))?;
+    ensure!(allowed.status(200) == 5, "{allowed:?}\n{}", mesh.diag());
+    let (raw, _) = capture.finish()?;
+    ensure!(!contains(&raw, MARKER.as_bytes()), "plaintext on the link");
+    ensure!(
+        streams()? > before,
+        "the allowed requests did not use the tunnel"
+    );
+    Ok(())
+}
+
 /// A connection from the client to the server's echo port is carried to the far agent, which
 /// refuses it: the client sees its connection reset (no echo), and n2 counts the reason.
 fn refused_by_the_far_agent(mesh: &TwoNodes, metric: &str, labels: &[(&str, &str)]) -> Result<()> {
