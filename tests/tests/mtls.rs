@@ -485,7 +485,7 @@ fn jwt_rules_apply_before_the_tunnel_for_a_service_on_another_node() -> Result<(
     let forged = get(Some(&format!("{admin}x")))?;
     ensure!(forged.status(401) == 5, "{forged:?}");
     ensure!(
-        streams()? == before,
+        streams()? <= before,
         "refused requests opened tunnel streams to the other node"
     );
     let capture = Capture::start(&mesh.n2, &mesh.n2.run_dir().join("jwt.pcap"))?;
