@@ -303,8 +303,6 @@ enum CaCommand {
 }
 
 fn ca_command(command: CaCommand) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-
     use weft::identity::{Ca, CaFiles, TrustDomain};
     let write = |dir: &std::path::Path, cert: &str, key: &str| -> anyhow::Result<()> {
         let files = CaFiles::in_dir(dir);
@@ -315,13 +313,8 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
             files.key.display()
         );
         std::fs::write(&files.cert, cert)?;
-        let mut key_file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&files.key)
+        weft::cli::write_private(&files.key, key, false)
             .with_context(|| format!("creating {}", files.key.display()))?;
-        std::io::Write::write_all(&mut key_file, key.as_bytes())?;
         println!("wrote {} and {}", files.cert.display(), files.key.display());
         Ok(())
     };
@@ -364,14 +357,8 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
             })?;
             let id = weft::identity::SpiffeId::parse(&id)?;
             let pem = ca.issue_pem(&id, days(valid_days))?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&out)
+            weft::cli::write_private(&out, &pem, true)
                 .with_context(|| format!("creating {}", out.display()))?;
-            std::io::Write::write_all(&mut file, pem.as_bytes())?;
             println!("wrote {}", out.display());
             Ok(())
         }

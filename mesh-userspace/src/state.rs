@@ -736,24 +736,10 @@ fn target_port(target: Option<&IntOrString>, svc_port: u16, pod: &Pod) -> Option
 }
 
 fn source_matches(src: &Source, w: &Workload, policy_ns: &str) -> bool {
-    let sa_ok = src.service_accounts.is_empty()
-        || src
-            .service_accounts
-            .iter()
-            .any(|sa| match sa.split_once('/') {
-                Some((ns, name)) => ns == w.namespace && name == w.service_account,
-                None => policy_ns == w.namespace && sa == &w.service_account,
-            });
-    let ns_ok = src.namespaces.is_empty() || src.namespaces.iter().any(|n| n == &w.namespace);
-    let pods_ok = src
-        .pod_selector
-        .as_ref()
-        .is_none_or(|s| selector_matches(s, &w.labels));
-    sa_ok && ns_ok && pods_ok
+    src.matches_workload(policy_ns, &w.namespace, &w.service_account, &w.labels)
 }
 
-/// Index of the first rule of `p` that matches (source, port).
-/// The first rule of `p` matching at `connect()` time. A rule with L7 attributes cannot be
+/// The first rule of `p` matching (source, port) at `connect()` time. A rule with L7 attributes cannot be
 /// checked there: it never matches in an ALLOW policy and matches on its L4 parts in a DENY
 /// policy (both fail closed; such rules belong in `targetRef` policies).
 fn matching_rule(p: &AuthorizationPolicy, src: &Workload, port: u16) -> Option<usize> {

@@ -26,7 +26,6 @@ pub enum JwtError {
 /// # Errors
 /// When the directory cannot be written or `key.pem` exists already.
 pub fn keygen(dir: &Path, kid: &str) -> Result<(), JwtError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| JwtError::Io { path, source }
@@ -35,20 +34,14 @@ pub fn keygen(dir: &Path, kid: &str) -> Result<(), JwtError> {
     let pair =
         KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| JwtError::Key(e.to_string()))?;
     let key_path = dir.join("key.pem");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(io(&key_path))?;
-    std::io::Write::write_all(&mut file, pair.serialize_pem().as_bytes()).map_err(io(&key_path))?;
+    super::write_private(&key_path, &pair.serialize_pem(), false).map_err(io(&key_path))?;
     let jwks_path = dir.join("jwks.json");
     std::fs::write(&jwks_path, jwks(&pair, kid).to_string()).map_err(io(&jwks_path))?;
     Ok(())
 }
 
 /// The JWKS holding the public half of a P-256 key.
-fn jwks(pair: &KeyPair, kid: &str) -> serde_json::Value {
+pub(crate) fn jwks(pair: &KeyPair, kid: &str) -> serde_json::Value {
     let raw = pair.public_key_raw(); // 0x04 || x || y
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     serde_json::json!({"keys": [{

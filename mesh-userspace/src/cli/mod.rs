@@ -4,6 +4,24 @@
 
 pub mod jwt;
 
+/// Writes a secret (a private key) readable by its owner only (mode 0600). Without
+/// `overwrite` an existing file is an error (`AlreadyExists`): a key is never replaced by
+/// accident.
+///
+/// # Errors
+/// When the file cannot be created or written.
+pub fn write_private(path: &Path, text: &str, overwrite: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())
+}
+
 use std::{fmt::Write as _, path::Path};
 
 use crate::{

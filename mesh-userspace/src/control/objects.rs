@@ -279,6 +279,36 @@ pub struct Source {
     pub request_principals: Vec<String>,
 }
 
+impl Source {
+    /// Whether a workload running as `service_account` in `namespace` with `labels` is this
+    /// source by its identity fields (service accounts, namespaces, pod selector; a bare
+    /// service-account name is in `policy_ns`). `requestPrincipals` are a request's, not a
+    /// workload's: checked by the L7 engine.
+    #[must_use]
+    pub fn matches_workload(
+        &self,
+        policy_ns: &str,
+        namespace: &str,
+        service_account: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
+        let sa_ok = self.service_accounts.is_empty()
+            || self
+                .service_accounts
+                .iter()
+                .any(|want| match want.split_once('/') {
+                    Some((want_ns, want_sa)) => want_ns == namespace && want_sa == service_account,
+                    None => policy_ns == namespace && want == service_account,
+                });
+        let ns_ok = self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace);
+        let pods_ok = self
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| selector_matches(s, labels));
+        sa_ok && ns_ok && pods_ok
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {

@@ -472,12 +472,7 @@ mod tests {
     /// An ES256 signing key and its public JWK.
     fn es256(kid: &str) -> (EncodingKey, Value) {
         let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let raw = pair.public_key_raw(); // 0x04 || x || y
-        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let jwk = json!({
-            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
-            "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
-        });
+        let jwk = crate::cli::jwt::jwks(&pair, kid)["keys"][0].clone();
         (EncodingKey::from_ec_der(&pair.serialize_der()), jwk)
     }
 

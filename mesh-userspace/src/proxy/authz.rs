@@ -7,9 +7,7 @@
 use hyper::HeaderMap;
 
 use super::{authn::Principal, snapshot::MeshPeer};
-use crate::control::objects::{
-    Action, AuthorizationPolicy, RequestCondition, Rule, Source, selector_matches,
-};
+use crate::control::objects::{Action, AuthorizationPolicy, RequestCondition, Rule, Source};
 
 /// What one request is, for the rules.
 pub struct Request<'a> {
@@ -143,23 +141,9 @@ fn source_matches(
 }
 
 fn peer_matches(src: &Source, peer: &MeshPeer, policy_ns: &str) -> bool {
-    let Some((ns, sa)) = peer.identity.namespace_and_account() else {
-        return false;
-    };
-    let sa_ok = src.service_accounts.is_empty()
-        || src
-            .service_accounts
-            .iter()
-            .any(|want| match want.split_once('/') {
-                Some((want_ns, want_sa)) => want_ns == ns && want_sa == sa,
-                None => policy_ns == ns && want == sa,
-            });
-    let ns_ok = src.namespaces.is_empty() || src.namespaces.iter().any(|n| n == ns);
-    let pods_ok = src
-        .pod_selector
-        .as_ref()
-        .is_none_or(|s| selector_matches(s, &peer.labels));
-    sa_ok && ns_ok && pods_ok
+    peer.identity
+        .namespace_and_account()
+        .is_some_and(|(ns, sa)| src.matches_workload(policy_ns, ns, sa, &peer.labels))
 }
 
 /// The attribute named by the condition's key must have one of the values.
