@@ -57,7 +57,6 @@ const LOAD_CONNECTIONS: u32 = 16;
 /// Requests that must succeed through a column before it is measured.
 const WARM_UP_REQUESTS: u64 = 200;
 /// How often the agent's RSS is read during the fixed-rate run.
-const RSS_INTERVAL: Duration = Duration::from_millis(50);
 /// How long the agent gets to apply the Service and route and pass the warm-up.
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Targets (see the report).
@@ -256,16 +255,14 @@ fn measure(target: &Target, options: &Options) -> Result<Sample> {
         Duration::from_secs(options.secs),
     )
     .connections(LOAD_CONNECTIONS);
-    let mut run = target.client.start_http_load(&load)?;
-    let mut rss_kb: Option<u64> = None;
     if let Some(pid) = target.agent_pid {
-        while run.is_running() {
-            let now = vm_rss_kb(pid).with_context(|| format!("agent (pid {pid}) RSS"))?;
-            rss_kb = Some(rss_kb.map_or(now, |max| max.max(now)));
-            std::thread::sleep(RSS_INTERVAL);
-        }
+        reset_peak_rss(pid)?;
     }
-    let report = run.finish()?;
+    let report = target.client.http_load(&load)?;
+    let rss_kb = target
+        .agent_pid
+        .map(|pid| peak_rss_kb(pid).with_context(|| format!("agent (pid {pid}) RSS")))
+        .transpose()?;
     ensure!(
         report.clean(),
         "http-load at {} req/s through {}: {} of {} scheduled answered, {} errors {:?}, {} not 2xx, {} never sent",
@@ -287,14 +284,22 @@ fn measure(target: &Target, options: &Options) -> Result<Sample> {
     })
 }
 
-/// `VmRSS` of `pid`, in KiB.
-pub(super) fn vm_rss_kb(pid: u32) -> Result<u64> {
+/// Starts a new peak-RSS window for `pid` (the kernel's `VmHWM` is reset to the current RSS):
+/// the peak is then read once afterwards, with no sampling process competing for the CPUs
+/// during the measurement.
+pub(super) fn reset_peak_rss(pid: u32) -> Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of pid {pid}"))
+}
+
+/// Peak RSS (`VmHWM`) of `pid` since the last [`reset_peak_rss`], in KiB.
+pub(super) fn peak_rss_kb(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix("VmHWM:"))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS line")
+        .context("no VmHWM line")
 }
 
 // ---------------------------------------------------------------------------------------------

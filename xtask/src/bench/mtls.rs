@@ -15,7 +15,8 @@
 //! Latency: `weft-workload http-load` at a fixed rate over 16 keep-alive connections (latency from
 //! the intended send time, like wrk2), p50/p99. Throughput: `weft-workload stream` (one TCP
 //! connection, bulk) for the L4 columns. Runs alternate between columns each round; medians over
-//! rounds. Both agents' peak RSS during the weft runs is reported.
+//! rounds. Both agents' peak RSS during the weft runs (load and bulk, the kernel's `VmHWM`) is
+//! reported.
 use std::{
     net::{SocketAddr, SocketAddrV4},
     path::Path,
@@ -41,7 +42,7 @@ const LOAD_CONNECTIONS: u32 = 16;
 const TARGET_ADDED_P99_RATIO: f64 = 0.5;
 const TARGET_GBPS_RATIO: f64 = 1.0;
 
-use super::l7::{Options, agent_pid, vm_rss_kb};
+use super::l7::{Options, agent_pid, peak_rss_kb, reset_peak_rss};
 
 #[derive(Debug, Serialize)]
 struct Report {
@@ -64,7 +65,10 @@ struct Report {
     added_p99_ratio: f64,
     /// weft tunnel / peer pair: target ≥ 1.
     gbps_ratio: f64,
-    /// Peak `VmRSS` of each agent during the weft runs (MiB).
+    /// The added-p99 ratio of each round alone (the columns of one round run back to back):
+    /// shows how much of the spread is the machine's.
+    added_p99_ratio_per_round: Vec<f64>,
+    /// Peak RSS (`VmHWM`) of each agent during the weft runs, bulk included (MiB).
     client_agent_rss_mb: f64,
     server_agent_rss_mb: f64,
     /// Evidence: streams the server's agent accepted.
@@ -101,7 +105,7 @@ impl Column {
     }
 }
 
-/// The agents whose peak RSS is sampled during the weft runs.
+/// The agents whose peak RSS is read after each weft run (load and bulk stream).
 struct Watched {
     pids: [u32; 2],
     peak_kb: [u64; 2],
@@ -114,16 +118,12 @@ fn run_column(col: &mut Column, options: &Options, watch: Option<&mut Watched>) 
         Duration::from_secs(options.secs),
     )
     .connections(LOAD_CONNECTIONS);
-    let mut run = col.client.start_http_load(&load)?;
-    if let Some(w) = watch {
-        while run.is_running() {
-            for i in 0..2 {
-                w.peak_kb[i] = w.peak_kb[i].max(vm_rss_kb(w.pids[i])?);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    if let Some(w) = &watch {
+        for pid in w.pids {
+            reset_peak_rss(pid)?;
         }
     }
-    let report = run.finish()?;
+    let report = col.client.http_load(&load)?;
     ensure!(
         report.clean(),
         "{}: {} of {} answered, {} errors {:?}, {} not 2xx",
@@ -140,6 +140,11 @@ fn run_column(col: &mut Column, options: &Options, watch: Option<&mut Watched>) 
         let s = col.client.stream(sink, Duration::from_secs(options.secs))?;
         ensure!(s.ok, "{}: stream failed: {:?}", col.name, s.error);
         col.gbps.push(s.gbps);
+    }
+    if let Some(w) = watch {
+        for (peak, pid) in w.peak_kb.iter_mut().zip(w.pids) {
+            *peak = (*peak).max(peak_rss_kb(pid)?);
+        }
     }
     Ok(())
 }
@@ -331,6 +336,13 @@ pub fn mtls(weft: &Path, workload: &Path, options: &Options, json: Option<&Path>
         peer_tls_gbps: median(peer.gbps.clone()),
         added_p99_ratio: 0.0,
         gbps_ratio: 0.0,
+        added_p99_ratio_per_round: direct
+            .p99
+            .iter()
+            .zip(&tunnel.p99)
+            .zip(&peer.p99)
+            .map(|((d, t), p)| ratio(t - d, p - d))
+            .collect(),
         client_agent_rss_mb: mb(watched.peak_kb[0]),
         server_agent_rss_mb: mb(watched.peak_kb[1]),
         tunnel_streams: a2.metric(
@@ -367,6 +379,14 @@ pub fn mtls(weft: &Path, workload: &Path, options: &Options, json: Option<&Path>
         "added p99, weft tunnel / peer pair: {:.2} (target ≤ {TARGET_ADDED_P99_RATIO}); \
          bulk, weft / peer: {:.2} (target ≥ {TARGET_GBPS_RATIO})",
         r.added_p99_ratio, r.gbps_ratio
+    );
+    println!(
+        "added p99 ratio per round: {}",
+        r.added_p99_ratio_per_round
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "agent RSS peak: client node {:.1} MiB, server node {:.1} MiB; tunnel streams {:.0}",
