@@ -33,9 +33,10 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "WEFT_GLOBAL";
     pub const REVNAT: &str = "WEFT_REVNAT";
     pub const L7_ORIG: &str = "WEFT_L7ORIG";
+    pub const SHED_FLOWS: &str = "WEFT_SHEDFLOWS";
 
     /// Every map, for tooling that walks them all (pin sweeps, the object layout test).
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SOCKS,
         ENDPOINTS,
         CGROUPS,
@@ -51,6 +52,7 @@ pub mod map_names {
         GLOBAL_STATS,
         REVNAT,
         L7_ORIG,
+        SHED_FLOWS,
     ];
 }
 
@@ -89,6 +91,7 @@ pub mod capacity {
     pub const IF_STATS: u32 = 4_096;
     pub const REVNAT: u32 = 65_536;
     pub const L7_ORIG: u32 = 65_536;
+    pub const SHED_FLOWS: u32 = 16_384;
 }
 
 /// Workload id of the node's L7 engine. Its listener address is registered as an endpoint with
@@ -223,7 +226,10 @@ pub mod global_counter {
     /// A fast-path socket moved to the normal stack because the agent asked to shed (host TCP
     /// memory high, see [`crate::config_flags::SHED`]).
     pub const BACKPRESSURE: usize = 13;
-    pub const COUNT: usize = 14;
+    /// A fast-path socket moved to the normal stack because the engine asked it to (a bulk
+    /// transfer on one of its legs, see [`crate::map_names::SHED_FLOWS`]).
+    pub const FLOW_SHED: usize = 14;
+    pub const COUNT: usize = 15;
 }
 
 /// Index 0 of [`map_names::CONFIG`].
@@ -513,12 +519,12 @@ assert_size! {
     PairKey => 8,
     PairStats => 56,
     IfStats => 40,
-    GlobalStats => 112,
+    GlobalStats => 120,
 }
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test
 /// compares these with the maps parsed from the embedded object.
-pub const MAP_LAYOUT: [(&str, usize, usize); 15] = {
+pub const MAP_LAYOUT: [(&str, usize, usize); 16] = {
     use core::mem::size_of;
     [
         (map_names::SOCKS, size_of::<SockKey>(), size_of::<u32>()),
@@ -579,6 +585,11 @@ pub const MAP_LAYOUT: [(&str, usize, usize); 15] = {
             map_names::L7_ORIG,
             size_of::<ClientAddr>(),
             size_of::<ConnectInfo>(),
+        ),
+        (
+            map_names::SHED_FLOWS,
+            size_of::<SockKey>(),
+            size_of::<u32>(),
         ),
     ]
 };

@@ -66,3 +66,9 @@ pub fn fast_path_on() -> bool {
 #[map]
 pub static WEFT_L7ORIG: LruHashMap<ClientAddr, ConnectInfo> =
     LruHashMap::pinned(capacity::L7_ORIG, 0);
+
+/// Sockets of the engine's legs that must leave the fast path, written by the engine (it saw a
+/// bulk transfer on the leg: the ingress redirect has no flow control, TCP's window has). The
+/// socket's next message moves it to the normal stack for good and removes its entry.
+#[map]
+pub static WEFT_SHEDFLOWS: LruHashMap<SockKey, u32> = LruHashMap::pinned(capacity::SHED_FLOWS, 0);

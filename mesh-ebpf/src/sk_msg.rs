@@ -10,16 +10,18 @@
 //!   redirected queue before its TCP queue and would reorder the stream.
 //! - Flow control: the kernel's ingress redirect queues at the receiver without limit. When the
 //!   agent sees the host's TCP memory run high it sets `SHED`, and sockets leave the fast path
-//!   (sticky), so TCP's window makes fast senders wait for slow readers.
+//!   (sticky), so TCP's window makes fast senders wait for slow readers. Per socket, the engine
+//!   moves both ends of a leg off the fast path when it sees a bulk transfer on it
+//!   (`WEFT_SHEDFLOWS`): its legs carry whatever the far end of the tunnel can take.
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mesh_common::{SockKey, fast_state, global_counter, role};
+use mesh_common::{SockKey, fast_state, global_counter, role, verdict};
 
 use crate::{
-    maps::{WEFT_FLOWS, WEFT_SOCKS, fast_path_on, shedding},
+    maps::{WEFT_FLOWS, WEFT_SHEDFLOWS, WEFT_SOCKS, fast_path_on, shedding},
     stats,
 };
 
@@ -27,6 +29,18 @@ use crate::{
 pub fn weft_sk_msg(ctx: SkMsgContext) -> u32 {
     try_sk_msg(&ctx);
     SK_PASS
+}
+
+/// Whether the engine asked this socket (one end of one of its legs) to leave the fast path. The
+/// request is consumed: the caller makes the decision sticky.
+#[inline(always)]
+fn engine_asked_to_shed(key: &SockKey) -> bool {
+    // SAFETY: presence check only; the value is not read.
+    if unsafe { WEFT_SHEDFLOWS.get(key) }.is_none() {
+        return false;
+    }
+    let _ = WEFT_SHEDFLOWS.remove(key);
+    true
 }
 
 #[inline(always)]
@@ -62,6 +76,9 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     } else if shedding() {
         flow.fast = fast_state::SLOW;
         stats::bump(global_counter::BACKPRESSURE);
+    } else if flow.verdict == verdict::L7 && engine_asked_to_shed(&key) {
+        flow.fast = fast_state::SLOW;
+        stats::bump(global_counter::FLOW_SHED);
     } else {
         let mut peer = key.peer();
         if WEFT_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {

@@ -77,7 +77,6 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     }
     let remote_workload = remote.map_or(0, |r| r.workload_id);
     let mut flow_verdict = verdict::PASS;
-    let mut flow_reason = reason::UNMESHED_SOURCE;
     if let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) {
         // SAFETY: valid map value of a socket that is being established: no concurrent writer.
         let flow = unsafe { &mut *flow };
@@ -125,7 +124,6 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
             flow.reason = reason::INBOUND;
         }
         flow_verdict = flow.verdict;
-        flow_reason = flow.reason;
     }
     if my_role == role::CLIENT {
         stats::pair(local.workload_id, remote_workload, |s| s.conns_opened += 1);
@@ -139,12 +137,11 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     // path is on. A socket that will not use the fast path stays out of the sockhash entirely:
     // joining it gives the socket a psock and the tcp_bpf socket operations, which is only
     // worth it (and only exercised by our tests) when messages are redirected.
-    // A client leg into the tunnel stays on the normal stack: bulk senders there outrun the
-    // engine's TLS, and a redirect into a socket whose memory is exhausted fails the sender's
-    // send() with ENOMEM instead of making it wait.
-    let allowed = flow_verdict == verdict::FAST
-        || (flow_verdict == verdict::L7 && flow_reason != reason::TUNNEL)
-        || my_role == role::SERVER;
+    // Legs to and from the engine (L7 and the tunnel's) are eligible too: the engine moves a leg
+    // off the fast path when it sees a bulk transfer on it (sk_msg, `WEFT_SHEDFLOWS`), since a
+    // redirect has no flow control and bulk senders into the tunnel outrun the engine's TLS.
+    let allowed =
+        flow_verdict == verdict::FAST || flow_verdict == verdict::L7 || my_role == role::SERVER;
     let enabled = fast_path_on();
     if !enabled {
         if let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) {

@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -159,6 +159,25 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
 /// The kernel's record of redirected connections, as the engine sees it.
 struct KernelOrigDst(ebpf::OrigDstTable);
 
+/// The engine's requests to take legs off the kernel fast path.
+struct KernelFastPath(Mutex<ebpf::ShedFlows>);
+
+impl proxy::FastPath for KernelFastPath {
+    fn leave(&self, one: std::net::SocketAddrV4, other: std::net::SocketAddrV4) {
+        let shed = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .shed(one, other);
+        match shed {
+            Ok(()) => tracing::debug!(%one, %other, "bulk leg moved off the fast path"),
+            Err(e) => {
+                tracing::warn!(%one, %other, error = %e, "could not move a bulk leg off the fast path");
+            }
+        }
+    }
+}
+
 impl OrigDst for KernelOrigDst {
     fn lookup(&self, client: std::net::SocketAddrV4) -> Option<Redirected> {
         let info = self.0.lookup(client)?;
@@ -188,6 +207,7 @@ fn start_engine(
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|source| AgentError::EngineListen { addr, source })?;
     let orig = ebpf::OrigDstTable::open(datapath.dir())?;
+    let shed = ebpf::ShedFlows::open(datapath.dir())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -198,6 +218,7 @@ fn start_engine(
         proxy::metrics::L7Metrics::register(registry),
         Box::new(KernelOrigDst(orig)),
     );
+    engine.fast_path = Arc::new(KernelFastPath(Mutex::new(shed)));
     if let Some(endpoint) = &config.otlp_endpoint {
         // The exporter's task lives on the engine's runtime.
         let _guard = rt.enter();
@@ -205,7 +226,13 @@ fn start_engine(
     }
     if let Some(identity) = &config.identity {
         let denials = engine.connections.denials.clone();
-        let tunnel = start_tunnel(identity, &rt, snapshots_for_tunnel, registry, denials)?;
+        let tunnel = start_tunnel(
+            identity,
+            &rt,
+            snapshots_for_tunnel,
+            registry,
+            (denials, engine.fast_path.clone()),
+        )?;
         engine.tunnel = Some(tunnel);
     }
     let engine = Arc::new(engine);
@@ -235,7 +262,7 @@ fn start_tunnel(
     rt: &tokio::runtime::Runtime,
     snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     registry: &mut Registry,
-    denials: Arc<proxy::Denials>,
+    (denials, fast_path): (Arc<proxy::Denials>, Arc<dyn proxy::FastPath>),
 ) -> Result<Arc<proxy::tunnel::Tunnel>, AgentError> {
     use crate::identity::{Ca, Identities, Issuer};
     let issuer = match &identity.issuer {
@@ -267,6 +294,7 @@ fn start_tunnel(
         addr.port(),
         metrics,
         denials,
+        fast_path,
     ));
     let _guard = rt.enter();
     let server = tunnel.clone();

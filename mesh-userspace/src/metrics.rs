@@ -93,6 +93,7 @@ const EVENTS: [(usize, &str); global_counter::COUNT] = [
     (global_counter::STRICT_INBOUND_DROP, "strict_inbound_drop"),
     (global_counter::DRY_RUN_WOULD_DENY, "dry_run_would_deny"),
     (global_counter::BACKPRESSURE, "fast_path_shed"),
+    (global_counter::FLOW_SHED, "fast_path_flow_shed"),
 ];
 
 fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(

@@ -250,6 +250,49 @@ impl OrigDstTable {
     }
 }
 
+/// Write side of the `SHED_FLOWS` map for the engine: sockets of its legs that must leave the
+/// fast path.
+pub struct ShedFlows {
+    map: HashMap<MapData, SockKey, u32>,
+}
+
+impl ShedFlows {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let name = map_names::SHED_FLOWS;
+        let data = MapData::from_pin(dir.join("maps").join(name))
+            .map_err(|source| EbpfError::Map { name, source })?;
+        let map = Map::from_map_data(data)
+            .and_then(TryInto::try_into)
+            .map_err(|source| EbpfError::Map { name, source })?;
+        Ok(Self { map })
+    }
+
+    /// Asks the kernel to move both ends of the connection `client` ↔ `engine` to the normal
+    /// stack at their next message (two map updates; a full LRU map evicts old requests).
+    ///
+    /// # Errors
+    /// When the kernel refuses the update.
+    pub fn shed(
+        &mut self,
+        client: std::net::SocketAddrV4,
+        engine: std::net::SocketAddrV4,
+    ) -> Result<()> {
+        let key = |local: std::net::SocketAddrV4, remote: std::net::SocketAddrV4| SockKey {
+            local_ip_be: u32::from(*local.ip()).to_be(),
+            remote_ip_be: u32::from(*remote.ip()).to_be(),
+            local_port_host: u32::from(local.port()),
+            remote_port_host: u32::from(remote.port()),
+        };
+        let name = map_names::SHED_FLOWS;
+        for k in [key(client, engine), key(engine, client)] {
+            self.map
+                .insert(k, 1, 0)
+                .map_err(|source| EbpfError::Map { name, source })?;
+        }
+        Ok(())
+    }
+}
+
 impl Datapath {
     /// Attaches `sock_ops` to the agent's own cgroup as well, so the engine's sockets to local
     /// pods join the fast path. Idempotent (an existing pin is kept).

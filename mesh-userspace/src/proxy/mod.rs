@@ -61,6 +61,22 @@ pub trait OrigDst: Send + Sync {
     fn lookup(&self, client: SocketAddrV4) -> Option<Redirected>;
 }
 
+/// Where the engine asks the kernel to take one of its legs off the socket fast path.
+pub trait FastPath: Send + Sync {
+    /// Moves both ends of the connection `one` ↔ `other` to the normal stack for good (at their
+    /// next message). Best effort: a failure is logged and the leg stays fast (the host-wide
+    /// TCP-memory valve still applies).
+    fn leave(&self, one: SocketAddrV4, other: SocketAddrV4);
+}
+
+/// No kernel datapath (tests, and engines without one): nothing to leave.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFastPath;
+
+impl FastPath for NoFastPath {
+    fn leave(&self, _: SocketAddrV4, _: SocketAddrV4) {}
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -79,6 +95,8 @@ pub struct Engine {
     pub metrics: L7Metrics,
     pub connections: Connections,
     orig: Box<dyn OrigDst>,
+    /// Bulk legs leave the socket fast path through this (see [`io::Leg`]).
+    pub fast_path: Arc<dyn FastPath>,
     /// OTLP span export, when an endpoint is configured (set once the runtime runs).
     pub tracer: Option<trace::Exporter>,
     /// The node-to-node tunnel, when the agent has an identity (a CA).
@@ -98,6 +116,7 @@ impl Engine {
             metrics,
             connections: Connections::default(),
             orig,
+            fast_path: Arc::new(NoFastPath),
             tracer: None,
             tunnel: None,
         }
@@ -153,9 +172,10 @@ impl Engine {
         if target.is_none()
             && let Some(peer) = snapshot.mesh.remote(*redirected.orig_dst.ip())
         {
-            // Plain L4 to a pod of another node: straight into the tunnel, nothing parsed.
+            // Plain L4 to a pod of another node: straight into the tunnel, nothing parsed. The
+            // leg uses the socket fast path until it carries a bulk transfer.
             self.connections.set_protocol(id, &Protocol::Opaque);
-            let mut stream = stream;
+            let mut stream = io::Leg::new(stream, &self.fast_path);
             if !self
                 .tunnel_to(
                     &snapshot,
@@ -166,7 +186,7 @@ impl Engine {
                 )
                 .await
             {
-                let _ = stream.set_zero_linger();
+                let _ = stream.get_ref().set_zero_linger();
             }
             self.connections.close(id);
             return;
@@ -182,7 +202,7 @@ impl Engine {
         });
 
         // Protocol: the port's appProtocol, else the first bytes.
-        let mut stream = stream;
+        let mut stream = io::Leg::new(stream, &self.fast_path);
         let mut buf = BytesMut::with_capacity(1024);
         let protocol = match target.as_ref().and_then(|t| t.protocol.clone()) {
             Some(p) => p,
@@ -203,7 +223,7 @@ impl Engine {
         let prefix = buf.freeze();
         match protocol {
             Protocol::Http1 => {
-                let raw = stream.as_ref_std_clone();
+                let raw = stream.get_ref().as_ref_std_clone();
                 http::serve_http1(io::Prefixed::new(prefix, stream), raw, ctx.clone()).await;
             }
             Protocol::H2 => http::serve_h2(io::Prefixed::new(prefix, stream), ctx.clone()).await,
@@ -261,7 +281,10 @@ impl StdClone for TcpStream {
     }
 }
 
-async fn detect_protocol(stream: &mut TcpStream, buf: &mut BytesMut) -> Protocol {
+async fn detect_protocol(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Protocol {
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     loop {
         match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
@@ -280,7 +303,7 @@ async fn detect_protocol(stream: &mut TcpStream, buf: &mut BytesMut) -> Protocol
 }
 
 /// Opaque TCP (and TLS, passed through): one endpoint of the service, bytes copied both ways.
-async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
+async fn opaque(mut client: io::Prefixed<io::Leg<TcpStream>>, ctx: &Arc<ConnCtx>) {
     let snapshot = ctx.engine.snapshot();
     let pool = snapshot
         .targets
@@ -289,14 +312,14 @@ async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
         .or_else(|| snapshot.plain.get(&ctx.orig_dst).cloned());
     let Some(pool) = pool else {
         ctx.engine.metrics.error("no_endpoint");
-        let _ = client.get_ref().set_zero_linger();
+        let _ = client.get_ref().get_ref().set_zero_linger();
         return;
     };
     let Some(pick) = pool.balancer.pick(None, |ep| {
         !pool.outlier.as_ref().is_some_and(|o| o.is_ejected(ep))
     }) else {
         ctx.engine.metrics.error("no_endpoint");
-        let _ = client.get_ref().set_zero_linger();
+        let _ = client.get_ref().get_ref().set_zero_linger();
         return;
     };
     let started = tokio::time::Instant::now();
@@ -310,14 +333,15 @@ async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
             .await;
         pick.record(started.elapsed(), ok);
         if !ok {
-            let _ = client.get_ref().set_zero_linger();
+            let _ = client.get_ref().get_ref().set_zero_linger();
         }
         return;
     }
-    if let Ok(Ok(mut upstream)) =
+    if let Ok(Ok(upstream)) =
         tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(pick.addr())).await
     {
         let _ = upstream.set_nodelay(true);
+        let mut upstream = io::Leg::new(upstream, &ctx.engine.fast_path);
         pick.record(started.elapsed(), true);
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     } else {
@@ -325,7 +349,7 @@ async fn opaque(mut client: io::Prefixed<TcpStream>, ctx: &Arc<ConnCtx>) {
         // refusal it would have seen going direct is a reset.
         pick.record(started.elapsed(), false);
         ctx.engine.metrics.error("upstream_connect");
-        let _ = client.get_ref().set_zero_linger();
+        let _ = client.get_ref().get_ref().set_zero_linger();
     }
 }
 

@@ -156,6 +156,8 @@ pub struct Tunnel {
     pub metrics: TunnelMetrics,
     /// Refused streams go to the engine's table of refusals (`/flows`).
     denials: Arc<super::Denials>,
+    /// Connections to local pods leave the socket fast path when they carry bulk.
+    fast_path: Arc<dyn super::FastPath>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -173,6 +175,7 @@ impl Tunnel {
         port: u16,
         metrics: TunnelMetrics,
         denials: Arc<super::Denials>,
+        fast_path: Arc<dyn super::FastPath>,
     ) -> Self {
         Self {
             ids,
@@ -181,6 +184,7 @@ impl Tunnel {
             pool: Mutex::default(),
             metrics,
             denials,
+            fast_path,
         }
     }
 
@@ -698,8 +702,8 @@ async fn stream(
     let _ = upstream.set_nodelay(true);
     tunnel.metrics.stream("inbound", "ok");
     let on_upgrade = hyper::upgrade::on(&mut request);
+    let mut upstream = super::io::Leg::new(upstream, &tunnel.fast_path);
     tokio::spawn(async move {
-        let mut upstream = upstream;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let _ = tokio::io::copy_bidirectional_with_sizes(

@@ -1,0 +1,131 @@
+//! Per-leg flow control of the engine's sockets, alone in its test binary: it measures the
+//! host's TCP memory, which other tests running at the same time would move.
+//!
+//! The engine's legs to local pods (a client's leg into the tunnel, the receiving agent's leg
+//! to the destination pod) use the kernel's socket fast path, whose ingress redirect has no
+//! flow control. A bulk transfer through the tunnel to a pod that reads nothing for a few
+//! seconds: each engine sees the bulk on its leg and moves that leg to the normal stack, so
+//! TCP's window (and HTTP/2's inside the tunnel) hold the sender back. Without that, the whole
+//! transfer would wait in the destination pod's queue. The host-wide TCP-memory valve must not
+//! be what saved the day.
+#![allow(
+    clippy::cast_precision_loss,
+    reason = "metric samples are exact small integers"
+)]
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use testbed::{
+    ServeMode, Testbed,
+    agent::{self, Agent},
+};
+
+/// Pages of TCP memory in use on the host (`/proc/net/sockstat`).
+fn tcp_pages() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .context("no TCP line")?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "mem").context("no mem")?;
+    Ok(words.get(i + 1).context("no mem value")?.parse()?)
+}
+
+const MIB: u64 = 1 << 20;
+const SENT: u64 = 256 * MIB;
+/// What may wait in socket buffers (a few windows of a few MiB each, both directions of the
+/// echo), far below what is sent.
+const MAX_QUEUED: u64 = 96 * MIB;
+
+#[test]
+fn a_bulk_transfer_through_the_tunnel_to_a_slow_reader_waits_instead_of_queueing() -> Result<()> {
+    let tb = Testbed::new("leg-flow")?;
+    let n1 = tb.node("n1")?;
+    let n2 = tb.node("n2")?;
+    let client = n1.pod("client")?;
+    let server = n2.pod("server")?;
+    let objects = [
+        n1.manifest(),
+        n2.manifest(),
+        client.manifest(&[("app", "client")], "client"),
+        server.manifest(&[("app", "server")], "server"),
+    ]
+    .join("\n---\n");
+    let ca = agent::identity_args(&n1)?;
+    let args: Vec<&str> = ca.iter().map(String::as_str).collect();
+    let a1 = Agent::start(&n1, &args)?;
+    let a2 = Agent::start(&n2, &args)?;
+    for a in [&a1, &a2] {
+        a.apply("objects.yaml", &objects)?;
+        a.wait_workloads(2)?;
+    }
+    // An echo server that reads nothing for 3 s after accepting.
+    let echo = server.serve_with(ServeMode::Echo, 7000, &["--read-delay-ms", "3000"])?;
+    let start = tcp_pages()?;
+    let peak = Arc::new(AtomicU64::new(start));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            // Bounded: the transfer's own timeout ends it within minutes.
+            for _ in 0..30_000 {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(p) = tcp_pages() {
+                    peak.fetch_max(p, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let transfer = client.transfer(echo.addr(), SENT, 1);
+    done.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let transfer = transfer?;
+    let diag = || format!("n1 agent: {}\nn2 agent: {}", a1.stderr(), a2.stderr());
+    ensure!(
+        transfer.all_ok() && transfer.bytes_verified == SENT,
+        "the stream must arrive whole and in order: {transfer:?}\n{}",
+        diag()
+    );
+    let queued = peak.load(Ordering::Relaxed).saturating_sub(start) * 4096;
+    ensure!(
+        queued < MAX_QUEUED,
+        "TCP memory rose by {} MiB while {} MiB went to a reader asleep (at most {} MiB may wait)",
+        queued / MIB,
+        SENT / MIB,
+        MAX_QUEUED / MIB
+    );
+    // Both engines moved their leg off the fast path; the host-wide valve never fired. The
+    // kernel counters reach the metrics at the agents' next stats pass.
+    testbed::eventually(Duration::from_secs(5), || {
+        for (node, a) in [("n1", &a1), ("n2", &a2)] {
+            let moved = a.metric(
+                "weft_datapath_events_total",
+                &[("event", "fast_path_flow_shed")],
+            )?;
+            let valve = a.metric("weft_datapath_events_total", &[("event", "fast_path_shed")])?;
+            ensure!(
+                moved >= 1.0,
+                "{node}: no leg left the fast path ({moved} messages)"
+            );
+            ensure!(valve == 0.0, "{node}: the host-wide valve fired ({valve})");
+        }
+        Ok(())
+    })?;
+    println!(
+        "sent {} MiB through the tunnel to a reader asleep for 3 s; TCP memory peak +{} MiB",
+        SENT / MIB,
+        queued / MIB
+    );
+    Ok(())
+}
