@@ -217,8 +217,8 @@ fn start_engine(
         snapshots,
         proxy::metrics::L7Metrics::register(registry),
         Box::new(KernelOrigDst(orig)),
+        Arc::new(KernelFastPath(Mutex::new(shed))),
     );
-    engine.fast_path = Arc::new(KernelFastPath(Mutex::new(shed)));
     if let Some(endpoint) = &config.otlp_endpoint {
         // The exporter's task lives on the engine's runtime.
         let _guard = rt.enter();

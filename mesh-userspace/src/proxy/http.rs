@@ -19,8 +19,9 @@ use rand::Rng as _;
 use tokio::{net::TcpStream, time::Instant};
 
 use super::{
-    ConnCtx, Engine,
+    ConnCtx, Engine, FastPath,
     breaker::{ConnPermit, RequestPermit},
+    io::LegConnector,
     metrics::{RequestLabels, RouteLabels, ServiceLabels, status_class},
     outlier::Outcome,
     route::{BackendTarget, RequestView, RuleAction},
@@ -39,8 +40,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Pooled upstream clients: direct ones for this node's pods, and per source workload ones
 /// through the tunnel for pods of other nodes.
 pub struct Upstreams {
-    h1: Client<HttpConnector, Body>,
-    h2: Client<HttpConnector, Body>,
+    h1: Client<LegConnector, Body>,
+    h2: Client<LegConnector, Body>,
     /// (source workload, HTTP/2) → client over the tunnel.
     tunneled: std::sync::Mutex<
         std::collections::HashMap<(u32, bool), Client<super::tunnel::TunnelConnector, Body>>,
@@ -48,11 +49,14 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// Clients whose connections to this node's pods leave the fast path through `fast_path`
+    /// when they carry bulk.
     #[must_use]
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    pub fn new(fast_path: Arc<dyn FastPath>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(2)));
+        let connector = LegConnector::new(http, fast_path);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_mins(1))
@@ -98,12 +102,6 @@ impl Upstreams {
                 builder.build(connector())
             })
             .clone()
-    }
-}
-
-impl Default for Upstreams {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -1235,7 +1233,7 @@ async fn forward_upgrade(
         return connect_error();
     };
     let _ = stream.set_nodelay(true);
-    upgrade_over(req, stream).await
+    upgrade_over(req, super::io::Leg::new(stream, &ctx.engine.fast_path)).await
 }
 
 /// Passes an upgrade request on over `stream` and, once the upstream switched protocols,

@@ -178,6 +178,83 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Leg<S> {
     }
 }
 
+/// A connection of the engine's HTTP clients (a tunnel stream, a [`Leg`] to a local pod).
+pub struct UpstreamConn<T>(pub T);
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for UpstreamConn<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for UpstreamConn<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl<T> hyper_util::client::legacy::connect::Connection for UpstreamConn<T> {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+/// Connects the engine's HTTP clients to this node's pods: each connection is a [`Leg`].
+#[derive(Clone)]
+pub struct LegConnector {
+    inner: hyper_util::client::legacy::connect::HttpConnector,
+    fast_path: Arc<dyn FastPath>,
+}
+
+impl LegConnector {
+    pub fn new(
+        inner: hyper_util::client::legacy::connect::HttpConnector,
+        fast_path: Arc<dyn FastPath>,
+    ) -> Self {
+        Self { inner, fast_path }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<hyper::Uri> for LegConnector {
+    type Response = UpstreamConn<hyper_util::rt::TokioIo<Leg<TcpStream>>>;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let fast_path = self.fast_path.clone();
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            Ok(UpstreamConn(hyper_util::rt::TokioIo::new(Leg::new(
+                tcp, &fast_path,
+            ))))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{

@@ -11,7 +11,7 @@ pub mod breaker;
 pub mod budget;
 pub mod detect;
 pub mod http;
-mod io;
+pub mod io;
 pub mod metrics;
 pub mod outlier;
 pub mod ratelimit;
@@ -69,14 +69,6 @@ pub trait FastPath: Send + Sync {
     fn leave(&self, one: SocketAddrV4, other: SocketAddrV4);
 }
 
-/// No kernel datapath (tests, and engines without one): nothing to leave.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoFastPath;
-
-impl FastPath for NoFastPath {
-    fn leave(&self, _: SocketAddrV4, _: SocketAddrV4) {}
-}
-
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -109,14 +101,15 @@ impl Engine {
         snapshot: watch::Receiver<Arc<Snapshot>>,
         metrics: L7Metrics,
         orig: Box<dyn OrigDst>,
+        fast_path: Arc<dyn FastPath>,
     ) -> Self {
         Self {
             snapshot,
-            upstreams: http::Upstreams::new(),
+            upstreams: http::Upstreams::new(fast_path.clone()),
             metrics,
             connections: Connections::default(),
             orig,
-            fast_path: Arc::new(NoFastPath),
+            fast_path,
             tracer: None,
             tunnel: None,
         }

@@ -322,47 +322,7 @@ pub struct TunnelConnector {
 }
 
 /// A tunnel stream as an HTTP client connection.
-pub struct TunnelConn(hyper::upgrade::Upgraded);
-
-impl hyper::rt::Read for TunnelConn {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TunnelConn {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl hyper_util::client::legacy::connect::Connection for TunnelConn {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
+pub type TunnelConn = super::io::UpstreamConn<hyper::upgrade::Upgraded>;
 
 impl tower_service::Service<hyper::Uri> for TunnelConnector {
     type Response = TunnelConn;
@@ -398,7 +358,7 @@ impl tower_service::Service<hyper::Uri> for TunnelConnector {
             this.tunnel
                 .metrics
                 .stream("outbound", if stream.is_ok() { "ok" } else { "failed" });
-            stream.map(TunnelConn)
+            stream.map(super::io::UpstreamConn)
         })
     }
 }
