@@ -35,6 +35,7 @@ mod pod;
 mod process;
 mod run;
 mod sweep;
+pub mod tcp_memory;
 mod teardown;
 pub mod workload;
 

@@ -11,28 +11,10 @@
     reason = "metric samples are exact small integers"
 )]
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use testbed::{ServeMode, Testbed, agent::Agent};
-
-/// Pages of TCP memory in use on the host (`/proc/net/sockstat`).
-fn tcp_pages() -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/net/sockstat")?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("TCP:"))
-        .context("no TCP line")?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let i = words.iter().position(|w| *w == "mem").context("no mem")?;
-    Ok(words.get(i + 1).context("no mem value")?.parse()?)
-}
+use testbed::{ServeMode, Testbed, agent::Agent, tcp_memory};
 
 #[test]
 fn a_reader_that_falls_behind_slows_its_sender_instead_of_exhausting_tcp_memory() -> Result<()> {
@@ -58,38 +40,19 @@ fn a_reader_that_falls_behind_slows_its_sender_instead_of_exhausting_tcp_memory(
     let server = b.serve_with(ServeMode::Echo, 7000, &["--read-delay-ms", "4000"])?;
     // One and a half times the kernel's pressure threshold: without the valve all of it would
     // sit in b's queue (the kernel would be under memory pressure, close to ENOMEM).
-    let bytes = pressure * 4096 * 3 / 2;
-    let start = tcp_pages()?;
-    let peak = Arc::new(AtomicU64::new(start));
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (peak, done) = (peak.clone(), done.clone());
-        std::thread::spawn(move || {
-            // Bounded: the transfer's own timeout ends it within minutes.
-            for _ in 0..30_000 {
-                if done.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Ok(p) = tcp_pages() {
-                    peak.fetch_max(p, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
+    let bytes = pressure * tcp_memory::PAGE * 3 / 2;
+    let watch = tcp_memory::PeakWatch::start()?;
     let transfer = a.transfer(server.addr(), bytes, 1);
-    done.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
+    let rise = watch.stop();
     let transfer = transfer?;
     ensure!(
         transfer.all_ok(),
         "the stream must arrive whole and in order: {transfer:?}"
     );
-    let peak = peak.load(Ordering::Relaxed);
     ensure!(
-        peak.saturating_sub(start) < pressure,
+        rise < pressure,
         "TCP memory rose by {} MiB, over the pressure threshold ({} MiB)",
-        peak.saturating_sub(start) * 4 / 1024,
+        rise * 4 / 1024,
         pressure * 4 / 1024
     );
     // The kernel counters reach the metrics at the agent's next stats pass.
@@ -110,7 +73,7 @@ fn a_reader_that_falls_behind_slows_its_sender_instead_of_exhausting_tcp_memory(
     println!(
         "sent {} MiB; TCP memory peak +{} MiB (pressure threshold {} MiB); fast-path bytes {:.0} MiB; shed {shed} messages",
         bytes >> 20,
-        peak.saturating_sub(start) * 4 / 1024,
+        rise * 4 / 1024,
         pressure * 4 / 1024,
         fast / f64::from(1 << 20)
     );

@@ -13,37 +13,20 @@
     reason = "metric samples are exact small integers"
 )]
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use testbed::{
     ServeMode, Testbed,
     agent::{self, Agent},
+    tcp_memory,
 };
 
-/// Pages of TCP memory in use on the host (`/proc/net/sockstat`).
-fn tcp_pages() -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/net/sockstat")?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("TCP:"))
-        .context("no TCP line")?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let i = words.iter().position(|w| *w == "mem").context("no mem")?;
-    Ok(words.get(i + 1).context("no mem value")?.parse()?)
-}
-
 const MIB: u64 = 1 << 20;
-const SENT: u64 = 256 * MIB;
+const SENT: u64 = 512 * MIB;
 /// What may wait in socket buffers (a few windows of a few MiB each, both directions of the
 /// echo), far below what is sent.
-const MAX_QUEUED: u64 = 96 * MIB;
+const MAX_QUEUED: u64 = 128 * MIB;
 
 #[test]
 fn a_bulk_transfer_through_the_tunnel_to_a_slow_reader_waits_instead_of_queueing() -> Result<()> {
@@ -69,27 +52,9 @@ fn a_bulk_transfer_through_the_tunnel_to_a_slow_reader_waits_instead_of_queueing
     }
     // An echo server that reads nothing for 3 s after accepting.
     let echo = server.serve_with(ServeMode::Echo, 7000, &["--read-delay-ms", "3000"])?;
-    let start = tcp_pages()?;
-    let peak = Arc::new(AtomicU64::new(start));
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (peak, done) = (peak.clone(), done.clone());
-        std::thread::spawn(move || {
-            // Bounded: the transfer's own timeout ends it within minutes.
-            for _ in 0..30_000 {
-                if done.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Ok(p) = tcp_pages() {
-                    peak.fetch_max(p, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
+    let watch = tcp_memory::PeakWatch::start()?;
     let transfer = client.transfer(echo.addr(), SENT, 1);
-    done.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
+    let queued = watch.stop() * tcp_memory::PAGE;
     let transfer = transfer?;
     let diag = || format!("n1 agent: {}\nn2 agent: {}", a1.stderr(), a2.stderr());
     ensure!(
@@ -97,7 +62,6 @@ fn a_bulk_transfer_through_the_tunnel_to_a_slow_reader_waits_instead_of_queueing
         "the stream must arrive whole and in order: {transfer:?}\n{}",
         diag()
     );
-    let queued = peak.load(Ordering::Relaxed).saturating_sub(start) * 4096;
     ensure!(
         queued < MAX_QUEUED,
         "TCP memory rose by {} MiB while {} MiB went to a reader asleep (at most {} MiB may wait)",

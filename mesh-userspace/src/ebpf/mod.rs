@@ -223,6 +223,18 @@ impl Datapath {
     }
 }
 
+/// The pinned hash map `name` of the datapath in `dir`, opened on its own (the engine's maps).
+fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>> {
+    let data = MapData::from_pin(dir.join("maps").join(name))
+        .map_err(|source| EbpfError::Map { name, source })?;
+    Map::from_map_data(data)
+        .and_then(TryInto::try_into)
+        .map_err(|source| EbpfError::Map { name, source })
+}
+
 /// Read side of the `L7_ORIG` map for the engine: where a redirected client wanted to go.
 pub struct OrigDstTable {
     map: HashMap<MapData, ClientAddr, ConnectInfo>,
@@ -230,13 +242,9 @@ pub struct OrigDstTable {
 
 impl OrigDstTable {
     pub fn open(dir: &Path) -> Result<Self> {
-        let name = map_names::L7_ORIG;
-        let data = MapData::from_pin(dir.join("maps").join(name))
-            .map_err(|source| EbpfError::Map { name, source })?;
-        let map = Map::from_map_data(data)
-            .and_then(TryInto::try_into)
-            .map_err(|source| EbpfError::Map { name, source })?;
-        Ok(Self { map })
+        Ok(Self {
+            map: open_pinned_hash(dir, map_names::L7_ORIG)?,
+        })
     }
 
     /// One map lookup (a syscall of about a microsecond).
@@ -258,13 +266,9 @@ pub struct ShedFlows {
 
 impl ShedFlows {
     pub fn open(dir: &Path) -> Result<Self> {
-        let name = map_names::SHED_FLOWS;
-        let data = MapData::from_pin(dir.join("maps").join(name))
-            .map_err(|source| EbpfError::Map { name, source })?;
-        let map = Map::from_map_data(data)
-            .and_then(TryInto::try_into)
-            .map_err(|source| EbpfError::Map { name, source })?;
-        Ok(Self { map })
+        Ok(Self {
+            map: open_pinned_hash(dir, map_names::SHED_FLOWS)?,
+        })
     }
 
     /// Asks the kernel to move both ends of the connection `client` ↔ `engine` to the normal
