@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | `/status/CODE` | status CODE (200–599), JSON body |
 //! | `/delay/MS` | waits MS milliseconds (at most 60 s) first |
+//! | `/read-delay/MS` | leaves the request body unread for MS milliseconds (at most 60 s) |
 //! | `/bytes/N` | N bytes of the workload's pattern, chunked (at most 1 GiB) |
 //! | `/garbage` | junk bytes instead of a response, then the connection is closed |
 //!
@@ -192,6 +193,8 @@ pub fn fails(n: u64, percent: u8) -> bool {
 struct Plan {
     status: Option<StatusCode>,
     delay: Duration,
+    /// How long to leave the request body unread (a slow reader).
+    read_delay: Duration,
     bytes: Option<u64>,
     garbage: bool,
 }
@@ -210,6 +213,9 @@ impl Plan {
                         .and_then(|code| StatusCode::from_u16(code).ok());
                 }
                 ("delay", Some(ms)) => plan.delay = Duration::from_millis(ms).min(MAX_DELAY),
+                ("read-delay", Some(ms)) => {
+                    plan.read_delay = Duration::from_millis(ms).min(MAX_DELAY);
+                }
                 ("bytes", Some(n)) => plan.bytes = Some(n.min(MAX_BYTES)),
                 ("garbage", _) => plan.garbage = true,
                 _ => {}
@@ -392,6 +398,9 @@ async fn respond(
         .entry(version.clone())
         .or_default() += 1;
     let plan = Plan::from_path(parts.uri.path());
+    if !plan.read_delay.is_zero() {
+        tokio::time::sleep(plan.read_delay).await;
+    }
     let body_bytes = match read_body(body, 0).await {
         Ok((len, _)) => len,
         Err(error) => {
@@ -646,6 +655,10 @@ mod tests {
         assert_eq!(Plan::from_path("/bytes/99999999999").bytes, Some(MAX_BYTES));
         assert_eq!(Plan::from_path("/delay/999999999").delay, MAX_DELAY);
         assert!(Plan::from_path("/garbage").garbage);
+        assert_eq!(
+            Plan::from_path("/read-delay/3000").read_delay,
+            Duration::from_secs(3)
+        );
         // Not numbers, or not a final status: ignored.
         assert_eq!(Plan::from_path("/status/abc"), Plan::default());
         assert_eq!(Plan::from_path("/status/101"), Plan::default());
