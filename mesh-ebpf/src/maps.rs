@@ -69,6 +69,7 @@ pub static WEFT_L7ORIG: LruHashMap<ClientAddr, ConnectInfo> =
 
 /// Sockets of the engine's legs that must leave the fast path, written by the engine (it saw a
 /// bulk transfer on the leg: the ingress redirect has no flow control, TCP's window has). The
-/// socket's next message moves it to the normal stack for good and removes its entry.
+/// socket's next message moves it to the normal stack for good and removes its entry (so does
+/// the socket's close, when it comes first).
 #[map]
 pub static WEFT_SHEDFLOWS: LruHashMap<SockKey, u32> = LruHashMap::pinned(capacity::SHED_FLOWS, 0);

@@ -21,8 +21,8 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_L7ORIG, WEFT_REVNAT, WEFT_SOCKS,
-        fast_path_on,
+        WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_L7ORIG, WEFT_REVNAT, WEFT_SHEDFLOWS,
+        WEFT_SOCKS, fast_path_on,
     },
     stats,
 };
@@ -175,6 +175,9 @@ fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
         port_host: key.local_port_host,
     };
     let _ = WEFT_L7ORIG.remove(&client);
+    // An engine request this socket never acted on (it closed first) must not move a later
+    // connection with the same addresses off the fast path.
+    let _ = WEFT_SHEDFLOWS.remove(&key);
     let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) else {
         return Ok(());
     };
