@@ -231,7 +231,8 @@ fn start_engine(
             &rt,
             snapshots_for_tunnel,
             registry,
-            (denials, engine.fast_path.clone()),
+            denials,
+            engine.fast_path.clone(),
         )?;
         engine.tunnel = Some(tunnel);
     }
@@ -262,7 +263,8 @@ fn start_tunnel(
     rt: &tokio::runtime::Runtime,
     snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     registry: &mut Registry,
-    (denials, fast_path): (Arc<proxy::Denials>, Arc<dyn proxy::FastPath>),
+    denials: Arc<proxy::Denials>,
+    fast_path: Arc<dyn proxy::FastPath>,
 ) -> Result<Arc<proxy::tunnel::Tunnel>, AgentError> {
     use crate::identity::{Ca, Identities, Issuer};
     let issuer = match &identity.issuer {

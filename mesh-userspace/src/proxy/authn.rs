@@ -43,13 +43,26 @@ pub struct Principal {
     pub issuer: String,
     pub subject: String,
     pub claims: Map<String, Value>,
+    /// `<issuer>/<subject>`, made once.
+    name: String,
 }
 
 impl Principal {
+    #[must_use]
+    pub fn new(issuer: String, subject: String, claims: Map<String, Value>) -> Self {
+        let name = format!("{issuer}/{subject}");
+        Self {
+            issuer,
+            subject,
+            claims,
+            name,
+        }
+    }
+
     /// `<issuer>/<subject>`, what `requestPrincipals` match.
     #[must_use]
-    pub fn name(&self) -> String {
-        format!("{}/{}", self.issuer, self.subject)
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The claim at `path` (`["a", "b"]` is claim `a`'s member `b`), as the strings a
@@ -116,10 +129,36 @@ impl Location {
     }
 }
 
+/// One usable key of a JWKS, ready for verification.
+struct Key {
+    kid: Option<String>,
+    /// The key's own `alg`, as `Algorithm`'s `Debug` spells it (compared with the token's).
+    alg: Option<String>,
+    elliptic: bool,
+    /// `None` when the key's parameters do not make a key (its tokens fail the signature).
+    decoding: Option<DecodingKey>,
+}
+
+impl Key {
+    /// The RSA and EC keys of `set` (no other kind can verify an accepted algorithm).
+    fn all_of(set: &JwkSet) -> Vec<Key> {
+        set.keys
+            .iter()
+            .filter(|k| usable(k))
+            .map(|k| Key {
+                kid: k.common.key_id.clone(),
+                alg: k.common.key_algorithm.map(|a| format!("{a:?}")),
+                elliptic: matches!(k.algorithm, AlgorithmParameters::EllipticCurve(_)),
+                decoding: DecodingKey::from_jwk(k).ok(),
+            })
+            .collect()
+    }
+}
+
 /// A key set and, for a file, when it was last read.
 struct Keys {
     file: Option<PathBuf>,
-    set: RwLock<Result<JwkSet, String>>,
+    set: RwLock<Result<Vec<Key>, String>>,
     /// (last check, file modification time of the loaded set).
     checked: Mutex<(Instant, Option<SystemTime>)>,
 }
@@ -127,7 +166,7 @@ struct Keys {
 impl Keys {
     fn new(rule: &JwtRule) -> Self {
         let (file, set, mtime) = match (&rule.jwks, &rule.jwks_file) {
-            (Some(inline), None) => (None, parse_jwks(inline), None),
+            (Some(inline), None) => (None, parse_jwks(inline).map(|s| Key::all_of(&s)), None),
             (None, Some(path)) => {
                 let path = PathBuf::from(path);
                 let (set, mtime) = read_jwks_file(&path);
@@ -173,14 +212,14 @@ impl Keys {
     }
 }
 
-fn read_jwks_file(path: &std::path::Path) -> (Result<JwkSet, String>, Option<SystemTime>) {
+fn read_jwks_file(path: &std::path::Path) -> (Result<Vec<Key>, String>, Option<SystemTime>) {
     let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let set = std::fs::read_to_string(path)
         .map_err(|e| format!("jwksFile {}: {e}", path.display()))
         .and_then(|text| {
             parse_jwks(&text).map_err(|e| format!("jwksFile {}: {e}", path.display()))
         });
-    (set, mtime)
+    (set.map(|s| Key::all_of(&s)), mtime)
 }
 
 /// A JSON Web Key Set with at least one RSA or EC key.
@@ -286,12 +325,14 @@ impl Authenticator {
     /// Validates the request's token: `Ok(None)` when it carries none, the principal when it
     /// is valid (its header removed unless the rule forwards it), else why it is refused.
     ///
+    /// `service` names the policy of a refusal no rule is responsible for (written only then).
+    ///
     /// # Errors
     /// The token is malformed, from an issuer no rule names, or fails its rule's checks.
     pub fn authenticate(
         &self,
         headers: &mut HeaderMap,
-        service: &str,
+        service: &(impl std::fmt::Display + ?Sized),
     ) -> Result<Option<Principal>, Refused> {
         let Some((location, token)) = self
             .locations
@@ -300,20 +341,25 @@ impl Authenticator {
         else {
             return Ok(None);
         };
-        let refused = |policy: &str, reason, message: String| Refused {
-            policy: policy.to_owned(),
+        let refused = |policy: String, reason, message: String| Refused {
+            policy,
             reason,
             message,
         };
-        let claimed = unverified_issuer(&token)
-            .map_err(|m| refused(service, "malformed", format!("malformed token: {m}")))?;
+        let claimed = unverified_issuer(&token).map_err(|m| {
+            refused(
+                service.to_string(),
+                "malformed",
+                format!("malformed token: {m}"),
+            )
+        })?;
         let Some(rule) = self
             .issuers
             .iter()
             .find(|r| r.issuer == claimed && r.locations.contains(location))
         else {
             return Err(refused(
-                service,
+                service.to_string(),
                 "unknown_issuer",
                 format!(
                     "no jwtRule accepts issuer {claimed:?} in header {}",
@@ -323,7 +369,7 @@ impl Authenticator {
         };
         let principal = rule
             .validate(&token)
-            .map_err(|(reason, message)| refused(&rule.policy, reason, message))?;
+            .map_err(|(reason, message)| refused(rule.policy.clone(), reason, message))?;
         if !rule.forward {
             headers.remove(&location.header);
         }
@@ -350,23 +396,13 @@ impl Compiled {
         let set = set
             .as_ref()
             .map_err(|e| ("no_keys", format!("the issuer's keys are not loaded: {e}")))?;
-        let family_ok = |k: &Jwk| match (&k.algorithm, header.alg) {
-            (AlgorithmParameters::EllipticCurve(_), a) => {
-                matches!(a, Algorithm::ES256 | Algorithm::ES384)
-            }
-            (AlgorithmParameters::RSA(_), a) => !matches!(a, Algorithm::ES256 | Algorithm::ES384),
-            _ => false,
-        };
-        let candidates: Vec<&Jwk> = set
-            .keys
+        let elliptic = matches!(header.alg, Algorithm::ES256 | Algorithm::ES384);
+        let alg = format!("{:?}", header.alg);
+        let candidates: Vec<&Key> = set
             .iter()
-            .filter(|k| header.kid.is_none() || k.common.key_id == header.kid)
-            .filter(|k| {
-                k.common
-                    .key_algorithm
-                    .is_none_or(|a| format!("{a:?}") == format!("{:?}", header.alg))
-            })
-            .filter(|k| family_ok(k))
+            .filter(|k| header.kid.is_none() || k.kid == header.kid)
+            .filter(|k| k.alg.as_ref().is_none_or(|a| *a == alg))
+            .filter(|k| k.elliptic == elliptic)
             .collect();
         if candidates.is_empty() {
             return Err((
@@ -390,11 +426,8 @@ impl Compiled {
         validation.set_required_spec_claims(&required);
         validation.validate_nbf = true;
         let mut last = ("bad_signature", String::new());
-        for key in candidates {
-            let Ok(decoding) = DecodingKey::from_jwk(key) else {
-                continue;
-            };
-            match jsonwebtoken::decode::<Map<String, Value>>(token, &decoding, &validation) {
+        for decoding in candidates.iter().filter_map(|k| k.decoding.as_ref()) {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, decoding, &validation) {
                 Ok(data) => {
                     let subject = data
                         .claims
@@ -402,11 +435,7 @@ impl Compiled {
                         .and_then(Value::as_str)
                         .unwrap_or_default()
                         .to_owned();
-                    return Ok(Principal {
-                        issuer: self.issuer.clone(),
-                        subject,
-                        claims: data.claims,
-                    });
+                    return Ok(Principal::new(self.issuer.clone(), subject, data.claims));
                 }
                 Err(e) => {
                     last = classify(e.kind());

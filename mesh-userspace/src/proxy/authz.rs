@@ -130,8 +130,9 @@ fn source_matches(
 ) -> bool {
     let principal_ok = src.request_principals.is_empty()
         || auth.is_some_and(|a| {
-            let name = a.name();
-            src.request_principals.iter().any(|want| glob(want, &name))
+            src.request_principals
+                .iter()
+                .any(|want| glob(want, a.name()))
         });
     let only_principals = !src.request_principals.is_empty()
         && src.service_accounts.is_empty()
@@ -169,7 +170,7 @@ fn condition_holds(c: &RequestCondition, request: &Request<'_>) -> bool {
         return false;
     };
     if c.key == "request.auth.principal" {
-        return any(&c.values, std::iter::once(auth.name().as_str()));
+        return any(&c.values, std::iter::once(auth.name()));
     }
     if let Some(path) = claim_path(&c.key) {
         return any(
@@ -335,10 +336,12 @@ spec:
     when: [{key: 'request.auth.claims[org][team]', values: [pay]}]
 ",
         );
-        let principal = |sub: &str, claims: serde_json::Value| Principal {
-            issuer: "https://issuer.test".into(),
-            subject: sub.into(),
-            claims: claims.as_object().unwrap().clone(),
+        let principal = |sub: &str, claims: serde_json::Value| {
+            Principal::new(
+                "https://issuer.test".into(),
+                sub.into(),
+                claims.as_object().unwrap().clone(),
+            )
         };
         let headers = HeaderMap::new();
         let req = |auth| Request {

@@ -428,8 +428,10 @@ fn authenticate(
     if target.authn.is_empty() {
         return Ok(None);
     }
-    let service = format!("{}/{}", target.service.namespace, target.service.name);
-    let refused = match target.authn.authenticate(req.headers_mut(), &service) {
+    let refused = match target
+        .authn
+        .authenticate(req.headers_mut(), &target.service)
+    {
         Ok(p) => return Ok(p),
         Err(r) => r,
     };

@@ -153,6 +153,8 @@ impl Engine {
             return;
         };
         let _ = stream.set_nodelay(true);
+        // The client's leg uses the socket fast path until it carries a bulk transfer.
+        let mut stream = io::Leg::new(stream, &self.fast_path);
         let snapshot = self.snapshot();
         let src = snapshot
             .workloads
@@ -165,10 +167,8 @@ impl Engine {
         if target.is_none()
             && let Some(peer) = snapshot.mesh.remote(*redirected.orig_dst.ip())
         {
-            // Plain L4 to a pod of another node: straight into the tunnel, nothing parsed. The
-            // leg uses the socket fast path until it carries a bulk transfer.
+            // Plain L4 to a pod of another node: straight into the tunnel, nothing parsed.
             self.connections.set_protocol(id, &Protocol::Opaque);
-            let mut stream = io::Leg::new(stream, &self.fast_path);
             if !self
                 .tunnel_to(
                     &snapshot,
@@ -195,7 +195,6 @@ impl Engine {
         });
 
         // Protocol: the port's appProtocol, else the first bytes.
-        let mut stream = io::Leg::new(stream, &self.fast_path);
         let mut buf = BytesMut::with_capacity(1024);
         let protocol = match target.as_ref().and_then(|t| t.protocol.clone()) {
             Some(p) => p,
