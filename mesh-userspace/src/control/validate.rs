@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Service;
 use super::objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication, SELECTOR_OPERATORS};
 use crate::{
     policy::{TrafficPolicy, precedence},
-    proxy::route::is_core_service,
+    proxy::route::{AsRefParts, RefParts, is_core_service},
 };
 
 /// The outcome for one object; the controller turns it into `Accepted`, `ResolvedRefs` and
@@ -194,29 +194,6 @@ pub struct RouteParent {
     pub verdict: Verdict,
 }
 
-/// A route's reference, whatever its route kind: (group, kind, name, namespace, port).
-type Ref<'a> = (
-    Option<&'a str>,
-    Option<&'a str>,
-    &'a str,
-    Option<&'a str>,
-    Option<i32>,
-);
-
-/// One reference (`parentRef` or `backendRef`) of either route kind as a [`Ref`].
-macro_rules! reference {
-    ($r:expr) => {{
-        let r: Ref<'_> = (
-            $r.group.as_deref(),
-            $r.kind.as_deref(),
-            $r.name.as_str(),
-            $r.namespace.as_deref(),
-            $r.port,
-        );
-        r
-    }};
-}
-
 /// [`route_parents`] of a route of either kind.
 macro_rules! route_parents_of {
     ($route:expr, $services:expr) => {{
@@ -225,14 +202,14 @@ macro_rules! route_parents_of {
             .parent_refs
             .iter()
             .flatten()
-            .map(|p| reference!(p));
+            .map(AsRefParts::ref_parts);
         let backends = $route
             .spec
             .rules
             .iter()
             .flatten()
             .flat_map(|r| r.backend_refs.iter().flatten())
-            .map(|b| reference!(b));
+            .map(AsRefParts::ref_parts);
         route_parents(
             $route.metadata.namespace.as_deref(),
             parents,
@@ -264,13 +241,20 @@ pub fn grpc_route(
 
 fn route_parents<'a>(
     ns: Option<&str>,
-    parent_refs: impl Iterator<Item = Ref<'a>>,
-    backend_refs: impl Iterator<Item = Ref<'a>>,
+    parent_refs: impl Iterator<Item = RefParts<'a>>,
+    backend_refs: impl Iterator<Item = RefParts<'a>>,
     services: &Services,
 ) -> Vec<RouteParent> {
     let ns = ns.unwrap_or_default().to_owned();
     let mut unresolved = None;
-    for (group, kind, name, namespace, _) in backend_refs {
+    for RefParts {
+        group,
+        kind,
+        name,
+        namespace,
+        ..
+    } in backend_refs
+    {
         if !is_core_service(group, kind.or(Some("Service"))) {
             unresolved = Some((
                 "InvalidKind",
@@ -294,7 +278,14 @@ fn route_parents<'a>(
         }
     }
     let mut parents = Vec::new();
-    for (group, kind, name, namespace, port) in parent_refs {
+    for RefParts {
+        group,
+        kind,
+        name,
+        namespace,
+        port,
+    } in parent_refs
+    {
         if !is_core_service(group, kind) {
             continue; // a Gateway's parent: another controller's to report on
         }
@@ -330,12 +321,7 @@ pub fn authorization_policy(p: &AuthorizationPolicy, services: &Services) -> Ver
                     .to_owned(),
             );
         }
-        if !t.is_service() {
-            invalid.push(format!(
-                "spec.targetRef: kind {:?} is not a core Service",
-                t.kind
-            ));
-        }
+        invalid.extend(target_kind_problem(t));
     }
     let mut selectors = Vec::new();
     selectors.extend(
@@ -378,16 +364,29 @@ pub fn authorization_policy(p: &AuthorizationPolicy, services: &Services) -> Ver
             }
         }
     }
+    targeted_verdict(&invalid, &p.metadata, p.spec.target_ref.as_ref(), services)
+}
+
+/// A policy `targetRef`'s kind, when it is not a core Service.
+fn target_kind_problem(t: &crate::policy::TargetRef) -> Option<String> {
+    (!t.is_service()).then(|| format!("spec.targetRef: kind {:?} is not a core Service", t.kind))
+}
+
+/// The verdict of a policy with the problems `invalid`: rejected with them, else unresolved
+/// while its `target` Service (and port) does not exist.
+fn targeted_verdict(
+    invalid: &[String],
+    meta: &kube::api::ObjectMeta,
+    target: Option<&crate::policy::TargetRef>,
+    services: &Services,
+) -> Verdict {
     if !invalid.is_empty() {
         return Verdict::rejected("Invalid", invalid.join("; "));
     }
-    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    let ns = meta.namespace.as_deref().unwrap_or("default");
     Verdict {
         rejected: None,
-        unresolved: p
-            .spec
-            .target_ref
-            .as_ref()
+        unresolved: target
             .and_then(|t| missing_service(services, ns, &t.name, t.port.map(i64::from)))
             .map(|message| ("BackendNotFound", format!("targetRef: {message}"))),
     }
@@ -398,13 +397,7 @@ pub fn authorization_policy(p: &AuthorizationPolicy, services: &Services) -> Ver
 #[must_use]
 pub fn request_authentication(p: &RequestAuthentication, services: &Services) -> Verdict {
     let mut invalid = Vec::new();
-    let t = &p.spec.target_ref;
-    if !t.is_service() {
-        invalid.push(format!(
-            "spec.targetRef: kind {:?} is not a core Service",
-            t.kind
-        ));
-    }
+    invalid.extend(target_kind_problem(&p.spec.target_ref));
     if p.spec.jwt_rules.is_empty() {
         invalid.push("spec.jwtRules: at least one rule is needed".to_owned());
     }
@@ -437,15 +430,7 @@ pub fn request_authentication(p: &RequestAuthentication, services: &Services) ->
             }
         }
     }
-    if !invalid.is_empty() {
-        return Verdict::rejected("Invalid", invalid.join("; "));
-    }
-    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
-    Verdict {
-        rejected: None,
-        unresolved: missing_service(services, ns, &t.name, t.port.map(i64::from))
-            .map(|message| ("BackendNotFound", format!("targetRef: {message}"))),
-    }
+    targeted_verdict(&invalid, &p.metadata, Some(&p.spec.target_ref), services)
 }
 
 #[must_use]
