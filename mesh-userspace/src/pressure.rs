@@ -15,7 +15,7 @@ pub struct TcpMemory {
 
 impl TcpMemory {
     /// Reads the host's TCP memory now; `true` while the fast path should be shed. When the
-    /// kernel's files cannot be read, never sheds (and says so once).
+    /// kernel's files cannot be read, never sheds.
     pub fn update(&mut self) -> bool {
         let reading = read_pages(Path::new("/proc/net/sockstat")).zip(pressure_threshold());
         let Some((pages, pressure)) = reading else {
@@ -69,10 +69,14 @@ fn parse_sockstat(text: &str) -> Option<u64> {
 
 /// The kernel's TCP memory-pressure threshold in pages: `tcp_mem[0]`, or, where that sysctl is
 /// not visible (it belongs to the host's network namespace; an agent in another one does not
-/// see it), the kernel's own default for it: 3/64 of the machine's memory.
+/// see it), the kernel's own default for it: 3/64 of the machine's memory. The sysctl is read
+/// every time (an operator may change it); the memory size once.
 fn pressure_threshold() -> Option<u64> {
-    read_pressure(Path::new("/proc/sys/net/ipv4/tcp_mem"))
-        .or_else(|| default_pressure(&std::fs::read_to_string("/proc/meminfo").ok()?))
+    static BOOT_DEFAULT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    read_pressure(Path::new("/proc/sys/net/ipv4/tcp_mem")).or_else(|| {
+        *BOOT_DEFAULT
+            .get_or_init(|| default_pressure(&std::fs::read_to_string("/proc/meminfo").ok()?))
+    })
 }
 
 /// `tcp_mem[0]` as the kernel sets it at boot, from `/proc/meminfo`'s `MemTotal` (kB).

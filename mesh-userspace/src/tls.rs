@@ -229,21 +229,12 @@ pub fn client_config(
     source: &SpiffeId,
     expected: &SpiffeId,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = provider();
-    let verifier = ExpectIdentity {
-        roots: Roots::Live(ids.clone()),
-        expected: expected.clone(),
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Verifier(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(SourceSvid {
+    let mut config = verifying(Roots::Live(ids.clone()), expected)?.with_client_cert_resolver(
+        Arc::new(SourceSvid {
             ids: ids.clone(),
             source: source.clone(),
-        }));
+        }),
+    );
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -258,19 +249,28 @@ pub fn ca_client_config(
     bundle: Arc<identity::Bundle>,
     expected: &SpiffeId,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = verifying(Roots::Fixed(bundle), expected)?.with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 client config that verifies the server against `roots` and its SPIFFE ID against
+/// `expected`; the caller chooses the client's own certificate.
+fn verifying(
+    roots: Roots,
+    expected: &SpiffeId,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
+{
     let provider = provider();
     let verifier = ExpectIdentity {
-        roots: Roots::Fixed(bundle),
+        roots,
         expected: expected.clone(),
         algorithms: provider.signature_verification_algorithms,
     };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Verifier(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+        .with_custom_certificate_verifier(Arc::new(verifier)))
 }
 
 /// The server config of the controller's certificate service: the certificate `current`

@@ -409,18 +409,7 @@ fn second_node(
 fn jwt(weft: &Path, agent: &Agent, frontend: &testbed::Pod) -> Result<()> {
     step!("L7: request authentication (JWT) and per-request authorization");
     let dir = frontend.node().run_dir().join("jwt");
-    let run = |args: &[&str]| -> Result<String> {
-        let out = Command::new(weft)
-            .args(args)
-            .output()
-            .context("running weft")?;
-        ensure!(
-            out.status.success(),
-            "weft {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
+    let run = |args: &[&str]| -> Result<String> { Ok(weft_run(weft, args)?.trim().to_owned()) };
     let dir_arg = dir.display().to_string();
     run(&["jwt", "keygen", "--dir", &dir_arg])?;
     println!(
@@ -496,9 +485,14 @@ fn jwt(weft: &Path, agent: &Agent, frontend: &testbed::Pod) -> Result<()> {
 }
 
 fn cli(weft: &Path, agent: &Agent, args: &[&str]) -> Result<String> {
+    let socket = agent.socket.display().to_string();
+    weft_run(weft, &[args, &["--admin-socket", &socket]].concat())
+}
+
+/// `weft <args>`: its standard output, or an error with its standard error.
+fn weft_run(weft: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(weft)
         .args(args)
-        .args(["--admin-socket", &agent.socket.display().to_string()])
         .output()
         .context("running weft")?;
     ensure!(

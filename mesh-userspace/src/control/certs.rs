@@ -301,7 +301,7 @@ impl Service {
                 format!("{id} is not a workload identity (spiffe://<td>/ns/<ns>/sa/<sa>)"),
             ));
         };
-        let runs_there = self.pods.objects().iter().any(|p| {
+        let runs_there = self.pods.any(|p| {
             let spec = p.spec.as_ref();
             p.metadata.namespace.as_deref() == Some(ns)
                 && spec.and_then(|s| s.node_name.as_deref()) == Some(node)

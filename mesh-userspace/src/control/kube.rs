@@ -144,6 +144,11 @@ where
         }
     }
 
+    /// Whether a cached object satisfies `f` (nothing is copied).
+    pub(super) fn any(&self, f: impl Fn(&K) -> bool) -> bool {
+        self.store.as_ref().is_some_and(|s| s.find(f).is_some())
+    }
+
     pub(super) fn objects(&self) -> Vec<K> {
         self.store.as_ref().map_or_else(Vec::new, |s| {
             s.state().iter().map(|o| K::clone(o)).collect()

@@ -281,14 +281,14 @@ impl ShedFlows {
         client: std::net::SocketAddrV4,
         engine: std::net::SocketAddrV4,
     ) -> Result<()> {
-        let key = |local: std::net::SocketAddrV4, remote: std::net::SocketAddrV4| SockKey {
-            local_ip_be: u32::from(*local.ip()).to_be(),
-            remote_ip_be: u32::from(*remote.ip()).to_be(),
-            local_port_host: u32::from(local.port()),
-            remote_port_host: u32::from(remote.port()),
+        let key = SockKey {
+            local_ip_be: u32::from(*client.ip()).to_be(),
+            remote_ip_be: u32::from(*engine.ip()).to_be(),
+            local_port_host: u32::from(client.port()),
+            remote_port_host: u32::from(engine.port()),
         };
         let name = map_names::SHED_FLOWS;
-        for k in [key(client, engine), key(engine, client)] {
+        for k in [key, key.peer()] {
             self.map
                 .insert(k, 1, 0)
                 .map_err(|source| EbpfError::Map { name, source })?;

@@ -87,11 +87,7 @@ impl Identities {
     ) -> Result<Self, IdentityError> {
         let bundle = match &issuer {
             Issuer::Local(ca) => Bundle::from_certs(&[ca.root().clone()], 0)?,
-            Issuer::Remote(_) => Bundle {
-                anchors: Vec::new(),
-                roots: Arc::new(rustls::RootCertStore::empty()),
-                generation: 0,
-            },
+            Issuer::Remote(_) => Bundle::from_certs(&[], 0)?,
         };
         if matches!(issuer, Issuer::Remote(_)) && bundle_file.is_none() {
             return Err(IdentityError::NoPem {
@@ -230,25 +226,20 @@ impl Identities {
         }
         let now = SystemTime::now();
         for id in wanted {
-            let result = match &self.issuer {
-                Issuer::Local(_) => self.svid(id).map(drop),
-                Issuer::Remote(remote) => {
-                    let due = self
-                        .svids
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .get(id)
-                        .is_none_or(|s| s.renew_at() <= now);
-                    if due {
-                        remote
-                            .issue(id, self.ttl, self.bundle())
-                            .await
-                            .map(|svid| self.store(Arc::new(svid)))
-                    } else {
-                        Ok(())
-                    }
-                }
+            let due = self
+                .svids
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(id)
+                .is_none_or(|s| s.renew_at() <= now);
+            if !due {
+                continue;
+            }
+            let issued = match &self.issuer {
+                Issuer::Local(ca) => ca.issue(id, self.ttl),
+                Issuer::Remote(remote) => remote.issue(id, self.ttl, self.bundle()).await,
             };
+            let result = issued.map(|svid| self.store(Arc::new(svid)));
             if let Err(e) = result {
                 tracing::error!(identity = %id, error = %e, "cannot obtain a workload certificate");
             }
