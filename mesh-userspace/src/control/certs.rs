@@ -121,7 +121,10 @@ pub async fn start(
         mesh: Kind::start(&client, &changed).await,
         client,
     });
+    // Requests are checked against both caches: serve once both are filled (an empty MeshConfig
+    // cache would mean the default trust domain).
     service.pods.ready().await;
+    service.mesh.ready().await;
     let tls = crate::tls::ca_server_config(Arc::new(OwnCert {
         service: std::sync::Mutex::new(Arc::new(own)),
         ca: service.clone(),
