@@ -64,14 +64,18 @@ pub mod program_names {
     pub const TC_FROM_POD: &str = "weft_tc_pod_out";
     pub const TC_TO_POD: &str = "weft_tc_pod_in";
     pub const GETPEERNAME4: &str = "weft_getpeer4";
+    pub const CONNECT6: &str = "weft_connect6";
+    pub const GETPEERNAME6: &str = "weft_getpeer6";
 
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 8] = [
         SOCK_OPS,
         SK_MSG,
         CONNECT4,
         TC_FROM_POD,
         TC_TO_POD,
         GETPEERNAME4,
+        CONNECT6,
+        GETPEERNAME6,
     ];
 }
 
@@ -155,6 +159,12 @@ pub mod endpoint_flags {
     pub const STRICT: u32 = 1 << 1;
     /// A pod of this node.
     pub const LOCAL: u32 = 1 << 2;
+    /// The workload's sockets may use the socket-level fast path (sockhash + `sk_msg`). A
+    /// connection joins it only when both ends carry this flag. The agent sets it per workload:
+    /// on kernels whose socket redirect passed the agent's self-test, or where the operator
+    /// opted the workload in (the redirect hides bytes from `splice()` readers and can give
+    /// blocking readers spurious `EAGAIN` on kernels that fail it).
+    pub const SOCKET_FAST: u32 = 1 << 3;
 }
 
 /// Bits of [`ServiceValue::flags`].

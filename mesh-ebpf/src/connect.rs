@@ -1,9 +1,13 @@
-//! cgroup/connect4: the per-flow verdict at connect() time, and service load balancing.
+//! cgroup/connect4 and cgroup/connect6: the per-flow verdict at connect() time, and service load
+//! balancing.
 //!
-//! Runs for every IPv4 connect() in the node's cgroup subtree. The source workload is the pod
-//! cgroup of the calling task; a service VIP is rewritten to one backend here, once, so packets
-//! carry the backend address and need no per-packet NAT. Returning 0 makes connect() fail with
-//! EPERM (that is the DENY verdict); every internal error returns 1 (leave the connect alone).
+//! Runs for every TCP connect() in the node's cgroup subtree: IPv4 sockets, and IPv6 sockets
+//! connecting to a v4-mapped address (`::ffff:a.b.c.d`, what Go, Java and Node clients do by
+//! default on a dual-stack socket) — the same decision, so a policy cannot be bypassed by the
+//! address family. The source workload is the pod cgroup of the calling task; a service VIP is
+//! rewritten to one backend here, once, so packets carry the backend address and need no
+//! per-packet NAT. Returning 0 makes connect() fail with EPERM (that is the DENY verdict); every
+//! internal error returns 1 (leave the connect alone).
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
@@ -29,21 +33,64 @@ use crate::{
 const IPPROTO_TCP: u32 = 6;
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
+/// The third word of a v4-mapped IPv6 address (`::ffff:0:0/96`), as stored.
+const V4_MAPPED_BE: u32 = 0x0000_ffff_u32.to_be();
+
+/// The IPv4 destination of a sock_addr context: `user_ip4`, or for an IPv6 socket the IPv4
+/// address inside a v4-mapped `user_ip6` (`None` for any other IPv6 address: not the mesh's).
+#[inline(always)]
+fn user_ipv4<const V6: bool>(ctx: &SockAddrContext) -> Option<u32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's lifetime; fields are plain loads
+    // (word by word for the IPv6 address, as the verifier requires).
+    unsafe {
+        if V6 {
+            let w = &(*sa).user_ip6;
+            (w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_BE).then_some(w[3])
+        } else {
+            Some((*sa).user_ip4)
+        }
+    }
+}
+
+/// Rewrites the destination of a sock_addr context to an IPv4 address (v4-mapped on an IPv6
+/// socket; the mapping prefix is already there, see [`user_ipv4`]).
+#[inline(always)]
+fn set_user_ipv4<const V6: bool>(ctx: &SockAddrContext, ip_be: u32, port_be: u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: user_ip4/user_ip6 and user_port are writable in connect and getpeername programs.
+    unsafe {
+        if V6 {
+            (*sa).user_ip6[3] = ip_be;
+        } else {
+            (*sa).user_ip4 = ip_be;
+        }
+        (*sa).user_port = u32::from(port_be);
+    }
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx).unwrap_or(ALLOW)
+    try_connect::<false>(&ctx).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect::<true>(&ctx).unwrap_or(ALLOW)
 }
 
 #[inline(always)]
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program's lifetime; fields are plain loads.
     if unsafe { (*sa).protocol } != IPPROTO_TCP {
         return Ok(ALLOW);
     }
+    let Some(orig_ip_be) = user_ipv4::<V6>(ctx) else {
+        return Ok(ALLOW); // a native IPv6 destination: no meshed pod has one
+    };
     // SAFETY: see above.
-    let (orig_ip_be, orig_port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let orig_port_be = unsafe { (*sa).user_port } as u16;
     let (mut dst_ip_be, mut dst_port_be) = (orig_ip_be, orig_port_be);
 
     // Service VIP → one backend, chosen uniformly at random. This is service routing (what
@@ -78,11 +125,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         };
         dst_ip_be = backend.ip_be;
         dst_port_be = backend.port_be;
-        // SAFETY: user_ip4 and user_port are writable in connect4 programs.
-        unsafe {
-            (*sa).user_ip4 = dst_ip_be;
-            (*sa).user_port = u32::from(dst_port_be);
-        }
+        set_user_ipv4::<V6>(ctx, dst_ip_be, dst_port_be);
         // SAFETY: the context is a valid sock_addr context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let vip = Backend {
@@ -137,7 +180,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
     }
     let remote = dst_flags & endpoint_flags::REMOTE != 0;
     if l7_service || remote {
-        if redirect_to_engine(ctx, &mut info) {
+        if redirect_to_engine::<V6>(ctx, &mut info) {
             if !l7_service {
                 // Plain L4 to another node's pod: the engine tunnels to the backend the kernel
                 // chose (no second load-balancing decision, no HTTP parsing).
@@ -165,7 +208,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
 /// Without a live engine (no recent heartbeat) the connection goes to the backend chosen above
 /// and this returns false.
 #[inline(always)]
-fn redirect_to_engine(ctx: &SockAddrContext, info: &mut ConnectInfo) -> bool {
+fn redirect_to_engine<const V6: bool>(ctx: &SockAddrContext, info: &mut ConnectInfo) -> bool {
     let Some(cfg) = WEFT_CONFIG.get(CONFIG_INDEX) else {
         return false;
     };
@@ -178,11 +221,7 @@ fn redirect_to_engine(ctx: &SockAddrContext, info: &mut ConnectInfo) -> bool {
         stats::bump(global_counter::L7_ENGINE_DOWN);
         return false;
     }
-    // SAFETY: user_ip4 and user_port are writable in connect4 programs.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = cfg.engine_ip_be;
-        (*ctx.sock_addr).user_port = u32::from(cfg.engine_port_be);
-    }
+    set_user_ipv4::<V6>(ctx, cfg.engine_ip_be, cfg.engine_port_be);
     info.verdict = verdict::L7;
     info.reason = reason::L7_SERVICE;
     stats::bump(global_counter::L7_REDIRECT);
@@ -261,15 +300,24 @@ fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16, why: u8) {
 /// the application asked for.
 #[cgroup_sock_addr(getpeername4)]
 pub fn weft_getpeer4(ctx: SockAddrContext) -> i32 {
+    reverse_nat::<false>(&ctx);
+    1
+}
+
+/// The same for an IPv6 socket that connected to a v4-mapped service address.
+#[cgroup_sock_addr(getpeername6)]
+pub fn weft_getpeer6(ctx: SockAddrContext) -> i32 {
+    reverse_nat::<true>(&ctx);
+    1
+}
+
+#[inline(always)]
+fn reverse_nat<const V6: bool>(ctx: &SockAddrContext) {
     // SAFETY: the context is a valid sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out of the map.
     if let Some(vip) = unsafe { WEFT_REVNAT.get(&cookie) }.copied() {
-        // SAFETY: user_ip4 and user_port are writable in getpeername4 programs.
-        unsafe {
-            (*ctx.sock_addr).user_ip4 = vip.ip_be;
-            (*ctx.sock_addr).user_port = u32::from(vip.port_be);
-        }
+        // Only a socket connect rewrote has an entry, so the peer is v4-mapped on IPv6.
+        set_user_ipv4::<V6>(ctx, vip.ip_be, vip.port_be);
     }
-    1
 }

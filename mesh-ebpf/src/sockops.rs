@@ -28,6 +28,24 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// The third word of a v4-mapped IPv6 address (`::ffff:0:0/96`), as stored.
+const V4_MAPPED_BE: u32 = 0x0000_ffff_u32.to_be();
+
+/// An IPv4 connection: an IPv4 socket, or an IPv6 socket whose peer is a v4-mapped address (a
+/// dual-stack listener's accepted socket, a Go/Java/Node client). For the latter the kernel keeps
+/// the IPv4 addresses in the same fields, so keys are the same either way.
+#[inline(always)]
+fn is_ipv4_connection(ctx: &SockOpsContext) -> bool {
+    match ctx.family() {
+        AF_INET => true,
+        AF_INET6 => {
+            let r = ctx.remote_ip6();
+            r[0] == 0 && r[1] == 0 && r[2] == V4_MAPPED_BE
+        }
+        _ => false,
+    }
+}
 
 static ZERO_FLOW_VALUE: FlowEntry = ZERO_FLOW;
 
@@ -39,7 +57,7 @@ pub fn weft_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
-    if ctx.family() != AF_INET {
+    if !is_ipv4_connection(ctx) {
         return Ok(());
     }
     match ctx.op() {
@@ -150,8 +168,13 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
         }
     }
     // A pod of another node (reached through the tunnel, or in plaintext) is never a local peer.
-    let remote_is_local = remote.is_some_and(|r| r.flags & endpoint_flags::REMOTE == 0);
-    if remote_is_local && allowed && enabled {
+    // Both workloads must be allowed on the socket fast path: joining the sockhash changes the
+    // socket's receive side (see `endpoint_flags::SOCKET_FAST`).
+    let remote_is_local = remote.is_some_and(|r| {
+        r.flags & endpoint_flags::REMOTE == 0 && r.flags & endpoint_flags::SOCKET_FAST != 0
+    });
+    let local_socket_fast = local.flags & endpoint_flags::SOCKET_FAST != 0;
+    if remote_is_local && local_socket_fast && allowed && enabled {
         // SAFETY: the context pointer is a valid bpf_sock_ops for the program's lifetime.
         let ops = unsafe { &mut *ctx.ops };
         if WEFT_SOCKS

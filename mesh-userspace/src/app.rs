@@ -20,7 +20,7 @@ use crate::{
     cgroups::PodCgroups,
     config::AgentConfig,
     control::files::FileSource,
-    control::objects::MtlsMode,
+    control::objects::{MtlsMode, SocketFastPath},
     ebpf::{self, Datapath, Desired, Startup},
     flows::{FlowSnapshot, FlowTable},
     metrics::{KernelSnapshot, Metrics, PairLabels},
@@ -84,6 +84,8 @@ pub struct Shared {
     pub flows: FlowSnapshot,
     /// Interfaces with TC counters: name → pod.
     pub interfaces: BTreeMap<String, String>,
+    /// Whether this kernel's socket redirect serves applications exactly (run at start).
+    pub socket_self_test: Option<ebpf::selftest::SocketSelfTest>,
     #[serde(skip)]
     pub metrics: Metrics,
     #[serde(skip)]
@@ -102,6 +104,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         &config.cgroup_path,
         config.sockhash_capacity,
     )?;
+    let socket_test = socket_self_test(&config.bpffs_dir);
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let (snapshots_tx, snapshots_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
@@ -118,6 +121,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     let shared: SharedState = Arc::new(RwLock::new(Shared {
         config: Some(config.clone()),
         startup: Some(datapath.startup),
+        socket_self_test: Some(socket_test.clone()),
         metrics,
         registry: Some(Arc::new(registry)),
         engine,
@@ -131,7 +135,18 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         std::thread::Builder::new()
             .name("datapath-sync".into())
             .spawn(move || {
-                sync_loop(datapath, source, &config, &shared, &stop, &snapshots_tx);
+                let kernel = KernelChecks {
+                    socket_redirect_exact: socket_test.passed,
+                };
+                sync_loop(
+                    datapath,
+                    source,
+                    &config,
+                    kernel,
+                    &shared,
+                    &stop,
+                    &snapshots_tx,
+                );
             })
             .map_err(AgentError::Runtime)?
     };
@@ -153,6 +168,36 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     tracing::info!(
         "agent stopped; the datapath stays in place (weft agent --uninstall removes it)"
     );
+    result
+}
+
+/// What the agent found out about this node's kernel at start.
+#[derive(Debug, Clone, Copy)]
+struct KernelChecks {
+    /// The socket self-test passed: workloads on `Auto` use the socket fast path.
+    socket_redirect_exact: bool,
+}
+
+/// Runs the socket self-test (scratch pins under `<bpffs dir>/selftest`) and logs its verdict. A
+/// test that cannot run counts as failed: the socket fast path is then opt-in only.
+fn socket_self_test(bpffs_dir: &std::path::Path) -> ebpf::selftest::SocketSelfTest {
+    let result = ebpf::selftest::run(&bpffs_dir.join(ebpf::SELFTEST_DIR)).unwrap_or_else(|e| {
+        ebpf::selftest::SocketSelfTest::not_run(format!("the self-test could not run: {e}"))
+    });
+    if result.passed {
+        tracing::info!(
+            "socket self-test passed: same-node meshed connections use the socket fast path"
+        );
+    } else {
+        for c in result.cases.iter().filter(|c| !c.passed) {
+            tracing::warn!(case = %c.name, detail = %c.detail, "socket self-test case failed");
+        }
+        tracing::warn!(
+            failed = ?result.failed(),
+            "this kernel's socket redirect does not serve every application exactly: only \
+             workloads with socket fast path Enabled use it; the others keep the normal TCP path"
+        );
+    }
     result
 }
 
@@ -350,6 +395,7 @@ fn sync_loop(
     mut dp: Datapath,
     mut source: Source,
     config: &AgentConfig,
+    kernel: KernelChecks,
     shared: &SharedState,
     stop: &AtomicBool,
     snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
@@ -373,6 +419,7 @@ fn sync_loop(
             Ok(Some(objects)) => {
                 let (built, errors) = load(&objects, config, snapshots);
                 node = built;
+                warn_socket_fast_path_forced(&node, kernel);
                 node_changed = true;
                 config_errors = Some(errors);
             }
@@ -381,7 +428,7 @@ fn sync_loop(
         }
 
         let shed = tcp_memory.update();
-        let result = sync_once(&mut dp, &node, config, shed);
+        let result = sync_once(&mut dp, &node, config, kernel, shed);
         match &result {
             Ok(()) => syncs += 1,
             Err(e) => {
@@ -530,6 +577,36 @@ fn strict_flag(w: &crate::state::Workload, enforceable: bool) -> u32 {
     }
 }
 
+/// `endpoint_flags::SOCKET_FAST` for a workload allowed on the socket fast path on this kernel.
+fn socket_fast_flag(w: &crate::state::Workload, kernel: KernelChecks) -> u32 {
+    if w.socket_fast_path.allowed(kernel.socket_redirect_exact) {
+        endpoint_flags::SOCKET_FAST
+    } else {
+        0
+    }
+}
+
+/// Says, when objects change, which of this node's workloads use the socket fast path although
+/// the kernel failed the self-test (their operator enabled it).
+fn warn_socket_fast_path_forced(node: &NodeState, kernel: KernelChecks) {
+    if kernel.socket_redirect_exact {
+        return;
+    }
+    let forced: Vec<String> = node
+        .workloads
+        .iter()
+        .filter(|w| w.local && w.meshed && w.socket_fast_path == SocketFastPath::Enabled)
+        .map(crate::state::Workload::key)
+        .collect();
+    if !forced.is_empty() {
+        tracing::warn!(
+            workloads = ?forced,
+            "socket fast path Enabled on a kernel that failed the socket self-test: splice() \
+             readers of these workloads can lose data and blocking readers can get EAGAIN"
+        );
+    }
+}
+
 /// Endpoints and pod cgroups: this node's meshed pods (LOCAL, STRICT when they are and the
 /// node's pod network is known), the engine, and with the tunnel on the meshed pods of other
 /// nodes (REMOTE, STRICT).
@@ -537,6 +614,7 @@ fn identities(
     maps: &mut ebpf::MapContents,
     node: &NodeState,
     config: &AgentConfig,
+    kernel: KernelChecks,
     tunnel: bool,
     local_net: Option<(std::net::Ipv4Addr, u8)>,
 ) {
@@ -547,7 +625,8 @@ fn identities(
             u32::from(*addr.ip()).to_be(),
             Endpoint {
                 workload_id: ENGINE_WORKLOAD,
-                flags: endpoint_flags::LOCAL,
+                // The engine's own sockets read only through its event loop.
+                flags: endpoint_flags::LOCAL | endpoint_flags::SOCKET_FAST,
             },
         );
     }
@@ -574,7 +653,9 @@ fn identities(
             u32::from(w.ip).to_be(),
             Endpoint {
                 workload_id: w.id,
-                flags: endpoint_flags::LOCAL | strict_flag(w, local_net.is_some()),
+                flags: endpoint_flags::LOCAL
+                    | strict_flag(w, local_net.is_some())
+                    | socket_fast_flag(w, kernel),
             },
         );
         // The pod's cgroup and every cgroup below it (its containers) are the pod. A pod whose
@@ -602,6 +683,7 @@ fn sync_once(
     dp: &mut Datapath,
     node: &NodeState,
     config: &AgentConfig,
+    kernel: KernelChecks,
     shed: bool,
 ) -> Result<(), ebpf::EbpfError> {
     let tunnel = config.identity.is_some() && config.engine_addr.is_some();
@@ -613,7 +695,7 @@ fn sync_once(
         shed,
         ..Desired::default()
     };
-    identities(&mut want.maps, node, config, tunnel, local_net);
+    identities(&mut want.maps, node, config, kernel, tunnel, local_net);
     for s in &node.services {
         let key = ServiceKey {
             vip_be: u32::from(s.vip).to_be(),

@@ -4,7 +4,7 @@
 //! (the only module that imports aya) loads or adopts the datapath and keeps its maps in sync;
 //! `metrics` and `admin` expose what the kernel counted; `app` wires it together; `cli` is the
 //! user's side.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;

@@ -17,7 +17,7 @@ use crate::{
         ObjectSet,
         objects::{
             Action, AuthorizationPolicy, DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY,
-            MtlsMode, Source, selector_matches,
+            MtlsMode, SOCKET_FAST_PATH_KEY, SocketFastPath, Source, selector_matches,
         },
     },
     identity::{SpiffeId, TrustDomain},
@@ -44,6 +44,8 @@ pub struct Workload {
     pub uid: Option<String>,
     /// How it accepts connections from other nodes.
     pub mtls: MtlsMode,
+    /// Whether its same-node connections may use the socket-level redirect.
+    pub socket_fast_path: SocketFastPath,
     /// Its SPIFFE ID (from its service account).
     pub identity: SpiffeId,
 }
@@ -190,29 +192,13 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     };
     let mut problems = Vec::new();
 
-    let mtls_default = mesh_settings(objects, &mut state, &mut problems);
+    let (mtls_default, socket_default) = mesh_settings(objects, &mut state, &mut problems);
     state.nodes = nodes(objects, &mut problems);
 
     let opted_out_ns = labelled_namespaces(objects, INJECT_ANNOTATION, "disabled");
-
-    let mut ns_mtls = BTreeMap::new();
-    for n in &objects.namespaces {
-        let (Some(name), Some(mode)) = (
-            n.metadata.name.as_deref(),
-            n.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(MTLS_MODE_KEY)),
-        ) else {
-            continue;
-        };
-        match mode.parse::<MtlsMode>() {
-            Ok(m) => {
-                ns_mtls.insert(name.to_owned(), m);
-            }
-            Err(e) => problems.push(format!("namespace {name}: label {MTLS_MODE_KEY}: {e}")),
-        }
-    }
+    let ns_mtls = namespace_settings::<MtlsMode>(objects, MTLS_MODE_KEY, &mut problems);
+    let ns_socket =
+        namespace_settings::<SocketFastPath>(objects, SOCKET_FAST_PATH_KEY, &mut problems);
 
     // Workloads, sorted so that id collision resolution is deterministic.
     let mut pods: Vec<&Pod> = objects.pods.iter().collect();
@@ -224,19 +210,22 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
             Ok(mut w) => {
                 w.identity =
                     SpiffeId::workload(&state.trust_domain, &w.namespace, &w.service_account);
-                w.mtls = ns_mtls.get(&w.namespace).copied().unwrap_or(mtls_default);
-                if let Some(mode) = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(MTLS_MODE_KEY))
-                {
-                    match mode.parse() {
-                        Ok(m) => w.mtls = m,
-                        Err(e) => problems
-                            .push(format!("pod {}: annotation {MTLS_MODE_KEY}: {e}", w.key())),
-                    }
-                }
+                w.mtls = pod_setting(
+                    pod,
+                    &w,
+                    MTLS_MODE_KEY,
+                    &ns_mtls,
+                    mtls_default,
+                    &mut problems,
+                );
+                w.socket_fast_path = pod_setting(
+                    pod,
+                    &w,
+                    SOCKET_FAST_PATH_KEY,
+                    &ns_socket,
+                    socket_default,
+                    &mut problems,
+                );
                 if let Some(other) = seen_ips.insert(w.ip, w.key()) {
                     problems.push(format!(
                         "pod {} has the same IP {} as {other}: ignored",
@@ -283,13 +272,57 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     state
 }
 
+/// Namespace labels `key` parsed as a setting, by namespace name; a bad value is a problem.
+fn namespace_settings<T: std::str::FromStr<Err = String>>(
+    objects: &ObjectSet,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, T> {
+    let mut settings = BTreeMap::new();
+    for n in &objects.namespaces {
+        let (Some(name), Some(value)) = (
+            n.metadata.name.as_deref(),
+            n.metadata.labels.as_ref().and_then(|l| l.get(key)),
+        ) else {
+            continue;
+        };
+        match value.parse::<T>() {
+            Ok(v) => {
+                settings.insert(name.to_owned(), v);
+            }
+            Err(e) => problems.push(format!("namespace {name}: label {key}: {e}")),
+        }
+    }
+    settings
+}
+
+/// A per-workload setting: the pod's annotation `key`, else its namespace's label, else the
+/// mesh-wide `default`. A bad annotation is a problem and falls back to the namespace's value.
+fn pod_setting<T: std::str::FromStr<Err = String> + Copy>(
+    pod: &Pod,
+    w: &Workload,
+    key: &str,
+    namespaces: &BTreeMap<String, T>,
+    default: T,
+    problems: &mut Vec<String>,
+) -> T {
+    let inherited = namespaces.get(&w.namespace).copied().unwrap_or(default);
+    let Some(value) = pod.metadata.annotations.as_ref().and_then(|a| a.get(key)) else {
+        return inherited;
+    };
+    value.parse().unwrap_or_else(|e| {
+        problems.push(format!("pod {}: annotation {key}: {e}", w.key()));
+        inherited
+    })
+}
+
 /// Applies the mesh configuration (the object named "default", or the only one) to `state`;
-/// returns the mesh-wide mTLS mode.
+/// returns the mesh-wide mTLS mode and socket fast path setting.
 fn mesh_settings(
     objects: &ObjectSet,
     state: &mut NodeState,
     problems: &mut Vec<String>,
-) -> MtlsMode {
+) -> (MtlsMode, SocketFastPath) {
     // Mesh config: the object named "default" (or the only one).
     let mesh = match objects.mesh_configs.as_slice() {
         [] => None,
@@ -307,9 +340,11 @@ fn mesh_settings(
         }
     };
     let mut mtls_default = MtlsMode::default();
+    let mut socket_default = SocketFastPath::default();
     if let Some(spec) = mesh {
         state.fast_path = spec.fast_path;
         mtls_default = spec.mtls_mode.unwrap_or_default();
+        socket_default = spec.socket_fast_path.unwrap_or_default();
         if let Some(td) = &spec.trust_domain {
             match TrustDomain::new(td) {
                 Ok(td) => state.trust_domain = td,
@@ -317,7 +352,7 @@ fn mesh_settings(
             }
         }
     }
-    mtls_default
+    (mtls_default, socket_default)
 }
 
 fn workload_of(
@@ -375,6 +410,7 @@ fn workload_of(
             .unwrap_or_else(|| "default".into()),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         mtls: MtlsMode::default(),
+        socket_fast_path: SocketFastPath::default(),
         identity: SpiffeId::workload(&TrustDomain::default(), &namespace, "default"),
         namespace,
         name,
@@ -1294,6 +1330,7 @@ spec:
             cgroup: None,
             uid: None,
             mtls: MtlsMode::Strict,
+            socket_fast_path: SocketFastPath::Auto,
             identity: SpiffeId::workload(&TrustDomain::default(), ns, sa),
         };
         vec![

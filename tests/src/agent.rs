@@ -164,6 +164,17 @@ impl Agent {
         self.proc.as_ref().map(Proc::stderr).unwrap_or_default()
     }
 
+    /// Turns the socket fast path on for every workload of the node (`MeshConfig`
+    /// `socketFastPath: Enabled`), whatever the kernel's self-test said: for tests of the socket
+    /// fast path itself, whose workloads read the way it serves exactly (event loops).
+    pub fn enable_socket_fast_path(&self) -> Result<()> {
+        self.apply(
+            "meshconfig.yaml",
+            "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\n\
+             spec: {socketFastPath: Enabled}\n",
+        )
+    }
+
     /// Writes (replaces) one objects file; the agent picks it up on its next sync.
     pub fn apply(&self, file: &str, yaml: &str) -> Result<()> {
         let path = self.objects_dir.join(file);

@@ -27,6 +27,7 @@ fn a_reader_that_falls_behind_slows_its_sender_instead_of_exhausting_tcp_memory(
     let node = tb.node("n1")?;
     let (a, b) = (node.pod("a")?, node.pod("b")?);
     let agent = Agent::start(&node, &[])?;
+    agent.enable_socket_fast_path()?;
     agent.apply(
         "pods.yaml",
         &[

@@ -79,6 +79,7 @@ impl L7Mesh {
             Vec::new()
         };
         let agent = Agent::start(&node, &agent_args)?;
+        agent.enable_socket_fast_path()?;
         agent.apply("pods.yaml", &manifests.join("\n---\n"))?;
         agent.apply("services.yaml", SERVICES)?;
         agent.wait_workloads(3)?;

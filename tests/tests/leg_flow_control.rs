@@ -75,6 +75,7 @@ fn a_bulk_transfer_through_the_tunnel_to_a_slow_reader_waits_instead_of_queueing
     let a1 = Agent::start(&n1, &args)?;
     let a2 = Agent::start(&n2, &args)?;
     for a in [&a1, &a2] {
+        a.enable_socket_fast_path()?;
         a.apply("objects.yaml", &objects)?;
         a.wait_workloads(2)?;
     }
@@ -136,6 +137,7 @@ fn a_bulk_upload_through_the_l7_engine_to_a_slow_reader_waits_instead_of_queuein
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let agent = Agent::start(&node, &[])?;
+    agent.enable_socket_fast_path()?;
     agent.apply("objects.yaml", &objects)?;
     agent.wait_workloads(2)?;
     let _server = web.serve_http(&HttpServerArgs::new("web", 8080))?;

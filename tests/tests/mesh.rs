@@ -10,7 +10,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 use testbed::{Node, Pod, ServeMode, Testbed, agent::Agent, eventually};
 
@@ -27,7 +27,17 @@ struct Mesh {
 }
 
 impl Mesh {
+    /// The mesh with the socket fast path enabled for every pod (the tests of the fast path).
     fn new(label: &str, agent_args: &[&str]) -> Result<Self> {
+        Self::build(label, agent_args, true)
+    }
+
+    /// The mesh as a user gets it: the socket fast path as this kernel's self-test decides.
+    fn with_kernel_default(label: &str) -> Result<Self> {
+        Self::build(label, &[], false)
+    }
+
+    fn build(label: &str, agent_args: &[&str], socket_fast_path: bool) -> Result<Self> {
         let tb = Testbed::new(label)?;
         let node = tb.node("n1")?;
         let mut pods = Vec::new();
@@ -41,6 +51,9 @@ impl Mesh {
         manifests.push(u.manifest_unmeshed(&[("app", "u")], "u"));
         pods.push(u);
         let agent = Agent::start(&node, agent_args)?;
+        if socket_fast_path {
+            agent.enable_socket_fast_path()?;
+        }
         agent.apply("pods.yaml", &manifests.join("\n---\n"))?;
         agent.apply(
             "services.yaml",
@@ -569,10 +582,10 @@ fn uninstall_leaves_no_program_link_map_pin_or_namespace() -> Result<()> {
     let dir = m.agent.bpffs_dir.clone();
     let ids = pinned_program_ids(&dir)?;
     let link_ids = pinned_link_ids(&dir)?;
-    // sock_ops, connect4 and getpeername4 on the node cgroup, sock_ops on the agent's cgroup
-    // (the L7 engine's legs), and two TC links per pod veth.
+    // sock_ops, connect4/6 and getpeername4/6 on the node cgroup, sock_ops on the agent's
+    // cgroup (the L7 engine's legs), and two TC links per pod veth.
     ensure!(
-        link_ids.len() == 4 + 2 * m.pods.len(),
+        link_ids.len() == 6 + 2 * m.pods.len(),
         "pinned links: {link_ids:?}"
     );
     ensure!(
@@ -734,5 +747,205 @@ fn default_deny_namespaces_and_dry_run_policies_in_the_kernel() -> Result<()> {
         Ok(())
     })?;
     drop(m.tb);
+    Ok(())
+}
+
+/// Runs a Python script inside `pod` (CPython from the machine: a program nobody here wrote).
+fn python(pod: &Pod, script: &str, args: &[&str]) -> Result<testbed::Finished> {
+    let mut argv = vec!["-c", script];
+    argv.extend_from_slice(args);
+    pod.run(Duration::from_secs(20), "python3", argv)
+}
+
+/// An AF_INET6 client connecting to `::ffff:<ip>`: prints `OK <getpeername>` after an echo of
+/// 1 MiB came back intact, or `ERRNO <n>`.
+const V6_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(10)
+try:
+    s.connect(("::ffff:" + sys.argv[1], int(sys.argv[2])))
+except OSError as e:
+    print("ERRNO", e.errno); sys.exit(0)
+peer = s.getpeername()
+data = bytes(range(256)) * 4096
+s.sendall(data); s.shutdown(socket.SHUT_WR)
+got = b""
+while True:
+    d = s.recv(65536)
+    if not d: break
+    got += d
+print("OK" if got == data else "BAD %d" % len(got), peer[0], peer[1])
+"#;
+
+/// An echo server on `[::]` (dual stack, AF_INET6: the default of many servers), for one
+/// connection.
+const V6_ECHO_SERVER: &str = r#"
+import socket, sys
+l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("::", int(sys.argv[1]))); l.listen(8)
+print("listening", flush=True)
+c, _ = l.accept()
+while True:
+    d = c.recv(65536)
+    if not d: break
+    c.sendall(d)
+c.close()
+"#;
+
+#[test]
+fn ipv6_sockets_to_v4_mapped_addresses_get_the_same_verdict_and_service_routing() -> Result<()> {
+    let m = Mesh::with_kernel_default("v4-mapped")?;
+    let _server = m.pod("b").serve(ServeMode::Echo, 7000)?;
+    let (b_ip, vip) = (m.pod("b").ip().to_string(), "198.19.0.10");
+    // b accepts only service account c.
+    m.agent.apply(
+        "policy.yaml",
+        "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: b-from-c, namespace: default}\n\
+         spec:\n  selector: {matchLabels: {app: b}}\n  rules: [{from: [{source: {serviceAccounts: [c]}}]}]\n",
+    )?;
+    let v6 = |pod: &str, ip: &str, port: &str| -> Result<String> {
+        let done = python(m.pod(pod), V6_CLIENT, &[ip, port])?;
+        ensure!(done.status.success(), "python: {}", done.stderr);
+        Ok(done.stdout.trim().to_owned())
+    };
+    eventually(Duration::from_secs(5), || {
+        let out = v6("a", &b_ip, "7000")?;
+        ensure!(
+            out == format!("ERRNO {}", libc::EPERM),
+            "a → b over IPv6: {out}"
+        );
+        Ok(())
+    })?;
+    // Through the service address too: load-balanced, then refused.
+    let out = v6("a", vip, "80")?;
+    ensure!(
+        out == format!("ERRNO {}", libc::EPERM),
+        "a → VIP over IPv6: {out}"
+    );
+    // The allowed client connects, through the VIP, and getpeername() shows the VIP.
+    let out = v6("c", vip, "80")?;
+    ensure!(
+        out == format!("OK ::ffff:{vip} 80"),
+        "c → VIP over IPv6: {out}"
+    );
+    let out = v6("c", &b_ip, "7000")?;
+    ensure!(out.starts_with("OK "), "c → b over IPv6: {out}");
+    // Both refusals are in the flow table; the allowed connections too, with their verdict.
+    eventually(Duration::from_secs(5), || {
+        let f = m.agent.flows()?;
+        let denied = f["denied"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["src"]["workload"] == "default/a" && d["dst"]["workload"] == "default/b")
+            .cloned()
+            .unwrap_or_default();
+        ensure!(
+            denied["attempts"].as_u64() >= Some(2),
+            "denied: {}",
+            f["denied"]
+        );
+        let allowed = m.flows("c", "b")?;
+        ensure!(
+            allowed.iter().filter(|r| r["verdict"] == "FAST").count() >= 2,
+            "c → b flows: {allowed:?}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_dual_stack_listener_and_an_ipv6_client_use_the_socket_fast_path() -> Result<()> {
+    let m = Mesh::new("v6-listener", &[])?;
+    let server = m
+        .pod("b")
+        .spawn("python3", ["-c", V6_ECHO_SERVER, "7100"])?;
+    server.wait_for_line(Duration::from_secs(10), |l| l == "listening")?;
+    let b_ip = m.pod("b").ip().to_string();
+    let mut out = String::new();
+    eventually(Duration::from_secs(10), || {
+        let done = python(m.pod("a"), V6_CLIENT, &[&b_ip, "7100"])?;
+        out = done.stdout.trim().to_owned();
+        ensure!(
+            out.starts_with("OK "),
+            "a → [::]:7100: {out} {}; server: {}",
+            done.stderr,
+            server.stderr()
+        );
+        Ok(())
+    })?;
+    drop(server);
+    eventually(Duration::from_secs(5), || {
+        let rows = m.flows("a", "b")?;
+        let row = rows
+            .iter()
+            .find(|r| r["dst"]["port"] == 7100)
+            .cloned()
+            .unwrap_or_default();
+        ensure!(
+            row["fast_path"] == true,
+            "a → b:7100 not on the fast path: {rows:?}"
+        );
+        ensure!(
+            m.fast_path_bytes("a", "b")? >= 2.0 * MIB as f64,
+            "fast-path bytes"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn pods_use_the_socket_fast_path_only_where_the_kernel_self_test_allows() -> Result<()> {
+    let m = Mesh::with_kernel_default("selftest-default")?;
+    let status = m.agent.status()?;
+    let test = &status["socket_self_test"];
+    let passed = test["passed"]
+        .as_bool()
+        .with_context(|| format!("status has no self-test verdict: {status}"))?;
+    let cases: Vec<&str> = test["cases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    ensure!(
+        cases == ["redirect", "splice_reader", "blocking_wakeup"],
+        "self-test cases: {test}"
+    );
+    ensure!(
+        test["cases"][0]["passed"] == true,
+        "the redirect itself must work for the test to mean anything: {test}"
+    );
+    let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
+    let t = m.pod("a").transfer(server.addr(), MIB, 2)?;
+    ensure!(t.all_ok(), "{t:?}");
+    m.settle()?;
+    let fast = m.fast_path_bytes("a", "b")?;
+    println!("socket self-test: {test}; fast-path bytes a → b: {fast}");
+    if passed {
+        ensure!(fast >= 2.0 * MIB as f64, "kernel passed, yet no fast path");
+    } else {
+        ensure!(
+            fast == 0.0 && m.agent.status()?["sockhash_entries"] == 0,
+            "kernel failed the self-test, yet pods joined the socket fast path"
+        );
+        // An operator who enables it for a pair gets it.
+        m.agent.enable_socket_fast_path()?;
+        m.settle()?;
+        let t = m.pod("a").transfer(server.addr(), MIB, 1)?;
+        ensure!(t.all_ok(), "{t:?}");
+        eventually(Duration::from_secs(5), || {
+            ensure!(
+                m.fast_path_bytes("a", "b")? >= MIB as f64,
+                "Enabled, yet no fast path"
+            );
+            Ok(())
+        })?;
+    }
     Ok(())
 }

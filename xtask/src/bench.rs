@@ -118,6 +118,7 @@ pub fn l4(
     let (bc, bs) = (base_node.pod("client")?, base_node.pod("server")?);
     let (mc, ms) = (mesh_node.pod("client")?, mesh_node.pod("server")?);
     let agent = Agent::start(&mesh_node, &Agent::PRODUCTION_INTERVALS)?;
+    agent.enable_socket_fast_path()?;
     agent.apply(
         "pods.yaml",
         &[

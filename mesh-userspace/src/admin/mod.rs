@@ -25,6 +25,12 @@ pub struct Status {
     pub services: usize,
     pub policy_entries: usize,
     pub sockhash_entries: usize,
+    /// The kernel's socket self-test (absent from agents that predate it).
+    #[serde(default)]
+    pub socket_self_test: Option<crate::ebpf::selftest::SocketSelfTest>,
+    /// This node's meshed workloads whose sockets join the socket fast path.
+    #[serde(default)]
+    pub socket_fast_path_workloads: usize,
     pub live_flows: usize,
     pub interfaces: Vec<String>,
     pub config_errors: Vec<String>,
@@ -194,6 +200,15 @@ fn status(s: &crate::app::Shared) -> Status {
         services: s.node.services.len(),
         policy_entries: s.node.policy.len(),
         sockhash_entries: kernel.sockhash_entries,
+        socket_self_test: s.socket_self_test.clone(),
+        socket_fast_path_workloads: {
+            let kernel_ok = s.socket_self_test.as_ref().is_some_and(|t| t.passed);
+            s.node
+                .workloads
+                .iter()
+                .filter(|w| w.meshed && w.local && w.socket_fast_path.allowed(kernel_ok))
+                .count()
+        },
         live_flows: s.flows.live.len(),
         interfaces: s
             .interfaces

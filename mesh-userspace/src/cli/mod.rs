@@ -272,6 +272,18 @@ pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
     };
     println!("datapath          {startup} at {}", s.bpffs_dir);
     println!("fast path         {fast}");
+    match &s.socket_self_test {
+        Some(t) if t.passed => println!(
+            "socket self-test  passed: socket fast path for every meshed pod (unless Disabled)"
+        ),
+        Some(t) => println!(
+            "socket self-test  FAILED ({}): socket fast path only where Enabled ({} pods here); \
+             the others keep the normal TCP path",
+            t.failed().join(", "),
+            s.socket_fast_path_workloads
+        ),
+        None => {}
+    }
     println!(
         "workloads         {} ({} meshed on this node)",
         s.workloads, s.meshed_local_workloads

@@ -43,6 +43,11 @@ pub struct MeshConfigSpec {
     /// `weft.dev/mtls-mode` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls_mode: Option<MtlsMode>,
+    /// Which meshed pods' same-node connections use the socket-level redirect (default `Auto`:
+    /// all of them, when this node's kernel passed the agent's socket self-test; otherwise
+    /// none). A namespace label or pod annotation `weft.dev/socket-fast-path` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_fast_path: Option<SocketFastPath>,
 }
 
 impl Default for MeshConfigSpec {
@@ -51,6 +56,52 @@ impl Default for MeshConfigSpec {
             fast_path: true,
             trust_domain: None,
             mtls_mode: None,
+            socket_fast_path: None,
+        }
+    }
+}
+
+/// Whether a workload's same-node connections use the socket-level redirect (sockhash + `sk_msg`:
+/// bytes go socket to socket, skipping TCP/IP). On kernels whose `tcp_bpf` hides redirected
+/// bytes from `splice()` readers and gives blocking readers spurious `EAGAIN` (the agent tests
+/// this at start), only `Enabled` workloads use it; everyone else keeps the kernel's normal TCP
+/// path, untouched, with policy, load balancing and counters all the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum SocketFastPath {
+    /// When this node's kernel passed the socket self-test.
+    #[default]
+    Auto,
+    /// Always: the operator knows the workload reads its sockets only in ways the redirect
+    /// serves exactly (event loops; no `splice()`, no blocking reads) on kernels that failed
+    /// the self-test.
+    Enabled,
+    /// Never.
+    Disabled,
+}
+
+impl std::str::FromStr for SocketFastPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "enabled" => Ok(Self::Enabled),
+            "disabled" => Ok(Self::Disabled),
+            _ => Err(format!(
+                "socket fast path {s:?} is not Auto, Enabled or Disabled"
+            )),
+        }
+    }
+}
+
+impl SocketFastPath {
+    /// Whether the workload's sockets join the socket fast path on a kernel that did
+    /// (`kernel_ok`) or did not pass the self-test.
+    #[must_use]
+    pub const fn allowed(self, kernel_ok: bool) -> bool {
+        match self {
+            Self::Auto => kernel_ok,
+            Self::Enabled => true,
+            Self::Disabled => false,
         }
     }
 }
@@ -88,6 +139,10 @@ pub const DEFAULT_DENY_LABEL: &str = "weft.dev/default-deny";
 
 /// Namespace label or pod annotation choosing the mTLS mode (`STRICT`, `PERMISSIVE`, `DISABLE`).
 pub const MTLS_MODE_KEY: &str = "weft.dev/mtls-mode";
+
+/// Namespace label or pod annotation choosing the socket fast path (`auto`, `enabled`,
+/// `disabled`; see [`SocketFastPath`]).
+pub const SOCKET_FAST_PATH_KEY: &str = "weft.dev/socket-fast-path";
 
 const fn yes() -> bool {
     true

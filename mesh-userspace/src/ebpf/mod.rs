@@ -6,7 +6,9 @@
 //! <dir>/progs/<program>       every program
 //! <dir>/links/sock_ops        cgroup link of sock_ops on the node cgroup
 //! <dir>/links/connect4        cgroup link of connect4 on the node cgroup
+//! <dir>/links/connect6        the same decision for IPv6 sockets connecting to v4-mapped addresses
 //! <dir>/links/getpeer4        cgroup link of getpeername4 (answers with the service VIP)
+//! <dir>/links/getpeer6        the same for IPv6 sockets
 //! <dir>/links/sock_ops_engine  sock_ops on the agent's own cgroup (local mode, opt-in): makes
 //!                              the L7 engine's sockets fast-path eligible
 //! <dir>/links/tc/<if>-from    tcx ingress link on a pod's host-side veth (traffic from the pod)
@@ -15,6 +17,7 @@
 //! `sk_msg` is attached to the sockhash itself, so it lives as long as the pinned map does.
 //! A restarted agent finds the links pinned and adopts everything without touching the kernel's
 //! attachments: established connections never notice the agent was gone.
+pub mod selftest;
 mod sync;
 
 use std::{
@@ -37,6 +40,12 @@ use mesh_common::{
     ServiceKey, ServiceValue, SockKey, map_names, program_names,
 };
 pub use sync::{Desired, MapContents, SyncReport};
+
+/// The scratch directory of the socket self-test, below a node's bpffs directory.
+pub const SELFTEST_DIR: &str = "selftest";
+
+/// The pinned cgroup links of a complete datapath, under `<dir>/links/`.
+const CGROUP_LINKS: [&str; 5] = ["connect4", "connect6", "sock_ops", "getpeer4", "getpeer6"];
 
 /// The eBPF object built by build.rs from mesh-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -134,9 +143,9 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
 impl Datapath {
     /// Adopts the pinned datapath in `dir` if it is complete, otherwise installs it on `cgroup`.
     pub fn open(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<Self> {
-        let complete = ["links/sock_ops", "links/connect4", "links/getpeer4"]
+        let complete = CGROUP_LINKS
             .iter()
-            .map(|l| dir.join(l))
+            .map(|l| dir.join("links").join(l))
             .chain(program_names::ALL.iter().map(|p| dir.join("progs").join(p)))
             .chain(map_names::ALL.iter().map(|m| dir.join("maps").join(m)))
             .all(|p| p.exists());
@@ -451,8 +460,10 @@ fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<
         }};
     }
     attach_to_cgroup!(CgroupSockAddr, program_names::CONNECT4, "connect4");
+    attach_to_cgroup!(CgroupSockAddr, program_names::CONNECT6, "connect6");
     attach_to_cgroup!(SockOps, program_names::SOCK_OPS, "sock_ops");
     attach_to_cgroup!(CgroupSockAddr, program_names::GETPEERNAME4, "getpeer4");
+    attach_to_cgroup!(CgroupSockAddr, program_names::GETPEERNAME6, "getpeer6");
     Ok(())
 }
 
@@ -473,6 +484,10 @@ fn unpin_link(path: &Path) -> Result<()> {
 pub fn remove_pins(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
+    }
+    if dir.file_name().is_some_and(|n| n != SELFTEST_DIR) {
+        // A self-test the agent did not finish (it crashed) left its scratch pins.
+        remove_pins(&dir.join(SELFTEST_DIR))?;
     }
     let links = dir.join("links");
     for sub in [links.join("tc"), links.clone()] {
