@@ -412,11 +412,15 @@ fn sync_loop(
     let mut denials_seen: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut last_observed: Option<Instant> = None;
     let mut tcp_memory = crate::pressure::TcpMemory::default();
+    // Ready only once the objects have been read (in Kubernetes mode: every kind listed), so
+    // an agent that cannot reach its API server does not claim to enforce anything.
+    let mut objects_loaded = false;
     while !stop.load(Ordering::Relaxed) {
         let mut config_errors = None;
         let mut node_changed = false;
         match source.poll() {
             Ok(Some(objects)) => {
+                objects_loaded = true;
                 let (built, errors) = load(&objects, config, snapshots);
                 node = built;
                 warn_socket_fast_path_forced(&node, kernel);
@@ -472,7 +476,7 @@ fn sync_loop(
                 s.config_errors = errors;
             }
             s.last_sync_error = result.err().map(|e| e.to_string());
-            s.ready = s.ready || s.last_sync_error.is_none();
+            s.ready = s.ready || (objects_loaded && s.last_sync_error.is_none());
             // The node state only changes with the objects: no per-tick copy of the policy matrix.
             if node_changed {
                 s.node = node.clone();

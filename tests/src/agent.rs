@@ -45,10 +45,48 @@ impl Agent {
         Self::start_with(node, extra_args, Some(kubeconfig.to_owned()))
     }
 
-    fn start_with(node: &Node, extra_args: &[&str], kubeconfig: Option<PathBuf>) -> Result<Self> {
+    /// Starts the agent in Kubernetes mode without waiting for it to become ready (its API
+    /// server may not be reachable yet); see [`Agent::ready_code`] and [`Agent::wait_ready`].
+    pub fn spawn_kube(node: &Node, kubeconfig: &Path, extra_args: &[&str]) -> Result<Self> {
+        let mut agent = Self::new(node, extra_args, Some(kubeconfig.to_owned()))?;
+        let _ = std::fs::remove_file(&agent.socket);
+        agent.proc = Some(node.spawn_agent(weft_bin(), agent.args())?);
+        Ok(agent)
+    }
+
+    /// What `/ready` answers now (0 while the admin socket is not up).
+    pub fn ready_code(&self) -> u16 {
+        self.get("/ready").map_or(0, |(code, _)| code)
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        eventually(timeout, || {
+            if let Some(p) = self.proc.as_mut()
+                && !p.is_running()
+            {
+                bail!("agent exited: {}", p.stderr());
+            }
+            match self.get("/ready")? {
+                (200, _) => Ok(()),
+                (code, body) => bail!("/ready answered {code}: {body}"),
+            }
+        })
+        .with_context(|| {
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            format!(
+                "agent for {} did not become ready; its log ends with:\n{}",
+                self.node_name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+    }
+
+    fn new(node: &Node, extra_args: &[&str], kubeconfig: Option<PathBuf>) -> Result<Self> {
         let objects_dir = node.run_dir().join("objects");
         std::fs::create_dir_all(&objects_dir)?;
-        let mut agent = Self {
+        Ok(Self {
             proc: None,
             node_name: node.name().to_owned(),
             cgroup: node.cgroup_path(),
@@ -59,7 +97,11 @@ impl Agent {
             objects_dir,
             extra: extra_args.iter().map(|s| (*s).to_owned()).collect(),
             kubeconfig,
-        };
+        })
+    }
+
+    fn start_with(node: &Node, extra_args: &[&str], kubeconfig: Option<PathBuf>) -> Result<Self> {
+        let mut agent = Self::new(node, extra_args, kubeconfig)?;
         agent.spawn(node)?;
         Ok(agent)
     }
@@ -111,18 +153,7 @@ impl Agent {
         let _ = std::fs::remove_file(&self.socket);
         let proc = node.spawn_agent(weft_bin(), self.args())?;
         self.proc = Some(proc);
-        eventually(READY_TIMEOUT, || {
-            if let Some(p) = self.proc.as_mut()
-                && !p.is_running()
-            {
-                bail!("agent exited: {}", p.stderr());
-            }
-            match self.get("/ready")? {
-                (200, _) => Ok(()),
-                (code, body) => bail!("/ready answered {code}: {body}"),
-            }
-        })
-        .with_context(|| format!("agent for {} did not become ready", self.node_name))
+        self.wait_ready(READY_TIMEOUT)
     }
 
     /// `kill -9`, as a crash would.

@@ -62,6 +62,35 @@ pub fn assets_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The kubeconfig [`ControlPlane::kubeconfig_path`] will give for `node`, written before the
+/// API server starts: for a client that must cope with a server that is not there yet.
+pub fn kubeconfig_before_start(node: &Node) -> Result<PathBuf> {
+    let dir = node.run_dir().join("kube");
+    fs::create_dir_all(&dir)?;
+    write_kubeconfig(&dir, "kubeconfig", Ipv4Addr::LOCALHOST)
+}
+
+fn write_kubeconfig(dir: &Path, file: &str, server: Ipv4Addr) -> Result<PathBuf> {
+    let path = dir.join(file);
+    let text = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {{server: 'https://{server}:{API_PORT}', insecure-skip-tls-verify: true}}
+users:
+- name: admin
+  user: {{token: {ADMIN_TOKEN}}}
+contexts:
+- name: test
+  context: {{cluster: test, user: admin}}
+current-context: test
+"
+    );
+    fs::write(&path, text)?;
+    Ok(path)
+}
+
 /// etcd and kube-apiserver running in `node`; stopped on drop.
 pub struct ControlPlane {
     node: Node,
@@ -164,24 +193,7 @@ impl ControlPlane {
     }
 
     fn kubeconfig_at(&self, file: &str, server: Ipv4Addr) -> Result<PathBuf> {
-        let path = self.dir.join(file);
-        let text = format!(
-            "apiVersion: v1
-kind: Config
-clusters:
-- name: test
-  cluster: {{server: 'https://{server}:{API_PORT}', insecure-skip-tls-verify: true}}
-users:
-- name: admin
-  user: {{token: {ADMIN_TOKEN}}}
-contexts:
-- name: test
-  context: {{cluster: test, user: admin}}
-current-context: test
-"
-        );
-        fs::write(&path, text)?;
-        Ok(path)
+        write_kubeconfig(&self.dir, file, server)
     }
 
     /// Starts `weft controller` in the node against this server (its Lease in namespace

@@ -234,6 +234,58 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
     Ok(())
 }
 
+/// A node agent often starts before its API server can be reached (node boot, kube-proxy not
+/// done yet). It must not report ready meanwhile, and must pick everything up once the server
+/// answers — including kinds whose CRDs are installed after it started.
+#[test]
+fn agent_started_before_its_api_server_recovers_and_enforces() -> Result<()> {
+    let bed = Testbed::new("kube-late")?;
+    let node = bed.node("n1")?;
+    let kubeconfig = testbed::kube::kubeconfig_before_start(&node)?;
+    let mut agent = Agent::spawn_kube(&node, &kubeconfig, &[])?;
+    // Nothing listens yet: the agent keeps asking and is not ready.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        agent.ready_code() != 200,
+        "ready without having listed anything from its API server"
+    );
+    // The API server comes up without Weft's CRDs; they arrive a little later.
+    let cp = ControlPlane::start(&node)?;
+    let pods: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|name| node.pod(name))
+        .collect::<Result<_>>()?;
+    let manifests: Vec<String> = pods
+        .iter()
+        .map(|p| p.manifest(&[("app", p.name())], p.name()))
+        .collect();
+    cp.apply(&manifests.join("\n---\n"))?;
+    agent.wait_ready(Duration::from_secs(60))?;
+    agent.wait_workloads(2)?;
+    for crd in shipped_crds()? {
+        cp.apply(&serde_yaml::to_string(&crd)?)?;
+    }
+    let server = pods[1].serve(ServeMode::Echo, 7000)?;
+    // A new CRD takes a moment to be established.
+    eventually(Duration::from_secs(10), || {
+        cp.apply(
+            "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {name: b-from-nobody, namespace: default}\n\
+             spec:\n  selector: {matchLabels: {app: b}}\n  rules: [{from: [{source: {serviceAccounts: [nobody]}}]}]\n",
+        )
+    })?;
+    // Within the agent's re-check interval the new kind is watched and the policy enforced.
+    eventually(Duration::from_secs(45), || {
+        let r = pods[0].try_connect(server.addr(), Duration::from_secs(2))?;
+        ensure!(
+            r.errno == Some(libc::EPERM),
+            "a → b should be refused: {r:?}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// Two nodes, each with its own agent watching the one API server (on `n1`; `n2`'s agent reaches
 /// it over the fabric): the Node objects give the agents each other's tunnel address, and a
 /// pod on `n1` reaches a pod on `n2` through the mutual-TLS tunnel; a policy created on the API

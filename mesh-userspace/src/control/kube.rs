@@ -13,7 +13,7 @@ use std::{
     fmt::Debug,
     hash::Hash,
     path::PathBuf,
-    sync::{Arc, mpsc},
+    sync::{Arc, OnceLock, mpsc},
     time::Duration,
 };
 
@@ -38,6 +38,10 @@ use crate::policy::TrafficPolicy;
 
 /// Changes closer together than this are published together.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// The longest wait between two attempts to ask the API server which kinds it serves.
+const MAX_DISCOVERY_BACKOFF: Duration = Duration::from_secs(10);
+/// How often a kind the API server does not serve is asked for again.
+const RECHECK_UNSERVED: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -108,12 +112,14 @@ impl KubeSource {
     }
 }
 
-/// One watched kind: its cache, or `None` when the API server does not serve it.
+/// One watched kind: its cache, once the API server serves the kind. A kind that is not served
+/// (its CRD not installed yet: a chart installs CRDs and agents together) is asked for again
+/// every [`RECHECK_UNSERVED`], and watched from the moment it appears.
 pub(super) struct Kind<K: Resource + 'static>
 where
     K::DynamicType: Hash + Eq + Clone,
 {
-    store: Option<Store<K>>,
+    store: Arc<OnceLock<Store<K>>>,
 }
 
 impl<K> Kind<K>
@@ -122,23 +128,39 @@ where
     K::DynamicType: Hash + Eq + Clone + Default,
 {
     /// Starts watching every `K` when the API server serves the kind; every event wakes
-    /// `changed`.
+    /// `changed`. Only an answer of the API server decides that a kind is not served: while it
+    /// cannot be asked (not reachable yet, a Service route not written yet, a 5xx), this retries
+    /// with backoff, so a node agent that starts before the API server is reachable does not go
+    /// blind for good.
     pub(super) async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
-        if !served::<K>(client).await {
-            let kind = K::kind(&K::DynamicType::default()).into_owned();
+        let kind = K::kind(&K::DynamicType::default()).into_owned();
+        let store = Arc::new(OnceLock::new());
+        if ask_until_answered::<K>(client, &kind).await {
+            let _ = store.set(cache(Api::all(client.clone()), changed));
+        } else {
             tracing::warn!(
                 kind,
-                "the API server does not serve this kind (CRD not installed?); such objects are ignored"
+                "the API server does not serve this kind (CRD not installed?); asking again every {RECHECK_UNSERVED:?}"
             );
-            return Self { store: None };
+            let (client, changed, later) =
+                (client.clone(), Arc::clone(changed), Arc::clone(&store));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RECHECK_UNSERVED).await;
+                    if ask_until_answered::<K>(&client, &kind).await {
+                        tracing::info!(kind, "the API server serves this kind now; watching it");
+                        let _ = later.set(cache(Api::all(client.clone()), &changed));
+                        changed.notify_one();
+                        return;
+                    }
+                }
+            });
         }
-        Self {
-            store: Some(cache(Api::all(client.clone()), changed)),
-        }
+        Self { store }
     }
 
     pub(super) async fn ready(&self) {
-        if let Some(store) = &self.store {
+        if let Some(store) = self.store.get() {
             // Only fails when the writer is dropped, which ends the watch: nothing to wait for.
             let _ = store.wait_until_ready().await;
         }
@@ -146,13 +168,39 @@ where
 
     /// Whether a cached object satisfies `f` (nothing is copied).
     pub(super) fn any(&self, f: impl Fn(&K) -> bool) -> bool {
-        self.store.as_ref().is_some_and(|s| s.find(f).is_some())
+        self.store.get().is_some_and(|s| s.find(f).is_some())
     }
 
+    /// The cached objects; none while the kind is not served, or (when it has just appeared)
+    /// until its first list arrived.
     pub(super) fn objects(&self) -> Vec<K> {
-        self.store.as_ref().map_or_else(Vec::new, |s| {
+        self.store.get().map_or_else(Vec::new, |s| {
             s.state().iter().map(|o| K::clone(o)).collect()
         })
+    }
+}
+
+/// Whether the API server serves `K`, asking until it answers (backoff up to
+/// [`MAX_DISCOVERY_BACKOFF`]).
+async fn ask_until_answered<K: Resource>(client: &Client, kind: &str) -> bool
+where
+    K::DynamicType: Default,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match served::<K>(client).await {
+            Ok(served) => return served,
+            Err(e) => {
+                tracing::warn!(
+                    kind,
+                    error = %e,
+                    retry_in = ?backoff,
+                    "cannot ask the API server which kinds it serves; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_DISCOVERY_BACKOFF);
+            }
+        }
     }
 }
 
@@ -180,8 +228,9 @@ where
     reader
 }
 
-/// Whether the API server serves `K` (its group/version lists its plural).
-async fn served<K: Resource>(client: &Client) -> bool
+/// Whether the API server serves `K` (its group/version lists its plural; a group/version the
+/// server answers 404 for is not served). Any other error means "could not ask".
+async fn served<K: Resource>(client: &Client) -> Result<bool, kube::Error>
 where
     K::DynamicType: Default,
 {
@@ -192,7 +241,12 @@ where
     } else {
         client.list_api_group_resources(&resource.api_version).await
     };
-    listing.is_ok_and(|l| l.resources.iter().any(|r| r.name == resource.plural))
+    match listing {
+        Ok(l) => Ok(l.resources.iter().any(|r| r.name == resource.plural)),
+        // A group/version the server does not know is answered with a plain-text 404.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 struct Kinds {
