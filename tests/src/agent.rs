@@ -55,6 +55,7 @@ impl Agent {
     }
 
     /// What `/ready` answers now (0 while the admin socket is not up).
+    #[must_use]
     pub fn ready_code(&self) -> u16 {
         self.get("/ready").map_or(0, |(code, _)| code)
     }

@@ -260,7 +260,7 @@ fn agent_started_before_its_api_server_recovers_and_enforces() -> Result<()> {
         .map(|p| p.manifest(&[("app", p.name())], p.name()))
         .collect();
     cp.apply(&manifests.join("\n---\n"))?;
-    agent.wait_ready(Duration::from_secs(60))?;
+    agent.wait_ready(Duration::from_mins(1))?;
     agent.wait_workloads(2)?;
     for crd in shipped_crds()? {
         cp.apply(&serde_yaml::to_string(&crd)?)?;

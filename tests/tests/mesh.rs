@@ -750,14 +750,14 @@ fn default_deny_namespaces_and_dry_run_policies_in_the_kernel() -> Result<()> {
     Ok(())
 }
 
-/// Runs a Python script inside `pod` (CPython from the machine: a program nobody here wrote).
+/// Runs a Python script inside `pod` (`CPython` from the machine: a program nobody here wrote).
 fn python(pod: &Pod, script: &str, args: &[&str]) -> Result<testbed::Finished> {
-    let mut argv = vec!["-c", script];
-    argv.extend_from_slice(args);
-    pod.run(Duration::from_secs(20), "python3", argv)
+    let mut command = vec!["-c", script];
+    command.extend_from_slice(args);
+    pod.run(Duration::from_secs(20), "python3", command)
 }
 
-/// An AF_INET6 client connecting to `::ffff:<ip>`: prints `OK <getpeername>` after an echo of
+/// An `AF_INET6` client connecting to `::ffff:<ip>`: prints `OK <getpeername>` after an echo of
 /// 1 MiB came back intact, or `ERRNO <n>`.
 const V6_CLIENT: &str = r#"
 import socket, sys
@@ -778,7 +778,7 @@ while True:
 print("OK" if got == data else "BAD %d" % len(got), peer[0], peer[1])
 "#;
 
-/// An echo server on `[::]` (dual stack, AF_INET6: the default of many servers), for one
+/// An echo server on `[::]` (dual stack, `AF_INET6`: the default of many servers), for one
 /// connection.
 const V6_ECHO_SERVER: &str = r#"
 import socket, sys
