@@ -24,7 +24,9 @@ pub enum FileSourceError {
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
-    fingerprint: Vec<(PathBuf, SystemTime, u64)>,
+    /// What the files looked like at the last read; `None` before the first (so that the first
+    /// poll yields a set, an empty one for an empty directory).
+    fingerprint: Option<Vec<(PathBuf, SystemTime, u64)>>,
     last_good: BTreeMap<PathBuf, ObjectSet>,
 }
 
@@ -32,7 +34,7 @@ impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            fingerprint: Vec::new(),
+            fingerprint: None,
             last_good: BTreeMap::new(),
         }
     }
@@ -52,10 +54,10 @@ impl FileSource {
                 meta.len(),
             ));
         }
-        if fingerprint == self.fingerprint {
+        if self.fingerprint.as_ref() == Some(&fingerprint) {
             return Ok(None);
         }
-        self.fingerprint = fingerprint;
+        self.fingerprint = Some(fingerprint);
 
         let mut merged = ObjectSet::default();
         self.last_good.retain(|p, _| files.contains(p));
