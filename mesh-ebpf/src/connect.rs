@@ -11,7 +11,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -136,10 +137,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
         let _ = WEFT_REVNAT.insert(&cookie, &vip, 0);
     }
 
-    // SAFETY: helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: map values are read-only here and copied out.
-    let Some(src) = (unsafe { WEFT_CGROUPS.get(&cgroup_id) }).copied() else {
+    let Some(src) = source_identity() else {
         return Ok(ALLOW); // unmeshed pod: PASS
     };
     let mut info = ConnectInfo {
@@ -201,6 +199,36 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = WEFT_CONNECTS.insert(&cookie, &info, 0);
     Ok(ALLOW)
+}
+
+/// Deepest cgroup level whose ancestors are searched for a pod's identity.
+const MAX_CGROUP_LEVEL: i32 = 12;
+
+/// The workload of the calling task: its own cgroup's identity, else the nearest ancestor's. The
+/// agent maps pod cgroups (and the containers it has seen below them); a container started since
+/// its last pass is still found through its pod's cgroup, so a pod's first connection carries
+/// its identity.
+#[inline(always)]
+fn source_identity() -> Option<mesh_common::CgroupIdentity> {
+    // SAFETY: helper without arguments.
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: map values are read-only here and copied out.
+    if let Some(id) = unsafe { WEFT_CGROUPS.get(&leaf) }.copied() {
+        return Some(id);
+    }
+    let mut level = MAX_CGROUP_LEVEL;
+    while level > 0 {
+        // SAFETY: helper with a plain integer argument; 0 means "no ancestor at that level".
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor != 0 && ancestor != leaf {
+            // SAFETY: as above.
+            if let Some(id) = unsafe { WEFT_CGROUPS.get(&ancestor) }.copied() {
+                return Some(id);
+            }
+        }
+        level -= 1;
+    }
+    None
 }
 
 /// A meshed client's connection to a service with L7 policy goes to the node's engine instead;
