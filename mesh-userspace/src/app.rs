@@ -444,7 +444,7 @@ fn sync_loop(
                 }
             }
         }
-        let interfaces = pod_interfaces(&config.pod_interface_prefix);
+        let interfaces = config.pod_interfaces.current();
         let attached = match dp.sync_interfaces(&interfaces.values().cloned().collect()) {
             Ok(a) => a,
             Err(e) => {
@@ -744,19 +744,6 @@ fn sync_once(
         );
     }
     Ok(())
-}
-
-/// Host-side pod interfaces in the agent's network namespace (ifindex → name), recognised by
-/// their name prefix. The pod behind each one is learnt from the TC counters.
-fn pod_interfaces(prefix: &str) -> BTreeMap<u32, String> {
-    nix::net::if_::if_nameindex()
-        .map(|list| {
-            list.iter()
-                .filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned())))
-                .filter(|(_, n)| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn kernel_snapshot(

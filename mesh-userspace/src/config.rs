@@ -27,8 +27,8 @@ pub struct AgentConfig {
     pub admin_socket: PathBuf,
     /// Optional TCP listener for Prometheus scrapes (same endpoints as the socket).
     pub metrics_addr: Option<SocketAddr>,
-    /// Host-side pod interfaces get the TC counters; they are recognised by this name prefix.
-    pub pod_interface_prefix: String,
+    /// Host-side pod interfaces get the TC programs; how they are recognised.
+    pub pod_interfaces: crate::interfaces::PodInterfaces,
     /// How often the objects are re-read and the maps reconciled.
     #[serde(with = "millis")]
     pub sync_interval: Duration,

@@ -15,6 +15,7 @@ pub mod control;
 pub mod ebpf;
 pub mod flows;
 pub mod identity;
+pub mod interfaces;
 pub mod metrics;
 pub mod policy;
 pub mod pressure;

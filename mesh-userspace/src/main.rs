@@ -1,7 +1,7 @@
 //! `weft`: the node agent and its CLI.
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -141,7 +141,10 @@ enum Command {
 struct AgentArgs {
     #[command(flatten)]
     node: NodeArgs,
-    /// The node's cgroup v2 directory (programs attach here; pods are its children).
+    /// The node's cgroup v2 directory (programs attach here; pods are its children), or `auto`:
+    /// kubelet's `kubepods` (cgroupfs driver) or `kubepods.slice` (systemd) found in the cgroup
+    /// file system at --cgroup-fs, on hybrid and pure cgroup v2 hosts, at any kubelet
+    /// `cgroupRoot` (the one holding --pod-uid when given).
     #[arg(long)]
     cgroup: PathBuf,
     /// Per-node bpffs directory for pins; default /sys/fs/bpf/weft/<node>.
@@ -150,6 +153,13 @@ struct AgentArgs {
     /// YAML objects: a file or a directory.
     #[arg(long, conflicts_with = "kube")]
     objects: Option<PathBuf>,
+    /// Where the host's cgroup file system is mounted (for `--cgroup auto`).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_fs: PathBuf,
+    /// The agent's own pod UID (Kubernetes downward API), to find its node's pod cgroups when
+    /// several kubelets share a machine.
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
     /// Where pod cgroups are below --cgroup: `weft` (`<namespace>_<pod>`, local mode) or
     /// `kubelet` (found by pod UID; containers below the pod cgroup count as the pod).
     #[arg(long, value_enum, default_value_t = weft::cgroups::PodCgroups::Weft)]
@@ -164,9 +174,12 @@ struct AgentArgs {
     /// Also serve /metrics (and the rest) on this TCP address.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
-    /// Name prefix of the host-side pod veths that get TC counters.
-    #[arg(long, default_value = "vh")]
-    pod_interface_prefix: String,
+    /// Which host-side interfaces are pods' (they get the TC programs: counters and the STRICT
+    /// gate): `auto` (every veth/netkit whose peer is in another network namespace and which has
+    /// no address of its own, whatever the CNI names it), or comma-separated name prefixes
+    /// (`veth,cali`).
+    #[arg(long, alias = "pod-interface-prefix", default_value = "auto")]
+    pod_interfaces: weft::interfaces::PodInterfaces,
     /// How often the objects are re-read, the maps reconciled and the engine heartbeat
     /// written.
     #[arg(long, default_value_t = 250)]
@@ -403,13 +416,15 @@ fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
     let AgentArgs {
         node,
         cgroup,
+        cgroup_fs,
+        pod_uid,
         bpffs_dir,
         objects,
         kube,
         kubeconfig,
         pod_cgroups,
         metrics_addr,
-        pod_interface_prefix,
+        pod_interfaces,
         sync_interval_ms,
         stats_interval_ms,
         sockhash_capacity,
@@ -444,6 +459,14 @@ fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
         )),
         (None, None) => None,
     };
+    let cgroup = if cgroup == Path::new("auto") {
+        let found = weft::cgroups::find_kubepods(&cgroup_fs, pod_uid.as_deref())
+            .map_err(|e| anyhow::anyhow!("--cgroup auto: {e}"))?;
+        tracing::info!(cgroup = %found.display(), "found kubelet's pod cgroups");
+        found
+    } else {
+        cgroup
+    };
     Ok(AgentConfig {
         admin_socket: node.socket(),
         bpffs_dir: bpffs_dir.unwrap_or_else(|| bpffs_default(&node.node)),
@@ -453,7 +476,7 @@ fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
         kube: kube.then_some(weft::config::KubeMode { kubeconfig }),
         pod_cgroups,
         metrics_addr,
-        pod_interface_prefix,
+        pod_interfaces,
         sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
         stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
         sockhash_capacity,
