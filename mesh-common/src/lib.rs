@@ -34,9 +34,10 @@ pub mod map_names {
     pub const REVNAT: &str = "WEFT_REVNAT";
     pub const L7_ORIG: &str = "WEFT_L7ORIG";
     pub const SHED_FLOWS: &str = "WEFT_SHEDFLOWS";
+    pub const NETNS: &str = "WEFT_NETNS";
 
     /// Every map, for tooling that walks them all (pin sweeps, the object layout test).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SOCKS,
         ENDPOINTS,
         CGROUPS,
@@ -53,6 +54,7 @@ pub mod map_names {
         REVNAT,
         L7_ORIG,
         SHED_FLOWS,
+        NETNS,
     ];
 }
 
@@ -96,6 +98,7 @@ pub mod capacity {
     pub const REVNAT: u32 = 65_536;
     pub const L7_ORIG: u32 = 65_536;
     pub const SHED_FLOWS: u32 = 16_384;
+    pub const NETNS: u32 = 16_384;
 }
 
 /// Workload id of the node's L7 engine. Its listener address is registered as an endpoint with
@@ -534,7 +537,7 @@ assert_size! {
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test
 /// compares these with the maps parsed from the embedded object.
-pub const MAP_LAYOUT: [(&str, usize, usize); 16] = {
+pub const MAP_LAYOUT: [(&str, usize, usize); 17] = {
     use core::mem::size_of;
     [
         (map_names::SOCKS, size_of::<SockKey>(), size_of::<u32>()),
@@ -600,6 +603,11 @@ pub const MAP_LAYOUT: [(&str, usize, usize); 16] = {
             map_names::SHED_FLOWS,
             size_of::<SockKey>(),
             size_of::<u32>(),
+        ),
+        (
+            map_names::NETNS,
+            size_of::<u64>(),
+            size_of::<CgroupIdentity>(),
         ),
     ]
 };

@@ -11,8 +11,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -26,7 +26,7 @@ use mesh_common::{
 use crate::{
     maps::{
         WEFT_BACKENDS, WEFT_CGROUPS, WEFT_CONFIG, WEFT_CONNECTS, WEFT_DENIES, WEFT_ENDPOINTS,
-        WEFT_POLICY, WEFT_REVNAT, WEFT_SERVICES,
+        WEFT_NETNS, WEFT_POLICY, WEFT_REVNAT, WEFT_SERVICES,
     },
     stats,
 };
@@ -137,7 +137,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
         let _ = WEFT_REVNAT.insert(&cookie, &vip, 0);
     }
 
-    let Some(src) = source_identity() else {
+    let Some(src) = source_identity(ctx) else {
         return Ok(ALLOW); // unmeshed pod: PASS
     };
     let mut info = ConnectInfo {
@@ -209,7 +209,7 @@ const MAX_CGROUP_LEVEL: i32 = 12;
 /// its last pass is still found through its pod's cgroup, so a pod's first connection carries
 /// its identity.
 #[inline(always)]
-fn source_identity() -> Option<mesh_common::CgroupIdentity> {
+fn source_identity(ctx: &SockAddrContext) -> Option<mesh_common::CgroupIdentity> {
     // SAFETY: helper without arguments.
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: map values are read-only here and copied out.
@@ -228,7 +228,11 @@ fn source_identity() -> Option<mesh_common::CgroupIdentity> {
         }
         level -= 1;
     }
-    None
+    // A pod the CNI plugin enrolled is known by its network namespace from the start.
+    // SAFETY: the context is a valid sock_addr context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: as above.
+    unsafe { WEFT_NETNS.get(&netns) }.copied()
 }
 
 /// A meshed client's connection to a service with L7 policy goes to the node's engine instead;

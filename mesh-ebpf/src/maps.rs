@@ -67,6 +67,12 @@ pub fn fast_path_on() -> bool {
 pub static WEFT_L7ORIG: LruHashMap<ClientAddr, ConnectInfo> =
     LruHashMap::pinned(capacity::L7_ORIG, 0);
 
+/// Network namespace cookie → the identity of the pod that owns it, for pods the CNI plugin
+/// enrolled: a pod's processes are known by their namespace before their cgroup is (on hybrid
+/// cgroup hosts the pod's cgroup v2 directory appears only with its first container).
+#[map]
+pub static WEFT_NETNS: HashMap<u64, CgroupIdentity> = HashMap::pinned(capacity::NETNS, 0);
+
 /// Sockets of the engine's legs that must leave the fast path, written by the engine (it saw a
 /// bulk transfer on the leg: the ingress redirect has no flow control, TCP's window has). The
 /// socket's next message moves it to the normal stack for good and removes its entry (so does

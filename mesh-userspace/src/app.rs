@@ -58,6 +58,7 @@ impl Source {
         Ok(match &config.kube {
             Some(k) => Self::Kube(crate::control::kube::KubeSource::start(
                 k.kubeconfig.as_deref(),
+                k.own_pod.clone(),
             )?),
             None => Self::Files(FileSource::new(&config.objects_path)),
         })
@@ -86,6 +87,9 @@ pub struct Shared {
     pub interfaces: BTreeMap<String, String>,
     /// Whether this kernel's socket redirect serves applications exactly (run at start).
     pub socket_self_test: Option<ebpf::selftest::SocketSelfTest>,
+    /// Enrolments from the CNI plugin, to the datapath thread.
+    #[serde(skip)]
+    pub enrol: Option<std::sync::mpsc::Sender<EnrolRequest>>,
     #[serde(skip)]
     pub metrics: Metrics,
     #[serde(skip)]
@@ -95,6 +99,12 @@ pub struct Shared {
 }
 
 pub type SharedState = Arc<RwLock<Shared>>;
+
+/// A pod the CNI plugin asks to enrol, and where to answer (`Ok` once it is in the kernel).
+pub type EnrolRequest = (
+    crate::cni::Enrolment,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
 
 /// Runs the agent until SIGINT/SIGTERM. The datapath stays installed when the agent exits:
 /// traffic keeps flowing; `weft agent --uninstall` removes it.
@@ -129,6 +139,22 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     }));
 
     let source = Source::open(config)?;
+    let (enrol_tx, enrol_rx) = std::sync::mpsc::channel();
+    shared
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .enrol = Some(enrol_tx);
+    if let Some(cni) = &config.cni
+        && let Err(e) = cni.install_binary()
+    {
+        {
+            tracing::error!(error = %e, "cannot install the CNI plugin; pods are enrolled by the sync pass only");
+        }
+    }
+    let uninstalling = match &source {
+        Source::Kube(k) => Some(k.uninstalling()),
+        Source::Files(_) => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let loop_thread = {
         let (shared, stop, config) = (shared.clone(), stop.clone(), config.clone());
@@ -146,6 +172,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
                     &shared,
                     &stop,
                     &snapshots_tx,
+                    &enrol_rx,
                 );
             })
             .map_err(AgentError::Runtime)?
@@ -165,9 +192,16 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     stop.store(true, Ordering::Relaxed);
     let _ = loop_thread.join();
     let _ = std::fs::remove_file(&config.admin_socket);
-    tracing::info!(
-        "agent stopped; the datapath stays in place (weft agent --uninstall removes it)"
-    );
+    if uninstalling.is_some_and(|u| u.load(Ordering::Relaxed)) {
+        tracing::info!(
+            "the agent's DaemonSet is being deleted: removing the datapath from the node"
+        );
+        uninstall(config)?;
+    } else {
+        tracing::info!(
+            "agent stopped; the datapath stays in place (weft agent --uninstall removes it)"
+        );
+    }
     result
 }
 
@@ -318,6 +352,10 @@ fn start_tunnel(
         }
         crate::config::IssuerConfig::Remote(remote) => Issuer::Remote(remote.clone()),
     };
+    let ca_addr = match &identity.issuer {
+        crate::config::IssuerConfig::Remote(remote) => Some(remote.addr.clone()),
+        crate::config::IssuerConfig::Local(_) => None,
+    };
     // The trust domain comes with the objects (MeshConfig); the agent starts with the default
     // and uses the domain of the first snapshot it gets.
     let trust_domain = snapshots.borrow().trust_domain.clone();
@@ -359,14 +397,18 @@ fn start_tunnel(
         let mut snapshots = snapshots;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let (trust_domain, wanted) = {
+            let (trust_domain, wanted, ca_endpoints) = {
                 let snapshot = snapshots.borrow_and_update();
                 (
                     snapshot.trust_domain.clone(),
                     snapshot.mesh.local_identities(),
+                    ca_addr
+                        .as_deref()
+                        .map(|a| snapshot.resolve_service(a))
+                        .unwrap_or_default(),
                 )
             };
-            ids.refresh(&trust_domain, &wanted).await;
+            ids.refresh(&trust_domain, &wanted, &ca_endpoints).await;
             tokio::select! {
                 _ = tick.tick() => {}
                 r = snapshots.changed() => if r.is_err() { return },
@@ -391,6 +433,11 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    clippy::too_many_lines,
+    reason = "the agent's one loop"
+)]
 fn sync_loop(
     mut dp: Datapath,
     mut source: Source,
@@ -399,6 +446,7 @@ fn sync_loop(
     shared: &SharedState,
     stop: &AtomicBool,
     snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
+    enrolments: &std::sync::mpsc::Receiver<EnrolRequest>,
 ) {
     // Background work: on a busy node the L7 engine and the pods win any contention for a CPU,
     // while a tenth of one is still plenty for a pass every interval (and the heartbeat).
@@ -415,24 +463,69 @@ fn sync_loop(
     // Ready only once the objects have been read (in Kubernetes mode: every kind listed), so
     // an agent that cannot reach its API server does not claim to enforce anything.
     let mut objects_loaded = false;
+    // The last objects, and the addresses the CNI plugin reported for pods whose Pod object
+    // does not have one yet.
+    let mut objects = crate::control::ObjectSet::default();
+    let mut cni_addresses: BTreeMap<(String, String), std::net::Ipv4Addr> = BTreeMap::new();
+    let mut netns_cookies: BTreeMap<String, u64> = BTreeMap::new();
+    let mut pending: Vec<EnrolRequest> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let mut config_errors = None;
         let mut node_changed = false;
-        match source.poll() {
-            Ok(Some(objects)) => {
+        let mut fresh = match source.poll() {
+            Ok(Some(new)) => {
                 objects_loaded = true;
-                let (built, errors) = load(&objects, config, snapshots);
-                node = built;
-                warn_socket_fast_path_forced(&node, kernel);
-                node_changed = true;
-                config_errors = Some(errors);
+                objects = new;
+                true
             }
-            Ok(None) => {}
-            Err(e) => config_errors = Some(vec![e]),
+            Ok(None) => false,
+            Err(e) => {
+                config_errors = Some(vec![e]);
+                false
+            }
+        };
+        for (e, _) in &pending {
+            cni_addresses.insert((e.namespace.clone(), e.name.clone()), e.ip);
+            if let Some(cookie) = e.netns_cookie {
+                netns_cookies.insert(format!("{}/{}", e.namespace, e.name), cookie);
+            }
+            fresh = true;
+        }
+        if fresh {
+            cni_addresses.retain(|(ns, name), _| pod_lacks_address(&objects, ns, name));
+            let (built, errors) =
+                load(&with_addresses(&objects, &cni_addresses), config, snapshots);
+            node = built;
+            // Pods that are gone take their namespace's cookie with them.
+            netns_cookies.retain(|key, _| node.workloads.iter().any(|w| w.key() == *key));
+            node.netns = node
+                .workloads
+                .iter()
+                .filter_map(|w| Some((w.id, *netns_cookies.get(&w.key())?)))
+                .collect();
+            warn_socket_fast_path_forced(&node, kernel);
+            node_changed = true;
+            config_errors = Some(errors);
         }
 
         let shed = tcp_memory.update();
         let result = sync_once(&mut dp, &node, config, kernel, shed);
+        for (enrolment, reply) in pending.drain(..) {
+            let answer = match &result {
+                Ok(()) => enrolled(&node, config, &enrolment),
+                Err(e) => Err(format!("datapath sync failed: {e}")),
+            };
+            let _ = reply.send(answer);
+        }
+        if let Some(cni) = &config.cni {
+            match cni.ensure_chained() {
+                Ok(true) => tracing::info!("weft-cni added to the node's CNI configuration"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot chain weft-cni into the CNI configuration");
+                }
+            }
+        }
         match &result {
             Ok(()) => syncs += 1,
             Err(e) => {
@@ -499,7 +592,75 @@ fn sync_loop(
                 s.metrics.set(kernel);
             }
         }
-        std::thread::sleep(config.sync_interval);
+        // Sleep until the next pass, or until the CNI plugin asks to enrol a pod.
+        if let Ok(first) = enrolments.recv_timeout(config.sync_interval) {
+            pending.push(first);
+            pending.extend(enrolments.try_iter());
+        }
+    }
+}
+
+/// Whether pod `namespace/name` is known and has no address yet.
+fn pod_lacks_address(objects: &crate::control::ObjectSet, namespace: &str, name: &str) -> bool {
+    objects.pods.iter().any(|p| {
+        p.metadata.namespace.as_deref().unwrap_or("default") == namespace
+            && p.metadata.name.as_deref() == Some(name)
+            && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_none()
+    })
+}
+
+/// `objects` with the addresses the CNI plugin reported filled into pods that lack one.
+fn with_addresses(
+    objects: &crate::control::ObjectSet,
+    addresses: &BTreeMap<(String, String), std::net::Ipv4Addr>,
+) -> crate::control::ObjectSet {
+    if addresses.is_empty() {
+        return objects.clone();
+    }
+    let mut out = objects.clone();
+    for pod in &mut out.pods {
+        let key = (
+            pod.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        if let Some(ip) = addresses.get(&key) {
+            let status = pod.status.get_or_insert_with(Default::default);
+            if status.pod_ip.is_none() {
+                status.pod_ip = Some(ip.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Whether an enrolled pod is in the kernel now: its workload known, and (a local meshed pod)
+/// its cgroup found and mapped.
+fn enrolled(
+    node: &NodeState,
+    config: &AgentConfig,
+    e: &crate::cni::Enrolment,
+) -> Result<(), String> {
+    let key = format!("{}/{}", e.namespace, e.name);
+    let Some(w) = node.workloads.iter().find(|w| w.key() == key) else {
+        return Err(format!("pod {key} is not known to the agent yet"));
+    };
+    if !w.meshed || !w.local || (e.netns_cookie.is_some() && node.netns.contains_key(&w.id)) {
+        return Ok(());
+    }
+    let found = match config.pod_cgroups {
+        PodCgroups::Kubelet => w
+            .uid
+            .as_ref()
+            .is_some_and(|uid| crate::cgroups::kubelet_pods(&config.cgroup_path).contains_key(uid)),
+        PodCgroups::Weft => w.cgroup.as_ref().is_some_and(|c| c.exists()),
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!("the cgroup of pod {key} is not there yet"))
     }
 }
 
@@ -638,11 +799,12 @@ fn identities(
     // them through the engine (REMOTE), and never in plaintext when they are STRICT.
     for w in node.workloads.iter().filter(|w| w.meshed && !w.local) {
         let reachable = node.nodes.get(&w.node).and_then(|n| n.address).is_some();
+        let Some(ip) = w.ip else { continue };
         if !tunnel || !reachable || w.mtls == MtlsMode::Disable {
             continue;
         }
         maps.endpoints.insert(
-            u32::from(w.ip).to_be(),
+            u32::from(ip).to_be(),
             Endpoint {
                 workload_id: w.id,
                 flags: endpoint_flags::REMOTE | strict_flag(w, true),
@@ -653,15 +815,28 @@ fn identities(
         .then(|| crate::cgroups::kubelet_pods(&config.cgroup_path));
     for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
         // STRICT inbound needs the node's pod network, to tell this node's clients from others.
-        maps.endpoints.insert(
-            u32::from(w.ip).to_be(),
-            Endpoint {
-                workload_id: w.id,
-                flags: endpoint_flags::LOCAL
-                    | strict_flag(w, local_net.is_some())
-                    | socket_fast_flag(w, kernel),
-            },
-        );
+        // A pod whose address is not known yet is already a source: its cgroup has its
+        // identity, so its first connections get its verdict.
+        if let Some(ip) = w.ip {
+            maps.endpoints.insert(
+                u32::from(ip).to_be(),
+                Endpoint {
+                    workload_id: w.id,
+                    flags: endpoint_flags::LOCAL
+                        | strict_flag(w, local_net.is_some())
+                        | socket_fast_flag(w, kernel),
+                },
+            );
+        }
+        if let Some(cookie) = node.netns.get(&w.id) {
+            maps.netns.insert(
+                *cookie,
+                CgroupIdentity {
+                    workload_id: w.id,
+                    flags: 0,
+                },
+            );
+        }
         // The pod's cgroup and every cgroup below it (its containers) are the pod. A pod whose
         // cgroup does not exist yet, or a container started later, joins on a later pass.
         let dir = match &kubelet_pods {
@@ -814,8 +989,25 @@ fn kernel_snapshot(
 
 /// Removes the node's datapath: every link, program, map and pin.
 pub fn uninstall(config: &AgentConfig) -> Result<(), AgentError> {
+    // The CNI chain first: a pod created from now on must not wait for an agent that is going.
+    if let Some(cni) = &config.cni
+        && let Err(e) = cni.uninstall()
+    {
+        {
+            tracing::error!(error = %e, "cannot take weft-cni out of the CNI configuration");
+        }
+    }
     ebpf::remove_pins(&config.bpffs_dir)?;
     let _ = std::fs::remove_file(&config.admin_socket);
+    // The directories the agent made for them, when nothing else is left in them.
+    for dir in [config.bpffs_dir.parent(), config.admin_socket.parent()]
+        .into_iter()
+        .flatten()
+    {
+        if dir.file_name().is_some_and(|n| n == "weft") {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
     tracing::info!(dir = %config.bpffs_dir.display(), "datapath removed");
     Ok(())
 }

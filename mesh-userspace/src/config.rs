@@ -27,6 +27,8 @@ pub struct AgentConfig {
     pub admin_socket: PathBuf,
     /// Optional TCP listener for Prometheus scrapes (same endpoints as the socket).
     pub metrics_addr: Option<SocketAddr>,
+    /// The chained CNI plugin that enrols pods before their containers run (Kubernetes mode).
+    pub cni: Option<crate::cni::CniInstall>,
     /// Host-side pod interfaces get the TC programs; how they are recognised.
     pub pod_interfaces: crate::interfaces::PodInterfaces,
     /// How often the objects are re-read and the maps reconciled.
@@ -78,6 +80,8 @@ pub struct KubeMode {
     /// A kubeconfig file; without it the configuration is inferred (in-cluster service account,
     /// then `$KUBECONFIG` or `~/.kube/config`).
     pub kubeconfig: Option<PathBuf>,
+    /// The agent's own pod (namespace, name): its `DaemonSet`'s deletion means "uninstall".
+    pub own_pod: Option<(String, String)>,
 }
 
 mod opt_uri {

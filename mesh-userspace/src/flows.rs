@@ -188,7 +188,8 @@ impl FlowTable {
                         .map(crate::state::Workload::key),
                     ip: state
                         .workload(k.src_workload)
-                        .map_or(Ipv4Addr::UNSPECIFIED, |w| w.ip),
+                        .and_then(|w| w.ip)
+                        .unwrap_or(Ipv4Addr::UNSPECIFIED),
                     port: 0,
                 },
                 dst: peer(state, k.dst_ip_be, u16::from_be(k.dst_port_be)),

@@ -171,6 +171,22 @@ struct AgentArgs {
     /// The kubeconfig for `--kube`; default: in-cluster, then $KUBECONFIG or ~/.kube/config.
     #[arg(long, requires = "kube")]
     kubeconfig: Option<PathBuf>,
+    /// Install the chained CNI plugin `weft-cni` into this directory (the container runtime's
+    /// CNI plugin directory, e.g. /opt/cni/bin as mounted into the agent) and chain it into the
+    /// active configuration list in --cni-conf-dir: new pods are enrolled before their
+    /// containers run, so their first connection carries their identity.
+    #[arg(long, requires_all = ["cni_conf_dir", "kube"])]
+    cni_bin_dir: Option<PathBuf>,
+    /// The container runtime's CNI configuration directory (e.g. /etc/cni/net.d).
+    #[arg(long, requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The agent's admin socket as the node sees it (the plugin runs on the node).
+    #[arg(long, default_value = "/run/weft/admin.sock")]
+    cni_agent_socket: PathBuf,
+    /// The agent's own pod (`namespace/name`, e.g. from the downward API): when it stops because
+    /// its `DaemonSet` is being deleted (`helm uninstall`), it removes the datapath from the node.
+    #[arg(long, env = "WEFT_POD", requires = "kube")]
+    own_pod: Option<String>,
     /// Also serve /metrics (and the rest) on this TCP address.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -422,6 +438,10 @@ fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
         objects,
         kube,
         kubeconfig,
+        own_pod,
+        cni_bin_dir,
+        cni_conf_dir,
+        cni_agent_socket,
         pod_cgroups,
         metrics_addr,
         pod_interfaces,
@@ -473,9 +493,25 @@ fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
         node_name: node.node,
         cgroup_path: cgroup,
         objects_path: objects.unwrap_or_else(|| PathBuf::from("/etc/weft/objects")),
-        kube: kube.then_some(weft::config::KubeMode { kubeconfig }),
+        kube: kube.then_some(weft::config::KubeMode {
+            kubeconfig,
+            own_pod: own_pod
+                .map(|p| {
+                    p.split_once('/')
+                        .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+                        .ok_or_else(|| anyhow::anyhow!("--own-pod {p:?}: want namespace/name"))
+                })
+                .transpose()?,
+        }),
         pod_cgroups,
         metrics_addr,
+        cni: cni_bin_dir
+            .zip(cni_conf_dir)
+            .map(|(bin_dir, conf_dir)| weft::cni::CniInstall {
+                bin_dir,
+                conf_dir,
+                agent_socket: cni_agent_socket,
+            }),
         pod_interfaces,
         sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
         stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
@@ -559,6 +595,13 @@ fn spawn_heap_trimmer() {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Installed as the CNI plugin `weft-cni`: the runtime runs it by that name.
+    if std::env::args_os()
+        .next()
+        .is_some_and(|a| Path::new(&a).file_name() == Some(std::ffi::OsStr::new(weft::cni::PLUGIN)))
+    {
+        std::process::exit(weft::cni::main());
+    }
     // glibc gives every thread that allocates its own 64 MiB arena; the agent's few threads
     // (datapath sync, admin, L7 engine) need no more than two, and memory is a target.
     // SAFETY: mallopt only tunes the allocator and runs before any other thread exists.

@@ -32,7 +32,9 @@ pub struct Workload {
     pub name: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
-    pub ip: Ipv4Addr,
+    /// Its address; `None` until kubelet reports it (the pod is already a source: its cgroup
+    /// carries its identity before its address is known).
+    pub ip: Option<Ipv4Addr>,
     pub node: String,
     /// False when opted out (`weft.dev/inject: disabled` on the pod or its namespace).
     pub meshed: bool,
@@ -129,6 +131,10 @@ pub struct NodeState {
     /// (checked by the engine; the kernel only sees this node's sources).
     #[serde(skip)]
     pub inbound_policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// Network namespace cookies of this node's pods, by workload id, as the CNI plugin
+    /// reported them (pods known by their namespace before their cgroup is).
+    #[serde(skip)]
+    pub netns: BTreeMap<u32, u64>,
     /// Objects that were understood but cannot be applied, with the reason.
     pub problems: Vec<String>,
 }
@@ -141,7 +147,7 @@ impl NodeState {
 
     #[must_use]
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
-        self.workloads.iter().find(|w| w.ip == ip)
+        self.workloads.iter().find(|w| w.ip == Some(ip))
     }
 
     /// This node's pod network, when its Node object says.
@@ -206,6 +212,11 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     let mut taken = BTreeSet::new();
     let mut seen_ips = BTreeMap::new();
     for pod in pods {
+        // A host-network pod (a node agent, kube-proxy) has the node's address and runs in the
+        // node's network namespace: it is part of the node, not a meshed pod.
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            continue;
+        }
         match workload_of(pod, node, node_cgroup, &opted_out_ns, &mut taken) {
             Ok(mut w) => {
                 w.identity =
@@ -226,11 +237,11 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
                     socket_default,
                     &mut problems,
                 );
-                if let Some(other) = seen_ips.insert(w.ip, w.key()) {
+                if let Some(other) = w.ip.and_then(|ip| seen_ips.insert(ip, w.key())) {
                     problems.push(format!(
                         "pod {} has the same IP {} as {other}: ignored",
                         w.key(),
-                        w.ip
+                        w.ip.map_or_else(String::new, |ip| ip.to_string())
                     ));
                     continue;
                 }
@@ -377,18 +388,16 @@ fn workload_of(
         .spec
         .as_ref()
         .ok_or_else(|| format!("pod {key}: no spec"))?;
-    let ip_text = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .ok_or_else(|| {
-            format!("pod {key}: no status.podIP yet; it joins the mesh once it has one")
-        })?;
-    let ip: Ipv4Addr = ip_text.parse().map_err(|_| {
-        format!(
-            "pod {key}: status.podIP {ip_text:?} is not an IPv4 address (IPv6 is not supported yet)"
-        )
-    })?;
+    // Without an address yet (kubelet reports it after the sandbox is up) the pod is a source
+    // already; it becomes a destination once its address is known.
+    let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+        None => None,
+        Some(text) => Some(text.parse::<Ipv4Addr>().map_err(|_| {
+            format!(
+                "pod {key}: status.podIP {text:?} is not an IPv4 address (IPv6 is not supported yet)"
+            )
+        })?),
+    };
     let pod_node = spec.node_name.clone().unwrap_or_default();
     let local = pod_node == node;
     let disabled = pod
@@ -569,8 +578,10 @@ fn service_ports(
         })?;
         let mut backends = Vec::new();
         for (w, pod) in &members {
-            if let Some(target) = target_port(port.target_port.as_ref(), svc_port, pod) {
-                backends.push((w.id, w.ip, target));
+            if let (Some(ip), Some(target)) =
+                (w.ip, target_port(port.target_port.as_ref(), svc_port, pod))
+            {
+                backends.push((w.id, ip, target));
             }
         }
         backends.sort();
@@ -1323,7 +1334,7 @@ spec:
             name: name.into(),
             service_account: sa.into(),
             labels: [("app".to_owned(), app.to_owned())].into(),
-            ip: Ipv4Addr::new(198, 18, 1, 10 + u8::try_from(id).unwrap()),
+            ip: Some(Ipv4Addr::new(198, 18, 1, 10 + u8::try_from(id).unwrap())),
             node: "n1".into(),
             meshed: true,
             local: true,

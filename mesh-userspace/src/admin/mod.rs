@@ -100,16 +100,62 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
     }
 }
 
+/// `POST /cni/add` from the CNI plugin: the datapath thread enrols the pod and answers once it is
+/// in the kernel (or says why not yet).
+async fn cni_add(shared: &SharedState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return respond(StatusCode::BAD_REQUEST, "text/plain", e.to_string()),
+    };
+    let enrolment: crate::cni::Enrolment = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => return respond(StatusCode::BAD_REQUEST, "text/plain", e.to_string()),
+    };
+    let sender = shared
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .enrol
+        .clone();
+    let Some(sender) = sender else {
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the agent is starting\n",
+        );
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if sender.send((enrolment, reply)).is_err() {
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the datapath thread is gone\n",
+        );
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(5), answer).await {
+        Ok(Ok(Ok(()))) => respond(StatusCode::OK, "text/plain", "enrolled\n"),
+        Ok(Ok(Err(why))) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why),
+        _ => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "no answer from the datapath thread\n",
+        ),
+    }
+}
+
 #[allow(clippy::unused_async, reason = "hyper's service_fn wants a future")]
 async fn handle(
     shared: SharedState,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() == Method::POST && req.uri().path() == "/cni/add" {
+        return Ok(cni_add(&shared, req).await);
+    }
     if req.method() != Method::GET {
         return Ok(respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET is supported\n",
+            "only GET is supported (and POST /cni/add)\n",
         ));
     }
     let s = shared
@@ -240,7 +286,18 @@ fn status(s: &crate::app::Shared) -> Status {
 
 /// Client side for the CLI: GET `path` over the agent's Unix socket.
 pub async fn get(socket: &Path, path: &str) -> std::io::Result<(StatusCode, Bytes)> {
-    use http_body_util::{BodyExt as _, Empty};
+    request(socket, Method::GET, path, Vec::new()).await
+}
+
+/// Client side: one request over the agent's Unix socket (the CLI's GETs, the CNI plugin's
+/// POST).
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> std::io::Result<(StatusCode, Bytes)> {
+    use http_body_util::BodyExt as _;
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -254,9 +311,11 @@ pub async fn get(socket: &Path, path: &str) -> std::io::Result<(StatusCode, Byte
         .await
         .map_err(std::io::Error::other)?;
     tokio::spawn(conn);
-    let req = Request::get(path)
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
         .header(header::HOST, "weft-agent")
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::from(body)))
         .map_err(std::io::Error::other)?;
     let resp = sender
         .send_request(req)

@@ -86,12 +86,18 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
 /// reflectors; [`KubeSource::poll`] hands over the newest complete view.
 pub struct KubeSource {
     updates: mpsc::Receiver<ObjectSet>,
+    /// Set once the agent's own `DaemonSet` is being deleted (an uninstall).
+    uninstalling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl KubeSource {
     /// Connects (on its own thread) and starts watching. Connection problems after the start
     /// are retried with backoff and logged; they never stop the agent, which keeps its last view.
-    pub fn start(kubeconfig: Option<&std::path::Path>) -> Result<Self, KubeSourceError> {
+    /// With `own_pod` (namespace, name) it also watches the `DaemonSet` that runs the agent.
+    pub fn start(
+        kubeconfig: Option<&std::path::Path>,
+        own_pod: Option<(String, String)>,
+    ) -> Result<Self, KubeSourceError> {
         let (tx, updates) = mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -99,16 +105,94 @@ impl KubeSource {
             .map_err(KubeSourceError::Thread)?;
         // The client is built here so that a bad kubeconfig fails the agent's start.
         let client = runtime.block_on(client(kubeconfig))?;
+        let uninstalling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&uninstalling);
         std::thread::Builder::new()
             .name("kube-source".into())
-            .spawn(move || runtime.block_on(watch_all(client, tx)))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    if let Some((namespace, name)) = own_pod {
+                        tokio::spawn(watch_own_daemonset(client.clone(), namespace, name, flag));
+                    }
+                    watch_all(client, tx).await;
+                });
+            })
             .map_err(KubeSourceError::Thread)?;
-        Ok(Self { updates })
+        Ok(Self {
+            updates,
+            uninstalling,
+        })
     }
 
     /// The newest complete view since the last call, if any.
     pub fn poll(&mut self) -> Option<ObjectSet> {
         self.updates.try_iter().last()
+    }
+
+    /// Whether the agent's `DaemonSet` is gone or being deleted: the agent stops because Weft is
+    /// being uninstalled (not restarted or upgraded). Known from a watch kept while the agent
+    /// runs, because by the time the agent is told to stop, an uninstall may already have
+    /// deleted its service account and its permissions.
+    #[must_use]
+    pub fn uninstalling(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.uninstalling)
+    }
+}
+
+/// Watches the `DaemonSet` that owns pod `namespace/name` and sets `flag` when it is deleted or
+/// marked for deletion. Retried with backoff; a pod without such an owner (run by hand) is left
+/// alone.
+async fn watch_own_daemonset(
+    client: Client,
+    namespace: String,
+    name: String,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let mut backoff = Duration::from_millis(500);
+    let owner = loop {
+        match pods.get_opt(&name).await {
+            Ok(Some(pod)) => {
+                break pod
+                    .metadata
+                    .owner_references
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|o| o.kind == "DaemonSet");
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the agent's own pod yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_DISCOVERY_BACKOFF);
+            }
+        }
+    };
+    let Some(owner) = owner else {
+        return;
+    };
+    let sets: Api<DaemonSet> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", owner.name));
+    let stream = watcher(sets, config).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        let deleting = match event {
+            Ok(watcher::Event::Delete(_)) => true,
+            Ok(watcher::Event::Apply(set) | watcher::Event::InitApply(set)) => {
+                set.metadata.deletion_timestamp.is_some()
+                    || set.metadata.uid.as_deref() != Some(owner.uid.as_str())
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "watching the agent's DaemonSet; retrying");
+                false
+            }
+        };
+        if deleting {
+            tracing::info!(daemonset = %owner.name, "the agent's DaemonSet is being deleted");
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -104,6 +104,7 @@ pub enum Startup {
 pub struct Maps {
     pub endpoints: HashMap<MapData, u32, Endpoint>,
     pub cgroups: HashMap<MapData, u64, CgroupIdentity>,
+    pub netns: HashMap<MapData, u64, CgroupIdentity>,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, BackendKey, Backend>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
@@ -357,6 +358,7 @@ impl Maps {
         Ok(Self {
             endpoints: typed!(map_names::ENDPOINTS),
             cgroups: typed!(map_names::CGROUPS),
+            netns: typed!(map_names::NETNS),
             services: typed!(map_names::SERVICES),
             backends: typed!(map_names::BACKENDS),
             policy: typed!(map_names::POLICY),

@@ -32,6 +32,8 @@ pub struct Desired {
 pub struct MapContents {
     pub endpoints: BTreeMap<u32, Endpoint>,
     pub cgroups: BTreeMap<u64, CgroupIdentity>,
+    /// Network namespace cookie → identity, for pods the CNI plugin enrolled.
+    pub netns: BTreeMap<u64, CgroupIdentity>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendKey, Backend>,
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
@@ -101,6 +103,7 @@ impl Datapath {
                 None => MapContents {
                     endpoints: read_all(&self.maps.endpoints),
                     cgroups: read_all(&self.maps.cgroups),
+                    netns: read_all(&self.maps.netns),
                     services: read_all(&self.maps.services),
                     backends: read_all(&self.maps.backends),
                     policy: read_all(&self.maps.policy),
@@ -127,6 +130,7 @@ impl Datapath {
             n::ENDPOINTS,
         )?;
         report += reconcile(&mut m.cgroups, &have.cgroups, &want.cgroups, n::CGROUPS)?;
+        report += reconcile(&mut m.netns, &have.netns, &want.netns, n::NETNS)?;
         // Add new backend slots before services grow into them...
         let mut grown = want.backends.clone();
         for (k, v) in &have.backends {

@@ -60,6 +60,7 @@ impl RemoteCa {
         id: &SpiffeId,
         ttl: Duration,
         bundle: Arc<Bundle>,
+        endpoints: &[std::net::SocketAddrV4],
     ) -> Result<Svid, IdentityError> {
         let key = KeyPair::generate()?;
         let csr = CertificateParams::default()
@@ -77,23 +78,41 @@ impl RemoteCa {
             ttl_seconds: ttl.as_secs(),
         })
         .map_err(|e| self.error(e))?;
-        let chain = tokio::time::timeout(TIMEOUT, self.post(body, token.trim(), bundle))
+        let chain = tokio::time::timeout(TIMEOUT, self.post(body, token.trim(), bundle, endpoints))
             .await
             .map_err(|_| self.error("no answer within 10 s"))??;
         svid_from_chain(id, &chain, &key)
     }
 
+    /// Posts to one of `endpoints` (the service's pods, tried in order), or to `addr` itself
+    /// through DNS when the service is not known by name.
     async fn post(
         &self,
         body: Vec<u8>,
         token: &str,
         bundle: Arc<Bundle>,
+        endpoints: &[std::net::SocketAddrV4],
     ) -> Result<String, IdentityError> {
         let config =
             crate::tls::ca_client_config(bundle, &self.server_id).map_err(|e| self.error(e))?;
-        let tcp = tokio::net::TcpStream::connect(self.addr.as_str())
-            .await
-            .map_err(|e| self.error(e))?;
+        let tcp = if endpoints.is_empty() {
+            tokio::net::TcpStream::connect(self.addr.as_str())
+                .await
+                .map_err(|e| self.error(e))?
+        } else {
+            let mut last = None;
+            let mut connected = None;
+            for endpoint in endpoints {
+                match tokio::net::TcpStream::connect(endpoint).await {
+                    Ok(tcp) => {
+                        connected = Some(tcp);
+                        break;
+                    }
+                    Err(e) => last = Some(format!("{endpoint}: {e}")),
+                }
+            }
+            connected.ok_or_else(|| self.error(last.unwrap_or_default()))?
+        };
         // The name is not checked (the SPIFFE ID is); it only has to be a valid one.
         let name = rustls::pki_types::ServerName::try_from("weft-ca").map_err(|e| self.error(e))?;
         let tls = tokio_rustls::TlsConnector::from(config)

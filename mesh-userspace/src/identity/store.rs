@@ -212,7 +212,16 @@ impl Identities {
     /// Keeps SVIDs for exactly `wanted` (the node's workloads): obtains missing ones, replaces
     /// those past half their life, forgets the rest. Open connections keep the certificate they
     /// were established with; new handshakes use the new one.
-    pub async fn refresh(&self, trust_domain: &TrustDomain, wanted: &HashSet<SpiffeId>) {
+    ///
+    /// `ca_endpoints`: where the certificate service is, when its address names a Service the
+    /// agent knows (see [`crate::proxy::snapshot::Snapshot::resolve_service`]); empty: resolve
+    /// the address with DNS.
+    pub async fn refresh(
+        &self,
+        trust_domain: &TrustDomain,
+        wanted: &HashSet<SpiffeId>,
+        ca_endpoints: &[std::net::SocketAddrV4],
+    ) {
         *self
             .trust_domain
             .write()
@@ -237,7 +246,11 @@ impl Identities {
             }
             let issued = match &self.issuer {
                 Issuer::Local(ca) => ca.issue(id, self.ttl),
-                Issuer::Remote(remote) => remote.issue(id, self.ttl, self.bundle()).await,
+                Issuer::Remote(remote) => {
+                    remote
+                        .issue(id, self.ttl, self.bundle(), ca_endpoints)
+                        .await
+                }
             };
             let result = issued.map(|svid| self.store(Arc::new(svid)));
             if let Err(e) = result {

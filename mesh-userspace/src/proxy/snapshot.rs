@@ -116,6 +116,27 @@ pub struct Snapshot {
     pub mesh: MeshView,
     pub trust_domain: crate::identity::TrustDomain,
     pub problems: Vec<String>,
+    /// Ready endpoints of every Service port by `name.namespace:port`: the agent reaches
+    /// cluster services (the controller's certificate service) without cluster DNS, which a
+    /// host-network agent may not have (or not yet).
+    pub service_endpoints: HashMap<String, Vec<SocketAddrV4>>,
+}
+
+impl Snapshot {
+    /// The endpoints of `host:port` when `host` names a Service (`name.namespace.svc`, with or
+    /// without the cluster suffix, or `name.namespace`); empty otherwise.
+    #[must_use]
+    pub fn resolve_service(&self, addr: &str) -> Vec<SocketAddrV4> {
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return Vec::new();
+        };
+        let host = host.strip_suffix(".cluster.local").unwrap_or(host);
+        let host = host.strip_suffix(".svc").unwrap_or(host);
+        self.service_endpoints
+            .get(&format!("{host}:{port}"))
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// A meshed pod as the tunnel sees it.
@@ -159,9 +180,10 @@ impl MeshView {
                 node_addr: node.nodes.get(&w.node).and_then(|n| n.address),
                 labels: w.labels.clone(),
             };
-            view.by_key.insert(peer.key.clone(), w.ip);
-            view.by_id.insert(w.id, w.ip);
-            view.by_ip.insert(w.ip, peer);
+            let Some(ip) = w.ip else { continue };
+            view.by_key.insert(peer.key.clone(), ip);
+            view.by_id.insert(w.id, ip);
+            view.by_ip.insert(ip, peer);
         }
         view
     }
@@ -246,6 +268,19 @@ impl Snapshot {
                 .collect(),
             mesh: MeshView::build(node),
             trust_domain: node.trust_domain.clone(),
+            service_endpoints: node
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        format!("{}.{}:{}", s.name, s.namespace, s.port),
+                        s.backends
+                            .iter()
+                            .map(|(_, ip, port)| SocketAddrV4::new(*ip, *port))
+                            .collect(),
+                    )
+                })
+                .collect(),
             ..Self::default()
         };
         for ((sref, port), (vip, eps)) in &endpoints {
@@ -385,5 +420,37 @@ fn build_target(
         authn,
         problems,
         source: l7.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_resolve_by_name_with_or_without_the_cluster_suffix() {
+        let pods = vec![
+            SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 5), 15012),
+            SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, 5), 15012),
+        ];
+        let snap = Snapshot {
+            service_endpoints: [("weft-controller.weft-system:15012".to_owned(), pods.clone())]
+                .into(),
+            ..Snapshot::default()
+        };
+        for addr in [
+            "weft-controller.weft-system.svc:15012",
+            "weft-controller.weft-system.svc.cluster.local:15012",
+            "weft-controller.weft-system:15012",
+        ] {
+            assert_eq!(snap.resolve_service(addr), pods, "{addr}");
+        }
+        for other in [
+            "weft-controller.weft-system.svc:443",
+            "198.18.1.5:15012",
+            "no-port",
+        ] {
+            assert!(snap.resolve_service(other).is_empty(), "{other}");
+        }
     }
 }
