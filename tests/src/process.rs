@@ -56,6 +56,40 @@ pub(crate) fn command_in(
     Ok(command)
 }
 
+/// Builds a command that, once forked, starts a session of its own (it outlives the caller and
+/// its terminal), joins the cgroup `cgroup_dir` and the network and mount namespaces of the
+/// process `holder`, then execs `program`: a daemon of a cluster node.
+pub(crate) fn command_in_node(
+    program: impl AsRef<OsStr>,
+    holder: u32,
+    cgroup_dir: &Path,
+) -> Result<Command> {
+    let open = |ns: &str| {
+        let path = format!("/proc/{holder}/ns/{ns}");
+        File::open(&path).with_context(|| format!("opening {path}: is the node's holder alive?"))
+    };
+    let (net, mnt) = (open("net")?, open("mnt")?);
+    let procs_path = cgroup_dir.join("cgroup.procs");
+    let procs = File::options()
+        .write(true)
+        .open(&procs_path)
+        .with_context(|| format!("opening {}", procs_path.display()))?;
+    let mut command = Command::new(program);
+    let enter = move || -> io::Result<()> {
+        nix::unistd::setsid().map_err(errno_to_io)?;
+        nix::unistd::write(&procs, b"0").map_err(errno_to_io)?;
+        setns(&net, CloneFlags::CLONE_NEWNET).map_err(errno_to_io)?;
+        setns(&mnt, CloneFlags::CLONE_NEWNS).map_err(errno_to_io)?;
+        Ok(())
+    };
+    // SAFETY: as in `command_in`: setsid(2), write(2) and setns(2) on descriptors it owns, no
+    // allocation, no locks; safe after fork.
+    unsafe {
+        command.pre_exec(enter);
+    }
+    Ok(command)
+}
+
 fn errno_to_io(errno: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(errno as i32)
 }

@@ -1,9 +1,10 @@
-//! A real kube-apiserver and etcd for the Kubernetes tests, envtest style: the tests find them
-//! in `$KUBEBUILDER_ASSETS` (the envtest convention). When that is unset, this module provides
-//! them from Debian only: etcd from `etcd-server`, and kube-apiserver 1.20.2 built from Debian
-//! 12's `kubernetes` source package (no registry here ships a kube-apiserver binary). The build
-//! takes about 8 minutes on 2 cores, once: the result is cached outside the work tree, in
-//! [`CACHE_DIR`].
+//! Kubernetes 1.20.2 from Debian only: a real kube-apiserver and etcd for the Kubernetes tests,
+//! envtest style (the tests find them in `$KUBEBUILDER_ASSETS`, the envtest convention), and the
+//! rest of a real cluster for `cargo xtask cluster` and the end-to-end test: kube-controller-manager,
+//! kube-scheduler, kubelet, kube-proxy and the `pause` binary of the sandbox image. etcd comes
+//! from `etcd-server`; the Kubernetes binaries are built from Debian 12's `kubernetes` source
+//! package (no registry here ships them) with Debian's Go, in one `make`. The build takes about
+//! 11 minutes on 2 cores, once: the result is cached outside the work tree, in [`CACHE_DIR`].
 //!
 //! What the build needs, found when it was first done here: Debian's patches applied (`apt-get
 //! source` does that), the vendored `github.com/modern-go/reflect2` v1.0.1 replaced with
@@ -27,8 +28,16 @@ use crate::{run, setup, step};
 /// The Debian source package and its exact version (bookworm, with its security update).
 const SOURCE_PACKAGE: &str = "kubernetes";
 const SOURCE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
-/// Where the built assets live: outside any work tree, so clean clones and CI runs reuse them.
-const CACHE_DIR: &str = "/var/cache/weft/envtest/1.20.2";
+/// Where the built binaries live: outside any work tree, so clean clones and CI runs reuse them.
+pub const CACHE_DIR: &str = "/var/cache/weft/k8s/1.20.2";
+/// What one `make` builds.
+const COMMANDS: [&str; 5] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+];
 /// Build inputs from Debian.
 pub const PACKAGES: &[&str] = &[
     "golang-go",
@@ -39,10 +48,14 @@ pub const PACKAGES: &[&str] = &[
     "golang-github-modern-go-reflect2-dev",
     // The tests' service-account signing key.
     "openssl",
+    // The sandbox image's `pause`, linked statically.
+    "gcc",
+    "libc6-dev",
 ];
 const REFLECT2_DEBIAN: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 
-/// The directory holding `kube-apiserver` and `etcd`, building them if needed.
+/// The directory holding `kube-apiserver` and `etcd` (and the other cluster binaries), building
+/// them if needed.
 pub fn assets() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS") {
         let dir = PathBuf::from(dir);
@@ -57,13 +70,22 @@ pub fn assets() -> Result<PathBuf> {
         step!("envtest: using KUBEBUILDER_ASSETS={}", dir.display());
         return Ok(dir);
     }
+    binaries()
+}
+
+/// The directory holding every Kubernetes binary of a cluster (and `etcd`), building them once.
+pub fn binaries() -> Result<PathBuf> {
     let dir = PathBuf::from(CACHE_DIR);
     setup::ensure_packages(PACKAGES)?;
     link_etcd(&dir)?;
-    if dir.join("kube-apiserver").is_file() {
-        step!("envtest: kube-apiserver 1.20.2 present in {CACHE_DIR}");
+    let complete = COMMANDS
+        .iter()
+        .chain(&["pause"])
+        .all(|b| dir.join(b).is_file());
+    if complete {
+        step!("kubernetes: 1.20.2 binaries present in {CACHE_DIR}");
     } else {
-        build_apiserver(&dir)?;
+        build(&dir)?;
     }
     Ok(dir)
 }
@@ -158,17 +180,18 @@ fn private_apt(work: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
-fn build_apiserver(cache: &Path) -> Result<()> {
+fn build(cache: &Path) -> Result<()> {
     step!(
-        "envtest: building kube-apiserver 1.20.2 from Debian's {SOURCE_PACKAGE} source (about 8 minutes on 2 cores, once; cached in {CACHE_DIR})"
+        "kubernetes: building {} 1.20.2 from Debian's {SOURCE_PACKAGE} source (about 11 minutes on 2 cores, once; cached in {CACHE_DIR})",
+        COMMANDS.join(", ")
     );
-    let work = PathBuf::from("/var/cache/weft/envtest/build");
+    let work = PathBuf::from("/var/cache/weft/k8s/build");
     if work.exists() {
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
     step!(
-        "envtest: fetching the source package (private apt configuration, deb-src of the system's Debian archive)"
+        "kubernetes: fetching the source package (private apt configuration, deb-src of the system's Debian archive)"
     );
     run(private_apt(&work)?.arg("update"))?;
     run(private_apt(&work)?
@@ -183,7 +206,7 @@ fn build_apiserver(cache: &Path) -> Result<()> {
                     .is_some_and(|n| n.to_string_lossy().starts_with("kubernetes-"))
         })
         .context("apt-get source left no kubernetes-* directory")?;
-    step!("envtest: replacing vendored modern-go/reflect2 1.0.1 with Debian's 1.0.2");
+    step!("kubernetes: replacing vendored modern-go/reflect2 1.0.1 with Debian's 1.0.2");
     let vendored = tree.join("vendor/github.com/modern-go/reflect2");
     std::fs::remove_dir_all(&vendored)
         .with_context(|| format!("removing {}", vendored.display()))?;
@@ -191,24 +214,49 @@ fn build_apiserver(cache: &Path) -> Result<()> {
         .arg("-rL")
         .arg(REFLECT2_DEBIAN)
         .arg(&vendored))?;
-    step!("envtest: make WHAT=cmd/kube-apiserver");
+    let what = COMMANDS.map(|c| format!("cmd/{c}")).join(" ");
+    step!(
+        "kubernetes: make WHAT=\"{what}\" (compiler output in {})",
+        work.join("make.log").display()
+    );
+    let log = std::fs::File::create(work.join("make.log"))?;
     run(Command::new("make")
-        .arg("WHAT=cmd/kube-apiserver")
+        .arg(format!("WHAT={what}"))
+        .arg("GOLDFLAGS=-s -w")
         .current_dir(&tree)
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .env("GOFLAGS", "-mod=vendor")
         .env("GO111MODULE", "on")
         .env("GOCACHE", work.join("gocache"))
         .env("GOPATH", work.join("gopath"))
         .env("KUBE_GIT_VERSION", "v1.20.2")
         .env("KUBE_GIT_TREE_STATE", "clean"))?;
-    let built = tree.join("_output/bin/kube-apiserver");
-    if !built.is_file() {
-        bail!("make finished but {} is missing", built.display());
+    for command in COMMANDS {
+        let built = tree.join("_output/bin").join(command);
+        if !built.is_file() {
+            bail!("make finished but {} is missing", built.display());
+        }
+        install(&built, &cache.join(command))?;
     }
-    let tmp = cache.join("kube-apiserver.tmp");
-    std::fs::copy(&built, &tmp)?;
-    std::fs::rename(&tmp, cache.join("kube-apiserver"))?;
+    // The sandbox image's only program (kubelet runs one per pod), from the same tree.
+    let pause = work.join("pause");
+    run(Command::new("gcc")
+        .args(["-Os", "-static", "-o"])
+        .arg(&pause)
+        .arg(tree.join("build/pause/linux/pause.c"))
+        .arg("-DVERSION=3.2-weft"))?;
+    run(Command::new("strip").arg(&pause))?;
+    install(&pause, &cache.join("pause"))?;
     std::fs::remove_dir_all(&work).ok();
-    step!("envtest: kube-apiserver built and cached");
+    step!("kubernetes: binaries built and cached in {CACHE_DIR}");
+    Ok(())
+}
+
+/// Copies a file into the cache atomically (a crash never leaves a half-written binary).
+fn install(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).with_context(|| format!("copying {}", from.display()))?;
+    std::fs::rename(&tmp, to)?;
     Ok(())
 }

@@ -9,8 +9,11 @@
 )]
 
 mod bench;
+mod cluster;
 mod demo;
+mod e2e;
 mod envtest;
+mod image;
 mod setup;
 mod tools;
 
@@ -64,6 +67,40 @@ enum Cmd {
         #[command(subcommand)]
         which: BenchCmd,
     },
+    /// Write Weft's container images (OCI archives, importable with `ctr images import`,
+    /// `docker load` and `podman load`) into target/images.
+    Image,
+    /// Weft on a real two-node Kubernetes 1.20 cluster, end to end: cluster up, images
+    /// imported, helm install, checks with kubectl, helm uninstall, cluster down.
+    E2e {
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Leave the cluster up when a check fails (`cargo xtask cluster down` removes it).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// A real two-node Kubernetes 1.20 cluster on this machine (private namespaces and cgroup).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Build what is missing (Kubernetes from Debian's source, images) and start the cluster.
+    Up {
+        /// Run without kube-proxy: Services only through Weft's connect-time load balancing.
+        #[arg(long)]
+        no_kube_proxy: bool,
+    },
+    /// Remove the cluster and everything it made.
+    Down,
+    /// Nodes and pods.
+    Status,
+    /// kubectl against the cluster: `cargo xtask cluster kubectl -- get pods -A`.
+    Kubectl { args: Vec<String> },
 }
 
 #[derive(Subcommand)]
@@ -220,8 +257,35 @@ fn manifests() -> Result<()> {
 
 const MANIFESTS_HEADER: &str = "# The Helm chart deploy/helm/weft rendered with its default values (`cargo xtask manifests`);\n# apply after `kubectl create namespace weft-system`. Do not edit: change the chart.\n";
 
+/// Builds the release binaries and writes the images.
+fn images() -> Result<cluster::Images> {
+    ensure_setup()?;
+    setup::ensure_packages(cluster::PACKAGES)?;
+    let (weft, workload) = build(true)?;
+    let k8s = envtest::binaries()?;
+    cluster::build_images(&weft, &workload, &k8s, &cluster::image_dir())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Image => images().map(drop),
+        Cmd::E2e { json, keep } => {
+            let images = images()?;
+            let weft = workspace_root().join("target/release/weft");
+            e2e::run(&weft, &images, json.as_deref(), keep).map(drop)
+        }
+        Cmd::Cluster { action } => {
+            let name = testbed::cluster::DEFAULT_NAME;
+            match action {
+                ClusterCmd::Up { no_kube_proxy } => {
+                    let images = images()?;
+                    cluster::up(name, &images, !no_kube_proxy).map(drop)
+                }
+                ClusterCmd::Down => cluster::down(name),
+                ClusterCmd::Status => cluster::status(name),
+                ClusterCmd::Kubectl { args } => cluster::kubectl(name, &args),
+            }
+        }
         Cmd::Setup => setup::setup(),
         Cmd::Manifests => manifests(),
         Cmd::Envtest => {

