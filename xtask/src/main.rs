@@ -315,7 +315,23 @@ fn main() -> Result<()> {
                 .env("WEFT_HELM", &helm)
                 .env("WEFT_BIN", &weft)
                 .env("WEFT_WORKLOAD_BIN", &workload);
-            run(&mut cmd)
+            let tests = run(&mut cmd);
+            if !args.is_empty() {
+                // A filtered run is for the tests it names.
+                return tests;
+            }
+            step!("end to end on a real two-node Kubernetes cluster (cargo xtask e2e)");
+            let e2e = images().and_then(|images| {
+                let weft = workspace_root().join("target/release/weft");
+                let report = workspace_root().join("target/e2e.json");
+                e2e::run(&weft, &images, Some(&report), false)
+            });
+            match (tests, e2e) {
+                (Ok(()), Ok(_)) => Ok(()),
+                (Err(t), Ok(_)) => Err(t),
+                (Ok(()), Err(e)) => Err(e),
+                (Err(t), Err(e)) => Err(t.context(format!("and the end-to-end test failed too: {e:#}"))),
+            }
         }
         Cmd::Demo { secs } => {
             ensure_setup()?;
