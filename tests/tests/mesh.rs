@@ -915,7 +915,7 @@ fn pods_use_the_socket_fast_path_only_where_the_kernel_self_test_allows() -> Res
         .filter_map(|c| c["name"].as_str())
         .collect();
     ensure!(
-        cases == ["redirect", "splice_reader", "blocking_wakeup"],
+        cases == ["redirect", "splice_reader", "blocking_wakeup", "rcvlowat"],
         "self-test cases: {test}"
     );
     ensure!(

@@ -10,6 +10,7 @@
 
 mod bench;
 mod cluster;
+mod compat;
 mod demo;
 mod e2e;
 mod envtest;
@@ -66,6 +67,13 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+    },
+    /// The compatibility matrix: socket patterns and real programs between two pods, without
+    /// Weft, with Weft as users get it, and with the socket fast path forced on.
+    Compat {
+        /// Write the matrix as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Write Weft's container images (OCI archives, importable with `ctr images import`,
     /// `docker load` and `podman load`) into target/images.
@@ -266,9 +274,64 @@ fn images() -> Result<cluster::Images> {
     cluster::build_images(&weft, &workload, &k8s, &cluster::image_dir())
 }
 
+/// `cargo xtask test`: the Rust tests (unit, object layout, privileged testbed), then the
+/// compatibility matrix and the end-to-end test on a real cluster (unless filtered).
+fn test(args: &[String]) -> Result<()> {
+    ensure_setup()?;
+    let assets = envtest::assets()?;
+    let helm = tools::helm()?;
+    tools::kubernetes_validate()?;
+    let (weft, workload) = build(false)?;
+    step!("running the tests (unit, object layout, and privileged testbed integration tests)");
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-fail-fast", "--"])
+        .args(["--test-threads", "2"])
+        .args(args)
+        .env("KUBEBUILDER_ASSETS", &assets)
+        .env("WEFT_HELM", &helm)
+        .env("WEFT_BIN", &weft)
+        .env("WEFT_WORKLOAD_BIN", &workload);
+    let tests = run(&mut cmd);
+    if !args.is_empty() {
+        // A filtered run is for the tests it names.
+        return tests;
+    }
+    step!("the compatibility matrix (cargo xtask compat)");
+    let report = workspace_root().join("target/compat.json");
+    let compat = testbed::use_binaries(&weft, &workload)
+        .and_then(|()| compat::run(Some(&report)))
+        .and_then(|r| compat::verdict(&r));
+    step!("end to end on a real two-node Kubernetes cluster (cargo xtask e2e)");
+    let e2e = images().and_then(|images| {
+        let weft = workspace_root().join("target/release/weft");
+        let report = workspace_root().join("target/e2e.json");
+        e2e::run(&weft, &images, Some(&report), false)
+    });
+    let failures: Vec<String> = [
+        tests.err().map(|e| format!("tests: {e:#}")),
+        compat.err().map(|e| format!("{e:#}")),
+        e2e.err().map(|e| format!("end to end: {e:#}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", failures.join("\n"))
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Image => images().map(drop),
+        Cmd::Compat { json } => {
+            ensure_setup()?;
+            let (weft, workload) = build(false)?;
+            testbed::use_binaries(&weft, &workload)?;
+            let report = compat::run(json.as_deref())?;
+            compat::verdict(&report)
+        }
         Cmd::E2e { json, keep } => {
             let images = images()?;
             let weft = workspace_root().join("target/release/weft");
@@ -298,41 +361,7 @@ fn main() -> Result<()> {
             ensure_setup()?;
             build(release).map(drop)
         }
-        Cmd::Test { args } => {
-            ensure_setup()?;
-            let assets = envtest::assets()?;
-            let helm = tools::helm()?;
-            tools::kubernetes_validate()?;
-            let (weft, workload) = build(false)?;
-            step!(
-                "running the tests (unit, object layout, and privileged testbed integration tests)"
-            );
-            let mut cmd = cargo();
-            cmd.args(["test", "--no-fail-fast", "--"])
-                .args(["--test-threads", "2"])
-                .args(&args)
-                .env("KUBEBUILDER_ASSETS", &assets)
-                .env("WEFT_HELM", &helm)
-                .env("WEFT_BIN", &weft)
-                .env("WEFT_WORKLOAD_BIN", &workload);
-            let tests = run(&mut cmd);
-            if !args.is_empty() {
-                // A filtered run is for the tests it names.
-                return tests;
-            }
-            step!("end to end on a real two-node Kubernetes cluster (cargo xtask e2e)");
-            let e2e = images().and_then(|images| {
-                let weft = workspace_root().join("target/release/weft");
-                let report = workspace_root().join("target/e2e.json");
-                e2e::run(&weft, &images, Some(&report), false)
-            });
-            match (tests, e2e) {
-                (Ok(()), Ok(_)) => Ok(()),
-                (Err(t), Ok(_)) => Err(t),
-                (Ok(()), Err(e)) => Err(e),
-                (Err(t), Err(e)) => Err(t.context(format!("and the end-to-end test failed too: {e:#}"))),
-            }
-        }
+        Cmd::Test { args } => test(&args),
         Cmd::Demo { secs } => {
             ensure_setup()?;
             let bins = build(true)?;

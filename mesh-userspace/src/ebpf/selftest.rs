@@ -9,6 +9,8 @@
 //!   `tcp_splice_read` → `tcp_read_sock`, which sees only the TCP receive queue: it blocks while
 //!   the data sits in the psock queue and returns 0 (end of stream) at the peer's FIN. Go's
 //!   `io.Copy` between TCP connections, haproxy and nginx stream proxies splice.
+//! - **`SO_RCVLOWAT` is not honoured**: a read returns the first redirected message, however
+//!   short.
 //! - **Blocking readers get spurious `EAGAIN`.** `tcp_bpf_recvmsg` waits once
 //!   (`tcp_msg_wait_data` → `sk_wait_event`); any wake-up of the socket's wait queue without data
 //!   — the socket's own state change when it half-closes (`FIN_WAIT2`), send-buffer space freed for
@@ -202,6 +204,11 @@ fn run_in(scratch: &Path) -> Result<SocketSelfTest, EbpfError> {
             join(&client, &server)?;
             blocking_wakeup(&client, &server)
         }));
+        cases.push(case("rcvlowat", || {
+            let (client, server) = connected_pair()?;
+            join(&client, &server)?;
+            rcvlowat(&client, &server)
+        }));
         cases
     })
     .map_err(|e| EbpfError::Io {
@@ -313,6 +320,28 @@ fn blocking_wakeup(client: &TcpStream, server: &TcpStream) -> CaseResult {
     }
 }
 
+/// A reader waiting with `SO_RCVLOWAT` 50 must not wake for the first 10 bytes.
+fn rcvlowat(client: &TcpStream, server: &TcpStream) -> CaseResult {
+    set_rcvlowat(server, 50)?;
+    server.set_read_timeout(Some(CASE_TIMEOUT))?;
+    let mut reader = server.try_clone()?;
+    let waiting = std::thread::spawn(move || {
+        let mut buf = [0_u8; 100];
+        reader.read(&mut buf)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let mut writer = client;
+    writer.write_all(&[1; 10])?;
+    std::thread::sleep(Duration::from_millis(50));
+    writer.write_all(&[2; 90])?;
+    match waiting.join() {
+        Ok(Ok(n)) if n >= 50 => Ok(()),
+        Ok(Ok(n)) => Err(format!("a read with SO_RCVLOWAT 50 returned {n} bytes").into()),
+        Ok(Err(e)) => Err(format!("a read with SO_RCVLOWAT 50 failed: {e}").into()),
+        Err(_) => Err("the reading thread panicked".into()),
+    }
+}
+
 /// Runs `f` on a thread of its own in a new network namespace with only loopback (up): the
 /// test's sockets never meet the node's. Without the privilege for that, on the caller's
 /// namespace's loopback.
@@ -335,6 +364,27 @@ fn in_private_netns<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T>
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("self-test thread panicked")))
     })
+}
+
+/// `setsockopt(SO_RCVLOWAT)`.
+#[allow(unsafe_code, reason = "one setsockopt nix has no wrapper for")]
+fn set_rcvlowat(socket: &TcpStream, bytes: libc::c_int) -> std::io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: a valid socket and an int of the option's size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&bytes).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// `ip link set lo up` in the calling thread's network namespace.
