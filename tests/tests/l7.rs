@@ -623,6 +623,75 @@ spec:
     Ok(())
 }
 
+/// What a strict origin would refuse, the engine refuses with a 4xx and never passes on:
+/// ambiguous framing is how requests are smuggled past a proxy (RFC 9112 §6.1).
+#[test]
+fn ambiguous_or_invalid_request_framing_is_refused_not_forwarded() -> Result<()> {
+    let m = L7Mesh::new("l7-framing", &[], &[])?;
+    let route = SPLIT_80_20
+        .replace("weight: 80", "weight: 100")
+        .replace("weight: 20", "weight: 0");
+    m.apply_l7("route.yaml", &route, WEB_VIP)?;
+    let raw = |request: &str| -> Result<String> {
+        let script =
+            format!("exec 3<>/dev/tcp/{WEB_VIP}/80; printf '{request}' >&3; timeout 3 cat <&3");
+        let out = m
+            .client()
+            .run(Duration::from_secs(15), "bash", ["-c", &script])?;
+        Ok(out.stdout)
+    };
+    let cases = [
+        (
+            "Content-Length and Transfer-Encoding",
+            "POST / HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 5\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\nGET /smuggled HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n",
+            Some("both Content-Length and Transfer-Encoding"),
+        ),
+        (
+            "two Content-Lengths",
+            "POST / HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 3\\r\\nContent-Length: 4\\r\\n\\r\\nabcd",
+            None,
+        ),
+        (
+            "a coding other than chunked",
+            "POST / HTTP/1.1\\r\\nHost: a\\r\\nTransfer-Encoding: gzip, chunked\\r\\n\\r\\n0\\r\\n\\r\\n",
+            None,
+        ),
+        (
+            "an invalid chunk size",
+            "POST / HTTP/1.1\\r\\nHost: a\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\nzz\\r\\nhello\\r\\n0\\r\\n\\r\\n",
+            None,
+        ),
+        (
+            "an obsolete folded header",
+            "GET / HTTP/1.1\\r\\nHost: a\\r\\nX-A: b\\r\\n  c\\r\\n\\r\\n",
+            None,
+        ),
+    ];
+    for (what, request, message) in cases {
+        let answer = raw(request)?;
+        let status: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        ensure!(
+            (400..500).contains(&status),
+            "{what}: want a 4xx, got {answer:.200?}"
+        );
+        if let Some(message) = message {
+            ensure!(answer.contains(message), "{what}: {answer:.300?}");
+        }
+        ensure!(
+            !answer.contains("HTTP/1.1 200"),
+            "{what}: something was forwarded: {answer:.300?}"
+        );
+    }
+    // A well-formed request on the same route still works.
+    let ok = m.get(WEB_VIP, "/", 1, &[])?;
+    ensure!(ok.status(200) == 1, "{ok:?}");
+    Ok(())
+}
+
 #[test]
 fn non_http_bytes_are_piped_opaque() -> Result<()> {
     let m = L7Mesh::new("l7-opaque", &[], &[])?;

@@ -205,6 +205,31 @@ where
     }
 }
 
+/// Answers a request head the engine refuses (see [`super::strict`]) with `status` and closes the
+/// connection the lingering way.
+pub async fn refuse_head(
+    client: &mut (impl tokio::io::AsyncWrite + Unpin),
+    raw: Option<std::net::TcpStream>,
+    status: u16,
+    problem: &str,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let body = format!("{problem}\n");
+    let reason = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Bad Request");
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.write_all(head.as_bytes()).await;
+    let _ = client.flush().await;
+    if let Some(raw) = raw {
+        lingering_close(raw).await;
+    }
+}
+
 /// Shuts the socket's sending side, then discards what the peer still sends (at most 1 MiB,
 /// for at most 2 s), so that the close does not reset the connection under the last answer.
 async fn lingering_close(raw: std::net::TcpStream) {
@@ -314,9 +339,18 @@ async fn handle(
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    let grpc = is_grpc(req.headers());
+    if let Some(problem) = framing_problem(&req) {
+        // What a strict origin would refuse is refused here, never passed on: a request whose
+        // length two headers disagree on is how requests are smuggled (RFC 9112 §6.1).
+        ctx.engine.metrics.error("bad_request");
+        let mut resp = local_reply(StatusCode::BAD_REQUEST, grpc, problem);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     let snapshot = ctx.engine.snapshot();
     let target = snapshot.targets.get(&ctx.orig_dst).cloned();
-    let grpc = is_grpc(req.headers());
     let Some(target) = target else {
         // The service lost its L7 policy while this connection was open: plain proxying.
         return Ok(match snapshot.plain.get(&ctx.orig_dst).cloned() {
@@ -415,6 +449,33 @@ async fn handle(
         );
     }
     Ok(resp)
+}
+
+/// Why an HTTP/1 request's framing is not one a strict origin accepts (RFC 9112 §6): both
+/// `Content-Length` and `Transfer-Encoding`, several or non-numeric `Content-Length`s, or a
+/// transfer coding other than exactly `chunked`.
+fn framing_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    if req.version() == Version::HTTP_2 {
+        return None;
+    }
+    let headers = req.headers();
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if !lengths.is_empty() && !codings.is_empty() {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    if lengths.len() > 1
+        || lengths
+            .iter()
+            .any(|v| v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
+    {
+        return Some("invalid Content-Length");
+    }
+    match codings.as_slice() {
+        [] => None,
+        [one] if one.as_bytes().eq_ignore_ascii_case(b"chunked") => None,
+        _ => Some("unsupported Transfer-Encoding (only chunked)"),
+    }
 }
 
 /// The request's JWT under the service's `RequestAuthentication`s: the principal of a valid
@@ -696,6 +757,16 @@ async fn route_request(
         0
     };
     let (parts, body) = req.into_parts();
+    // A client body that breaks off or is malformed (a bad chunk size) is the client's error:
+    // marked here, so that the upstream's failure it causes is answered 400, not 502.
+    let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = {
+        let failed = client_body_failed.clone();
+        body.map_err(move |e| {
+            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            e
+        })
+    };
     let body = match buffer_body(body, keep_cap).await {
         Ok(b) => b,
         Err(e) => {
@@ -725,6 +796,12 @@ async fn route_request(
         },
         None => run.await,
     };
+    if client_body_failed.load(std::sync::atomic::Ordering::Relaxed)
+        && resp.status().is_server_error()
+    {
+        m.error("bad_request");
+        resp = local_reply(StatusCode::BAD_REQUEST, grpc, "invalid request body");
+    }
     if let Some(a) = action {
         a.response_headers.apply(resp.headers_mut());
     }

@@ -17,6 +17,7 @@ pub mod outlier;
 pub mod ratelimit;
 pub mod route;
 pub mod snapshot;
+pub mod strict;
 pub mod trace;
 pub mod tunnel;
 
@@ -212,6 +213,30 @@ impl Engine {
                 },
             })
             .inc();
+        if protocol == Protocol::Http1 {
+            let refusal = match read_first_head(&mut stream, &mut buf).await {
+                FirstHead::Complete => match strict::head_end(&buf) {
+                    Some(end) if end > http::MAX_HEADER_BYTES => {
+                        Some((431, "request header fields too large"))
+                    }
+                    Some(end) => strict::head_problem(&buf[..end]).map(|p| (400, p)),
+                    None => None,
+                },
+                FirstHead::TooLarge => Some((431, "request header fields too large")),
+                FirstHead::TimedOut => Some((408, "request header not received in time")),
+                // Nothing to answer: the client is gone or sent a partial head and half-closed;
+                // hyper reports that as it would for any connection.
+                FirstHead::Closed => None,
+            };
+            if let Some((status, problem)) = refusal {
+                self.metrics.error("bad_request");
+                tracing::debug!(%client, problem, "request refused");
+                let raw = stream.get_ref().as_ref_std_clone();
+                http::refuse_head(&mut stream, raw, status, problem).await;
+                self.connections.close(id);
+                return;
+            }
+        }
         let prefix = buf.freeze();
         match protocol {
             Protocol::Http1 => {
@@ -290,6 +315,41 @@ async fn detect_protocol(
                 }
                 buf.reserve(4096);
             }
+        }
+    }
+}
+
+/// How reading the connection's first request head ended.
+enum FirstHead {
+    /// `buf` holds a whole head (and maybe more).
+    Complete,
+    /// No head end within [`http::MAX_HEADER_BYTES`].
+    TooLarge,
+    /// The client stopped sending before the head ended (slow-loris).
+    TimedOut,
+    /// The client closed (or the read failed) before the head ended.
+    Closed,
+}
+
+/// Reads until `buf` holds the connection's first request head, it grows too long, the client
+/// is too slow or the connection ends.
+async fn read_first_head(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> FirstHead {
+    let deadline = tokio::time::Instant::now() + http::HEADER_READ_TIMEOUT;
+    loop {
+        if strict::head_end(buf).is_some() {
+            return FirstHead::Complete;
+        }
+        if buf.len() >= http::MAX_HEADER_BYTES {
+            return FirstHead::TooLarge;
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return FirstHead::Closed,
+            Err(_) => return FirstHead::TimedOut,
         }
     }
 }
