@@ -15,6 +15,20 @@
 
 // --- names shared by both sides -------------------------------------------------------------
 
+/// The version of this contract, recorded with a node's pinned datapath.
+///
+/// How the contract may evolve so that an agent of a new build can take over the pins of an old
+/// one without losing state (see `ebpf::generation` in the agent):
+/// - a map value may only grow by fields **appended** at its end whose zero value means "as
+///   before": the new agent copies every entry, zero-extended, into a map of the new layout;
+/// - a map whose key, type or flags change starts empty in the new agent (agent-owned maps are
+///   refilled from the configuration before the new programs take over);
+/// - any change the sizes do not show (a field reordered, a meaning changed): bump this number;
+///   an agent that finds pins of another version starts every map empty;
+/// - the sockhash can never be copied: when its layout changes, the old one stays pinned, with
+///   its sockets and their `sk_msg` program, until the last of those connections has closed.
+pub const ABI_VERSION: u32 = 1;
+
 /// Map names (the symbol names in the eBPF object). At most 15 bytes: the kernel truncates longer
 /// object names, and `bpftool map` should show exactly these.
 pub mod map_names {

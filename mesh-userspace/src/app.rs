@@ -87,6 +87,8 @@ pub struct Shared {
     pub interfaces: BTreeMap<String, String>,
     /// Whether this kernel's socket redirect serves applications exactly (run at start).
     pub socket_self_test: Option<ebpf::selftest::SocketSelfTest>,
+    /// This build's datapath generation (what the pins record once an upgrade finished).
+    pub datapath_generation: Option<String>,
     /// Enrolments from the CNI plugin, to the datapath thread.
     #[serde(skip)]
     pub enrol: Option<std::sync::mpsc::Sender<EnrolRequest>>,
@@ -132,6 +134,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         config: Some(config.clone()),
         startup: Some(datapath.startup),
         socket_self_test: Some(socket_test.clone()),
+        datapath_generation: Some(ebpf::generation::describe(&ebpf::generation::fingerprint())),
         metrics,
         registry: Some(Arc::new(registry)),
         engine,
@@ -980,6 +983,11 @@ fn kernel_snapshot(
         fast_path_enabled: cfg.flags & mesh_common::config_flags::FAST_PATH != 0,
         fast_path_killed: cfg.fast_path_killed != 0,
         sockhash_entries: dp.sockhash_len(),
+        // Also unpins what an upgrade retired once nothing needs it.
+        retired_sockets: dp.sweep_retired().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "sweeping retired maps failed");
+            0
+        }),
         workloads: node.workloads.len(),
         config_errors: 0,
         syncs,

@@ -40,6 +40,9 @@ pub struct KernelSnapshot {
     pub fast_path_enabled: bool,
     pub fast_path_killed: bool,
     pub sockhash_entries: usize,
+    /// Sockets still in the sockhash of an older datapath generation (connections made before
+    /// an upgrade that changed its layout).
+    pub retired_sockets: usize,
     pub workloads: usize,
     pub config_errors: usize,
     pub syncs: u64,
@@ -232,6 +235,12 @@ impl Collector for Collector_ {
             "sockhash_entries",
             "Sockets eligible for the fast path.",
             i64::try_from(s.sockhash_entries).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut e,
+            "datapath_retired_sockets",
+            "Fast-path sockets still in the sockhash of an older datapath generation.",
+            i64::try_from(s.retired_sockets).unwrap_or(i64::MAX),
         )?;
         gauge(
             &mut e,

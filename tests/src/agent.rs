@@ -172,6 +172,14 @@ impl Agent {
         self.spawn(node)
     }
 
+    /// Starts the agent again with other extra arguments (another configuration of the same
+    /// node, e.g. other map sizes).
+    pub fn restart_with(&mut self, node: &Node, extra_args: &[&str]) -> Result<()> {
+        self.kill9();
+        self.extra = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        self.spawn(node)
+    }
+
     /// SIGTERM and wait: the datapath stays installed.
     pub fn stop(&mut self) -> Result<String> {
         match self.proc.take() {

@@ -548,6 +548,139 @@ fn agent_kill_9_and_restart_breaks_no_connection_and_counters_continue() -> Resu
     Ok(())
 }
 
+/// The generation record of the pinned datapath in `dir`.
+fn pinned_generation(dir: &std::path::Path) -> Result<[u8; 40]> {
+    let data = aya::maps::MapData::from_pin(dir.join("generation"))?;
+    let map: aya::maps::Array<_, [u8; 40]> = aya::maps::Map::from_map_data(data)?.try_into()?;
+    Ok(map.get(&0, 0)?)
+}
+
+fn set_pinned_generation(dir: &std::path::Path, value: [u8; 40]) -> Result<()> {
+    let data = aya::maps::MapData::from_pin(dir.join("generation"))?;
+    let mut map: aya::maps::Array<_, [u8; 40]> = aya::maps::Map::from_map_data(data)?.try_into()?;
+    Ok(map.set(0, value, 0)?)
+}
+
+/// An agent of another build (its programs changed), then one with another map layout (a
+/// sockhash of another capacity), each take over the pins of the one before while 100 fast-path
+/// connections exchange checked messages: none breaks, new connections take the new fast path,
+/// the old sockhash stays pinned exactly as long as its connections live.
+#[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, step by step")]
+fn upgrades_to_another_build_and_map_layout_break_no_connection() -> Result<()> {
+    let mut m = Mesh::new("agent-upgrade", &[])?;
+    let dir = m.agent.bpffs_dir.clone();
+    let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
+    let hold = m.pod("a").hold(
+        server.addr(),
+        100,
+        Duration::from_millis(50),
+        Duration::from_mins(2),
+    )?;
+    eventually(Duration::from_secs(10), || {
+        let n = m.agent.metric(
+            "weft_tcp_connections_opened_total",
+            &[("source_workload", "a"), ("destination_workload", "b")],
+        )?;
+        ensure!(n >= 100.0, "opened {n}");
+        Ok(())
+    })?;
+    let this_build = pinned_generation(&dir)?;
+    let bytes_before = m.fast_path_bytes("a", "b")?;
+
+    // 1. The pins say another build wrote them: every program is replaced behind the same links.
+    m.agent.kill9();
+    let mut older = this_build;
+    older[8..].fill(0xab);
+    set_pinned_generation(&dir, older)?;
+    let (progs_before, links_before) = (pinned_program_ids(&dir)?, pinned_link_ids(&dir)?);
+    let node = &m.node;
+    m.agent.restart(node)?;
+    ensure!(
+        m.agent.status()?["startup"] == "upgraded",
+        "another build's pins must be upgraded: {}",
+        m.agent.status()?
+    );
+    eventually(Duration::from_secs(5), || {
+        ensure!(
+            pinned_generation(&dir)? == this_build,
+            "generation not recorded yet"
+        );
+        Ok(())
+    })?;
+    let (progs_after, links_after) = (pinned_program_ids(&dir)?, pinned_link_ids(&dir)?);
+    ensure!(
+        progs_after.iter().all(|id| !progs_before.contains(id)),
+        "every program must be new: {progs_before:?} → {progs_after:?}"
+    );
+    ensure!(
+        links_after == links_before,
+        "the links stay, switched: {links_before:?} → {links_after:?}"
+    );
+    for (link, prog) in pinned_link_programs(&dir)? {
+        ensure!(
+            progs_after.contains(&prog),
+            "link {link} still runs the old program {prog}"
+        );
+    }
+    let new_conn = m.pod("c").transfer(server.addr(), MIB, 2)?;
+    ensure!(new_conn.all_ok(), "after the upgrade: {new_conn:?}");
+
+    // 2. Another sockhash capacity: the old sockhash is retired with its 100 sockets.
+    m.agent
+        .restart_with(node, &["--sockhash-capacity", "8192"])?;
+    let status = m.agent.status()?;
+    ensure!(status["startup"] == "upgraded", "{status}");
+    eventually(Duration::from_secs(5), || {
+        let s = m.agent.status()?;
+        ensure!(
+            s["retired_sockets"].as_u64() >= Some(100),
+            "the retired sockhash keeps the held connections: {s}"
+        );
+        Ok(())
+    })?;
+    let seen: Vec<Value> = m
+        .flows("c", "b")?
+        .iter()
+        .map(|f| f["src"]["port"].clone())
+        .collect();
+    let after = m.pod("c").transfer(server.addr(), MIB, 2)?;
+    ensure!(after.all_ok(), "after the layout change: {after:?}");
+    m.settle()?;
+    let new_flows: Vec<Value> = m
+        .flows("c", "b")?
+        .into_iter()
+        .filter(|f| !seen.contains(&f["src"]["port"]))
+        .collect();
+    ensure!(
+        new_flows.len() == 2
+            && new_flows
+                .iter()
+                .all(|f| f["fast_bytes"].as_u64() == Some(2 * MIB)),
+        "new connections take the new fast path: {new_flows:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let report = hold.finish()?;
+    ensure!(
+        report.conns == 100 && report.broken == 0 && report.rounds > 20,
+        "held connections across both upgrades: {report:?}"
+    );
+    eventually(Duration::from_secs(10), || {
+        ensure!(
+            !dir.join("retired").exists(),
+            "the retired sockhash is unpinned once its connections closed"
+        );
+        Ok(())
+    })?;
+    m.settle()?;
+    let bytes_after = m.fast_path_bytes("a", "b")?;
+    ensure!(
+        bytes_after > bytes_before,
+        "counters continue across upgrades: {bytes_before} → {bytes_after}"
+    );
+    Ok(())
+}
+
 /// Program ids of everything pinned under the node's bpffs directory.
 fn pinned_program_ids(dir: &std::path::Path) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
@@ -560,6 +693,14 @@ fn pinned_program_ids(dir: &std::path::Path) -> Result<Vec<u32>> {
 
 /// Link ids (cgroup and tcx attachments) of everything pinned under `dir/links`.
 fn pinned_link_ids(dir: &std::path::Path) -> Result<Vec<u32>> {
+    Ok(pinned_link_programs(dir)?
+        .into_iter()
+        .map(|(link, _)| link)
+        .collect())
+}
+
+/// (link id, id of the program it runs) of everything pinned under `dir/links`.
+fn pinned_link_programs(dir: &std::path::Path) -> Result<Vec<(u32, u32)>> {
     let mut ids = Vec::new();
     for sub in ["links", "links/tc"] {
         for e in std::fs::read_dir(dir.join(sub))? {
@@ -569,7 +710,8 @@ fn pinned_link_ids(dir: &std::path::Path) -> Result<Vec<u32>> {
             }
             let link: aya::programs::links::FdLink =
                 aya::programs::links::PinnedLink::from_pin(&path)?.into();
-            ids.push(link.info()?.id());
+            let info = link.info()?;
+            ids.push((info.id(), info.program_id()));
         }
     }
     Ok(ids)

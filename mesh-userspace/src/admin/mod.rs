@@ -25,6 +25,12 @@ pub struct Status {
     pub services: usize,
     pub policy_entries: usize,
     pub sockhash_entries: usize,
+    /// Sockets of connections made before an upgrade changed the sockhash's layout.
+    #[serde(default)]
+    pub retired_sockets: usize,
+    /// The build that wrote the pinned datapath (`abi<N>-<object hash>`).
+    #[serde(default)]
+    pub datapath_generation: Option<String>,
     /// The kernel's socket self-test (absent from agents that predate it).
     #[serde(default)]
     pub socket_self_test: Option<crate::ebpf::selftest::SocketSelfTest>,
@@ -246,6 +252,8 @@ fn status(s: &crate::app::Shared) -> Status {
         services: s.node.services.len(),
         policy_entries: s.node.policy.len(),
         sockhash_entries: kernel.sockhash_entries,
+        retired_sockets: kernel.retired_sockets,
+        datapath_generation: s.datapath_generation.clone(),
         socket_self_test: s.socket_self_test.clone(),
         socket_fast_path_workloads: {
             let kernel_ok = s.socket_self_test.as_ref().is_some_and(|t| t.passed);

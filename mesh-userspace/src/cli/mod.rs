@@ -268,6 +268,7 @@ pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
     let startup = match s.startup {
         Some(crate::ebpf::Startup::Installed) => "installed",
         Some(crate::ebpf::Startup::Adopted) => "adopted from pins (agent restart)",
+        Some(crate::ebpf::Startup::Upgraded) => "upgraded the pins of another build in place",
         None => "not loaded",
     };
     println!("datapath          {startup} at {}", s.bpffs_dir);
@@ -291,6 +292,15 @@ pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
     println!("services          {}", s.services);
     println!("policy entries    {}", s.policy_entries);
     println!("fast-path sockets {}", s.sockhash_entries);
+    if s.retired_sockets > 0 {
+        println!(
+            "                  {} more from before the last upgrade",
+            s.retired_sockets
+        );
+    }
+    if let Some(g) = &s.datapath_generation {
+        println!("datapath          {g}");
+    }
     println!("live flows        {}", s.live_flows);
     if let Some(ids) = &s.identities {
         let now = std::time::SystemTime::now()

@@ -13,10 +13,15 @@
 //!                              the L7 engine's sockets fast-path eligible
 //! <dir>/links/tc/<if>-from    tcx ingress link on a pod's host-side veth (traffic from the pod)
 //! <dir>/links/tc/<if>-to      tcx egress link (traffic to the pod)
+//! <dir>/generation            the build that wrote the pins (ABI version, object hash)
+//! <dir>/retired/<n>/<MAP>     maps an upgrade replaced, until nothing needs them
 //! ```
 //! `sk_msg` is attached to the sockhash itself, so it lives as long as the pinned map does.
-//! A restarted agent finds the links pinned and adopts everything without touching the kernel's
-//! attachments: established connections never notice the agent was gone.
+//! A restarted agent of the same build finds the links pinned and adopts everything without
+//! touching the kernel's attachments; an agent of another build upgrades them in place
+//! ([`generation`]). Either way established connections never notice the agent was gone.
+pub mod generation;
+mod raw;
 pub mod selftest;
 mod sync;
 
@@ -98,6 +103,14 @@ pub enum Startup {
     Installed,
     /// Found them pinned and attached (agent restart): nothing in the kernel changed.
     Adopted,
+    /// Found the pins of another build (or other map sizes) and upgraded them in place: the
+    /// new programs take over each link once the agent has written its configuration.
+    Upgraded,
+}
+
+/// The link switch an upgrade leaves for after the first configuration pass.
+struct PendingUpgrade {
+    retired: Vec<generation::Retired>,
 }
 
 /// Typed handles on the pinned maps.
@@ -128,6 +141,7 @@ pub struct Datapath {
     /// pass (which reads the pinned maps back, to adopt whatever a previous agent wrote) and
     /// after a failed pass; otherwise passes diff against it and read nothing from the kernel.
     applied: Option<MapContents>,
+    pending_upgrade: Option<PendingUpgrade>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EbpfError + '_ {
@@ -142,7 +156,8 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
 }
 
 impl Datapath {
-    /// Adopts the pinned datapath in `dir` if it is complete, otherwise installs it on `cgroup`.
+    /// Adopts the pinned datapath in `dir` if this build wrote it, upgrades it in place if
+    /// another build did (or the map sizes differ), otherwise installs it on `cgroup`.
     pub fn open(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<Self> {
         let complete = CGROUP_LINKS
             .iter()
@@ -151,17 +166,55 @@ impl Datapath {
             .chain(map_names::ALL.iter().map(|m| dir.join("maps").join(m)))
             .all(|p| p.exists());
         if !complete {
-            // A partial state (crash during install, or pins removed by hand) is rebuilt whole.
-            remove_pins(dir)?;
+            // A partial state (crash during install, or pins removed by hand) is rebuilt whole,
+            // but sockets an earlier upgrade retired stay where they are.
+            remove_active_pins(dir)?;
         }
         for sub in ["maps", "progs", "links/tc"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
         }
+        let overrides: Vec<(&str, u32)> = sockhash_capacity
+            .map(|c| (map_names::SOCKS, c))
+            .into_iter()
+            .collect();
+        let wanted = generation::wanted_layouts(&overrides)?;
+        let this_build = generation::fingerprint();
+        let mut pending_upgrade = None;
         let startup = if complete {
-            tracing::info!(dir = %dir.display(), "adopting the pinned datapath");
-            Startup::Adopted
+            let recorded = generation::read(dir);
+            let changed: Vec<&String> = wanted
+                .iter()
+                .filter(|(name, layout)| {
+                    generation::pinned_layout(&dir.join("maps").join(name)) != Some(**layout)
+                })
+                .map(|(name, _)| name)
+                .collect();
+            if recorded == Some(this_build) && changed.is_empty() {
+                tracing::info!(dir = %dir.display(), "adopting the pinned datapath");
+                Startup::Adopted
+            } else {
+                // Pins from before generations were recorded follow ABI 1.
+                let abi_changed =
+                    recorded.is_some_and(|r| generation::abi_of(&r) != mesh_common::ABI_VERSION);
+                tracing::info!(
+                    dir = %dir.display(),
+                    from = recorded.as_ref().map_or_else(|| "unrecorded".to_owned(), generation::describe),
+                    to = %generation::describe(&this_build),
+                    maps_changed = ?changed,
+                    abi_changed,
+                    "upgrading the pinned datapath in place"
+                );
+                let retired = generation::retire_changed(dir, &wanted, abi_changed)?;
+                load(dir, None, sockhash_capacity)?;
+                if !abi_changed {
+                    generation::migrate_retired(dir, &retired, 0)?;
+                }
+                pending_upgrade = Some(PendingUpgrade { retired });
+                Startup::Upgraded
+            }
         } else {
-            install(dir, cgroup, sockhash_capacity)?;
+            load(dir, Some(cgroup), sockhash_capacity)?;
+            generation::write(dir, &this_build)?;
             tracing::info!(dir = %dir.display(), cgroup = %cgroup.display(), "installed the datapath");
             Startup::Installed
         };
@@ -174,10 +227,62 @@ impl Datapath {
             maps: Maps::open(&dir.join("maps"))?,
             dir: dir.to_owned(),
             applied: None,
+            pending_upgrade,
             tc_from_pod,
             tc_to_pod,
             startup,
         })
+    }
+
+    /// Finishes an upgrade once the new maps hold the configuration: every pinned link switches
+    /// to its new program, entries the old programs wrote meanwhile are copied over, and the
+    /// new generation is recorded. Nothing to do when the agent did not upgrade.
+    fn finish_upgrade(&mut self) -> Result<()> {
+        let Some(pending) = self.pending_upgrade.take() else {
+            return Ok(());
+        };
+        let links = self.dir.join("links");
+        let mut switches: Vec<(PathBuf, &'static str)> = CGROUP_LINKS
+            .iter()
+            .map(|l| (links.join(l), program_of_link(l)))
+            .collect();
+        switches.push((links.join("sock_ops_engine"), program_names::SOCK_OPS));
+        if let Ok(entries) = std::fs::read_dir(links.join("tc")) {
+            for e in entries.filter_map(Result::ok) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let prog = if name.ends_with("-from") {
+                    program_names::TC_FROM_POD
+                } else {
+                    program_names::TC_TO_POD
+                };
+                switches.push((e.path(), prog));
+            }
+        }
+        for (link_pin, prog) in switches {
+            if !link_pin.exists() {
+                continue;
+            }
+            let prog_pin = self.dir.join("progs").join(prog);
+            let link = raw::obj_get(&link_pin).map_err(io(&link_pin))?;
+            let prog_fd = raw::obj_get(&prog_pin).map_err(io(&prog_pin))?;
+            raw::link_update(&link, &prog_fd).map_err(io(&link_pin))?;
+        }
+        // What the old programs recorded between the copy and the switch (connect verdicts,
+        // original destinations of connections in flight); newer entries win.
+        generation::migrate_retired(&self.dir, &pending.retired, raw::NOEXIST)?;
+        generation::write(&self.dir, &generation::fingerprint())?;
+        let held = generation::sweep_retired(&self.dir)?;
+        tracing::info!(
+            retired_sockets = held,
+            "datapath upgraded: the new programs are attached"
+        );
+        Ok(())
+    }
+
+    /// Unpins retired maps nobody needs any more; returns the sockets retired sockhashes still
+    /// hold (established connections of an older generation).
+    pub fn sweep_retired(&self) -> Result<usize> {
+        generation::sweep_retired(&self.dir)
     }
 
     #[must_use]
@@ -374,7 +479,22 @@ impl Maps {
     }
 }
 
-fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<()> {
+/// The program behind the cgroup link pinned as `links/<link>`.
+fn program_of_link(link: &str) -> &'static str {
+    match link {
+        "connect4" => program_names::CONNECT4,
+        "connect6" => program_names::CONNECT6,
+        "getpeer4" => program_names::GETPEERNAME4,
+        "getpeer6" => program_names::GETPEERNAME6,
+        _ => program_names::SOCK_OPS,
+    }
+}
+
+/// Loads the object with its maps pinned in `<dir>/maps` (reusing every map pinned there),
+/// attaches `sk_msg` to the sockhash and pins every program in `<dir>/progs`. With a cgroup
+/// (a fresh install) the cgroup programs are attached to it and their links pinned; without
+/// (an upgrade) the existing links are switched later, by `finish_upgrade`.
+fn load(dir: &Path, cgroup: Option<&Path>, sockhash_capacity: Option<u32>) -> Result<()> {
     let maps_dir = dir.join("maps");
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&maps_dir);
@@ -382,12 +502,20 @@ fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<
         loader.map_max_entries(map_names::SOCKS, cap);
     }
     let mut ebpf = loader.load(OBJECT)?;
-    let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
-        path: cgroup.to_owned(),
-        source,
-    })?;
+    let cgroup_fd = cgroup
+        .map(|cgroup| {
+            File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+                path: cgroup.to_owned(),
+                source,
+            })
+        })
+        .transpose()?;
     let pin_prog = |prog: &mut aya::programs::Program, name: &'static str| -> Result<()> {
         let path = dir.join("progs").join(name);
+        // An upgrade replaces the old program's pin; its links keep it alive until switched.
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
         prog.pin(&path)
             .map_err(|source| EbpfError::Pin { path, source })
     };
@@ -447,17 +575,18 @@ fn install(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<
                 .ok_or(EbpfError::MissingProgram(name))?;
             let p: &mut $ty = prog.try_into().map_err(prog_err(name))?;
             p.load().map_err(prog_err(name))?;
-            let id = p
-                .attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            let link =
-                FdLink::try_from(p.take_link(id).map_err(prog_err(name))?).map_err(|source| {
-                    EbpfError::Link {
+            if let (Some(cgroup), Some(cgroup_fd)) = (cgroup, &cgroup_fd) {
+                let id = p
+                    .attach(cgroup_fd, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+                let link = FdLink::try_from(p.take_link(id).map_err(prog_err(name))?).map_err(
+                    |source| EbpfError::Link {
                         path: cgroup.to_owned(),
                         source,
-                    }
-                })?;
-            pin_link(link, $link)?;
+                    },
+                )?;
+                pin_link(link, $link)?;
+            }
             pin_prog(prog, name)?;
         }};
     }
@@ -481,8 +610,8 @@ fn unpin_link(path: &Path) -> Result<()> {
 }
 
 /// Detaches and removes everything pinned under `dir`: links first (that detaches programs from
-/// the cgroup and the interfaces), then programs and maps. The kernel frees each object when its
-/// last reference goes.
+/// the cgroup and the interfaces), then programs and maps, retired ones included. The kernel
+/// frees each object when its last reference goes.
 pub fn remove_pins(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
@@ -491,6 +620,26 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         // A self-test the agent did not finish (it crashed) left its scratch pins.
         remove_pins(&dir.join(SELFTEST_DIR))?;
     }
+    remove_active_pins(dir)?;
+    let retired = dir.join(generation::RETIRED_DIR);
+    if let Ok(slots) = std::fs::read_dir(&retired) {
+        for slot in slots.filter_map(Result::ok) {
+            for e in std::fs::read_dir(slot.path())
+                .map_err(io(&slot.path()))?
+                .filter_map(Result::ok)
+            {
+                std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
+            }
+            std::fs::remove_dir(slot.path()).map_err(io(&slot.path()))?;
+        }
+        std::fs::remove_dir(&retired).map_err(io(&retired))?;
+    }
+    std::fs::remove_dir(dir).map_err(io(dir))
+}
+
+/// Removes the links, programs, maps and generation record under `dir`, leaving maps an
+/// upgrade retired (their sockets' connections are still open).
+fn remove_active_pins(dir: &Path) -> Result<()> {
     let links = dir.join("links");
     for sub in [links.join("tc"), links.clone()] {
         if let Ok(entries) = std::fs::read_dir(&sub) {
@@ -508,7 +657,11 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
             }
         }
     }
-    for sub in ["links/tc", "links", "progs", "maps", ""] {
+    let record = dir.join(generation::GENERATION_PIN);
+    if record.exists() {
+        std::fs::remove_file(&record).map_err(io(&record))?;
+    }
+    for sub in ["links/tc", "links", "progs", "maps"] {
         let p = dir.join(sub);
         if p.exists() {
             std::fs::remove_dir(&p).map_err(io(&p))?;

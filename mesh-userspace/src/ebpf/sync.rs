@@ -113,6 +113,8 @@ impl Datapath {
             self.applied = Some(want.maps.clone());
         }
         report += self.write_config(want)?;
+        // After an upgrade the new programs take over only now, with the configuration in place.
+        self.finish_upgrade()?;
         Ok(report)
     }
 
