@@ -164,6 +164,9 @@ pub mod reason {
     pub const TUNNEL_DOWN: u8 = 9;
     /// Allowed, but a dry-run (audit) policy would have denied it.
     pub const DRY_RUN: u8 = 10;
+    /// The destination service's L7 policy fails closed and the node's engine is not alive:
+    /// refused rather than sent around the engine's authorization.
+    pub const ENGINE_DOWN: u8 = 11;
 }
 
 /// Bits of [`Endpoint::flags`].
@@ -189,6 +192,10 @@ pub mod service_flags {
     /// The service has L7 policy (a route or a traffic policy): meshed clients are redirected
     /// to the node's L7 engine.
     pub const L7: u32 = 1 << 0;
+    /// While the engine is down, meshed clients' connects to this service are refused instead
+    /// of going straight to a backend (its L7 authorization or request authentication must not
+    /// be bypassed).
+    pub const L7_FAIL_CLOSED: u32 = 1 << 1;
 }
 
 /// Socket-level fast-path decision, sticky for the life of a socket: a socket that sent its first

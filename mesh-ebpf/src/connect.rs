@@ -103,10 +103,12 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
     };
     let mut service_id = 0;
     let mut l7_service = false;
+    let mut l7_fail_closed = false;
     // SAFETY: copied out of the map.
     if let Some(svc) = unsafe { WEFT_SERVICES.get(&svc_key) }.copied() {
         service_id = svc.service_id;
         l7_service = svc.flags & service_flags::L7 != 0;
+        l7_fail_closed = svc.flags & service_flags::L7_FAIL_CLOSED != 0;
         if svc.backend_count == 0 {
             stats::bump(global_counter::NO_BACKEND);
             // Left as is: the VIP is not routable from a pod, so connect() fails with
@@ -187,6 +189,12 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
                 info.reason = reason::TUNNEL;
                 stats::bump(global_counter::TUNNEL_REDIRECT);
             }
+        } else if l7_service && l7_fail_closed {
+            // Fail closed: the service's L7 authorization is not skipped while the engine is down.
+            info.verdict = verdict::DENY;
+            info.reason = reason::ENGINE_DOWN;
+            record_deny(&info, dst_ip_be, dst_port_be, reason::ENGINE_DOWN);
+            return Ok(REFUSE);
         } else if remote && dst_flags & endpoint_flags::STRICT != 0 {
             // Fail closed: a meshed flow never leaves the node in plaintext towards a STRICT pod.
             info.verdict = verdict::DENY;

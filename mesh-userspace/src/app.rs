@@ -120,15 +120,13 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let (snapshots_tx, snapshots_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
-    let engine = match config.engine_addr {
-        Some(addr) => Some(start_engine(
-            &datapath,
-            config,
-            addr,
-            snapshots_rx,
-            &mut registry,
-        )?),
-        None => None,
+    let (engine, engine_thread) = match config.engine_addr {
+        Some(addr) => {
+            let (engine, thread) =
+                start_engine(&datapath, config, addr, snapshots_rx, &mut registry)?;
+            (Some(engine), Some(thread))
+        }
+        None => (None, None),
     };
     let shared: SharedState = Arc::new(RwLock::new(Shared {
         config: Some(config.clone()),
@@ -137,7 +135,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         datapath_generation: Some(ebpf::generation::describe(&ebpf::generation::fingerprint())),
         metrics,
         registry: Some(Arc::new(registry)),
-        engine,
+        engine: engine.clone(),
         ..Shared::default()
     }));
 
@@ -192,9 +190,17 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
             () = shutdown_signal() => Ok(()),
         }
     });
+    // The sync thread marks the engine down in the kernel as it ends: from then on new
+    // connections go around the engine (or are refused, for services that fail closed), and
+    // the engine can drain what it has.
     stop.store(true, Ordering::Relaxed);
     let _ = loop_thread.join();
     let _ = std::fs::remove_file(&config.admin_socket);
+    if let (Some(engine), Some(thread)) = (engine, engine_thread) {
+        tracing::info!(timeout = ?config.drain_timeout, "draining the L7 engine");
+        engine.drain(tokio::time::Instant::now() + config.drain_timeout);
+        let _ = thread.join();
+    }
     if uninstalling.is_some_and(|u| u.load(Ordering::Relaxed)) {
         tracing::info!(
             "the agent's DaemonSet is being deleted: removing the datapath from the node"
@@ -281,7 +287,7 @@ fn start_engine(
     addr: std::net::SocketAddrV4,
     snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     registry: &mut Registry,
-) -> Result<Arc<Engine>, AgentError> {
+) -> Result<(Arc<Engine>, std::thread::JoinHandle<()>), AgentError> {
     if let Some(cg) = &config.engine_sockops_cgroup {
         datapath.attach_engine_sockops(cg)?;
     }
@@ -320,7 +326,7 @@ fn start_engine(
     }
     let engine = Arc::new(engine);
     let runner = engine.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("l7-engine".into())
         .spawn(move || {
             rt.block_on(async move {
@@ -334,7 +340,7 @@ fn start_engine(
             });
         })
         .map_err(AgentError::Runtime)?;
-    Ok(engine)
+    Ok((engine, thread))
 }
 
 /// Loads the CA, binds the tunnel listener and starts, on the engine's runtime, the tunnel
@@ -600,6 +606,11 @@ fn sync_loop(
             pending.push(first);
             pending.extend(enrolments.try_iter());
         }
+    }
+    if config.engine_addr.is_some()
+        && let Err(e) = dp.mark_engine_down()
+    {
+        tracing::warn!(error = %e, "could not mark the engine down; the kernel notices within 3 s");
     }
 }
 
@@ -889,10 +900,10 @@ fn sync_once(
             ServiceValue {
                 service_id: s.id,
                 backend_count: u32::try_from(s.backends.len()).unwrap_or(0),
-                flags: if s.l7 && config.engine_addr.is_some() {
-                    service_flags::L7
-                } else {
-                    0
+                flags: match (s.l7 && config.engine_addr.is_some(), s.l7_fail_closed) {
+                    (false, _) => 0,
+                    (true, false) => service_flags::L7,
+                    (true, true) => service_flags::L7 | service_flags::L7_FAIL_CLOSED,
                 },
                 _pad: 0,
             },

@@ -37,6 +37,10 @@ pub struct AgentConfig {
     /// How often the flows and counters are read from the kernel.
     #[serde(with = "millis")]
     pub stats_interval: Duration,
+    /// On SIGTERM, how long the L7 engine may take to finish its connections (see
+    /// `proxy::Engine::drain`). Below the pod's termination grace period.
+    #[serde(with = "millis")]
+    pub drain_timeout: Duration,
     /// Overrides the sockhash capacity (tests shrink it to exercise the map-full fallback).
     pub sockhash_capacity: Option<u32>,
     /// How many closed flows `/flows` remembers.

@@ -103,6 +103,9 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
         reason::ENGINE => "L7 engine to a backend".into(),
         reason::TUNNEL => "to another node's pod, through the mTLS tunnel".into(),
         reason::TUNNEL_DOWN => "STRICT pod on another node, tunnel down: refused".into(),
+        reason::ENGINE_DOWN => {
+            "L7 engine down and the service's L7 policy fails closed: refused".into()
+        }
         reason::DRY_RUN => state.rule(rule_id).map_or_else(
             || format!("dry-run policy rule #{rule_id}"),
             |r| format!("{} (dry run: not enforced)", r.description),

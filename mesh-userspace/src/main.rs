@@ -204,6 +204,11 @@ struct AgentArgs {
     /// capacity, so less often than the sync).
     #[arg(long, default_value_t = 1000)]
     stats_interval_ms: u64,
+    /// On SIGTERM, how long the L7 engine may take to finish its connections: new connections
+    /// go around it at once, HTTP clients are told to reconnect, the rest runs until it ends or
+    /// this time is up.
+    #[arg(long, default_value_t = 10)]
+    drain_timeout_secs: u64,
     /// Override the fast-path socket map capacity.
     #[arg(long)]
     sockhash_capacity: Option<u32>,
@@ -447,6 +452,7 @@ fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
         pod_interfaces,
         sync_interval_ms,
         stats_interval_ms,
+        drain_timeout_secs,
         sockhash_capacity,
         recent_flows,
         engine_addr,
@@ -515,6 +521,7 @@ fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
         pod_interfaces,
         sync_interval: Duration::from_millis(sync_interval_ms.max(10)),
         stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
+        drain_timeout: Duration::from_secs(drain_timeout_secs),
         sockhash_capacity,
         recent_flows,
         engine_addr,

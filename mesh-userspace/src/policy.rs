@@ -90,6 +90,21 @@ pub struct TrafficPolicySpec {
     /// One structured event per request (target `weft::access`).
     #[serde(default)]
     pub access_log: bool,
+    /// What meshed clients get while their node's L7 engine is down (agent restart or
+    /// upgrade). Default: `Closed` when an `AuthorizationPolicy` or `RequestAuthentication` targets
+    /// the service, otherwise `Open`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
+}
+
+/// A service's behaviour while the L7 engine of the client's node is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FailureMode {
+    /// Connections go straight to a backend the kernel picks: traffic keeps flowing, L7
+    /// routing and policy are skipped.
+    Open,
+    /// Connections are refused (`connect()` fails with EPERM) until the engine is back.
+    Closed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -83,6 +83,9 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
     /// Routes or a traffic policy are attached: meshed clients go through the L7 engine.
     pub l7: bool,
+    /// While the engine is down, meshed clients are refused rather than sent straight to a
+    /// backend (see [`crate::policy::FailureMode`]).
+    pub l7_fail_closed: bool,
 }
 
 /// What the L7 engine needs for one service port that has L7 policy.
@@ -598,6 +601,7 @@ fn service_ports(
             backends,
             app_protocol: port.app_protocol.clone(),
             l7: false,
+            l7_fail_closed: false,
         });
     }
     Ok(out)
@@ -716,6 +720,11 @@ fn l7_services(
             continue;
         }
         svc.l7 = true;
+        svc.l7_fail_closed = match policy.as_ref().and_then(|(_, p)| p.failure_mode) {
+            Some(mode) => mode == crate::policy::FailureMode::Closed,
+            // Authorization and authentication must not be skipped; plain routing may.
+            None => !authz.is_empty() || !jwt_policies.is_empty(),
+        };
         used_policies.extend(policy.as_ref().map(|(n, _)| n.clone()));
         out.push(L7Service {
             service_id: svc.id,

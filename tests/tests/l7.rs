@@ -777,6 +777,147 @@ fn l7_services_fail_open_while_the_agent_is_down() -> Result<()> {
     })
 }
 
+/// A service with request authorization fails closed while the engine is down (meshed clients'
+/// connects are refused with EPERM, never sent around the policy); a routed-only service fails
+/// open; `failureMode` chooses either per service.
+#[test]
+fn l7_authorization_fails_closed_while_the_agent_is_down_and_routing_fails_open() -> Result<()> {
+    let mut m = L7Mesh::new("l7-failclosed", &[], &[])?;
+    let objects = r"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-read, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: v2-read, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web-v2}
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: v2-open, namespace: default}
+spec: {targetRef: {kind: Service, name: web-v2}, failureMode: Open}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: v1-routing, namespace: default}
+spec: {targetRef: {kind: Service, name: web-v1}, timeout: 5s}
+";
+    m.apply_l7("failure-modes.yaml", objects, WEB_VIP)?;
+    for vip in ["198.19.0.21", "198.19.0.22"] {
+        eventually(Duration::from_secs(10), || {
+            let r = m.get(vip, "/", 1, &[])?;
+            let peer = r.responses[0].echo().context("echo")?.peer;
+            ensure!(
+                peer.starts_with("198.18.1.1:"),
+                "{vip} not via the engine yet"
+            );
+            Ok(())
+        })?;
+    }
+    let web: std::net::SocketAddr = format!("{WEB_VIP}:80").parse()?;
+    let denied = |m: &L7Mesh| {
+        m.l7_metric(
+            "weft_tcp_connections_denied_total",
+            &[("source_workload", "a")],
+        )
+    };
+    let refused_before = denied(&m)?;
+
+    // A graceful stop marks the engine down at once: no window in which the policy is skipped.
+    m.agent.stop()?;
+    let c = m.client().try_connect(web, Duration::from_secs(2))?;
+    ensure!(
+        !c.ok && c.errno == Some(1),
+        "authorization fails closed: connect must get EPERM: {c:?}"
+    );
+    let client_ip = m.client().ip().to_string();
+    for (vip, why) in [
+        ("198.19.0.21", "routing only: open by default"),
+        (
+            "198.19.0.22",
+            "failureMode: Open overrides the authorization default",
+        ),
+    ] {
+        let r = m.get(vip, "/", 4, &[])?;
+        ensure!(r.status(200) == 4, "{vip} ({why}): {r:?}");
+        let peer = r.responses[0].echo().context("echo")?.peer;
+        ensure!(
+            peer.starts_with(&format!("{client_ip}:")),
+            "{vip} ({why}) must go straight to a backend: {peer}"
+        );
+    }
+    let node = m.node.clone();
+    m.agent.restart(&node)?;
+    let flows = m.agent.flows()?;
+    ensure!(
+        flows.to_string().contains("fails closed: refused"),
+        "the refusal is explained in the flow table: {flows}"
+    );
+    eventually(Duration::from_secs(5), || {
+        ensure!(denied(&m)? > refused_before, "the refusal is counted");
+        Ok(())
+    })?;
+    eventually(Duration::from_secs(10), || {
+        let r = m.get(WEB_VIP, "/", 2, &[])?;
+        ensure!(r.status(200) == 2, "back through the engine: {r:?}");
+        Ok(())
+    })?;
+
+    // A crash: the kernel notices the missing heartbeat within 3 s and fails closed too.
+    m.agent.kill9();
+    eventually(Duration::from_secs(10), || {
+        let c = m.client().try_connect(web, Duration::from_secs(2))?;
+        ensure!(!c.ok && c.errno == Some(1), "{c:?}");
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// SIGTERM under constant HTTP load through an L7 route: new connections go around the
+/// stopping engine, its keep-alive connections end after an answer that says so, and the client
+/// sees no failed request; the restarted agent takes the traffic back.
+#[test]
+fn agent_stop_drains_the_engine_without_a_failed_request() -> Result<()> {
+    let mut m = L7Mesh::new("l7-drain", &[], &[])?;
+    m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
+    let args = testbed::http::HttpLoadArgs::new(
+        format!("http://{WEB_VIP}/").parse()?,
+        400.0,
+        Duration::from_secs(10),
+    )
+    .connections(16);
+    let load = m.client().start_http_load(&args)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let log = m.agent.stop()?;
+    ensure!(
+        log.contains("L7 engine drained"),
+        "the engine drains before exit: {log}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let node = m.node.clone();
+    m.agent.restart(&node)?;
+    let report = load.finish()?;
+    ensure!(
+        report.errors == 0 && report.non_2xx == 0 && report.missed == 0,
+        "every request answered: {report:?}"
+    );
+    ensure!(
+        report.completed == report.scheduled,
+        "completed {} of {}",
+        report.completed,
+        report.scheduled
+    );
+    Ok(())
+}
+
 #[test]
 fn timeouts_circuit_breaking_bodies_affinity_and_access_log() -> Result<()> {
     let m = L7Mesh::new("l7-limits", &[], &[])?;

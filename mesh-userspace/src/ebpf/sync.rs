@@ -192,6 +192,22 @@ impl Datapath {
         Ok(report)
     }
 
+    /// Tells the kernel the engine is gone (its heartbeat set to "never"): new connections to
+    /// L7 services go around it or are refused, each service as its failure mode says.
+    pub fn mark_engine_down(&mut self) -> Result<(), EbpfError> {
+        use mesh_common::map_names as n;
+        let mut cfg = self
+            .maps
+            .config
+            .get(&CONFIG_INDEX, 0)
+            .map_err(map_err(n::CONFIG))?;
+        cfg.engine_seen_ns = 0;
+        self.maps
+            .config
+            .set(CONFIG_INDEX, cfg, 0)
+            .map_err(map_err(n::CONFIG))
+    }
+
     pub fn config(&self) -> Result<Config, EbpfError> {
         self.maps
             .config

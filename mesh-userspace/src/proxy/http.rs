@@ -172,16 +172,40 @@ where
 {
     let service = {
         let ctx = ctx.clone();
-        service_fn(move |req| handle(req, ctx.clone()))
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move {
+                let mut resp = handle(req, ctx.clone()).await?;
+                if ctx.engine.is_draining() {
+                    // The client learns with this answer that the connection ends: its next
+                    // request goes on a new connection, which the kernel no longer sends here.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        })
     };
-    let result = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service)
-        .with_upgrades()
-        .await;
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async {
+            ctx.engine.drain_started().await;
+            tokio::time::sleep(super::DRAIN_IDLE_GRACE).await;
+        } => {
+            // Still open after the grace: idle (it closes now) or busy (it closes after the
+            // answer in flight).
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = result {
         if e.is_timeout() {
             ctx.engine.metrics.error("header_timeout");
@@ -262,11 +286,19 @@ where
         let ctx = ctx.clone();
         service_fn(move |req| handle(req, ctx.clone()))
     };
-    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
-        .serve_connection(TokioIo::new(io), service)
-        .await;
+        .serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = ctx.engine.drain_started() => {
+            // GOAWAY: streams in flight finish, new ones go on a new connection.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = result {
         ctx.engine.metrics.error("h2_connection");
         tracing::debug!(error = %e, "HTTP/2 connection ended with an error");

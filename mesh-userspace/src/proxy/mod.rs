@@ -49,6 +49,15 @@ use self::{
 /// opaque TCP (server-first protocols send nothing).
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
 
+/// After draining starts, how long the listener still accepts: connections the kernel
+/// redirected just before the engine was marked down are already in its queue.
+pub const ACCEPT_GRACE: Duration = Duration::from_millis(500);
+
+/// While draining, how long an idle HTTP/1 keep-alive connection is left open for its client's
+/// next request (answered with `connection: close`) before the engine closes it: closing an
+/// idle connection races with a request the client may be sending, answering one does not.
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
+
 /// What the kernel recorded about a redirected connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redirected {
@@ -94,6 +103,8 @@ pub struct Engine {
     pub tracer: Option<trace::Exporter>,
     /// The node-to-node tunnel, when the agent has an identity (a CA).
     pub tunnel: Option<Arc<tunnel::Tunnel>>,
+    /// `Some(deadline)` once the engine drains (the agent is stopping): see [`Engine::drain`].
+    draining: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl Engine {
@@ -113,7 +124,29 @@ impl Engine {
             fast_path,
             tracer: None,
             tunnel: None,
+            draining: watch::channel(None).0,
         }
+    }
+
+    /// Starts draining, to end by `deadline`: the listener takes what is already queued and
+    /// closes; HTTP/1 answers carry `connection: close` and idle keep-alive connections close
+    /// after [`DRAIN_IDLE_GRACE`]; HTTP/2 connections get GOAWAY; opaque and tunnelled
+    /// connections run on until they end or the deadline passes. [`Engine::serve`] returns once
+    /// no connection is left. The kernel must already send new connections elsewhere (the
+    /// agent marks the engine down first).
+    pub fn drain(&self, deadline: tokio::time::Instant) {
+        self.draining.send_replace(Some(deadline));
+    }
+
+    #[must_use]
+    pub fn is_draining(&self) -> bool {
+        self.draining.borrow().is_some()
+    }
+
+    /// Resolves once draining has started.
+    pub async fn drain_started(&self) {
+        let mut rx = self.draining.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
     }
 
     #[must_use]
@@ -121,26 +154,59 @@ impl Engine {
         self.snapshot.borrow().clone()
     }
 
-    /// Accepts connections until the listener fails.
+    /// Accepts connections until the engine drains; returns once the last one has ended (or
+    /// the drain deadline has passed).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut draining = self.draining.subscribe();
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(a) => a,
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = draining.wait_for(Option::is_some) => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.spawn_connection(stream, peer),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; other flows go on.
                     tracing::warn!(error = %e, "engine accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
-            };
-            let engine = self.clone();
-            // One span per connection; the handlers' events carry the client address.
-            let span = tracing::debug_span!("l7_conn", client = %peer);
-            tokio::spawn(tracing::Instrument::instrument(
-                async move { engine.connection(stream, peer).await },
-                span,
-            ));
+            }
         }
+        let deadline = (*self.draining.borrow()).unwrap_or_else(tokio::time::Instant::now);
+        let accept_until = (tokio::time::Instant::now() + ACCEPT_GRACE).min(deadline);
+        while let Ok(Ok((stream, peer))) =
+            tokio::time::timeout_at(accept_until, listener.accept()).await
+        {
+            self.spawn_connection(stream, peer);
+        }
+        drop(listener);
+        tracing::info!(
+            connections = self.connections.live(),
+            "L7 engine draining: listener closed"
+        );
+        while self.connections.live() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.connections.live();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "drain deadline passed: closing what is left"
+            );
+        } else {
+            tracing::info!("L7 engine drained");
+        }
+        Ok(())
+    }
+
+    fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let engine = self.clone();
+        // One span per connection; the handlers' events carry the client address.
+        let span = tracing::debug_span!("l7_conn", client = %peer);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move { engine.connection(stream, peer).await },
+            span,
+        ));
     }
 
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
@@ -583,6 +649,12 @@ impl Connections {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .live)
+    }
+
+    /// Connections open now.
+    #[must_use]
+    pub fn live(&self) -> usize {
+        self.with(|live| live.len())
     }
 
     fn open(&self, client: SocketAddrV4, destination: SocketAddrV4, src: &(String, String)) -> u64 {
