@@ -411,6 +411,69 @@ fn l7_routes_apply_first_then_the_tunnel_carries_the_requests() -> Result<()> {
     Ok(())
 }
 
+/// Constant HTTP load through an L7 route whose backends run on both nodes, while the agent of
+/// the far node stops and comes back: requests on its tunnel streams that break are repeated
+/// (GET is idempotent), new ones find its tunnel closed and go to the other backend; no request
+/// fails.
+#[test]
+fn the_far_node_agent_restarting_fails_no_request_through_an_l7_route() -> Result<()> {
+    let mut mesh = TwoNodes::new("mtls_far_restart", &[], None)?;
+    let local = mesh.n1.pod("server-local")?;
+    let manifest = local.manifest(&[("app", "server")], "server");
+    mesh.a1.apply("local.yaml", &manifest)?;
+    mesh.a2.apply("local.yaml", &manifest)?;
+    mesh.a1.wait_workloads(4)?;
+    let _local_http = local.serve_http(&HttpServerArgs::new("server-local", 8080))?;
+    let route = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: server, port: 80}]
+  rules:
+  - backendRefs: [{name: server, port: 80}]
+";
+    mesh.a1.apply("route.yaml", route)?;
+    let url = format!("http://{SERVER_VIP}/");
+    eventually(Duration::from_secs(10), || {
+        let r = TwoNodes::get(&mesh.client, &url, 40)?;
+        ensure!(
+            r.by_server.get("server").copied().unwrap_or(0) > 0
+                && r.by_server.get("server-local").copied().unwrap_or(0) > 0
+                && mesh.a1.metric(
+                    "weft_l7_requests_total",
+                    &[("destination_service", "server")]
+                )? >= 40.0,
+            "not through the engine to both nodes yet: {r:?} {}",
+            mesh.a1
+                .json("/config_dump")
+                .map(|d| format!("{} {}", d["node"]["problems"], d["config_errors"]))
+                .unwrap_or_default()
+        );
+        Ok(())
+    })?;
+    let args = testbed::http::HttpLoadArgs::new(url.parse()?, 300.0, Duration::from_secs(10))
+        .connections(8);
+    let load = mesh.client.start_http_load(&args)?;
+    std::thread::sleep(Duration::from_secs(3));
+    mesh.a2.stop()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let n2 = mesh.n2.clone();
+    mesh.a2.restart(&n2)?;
+    let report = load.finish()?;
+    ensure!(
+        report.errors == 0 && report.non_2xx == 0 && report.completed == report.scheduled,
+        "every request answered: {report:?}"
+    );
+    let repeated =
+        testbed::agent::sum_metric(&mesh.a1.metrics()?, "weft_l7_safe_retries_total", &[]);
+    ensure!(
+        repeated >= 1.0,
+        "the far node's restart was felt and repaired: {repeated}"
+    );
+    Ok(())
+}
+
 /// JWT authentication and per-request authorization run in the client node's engine, before the
 /// tunnel: a refused request never crosses the link, an allowed one crosses it encrypted. The
 /// tokens come from `weft jwt keygen` / `weft jwt sign`.

@@ -951,6 +951,7 @@ fn upstream_uri(addr: SocketAddr, uri: &hyper::Uri) -> Option<hyper::Uri> {
 }
 
 /// Why an attempt failed, for retry decisions and outlier detection.
+#[derive(Debug)]
 enum Failure {
     Connect,
     Reset,
@@ -993,6 +994,7 @@ async fn attempt_loop(
     };
     let mut tried = Vec::new();
     let mut attempt = 0;
+    let mut safe_used = 0;
     loop {
         attempt += 1;
         let body = match (&kept, stream.take()) {
@@ -1060,12 +1062,13 @@ async fn attempt_loop(
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        // The last possible try takes the headers instead of copying them.
-        *req.headers_mut() = if attempt >= attempts {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
+        // A try that cannot be repeated takes the headers instead of copying them.
+        *req.headers_mut() =
+            if !replayable || (attempt - safe_used >= attempts && safe_used >= SAFE_RETRIES) {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
         let Some(uri) = upstream_uri(ep, &parts.uri) else {
             return local_reply(StatusCode::BAD_REQUEST, grpc, "bad request target");
         };
@@ -1105,8 +1108,27 @@ async fn attempt_loop(
             tracing::info!(target: "weft::outlier", endpoint = %ep, service = %format!("{}/{}", pool.service.namespace, pool.service.name), "endpoint ejected");
         }
         let retriable = replayable
-            && attempt < attempts
+            && attempt - safe_used < attempts
             && retries.is_some_and(|r| should_retry(r, resp.as_ref(), failure.as_ref()));
+        // Whatever the route's policy: a try whose connection could not be made sent nothing,
+        // so any request may go to another endpoint; an idempotent request whose connection
+        // broke before an answer may be repeated (RFC 9110 §9.2.2). That is what keeps
+        // requests whole while an endpoint, or the agent of its node, goes away.
+        let safe = !retriable
+            && replayable
+            && safe_used < SAFE_RETRIES
+            && match failure {
+                Some(Failure::Connect) => true,
+                Some(Failure::Reset) => parts.method.is_idempotent(),
+                _ => false,
+            };
+        if safe {
+            safe_used += 1;
+            m.safe_retries.get_or_create(&labels.route).inc();
+            tracing::debug!(endpoint = %ep, ?failure, "repeating the try on another connection");
+            drop((resp, permit, conn));
+            continue;
+        }
         if retriable {
             if budget.is_none_or(super::budget::RetryBudget::withdraw) {
                 m.retries.get_or_create(&labels.route).inc();
@@ -1182,6 +1204,9 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
         self.body.size_hint()
     }
 }
+
+/// Tries [`attempt_loop`] repeats on its own (see there), at most, per request.
+const SAFE_RETRIES: u32 = 2;
 
 fn should_retry(r: &Retries, resp: Option<&Response<Incoming>>, failure: Option<&Failure>) -> bool {
     let on = |c: &str| r.on.iter().any(|o| o.eq_ignore_ascii_case(c));

@@ -79,6 +79,7 @@ pub struct L7Metrics {
     pub duration: Family<RouteLabels, Histogram>,
     pub in_flight: Family<RouteLabels, Gauge>,
     pub retries: Family<RouteLabels, Counter>,
+    pub safe_retries: Family<RouteLabels, Counter>,
     pub budget_exhausted: Family<RouteLabels, Counter>,
     pub rate_limited: Family<RouteLabels, Counter>,
     pub faults: Family<RouteLabels, Counter>,
@@ -103,6 +104,7 @@ impl L7Metrics {
             }),
             in_flight: Family::default(),
             retries: Family::default(),
+            safe_retries: Family::default(),
             budget_exhausted: Family::default(),
             rate_limited: Family::default(),
             faults: Family::default(),
@@ -129,6 +131,11 @@ impl L7Metrics {
             m.in_flight.clone(),
         );
         r.register("retries", "Retries sent", m.retries.clone());
+        r.register(
+            "safe_retries",
+            "Tries repeated whatever the route's retry policy: the connection could not be made (nothing was sent), or it broke before any answer to an idempotent request",
+            m.safe_retries.clone(),
+        );
         r.register(
             "retry_budget_exhausted",
             "Retries not sent because the retry budget was used up",
