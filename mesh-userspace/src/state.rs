@@ -53,6 +53,12 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// mTLS mode STRICT: reached from other nodes only through the tunnel.
+    #[must_use]
+    pub fn strict(&self) -> bool {
+        self.mtls == MtlsMode::Strict
+    }
+
     #[must_use]
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

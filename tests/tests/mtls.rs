@@ -474,6 +474,79 @@ spec:
     Ok(())
 }
 
+/// The only backend runs on the far node: while that node's agent is away, its PERMISSIVE pod is
+/// reached in plaintext (as the kernel does when the client's own engine is down) and no
+/// request fails; a STRICT pod is never reached in plaintext: its requests fail until the agent
+/// is back.
+#[test]
+fn a_far_node_agent_restart_keeps_permissive_pods_reachable_and_strict_ones_closed() -> Result<()> {
+    for strict in [false, true] {
+        let mut mesh = TwoNodes::new(
+            if strict {
+                "mtls_far_strict"
+            } else {
+                "mtls_far_perm"
+            },
+            &[],
+            Some(if strict { "STRICT" } else { "PERMISSIVE" }),
+        )?;
+        let route = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: server, port: 80}]
+  rules:
+  - backendRefs: [{name: server, port: 80}]
+";
+        mesh.a1.apply("route.yaml", route)?;
+        let url = format!("http://{SERVER_VIP}/");
+        eventually(Duration::from_secs(10), || {
+            TwoNodes::get(&mesh.client, &url, 2)?;
+            ensure!(
+                mesh.a1.metric(
+                    "weft_l7_requests_total",
+                    &[("destination_service", "server")]
+                )? >= 2.0,
+                "not through the engine yet"
+            );
+            Ok(())
+        })?;
+        let args = testbed::http::HttpLoadArgs::new(url.parse()?, 200.0, Duration::from_secs(8))
+            .connections(4);
+        let load = mesh.client.start_http_load(&args)?;
+        std::thread::sleep(Duration::from_secs(2));
+        mesh.a2.stop()?;
+        std::thread::sleep(Duration::from_secs(2));
+        let n2 = mesh.n2.clone();
+        mesh.a2.restart(&n2)?;
+        let report = load.finish()?;
+        let plaintext = mesh.a1.metric(
+            "weft_tunnel_connections_total",
+            &[
+                ("direction", "outbound"),
+                ("result", "plaintext_while_peer_down"),
+            ],
+        )?;
+        if strict {
+            ensure!(
+                report.non_2xx > 0 && plaintext == 0.0,
+                "a STRICT pod is not reached in plaintext while its agent is away: {report:?}, {plaintext} plaintext"
+            );
+        } else {
+            ensure!(
+                report.errors == 0 && report.non_2xx == 0 && report.completed == report.scheduled,
+                "every request answered: {report:?}"
+            );
+            ensure!(
+                plaintext > 0.0,
+                "the far agent's absence was bridged in plaintext"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// JWT authentication and per-request authorization run in the client node's engine, before the
 /// tunnel: a refused request never crosses the link, an allowed one crosses it encrypted. The
 /// tokens come from `weft jwt keygen` / `weft jwt sign`.

@@ -222,6 +222,7 @@ mod tests {
             identity: SpiffeId::workload(&TrustDomain::default(), ns, sa),
             local: true,
             node_addr: None,
+            strict: false,
             labels: [("app".to_owned(), sa.to_owned())].into(),
         }
     }

@@ -1280,7 +1280,12 @@ impl Engine {
             .uri()
             .host()
             .and_then(|h| h.parse::<std::net::Ipv4Addr>().ok())
-            .is_some_and(|ip| self.snapshot().mesh.remote(ip).is_some());
+            .is_some_and(|ip| {
+                self.snapshot().mesh.remote(ip).is_some_and(|peer| {
+                    // A PERMISSIVE pod whose node's agent is down is reached directly.
+                    !self.tunnel.as_ref().is_some_and(|t| t.bypass(peer))
+                })
+            });
         let result = match (&self.tunnel, remote) {
             (Some(tunnel), true) => {
                 let connector = || super::tunnel::TunnelConnector {

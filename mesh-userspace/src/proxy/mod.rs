@@ -334,7 +334,32 @@ impl Engine {
             tracing::warn!(%target, "no tunnel for a connection to another node; reset");
             return false;
         };
-        match tunnel::outbound(tunnel, client, source, peer, target).await {
+        if !tunnel.bypass(peer) {
+            let result = tunnel::outbound(tunnel, client, source, peer, target).await;
+            // Refused before a byte moved: a PERMISSIVE pod is reached directly instead.
+            if result.is_ok() || !tunnel.bypass(peer) {
+                return self.tunnel_result(result, source, peer);
+            }
+        }
+        match TcpStream::connect(target).await {
+            Ok(mut upstream) => {
+                let _ = tokio::io::copy_bidirectional(client, &mut upstream).await;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "direct connection to a pod whose agent is down failed");
+                false
+            }
+        }
+    }
+
+    fn tunnel_result(
+        &self,
+        result: Result<(), tunnel::TunnelError>,
+        source: &snapshot::MeshPeer,
+        peer: &snapshot::MeshPeer,
+    ) -> bool {
+        match result {
             Ok(()) => true,
             Err(e) => {
                 self.metrics.error("tunnel");

@@ -150,6 +150,8 @@ pub struct MeshPeer {
     pub local: bool,
     /// The address of its node (where that node's tunnel listens), for remote pods.
     pub node_addr: Option<Ipv4Addr>,
+    /// mTLS mode STRICT: reached only through the tunnel, never in plaintext.
+    pub strict: bool,
     /// Pod labels (authorization rules may select sources by them).
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -178,6 +180,7 @@ impl MeshView {
                 identity: w.identity.clone(),
                 local: w.local,
                 node_addr: node.nodes.get(&w.node).and_then(|n| n.address),
+                strict: w.strict(),
                 labels: w.labels.clone(),
             };
             let Some(ip) = w.ip else { continue };

@@ -10,9 +10,9 @@
 //! the pod and copies bytes both ways. Plain L4: no HTTP is parsed inside the stream.
 use std::{
     collections::HashMap,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -38,6 +38,11 @@ pub const DEFAULT_PORT: u16 = 15008;
 /// Header naming the source workload (`namespace/name`) of a stream.
 pub const SOURCE_HEADER: &str = "weft-source";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After a node's tunnel port refused a connection (its agent stopped: a restart or an
+/// upgrade), how long its PERMISSIVE pods are reached in plaintext instead, as the kernel does
+/// for flows whose own engine is down.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(2);
 /// Buffer of each copy direction between a socket and a stream: bulk transfers move in large
 /// HTTP/2 DATA frames instead of 8 KiB ones.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -153,6 +158,8 @@ pub struct Tunnel {
     pub port: u16,
     server_configs: tls::ServerConfigs,
     pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    /// Nodes whose tunnel port refused us lately, and when.
+    unreachable: Mutex<HashMap<Ipv4Addr, Instant>>,
     pub metrics: TunnelMetrics,
     /// Refused streams go to the engine's table of refusals (`/flows`).
     denials: Arc<super::Denials>,
@@ -182,9 +189,46 @@ impl Tunnel {
             port,
             server_configs: tls::ServerConfigs::default(),
             pool: Mutex::default(),
+            unreachable: Mutex::default(),
             metrics,
             denials,
             fast_path,
+        }
+    }
+
+    /// Whether `peer` must be reached in plaintext for now: its node's tunnel port refused a
+    /// connection within [`UNREACHABLE_FOR`] (nobody listens: that node's agent is stopping
+    /// or starting), and the pod is not STRICT (a STRICT pod is never reached in plaintext).
+    #[must_use]
+    pub fn bypass(&self, peer: &MeshPeer) -> bool {
+        if peer.strict {
+            return false;
+        }
+        let Some(node) = peer.node_addr else {
+            return false;
+        };
+        let bypass = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&node)
+            .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR);
+        if bypass {
+            self.metrics
+                .connection("outbound", "plaintext_while_peer_down");
+        }
+        bypass
+    }
+
+    fn mark_unreachable(&self, node: SocketAddrV4, unreachable: bool) {
+        let mut map = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if unreachable {
+            map.insert(*node.ip(), Instant::now());
+        } else {
+            map.remove(node.ip());
         }
     }
 
@@ -265,6 +309,13 @@ impl Tunnel {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.metrics.connection("outbound", "failed");
+                // Refused (no listener): the node's agent is not there. A failed handshake
+                // means something answered, and is never a reason to bypass the tunnel.
+                if matches!(&e, TunnelError::Connect { source, .. }
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused)
+                {
+                    self.mark_unreachable(node, true);
+                }
                 return Err(e);
             }
             Err(_) => {
@@ -273,6 +324,7 @@ impl Tunnel {
             }
         };
         self.metrics.connection("outbound", "ok");
+        self.mark_unreachable(node, false);
         self.pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
