@@ -104,6 +104,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
     let mut service_id = 0;
     let mut l7_service = false;
     let mut l7_fail_closed = false;
+    let src = source_identity(ctx);
     // SAFETY: copied out of the map.
     if let Some(svc) = unsafe { WEFT_SERVICES.get(&svc_key) }.copied() {
         service_id = svc.service_id;
@@ -115,14 +116,34 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
             // ENETUNREACH, much like kube-proxy's reject for a service without endpoints.
             return Ok(ALLOW);
         }
+        // A STRICT pod of another node is reachable only through this node's engine: while
+        // the engine is down (an agent restart) or for a client outside the mesh, prefer a
+        // backend the connection can reach. Up to PROBES slots after a random one.
+        let tunnel_ok = src.is_some() && engine_alive();
         // SAFETY: helper without arguments.
-        let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-        let bkey = BackendKey {
-            service_id: svc.service_id,
-            slot,
-        };
-        // SAFETY: copied out of the map.
-        let Some(backend) = (unsafe { WEFT_BACKENDS.get(&bkey) }).copied() else {
+        let first = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
+        let mut chosen = None;
+        for i in 0..PROBES {
+            if i >= svc.backend_count {
+                break;
+            }
+            let bkey = BackendKey {
+                service_id: svc.service_id,
+                slot: (first + i) % svc.backend_count,
+            };
+            // SAFETY: copied out of the map.
+            let Some(b) = (unsafe { WEFT_BACKENDS.get(&bkey) }).copied() else {
+                break;
+            };
+            if chosen.is_none() {
+                chosen = Some(b);
+            }
+            if tunnel_ok || reachable_without_tunnel(b.ip_be) {
+                chosen = Some(b);
+                break;
+            }
+        }
+        let Some(backend) = chosen else {
             stats::bump(global_counter::NO_BACKEND);
             return Ok(ALLOW);
         };
@@ -139,7 +160,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
         let _ = WEFT_REVNAT.insert(&cookie, &vip, 0);
     }
 
-    let Some(src) = source_identity(ctx) else {
+    let Some(src) = src else {
         return Ok(ALLOW); // unmeshed pod: PASS
     };
     let mut info = ConnectInfo {
@@ -241,6 +262,29 @@ fn source_identity(ctx: &SockAddrContext) -> Option<mesh_common::CgroupIdentity>
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: as above.
     unsafe { WEFT_NETNS.get(&netns) }.copied()
+}
+
+/// Backend slots looked at per connect when the first is not reachable (see `try_connect`).
+const PROBES: u32 = 8;
+
+/// Whether the node's engine heartbeat is recent (connections may be sent to it).
+#[inline(always)]
+fn engine_alive() -> bool {
+    let Some(cfg) = WEFT_CONFIG.get(CONFIG_INDEX) else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    cfg.engine_ip_be != 0 && now.saturating_sub(cfg.engine_seen_ns) <= ENGINE_HEARTBEAT_MAX_AGE_NS
+}
+
+/// Whether a connection can reach `ip_be` without this node's tunnel: anything but a STRICT
+/// meshed pod of another node.
+#[inline(always)]
+fn reachable_without_tunnel(ip_be: u32) -> bool {
+    const REMOTE_STRICT: u32 = endpoint_flags::REMOTE | endpoint_flags::STRICT;
+    // SAFETY: copied out of the map.
+    unsafe { WEFT_ENDPOINTS.get(&ip_be) }.is_none_or(|e| e.flags & REMOTE_STRICT != REMOTE_STRICT)
 }
 
 /// A meshed client's connection to a service with L7 policy goes to the node's engine instead;

@@ -411,12 +411,14 @@ fn l7_routes_apply_first_then_the_tunnel_carries_the_requests() -> Result<()> {
     Ok(())
 }
 
-/// Constant HTTP load through an L7 route whose backends run on both nodes, while the agent of
-/// the far node stops and comes back: requests on its tunnel streams that break are repeated
-/// (GET is idempotent), new ones find its tunnel closed and go to the other backend; no request
-/// fails.
+/// Constant HTTP load through an L7 route whose backends run on both nodes (the far one
+/// STRICT), while first the far node's agent, then the client node's own agent stop and come
+/// back. Far agent away: requests on its tunnel streams that break are repeated (GET is
+/// idempotent), new ones find its tunnel closed and go to the other backend. Own agent away:
+/// the drained client reconnects around the engine, and the kernel's balancer picks the
+/// backend it can reach without the tunnel. No request fails.
 #[test]
-fn the_far_node_agent_restarting_fails_no_request_through_an_l7_route() -> Result<()> {
+fn either_agent_restarting_fails_no_request_through_an_l7_route() -> Result<()> {
     let mut mesh = TwoNodes::new("mtls_far_restart", &[], None)?;
     let local = mesh.n1.pod("server-local")?;
     let manifest = local.manifest(&[("app", "server")], "server");
@@ -452,7 +454,7 @@ spec:
         );
         Ok(())
     })?;
-    let args = testbed::http::HttpLoadArgs::new(url.parse()?, 300.0, Duration::from_secs(10))
+    let args = testbed::http::HttpLoadArgs::new(url.parse()?, 300.0, Duration::from_secs(16))
         .connections(8);
     let load = mesh.client.start_http_load(&args)?;
     std::thread::sleep(Duration::from_secs(3));
@@ -460,13 +462,18 @@ spec:
     std::thread::sleep(Duration::from_secs(2));
     let n2 = mesh.n2.clone();
     mesh.a2.restart(&n2)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let repeated =
+        testbed::agent::sum_metric(&mesh.a1.metrics()?, "weft_l7_safe_retries_total", &[]);
+    mesh.a1.stop()?;
+    std::thread::sleep(Duration::from_secs(4));
+    let n1 = mesh.n1.clone();
+    mesh.a1.restart(&n1)?;
     let report = load.finish()?;
     ensure!(
         report.errors == 0 && report.non_2xx == 0 && report.completed == report.scheduled,
         "every request answered: {report:?}"
     );
-    let repeated =
-        testbed::agent::sum_metric(&mesh.a1.metrics()?, "weft_l7_safe_retries_total", &[]);
     ensure!(
         repeated >= 1.0,
         "the far node's restart was felt and repaired: {repeated}"
