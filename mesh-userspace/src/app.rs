@@ -1016,6 +1016,13 @@ pub fn uninstall(config: &AgentConfig) -> Result<(), AgentError> {
             tracing::error!(error = %e, "cannot take weft-cni out of the CNI configuration");
         }
     }
+    // A socket that leaves the sockhash with redirected bytes its application has not read
+    // yet loses them (the kernel frees its queue with it). Turn the fast path off first: new
+    // messages take the normal stack (order-safe), and applications get a moment to read what
+    // is queued.
+    if ebpf::set_fast_path_killed(&config.bpffs_dir, true).is_ok() {
+        std::thread::sleep(UNINSTALL_DRAIN);
+    }
     ebpf::remove_pins(&config.bpffs_dir)?;
     let _ = std::fs::remove_file(&config.admin_socket);
     // The directories the agent made for them, when nothing else is left in them.
@@ -1030,6 +1037,9 @@ pub fn uninstall(config: &AgentConfig) -> Result<(), AgentError> {
     tracing::info!(dir = %config.bpffs_dir.display(), "datapath removed");
     Ok(())
 }
+
+/// On uninstall, how long applications get to read what the fast path queued for them.
+const UNINSTALL_DRAIN: Duration = Duration::from_secs(2);
 
 /// Polling interval used when none is configured.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(250);

@@ -46,25 +46,39 @@ pub struct Report {
     pub first_connection_runs: usize,
     pub upgrade_broken_connections: Option<u64>,
     pub upgrade_lost_bytes: Option<u64>,
+    /// Requests through the `HTTPRoute` during each lifecycle step (500/s), and how many failed.
+    pub lifecycle_requests: u64,
+    pub upgrade_failed_requests: Option<u64>,
+    pub agent_deletion_failed_requests: Option<u64>,
+    pub rollback_failed_requests: Option<u64>,
+    /// How each agent started after each step (`upgraded`, `adopted`).
+    pub lifecycle_startups: Vec<String>,
     pub uninstall_broken_connections: u64,
     pub uninstall_residue: usize,
     pub uninstall_residue_detail: Vec<String>,
     pub image_bytes: u64,
     pub seconds: f64,
+    /// The same cluster without kube-proxy: `ClusterIPs` served by Weft's connect-time balancer
+    /// alone (its checks are also in `checks`, named `no_kube_proxy/…`).
+    pub without_kube_proxy: Option<Box<Report>>,
+    /// Prepended to each check's name.
+    #[serde(skip)]
+    prefix: &'static str,
     /// Every check, in order: name → passed, with what was seen.
     pub checks: Vec<Check>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Check {
-    pub name: &'static str,
+    pub name: String,
     pub passed: bool,
     pub detail: String,
 }
 
 impl Report {
-    fn check(&mut self, name: &'static str, passed: bool, detail: impl Into<String>) {
+    fn check(&mut self, name: &str, passed: bool, detail: impl Into<String>) {
         let detail = detail.into();
+        let name = format!("{}{name}", self.prefix);
         step!(
             "e2e: {} {name}{}",
             if passed { "ok  " } else { "FAIL" },
@@ -134,6 +148,47 @@ struct E2e {
 impl E2e {
     fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.cluster.kubectl(args)
+    }
+
+    /// Waits until the controller reports the test's `AuthorizationPolicy` `Programmed=True`.
+    fn policy_programmed(&self) -> Result<()> {
+        eventually(Duration::from_secs(30), Duration::from_millis(500), || {
+            let s = self.kubectl(&[
+                "get",
+                "authorizationpolicy",
+                "-n",
+                NS,
+                "echo-from-client",
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Programmed")].status}"#,
+            ])?;
+            ensure!(s.trim() == "True", "Programmed={s}");
+            Ok(())
+        })
+    }
+
+    /// Prints what an operator would look at first when a step fails.
+    fn diagnose(&self) {
+        for (i, node) in self.cluster.nodes.iter().enumerate() {
+            eprintln!(
+                "--- {} kubelet log tail:\n{}",
+                node.name,
+                cluster::log_tail(&self.cluster, i, "kubelet")
+            );
+        }
+        if let Ok(pods) = self.kubectl(&["get", "pods", "-A", "-o", "wide"]) {
+            eprintln!("--- pods:\n{pods}");
+        }
+        if let Ok(logs) = self.kubectl(&[
+            "logs",
+            "-n",
+            "weft-system",
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "--tail=30",
+        ]) {
+            eprintln!("--- agent logs:\n{logs}");
+        }
     }
 
     /// `kubectl exec` in a pod of [`NS`]; the workload's JSON report.
@@ -206,6 +261,43 @@ impl E2e {
         ])?;
         ensure!(!name.trim().is_empty(), "no agent on {node}");
         Ok(name.trim().to_owned())
+    }
+
+    /// `kubectl exec` in a pod of [`NS`], running in the background.
+    fn spawn_in_pod(&self, pod: &str, cmd: &[&str]) -> Result<std::process::Child> {
+        let c = &self.cluster;
+        Ok(c.node_command(0, &c.kubectl)
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig())
+            .args(["exec", "-n", NS, pod, "--"])
+            .args(cmd)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
+    /// How the agent of each node started (`installed`, `adopted`, `upgraded`).
+    fn startups(&self) -> Result<Vec<String>> {
+        (0..self.cluster.nodes.len())
+            .map(|i| {
+                let s: Value =
+                    serde_json::from_str(&self.weft_in_agent(i, &["status", "--json"])?)?;
+                Ok(s["startup"].as_str().unwrap_or("?").to_owned())
+            })
+            .collect()
+    }
+
+    /// Waits until the agent `DaemonSet` runs its current template on every node.
+    fn agents_rolled_out(&self) -> Result<()> {
+        self.kubectl(&[
+            "rollout",
+            "status",
+            "daemonset/weft-agent",
+            "-n",
+            "weft-system",
+            "--timeout=300s",
+        ])?;
+        Ok(())
     }
 
     /// `weft <args> --admin-socket …` inside the agent pod of node `index`.
@@ -348,13 +440,19 @@ spec:
             v = xcluster::VERSION
         );
     }
-    for (version, node, percent) in [("v1", "weft-n1", 90), ("v2", "weft-n2", 10)] {
+    // v2 runs on both nodes (as a highly available service would): while one node's agent
+    // restarts, its STRICT pods are out of reach and the other replica answers.
+    for (deployment, version, node) in [
+        ("web-v1", "v1", "weft-n1"),
+        ("web-v2", "v2", "weft-n2"),
+        ("web-v2-n1", "v2", "weft-n1"),
+    ] {
         let _ = write!(
             y,
             r#"---
 apiVersion: apps/v1
 kind: Deployment
-metadata: {{name: web-{version}, namespace: {NS}}}
+metadata: {{name: {deployment}, namespace: {NS}}}
 spec:
   replicas: 1
   selector: {{matchLabels: {{app: web, version: {version}}}}}
@@ -368,13 +466,19 @@ spec:
         image: weft-workload:{v}
         imagePullPolicy: Never
         args: [http-server, --listen, "0.0.0.0:8080", --name, "{version}"]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: web-{version}, namespace: {NS}, annotations: {{e2e/weight: "{percent}"}}}}
-spec: {{selector: {{app: web, version: {version}}}, ports: [{{port: 80, targetPort: 8080, protocol: TCP}}]}}
 "#,
             v = xcluster::VERSION
+        );
+    }
+    for version in ["v1", "v2"] {
+        let _ = write!(
+            y,
+            r"---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-{version}, namespace: {NS}}}
+spec: {{selector: {{app: web, version: {version}}}, ports: [{{port: 80, targetPort: 8080, protocol: TCP}}]}}
+"
         );
     }
     let _ = write!(
@@ -432,35 +536,23 @@ pub fn run(
         image_bytes: std::fs::metadata(&images.weft).map_or(0, |m| m.len()),
         ..Report::default()
     };
-    let cluster = xcluster::up(name, images, true)?;
-    let mut down = Down(name.to_owned(), false);
-    let e = E2e {
-        cluster,
-        weft: weft.to_owned(),
-    };
-    let result = scenario(&e, &mut report);
-    if let Err(err) = &result {
-        report.check("scenario", false, format!("{err:#}"));
-        for (i, node) in e.cluster.nodes.iter().enumerate() {
-            eprintln!(
-                "--- {} kubelet log tail:\n{}",
-                node.name,
-                cluster::log_tail(&e.cluster, i, "kubelet")
-            );
+    let mut down = on_cluster(name, images, true, weft, &mut report, scenario)?;
+    if report.checks.iter().all(|c| c.passed) {
+        drop(down);
+        step!("e2e: the same without kube-proxy (Weft's connect-time service balancer alone)");
+        let mut sub = Report {
+            prefix: "no_kube_proxy/",
+            ..Report::default()
+        };
+        match on_cluster(name, images, false, weft, &mut sub, without_kube_proxy) {
+            Ok(guard) => down = guard,
+            Err(err) => {
+                sub.check("cluster_up", false, format!("{err:#}"));
+                down = Down(name.to_owned(), false);
+            }
         }
-        if let Ok(pods) = e.kubectl(&["get", "pods", "-A", "-o", "wide"]) {
-            eprintln!("--- pods:\n{pods}");
-        }
-        if let Ok(logs) = e.kubectl(&[
-            "logs",
-            "-n",
-            "weft-system",
-            "-l",
-            "app.kubernetes.io/component=agent",
-            "--tail=30",
-        ]) {
-            eprintln!("--- agent logs:\n{logs}");
-        }
+        report.checks.append(&mut sub.checks);
+        report.without_kube_proxy = Some(Box::new(sub));
     }
     report.seconds = started.elapsed().as_secs_f64();
     if let Some(path) = json {
@@ -471,7 +563,7 @@ pub fn run(
         .checks
         .iter()
         .filter(|c| !c.passed)
-        .map(|c| c.name)
+        .map(|c| c.name.as_str())
         .collect();
     down.1 = keep_on_failure && !failed.is_empty();
     drop(down);
@@ -484,6 +576,30 @@ pub fn run(
     }
     step!("e2e: every check passed in {:.0}s", report.seconds);
     Ok(report)
+}
+
+/// Brings the cluster up (with or without kube-proxy) and runs `phase` on it; a phase that
+/// stops with an error is a failed check, with the nodes' and agents' logs printed. The
+/// returned guard tears the cluster down.
+fn on_cluster(
+    name: &str,
+    images: &xcluster::Images,
+    kube_proxy: bool,
+    weft: &Path,
+    report: &mut Report,
+    phase: fn(&E2e, &mut Report) -> Result<()>,
+) -> Result<Down> {
+    let cluster = xcluster::up(name, images, kube_proxy)?;
+    let down = Down(name.to_owned(), false);
+    let e = E2e {
+        cluster,
+        weft: weft.to_owned(),
+    };
+    if let Err(err) = phase(&e, report) {
+        report.check("scenario", false, format!("{err:#}"));
+        e.diagnose();
+    }
+    Ok(down)
 }
 
 #[allow(clippy::too_many_lines, reason = "one linear scenario, step by step")]
@@ -505,67 +621,7 @@ fn scenario(e: &E2e, report: &mut Report) -> Result<()> {
         format!("{} of 2", report.nodes),
     );
 
-    // --- install -------------------------------------------------------------------------
-    step!(
-        "e2e: helm install (CRDs, agents on both nodes, two controllers, mTLS with the controller's certificate service)"
-    );
-    let ca_dir = c.state.join("ca");
-    crate::run(
-        Command::new(&e.weft)
-            .args(["ca", "init", "--dir"])
-            .arg(&ca_dir),
-    )?;
-    e.kubectl(&["create", "namespace", "weft-system"])?;
-    e.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "weft-ca",
-        "-n",
-        "weft-system",
-        &format!("--from-file=ca.crt={}", ca_dir.join("ca.crt").display()),
-        &format!("--from-file=ca.key={}", ca_dir.join("ca.key").display()),
-    ])?;
-    let chart = crate::workspace_root().join("deploy/helm/weft");
-    let installed = Instant::now();
-    c.helm([
-        "install",
-        "weft",
-        &chart.display().to_string(),
-        "-n",
-        "weft-system",
-        "--set",
-        "image.pullPolicy=Never",
-        "--set",
-        "mtls.caSecretName=weft-ca",
-        "--set",
-        "mtls.certificateService=true",
-        "--wait",
-        "--timeout",
-        "180s",
-    ])?;
-    report.agents_ready = e
-        .kubectl(&[
-            "get",
-            "ds",
-            "-n",
-            "weft-system",
-            "weft-agent",
-            "-o",
-            "jsonpath={.status.numberReady}",
-        ])?
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    report.check(
-        "agents_ready",
-        report.agents_ready == 2,
-        format!(
-            "{} agents ready, helm install --wait took {:.1}s",
-            report.agents_ready,
-            installed.elapsed().as_secs_f64()
-        ),
-    );
+    install(e, report, &[])?;
     let status = e.weft_in_agent(0, &["status", "--json"])?;
     let status: Value = serde_json::from_str(&status)?;
     let ifs = status["interfaces"].as_array().map_or(0, Vec::len);
@@ -575,93 +631,9 @@ fn scenario(e: &E2e, report: &mut Report) -> Result<()> {
         format!("{ifs} pod interfaces on weft-n1 (the CNI names them veth*)"),
     );
 
-    // --- workloads -----------------------------------------------------------------------
-    step!(
-        "e2e: workloads (kubectl apply): echo and client on weft-n1, remote on weft-n2, web v1/v2"
-    );
-    let gateway = Command::new(&e.weft)
-        .args(["crds", "--gateway-api"])
-        .output()?;
-    ensure!(gateway.status.success(), "weft crds --gateway-api");
-    c.apply(&String::from_utf8_lossy(&gateway.stdout))?;
-    c.apply(&workloads_yaml())?;
-    e.kubectl(&[
-        "wait",
-        "--for=condition=Available",
-        "deployment",
-        "--all",
-        "-n",
-        NS,
-        "--timeout=120s",
-    ])?;
-    e.kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod",
-        "--all",
-        "-n",
-        NS,
-        "--timeout=120s",
-    ])?;
+    deploy_workloads(e)?;
 
-    // --- fast path through a Service, and the kernel counters -------------------------------
-    let echo_vip = e.service_ip(NS, "echo")?;
-    let transfer = e.exec_json(
-        "client",
-        &[
-            "weft-workload",
-            "transfer",
-            "--connect",
-            &format!("{echo_vip}:80"),
-            "--bytes",
-            &TRANSFER_BYTES.to_string(),
-            "--conns",
-            "2",
-        ],
-    )?;
-    let verified = transfer["bytes_verified"].as_u64().unwrap_or(0);
-    report.sent_bytes = transfer["bytes_sent"].as_u64().unwrap_or(0);
-    report.check(
-        "fast_path_transfer_byte_exact",
-        verified == 2 * TRANSFER_BYTES,
-        format!(
-            "{verified} of {} bytes echoed back intact",
-            2 * TRANSFER_BYTES
-        ),
-    );
-    let echo_pod = e.pod_of(NS, "app=echo")?;
-    let flows: Value = eventually(Duration::from_secs(10), Duration::from_millis(500), || {
-        let flows: Value = serde_json::from_str(&e.weft_in_agent(0, &["flows", "--json"])?)?;
-        let fast = flows["recent"]
-            .as_array()
-            .into_iter()
-            .chain(flows["live"].as_array())
-            .flatten()
-            .filter(|r| {
-                r["src"]["workload"] == format!("{NS}/client")
-                    && r["dst"]["workload"] == format!("{NS}/{echo_pod}")
-                    && r["fast_path"] == true
-            })
-            .count();
-        ensure!(fast >= 2, "{fast} fast-path client → echo flows");
-        Ok(flows)
-    })
-    .unwrap_or(Value::Null);
-    report.fast_path_flows = flows["recent"]
-        .as_array()
-        .into_iter()
-        .chain(flows["live"].as_array())
-        .flatten()
-        .filter(|r| r["fast_path"] == true && r["src"]["workload"] == format!("{NS}/client"))
-        .count();
-    report.check(
-        "same_node_service_fast_path",
-        report.fast_path_flows >= 2,
-        format!(
-            "{} client → echo flows on the socket fast path (both pods opted in: weft.dev/socket-fast-path: enabled; this kernel fails the self-test, so the default is the normal TCP path)",
-            report.fast_path_flows
-        ),
-    );
+    let echo_pod = same_node_fast_path(e, report)?;
     let counted = eventually(Duration::from_secs(10), Duration::from_millis(500), || {
         let metrics = e.scrape_agents()?;
         let sum = |direction: &str| -> f64 {
@@ -752,19 +724,7 @@ fn scenario(e: &E2e, report: &mut Report) -> Result<()> {
         allowed["ok"] == true,
         allowed.to_string(),
     );
-    let programmed = eventually(Duration::from_secs(20), Duration::from_millis(500), || {
-        let s = e.kubectl(&[
-            "get",
-            "authorizationpolicy",
-            "-n",
-            NS,
-            "echo-from-client",
-            "-o",
-            r#"jsonpath={.status.conditions[?(@.type=="Programmed")].status}"#,
-        ])?;
-        ensure!(s.trim() == "True", "Programmed={s}");
-        Ok(())
-    });
+    let programmed = e.policy_programmed();
     report.policy_programmed = programmed.is_ok();
     report.check("policy_status_programmed", report.policy_programmed, "");
     e.kubectl(&[
@@ -787,62 +747,7 @@ fn scenario(e: &E2e, report: &mut Report) -> Result<()> {
         format!("{:.1}s after kubectl delete", report.policy_revert_secs),
     );
 
-    // --- HTTPRoute 90/10 ------------------------------------------------------------------------
-    c.apply(&route_yaml())?;
-    let web_vip = e.service_ip(NS, "web")?;
-    let url = format!("http://{web_vip}/");
-    // The route is in effect once the engine serves it (the agent sees new kinds within 15 s).
-    let in_effect = eventually(Duration::from_secs(45), Duration::from_secs(1), || {
-        e.exec_json(
-            "client",
-            &["weft-workload", "http-get", "--url", &url, "--count", "5"],
-        )?;
-        let metrics = e.scrape_agents()?;
-        let routed: f64 = metrics
-            .iter()
-            .map(|m| metric_sum(m, "weft_l7_requests_total", &[("route", "e2e/web-split#0")]))
-            .sum();
-        ensure!(routed > 0.0, "no request through the route yet");
-        Ok(())
-    });
-    report.check(
-        "httproute_in_effect",
-        in_effect.is_ok(),
-        in_effect
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default(),
-    );
-    let split = e.exec_json(
-        "client",
-        &[
-            "weft-workload",
-            "http-get",
-            "--url",
-            &url,
-            "--count",
-            "400",
-            "--concurrency",
-            "4",
-        ],
-    )?;
-    let by_server: BTreeMap<String, u64> =
-        serde_json::from_value(split["by_server"].clone()).unwrap_or_default();
-    let total: u64 = by_server.values().sum();
-    let v2 = by_server.get("v2").copied().unwrap_or(0);
-    #[allow(clippy::cast_precision_loss, reason = "small counts")]
-    {
-        report.split_percent_v2 = if total == 0 {
-            0.0
-        } else {
-            100.0 * v2 as f64 / total as f64
-        };
-    }
-    report.check(
-        "httproute_split_90_10",
-        total == 400 && (4.0..=18.0).contains(&report.split_percent_v2),
-        format!("{by_server:?}: {:.1}% to v2", report.split_percent_v2),
-    );
+    route_split(e, report)?;
 
     // --- across nodes: only the tunnel on the wire ---------------------------------------------
     let capture = c.state.join("link0.pcap");
@@ -922,12 +827,495 @@ fn scenario(e: &E2e, report: &mut Report) -> Result<()> {
         ),
     );
 
+    // --- upgrade, agent deletion, rollback under traffic -----------------------------------------
+    lifecycle(e, report)?;
     // --- unmeshed namespace ---------------------------------------------------------------------
-    unmeshed(e, report)?;
+    unmeshed(
+        e,
+        report,
+        "unmeshed_namespace_across_nodes_through_kube_proxy",
+    )?;
     // --- first connection -----------------------------------------------------------------------
     first_connection(e, report)?;
     // --- uninstall under live traffic -----------------------------------------------------------
     uninstall(e, report)?;
+    Ok(())
+}
+
+/// The cluster without kube-proxy: nothing but Weft serves `ClusterIPs`. The agents and the
+/// controller reach the API server at the address the chart is given (`apiServer.host`, as
+/// Cilium's `k8sServiceHost`); every Service the pods use goes through Weft's connect-time
+/// balancer: same node (fast path), across nodes (mTLS tunnel), through an `HTTPRoute` (L7
+/// engine), and from an unmeshed namespace.
+fn without_kube_proxy(e: &E2e, report: &mut Report) -> Result<()> {
+    let c = &e.cluster;
+    ensure!(
+        !c.kube_proxy,
+        "this phase needs a cluster without kube-proxy"
+    );
+    let api_host = format!("apiServer.host={}", c.nodes[0].ip);
+    install(e, report, &[&api_host, "apiServer.port=6443"])?;
+    deploy_workloads(e)?;
+    same_node_fast_path(e, report)?;
+
+    let remote_vip = e.service_ip(NS, "remote")?;
+    let crossed = e.exec_json(
+        "client",
+        &[
+            "weft-workload",
+            "transfer",
+            "--connect",
+            &format!("{remote_vip}:80"),
+            "--bytes",
+            "1048576",
+            "--conns",
+            "2",
+        ],
+    )?;
+    let streams: f64 = e
+        .scrape_agents()?
+        .iter()
+        .map(|m| {
+            metric_sum(
+                m,
+                "weft_tunnel_streams_total",
+                &[("direction", "inbound"), ("result", "ok")],
+            )
+        })
+        .sum();
+    report.check(
+        "cross_node_service_through_tunnel",
+        crossed["bytes_verified"] == 2 * 1_048_576 && streams >= 2.0,
+        format!("{crossed}; {streams} inbound tunnel streams"),
+    );
+
+    route_split(e, report)?;
+
+    // The controller reached the API server: it wrote the policy's status.
+    c.apply(&policy_yaml())?;
+    let programmed = e.policy_programmed();
+    report.check(
+        "controller_writes_status",
+        programmed.is_ok(),
+        programmed
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default(),
+    );
+    unmeshed(e, report, "unmeshed_namespace_across_nodes")?;
+    Ok(())
+}
+
+/// `helm install` of the chart (with `extra` `--set` values), then the `DaemonSet's` readiness.
+fn install(e: &E2e, report: &mut Report, extra: &[&str]) -> Result<()> {
+    let c = &e.cluster;
+    // --- install -------------------------------------------------------------------------
+    step!(
+        "e2e: helm install (CRDs, agents on both nodes, two controllers, mTLS with the controller's certificate service)"
+    );
+    let ca_dir = c.state.join("ca");
+    crate::run(
+        Command::new(&e.weft)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca_dir),
+    )?;
+    e.kubectl(&["create", "namespace", "weft-system"])?;
+    e.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "weft-ca",
+        "-n",
+        "weft-system",
+        &format!("--from-file=ca.crt={}", ca_dir.join("ca.crt").display()),
+        &format!("--from-file=ca.key={}", ca_dir.join("ca.key").display()),
+    ])?;
+    let chart = crate::workspace_root().join("deploy/helm/weft");
+    let installed = Instant::now();
+    let chart = chart.display().to_string();
+    let mut args = vec![
+        "install",
+        "weft",
+        &chart,
+        "-n",
+        "weft-system",
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        "mtls.caSecretName=weft-ca",
+        "--set",
+        "mtls.certificateService=true",
+        "--wait",
+        "--timeout",
+        "180s",
+    ];
+    for value in extra {
+        args.extend(["--set", value]);
+    }
+    c.helm(args)?;
+    report.agents_ready = e
+        .kubectl(&[
+            "get",
+            "ds",
+            "-n",
+            "weft-system",
+            "weft-agent",
+            "-o",
+            "jsonpath={.status.numberReady}",
+        ])?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    report.check(
+        "agents_ready",
+        report.agents_ready == 2,
+        format!(
+            "{} agents ready, helm install --wait took {:.1}s",
+            report.agents_ready,
+            installed.elapsed().as_secs_f64()
+        ),
+    );
+    Ok(())
+}
+
+/// The meshed workloads of [`NS`] (and the Gateway API CRDs), ready.
+fn deploy_workloads(e: &E2e) -> Result<()> {
+    let c = &e.cluster;
+    step!(
+        "e2e: workloads (kubectl apply): echo and client on weft-n1, remote on weft-n2, web v1/v2"
+    );
+    let gateway = Command::new(&e.weft)
+        .args(["crds", "--gateway-api"])
+        .output()?;
+    ensure!(gateway.status.success(), "weft crds --gateway-api");
+    c.apply(&String::from_utf8_lossy(&gateway.stdout))?;
+    c.apply(&workloads_yaml())?;
+    e.kubectl(&[
+        "wait",
+        "--for=condition=Available",
+        "deployment",
+        "--all",
+        "-n",
+        NS,
+        "--timeout=120s",
+    ])?;
+    e.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "--all",
+        "-n",
+        NS,
+        "--timeout=120s",
+    ])?;
+
+    Ok(())
+}
+
+/// A byte-checked transfer from client to echo (same node) through the echo Service's
+/// `ClusterIP`, seen on the socket fast path in the flow table; echo's pod name.
+fn same_node_fast_path(e: &E2e, report: &mut Report) -> Result<String> {
+    let echo_vip = e.service_ip(NS, "echo")?;
+    let transfer = e.exec_json(
+        "client",
+        &[
+            "weft-workload",
+            "transfer",
+            "--connect",
+            &format!("{echo_vip}:80"),
+            "--bytes",
+            &TRANSFER_BYTES.to_string(),
+            "--conns",
+            "2",
+        ],
+    )?;
+    let verified = transfer["bytes_verified"].as_u64().unwrap_or(0);
+    report.sent_bytes = transfer["bytes_sent"].as_u64().unwrap_or(0);
+    report.check(
+        "fast_path_transfer_byte_exact",
+        verified == 2 * TRANSFER_BYTES,
+        format!(
+            "{verified} of {} bytes echoed back intact",
+            2 * TRANSFER_BYTES
+        ),
+    );
+    let echo_pod = e.pod_of(NS, "app=echo")?;
+    let flows: Value = eventually(Duration::from_secs(10), Duration::from_millis(500), || {
+        let flows: Value = serde_json::from_str(&e.weft_in_agent(0, &["flows", "--json"])?)?;
+        let fast = flows["recent"]
+            .as_array()
+            .into_iter()
+            .chain(flows["live"].as_array())
+            .flatten()
+            .filter(|r| {
+                r["src"]["workload"] == format!("{NS}/client")
+                    && r["dst"]["workload"] == format!("{NS}/{echo_pod}")
+                    && r["fast_path"] == true
+            })
+            .count();
+        ensure!(fast >= 2, "{fast} fast-path client → echo flows");
+        Ok(flows)
+    })
+    .unwrap_or(Value::Null);
+    report.fast_path_flows = flows["recent"]
+        .as_array()
+        .into_iter()
+        .chain(flows["live"].as_array())
+        .flatten()
+        .filter(|r| r["fast_path"] == true && r["src"]["workload"] == format!("{NS}/client"))
+        .count();
+    report.check(
+        "same_node_service_fast_path",
+        report.fast_path_flows >= 2,
+        format!(
+            "{} client → echo flows on the socket fast path (both pods opted in: weft.dev/socket-fast-path: enabled; this kernel fails the self-test, so the default is the normal TCP path)",
+            report.fast_path_flows
+        ),
+    );
+    Ok(echo_pod)
+}
+
+/// The `HTTPRoute`'s 90/10 split between web-v1 and web-v2, through the web Service's `ClusterIP`.
+fn route_split(e: &E2e, report: &mut Report) -> Result<()> {
+    let c = &e.cluster;
+    c.apply(&route_yaml())?;
+    let web_vip = e.service_ip(NS, "web")?;
+    let url = format!("http://{web_vip}/");
+    // The route is in effect once the engine serves it (the agent sees new kinds within 15 s).
+    let in_effect = eventually(Duration::from_secs(45), Duration::from_secs(1), || {
+        e.exec_json(
+            "client",
+            &["weft-workload", "http-get", "--url", &url, "--count", "5"],
+        )?;
+        let metrics = e.scrape_agents()?;
+        let routed: f64 = metrics
+            .iter()
+            .map(|m| metric_sum(m, "weft_l7_requests_total", &[("route", "e2e/web-split#0")]))
+            .sum();
+        ensure!(routed > 0.0, "no request through the route yet");
+        Ok(())
+    });
+    report.check(
+        "httproute_in_effect",
+        in_effect.is_ok(),
+        in_effect
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default(),
+    );
+    let split = e.exec_json(
+        "client",
+        &[
+            "weft-workload",
+            "http-get",
+            "--url",
+            &url,
+            "--count",
+            "400",
+            "--concurrency",
+            "4",
+        ],
+    )?;
+    let by_server: BTreeMap<String, u64> =
+        serde_json::from_value(split["by_server"].clone()).unwrap_or_default();
+    let total: u64 = by_server.values().sum();
+    let v2 = by_server.get("v2").copied().unwrap_or(0);
+    #[allow(clippy::cast_precision_loss, reason = "small counts")]
+    {
+        report.split_percent_v2 = if total == 0 {
+            0.0
+        } else {
+            100.0 * v2 as f64 / total as f64
+        };
+    }
+    report.check(
+        "httproute_split_90_10",
+        total == 400 && (4.0..=18.0).contains(&report.split_percent_v2),
+        format!("{by_server:?}: {:.1}% to v2", report.split_percent_v2),
+    );
+
+    Ok(())
+}
+
+/// One lifecycle step: what it does to the installation.
+type Step<'a> = Box<dyn Fn() -> Result<()> + 'a>;
+
+/// How long each lifecycle step's HTTP load runs (the step itself starts 5 s in).
+const LIFECYCLE_LOAD_SECS: u64 = 75;
+
+/// `helm upgrade` to another map layout (the fast-path socket map's capacity), an agent pod
+/// deleted, and `helm rollback`, each while 200 connections between real pods on weft-n1 pass
+/// checked messages (an echo that differs or a connection error counts as broken) and a client
+/// sends 500 requests/s through the `HTTPRoute` (backends on both nodes).
+#[allow(clippy::too_many_lines, reason = "one linear scenario, step by step")]
+fn lifecycle(e: &E2e, report: &mut Report) -> Result<()> {
+    let chart = crate::workspace_root().join("deploy/helm/weft");
+    let chart = chart.display().to_string();
+    let echo_vip = e.service_ip(NS, "echo")?;
+    let url = format!("http://{}/", e.service_ip(NS, "web")?);
+    step!("e2e: lifecycle: 200 held connections client → echo, 500 requests/s through the route");
+    let holder = e.spawn_in_pod(
+        "client",
+        &[
+            "weft-workload",
+            "hold",
+            "--connect",
+            &format!("{echo_vip}:80"),
+            "--conns",
+            "200",
+            "--interval-ms",
+            "100",
+            "--until-file",
+            "/tmp/stop-lifecycle",
+            "--max-secs",
+            "900",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    let steps: [(&'static str, Step<'_>); 3] = [
+        (
+            "helm_upgrade_to_another_map_layout",
+            Box::new(|| {
+                e.cluster.helm([
+                    "upgrade",
+                    "weft",
+                    &chart,
+                    "-n",
+                    "weft-system",
+                    "--reuse-values",
+                    "--set",
+                    "agent.sockhashCapacity=32768",
+                    "--wait",
+                    "--timeout",
+                    "300s",
+                ])?;
+                e.agents_rolled_out()
+            }),
+        ),
+        (
+            "agent_pod_deleted",
+            Box::new(|| {
+                let agent = e.agent(0)?;
+                e.kubectl(&["delete", "pod", "-n", "weft-system", &agent, "--wait=true"])?;
+                e.agents_rolled_out()?;
+                eventually(Duration::from_mins(2), Duration::from_secs(1), || {
+                    let ready = e.kubectl(&[
+                        "get",
+                        "ds",
+                        "-n",
+                        "weft-system",
+                        "weft-agent",
+                        "-o",
+                        "jsonpath={.status.numberReady}",
+                    ])?;
+                    ensure!(ready.trim() == "2", "{ready} agents ready");
+                    Ok(())
+                })
+            }),
+        ),
+        (
+            "helm_rollback",
+            Box::new(|| {
+                e.cluster.helm([
+                    "rollback",
+                    "weft",
+                    "1",
+                    "-n",
+                    "weft-system",
+                    "--wait",
+                    "--timeout",
+                    "300s",
+                ])?;
+                e.agents_rolled_out()
+            }),
+        ),
+    ];
+    for (index, (name, run_step)) in steps.iter().enumerate() {
+        let load = e.spawn_in_pod(
+            "client",
+            &[
+                "weft-workload",
+                "http-load",
+                "--url",
+                &url,
+                "--rate",
+                "500",
+                "--secs",
+                &LIFECYCLE_LOAD_SECS.to_string(),
+                "--connections",
+                "16",
+            ],
+        )?;
+        std::thread::sleep(Duration::from_secs(5));
+        let started = Instant::now();
+        let outcome = run_step();
+        let took = started.elapsed().as_secs_f64();
+        let out = load.wait_with_output()?;
+        let r = last_json(&String::from_utf8_lossy(&out.stdout)).unwrap_or(Value::Null);
+        let get = |k: &str| r[k].as_u64().unwrap_or(0);
+        let failed = get("errors") + get("non_2xx") + get("missed");
+        let complete = r.is_object() && get("completed") == get("scheduled") && failed == 0;
+        report.lifecycle_requests += get("completed");
+        let startups = e.startups().unwrap_or_default();
+        report
+            .lifecycle_startups
+            .push(format!("{name}: {}", startups.join(",")));
+        let expected = if index == 1 { "adopted" } else { "upgraded" };
+        let started_as_expected = match index {
+            // The deleted pod's node adopts its pins; the other agent did not restart.
+            1 => startups.first().is_some_and(|s| s == expected),
+            _ => startups.iter().all(|s| s == expected),
+        };
+        let failed_slot = match index {
+            0 => &mut report.upgrade_failed_requests,
+            1 => &mut report.agent_deletion_failed_requests,
+            _ => &mut report.rollback_failed_requests,
+        };
+        *failed_slot = r.is_object().then_some(failed);
+        report.check(
+            name,
+            outcome.is_ok() && complete && started_as_expected,
+            format!(
+                "{}step took {took:.1}s; {} of {} requests answered, {failed} failed (p99 {} µs, by status {}); agents started {startups:?} (expected {expected}){}",
+                outcome
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{e:#}; "))
+                    .unwrap_or_default(),
+                get("completed"),
+                get("scheduled"),
+                r["p99_us"],
+                r["by_status"],
+                r["error_samples"]
+                    .as_array()
+                    .filter(|a| !a.is_empty())
+                    .map(|a| format!("; errors {a:?}"))
+                    .unwrap_or_default(),
+            ),
+        );
+    }
+    e.kubectl(&[
+        "exec",
+        "-n",
+        NS,
+        "client",
+        "--",
+        "touch",
+        "/tmp/stop-lifecycle",
+    ])?;
+    let out = holder.wait_with_output()?;
+    let held = last_json(&String::from_utf8_lossy(&out.stdout)).unwrap_or(Value::Null);
+    let broken = held["broken"].as_u64();
+    let rounds = held["rounds"].as_u64().unwrap_or(0);
+    report.upgrade_broken_connections = broken;
+    // Every message of every connection came back intact and in order, or the connection
+    // counts as broken: with none broken, nothing was lost.
+    report.upgrade_lost_bytes = (broken == Some(0) && rounds > 0).then_some(0);
+    report.check(
+        "lifecycle_breaks_no_connection",
+        broken == Some(0) && held["conns"] == 200 && rounds > 100,
+        held.to_string(),
+    );
     Ok(())
 }
 
@@ -977,7 +1365,7 @@ fn plaintext_between_pods(c: &Cluster, capture: &Path) -> Result<(u64, usize)> {
     Ok((plaintext, tunnel_packets))
 }
 
-fn unmeshed(e: &E2e, report: &mut Report) -> Result<()> {
+fn unmeshed(e: &E2e, report: &mut Report, check: &str) -> Result<()> {
     let v = xcluster::VERSION;
     e.cluster.apply(&format!(
         r#"apiVersion: v1
@@ -1036,7 +1424,7 @@ spec:
     });
     report.unmeshed_namespace_works = r.is_ok();
     report.check(
-        "unmeshed_namespace_across_nodes_through_kube_proxy",
+        check,
         report.unmeshed_namespace_works,
         r.map_or_else(|e| format!("{e:#}"), |_| String::new()),
     );
@@ -1162,7 +1550,7 @@ fn uninstall(e: &E2e, report: &mut Report) -> Result<()> {
             "--connect",
             &format!("{echo_vip}:80"),
             "--conns",
-            "50",
+            "200",
             "--interval-ms",
             "50",
             "--until-file",
@@ -1183,7 +1571,23 @@ fn uninstall(e: &E2e, report: &mut Report) -> Result<()> {
         "--timeout",
         "120s",
     ])?;
-    std::thread::sleep(Duration::from_secs(3));
+    // Helm is done when its objects are deleted; the agents remove the datapath as they stop
+    // (after draining the L7 engine and the fast path), so the check waits for them to be gone.
+    eventually(Duration::from_secs(90), Duration::from_millis(500), || {
+        let left = e.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "weft-system",
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "-o",
+            "name",
+        ])?;
+        ensure!(left.trim().is_empty(), "agents still stopping: {left}");
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
     e.kubectl(&["exec", "-n", NS, "client", "--", "touch", "/tmp/stop-hold"])?;
     let out = holder.wait_with_output()?;
     let held = last_json(&String::from_utf8_lossy(&out.stdout)).unwrap_or(Value::Null);
