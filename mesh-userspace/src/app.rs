@@ -17,10 +17,10 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::{
+    api::objects::{MtlsMode, SocketFastPath},
     cgroups::PodCgroups,
     config::AgentConfig,
     control::files::FileSource,
-    control::objects::{MtlsMode, SocketFastPath},
     ebpf::{self, Datapath, Desired, Startup},
     flows::{FlowSnapshot, FlowTable},
     metrics::{KernelSnapshot, Metrics, PairLabels},
@@ -65,7 +65,7 @@ impl Source {
     }
 
     /// A new object set when anything changed since the last call.
-    fn poll(&mut self) -> Result<Option<crate::control::ObjectSet>, String> {
+    fn poll(&mut self) -> Result<Option<crate::api::ObjectSet>, String> {
         match self {
             Self::Files(f) => f.poll().map_err(|e| e.to_string()),
             Self::Kube(k) => Ok(k.poll()),
@@ -187,7 +187,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         let server = crate::admin::serve(shared.clone(), config);
         tokio::select! {
             r = server => r.map_err(AgentError::Admin),
-            () = shutdown_signal() => Ok(()),
+            () = crate::signal::shutdown() => Ok(()),
         }
     });
     // The sync thread marks the engine down in the kernel as it ends: from then on new
@@ -427,21 +427,6 @@ fn start_tunnel(
     Ok(tunnel)
 }
 
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-}
-
 #[allow(
     clippy::too_many_arguments,
     clippy::too_many_lines,
@@ -474,7 +459,7 @@ fn sync_loop(
     let mut objects_loaded = false;
     // The last objects, and the addresses the CNI plugin reported for pods whose Pod object
     // does not have one yet.
-    let mut objects = crate::control::ObjectSet::default();
+    let mut objects = crate::api::ObjectSet::default();
     let mut cni_addresses: BTreeMap<(String, String), std::net::Ipv4Addr> = BTreeMap::new();
     let mut netns_cookies: BTreeMap<String, u64> = BTreeMap::new();
     let mut pending: Vec<EnrolRequest> = Vec::new();
@@ -615,7 +600,7 @@ fn sync_loop(
 }
 
 /// Whether pod `namespace/name` is known and has no address yet.
-fn pod_lacks_address(objects: &crate::control::ObjectSet, namespace: &str, name: &str) -> bool {
+fn pod_lacks_address(objects: &crate::api::ObjectSet, namespace: &str, name: &str) -> bool {
     objects.pods.iter().any(|p| {
         p.metadata.namespace.as_deref().unwrap_or("default") == namespace
             && p.metadata.name.as_deref() == Some(name)
@@ -625,9 +610,9 @@ fn pod_lacks_address(objects: &crate::control::ObjectSet, namespace: &str, name:
 
 /// `objects` with the addresses the CNI plugin reported filled into pods that lack one.
 fn with_addresses(
-    objects: &crate::control::ObjectSet,
+    objects: &crate::api::ObjectSet,
     addresses: &BTreeMap<(String, String), std::net::Ipv4Addr>,
-) -> crate::control::ObjectSet {
+) -> crate::api::ObjectSet {
     if addresses.is_empty() {
         return objects.clone();
     }
@@ -681,7 +666,7 @@ fn enrolled(
 /// The node state for new objects; the engine gets its snapshot at once. Returns the state and
 /// every problem found, each also logged.
 fn load(
-    objects: &crate::control::ObjectSet,
+    objects: &crate::api::ObjectSet,
     config: &AgentConfig,
     snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
 ) -> (NodeState, Vec<String>) {

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod cgroups;
 pub mod cli;
@@ -18,8 +19,7 @@ pub mod flows;
 pub mod identity;
 pub mod interfaces;
 pub mod metrics;
-pub mod policy;
 pub mod pressure;
 pub mod proxy;
+pub mod signal;
 pub mod state;
-pub mod tls;

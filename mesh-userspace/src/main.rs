@@ -552,7 +552,7 @@ fn controller(config: &ControllerConfig) -> anyhow::Result<()> {
 /// `weft crds`: every CRD to stdout as one multi-document YAML, or one file each into `dir`;
 /// with `gateway_api`, the Gateway API route CRDs instead.
 fn crds(dir: Option<&std::path::Path>, gateway_api: bool) -> anyhow::Result<()> {
-    use weft::control::crds;
+    use weft::api::crds;
     if gateway_api {
         print!("{}", crds::gateway_api_routes()?);
         return Ok(());

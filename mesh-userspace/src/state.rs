@@ -13,7 +13,7 @@ use mesh_common::{PolicyKey, PolicyValue, verdict};
 use serde::Serialize;
 
 use crate::{
-    control::{
+    api::{
         ObjectSet,
         objects::{
             Action, AuthorizationPolicy, DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY,
@@ -90,7 +90,7 @@ pub struct ServicePort {
     /// Routes or a traffic policy are attached: meshed clients go through the L7 engine.
     pub l7: bool,
     /// While the engine is down, meshed clients are refused rather than sent straight to a
-    /// backend (see [`crate::policy::FailureMode`]).
+    /// backend (see [`crate::api::traffic::FailureMode`]).
     pub l7_fail_closed: bool,
 }
 
@@ -105,11 +105,11 @@ pub struct L7Service {
     pub http_routes: Vec<gateway_api::httproutes::HttpRoute>,
     pub grpc_routes: Vec<gateway_api::grpcroutes::GrpcRoute>,
     /// `namespace/name` of the traffic policy and its spec.
-    pub policy: Option<(String, crate::policy::TrafficPolicySpec)>,
+    pub policy: Option<(String, crate::api::traffic::TrafficPolicySpec)>,
     /// Authorization policies whose `targetRef` is this service (checked per request).
     pub authz: Vec<AuthorizationPolicy>,
     /// Request authentications (JWT rules) whose `targetRef` is this service.
-    pub authn: Vec<crate::control::objects::RequestAuthentication>,
+    pub authn: Vec<crate::api::objects::RequestAuthentication>,
 }
 
 /// Why a policy entry exists; `/flows` shows it next to each verdict.
@@ -618,7 +618,7 @@ fn service_ports(
 /// Whether a policy (its metadata and `targetRef`) targets this Service port.
 fn targets(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    target: Option<&crate::policy::TargetRef>,
+    target: Option<&crate::api::traffic::TargetRef>,
     svc: &ServicePort,
 ) -> bool {
     meta.namespace.as_deref().unwrap_or("default") == svc.namespace
@@ -635,7 +635,7 @@ fn targeting<T: Clone>(
         &T,
     ) -> (
         &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        Option<&crate::policy::TargetRef>,
+        Option<&crate::api::traffic::TargetRef>,
     ),
 ) -> Vec<T> {
     all.iter()
@@ -678,14 +678,14 @@ fn l7_services(
             })
             .cloned()
             .collect();
-        let mut policies: Vec<&crate::policy::TrafficPolicy> = objects
+        let mut policies: Vec<&crate::api::traffic::TrafficPolicy> = objects
             .traffic_policies
             .iter()
             .filter(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc))
             .collect();
         // Of several, the oldest applies (then by name), as Gateway API resolves conflicts;
         // the controller reports the others as Conflicted.
-        policies.sort_by_key(|p| crate::policy::precedence(p));
+        policies.sort_by_key(|p| crate::api::traffic::precedence(p));
         let mut policies = policies.into_iter();
         let policy = policies.next().map(|p| {
             let name = format!(
@@ -727,7 +727,7 @@ fn l7_services(
         }
         svc.l7 = true;
         svc.l7_fail_closed = match policy.as_ref().and_then(|(_, p)| p.failure_mode) {
-            Some(mode) => mode == crate::policy::FailureMode::Closed,
+            Some(mode) => mode == crate::api::traffic::FailureMode::Closed,
             // Authorization and authentication must not be skipped; plain routing may.
             None => !authz.is_empty() || !jwt_policies.is_empty(),
         };
@@ -1338,7 +1338,7 @@ spec:
 
     use proptest::prelude::*;
 
-    use crate::control::objects::{AuthorizationPolicySpec, From, Operation, Rule, To};
+    use crate::api::objects::{AuthorizationPolicySpec, From, Operation, Rule, To};
 
     const PORTS: [u16; 3] = [80, 443, 8080];
 
@@ -1488,6 +1488,31 @@ spec:
                     }
                 }
             }
+        }
+    }
+
+    const VALID: &str = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [x], serviceAccounts: [a, b/c]}}]\n    to: [{operation: {ports: [80]}}]\n";
+
+    proptest::proptest! {
+        /// Untrusted text never panics the parser or the state builder; it becomes errors.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let mut set = crate::api::ObjectSet::default();
+            set.add_yaml("fuzz", &text);
+            let _ = build(&set, "n1", std::path::Path::new("/cg"));
+        }
+
+        /// A valid document with one byte changed: still no panic, and either parsed or reported.
+        #[test]
+        fn mutated_policy_never_panics(at in 0usize..VALID.len(), byte in proptest::num::u8::ANY) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            bytes[at] = byte;
+            let text = String::from_utf8_lossy(&bytes);
+            let mut set = crate::api::ObjectSet::default();
+            set.add_yaml("fuzz", &text);
+            let parsed = set.authorization_policies.len() + set.errors.len();
+            proptest::prop_assert!(parsed >= 1 || text.trim().is_empty() || !text.contains("kind"));
+            let _ = build(&set, "n1", std::path::Path::new("/cg"));
         }
     }
 }

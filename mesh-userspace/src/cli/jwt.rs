@@ -2,7 +2,6 @@
 //! provider (what Istio's samples do with a script). ES256 keys; the public half as a JWKS.
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use base64::Engine as _;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,18 +35,9 @@ pub fn keygen(dir: &Path, kid: &str) -> Result<(), JwtError> {
     let key_path = dir.join("key.pem");
     super::write_private(&key_path, &pair.serialize_pem(), false).map_err(io(&key_path))?;
     let jwks_path = dir.join("jwks.json");
-    std::fs::write(&jwks_path, jwks(&pair, kid).to_string()).map_err(io(&jwks_path))?;
+    std::fs::write(&jwks_path, crate::identity::jwks(&pair, kid).to_string())
+        .map_err(io(&jwks_path))?;
     Ok(())
-}
-
-/// The JWKS holding the public half of a P-256 key.
-pub(crate) fn jwks(pair: &KeyPair, kid: &str) -> serde_json::Value {
-    let raw = pair.public_key_raw(); // 0x04 || x || y
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    serde_json::json!({"keys": [{
-        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
-        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
-    }]})
 }
 
 /// What a token says.
@@ -127,7 +117,7 @@ mod tests {
              audiences: [web]\n    jwksFile: {}\n",
             dir.join("jwks.json").display()
         );
-        let mut set = crate::control::ObjectSet::default();
+        let mut set = crate::api::ObjectSet::default();
         set.add_yaml("t", &yaml);
         let (a, problems) = Authenticator::new(&set.request_authentications);
         assert!(problems.is_empty(), "{problems:?}");

@@ -24,7 +24,8 @@ use kube::{Api, Client, api::PostParams};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use super::{kube::Kind, objects::MeshConfig};
+use super::kube::Kind;
+use crate::api::objects::MeshConfig;
 use crate::identity::{
     Ca, CaFiles, SpiffeId, TrustDomain,
     remote::{self, Response as Issued},
@@ -51,7 +52,7 @@ pub enum CertServiceError {
         source: std::io::Error,
     },
     #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::identity::tls::TlsError),
 }
 
 /// Requests larger than this are refused (a CSR and a few names).
@@ -125,7 +126,7 @@ pub async fn start(
     // cache would mean the default trust domain).
     service.pods.ready().await;
     service.mesh.ready().await;
-    let tls = crate::tls::ca_server_config(Arc::new(OwnCert {
+    let tls = crate::identity::tls::ca_server_config(Arc::new(OwnCert {
         service: std::sync::Mutex::new(Arc::new(own)),
         ca: service.clone(),
     }))?;

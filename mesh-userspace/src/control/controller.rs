@@ -29,10 +29,12 @@ use tokio::sync::Notify;
 
 use super::{
     kube::{Kind, KubeSourceError, client},
-    objects::{AuthorizationPolicy, MeshConfig, ObjectStatus, RequestAuthentication},
     validate::{self, Verdict},
 };
-use crate::policy::TrafficPolicy;
+use crate::api::{
+    objects::{AuthorizationPolicy, MeshConfig, ObjectStatus, RequestAuthentication},
+    traffic::TrafficPolicy,
+};
 use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 
 /// The Lease both replicas compete for.
@@ -92,7 +94,7 @@ pub fn run(config: &ControllerConfig) -> Result<(), ControllerError> {
             () = election => {}
             () = statuses => {}
             () = certificates => tracing::error!("the certificate service stopped"),
-            () = crate::app::shutdown_signal() => {}
+            () = crate::signal::shutdown() => {}
         }
         if *leader.0.borrow() {
             lease.release().await;

@@ -8,7 +8,7 @@ use std::{
     time::SystemTime,
 };
 
-use super::objects::{ObjectSet, ParseError};
+use crate::api::objects::{ObjectSet, ParseError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {

@@ -33,8 +33,8 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use super::objects::{AuthorizationPolicy, MeshConfig, ObjectSet, RequestAuthentication};
-use crate::policy::TrafficPolicy;
+use crate::api::objects::{AuthorizationPolicy, MeshConfig, ObjectSet, RequestAuthentication};
+use crate::api::traffic::TrafficPolicy;
 
 /// Changes closer together than this are published together.
 const DEBOUNCE: Duration = Duration::from_millis(100);

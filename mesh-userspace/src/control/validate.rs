@@ -4,10 +4,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication, SELECTOR_OPERATORS};
 use crate::{
-    policy::{TrafficPolicy, precedence},
-    proxy::route::{AsRefParts, RefParts, is_core_service},
+    api::{
+        is_core_service,
+        objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication, SELECTOR_OPERATORS},
+        traffic::{TrafficPolicy, precedence},
+    },
+    proxy::route::{AsRefParts, RefParts},
 };
 
 /// The outcome for one object; the controller turns it into `Accepted`, `ResolvedRefs` and
@@ -126,8 +129,8 @@ pub fn traffic_policy(p: &TrafficPolicy, all: &[TrafficPolicy], services: &Servi
 /// The policy's target Service (and port) and its mirror Service must exist.
 fn references(
     ns: &str,
-    target: &crate::policy::TargetRef,
-    mirror: Option<&crate::policy::Mirror>,
+    target: &crate::api::traffic::TargetRef,
+    mirror: Option<&crate::api::traffic::Mirror>,
     services: &Services,
 ) -> Verdict {
     let target = missing_service(services, ns, &target.name, target.port.map(i64::from));
@@ -144,7 +147,7 @@ fn references(
 }
 
 /// Cross-field rules the schema cannot express.
-fn spec_problems(s: &crate::policy::TrafficPolicySpec) -> Vec<String> {
+fn spec_problems(s: &crate::api::traffic::TrafficPolicySpec) -> Vec<String> {
     let mut invalid = Vec::new();
     if let Some(r) = &s.retries {
         if r.attempts == 0 {
@@ -165,7 +168,7 @@ fn spec_problems(s: &crate::policy::TrafficPolicySpec) -> Vec<String> {
         invalid.push("spec.rateLimit.requestsPerSecond must be a positive number".to_owned());
     }
     if let Some(lb) = &s.load_balancer
-        && lb.algorithm == crate::proxy::balance::Algorithm::RingHash
+        && lb.algorithm == crate::api::traffic::Algorithm::RingHash
         && lb
             .hash
             .as_ref()
@@ -368,7 +371,7 @@ pub fn authorization_policy(p: &AuthorizationPolicy, services: &Services) -> Ver
 }
 
 /// A policy `targetRef`'s kind, when it is not a core Service.
-fn target_kind_problem(t: &crate::policy::TargetRef) -> Option<String> {
+fn target_kind_problem(t: &crate::api::traffic::TargetRef) -> Option<String> {
     (!t.is_service()).then(|| format!("spec.targetRef: kind {:?} is not a core Service", t.kind))
 }
 
@@ -377,7 +380,7 @@ fn target_kind_problem(t: &crate::policy::TargetRef) -> Option<String> {
 fn targeted_verdict(
     invalid: &[String],
     meta: &kube::api::ObjectMeta,
-    target: Option<&crate::policy::TargetRef>,
+    target: Option<&crate::api::traffic::TargetRef>,
     services: &Services,
 ) -> Verdict {
     if !invalid.is_empty() {

@@ -9,6 +9,7 @@
 mod ca;
 pub mod remote;
 mod store;
+pub mod tls;
 
 use std::fmt;
 
@@ -179,6 +180,18 @@ pub fn identity_for_server_name(trust_domain: &TrustDomain, sni: &str) -> Option
 
 const SNI_SUFFIX: &str = "identity.weft";
 
+/// The JWKS (RFC 7517) holding the public half of a P-256 key, for ES256 tokens.
+#[must_use]
+pub fn jwks(pair: &rcgen::KeyPair, kid: &str) -> serde_json::Value {
+    let raw = pair.public_key_raw(); // 0x04 || x || y
+    let b64 =
+        |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+    serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+    }]})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,7 +259,7 @@ mod tests {
             .unwrap();
         let svid = ca::svid_from_chain(&id, &chain, &workload_key).unwrap();
         let leaf = &svid.certified.cert[0];
-        assert_eq!(crate::tls::spiffe_id_of(leaf).unwrap(), id);
+        assert_eq!(crate::identity::tls::spiffe_id_of(leaf).unwrap(), id);
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf).unwrap();
         let names = parsed.subject_alternative_name().unwrap().unwrap().value;
         assert_eq!(names.general_names.len(), 1, "{names:?}");

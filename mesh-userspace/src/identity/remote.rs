@@ -93,8 +93,8 @@ impl RemoteCa {
         bundle: Arc<Bundle>,
         endpoints: &[std::net::SocketAddrV4],
     ) -> Result<String, IdentityError> {
-        let config =
-            crate::tls::ca_client_config(bundle, &self.server_id).map_err(|e| self.error(e))?;
+        let config = crate::identity::tls::ca_client_config(bundle, &self.server_id)
+            .map_err(|e| self.error(e))?;
         let tcp = if endpoints.is_empty() {
             tokio::net::TcpStream::connect(self.addr.as_str())
                 .await

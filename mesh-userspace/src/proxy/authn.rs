@@ -17,7 +17,7 @@ use jsonwebtoken::{
 };
 use serde_json::{Map, Value};
 
-use crate::control::objects::{JwtRule, RequestAuthentication};
+use crate::api::objects::{JwtRule, RequestAuthentication};
 
 /// Signature algorithms accepted (asymmetric only: no `none`, no shared secrets).
 const ALGORITHMS: [Algorithm; 8] = [
@@ -501,7 +501,7 @@ mod tests {
     /// An ES256 signing key and its public JWK.
     fn es256(kid: &str) -> (EncodingKey, Value) {
         let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let jwk = crate::cli::jwt::jwks(&pair, kid)["keys"][0].clone();
+        let jwk = crate::identity::jwks(&pair, kid)["keys"][0].clone();
         (EncodingKey::from_ec_der(&pair.serialize_der()), jwk)
     }
 
@@ -521,7 +521,7 @@ mod tests {
              metadata: {{name: jwt, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: web}}\n  \
              jwtRules:\n  - issuer: https://issuer.test\n    audiences: [web]\n    jwks: '{jwks}'\n{extra}"
         );
-        let mut set = crate::control::ObjectSet::default();
+        let mut set = crate::api::ObjectSet::default();
         set.add_yaml("t", &yaml);
         assert!(set.errors.is_empty(), "{:?}", set.errors);
         let (a, problems) = Authenticator::new(&set.request_authentications);
@@ -607,7 +607,7 @@ mod tests {
              fromHeaders: [{{name: x-token}}]\n",
             file.display()
         );
-        let mut set = crate::control::ObjectSet::default();
+        let mut set = crate::api::ObjectSet::default();
         set.add_yaml("t", &yaml);
         let (a, problems) = Authenticator::new(&set.request_authentications);
         assert!(problems.is_empty(), "{problems:?}");
@@ -647,7 +647,7 @@ mod tests {
     fn unusable_key_sets_are_problems() {
         assert!(parse_jwks("{}").is_err());
         assert!(parse_jwks(r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err());
-        let mut set = crate::control::ObjectSet::default();
+        let mut set = crate::api::ObjectSet::default();
         set.add_yaml(
             "t",
             "apiVersion: weft.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: j, namespace: n}\n\

@@ -7,7 +7,7 @@
 use hyper::HeaderMap;
 
 use super::{authn::Principal, snapshot::MeshPeer};
-use crate::control::objects::{Action, AuthorizationPolicy, RequestCondition, Rule, Source};
+use crate::api::objects::{Action, AuthorizationPolicy, RequestCondition, Rule, Source};
 
 /// What one request is, for the rules.
 pub struct Request<'a> {
@@ -228,7 +228,7 @@ mod tests {
     }
 
     fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {
-        let mut set = crate::control::ObjectSet::default();
+        let mut set = crate::api::ObjectSet::default();
         set.add_yaml("test", yaml);
         assert!(set.errors.is_empty(), "{:?}", set.errors);
         set.authorization_policies

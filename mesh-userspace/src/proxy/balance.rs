@@ -14,24 +14,9 @@ use std::{
 };
 
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, schemars::JsonSchema,
-)]
-pub enum Algorithm {
-    #[default]
-    #[serde(rename = "P2CPeakEWMA")]
-    P2cPeakEwma,
-    RoundRobin,
-    /// Power of two choices over in-flight requests (Envoy); a full scan for up to
-    /// [`FULL_SCAN_MAX`] endpoints.
-    LeastRequest,
-    /// Consistent hashing of a caller-provided key (see [`hash_key`]) for session affinity.
-    RingHash,
-    Random,
-}
+use crate::api::traffic::Algorithm;
 
 /// Time constant of the latency EWMA (linkerd's).
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);

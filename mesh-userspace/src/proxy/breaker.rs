@@ -6,33 +6,9 @@ use std::sync::{
     atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Caps for one backend service. Every cap defaults to 4294967295 (in effect unlimited), as
-/// Istio does: Envoy's own default of 1024 surprises busy services that never asked for a
-/// limit. 0 means what it says: nothing is admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct Limits {
-    /// HTTP/1.1 upstream connections in use (each carries one request at a time). A request
-    /// that finds them all busy waits, as a pending request.
-    pub max_connections: u32,
-    /// Requests waiting for a connection; one more is refused with 503.
-    pub max_pending_requests: u32,
-    /// Requests in flight, retries included.
-    pub max_requests: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_connections: u32::MAX,
-            max_pending_requests: u32::MAX,
-            max_requests: u32::MAX,
-        }
-    }
-}
+use crate::api::traffic::Limits;
 
 /// Counts what is in use and what was refused. A cheap handle: clones share the counters, and
 /// permits keep a reference, so they can move into spawned tasks.

@@ -27,7 +27,7 @@ use super::{
     route::{BackendTarget, RequestView, RuleAction},
     snapshot::{Pool, Target},
 };
-use crate::policy::Retries;
+use crate::api::traffic::Retries;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -1231,7 +1231,7 @@ fn should_retry(r: &Retries, resp: Option<&Response<Incoming>>, failure: Option<
     }
 }
 
-fn hash_key(h: &crate::policy::HashOn, headers: &HeaderMap) -> Option<u64> {
+fn hash_key(h: &crate::api::traffic::HashOn, headers: &HeaderMap) -> Option<u64> {
     if let Some(name) = &h.header {
         return headers
             .get(name.as_str())

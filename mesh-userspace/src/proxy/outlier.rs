@@ -7,47 +7,11 @@ use std::{
         Mutex, PoisonError, RwLock, RwLockReadGuard,
         atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
     },
-    time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::policy::duration;
-
-/// Istio's defaults, except where noted. A threshold of 0 disables that detector.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct OutlierConfig {
-    /// Consecutive 5xx responses (gateway errors included) that eject: 5.
-    pub consecutive_5xx: u32,
-    /// Consecutive gateway errors (connect failure, reset, 502/503/504) that eject: 0 (off).
-    pub consecutive_gateway_errors: u32,
-    /// The first ejection lasts this long, the n-th n times as long: 30s.
-    #[serde(with = "duration", rename = "baseEjectionTime")]
-    #[schemars(with = "String", regex(pattern = crate::policy::DURATION_PATTERN))]
-    pub base_ejection: Duration,
-    /// Cap on one ejection (Envoy's `max_ejection_time`): 300s.
-    #[serde(with = "duration", rename = "maxEjectionTime")]
-    #[schemars(with = "String", regex(pattern = crate::policy::DURATION_PATTERN))]
-    pub max_ejection: Duration,
-    /// At most `max(1, floor(endpoints × percent / 100))` endpoints are ejected at once; 0 never
-    /// ejects: 10. The "at least one" follows Envoy, so small services still shed a bad endpoint.
-    #[schemars(range(max = 100))]
-    pub max_ejection_percent: u32,
-}
-
-impl Default for OutlierConfig {
-    fn default() -> Self {
-        Self {
-            consecutive_5xx: 5,
-            consecutive_gateway_errors: 0,
-            base_ejection: Duration::from_secs(30),
-            max_ejection: Duration::from_mins(5),
-            max_ejection_percent: 10,
-        }
-    }
-}
+use crate::api::traffic::OutlierConfig;
 
 /// How a request to an endpoint ended. Anything that is not a 5xx (4xx included) is a success:
 /// the endpoint answered.
@@ -273,6 +237,8 @@ impl Detector {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::time::advance;
 
     use super::*;

@@ -45,6 +45,8 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp
 use regex::{Regex, RegexBuilder};
 use serde::Serialize;
 
+use crate::api::{is_core_service, parse_duration};
+
 // ---- public types ----
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -423,13 +425,6 @@ ref_parts!(
     GrpcRouteRulesFiltersRequestMirrorBackendRef
 );
 
-/// A reference to a core-group Service: group absent, `""` or `"core"`, kind `Service`.
-/// (Callers apply their field's default kind first: `Service` for backendRefs.)
-#[must_use]
-pub fn is_core_service(group: Option<&str>, kind: Option<&str>) -> bool {
-    matches!(group, None | Some("" | "core")) && kind == Some("Service")
-}
-
 /// Whether a route in `route_ns` with these parentRefs attaches to `service` port `port`.
 pub fn attaches<P: AsRefParts>(
     route_ns: &str,
@@ -447,12 +442,6 @@ pub fn attaches<P: AsRefParts>(
                 && r.namespace.unwrap_or(route_ns) == service.namespace
                 && r.port.is_none_or(|p| p == i32::from(port))
         })
-}
-
-/// Gateway API duration (GEP-2257: "10s", "500ms", "1h2m").
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: gateway_api::Duration = s.parse()?;
-    Ok(Duration::new(d.as_secs(), d.subsec_nanos()))
 }
 
 /// The producer routes attached to `service` port `port` (see `compile_for_client`).

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{
-    balance::{Algorithm, Balancer},
+    balance::Balancer,
     breaker::Breaker,
     budget::RetryBudget,
     detect::Protocol,
@@ -19,8 +19,8 @@ use super::{
 use mesh_common::{PolicyKey, PolicyValue};
 
 use crate::{
+    api::traffic::{Algorithm, HashOn, TrafficPolicySpec},
     identity::SpiffeId,
-    policy::{HashOn, TrafficPolicySpec},
     state::{L7Service, NodeState},
 };
 
@@ -92,7 +92,7 @@ pub struct PolicyRuntime {
 impl Target {
     /// The authorization policies that target this service (checked per request).
     #[must_use]
-    pub fn authz(&self) -> &[crate::control::objects::AuthorizationPolicy] {
+    pub fn authz(&self) -> &[crate::api::objects::AuthorizationPolicy] {
         &self.source.authz
     }
 

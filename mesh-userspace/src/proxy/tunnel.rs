@@ -28,10 +28,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::snapshot::{MeshPeer, Snapshot};
-use crate::{
-    identity::{self, Identities, SpiffeId},
-    tls,
-};
+use crate::identity::{self, Identities, SpiffeId, tls};
 
 /// The tunnel's port on every node (HBONE's).
 pub const DEFAULT_PORT: u16 = 15008;

@@ -9,10 +9,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    control::objects::ObjectStatus,
-    proxy::{balance::Algorithm, breaker::Limits, outlier::OutlierConfig},
-};
+use super::objects::ObjectStatus;
 
 /// Gateway API's duration syntax (GEP-2257), checked by the API server too.
 pub const DURATION_PATTERN: &str = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$";
@@ -36,7 +33,7 @@ impl TargetRef {
     /// A core-group Service (the only kind a policy can target).
     #[must_use]
     pub fn is_service(&self) -> bool {
-        crate::proxy::route::is_core_service(Some(&self.group), Some(&self.kind))
+        super::is_core_service(Some(&self.group), Some(&self.kind))
     }
 }
 
@@ -287,10 +284,84 @@ const fn hundred() -> f64 {
     100.0
 }
 
+/// How the engine picks an endpoint of a backend service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+pub enum Algorithm {
+    /// Power of two choices over peak-EWMA latency (Finagle, linkerd).
+    #[default]
+    #[serde(rename = "P2CPeakEWMA")]
+    P2cPeakEwma,
+    RoundRobin,
+    /// Power of two choices over in-flight requests (Envoy); a full scan for up to 8 endpoints.
+    LeastRequest,
+    /// Consistent hashing of a key from the request (`hashOn`) for session affinity.
+    RingHash,
+    Random,
+}
+
+/// Caps for one backend service. Every cap defaults to 4294967295 (in effect unlimited), as
+/// Istio does: Envoy's own default of 1024 surprises busy services that never asked for a
+/// limit. 0 means what it says: nothing is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// HTTP/1.1 upstream connections in use (each carries one request at a time). A request
+    /// that finds them all busy waits, as a pending request.
+    pub max_connections: u32,
+    /// Requests waiting for a connection; one more is refused with 503.
+    pub max_pending_requests: u32,
+    /// Requests in flight, retries included.
+    pub max_requests: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: u32::MAX,
+            max_pending_requests: u32::MAX,
+            max_requests: u32::MAX,
+        }
+    }
+}
+
+/// Istio's defaults, except where noted. A threshold of 0 disables that detector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive 5xx responses (gateway errors included) that eject: 5.
+    pub consecutive_5xx: u32,
+    /// Consecutive gateway errors (connect failure, reset, 502/503/504) that eject: 0 (off).
+    pub consecutive_gateway_errors: u32,
+    /// The first ejection lasts this long, the n-th n times as long: 30s.
+    #[serde(with = "duration", rename = "baseEjectionTime")]
+    #[schemars(with = "String", regex(pattern = DURATION_PATTERN))]
+    pub base_ejection: Duration,
+    /// Cap on one ejection (Envoy's `max_ejection_time`): 300s.
+    #[serde(with = "duration", rename = "maxEjectionTime")]
+    #[schemars(with = "String", regex(pattern = DURATION_PATTERN))]
+    pub max_ejection: Duration,
+    /// At most `max(1, floor(endpoints × percent / 100))` endpoints are ejected at once; 0 never
+    /// ejects: 10. The "at least one" follows Envoy, so small services still shed a bad endpoint.
+    #[schemars(range(max = 100))]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_gateway_errors: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_mins(5),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
 /// Durations as Gateway API writes them (GEP-2257: `1h`, `30s`, `250ms`, `1m30s`): the same
 /// parser as the route timeouts, so one spelling is valid everywhere.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    crate::proxy::route::parse_duration(text.trim())
+    super::parse_duration(text.trim())
         .map_err(|e| format!("{text:?} is not a duration like 250ms, 2s, 1m30s: {e}"))
 }
 

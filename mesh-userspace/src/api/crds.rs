@@ -5,7 +5,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt as _;
 
 use super::objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication};
-use crate::policy::TrafficPolicy;
+use crate::api::traffic::TrafficPolicy;
 
 /// First line of every generated file.
 pub const HEADER: &str =
@@ -158,7 +158,7 @@ mod tests {
         let spec = &tp["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
         assert_eq!(
             spec["timeout"]["pattern"],
-            crate::policy::DURATION_PATTERN,
+            crate::api::traffic::DURATION_PATTERN,
             "{spec}"
         );
         assert_eq!(
