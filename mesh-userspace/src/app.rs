@@ -675,10 +675,17 @@ fn load(
     let snapshot = Snapshot::build(&node, Some(&previous));
     node.problems.extend(snapshot.problems.iter().cloned());
     snapshots.send_replace(Arc::new(snapshot));
+    // The verdicts the controller writes as conditions, word for word.
+    let refused = node
+        .findings
+        .iter()
+        .filter(|f| !f.verdict.effective())
+        .map(ToString::to_string);
     let errors: Vec<String> = objects
         .errors
         .iter()
         .map(ToString::to_string)
+        .chain(refused)
         .chain(node.problems.iter().cloned())
         .collect();
     for e in &errors {

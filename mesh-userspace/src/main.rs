@@ -65,6 +65,15 @@ enum Command {
         #[arg(long, value_parser = ["FAST", "DENY", "PASS", "L7"], ignore_case = true)]
         verdict: Option<String>,
     },
+    /// Check objects in files (or directories, or `-` for stdin) offline, as the controller
+    /// and the agent would judge them: the same verdicts and messages. Exit status 1 when an
+    /// object would not be accepted or a document is not understood.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the agent's state.
     Status {
         #[command(flatten)]
@@ -601,6 +610,20 @@ fn spawn_heap_trimmer() {
     }
 }
 
+/// `weft check`: prints the report; exit status 1 when it did not pass.
+fn check_command(files: &[PathBuf], json: bool) -> anyhow::Result<()> {
+    let report = weft::cli::check::check(files)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    if !report.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     // Installed as the CNI plugin `weft-cni`: the runtime runs it by that name.
     if std::env::args_os()
@@ -648,6 +671,7 @@ fn main() -> anyhow::Result<()> {
             cli::flows(&node.socket(), json, &filter)?;
         }
         Command::Status { node, json } => cli::status(&node.socket(), json)?,
+        Command::Check { files, json } => check_command(&files, json)?,
         Command::Ca { command } => ca_command(command)?,
         Command::Jwt { command } => jwt_command(command)?,
         Command::Crds {

@@ -20,7 +20,6 @@ use ::kube::{
     discovery::Scope,
 };
 use anyhow::{Context as _, Result, bail, ensure};
-use serde::Deserialize as _;
 
 use crate::{Node, Proc, eventually};
 
@@ -316,14 +315,8 @@ impl ControlPlane {
 
 /// The documents of a multi-document YAML text, empty ones skipped.
 fn documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_json::Value::deserialize(doc).context("parsing YAML")?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).context("parsing YAML")?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
 fn describe(doc: &serde_json::Value) -> String {

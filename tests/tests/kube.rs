@@ -27,7 +27,7 @@ fn shipped_crds() -> Result<Vec<CustomResourceDefinition>> {
         let path = entry?.path();
         let text = std::fs::read_to_string(&path)?;
         crds.push(
-            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+            serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
         );
     }
     ensure!(crds.len() >= 3, "expected Weft's CRDs in {}", dir.display());
@@ -38,7 +38,7 @@ fn shipped_crds() -> Result<Vec<CustomResourceDefinition>> {
 fn with_weft_crds(node: &testbed::Node) -> Result<ControlPlane> {
     let cp = ControlPlane::start(node)?;
     for crd in shipped_crds()? {
-        cp.apply(&serde_yaml::to_string(&crd)?)?;
+        cp.apply(&serde_saphyr::to_string(&crd)?)?;
     }
     Ok(cp)
 }
@@ -263,7 +263,7 @@ fn agent_started_before_its_api_server_recovers_and_enforces() -> Result<()> {
     agent.wait_ready(Duration::from_mins(1))?;
     agent.wait_workloads(2)?;
     for crd in shipped_crds()? {
-        cp.apply(&serde_yaml::to_string(&crd)?)?;
+        cp.apply(&serde_saphyr::to_string(&crd)?)?;
     }
     let server = pods[1].serve(ServeMode::Echo, 7000)?;
     // A new CRD takes a moment to be established.
@@ -790,5 +790,168 @@ spec: {ports: [{port: 80, protocol: TCP}]}
     })?;
     let survivor = &mut replicas[1 - index];
     ensure!(survivor.is_running(), "replica died: {}", survivor.stderr());
+    Ok(())
+}
+
+/// Objects of every Weft kind, valid and not, for the one-validation test (no two policies on
+/// one Service: which of two is older differs between files, which have no creation time, and
+/// the API server).
+const JUDGED: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {ports: [{port: 80, protocol: TCP}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: default}
+spec: {}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: good, namespace: default}
+spec: {targetRef: {kind: Service, name: web}, timeout: 2s, retries: {attempts: 3}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: zero-attempts, namespace: default}
+spec: {targetRef: {kind: Service, name: api}, retries: {attempts: 0}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: dangling, namespace: default}
+spec: {targetRef: {kind: Service, name: gone}, timeout: 2s}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules: [{from: [{source: {serviceAccounts: [client]}}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bad-account, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{from: [{source: {serviceAccounts: [a/b/c]}}], to: [{operation: {ports: [0]}}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {name: bad-keys, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  jwtRules: [{issuer: https://issuer.test, jwks: '{}'}]
+";
+
+/// One validation, one answer: `weft check` on a file, an agent reading the same file, and the
+/// controller writing conditions for the same objects on an API server give every object the
+/// same verdict with the same reason and message.
+#[test]
+fn check_agent_and_controller_give_every_object_the_same_verdict() -> Result<()> {
+    let bed = Testbed::new("kube-one")?;
+    let node = bed.node("cp")?;
+    let file = node.run_dir().join("judged.yaml");
+    std::fs::write(&file, JUDGED)?;
+
+    // weft check: the reference (structured), and its text.
+    let out = std::process::Command::new(testbed::weft_bin())
+        .args(["check", "--json"])
+        .arg(&file)
+        .output()?;
+    ensure!(
+        out.status.code() == Some(1),
+        "weft check must fail on invalid objects: {out:?}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let findings = report["findings"].as_array().context("findings")?.clone();
+    ensure!(findings.len() == 7, "{findings:#?}");
+    let text = std::process::Command::new(testbed::weft_bin())
+        .arg("check")
+        .arg(&file)
+        .output()?;
+    let lines: Vec<String> = String::from_utf8_lossy(&text.stdout)
+        .lines()
+        .filter_map(|l| {
+            ["ok: ", "warning: ", "error: "]
+                .iter()
+                .find_map(|p| l.strip_prefix(p))
+                .map(str::to_owned)
+        })
+        .collect();
+    ensure!(lines.len() == findings.len(), "{lines:#?}");
+    ensure!(
+        lines.iter().any(|l| l
+            == "TrafficPolicy default/zero-attempts: not accepted, Invalid: spec.retries.attempts must be at least 1 (the first try)"),
+        "{lines:#?}"
+    );
+
+    // The agent, reading the same objects in local mode: the same lines in its status.
+    let agent = Agent::start(&node, &[])?;
+    agent.apply("judged.yaml", JUDGED)?;
+    eventually(Duration::from_secs(10), || {
+        let status = agent.status()?;
+        let seen: Vec<String> = serde_json::from_value(status["findings"].clone())?;
+        ensure!(seen == lines, "agent: {seen:#?}\ncheck: {lines:#?}");
+        Ok(())
+    })?;
+
+    // The controller: each object's Accepted and ResolvedRefs conditions carry the verdict.
+    let cp = with_weft_crds(&node)?;
+    let _controller = cp.spawn_controller(&["--identity", "one"])?;
+    cp.apply(JUDGED)?;
+    let plural = |kind: &str| match kind {
+        "TrafficPolicy" => "trafficpolicies",
+        "AuthorizationPolicy" => "authorizationpolicies",
+        "RequestAuthentication" => "requestauthentications",
+        _ => "meshconfigs",
+    };
+    for f in &findings {
+        let kind = f["kind"].as_str().unwrap_or_default().to_owned();
+        let name = f["name"].as_str().unwrap_or_default().to_owned();
+        let expect = |field: &str, ok: (&str, &str)| -> (String, String) {
+            let v = &f["verdict"][field];
+            if v.is_null() {
+                (ok.0.to_owned(), ok.1.to_owned())
+            } else {
+                (
+                    v[0].as_str().unwrap_or_default().to_owned(),
+                    v[1].as_str().unwrap_or_default().to_owned(),
+                )
+            }
+        };
+        let accepted = expect("rejected", ("Accepted", "the object is valid"));
+        let resolved = if f["verdict"]["rejected"].is_null() {
+            expect("unresolved", ("ResolvedRefs", "every reference resolves"))
+        } else {
+            (
+                "Pending".to_owned(),
+                "not checked: the object is not accepted".to_owned(),
+            )
+        };
+        eventually(Duration::from_secs(20), || {
+            let (k, n, p) = (kind.clone(), name.clone(), plural(&kind));
+            let obj = cp.block_on(move |client| async move {
+                let gvk = GroupVersionKind::gvk("weft.dev", "v1alpha1", &k);
+                let resource = ApiResource::from_gvk_with_plural(&gvk, p);
+                let api: Api<DynamicObject> = if k == "MeshConfig" {
+                    Api::all_with(client, &resource)
+                } else {
+                    Api::namespaced_with(client, "default", &resource)
+                };
+                Ok(api.get(&n).await?)
+            })?;
+            let conds = conditions(&obj);
+            let got = |t: &str| condition(&conds, t).map(|c| (c.2.clone(), c.3.clone()));
+            ensure!(
+                got("Accepted").as_ref() == Some(&accepted)
+                    && got("ResolvedRefs").as_ref() == Some(&resolved),
+                "{kind} {name}: controller {conds:?}, check {accepted:?} {resolved:?}"
+            );
+            Ok(())
+        })?;
+    }
     Ok(())
 }

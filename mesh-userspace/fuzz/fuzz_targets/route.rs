@@ -46,8 +46,8 @@ fuzz_target!(|data: &[u8]| {
         namespace: "default".into(),
         name: "svc".into(),
     };
-    let mut http: Vec<HttpRoute> = serde_yaml::from_str(yaml).ok().into_iter().collect();
-    let mut grpc: Vec<GrpcRoute> = serde_yaml::from_str(yaml).ok().into_iter().collect();
+    let mut http: Vec<HttpRoute> = serde_saphyr::from_str(yaml).ok().into_iter().collect();
+    let mut grpc: Vec<GrpcRoute> = serde_saphyr::from_str(yaml).ok().into_iter().collect();
     let mut ours = (http.clone(), grpc.clone());
     for r in &mut ours.0 {
         let parent = HttpRouteParentRefs {

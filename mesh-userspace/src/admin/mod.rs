@@ -40,6 +40,10 @@ pub struct Status {
     pub live_flows: usize,
     pub interfaces: Vec<String>,
     pub config_errors: Vec<String>,
+    /// The verdict on every Weft object and route, as `weft check` prints it (the controller
+    /// writes the same reasons and messages in conditions; `/config_dump` has them structured).
+    #[serde(default)]
+    pub findings: Vec<String>,
     pub last_sync_error: Option<String>,
     /// Workload certificates this agent holds (`spiffe id` → expiry, seconds since the epoch);
     /// absent without a CA (no tunnel).
@@ -276,6 +280,7 @@ fn status(s: &crate::app::Shared) -> Status {
             })
             .collect(),
         config_errors: s.config_errors.clone(),
+        findings: s.node.findings.iter().map(ToString::to_string).collect(),
         last_sync_error: s.last_sync_error.clone(),
         identities: s.engine.as_ref().and_then(|e| e.tunnel.as_ref()).map(|t| {
             t.ids

@@ -30,7 +30,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
 /// `*.k8s.io` group needs, and no `null` in enums (schemars lists it for optional enums, the
 /// fields are `nullable` anyway, and a 1.20 server rejects such a CRD with a misleading
 /// "per-version schemas may not all be set to identical values").
-pub fn gateway_api_routes() -> Result<String, serde_yaml::Error> {
+pub fn gateway_api_routes() -> Result<String, RenderError> {
     let mut out = String::new();
     for mut crd in [
         gateway_api::httproutes::HttpRoute::crd(),
@@ -48,25 +48,34 @@ pub fn gateway_api_routes() -> Result<String, serde_yaml::Error> {
                 ),
             );
         }
-        let mut value = serde_yaml::to_value(&crd)?;
+        let mut value = serde_json::to_value(&crd)?;
         drop_null_enum_values(&mut value);
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value)?);
+        out.push_str(&serde_saphyr::to_string(&value)?);
     }
     Ok(out)
 }
 
-fn drop_null_enum_values(v: &mut serde_yaml::Value) {
+fn drop_null_enum_values(v: &mut serde_json::Value) {
     match v {
-        serde_yaml::Value::Mapping(map) => {
-            if let Some(serde_yaml::Value::Sequence(values)) = map.get_mut("enum") {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
                 values.retain(|e| !e.is_null());
             }
-            map.iter_mut().for_each(|(_, v)| drop_null_enum_values(v));
+            map.values_mut().for_each(drop_null_enum_values);
         }
-        serde_yaml::Value::Sequence(items) => items.iter_mut().for_each(drop_null_enum_values),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_enum_values),
         _ => {}
     }
+}
+
+/// A CRD that cannot be written as YAML.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("CRD as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("CRD as YAML: {0}")]
+    Yaml(#[from] serde_saphyr::ser::Error),
 }
 
 /// `<plural>.<group>.yaml`, the CRD's own name.
@@ -76,8 +85,8 @@ pub fn file_name(crd: &CustomResourceDefinition) -> String {
 }
 
 /// One CRD as a YAML document with the generated-file header.
-pub fn render(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
-    Ok(format!("{HEADER}{}", serde_yaml::to_string(crd)?))
+pub fn render(crd: &CustomResourceDefinition) -> Result<String, RenderError> {
+    Ok(format!("{HEADER}{}", serde_saphyr::to_string(crd)?))
 }
 
 #[cfg(test)]
@@ -85,6 +94,23 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn rendered_crds_read_back_as_the_types() {
+        for crd in all() {
+            let text = render(&crd).unwrap();
+            let back: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+            assert_eq!(
+                back,
+                serde_json::to_value(&crd).unwrap(),
+                "{}",
+                file_name(&crd)
+            );
+        }
+        let routes: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&gateway_api_routes().unwrap()).unwrap();
+        assert_eq!(routes.len(), 2);
+    }
 
     #[test]
     fn committed_crds_match_the_types() {
@@ -144,9 +170,7 @@ mod tests {
     #[test]
     fn gateway_api_route_crds_have_no_null_enum_values() {
         let text = gateway_api_routes().unwrap();
-        let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .collect();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
         assert_eq!(docs.len(), 2);
         assert!(docs.iter().all(|d| nulls(d) == 0));
         assert!(docs[0]["metadata"]["annotations"]["api-approved.kubernetes.io"].is_string());

@@ -441,16 +441,24 @@ impl ObjectSet {
         self.errors.extend(errors);
     }
 
-    /// Parses a multi-document YAML (or JSON) text. Bad documents are recorded in `errors`.
+    /// Parses a multi-document YAML (or JSON) text. Bad documents are recorded in `errors`;
+    /// documents are numbered from 1, empty ones not counted. Parsing is bounded (serde-saphyr's
+    /// default budget: nesting depth, node count, alias expansion), so hostile input becomes an
+    /// error, never a hang or an exhausted agent.
     pub fn add_yaml(&mut self, source_name: &str, text: &str) {
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let mut reader = text.as_bytes();
+        // YAML 1.2 booleans (`yes` stays a string, as the type the field wants decides), and
+        // one-line errors for the log.
+        let options = serde_saphyr::options! { strict_booleans: true, with_snippet: false };
+        let docs = serde_saphyr::read_with_options::<_, serde_json::Value>(&mut reader, options);
+        for (i, doc) in docs.enumerate() {
             let error = |message: String| ParseError {
                 source_name: source_name.to_owned(),
                 document: i + 1,
                 message,
             };
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(serde_yaml::Value::Null) => continue, // empty document
+            let value = match doc {
+                Ok(serde_json::Value::Null) => continue, // empty document
                 Ok(v) => v,
                 Err(e) => {
                     self.errors.push(error(format!("invalid YAML: {e}")));
@@ -464,48 +472,48 @@ impl ObjectSet {
         }
     }
 
-    fn add_value(&mut self, value: serde_yaml::Value) -> Result<(), String> {
+    fn add_value(&mut self, value: serde_json::Value) -> Result<(), String> {
         let field = |name: &str| {
             value
                 .get(name)
-                .and_then(serde_yaml::Value::as_str)
+                .and_then(serde_json::Value::as_str)
                 .map(str::to_owned)
         };
         let api_version = field("apiVersion").ok_or("missing apiVersion")?;
         let kind = field("kind").ok_or("missing kind")?;
-        let typed = |e: serde_yaml::Error| format!("{kind} ({api_version}): {e}");
+        let typed = |e: serde_json::Error| format!("{kind} ({api_version}): {e}");
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Pod") => self
                 .pods
-                .push(serde_yaml::from_value(value).map_err(typed)?),
+                .push(serde_json::from_value(value).map_err(typed)?),
             ("v1", "Service") => self
                 .services
-                .push(serde_yaml::from_value(value).map_err(typed)?),
+                .push(serde_json::from_value(value).map_err(typed)?),
             ("v1", "Namespace") => {
                 self.namespaces
-                    .push(serde_yaml::from_value(value).map_err(typed)?);
+                    .push(serde_json::from_value(value).map_err(typed)?);
             }
             ("v1", "Node") => self
                 .nodes
-                .push(serde_yaml::from_value(value).map_err(typed)?),
+                .push(serde_json::from_value(value).map_err(typed)?),
             ("v1", "List") => {
                 let items = value
                     .get("items")
-                    .and_then(serde_yaml::Value::as_sequence)
+                    .and_then(serde_json::Value::as_array)
                     .cloned();
                 for item in items.unwrap_or_default() {
                     self.add_value(item)?;
                 }
             }
             (WEFT_API_VERSION, "AuthorizationPolicy") => {
-                let p: AuthorizationPolicy = serde_yaml::from_value(value).map_err(typed)?;
+                let p: AuthorizationPolicy = serde_json::from_value(value).map_err(typed)?;
                 if p.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
                 self.authorization_policies.push(p);
             }
             (WEFT_API_VERSION, "RequestAuthentication") => {
-                let p: RequestAuthentication = serde_yaml::from_value(value).map_err(typed)?;
+                let p: RequestAuthentication = serde_json::from_value(value).map_err(typed)?;
                 if p.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
@@ -513,24 +521,24 @@ impl ObjectSet {
             }
             (WEFT_API_VERSION, "MeshConfig") => {
                 self.mesh_configs
-                    .push(serde_yaml::from_value(value).map_err(typed)?);
+                    .push(serde_json::from_value(value).map_err(typed)?);
             }
             (GATEWAY_API_VERSION | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
-                let r: HttpRoute = serde_yaml::from_value(value).map_err(typed)?;
+                let r: HttpRoute = serde_json::from_value(value).map_err(typed)?;
                 if r.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
                 self.http_routes.push(r);
             }
             (GATEWAY_API_VERSION, "GRPCRoute") => {
-                let r: GrpcRoute = serde_yaml::from_value(value).map_err(typed)?;
+                let r: GrpcRoute = serde_json::from_value(value).map_err(typed)?;
                 if r.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
                 self.grpc_routes.push(r);
             }
             (WEFT_API_VERSION, "TrafficPolicy") => {
-                let p: TrafficPolicy = serde_yaml::from_value(value).map_err(typed)?;
+                let p: TrafficPolicy = serde_json::from_value(value).map_err(typed)?;
                 if p.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
@@ -625,7 +633,7 @@ kind: Gadget
 
     #[test]
     fn selector_semantics() {
-        let sel: LabelSelector = serde_yaml::from_str(
+        let sel: LabelSelector = serde_saphyr::from_str(
             "{matchLabels: {app: db}, matchExpressions: [{key: tier, operator: NotIn, values: [test]}]}",
         )
         .unwrap();

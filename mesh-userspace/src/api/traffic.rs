@@ -434,11 +434,13 @@ spec:
   mirror: {name: shadow, port: 80}
   accessLog: true
 ";
-        let p: TrafficPolicy = serde_yaml::from_str(text).unwrap();
+        let p: TrafficPolicy = serde_saphyr::from_str(text).unwrap();
         assert_eq!(p.spec.timeout, Some(Duration::from_secs(2)));
         let r = p.spec.retries.unwrap();
         assert_eq!(r.per_try_timeout, Some(Duration::from_millis(500)));
         assert_eq!(r.budget.min_per_second, 5);
-        assert!(serde_yaml::from_str::<TrafficPolicy>("metadata: {}\nspec: {retrys: {}}").is_err());
+        assert!(
+            serde_saphyr::from_str::<TrafficPolicy>("metadata: {}\nspec: {retrys: {}}").is_err()
+        );
     }
 }

@@ -1,7 +1,8 @@
-//! The user's side: `weft flows`, `weft status`, `weft fastpath`, `weft jwt`. Output here is the CLI's own,
+//! The user's side: `weft flows`, `weft status`, `weft fastpath`, `weft jwt`, `weft check`. Output here is the CLI's own,
 //! printed to stdout.
 #![allow(clippy::print_stdout, reason = "the CLI's output is its product")]
 
+pub mod check;
 pub mod jwt;
 
 /// Writes a secret (a private key) readable by its owner only (mode 0600). Without

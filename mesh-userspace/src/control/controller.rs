@@ -27,13 +27,13 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Notify;
 
-use super::{
-    kube::{Kind, KubeSourceError, client},
-    validate::{self, Verdict},
-};
-use crate::api::{
-    objects::{AuthorizationPolicy, MeshConfig, ObjectStatus, RequestAuthentication},
-    traffic::TrafficPolicy,
+use super::kube::{Kind, KubeSourceError, client};
+use crate::{
+    api::{
+        objects::{AuthorizationPolicy, MeshConfig, ObjectStatus, RequestAuthentication},
+        traffic::TrafficPolicy,
+    },
+    state::validate::{self, Verdict},
 };
 use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 

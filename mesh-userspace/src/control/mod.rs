@@ -6,4 +6,3 @@ pub mod certs;
 pub mod controller;
 pub mod files;
 pub mod kube;
-pub mod validate;

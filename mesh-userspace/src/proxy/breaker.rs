@@ -286,8 +286,8 @@ mod tests {
 
     #[test]
     fn limits_serde_fills_defaults_and_rejects_unknown_fields() {
-        let l: Limits = serde_yaml::from_str("maxRequests: 5").unwrap();
+        let l: Limits = serde_saphyr::from_str("maxRequests: 5").unwrap();
         assert_eq!((l.max_requests, l.max_connections), (5, u32::MAX));
-        assert!(serde_yaml::from_str::<Limits>("maxRetries: 5").is_err());
+        assert!(serde_saphyr::from_str::<Limits>("maxRetries: 5").is_err());
     }
 }

@@ -391,13 +391,13 @@ mod tests {
     #[test]
     fn config_serde() {
         let c: OutlierConfig =
-            serde_yaml::from_str("consecutive5xx: 3\nbaseEjectionTime: 10s").unwrap();
+            serde_saphyr::from_str("consecutive5xx: 3\nbaseEjectionTime: 10s").unwrap();
         assert_eq!(c.consecutive_5xx, 3);
         assert_eq!(c.base_ejection, Duration::from_secs(10));
         assert_eq!(c.max_ejection_percent, 10);
-        assert!(serde_yaml::from_str::<OutlierConfig>("interval: 10s").is_err());
+        assert!(serde_saphyr::from_str::<OutlierConfig>("interval: 10s").is_err());
         let back: OutlierConfig =
-            serde_yaml::from_str(&serde_yaml::to_string(&c).unwrap()).unwrap();
+            serde_saphyr::from_str(&serde_saphyr::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
     }
 }

@@ -1302,7 +1302,7 @@ mod tests {
         let parent = "{kind: Service, name: svc, namespace: ns}";
         let meta = format!("{{name: {name}, namespace: {route_ns}{created}}}");
         let yaml = format!("metadata: {meta}\nspec: {{parentRefs: [{parent}], rules: {rules}}}");
-        serde_yaml::from_str(&yaml).unwrap()
+        serde_saphyr::from_str(&yaml).unwrap()
     }
 
     fn http(name: &str, created: Option<&str>, rules: &str) -> HttpRoute {
@@ -1490,7 +1490,7 @@ mod tests {
         let meta = "metadata: {name: g, namespace: ns}";
         let yaml =
             format!("{meta}\nspec: {{parentRefs: [{{kind: Service, name: svc}}], rules: {GRPC}}}");
-        let grpc: GrpcRoute = serde_yaml::from_str(&yaml).unwrap();
+        let grpc: GrpcRoute = serde_saphyr::from_str(&yaml).unwrap();
         let c = compile(&svc(), 80, &[http("h", None, "[{}]")], &[grpc]);
         assert_eq!(c.problems.len(), 1);
         assert!(
@@ -1518,7 +1518,7 @@ mod tests {
     fn attachment_and_consumer_routes() {
         let s = svc();
         let at = |ns, refs: &str, port| {
-            let refs: Vec<HttpRouteParentRefs> = serde_yaml::from_str(refs).unwrap();
+            let refs: Vec<HttpRouteParentRefs> = serde_saphyr::from_str(refs).unwrap();
             attaches(ns, Some(refs.as_slice()), &s, port)
         };
         assert!(at("ns", "[{kind: Service, name: svc}]", 80));
@@ -1772,7 +1772,7 @@ mod tests {
         let grpc =
             "metadata: {name: g, namespace: ns}\nspec: {parentRefs: [{kind: Service, name: svc}],
                     rules: [{matches: [{method: {type: Exact}}]}]}";
-        let c = compile(&svc(), 80, &[], &[serde_yaml::from_str(grpc).unwrap()]);
+        let c = compile(&svc(), 80, &[], &[serde_saphyr::from_str(grpc).unwrap()]);
         assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
     }
 
@@ -1812,9 +1812,9 @@ spec:
     /// A realistic route through YAML, back, and through `compile`.
     #[test]
     fn yaml_round_trip_compiles() {
-        let route: HttpRoute = serde_yaml::from_str(REVIEWS).unwrap();
+        let route: HttpRoute = serde_saphyr::from_str(REVIEWS).unwrap();
         let again: HttpRoute =
-            serde_yaml::from_str(&serde_yaml::to_string(&route).unwrap()).unwrap();
+            serde_saphyr::from_str(&serde_saphyr::to_string(&route).unwrap()).unwrap();
         assert_eq!(route, again);
         let s = sref("shop", "reviews");
         let c = compile(&s, 9080, &[again], &[]);

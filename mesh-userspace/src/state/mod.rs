@@ -1,26 +1,41 @@
 //! The node's view of the mesh: which workloads it hosts, which services exist, and the verdict
 //! for every (source, destination, port) — computed from the objects, then written to the kernel
 //! by `ebpf`. Pure functions: everything here is unit-testable without privileges.
+//!
+//! `validate` is where every object is judged; `build` applies only what it accepts.
+mod authz;
+mod l7;
+mod services;
+pub mod validate;
+mod workloads;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mesh_common::{PolicyKey, PolicyValue, verdict};
+use k8s_openapi::api::core::v1::Pod;
+use mesh_common::{PolicyKey, PolicyValue};
 use serde::Serialize;
 
 use crate::{
     api::{
         ObjectSet,
         objects::{
-            Action, AuthorizationPolicy, DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY,
-            MtlsMode, SOCKET_FAST_PATH_KEY, SocketFastPath, Source, selector_matches,
+            AuthorizationPolicy, DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY, MtlsMode,
+            SOCKET_FAST_PATH_KEY, SocketFastPath,
         },
+        traffic::TrafficPolicy,
     },
     identity::{SpiffeId, TrustDomain},
+};
+pub use authz::policy_entries;
+use authz::{l7_attribute_problems, policy_matrix};
+use l7::l7_services;
+use services::service_ports;
+use workloads::{
+    labelled_namespaces, mesh_settings, namespace_settings, nodes, pod_setting, workload_of,
 };
 
 /// A pod of the mesh. `id` is stable across agent restarts (derived from namespace/name), so
@@ -146,6 +161,9 @@ pub struct NodeState {
     pub netns: BTreeMap<u32, u64>,
     /// Objects that were understood but cannot be applied, with the reason.
     pub problems: Vec<String>,
+    /// The verdict on every Weft object and route (`validate::findings`): only accepted ones
+    /// apply.
+    pub findings: Vec<validate::Finding>,
 }
 
 impl NodeState {
@@ -269,7 +287,19 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
         }
     }
 
-    state.l7 = l7_services(objects, &mut state.services, &mut problems);
+    // Only what validation accepts applies: the controller reports the rest (Accepted=False),
+    // the agent logs the same verdicts, and nothing is half-applied or clamped.
+    let services_by_name = validate::services(&objects.services);
+    let accepted: Vec<&TrafficPolicy> = objects
+        .traffic_policies
+        .iter()
+        .filter(|p| {
+            validate::traffic_policy(p, &objects.traffic_policies, &services_by_name)
+                .rejected
+                .is_none()
+        })
+        .collect();
+    state.l7 = l7_services(objects, &accepted, &mut state.services);
 
     let default_deny = labelled_namespaces(objects, DEFAULT_DENY_LABEL, "true");
     problems.extend(l7_attribute_problems(objects));
@@ -289,733 +319,17 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     .0;
     state.rules = rules;
     state.problems = problems;
+    state.findings = validate::findings(objects);
     state
-}
-
-/// Namespace labels `key` parsed as a setting, by namespace name; a bad value is a problem.
-fn namespace_settings<T: std::str::FromStr<Err = String>>(
-    objects: &ObjectSet,
-    key: &str,
-    problems: &mut Vec<String>,
-) -> BTreeMap<String, T> {
-    let mut settings = BTreeMap::new();
-    for n in &objects.namespaces {
-        let (Some(name), Some(value)) = (
-            n.metadata.name.as_deref(),
-            n.metadata.labels.as_ref().and_then(|l| l.get(key)),
-        ) else {
-            continue;
-        };
-        match value.parse::<T>() {
-            Ok(v) => {
-                settings.insert(name.to_owned(), v);
-            }
-            Err(e) => problems.push(format!("namespace {name}: label {key}: {e}")),
-        }
-    }
-    settings
-}
-
-/// A per-workload setting: the pod's annotation `key`, else its namespace's label, else the
-/// mesh-wide `default`. A bad annotation is a problem and falls back to the namespace's value.
-fn pod_setting<T: std::str::FromStr<Err = String> + Copy>(
-    pod: &Pod,
-    w: &Workload,
-    key: &str,
-    namespaces: &BTreeMap<String, T>,
-    default: T,
-    problems: &mut Vec<String>,
-) -> T {
-    let inherited = namespaces.get(&w.namespace).copied().unwrap_or(default);
-    let Some(value) = pod.metadata.annotations.as_ref().and_then(|a| a.get(key)) else {
-        return inherited;
-    };
-    value.parse().unwrap_or_else(|e| {
-        problems.push(format!("pod {}: annotation {key}: {e}", w.key()));
-        inherited
-    })
-}
-
-/// Applies the mesh configuration (the object named "default", or the only one) to `state`;
-/// returns the mesh-wide mTLS mode and socket fast path setting.
-fn mesh_settings(
-    objects: &ObjectSet,
-    state: &mut NodeState,
-    problems: &mut Vec<String>,
-) -> (MtlsMode, SocketFastPath) {
-    // Mesh config: the object named "default" (or the only one).
-    let mesh = match objects.mesh_configs.as_slice() {
-        [] => None,
-        [one] => Some(&one.spec),
-        many => {
-            let chosen = many
-                .iter()
-                .find(|c| c.metadata.name.as_deref() == Some("default"));
-            if chosen.is_none() {
-                problems.push(
-                    "several MeshConfig objects and none named \"default\": using defaults".into(),
-                );
-            }
-            chosen.map(|c| &c.spec)
-        }
-    };
-    let mut mtls_default = MtlsMode::default();
-    let mut socket_default = SocketFastPath::default();
-    if let Some(spec) = mesh {
-        state.fast_path = spec.fast_path;
-        mtls_default = spec.mtls_mode.unwrap_or_default();
-        socket_default = spec.socket_fast_path.unwrap_or_default();
-        if let Some(td) = &spec.trust_domain {
-            match TrustDomain::new(td) {
-                Ok(td) => state.trust_domain = td,
-                Err(e) => problems.push(format!("MeshConfig: {e}; using cluster.local")),
-            }
-        }
-    }
-    (mtls_default, socket_default)
-}
-
-fn workload_of(
-    pod: &Pod,
-    node: &str,
-    node_cgroup: &Path,
-    opted_out_ns: &BTreeSet<String>,
-    taken: &mut BTreeSet<u32>,
-) -> Result<Workload, String> {
-    let name = pod
-        .metadata
-        .name
-        .clone()
-        .ok_or("a Pod without metadata.name was ignored")?;
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let key = format!("{namespace}/{name}");
-    let spec = pod
-        .spec
-        .as_ref()
-        .ok_or_else(|| format!("pod {key}: no spec"))?;
-    // Without an address yet (kubelet reports it after the sandbox is up) the pod is a source
-    // already; it becomes a destination once its address is known.
-    let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
-        None => None,
-        Some(text) => Some(text.parse::<Ipv4Addr>().map_err(|_| {
-            format!(
-                "pod {key}: status.podIP {text:?} is not an IPv4 address (IPv6 is not supported yet)"
-            )
-        })?),
-    };
-    let pod_node = spec.node_name.clone().unwrap_or_default();
-    let local = pod_node == node;
-    let disabled = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(INJECT_ANNOTATION))
-        .is_some_and(|v| v == "disabled");
-    let id = stable_id(&key, taken);
-    taken.insert(id);
-    Ok(Workload {
-        id,
-        cgroup: local.then(|| node_cgroup.join(format!("{namespace}_{name}"))),
-        uid: pod.metadata.uid.clone(),
-        meshed: !disabled && !opted_out_ns.contains(&namespace),
-        service_account: spec
-            .service_account_name
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        mtls: MtlsMode::default(),
-        socket_fast_path: SocketFastPath::default(),
-        identity: SpiffeId::workload(&TrustDomain::default(), &namespace, "default"),
-        namespace,
-        name,
-        ip,
-        node: pod_node,
-        local,
-    })
-}
-
-/// Selector policies whose rules use request attributes the kernel cannot see.
-fn l7_attribute_problems(objects: &ObjectSet) -> Vec<String> {
-    let mut problems = Vec::new();
-    for p in objects
-        .authorization_policies
-        .iter()
-        .filter(|p| p.spec.target_ref.is_none())
-    {
-        for (i, rule) in p.spec.rules.iter().enumerate() {
-            if rule.has_l7_attributes() {
-                problems.push(format!(
-                    "AuthorizationPolicy {} rule {i} uses methods, paths or conditions, which \
-                     only a policy with a targetRef (a Service, checked per request) can see; at \
-                     connect() it {}",
-                    policy_name(p),
-                    if p.spec.action == Action::Allow {
-                        "never matches"
-                    } else {
-                        "matches on its sources and ports alone"
-                    }
-                ));
-            }
-        }
-    }
-    problems
-}
-
-/// Names of the namespaces whose label `key` is `value`.
-fn labelled_namespaces(objects: &ObjectSet, key: &str, value: &str) -> BTreeSet<String> {
-    objects
-        .namespaces
-        .iter()
-        .filter(|n| {
-            n.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(key))
-                .is_some_and(|v| v == value)
-        })
-        .filter_map(|n| n.metadata.name.clone())
-        .collect()
-}
-
-/// Nodes by name: `InternalIP` and IPv4 `spec.podCIDR`.
-fn nodes(objects: &ObjectSet, problems: &mut Vec<String>) -> BTreeMap<String, NodeInfo> {
-    let mut out = BTreeMap::new();
-    for n in &objects.nodes {
-        let Some(name) = n.metadata.name.clone() else {
-            continue;
-        };
-        let address = n
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-            .and_then(|a| a.address.parse().ok());
-        let pod_cidr = n
-            .spec
-            .as_ref()
-            .and_then(|s| s.pod_cidr.as_deref())
-            .and_then(|c| {
-                let parsed = parse_cidr(c);
-                if parsed.is_none() {
-                    problems.push(format!(
-                        "node {name}: spec.podCIDR {c:?} is not an IPv4 CIDR; STRICT inbound is \
-                         not enforced on it"
-                    ));
-                }
-                parsed
-            });
-        out.insert(name, NodeInfo { address, pod_cidr });
-    }
-    out
-}
-
-fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
-    let (ip, len) = text.split_once('/')?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
-    Some((ip.parse().ok()?, len))
-}
-
-/// Whether a pod is a Service endpoint, as Kubernetes' endpoints controller decides: not while
-/// it terminates (`deletionTimestamp`), not once it has finished, not while its `Ready`
-/// condition is False. A pod without conditions (local-mode files) is ready.
-fn serves_traffic(pod: &Pod) -> bool {
-    let status = pod.status.as_ref();
-    let finished = status
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| matches!(p, "Succeeded" | "Failed"));
-    let not_ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
-    pod.metadata.deletion_timestamp.is_none() && !finished && !not_ready
-}
-
-fn service_ports(
-    svc: &Service,
-    pods: &[Pod],
-    workloads: &[Workload],
-    taken: &mut BTreeSet<u32>,
-) -> Result<Vec<ServicePort>, String> {
-    let name = svc
-        .metadata
-        .name
-        .clone()
-        .ok_or("a Service without metadata.name was ignored")?;
-    let namespace = svc
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let spec = svc
-        .spec
-        .as_ref()
-        .ok_or_else(|| format!("service {namespace}/{name}: no spec"))?;
-    let Some(vip_text) = spec.cluster_ip.clone().filter(|ip| ip != "None") else {
-        // Headless services are resolved by name, not a VIP: nothing to program.
-        return Ok(Vec::new());
-    };
-    let vip: Ipv4Addr = vip_text.parse().map_err(|_| {
-        format!("service {namespace}/{name}: spec.clusterIP {vip_text:?} is not an IPv4 address")
-    })?;
-    let Some(selector) = spec.selector.as_ref() else {
-        return Ok(Vec::new()); // endpoints managed elsewhere; none in local mode
-    };
-    let members: Vec<(&Workload, &Pod)> = workloads
-        .iter()
-        .filter(|w| {
-            w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
-        .filter_map(|w| {
-            let pod = pods.iter().find(|p| {
-                p.metadata.name.as_deref() == Some(w.name.as_str())
-                    && p.metadata.namespace.as_deref().unwrap_or("default") == w.namespace
-            })?;
-            Some((w, pod))
-        })
-        .filter(|(_, pod)| serves_traffic(pod))
-        .collect();
-    let mut out = Vec::new();
-    for port in spec.ports.iter().flatten() {
-        let svc_port = u16::try_from(port.port).map_err(|_| {
-            format!(
-                "service {namespace}/{name}: port {} out of range",
-                port.port
-            )
-        })?;
-        let mut backends = Vec::new();
-        for (w, pod) in &members {
-            if let (Some(ip), Some(target)) =
-                (w.ip, target_port(port.target_port.as_ref(), svc_port, pod))
-            {
-                backends.push((w.id, ip, target));
-            }
-        }
-        backends.sort();
-        let key = format!("{namespace}/{name}:{svc_port}");
-        let id = stable_id(&key, taken);
-        taken.insert(id);
-        out.push(ServicePort {
-            id,
-            namespace: namespace.clone(),
-            name: name.clone(),
-            port_name: port.name.clone(),
-            vip,
-            port: svc_port,
-            backends,
-            app_protocol: port.app_protocol.clone(),
-            l7: false,
-            l7_fail_closed: false,
-        });
-    }
-    Ok(out)
-}
-
-/// Attaches routes (GAMMA: a Service as parentRef) and traffic policies to service ports; every
-/// port with either becomes an L7 service.
-/// Whether a policy (its metadata and `targetRef`) targets this Service port.
-fn targets(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    target: Option<&crate::api::traffic::TargetRef>,
-    svc: &ServicePort,
-) -> bool {
-    meta.namespace.as_deref().unwrap_or("default") == svc.namespace
-        && target.is_some_and(|t| {
-            t.is_service() && t.name == svc.name && t.port.is_none_or(|p| p == svc.port)
-        })
-}
-
-/// The objects of `all` whose targetRef is `svc`.
-fn targeting<T: Clone>(
-    all: &[T],
-    svc: &ServicePort,
-    target: impl Fn(
-        &T,
-    ) -> (
-        &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        Option<&crate::api::traffic::TargetRef>,
-    ),
-) -> Vec<T> {
-    all.iter()
-        .filter(|o| {
-            let (meta, t) = target(o);
-            targets(meta, t, svc)
-        })
-        .cloned()
-        .collect()
-}
-
-fn l7_services(
-    objects: &ObjectSet,
-    services: &mut [ServicePort],
-    problems: &mut Vec<String>,
-) -> Vec<L7Service> {
-    use crate::proxy::route::{ServiceRef, attaches};
-    let mut out = Vec::new();
-    let mut used_policies = BTreeSet::new();
-    for svc in services.iter_mut() {
-        let sref = ServiceRef {
-            namespace: svc.namespace.clone(),
-            name: svc.name.clone(),
-        };
-        let http_routes: Vec<_> = objects
-            .http_routes
-            .iter()
-            .filter(|r| {
-                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
-                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
-            })
-            .cloned()
-            .collect();
-        let grpc_routes: Vec<_> = objects
-            .grpc_routes
-            .iter()
-            .filter(|r| {
-                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
-                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
-            })
-            .cloned()
-            .collect();
-        let mut policies: Vec<&crate::api::traffic::TrafficPolicy> = objects
-            .traffic_policies
-            .iter()
-            .filter(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc))
-            .collect();
-        // Of several, the oldest applies (then by name), as Gateway API resolves conflicts;
-        // the controller reports the others as Conflicted.
-        policies.sort_by_key(|p| crate::api::traffic::precedence(p));
-        let mut policies = policies.into_iter();
-        let policy = policies.next().map(|p| {
-            let name = format!(
-                "{}/{}",
-                svc.namespace,
-                p.metadata.name.as_deref().unwrap_or_default()
-            );
-            (name, p.spec.clone())
-        });
-        if let Some(extra) = policies.next() {
-            used_policies.insert(format!(
-                "{}/{}",
-                svc.namespace,
-                extra.metadata.name.as_deref().unwrap_or_default()
-            ));
-            problems.push(format!(
-                "TrafficPolicy {}/{} also targets service {}/{}:{}; only {} applies",
-                svc.namespace,
-                extra.metadata.name.as_deref().unwrap_or_default(),
-                svc.namespace,
-                svc.name,
-                svc.port,
-                policy.as_ref().map(|p| p.0.as_str()).unwrap_or_default()
-            ));
-        }
-        let authz = targeting(&objects.authorization_policies, svc, |p| {
-            (&p.metadata, p.spec.target_ref.as_ref())
-        });
-        let jwt_policies = targeting(&objects.request_authentications, svc, |p| {
-            (&p.metadata, Some(&p.spec.target_ref))
-        });
-        if http_routes.is_empty()
-            && grpc_routes.is_empty()
-            && policy.is_none()
-            && authz.is_empty()
-            && jwt_policies.is_empty()
-        {
-            continue;
-        }
-        svc.l7 = true;
-        svc.l7_fail_closed = match policy.as_ref().and_then(|(_, p)| p.failure_mode) {
-            Some(mode) => mode == crate::api::traffic::FailureMode::Closed,
-            // Authorization and authentication must not be skipped; plain routing may.
-            None => !authz.is_empty() || !jwt_policies.is_empty(),
-        };
-        used_policies.extend(policy.as_ref().map(|(n, _)| n.clone()));
-        out.push(L7Service {
-            service_id: svc.id,
-            namespace: svc.namespace.clone(),
-            name: svc.name.clone(),
-            port: svc.port,
-            app_protocol: svc.app_protocol.clone(),
-            http_routes,
-            grpc_routes,
-            policy,
-            authz,
-            authn: jwt_policies,
-        });
-    }
-    unused_policies(objects, &out, &used_policies, problems);
-    out
-}
-
-/// Reports the traffic policies and `RequestAuthentication`s that apply to no service.
-fn unused_policies(
-    objects: &ObjectSet,
-    l7: &[L7Service],
-    used_traffic_policies: &BTreeSet<String>,
-    problems: &mut Vec<String>,
-) {
-    for p in &objects.traffic_policies {
-        let name = format!(
-            "{}/{}",
-            p.metadata.namespace.as_deref().unwrap_or("default"),
-            p.metadata.name.as_deref().unwrap_or_default()
-        );
-        if !used_traffic_policies.contains(&name) {
-            problems.push(format!(
-                "TrafficPolicy {name}: its targetRef names no Service port of this mesh \
-                 (kind must be Service, in the policy's namespace)"
-            ));
-        }
-    }
-    for p in &objects.request_authentications {
-        if !l7.iter().any(|l| l.authn.contains(p)) {
-            problems.push(format!(
-                "RequestAuthentication {}/{}: its targetRef names no Service port of this mesh \
-                 (kind must be Service, in the policy's namespace)",
-                p.metadata.namespace.as_deref().unwrap_or("default"),
-                p.metadata.name.as_deref().unwrap_or_default()
-            ));
-        }
-    }
-}
-
-/// targetPort: a number, a container port name, or (absent) the service port.
-fn target_port(target: Option<&IntOrString>, svc_port: u16, pod: &Pod) -> Option<u16> {
-    match target {
-        None => Some(svc_port),
-        Some(IntOrString::Int(p)) => u16::try_from(*p).ok(),
-        Some(IntOrString::String(named)) => pod
-            .spec
-            .as_ref()?
-            .containers
-            .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(named.as_str()))
-            .and_then(|p| u16::try_from(p.container_port).ok()),
-    }
-}
-
-fn source_matches(src: &Source, w: &Workload, policy_ns: &str) -> bool {
-    src.matches_workload(policy_ns, &w.namespace, &w.service_account, &w.labels)
-}
-
-/// The first rule of `p` matching (source, port) at `connect()` time. A rule with L7 attributes cannot be
-/// checked there: it never matches in an ALLOW policy and matches on its L4 parts in a DENY
-/// policy (both fail closed; such rules belong in `targetRef` policies).
-fn matching_rule(p: &AuthorizationPolicy, src: &Workload, port: u16) -> Option<usize> {
-    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
-    p.spec.rules.iter().position(|r| {
-        if r.has_l7_attributes() && p.spec.action == Action::Allow {
-            return false;
-        }
-        let from_ok =
-            r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, src, ns));
-        let to_ok = r.to.is_empty()
-            || r.to
-                .iter()
-                .any(|t| t.operation.ports.is_empty() || t.operation.ports.contains(&port));
-        from_ok && to_ok
-    })
-}
-
-fn selects(p: &AuthorizationPolicy, dst: &Workload) -> bool {
-    p.spec.target_ref.is_none()
-        && p.metadata.namespace.as_deref().unwrap_or("default") == dst.namespace
-        && p.spec
-            .selector
-            .as_ref()
-            .is_none_or(|s| selector_matches(s, &dst.labels))
-}
-
-fn policy_name(p: &AuthorizationPolicy) -> String {
-    format!(
-        "{}/{}",
-        p.metadata.namespace.as_deref().unwrap_or("default"),
-        p.metadata.name.as_deref().unwrap_or("?")
-    )
-}
-
-/// Expands authorization policies into explicit kernel entries for every meshed local source and
-/// meshed destination that at least one policy selects. Port 0 stands for "any other port".
-#[must_use]
-pub fn policy_entries(
-    workloads: &[Workload],
-    policies: &[AuthorizationPolicy],
-    default_deny: &BTreeSet<String>,
-) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
-    policy_matrix(workloads, policies, default_deny, |w| w.local, |_| true)
-}
-
-/// The verdicts for meshed sources and destinations chosen by the two filters (the kernel's
-/// map: this node's sources; the tunnel's inbound checks: other nodes' sources to this node's
-/// pods).
-fn policy_matrix(
-    workloads: &[Workload],
-    policies: &[AuthorizationPolicy],
-    default_deny: &BTreeSet<String>,
-    source: impl Fn(&Workload) -> bool,
-    destination: impl Fn(&Workload) -> bool,
-) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
-    let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().collect();
-    sorted.sort_by_key(|p| policy_name(p));
-
-    // Rule ids: one per (policy, rule) and one per policy for "no ALLOW rule matched".
-    let mut rules = Vec::new();
-    let mut ids = BTreeMap::new();
-    for p in &sorted {
-        let name = policy_name(p);
-        let action = match p.spec.action {
-            Action::Allow => "ALLOW",
-            Action::Deny => "DENY",
-        };
-        for (i, _) in p.spec.rules.iter().enumerate() {
-            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
-            ids.insert((name.clone(), Some(i)), id);
-            rules.push(RuleInfo {
-                id,
-                policy: name.clone(),
-                action: action.into(),
-                rule: Some(i),
-                description: format!("{action} by rule {i} of {name}"),
-            });
-        }
-        if p.spec.action == Action::Allow {
-            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
-            ids.insert((name.clone(), None), id);
-            rules.push(RuleInfo {
-                id,
-                policy: name.clone(),
-                action: "DENY".into(),
-                rule: None,
-                description: format!(
-                    "DENY: no ALLOW rule matched ({name} selects the destination)"
-                ),
-            });
-        }
-    }
-
-    for ns in default_deny {
-        let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
-        ids.insert((format!("namespace {ns}"), None), id);
-        rules.push(RuleInfo {
-            id,
-            policy: format!("namespace {ns}"),
-            action: "DENY".into(),
-            rule: None,
-            description: format!(
-                "DENY: namespace {ns} is default-deny ({DEFAULT_DENY_LABEL}) and no ALLOW rule \
-                 matched"
-            ),
-        });
-    }
-
-    let mut entries = BTreeMap::new();
-    let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && source(w)).collect();
-    for dst in workloads.iter().filter(|w| w.meshed && destination(w)) {
-        let applying: Vec<&AuthorizationPolicy> =
-            sorted.iter().copied().filter(|p| selects(p, dst)).collect();
-        let deny_by_default = default_deny
-            .contains(&dst.namespace)
-            .then(|| {
-                ids.get(&(format!("namespace {}", dst.namespace), None))
-                    .copied()
-            })
-            .flatten();
-        if applying.is_empty() && deny_by_default.is_none() {
-            continue;
-        }
-        let mut ports: BTreeSet<u16> = applying
-            .iter()
-            .flat_map(|p| p.spec.rules.iter())
-            .flat_map(|r| r.to.iter())
-            .flat_map(|t| t.operation.ports.iter().copied())
-            .collect();
-        ports.insert(0);
-        for src in &sources {
-            for &port in &ports {
-                let (v, rule_id) = decide(&applying, src, port, &ids, deny_by_default);
-                let key = PolicyKey {
-                    src_workload: src.id,
-                    dst_workload: dst.id,
-                    dst_port_host: port,
-                    _pad: 0,
-                };
-                entries.insert(
-                    key,
-                    PolicyValue {
-                        verdict: v,
-                        _pad0: 0,
-                        _pad1: 0,
-                        rule_id,
-                    },
-                );
-            }
-        }
-    }
-    (entries, rules)
-}
-
-/// Verdict for one (source, destination port) given the policies selecting the destination:
-/// the enforced policies decide; if they allow and the dry-run ones would deny, the verdict is
-/// AUDIT (allowed, recorded). Port 0 stands for "a port no rule names": only rules without port
-/// lists can match it. `deny_by_default`: the rule id of the destination namespace's
-/// default-deny, if it has one.
-fn decide(
-    applying: &[&AuthorizationPolicy],
-    src: &Workload,
-    port: u16,
-    ids: &BTreeMap<(String, Option<usize>), u32>,
-    deny_by_default: Option<u32>,
-) -> (u8, u32) {
-    let enforced: Vec<&AuthorizationPolicy> = applying
-        .iter()
-        .copied()
-        .filter(|p| !p.spec.dry_run)
-        .collect();
-    let (v, rule_id) = evaluate(&enforced, src, port, ids, deny_by_default);
-    if v != verdict::DENY && enforced.len() < applying.len() {
-        let (would, would_rule) = evaluate(applying, src, port, ids, deny_by_default);
-        if would == verdict::DENY {
-            return (verdict::AUDIT, would_rule);
-        }
-    }
-    (v, rule_id)
-}
-
-/// Istio's semantics for one set of policies: DENY rules win, then ALLOW lists.
-fn evaluate(
-    applying: &[&AuthorizationPolicy],
-    src: &Workload,
-    port: u16,
-    ids: &BTreeMap<(String, Option<usize>), u32>,
-    deny_by_default: Option<u32>,
-) -> (u8, u32) {
-    let rule_id = |p: &AuthorizationPolicy, i| ids.get(&(policy_name(p), i)).copied().unwrap_or(0);
-    for p in applying.iter().filter(|p| p.spec.action == Action::Deny) {
-        if let Some(i) = matching_rule(p, src, port) {
-            return (verdict::DENY, rule_id(p, Some(i)));
-        }
-    }
-    let mut allows = applying
-        .iter()
-        .filter(|p| p.spec.action == Action::Allow)
-        .peekable();
-    let Some(first) = allows.peek().copied() else {
-        return deny_by_default.map_or((verdict::FAST, 0), |id| (verdict::DENY, id));
-    };
-    for p in allows {
-        if let Some(i) = matching_rule(p, src, port) {
-            return (verdict::FAST, rule_id(p, Some(i)));
-        }
-    }
-    (verdict::DENY, rule_id(first, None))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports, reason = "the tests reach into every part")]
+    use super::{authz::*, l7::*, services::*, workloads::*};
+    use crate::api::objects::{Action, Source};
+    use mesh_common::verdict;
 
     #[test]
     fn routes_and_traffic_policies_make_l7_services() {

@@ -1,12 +1,16 @@
-//! What the controller says about each Weft object: the checks the API server's schema cannot
-//! make (references, conflicts, cross-field rules), as Gateway API style conditions.
-use std::collections::BTreeMap;
+//! What Weft says about each of its objects and routes: the checks the API server's schema
+//! cannot make (references, conflicts, cross-field rules). The one place validation lives: the
+//! controller writes these verdicts as Gateway API style conditions, the agent applies only
+//! accepted objects and reports the same verdicts (log, `/status`), and `weft check` prints them
+//! for files, offline.
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use k8s_openapi::api::core::v1::Service;
+use serde::Serialize;
 
 use crate::{
     api::{
-        is_core_service,
+        ObjectSet, is_core_service,
         objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication, SELECTOR_OPERATORS},
         traffic::{TrafficPolicy, precedence},
     },
@@ -15,7 +19,7 @@ use crate::{
 
 /// The outcome for one object; the controller turns it into `Accepted`, `ResolvedRefs` and
 /// `Programmed` conditions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
     /// `None`: accepted; else (reason, message) of the refusal.
     pub rejected: Option<(&'static str, String)>,
@@ -41,6 +45,128 @@ impl Verdict {
     pub fn effective(&self) -> bool {
         self.rejected.is_none() && self.unresolved.is_none()
     }
+}
+
+/// What Weft says about one object (for a route: about it at one Service parent). The same
+/// verdict, with the same reason and message, wherever it is asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub kind: &'static str,
+    /// Absent for cluster-scoped kinds (`MeshConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    /// For a route: the Service parent (`namespace/name`, `:port` when the parentRef has one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub verdict: Verdict,
+}
+
+impl Finding {
+    fn new(
+        kind: &'static str,
+        meta: &kube::api::ObjectMeta,
+        namespaced: bool,
+        verdict: Verdict,
+    ) -> Self {
+        Self {
+            kind,
+            namespace: namespaced
+                .then(|| meta.namespace.clone().unwrap_or_else(|| "default".into())),
+            name: meta.name.clone().unwrap_or_default(),
+            parent: None,
+            verdict,
+        }
+    }
+
+    /// `Kind namespace/name`, as users write it in `kubectl get`.
+    #[must_use]
+    pub fn object(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{} {ns}/{}", self.kind, self.name),
+            None => format!("{} {}", self.kind, self.name),
+        }
+    }
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.object())?;
+        if let Some(p) = &self.parent {
+            write!(f, " (parent Service {p})")?;
+        }
+        match (&self.verdict.rejected, &self.verdict.unresolved) {
+            (Some((reason, message)), _) => write!(f, ": not accepted, {reason}: {message}"),
+            (None, Some((reason, message))) => {
+                write!(
+                    f,
+                    ": accepted, a reference does not resolve, {reason}: {message}"
+                )
+            }
+            (None, None) => write!(f, ": accepted"),
+        }
+    }
+}
+
+/// Every verdict about the Weft objects and routes of `set`, in a stable order (by kind, then as
+/// listed).
+#[must_use]
+pub fn findings(set: &ObjectSet) -> Vec<Finding> {
+    let services = services(&set.services);
+    let mut out = Vec::new();
+    for c in &set.mesh_configs {
+        out.push(Finding::new(
+            "MeshConfig",
+            &c.metadata,
+            false,
+            mesh_config(c),
+        ));
+    }
+    for p in &set.traffic_policies {
+        let verdict = traffic_policy(p, &set.traffic_policies, &services);
+        out.push(Finding::new("TrafficPolicy", &p.metadata, true, verdict));
+    }
+    for p in &set.authorization_policies {
+        let verdict = authorization_policy(p, &services);
+        out.push(Finding::new(
+            "AuthorizationPolicy",
+            &p.metadata,
+            true,
+            verdict,
+        ));
+    }
+    for p in &set.request_authentications {
+        let verdict = request_authentication(p, &services);
+        out.push(Finding::new(
+            "RequestAuthentication",
+            &p.metadata,
+            true,
+            verdict,
+        ));
+    }
+    let route =
+        |kind, meta: &kube::api::ObjectMeta, parents: Vec<RouteParent>, out: &mut Vec<_>| {
+            for p in parents {
+                let mut f = Finding::new(kind, meta, true, p.verdict);
+                let r = &p.parent_ref;
+                let ns = r["namespace"]
+                    .as_str()
+                    .map_or_else(|| f.namespace.clone().unwrap_or_default(), str::to_owned);
+                let mut at = format!("{ns}/{}", r["name"].as_str().unwrap_or_default());
+                if let Some(port) = r["port"].as_i64() {
+                    let _ = write!(at, ":{port}");
+                }
+                f.parent = Some(at);
+                out.push(f);
+            }
+        };
+    for r in &set.http_routes {
+        route("HTTPRoute", &r.metadata, http_route(r, &services), &mut out);
+    }
+    for r in &set.grpc_routes {
+        route("GRPCRoute", &r.metadata, grpc_route(r, &services), &mut out);
+    }
+    out
 }
 
 /// `namespace/name` → Service.
@@ -455,7 +581,7 @@ mod tests {
     use super::*;
 
     fn tp(name: &str, created: i64, spec: &str) -> TrafficPolicy {
-        let mut p: TrafficPolicy = serde_yaml::from_str(&format!(
+        let mut p: TrafficPolicy = serde_saphyr::from_str(&format!(
             "metadata: {{name: {name}, namespace: default}}\nspec: {spec}"
         ))
         .unwrap();
@@ -466,7 +592,7 @@ mod tests {
     }
 
     fn svc(name: &str, port: i32) -> Service {
-        serde_yaml::from_str(&format!(
+        serde_saphyr::from_str(&format!(
             "metadata: {{name: {name}, namespace: default}}\nspec: {{ports: [{{port: {port}}}]}}"
         ))
         .unwrap()
@@ -563,7 +689,7 @@ mod tests {
         let list = [svc("web", 80), svc("web-v2", 80)];
         let services = services(&list);
         let route = |spec: &str| -> gateway_api::httproutes::HttpRoute {
-            serde_yaml::from_str(&format!(
+            serde_saphyr::from_str(&format!(
                 "metadata: {{name: r, namespace: default}}\nspec: {spec}"
             ))
             .unwrap()
@@ -605,7 +731,7 @@ mod tests {
 
     #[test]
     fn authorization_policies_and_mesh_configs() {
-        let p: AuthorizationPolicy = serde_yaml::from_str(
+        let p: AuthorizationPolicy = serde_saphyr::from_str(
             "metadata: {name: p, namespace: default}\nspec:\n  selector: {matchExpressions: [{key: app, operator: Equals}]}\n  rules: [{from: [{source: {serviceAccounts: [a/b/c]}}], to: [{operation: {ports: [0]}}]}]",
         )
         .unwrap();
@@ -614,7 +740,7 @@ mod tests {
         for part in ["Equals", "a/b/c", "0 is not a port"] {
             assert!(message.contains(part), "{message}");
         }
-        let per_request: AuthorizationPolicy = serde_yaml::from_str(
+        let per_request: AuthorizationPolicy = serde_saphyr::from_str(
             "metadata: {name: p, namespace: default}\nspec:\n  targetRef: {kind: Service, name: web}",
         )
         .unwrap();
@@ -624,14 +750,14 @@ mod tests {
             v.unresolved.unwrap().1,
             "targetRef: Service default/web does not exist"
         );
-        let mc: MeshConfig = serde_yaml::from_str("metadata: {name: other}\nspec: {}").unwrap();
+        let mc: MeshConfig = serde_saphyr::from_str("metadata: {name: other}\nspec: {}").unwrap();
         assert_eq!(mesh_config(&mc).rejected.unwrap().0, "Ignored");
     }
 
     #[test]
     fn request_authentications() {
         let ra = |spec: &str| -> RequestAuthentication {
-            serde_yaml::from_str(&format!(
+            serde_saphyr::from_str(&format!(
                 "metadata: {{name: j, namespace: default}}\nspec:\n{spec}"
             ))
             .unwrap()

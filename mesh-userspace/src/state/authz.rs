@@ -1,0 +1,254 @@
+//! Authorization at `connect()`: the policy matrix (source, destination, port → verdict, rule),
+//! Istio's semantics (DENY wins, then ALLOW, then the namespace default).
+use std::collections::{BTreeMap, BTreeSet};
+
+use mesh_common::{PolicyKey, PolicyValue, verdict};
+
+use super::{RuleInfo, Workload};
+use crate::api::{
+    ObjectSet,
+    objects::{Action, AuthorizationPolicy, DEFAULT_DENY_LABEL, Source, selector_matches},
+};
+
+/// Selector policies whose rules use request attributes the kernel cannot see.
+pub(super) fn l7_attribute_problems(objects: &ObjectSet) -> Vec<String> {
+    let mut problems = Vec::new();
+    for p in objects
+        .authorization_policies
+        .iter()
+        .filter(|p| p.spec.target_ref.is_none())
+    {
+        for (i, rule) in p.spec.rules.iter().enumerate() {
+            if rule.has_l7_attributes() {
+                problems.push(format!(
+                    "AuthorizationPolicy {} rule {i} uses methods, paths or conditions, which \
+                     only a policy with a targetRef (a Service, checked per request) can see; at \
+                     connect() it {}",
+                    policy_name(p),
+                    if p.spec.action == Action::Allow {
+                        "never matches"
+                    } else {
+                        "matches on its sources and ports alone"
+                    }
+                ));
+            }
+        }
+    }
+    problems
+}
+
+pub(super) fn source_matches(src: &Source, w: &Workload, policy_ns: &str) -> bool {
+    src.matches_workload(policy_ns, &w.namespace, &w.service_account, &w.labels)
+}
+
+/// The first rule of `p` matching (source, port) at `connect()` time. A rule with L7 attributes cannot be
+/// checked there: it never matches in an ALLOW policy and matches on its L4 parts in a DENY
+/// policy (both fail closed; such rules belong in `targetRef` policies).
+pub(super) fn matching_rule(p: &AuthorizationPolicy, src: &Workload, port: u16) -> Option<usize> {
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    p.spec.rules.iter().position(|r| {
+        if r.has_l7_attributes() && p.spec.action == Action::Allow {
+            return false;
+        }
+        let from_ok =
+            r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, src, ns));
+        let to_ok = r.to.is_empty()
+            || r.to
+                .iter()
+                .any(|t| t.operation.ports.is_empty() || t.operation.ports.contains(&port));
+        from_ok && to_ok
+    })
+}
+
+pub(super) fn selects(p: &AuthorizationPolicy, dst: &Workload) -> bool {
+    p.spec.target_ref.is_none()
+        && p.metadata.namespace.as_deref().unwrap_or("default") == dst.namespace
+        && p.spec
+            .selector
+            .as_ref()
+            .is_none_or(|s| selector_matches(s, &dst.labels))
+}
+
+pub(super) fn policy_name(p: &AuthorizationPolicy) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or("default"),
+        p.metadata.name.as_deref().unwrap_or("?")
+    )
+}
+
+/// Expands authorization policies into explicit kernel entries for every meshed local source and
+/// meshed destination that at least one policy selects. Port 0 stands for "any other port".
+#[must_use]
+pub fn policy_entries(
+    workloads: &[Workload],
+    policies: &[AuthorizationPolicy],
+    default_deny: &BTreeSet<String>,
+) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
+    policy_matrix(workloads, policies, default_deny, |w| w.local, |_| true)
+}
+
+/// The verdicts for meshed sources and destinations chosen by the two filters (the kernel's
+/// map: this node's sources; the tunnel's inbound checks: other nodes' sources to this node's
+/// pods).
+pub(super) fn policy_matrix(
+    workloads: &[Workload],
+    policies: &[AuthorizationPolicy],
+    default_deny: &BTreeSet<String>,
+    source: impl Fn(&Workload) -> bool,
+    destination: impl Fn(&Workload) -> bool,
+) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
+    let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().collect();
+    sorted.sort_by_key(|p| policy_name(p));
+
+    // Rule ids: one per (policy, rule) and one per policy for "no ALLOW rule matched".
+    let mut rules = Vec::new();
+    let mut ids = BTreeMap::new();
+    for p in &sorted {
+        let name = policy_name(p);
+        let action = match p.spec.action {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+        };
+        for (i, _) in p.spec.rules.iter().enumerate() {
+            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+            ids.insert((name.clone(), Some(i)), id);
+            rules.push(RuleInfo {
+                id,
+                policy: name.clone(),
+                action: action.into(),
+                rule: Some(i),
+                description: format!("{action} by rule {i} of {name}"),
+            });
+        }
+        if p.spec.action == Action::Allow {
+            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+            ids.insert((name.clone(), None), id);
+            rules.push(RuleInfo {
+                id,
+                policy: name.clone(),
+                action: "DENY".into(),
+                rule: None,
+                description: format!(
+                    "DENY: no ALLOW rule matched ({name} selects the destination)"
+                ),
+            });
+        }
+    }
+
+    for ns in default_deny {
+        let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+        ids.insert((format!("namespace {ns}"), None), id);
+        rules.push(RuleInfo {
+            id,
+            policy: format!("namespace {ns}"),
+            action: "DENY".into(),
+            rule: None,
+            description: format!(
+                "DENY: namespace {ns} is default-deny ({DEFAULT_DENY_LABEL}) and no ALLOW rule \
+                 matched"
+            ),
+        });
+    }
+
+    let mut entries = BTreeMap::new();
+    let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && source(w)).collect();
+    for dst in workloads.iter().filter(|w| w.meshed && destination(w)) {
+        let applying: Vec<&AuthorizationPolicy> =
+            sorted.iter().copied().filter(|p| selects(p, dst)).collect();
+        let deny_by_default = default_deny
+            .contains(&dst.namespace)
+            .then(|| {
+                ids.get(&(format!("namespace {}", dst.namespace), None))
+                    .copied()
+            })
+            .flatten();
+        if applying.is_empty() && deny_by_default.is_none() {
+            continue;
+        }
+        let mut ports: BTreeSet<u16> = applying
+            .iter()
+            .flat_map(|p| p.spec.rules.iter())
+            .flat_map(|r| r.to.iter())
+            .flat_map(|t| t.operation.ports.iter().copied())
+            .collect();
+        ports.insert(0);
+        for src in &sources {
+            for &port in &ports {
+                let (v, rule_id) = decide(&applying, src, port, &ids, deny_by_default);
+                let key = PolicyKey {
+                    src_workload: src.id,
+                    dst_workload: dst.id,
+                    dst_port_host: port,
+                    _pad: 0,
+                };
+                entries.insert(
+                    key,
+                    PolicyValue {
+                        verdict: v,
+                        _pad0: 0,
+                        _pad1: 0,
+                        rule_id,
+                    },
+                );
+            }
+        }
+    }
+    (entries, rules)
+}
+
+/// Verdict for one (source, destination port) given the policies selecting the destination:
+/// the enforced policies decide; if they allow and the dry-run ones would deny, the verdict is
+/// AUDIT (allowed, recorded). Port 0 stands for "a port no rule names": only rules without port
+/// lists can match it. `deny_by_default`: the rule id of the destination namespace's
+/// default-deny, if it has one.
+pub(super) fn decide(
+    applying: &[&AuthorizationPolicy],
+    src: &Workload,
+    port: u16,
+    ids: &BTreeMap<(String, Option<usize>), u32>,
+    deny_by_default: Option<u32>,
+) -> (u8, u32) {
+    let enforced: Vec<&AuthorizationPolicy> = applying
+        .iter()
+        .copied()
+        .filter(|p| !p.spec.dry_run)
+        .collect();
+    let (v, rule_id) = evaluate(&enforced, src, port, ids, deny_by_default);
+    if v != verdict::DENY && enforced.len() < applying.len() {
+        let (would, would_rule) = evaluate(applying, src, port, ids, deny_by_default);
+        if would == verdict::DENY {
+            return (verdict::AUDIT, would_rule);
+        }
+    }
+    (v, rule_id)
+}
+
+/// Istio's semantics for one set of policies: DENY rules win, then ALLOW lists.
+pub(super) fn evaluate(
+    applying: &[&AuthorizationPolicy],
+    src: &Workload,
+    port: u16,
+    ids: &BTreeMap<(String, Option<usize>), u32>,
+    deny_by_default: Option<u32>,
+) -> (u8, u32) {
+    let rule_id = |p: &AuthorizationPolicy, i| ids.get(&(policy_name(p), i)).copied().unwrap_or(0);
+    for p in applying.iter().filter(|p| p.spec.action == Action::Deny) {
+        if let Some(i) = matching_rule(p, src, port) {
+            return (verdict::DENY, rule_id(p, Some(i)));
+        }
+    }
+    let mut allows = applying
+        .iter()
+        .filter(|p| p.spec.action == Action::Allow)
+        .peekable();
+    let Some(first) = allows.peek().copied() else {
+        return deny_by_default.map_or((verdict::FAST, 0), |id| (verdict::DENY, id));
+    };
+    for p in allows {
+        if let Some(i) = matching_rule(p, src, port) {
+            return (verdict::FAST, rule_id(p, Some(i)));
+        }
+    }
+    (verdict::DENY, rule_id(first, None))
+}

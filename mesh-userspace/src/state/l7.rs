@@ -1,0 +1,117 @@
+//! L7 services: the Service ports the engine serves (routes, an accepted `TrafficPolicy`, L7
+//! authorization or authentication), with what applies to each.
+
+use super::{L7Service, ServicePort};
+use crate::api::{ObjectSet, traffic::TrafficPolicy};
+
+/// Whether a policy (its metadata and `targetRef`) targets this Service port.
+pub(super) fn targets(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    target: Option<&crate::api::traffic::TargetRef>,
+    svc: &ServicePort,
+) -> bool {
+    meta.namespace.as_deref().unwrap_or("default") == svc.namespace
+        && target.is_some_and(|t| {
+            t.is_service() && t.name == svc.name && t.port.is_none_or(|p| p == svc.port)
+        })
+}
+
+/// The objects of `all` whose targetRef is `svc`.
+pub(super) fn targeting<T: Clone>(
+    all: &[T],
+    svc: &ServicePort,
+    target: impl Fn(
+        &T,
+    ) -> (
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        Option<&crate::api::traffic::TargetRef>,
+    ),
+) -> Vec<T> {
+    all.iter()
+        .filter(|o| {
+            let (meta, t) = target(o);
+            targets(meta, t, svc)
+        })
+        .cloned()
+        .collect()
+}
+
+/// The Services that need the L7 engine (routes, an accepted `TrafficPolicy`, L7 authorization
+/// or authentication), with what the engine applies to each.
+pub(super) fn l7_services(
+    objects: &ObjectSet,
+    traffic_policies: &[&TrafficPolicy],
+    services: &mut [ServicePort],
+) -> Vec<L7Service> {
+    use crate::proxy::route::{ServiceRef, attaches};
+    let mut out = Vec::new();
+    for svc in services.iter_mut() {
+        let sref = ServiceRef {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+        };
+        let http_routes: Vec<_> = objects
+            .http_routes
+            .iter()
+            .filter(|r| {
+                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
+                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
+            })
+            .cloned()
+            .collect();
+        let grpc_routes: Vec<_> = objects
+            .grpc_routes
+            .iter()
+            .filter(|r| {
+                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
+                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
+            })
+            .cloned()
+            .collect();
+        // Accepted policies never overlap (validation refuses the younger of two as Conflicted).
+        let policy = traffic_policies
+            .iter()
+            .find(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc))
+            .map(|p| {
+                let name = format!(
+                    "{}/{}",
+                    svc.namespace,
+                    p.metadata.name.as_deref().unwrap_or_default()
+                );
+                (name, p.spec.clone())
+            });
+        let authz = targeting(&objects.authorization_policies, svc, |p| {
+            (&p.metadata, p.spec.target_ref.as_ref())
+        });
+        let jwt_policies = targeting(&objects.request_authentications, svc, |p| {
+            (&p.metadata, Some(&p.spec.target_ref))
+        });
+        if http_routes.is_empty()
+            && grpc_routes.is_empty()
+            && policy.is_none()
+            && authz.is_empty()
+            && jwt_policies.is_empty()
+        {
+            continue;
+        }
+        svc.l7 = true;
+        svc.l7_fail_closed = match policy.as_ref().and_then(|(_, p)| p.failure_mode) {
+            Some(mode) => mode == crate::api::traffic::FailureMode::Closed,
+            // Authorization and authentication must not be skipped; plain routing may.
+            None => !authz.is_empty() || !jwt_policies.is_empty(),
+        };
+        out.push(L7Service {
+            service_id: svc.id,
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            port: svc.port,
+            app_protocol: svc.app_protocol.clone(),
+            http_routes,
+            grpc_routes,
+            policy,
+            authz,
+            authn: jwt_policies,
+        });
+    }
+    out
+}
