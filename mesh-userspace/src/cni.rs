@@ -200,7 +200,7 @@ fn enrol(socket: &Path, enrolment: &Enrolment, timeout: Duration) -> Result<(), 
         let answer = rt.block_on(async {
             tokio::time::timeout(
                 deadline.saturating_duration_since(Instant::now()),
-                crate::admin::request(socket, hyper::Method::POST, "/cni/add", body.clone()),
+                crate::agent_client::request(socket, hyper::Method::POST, "/cni/add", body.clone()),
             )
             .await
         });

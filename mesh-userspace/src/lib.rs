@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod agent_client;
 pub mod api;
 pub mod app;
 pub mod cgroups;

@@ -11,7 +11,10 @@ use gateway_api::{
 };
 use hyper::http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 use libfuzzer_sys::fuzz_target;
-use weft::proxy::route::{self, Compiled, RequestView, ServiceRef};
+use weft::{
+    api::refs::ServiceRef,
+    proxy::route::{self, Compiled, RequestView},
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

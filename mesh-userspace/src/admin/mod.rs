@@ -1,6 +1,6 @@
 //! Admin API over a Unix socket (for the CLI) and, optionally, TCP (for Prometheus):
 //! `/metrics`, `/ready`, `/config_dump`, `/flows`, `/status`.
-use std::{convert::Infallible, path::Path};
+use std::convert::Infallible;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -9,7 +9,11 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::{app::SharedState, config::AgentConfig};
+pub mod shared;
+
+pub use shared::{EnrolRequest, Shared, SharedState};
+
+use crate::config::AgentConfig;
 
 /// What `weft status` shows.
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -233,7 +237,7 @@ struct FlowsView<'a> {
     l7: crate::proxy::L7Flows,
 }
 
-fn status(s: &crate::app::Shared) -> Status {
+fn status(s: &Shared) -> Status {
     let kernel = s.metrics.get();
     Status {
         node: s.node.node.clone(),
@@ -295,51 +299,4 @@ fn status(s: &crate::app::Shared) -> Status {
                 .collect()
         }),
     }
-}
-
-/// Client side for the CLI: GET `path` over the agent's Unix socket.
-pub async fn get(socket: &Path, path: &str) -> std::io::Result<(StatusCode, Bytes)> {
-    request(socket, Method::GET, path, Vec::new()).await
-}
-
-/// Client side: one request over the agent's Unix socket (the CLI's GETs, the CNI plugin's
-/// POST).
-pub async fn request(
-    socket: &Path,
-    method: Method,
-    path: &str,
-    body: Vec<u8>,
-) -> std::io::Result<(StatusCode, Bytes)> {
-    use http_body_util::BodyExt as _;
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "cannot reach the agent at {}: {e}; is `weft agent` running for this node?",
-                socket.display()
-            ),
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::HOST, "weft-agent")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(std::io::Error::other)?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(std::io::Error::other)?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
-    Ok((status, body))
 }

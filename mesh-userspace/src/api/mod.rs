@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub mod crds;
 pub mod objects;
+pub mod refs;
 pub mod traffic;
 
 pub use objects::{AuthorizationPolicy, MeshConfig, ObjectSet, ObjectStatus, ParseError};

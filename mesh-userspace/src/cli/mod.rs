@@ -2,8 +2,10 @@
 //! printed to stdout.
 #![allow(clippy::print_stdout, reason = "the CLI's output is its product")]
 
+pub mod args;
 pub mod check;
 pub mod jwt;
+pub mod run;
 
 /// Writes a secret (a private key) readable by its owner only (mode 0600). Without
 /// `overwrite` an existing file is an error (`AlreadyExists`): a key is never replaced by
@@ -50,7 +52,7 @@ fn fetch(socket: &Path, path: &str) -> Result<bytes::Bytes, CliError> {
         .build()
         .map_err(CliError::Runtime)?;
     let (status, body) = rt
-        .block_on(crate::admin::get(socket, path))
+        .block_on(crate::agent_client::get(socket, path))
         .map_err(CliError::Agent)?;
     if !status.is_success() {
         return Err(CliError::Status {

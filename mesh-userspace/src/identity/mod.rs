@@ -192,6 +192,29 @@ pub fn jwks(pair: &rcgen::KeyPair, kid: &str) -> serde_json::Value {
     }]})
 }
 
+/// A JSON Web Key Set with at least one RSA or EC key.
+///
+/// # Errors
+/// The text is not a key set, or has no key the engine can use.
+pub fn parse_jwks(text: &str) -> Result<jsonwebtoken::jwk::JwkSet, String> {
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    if !set.keys.iter().any(usable_jwk) {
+        return Err("the JWKS has no RSA or EC public key".to_owned());
+    }
+    Ok(set)
+}
+
+/// Whether the engine can verify tokens with this key (RSA or EC public keys).
+#[must_use]
+pub fn usable_jwk(k: &jsonwebtoken::jwk::Jwk) -> bool {
+    matches!(
+        k.algorithm,
+        jsonwebtoken::jwk::AlgorithmParameters::RSA(_)
+            | jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,7 +214,7 @@ impl Identities {
     /// were established with; new handshakes use the new one.
     ///
     /// `ca_endpoints`: where the certificate service is, when its address names a Service the
-    /// agent knows (see [`crate::proxy::snapshot::Snapshot::resolve_service`]); empty: resolve
+    /// agent knows (the engine resolves Service names from its own view); empty: resolve
     /// the address with DNS.
     pub async fn refresh(
         &self,

@@ -13,7 +13,7 @@ use hyper::{HeaderMap, header::HeaderName};
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     errors::ErrorKind,
-    jwk::{AlgorithmParameters, Jwk, JwkSet},
+    jwk::{AlgorithmParameters, JwkSet},
 };
 use serde_json::{Map, Value};
 
@@ -144,7 +144,7 @@ impl Key {
     fn all_of(set: &JwkSet) -> Vec<Key> {
         set.keys
             .iter()
-            .filter(|k| usable(k))
+            .filter(|k| crate::identity::usable_jwk(k))
             .map(|k| Key {
                 kid: k.common.key_id.clone(),
                 alg: k.common.key_algorithm.map(|a| format!("{a:?}")),
@@ -166,7 +166,11 @@ struct Keys {
 impl Keys {
     fn new(rule: &JwtRule) -> Self {
         let (file, set, mtime) = match (&rule.jwks, &rule.jwks_file) {
-            (Some(inline), None) => (None, parse_jwks(inline).map(|s| Key::all_of(&s)), None),
+            (Some(inline), None) => (
+                None,
+                crate::identity::parse_jwks(inline).map(|s| Key::all_of(&s)),
+                None,
+            ),
             (None, Some(path)) => {
                 let path = PathBuf::from(path);
                 let (set, mtime) = read_jwks_file(&path);
@@ -217,28 +221,10 @@ fn read_jwks_file(path: &std::path::Path) -> (Result<Vec<Key>, String>, Option<S
     let set = std::fs::read_to_string(path)
         .map_err(|e| format!("jwksFile {}: {e}", path.display()))
         .and_then(|text| {
-            parse_jwks(&text).map_err(|e| format!("jwksFile {}: {e}", path.display()))
+            crate::identity::parse_jwks(&text)
+                .map_err(|e| format!("jwksFile {}: {e}", path.display()))
         });
     (set.map(|s| Key::all_of(&s)), mtime)
-}
-
-/// A JSON Web Key Set with at least one RSA or EC key.
-///
-/// # Errors
-/// The text is not a key set, or has no key the engine can use.
-pub fn parse_jwks(text: &str) -> Result<JwkSet, String> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
-    if !set.keys.iter().any(usable) {
-        return Err("the JWKS has no RSA or EC public key".to_owned());
-    }
-    Ok(set)
-}
-
-fn usable(k: &Jwk) -> bool {
-    matches!(
-        k.algorithm,
-        AlgorithmParameters::RSA(_) | AlgorithmParameters::EllipticCurve(_)
-    )
 }
 
 struct Compiled {
@@ -645,8 +631,10 @@ mod tests {
 
     #[test]
     fn unusable_key_sets_are_problems() {
-        assert!(parse_jwks("{}").is_err());
-        assert!(parse_jwks(r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err());
+        assert!(crate::identity::parse_jwks("{}").is_err());
+        assert!(
+            crate::identity::parse_jwks(r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err()
+        );
         let mut set = crate::api::ObjectSet::default();
         set.add_yaml(
             "t",

@@ -754,7 +754,7 @@ async fn route_request(
         .filter(|mi| roll(mi.percent))
         .and_then(|mi| {
             target.pool(&BackendTarget {
-                service: super::route::ServiceRef {
+                service: crate::api::refs::ServiceRef {
                     namespace: target.service.namespace.clone(),
                     name: mi.name.clone(),
                 },

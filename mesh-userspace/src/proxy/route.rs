@@ -21,17 +21,15 @@
 //!   matched (`matched_prefix`) for `ReplacePrefixMatch`; `select` returns `&RuleAction` directly.
 #![forbid(unsafe_code)]
 
-use std::{borrow::Cow, cmp::Reverse, fmt, time::Duration};
+use std::{borrow::Cow, cmp::Reverse, time::Duration};
 
 use gateway_api::{
     grpcroutes::{
-        GrpcRoute, GrpcRouteParentRefs, GrpcRouteRules, GrpcRouteRulesBackendRefs,
-        GrpcRouteRulesFiltersRequestMirrorBackendRef, GrpcRouteRulesFiltersType,
-        GrpcRouteRulesMatches, GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethodType,
+        GrpcRoute, GrpcRouteRules, GrpcRouteRulesFiltersType, GrpcRouteRulesMatches,
+        GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethodType,
     },
     httproutes::{
-        HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
-        HttpRouteRulesFiltersRequestMirrorBackendRef, HttpRouteRulesFiltersRequestRedirect,
+        HttpRoute, HttpRouteRules, HttpRouteRulesFiltersRequestRedirect,
         HttpRouteRulesFiltersRequestRedirectPathType, HttpRouteRulesFiltersRequestRedirectScheme,
         HttpRouteRulesFiltersType, HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
         HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesMethod,
@@ -45,21 +43,10 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp
 use regex::{Regex, RegexBuilder};
 use serde::Serialize;
 
+use crate::api::refs::{AsRefParts, RefParts, ServiceRef, attaches};
 use crate::api::{is_core_service, parse_duration};
 
 // ---- public types ----
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl fmt::Display for ServiceRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// A backendRef: `port: None` means the service port the client used.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -389,59 +376,6 @@ impl RouteTable {
 pub struct Compiled {
     pub table: RouteTable,
     pub problems: Vec<String>,
-}
-
-/// The fields shared by parentRefs, backendRefs and mirror backendRefs of both route kinds.
-#[derive(Clone, Copy, Debug)]
-pub struct RefParts<'a> {
-    pub group: Option<&'a str>,
-    pub kind: Option<&'a str>,
-    pub name: &'a str,
-    pub namespace: Option<&'a str>,
-    pub port: Option<i32>,
-}
-
-pub trait AsRefParts {
-    fn ref_parts(&self) -> RefParts<'_>;
-}
-
-macro_rules! ref_parts {
-    ($($t:ty),*) => {$(
-        impl AsRefParts for $t {
-            fn ref_parts(&self) -> RefParts<'_> {
-                let (group, kind) = (self.group.as_deref(), self.kind.as_deref());
-                let (name, namespace, port) = (&self.name, self.namespace.as_deref(), self.port);
-                RefParts { group, kind, name, namespace, port }
-            }
-        }
-    )*};
-}
-ref_parts!(
-    HttpRouteParentRefs,
-    GrpcRouteParentRefs,
-    HttpRouteRulesBackendRefs,
-    GrpcRouteRulesBackendRefs,
-    HttpRouteRulesFiltersRequestMirrorBackendRef,
-    GrpcRouteRulesFiltersRequestMirrorBackendRef
-);
-
-/// Whether a route in `route_ns` with these parentRefs attaches to `service` port `port`.
-pub fn attaches<P: AsRefParts>(
-    route_ns: &str,
-    parent_refs: Option<&[P]>,
-    service: &ServiceRef,
-    port: u16,
-) -> bool {
-    parent_refs
-        .unwrap_or_default()
-        .iter()
-        .map(AsRefParts::ref_parts)
-        .any(|r| {
-            is_core_service(r.group, r.kind)
-                && r.name == service.name
-                && r.namespace.unwrap_or(route_ns) == service.namespace
-                && r.port.is_none_or(|p| p == i32::from(port))
-        })
 }
 
 /// The producer routes attached to `service` port `port` (see `compile_for_client`).
@@ -1276,7 +1210,9 @@ fn grpc_rule(cx: &mut Compiler<'_>, rule: &GrpcRouteRules) {
 mod tests {
     use std::collections::HashMap;
 
-    use gateway_api::httproutes::{HttpRouteRulesMatchesHeaders, HttpRouteRulesMatchesQueryParams};
+    use gateway_api::httproutes::{
+        HttpRouteParentRefs, HttpRouteRulesMatchesHeaders, HttpRouteRulesMatchesQueryParams,
+    };
     use proptest::prelude::*;
     use serde_json::json;
 

@@ -14,12 +14,15 @@ use super::{
     detect::Protocol,
     outlier::Detector,
     ratelimit::TokenBucket,
-    route::{self, BackendTarget, RouteTable, ServiceRef},
+    route::{self, BackendTarget, RouteTable},
 };
 use mesh_common::{PolicyKey, PolicyValue};
 
 use crate::{
-    api::traffic::{Algorithm, HashOn, TrafficPolicySpec},
+    api::{
+        refs::ServiceRef,
+        traffic::{Algorithm, HashOn, TrafficPolicySpec},
+    },
     identity::SpiffeId,
     state::{L7Service, NodeState},
 };

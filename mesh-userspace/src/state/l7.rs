@@ -43,7 +43,7 @@ pub(super) fn l7_services(
     traffic_policies: &[&TrafficPolicy],
     services: &mut [ServicePort],
 ) -> Vec<L7Service> {
-    use crate::proxy::route::{ServiceRef, attaches};
+    use crate::api::refs::{ServiceRef, attaches};
     let mut out = Vec::new();
     for svc in services.iter_mut() {
         let sref = ServiceRef {

@@ -8,13 +8,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use k8s_openapi::api::core::v1::Service;
 use serde::Serialize;
 
-use crate::{
-    api::{
-        ObjectSet, is_core_service,
-        objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication, SELECTOR_OPERATORS},
-        traffic::{TrafficPolicy, precedence},
-    },
-    proxy::route::{AsRefParts, RefParts},
+use crate::api::{
+    ObjectSet, is_core_service,
+    objects::{AuthorizationPolicy, MeshConfig, RequestAuthentication, SELECTOR_OPERATORS},
+    refs::{AsRefParts, RefParts},
+    traffic::{TrafficPolicy, precedence},
 };
 
 /// The outcome for one object; the controller turns it into `Accepted`, `ResolvedRefs` and
@@ -543,7 +541,7 @@ pub fn request_authentication(p: &RequestAuthentication, services: &Services) ->
         }
         match (&rule.jwks, &rule.jwks_file) {
             (Some(inline), None) => {
-                if let Err(e) = crate::proxy::authn::parse_jwks(inline) {
+                if let Err(e) = crate::identity::parse_jwks(inline) {
                     invalid.push(format!("{at}.jwks: {e}"));
                 }
             }

@@ -1,0 +1,83 @@
+//! References between objects as Gateway API writes them (parentRefs, backendRefs, mirror
+//! backendRefs of both route kinds), and the Service they may name.
+use std::fmt;
+
+use gateway_api::{
+    grpcroutes::{
+        GrpcRouteParentRefs, GrpcRouteRulesBackendRefs,
+        GrpcRouteRulesFiltersRequestMirrorBackendRef,
+    },
+    httproutes::{
+        HttpRouteParentRefs, HttpRouteRulesBackendRefs,
+        HttpRouteRulesFiltersRequestMirrorBackendRef,
+    },
+};
+use serde::Serialize;
+
+use super::is_core_service;
+
+/// A Service by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The fields shared by parentRefs, backendRefs and mirror backendRefs of both route kinds.
+#[derive(Clone, Copy, Debug)]
+pub struct RefParts<'a> {
+    pub group: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub name: &'a str,
+    pub namespace: Option<&'a str>,
+    pub port: Option<i32>,
+}
+
+pub trait AsRefParts {
+    fn ref_parts(&self) -> RefParts<'_>;
+}
+
+macro_rules! ref_parts {
+    ($($t:ty),*) => {$(
+        impl AsRefParts for $t {
+            fn ref_parts(&self) -> RefParts<'_> {
+                let (group, kind) = (self.group.as_deref(), self.kind.as_deref());
+                let (name, namespace, port) = (&self.name, self.namespace.as_deref(), self.port);
+                RefParts { group, kind, name, namespace, port }
+            }
+        }
+    )*};
+}
+ref_parts!(
+    HttpRouteParentRefs,
+    GrpcRouteParentRefs,
+    HttpRouteRulesBackendRefs,
+    GrpcRouteRulesBackendRefs,
+    HttpRouteRulesFiltersRequestMirrorBackendRef,
+    GrpcRouteRulesFiltersRequestMirrorBackendRef
+);
+
+/// Whether a route in `route_ns` with these parentRefs attaches to `service` port `port`.
+pub fn attaches<P: AsRefParts>(
+    route_ns: &str,
+    parent_refs: Option<&[P]>,
+    service: &ServiceRef,
+    port: u16,
+) -> bool {
+    parent_refs
+        .unwrap_or_default()
+        .iter()
+        .map(AsRefParts::ref_parts)
+        .any(|r| {
+            is_core_service(r.group, r.kind)
+                && r.name == service.name
+                && r.namespace.unwrap_or(route_ns) == service.namespace
+                && r.port.is_none_or(|p| p == i32::from(port))
+        })
+}
