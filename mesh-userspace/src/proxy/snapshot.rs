@@ -39,7 +39,9 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn new(
+    /// A pool of `endpoints` for `service` port `port`, with the balancer, outlier detector and
+    /// circuit breaker of the service's `TrafficPolicy`.
+    pub(crate) fn new(
         service: ServiceRef,
         port: u16,
         endpoints: Vec<SocketAddr>,

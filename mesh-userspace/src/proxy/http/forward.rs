@@ -56,10 +56,21 @@ pub(super) fn is_upgrade(version: Version, method: &hyper::Method, headers: &Hea
         && (method == hyper::Method::CONNECT || headers.contains_key(header::UPGRADE))
 }
 
+/// Why a try got no answer.
+#[derive(Debug)]
 pub enum SendError {
-    Connect(hyper_util::client::legacy::Error),
+    /// No connection could be made: nothing was sent.
+    Connect(BoxError),
     Timeout,
-    Other(hyper_util::client::legacy::Error),
+    /// The connection broke, or the answer was not HTTP.
+    Other(BoxError),
+}
+
+impl super::retries::Upstream for Engine {
+    async fn forward(&self, src: u32, req: Request<Body>) -> Result<Response<Body>, SendError> {
+        let resp = self.send(src, req).await?;
+        Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+    }
 }
 
 impl Engine {
@@ -102,9 +113,9 @@ impl Engine {
         };
         result.map_err(|e| {
             if e.is_connect() {
-                SendError::Connect(e)
+                SendError::Connect(Box::new(e))
             } else {
-                SendError::Other(e)
+                SendError::Other(Box::new(e))
             }
         })
     }

@@ -26,8 +26,8 @@ use body::{ReqBody, buffer_body, roll};
 pub use forward::SendError;
 use forward::{forward_plain, forward_upgrade, is_upgrade, spawn_mirror, upstream_uri};
 pub use pipeline::RouteObs;
-use pipeline::{Labels, handle};
-use retries::attempt_loop;
+use pipeline::handle;
+use retries::Attempts;
 pub use server::{refuse_head, serve_h2, serve_http1};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -531,9 +531,19 @@ pub(super) async fn route_request(
     }
 
     let attempts = retries.map_or(1, |r| r.attempts.max(1));
-    let run = attempt_loop(
-        ctx, target, &pool, parts, body, attempts, retries, per_try, labels, grpc,
-    );
+    let tries = Attempts {
+        upstream: &*ctx.engine,
+        metrics: &ctx.engine.metrics,
+        src: ctx.src_workload,
+        pool: &pool,
+        budget: target.policy.as_ref().and_then(|p| p.budget.as_ref()),
+        allowed: attempts,
+        retries,
+        per_try,
+        route: &labels.route,
+        grpc,
+    };
+    let run = tries.run(parts, body);
     let mut resp = match timeout {
         Some(t) => match tokio::time::timeout(t, run).await {
             Ok(r) => r,
