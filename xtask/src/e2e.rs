@@ -150,6 +150,25 @@ impl E2e {
         self.cluster.kubectl(args)
     }
 
+    /// Two connections from client (weft-n1) through the remote Service's `ClusterIP` to its
+    /// pod on weft-n2, 1 MiB each way, checked; the workload's report.
+    fn cross_node_transfer(&self) -> Result<Value> {
+        let remote_vip = self.service_ip(NS, "remote")?;
+        self.exec_json(
+            "client",
+            &[
+                "weft-workload",
+                "transfer",
+                "--connect",
+                &format!("{remote_vip}:80"),
+                "--bytes",
+                "1048576",
+                "--conns",
+                "2",
+            ],
+        )
+    }
+
     /// Waits until the controller reports the test's `AuthorizationPolicy` `Programmed=True`.
     fn policy_programmed(&self) -> Result<()> {
         eventually(Duration::from_secs(30), Duration::from_millis(500), || {
@@ -276,6 +295,34 @@ impl E2e {
             .spawn()?)
     }
 
+    /// 200 connections from client to the echo Service at `echo_vip`, each sending a checked
+    /// message every `interval_ms` until `stop_file` appears in the client pod (or `max_secs`).
+    fn hold_echo(
+        &self,
+        echo_vip: &str,
+        interval_ms: u32,
+        stop_file: &str,
+        max_secs: u32,
+    ) -> Result<std::process::Child> {
+        self.spawn_in_pod(
+            "client",
+            &[
+                "weft-workload",
+                "hold",
+                "--connect",
+                &format!("{echo_vip}:80"),
+                "--conns",
+                "200",
+                "--interval-ms",
+                &interval_ms.to_string(),
+                "--until-file",
+                stop_file,
+                "--max-secs",
+                &max_secs.to_string(),
+            ],
+        )
+    }
+
     /// How the agent of each node started (`installed`, `adopted`, `upgraded`).
     fn startups(&self) -> Result<Vec<String>> {
         (0..self.cluster.nodes.len())
@@ -285,6 +332,23 @@ impl E2e {
                 Ok(s["startup"].as_str().unwrap_or("?").to_owned())
             })
             .collect()
+    }
+
+    /// How many agents the `DaemonSet` reports ready.
+    fn agents_ready(&self) -> Result<usize> {
+        Ok(self
+            .kubectl(&[
+                "get",
+                "ds",
+                "-n",
+                "weft-system",
+                "weft-agent",
+                "-o",
+                "jsonpath={.status.numberReady}",
+            ])?
+            .trim()
+            .parse()
+            .unwrap_or(0))
     }
 
     /// Waits until the agent `DaemonSet` runs its current template on every node.
@@ -760,20 +824,7 @@ fn scenario(e: &E2e, report: &mut Report) -> Result<()> {
         .stderr(std::process::Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_secs(1));
-    let remote_vip = e.service_ip(NS, "remote")?;
-    let crossed = e.exec_json(
-        "client",
-        &[
-            "weft-workload",
-            "transfer",
-            "--connect",
-            &format!("{remote_vip}:80"),
-            "--bytes",
-            "1048576",
-            "--conns",
-            "2",
-        ],
-    )?;
+    let crossed = e.cross_node_transfer()?;
     std::thread::sleep(Duration::from_secs(1));
     // tcpdump writes its capture out on SIGINT.
     let _ = Command::new("kill")
@@ -858,20 +909,7 @@ fn without_kube_proxy(e: &E2e, report: &mut Report) -> Result<()> {
     deploy_workloads(e)?;
     same_node_fast_path(e, report)?;
 
-    let remote_vip = e.service_ip(NS, "remote")?;
-    let crossed = e.exec_json(
-        "client",
-        &[
-            "weft-workload",
-            "transfer",
-            "--connect",
-            &format!("{remote_vip}:80"),
-            "--bytes",
-            "1048576",
-            "--conns",
-            "2",
-        ],
-    )?;
+    let crossed = e.cross_node_transfer()?;
     let streams: f64 = e
         .scrape_agents()?
         .iter()
@@ -953,19 +991,7 @@ fn install(e: &E2e, report: &mut Report, extra: &[&str]) -> Result<()> {
         args.extend(["--set", value]);
     }
     c.helm(args)?;
-    report.agents_ready = e
-        .kubectl(&[
-            "get",
-            "ds",
-            "-n",
-            "weft-system",
-            "weft-agent",
-            "-o",
-            "jsonpath={.status.numberReady}",
-        ])?
-        .trim()
-        .parse()
-        .unwrap_or(0);
+    report.agents_ready = e.agents_ready()?;
     report.check(
         "agents_ready",
         report.agents_ready == 2,
@@ -1154,23 +1180,7 @@ fn lifecycle(e: &E2e, report: &mut Report) -> Result<()> {
     let echo_vip = e.service_ip(NS, "echo")?;
     let url = format!("http://{}/", e.service_ip(NS, "web")?);
     step!("e2e: lifecycle: 200 held connections client → echo, 500 requests/s through the route");
-    let holder = e.spawn_in_pod(
-        "client",
-        &[
-            "weft-workload",
-            "hold",
-            "--connect",
-            &format!("{echo_vip}:80"),
-            "--conns",
-            "200",
-            "--interval-ms",
-            "100",
-            "--until-file",
-            "/tmp/stop-lifecycle",
-            "--max-secs",
-            "900",
-        ],
-    )?;
+    let holder = e.hold_echo(&echo_vip, 100, "/tmp/stop-lifecycle", 900)?;
     std::thread::sleep(Duration::from_secs(3));
     let steps: [(&'static str, Step<'_>); 3] = [
         (
@@ -1199,16 +1209,8 @@ fn lifecycle(e: &E2e, report: &mut Report) -> Result<()> {
                 e.kubectl(&["delete", "pod", "-n", "weft-system", &agent, "--wait=true"])?;
                 e.agents_rolled_out()?;
                 eventually(Duration::from_mins(2), Duration::from_secs(1), || {
-                    let ready = e.kubectl(&[
-                        "get",
-                        "ds",
-                        "-n",
-                        "weft-system",
-                        "weft-agent",
-                        "-o",
-                        "jsonpath={.status.numberReady}",
-                    ])?;
-                    ensure!(ready.trim() == "2", "{ready} agents ready");
+                    let ready = e.agents_ready()?;
+                    ensure!(ready == 2, "{ready} agents ready");
                     Ok(())
                 })
             }),
@@ -1535,32 +1537,7 @@ spec:
 fn uninstall(e: &E2e, report: &mut Report) -> Result<()> {
     let c = &e.cluster;
     let echo_vip = e.service_ip(NS, "echo")?;
-    let holder = c
-        .node_command(0, &c.kubectl)
-        .arg("--kubeconfig")
-        .arg(c.kubeconfig())
-        .args([
-            "exec",
-            "-n",
-            NS,
-            "client",
-            "--",
-            "weft-workload",
-            "hold",
-            "--connect",
-            &format!("{echo_vip}:80"),
-            "--conns",
-            "200",
-            "--interval-ms",
-            "50",
-            "--until-file",
-            "/tmp/stop-hold",
-            "--max-secs",
-            "120",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let holder = e.hold_echo(&echo_vip, 50, "/tmp/stop-hold", 120)?;
     std::thread::sleep(Duration::from_secs(2));
     c.helm([
         "uninstall",
