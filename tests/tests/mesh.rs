@@ -505,7 +505,7 @@ fn agent_kill_9_and_restart_ten_times_breaks_no_connection_and_counters_continue
         server.addr(),
         220,
         Duration::from_millis(50),
-        Duration::from_secs(120),
+        Duration::from_mins(2),
     )?;
     let opened_before = eventually(Duration::from_secs(10), || {
         let n = m.agent.metric(
