@@ -67,9 +67,10 @@ pub enum SendError {
 }
 
 impl super::retries::Upstream for Engine {
-    async fn forward(&self, src: u32, req: Request<Body>) -> Result<Response<Body>, SendError> {
-        let resp = self.send(src, req).await?;
-        Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+    type Body = Incoming;
+
+    async fn forward(&self, src: u32, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        self.send(src, req).await
     }
 }
 

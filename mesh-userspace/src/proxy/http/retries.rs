@@ -31,12 +31,18 @@ pub(super) enum Failure {
 /// Where a try goes: the engine's pooled clients (direct or through the tunnel), or, in tests,
 /// a script of answers.
 pub(crate) trait Upstream: Sync {
-    /// Sends one try for source workload `src`; the answer's body streams on.
+    /// The answer's body (the engine's: hyper's own, streamed on without another box).
+    type Body: hyper::body::Body<Data = bytes::Bytes, Error: Into<BoxError>>
+        + Unpin
+        + Send
+        + 'static;
+
+    /// Sends one try for source workload `src`.
     fn forward(
         &self,
         src: u32,
         req: Request<Body>,
-    ) -> impl std::future::Future<Output = Result<Response<Body>, SendError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Response<Self::Body>, SendError>> + Send;
 }
 
 /// One request's tries and what they share: the backend pool, the retry policy and budget,
@@ -257,7 +263,7 @@ impl<U: Upstream> Attempts<'_, U> {
                         body,
                         _permits: (permit, conn),
                     }
-                    .map_err(BoxError::from)
+                    .map_err(Into::into)
                     .boxed_unsync()
                 }),
                 (None, Some(Failure::Connect)) => local_reply(
@@ -313,9 +319,9 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
 /// Tries [`Attempts::run`] repeats on its own (see there), at most, per request.
 pub(super) const SAFE_RETRIES: u32 = 2;
 
-pub(super) fn should_retry(
+pub(super) fn should_retry<B>(
     r: &Retries,
-    resp: Option<&Response<Body>>,
+    resp: Option<&Response<B>>,
     failure: Option<&Failure>,
 ) -> bool {
     let on = |c: &str| r.on.iter().any(|o| o.eq_ignore_ascii_case(c));
@@ -414,6 +420,8 @@ mod tests {
     }
 
     impl Upstream for Script {
+        type Body = Body;
+
         async fn forward(
             &self,
             _src: u32,
