@@ -26,7 +26,6 @@ use crate::{
             AuthorizationPolicy, DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY, MtlsMode,
             SOCKET_FAST_PATH_KEY, SocketFastPath,
         },
-        traffic::TrafficPolicy,
     },
     identity::{SpiffeId, TrustDomain},
 };
@@ -289,16 +288,8 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
 
     // Only what validation accepts applies: the controller reports the rest (Accepted=False),
     // the agent logs the same verdicts, and nothing is half-applied or clamped.
-    let services_by_name = validate::services(&objects.services);
-    let accepted: Vec<&TrafficPolicy> = objects
-        .traffic_policies
-        .iter()
-        .filter(|p| {
-            validate::traffic_policy(p, &objects.traffic_policies, &services_by_name)
-                .rejected
-                .is_none()
-        })
-        .collect();
+    state.findings = validate::findings(objects);
+    let accepted = validate::accepted_traffic_policies(objects, &state.findings);
     state.l7 = l7_services(objects, &accepted, &mut state.services);
 
     let default_deny = labelled_namespaces(objects, DEFAULT_DENY_LABEL, "true");
@@ -319,7 +310,6 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     .0;
     state.rules = rules;
     state.problems = problems;
-    state.findings = validate::findings(objects);
     state
 }
 
@@ -363,6 +353,37 @@ spec:
             .collect();
         assert!(l7.contains(&"web"), "{:?}", s.services);
         assert_eq!(s.l7.len(), l7.len());
+    }
+
+    #[test]
+    fn only_accepted_traffic_policies_apply_and_every_one_has_its_verdict() {
+        let policy = |name: &str, attempts: u32| {
+            format!(
+                "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{targetRef: {{kind: Service, name: web}}, retries: {{attempts: {attempts}}}}}\n"
+            )
+        };
+        let refused = objects(&format!("{PODS}\n---\n{}", policy("zero", 0)));
+        let s = build(&refused, "n1", Path::new("/cg/node"));
+        assert!(
+            s.l7.is_empty(),
+            "a refused policy makes nothing L7: {:?}",
+            s.l7
+        );
+        assert_eq!(s.findings.len(), 1);
+        assert_eq!(
+            s.findings[0].verdict.rejected.as_ref().map(|r| r.0),
+            Some("Invalid")
+        );
+
+        let accepted = objects(&format!("{PODS}\n---\n{}", policy("three", 3)));
+        let s = build(&accepted, "n1", Path::new("/cg/node"));
+        assert_eq!(s.l7.len(), 1);
+        assert_eq!(
+            s.l7[0].policy.as_ref().map(|(name, _)| name.as_str()),
+            Some("shop/three")
+        );
+        assert!(s.findings[0].verdict.effective(), "{:?}", s.findings);
     }
 
     fn objects(yaml: &str) -> ObjectSet {

@@ -106,8 +106,8 @@ impl std::fmt::Display for Finding {
     }
 }
 
-/// Every verdict about the Weft objects and routes of `set`, in a stable order (by kind, then as
-/// listed).
+/// Every verdict about the Weft objects and routes of `set`, in a stable order: by kind, and
+/// within a kind one per object (per Service parent for routes) in the order of `set`.
 #[must_use]
 pub fn findings(set: &ObjectSet) -> Vec<Finding> {
     let services = services(&set.services);
@@ -165,6 +165,21 @@ pub fn findings(set: &ObjectSet) -> Vec<Finding> {
         route("GRPCRoute", &r.metadata, grpc_route(r, &services), &mut out);
     }
     out
+}
+
+/// The `TrafficPolicy` objects of `set` that `findings` (of the same `set`) accepts.
+#[must_use]
+pub fn accepted_traffic_policies<'a>(
+    set: &'a ObjectSet,
+    findings: &[Finding],
+) -> Vec<&'a TrafficPolicy> {
+    let verdicts = findings.iter().filter(|f| f.kind == "TrafficPolicy");
+    set.traffic_policies
+        .iter()
+        .zip(verdicts)
+        .filter(|(_, f)| f.verdict.rejected.is_none())
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// `namespace/name` → Service.
