@@ -80,26 +80,15 @@ pub fn check(paths: &[PathBuf]) -> std::io::Result<CheckReport> {
         if path == Path::new("-") {
             let text = std::io::read_to_string(std::io::stdin())?;
             set.add_yaml("<stdin>", &text);
-        } else if path.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.extension()
-                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-                })
-                .collect();
-            files.sort();
-            for file in files {
-                set.add_yaml(
-                    &file.display().to_string(),
-                    &std::fs::read_to_string(&file)?,
-                );
-            }
         } else {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            set.add_yaml(&path.display().to_string(), &text);
+            let with_path = |file: &Path| {
+                let name = file.display().to_string();
+                move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{name}: {e}"))
+            };
+            for file in crate::control::files::object_files(path).map_err(with_path(path))? {
+                let text = std::fs::read_to_string(&file).map_err(with_path(&file))?;
+                set.add_yaml(&file.display().to_string(), &text);
+            }
         }
     }
     Ok(CheckReport {

@@ -91,23 +91,29 @@ impl FileSource {
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, FileSourceError> {
-        let read_err = |source| FileSourceError::Read {
+        object_files(&self.path).map_err(|source| FileSourceError::Read {
             path: self.path.clone(),
             source,
-        };
-        let meta = std::fs::metadata(&self.path).map_err(read_err)?;
-        if !meta.is_dir() {
-            return Ok(vec![self.path.clone()]);
-        }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
-            .map_err(read_err)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| is_object_file(p))
-            .collect();
-        files.sort();
-        Ok(files)
+        })
     }
+}
+
+/// The object files at `path`: the file itself, or a directory's `*.yaml`, `*.yml` and `*.json`
+/// files, in name order.
+///
+/// # Errors
+/// When `path` cannot be read.
+pub fn object_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !std::fs::metadata(path)?.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| is_object_file(p))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 fn is_object_file(p: &Path) -> bool {
