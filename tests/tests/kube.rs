@@ -48,9 +48,12 @@ fn traffic_policies(client: kube::Client) -> Api<DynamicObject> {
 }
 
 fn weft_objects(client: kube::Client, kind: &str, plural: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client, "default", &weft_resource(kind, plural))
+}
+
+fn weft_resource(kind: &str, plural: &str) -> ApiResource {
     let gvk = GroupVersionKind::gvk("weft.dev", "v1alpha1", kind);
-    let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
-    Api::namespaced_with(client, "default", &resource)
+    ApiResource::from_gvk_with_plural(&gvk, plural)
 }
 
 fn traffic_policy(name: &str, spec: &serde_json::Value) -> Result<DynamicObject> {
@@ -934,12 +937,10 @@ fn check_agent_and_controller_give_every_object_the_same_verdict() -> Result<()>
         eventually(Duration::from_secs(20), || {
             let (k, n, p) = (kind.clone(), name.clone(), plural(&kind));
             let obj = cp.block_on(move |client| async move {
-                let gvk = GroupVersionKind::gvk("weft.dev", "v1alpha1", &k);
-                let resource = ApiResource::from_gvk_with_plural(&gvk, p);
                 let api: Api<DynamicObject> = if k == "MeshConfig" {
-                    Api::all_with(client, &resource)
+                    Api::all_with(client, &weft_resource(&k, p))
                 } else {
-                    Api::namespaced_with(client, "default", &resource)
+                    weft_objects(client, &k, p)
                 };
                 Ok(api.get(&n).await?)
             })?;
