@@ -1,7 +1,6 @@
 //! References between objects as Gateway API writes them (parentRefs, backendRefs, mirror
 //! backendRefs of both route kinds), and the Service they may name.
-use std::fmt;
-
+use super::is_core_service;
 use gateway_api::{
     grpcroutes::{
         GrpcRouteParentRefs, GrpcRouteRulesBackendRefs,
@@ -12,22 +11,6 @@ use gateway_api::{
         HttpRouteRulesFiltersRequestMirrorBackendRef,
     },
 };
-use serde::Serialize;
-
-use super::is_core_service;
-
-/// A Service by namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl fmt::Display for ServiceRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// The fields shared by parentRefs, backendRefs and mirror backendRefs of both route kinds.
 #[derive(Clone, Copy, Debug)]
@@ -63,11 +46,12 @@ ref_parts!(
     GrpcRouteRulesFiltersRequestMirrorBackendRef
 );
 
-/// Whether a route in `route_ns` with these parentRefs attaches to `service` port `port`.
+/// Whether a route in `route_ns` with these parentRefs attaches to Service
+/// `namespace`/`name` port `port`.
 pub fn attaches<P: AsRefParts>(
     route_ns: &str,
     parent_refs: Option<&[P]>,
-    service: &ServiceRef,
+    (namespace, name): (&str, &str),
     port: u16,
 ) -> bool {
     parent_refs
@@ -76,8 +60,8 @@ pub fn attaches<P: AsRefParts>(
         .map(AsRefParts::ref_parts)
         .any(|r| {
             is_core_service(r.group, r.kind)
-                && r.name == service.name
-                && r.namespace.unwrap_or(route_ns) == service.namespace
+                && r.name == name
+                && r.namespace.unwrap_or(route_ns) == namespace
                 && r.port.is_none_or(|p| p == i32::from(port))
         })
 }

@@ -443,4 +443,34 @@ spec:
             serde_saphyr::from_str::<TrafficPolicy>("metadata: {}\nspec: {retrys: {}}").is_err()
         );
     }
+
+    #[test]
+    fn algorithm_names() {
+        let names = [
+            (Algorithm::P2cPeakEwma, "P2CPeakEWMA"),
+            (Algorithm::RoundRobin, "RoundRobin"),
+            (Algorithm::LeastRequest, "LeastRequest"),
+            (Algorithm::RingHash, "RingHash"),
+            (Algorithm::Random, "Random"),
+        ];
+        for (algorithm, name) in names {
+            let json = format!("{name:?}");
+            assert_eq!(serde_json::to_string(&algorithm).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Algorithm>(&json).unwrap(), algorithm);
+        }
+        assert_eq!(Algorithm::default(), Algorithm::P2cPeakEwma);
+    }
+
+    #[test]
+    fn outlier_config_fills_defaults_and_round_trips() {
+        let c: OutlierConfig =
+            serde_saphyr::from_str("consecutive5xx: 3\nbaseEjectionTime: 10s").unwrap();
+        assert_eq!(c.consecutive_5xx, 3);
+        assert_eq!(c.base_ejection, Duration::from_secs(10));
+        assert_eq!(c.max_ejection_percent, 10);
+        assert!(serde_saphyr::from_str::<OutlierConfig>("interval: 10s").is_err());
+        let back: OutlierConfig =
+            serde_saphyr::from_str(&serde_saphyr::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
 }

@@ -16,7 +16,7 @@ use std::{
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::api::traffic::Algorithm;
+use crate::state::policy::Algorithm;
 
 /// Time constant of the latency EWMA (linkerd's).
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
@@ -600,22 +600,5 @@ mod tests {
         b.update(vec![e[1]]);
         busy.record(Duration::from_millis(1), true); // a pick of a removed endpoint still works
         assert_eq!(b.pick(None, any).unwrap().addr(), e[1]);
-    }
-
-    #[test]
-    fn algorithm_names() {
-        let names = [
-            "P2CPeakEWMA",
-            "RoundRobin",
-            "LeastRequest",
-            "RingHash",
-            "Random",
-        ];
-        for (algorithm, name) in ALL.into_iter().zip(names) {
-            let json = format!("{name:?}");
-            assert_eq!(serde_json::to_string(&algorithm).unwrap(), json);
-            assert_eq!(serde_json::from_str::<Algorithm>(&json).unwrap(), algorithm);
-        }
-        assert_eq!(Algorithm::default(), Algorithm::P2cPeakEwma);
     }
 }

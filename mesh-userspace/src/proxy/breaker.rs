@@ -8,7 +8,7 @@ use std::sync::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::api::traffic::Limits;
+use crate::state::policy::Limits;
 
 /// Counts what is in use and what was refused. A cheap handle: clones share the counters, and
 /// permits keep a reference, so they can move into spawned tasks.
@@ -282,12 +282,5 @@ mod tests {
         assert_eq!(b.overflows(), 790);
         drop(held);
         assert_eq!(b.usage().requests, 0);
-    }
-
-    #[test]
-    fn limits_serde_fills_defaults_and_rejects_unknown_fields() {
-        let l: Limits = serde_saphyr::from_str("maxRequests: 5").unwrap();
-        assert_eq!((l.max_requests, l.max_connections), (5, u32::MAX));
-        assert!(serde_saphyr::from_str::<Limits>("maxRetries: 5").is_err());
     }
 }

@@ -15,7 +15,6 @@ pub mod io;
 pub mod metrics;
 pub mod outlier;
 pub mod ratelimit;
-pub mod route;
 pub mod snapshot;
 pub mod strict;
 pub mod trace;
@@ -521,7 +520,7 @@ impl ConnCtx {
     fn route_obs(
         &self,
         target: &Arc<snapshot::Target>,
-        action: Option<&route::RuleAction>,
+        action: Option<&crate::state::routes::RuleAction>,
         make: impl FnOnce() -> http::RouteObs,
     ) -> Arc<http::RouteObs> {
         const MAX_CACHED: usize = 16;

@@ -11,7 +11,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::api::traffic::OutlierConfig;
+use crate::state::policy::Ejection;
 
 /// How a request to an endpoint ended. Anything that is not a 5xx (4xx included) is a success:
 /// the endpoint answered.
@@ -43,7 +43,7 @@ impl Outcome {
 /// atomics under a read lock; only an actual ejection takes a mutex (it must count the others).
 #[derive(Debug)]
 pub struct Detector {
-    config: OutlierConfig,
+    config: Ejection,
     /// Origin of the nanosecond timestamps below.
     epoch: Instant,
     endpoints: RwLock<HashMap<SocketAddr, Endpoint>>,
@@ -77,7 +77,7 @@ type Endpoints = HashMap<SocketAddr, Endpoint>;
 impl Detector {
     /// Endpoints are learnt from [`Detector::update`] and from the outcomes they report.
     #[must_use]
-    pub fn new(config: OutlierConfig) -> Self {
+    pub fn new(config: Ejection) -> Self {
         Self {
             config,
             epoch: Instant::now(),
@@ -89,11 +89,11 @@ impl Detector {
     }
 
     #[must_use]
-    pub fn config(&self) -> &OutlierConfig {
+    pub fn config(&self) -> &Ejection {
         &self.config
     }
 
-    /// Replaces the endpoint set, which `max_ejection_percent` counts: call it with the
+    /// Replaces the endpoint set, which `max_percent` counts: call it with the
     /// service's endpoints before traffic flows. Endpoints that stay keep their streaks,
     /// ejection and history; the others are forgotten (and learnt again if they report).
     pub fn update(&self, endpoints: &[SocketAddr]) {
@@ -173,7 +173,7 @@ impl Detector {
         self.ejections.load(Relaxed)
     }
 
-    /// Ejections that were due but refused by `max_ejection_percent`.
+    /// Ejections that were due but refused by `max_percent`.
     #[must_use]
     pub fn overflows_total(&self) -> u64 {
         self.overflows.load(Relaxed)
@@ -196,7 +196,7 @@ impl Detector {
         if state.is_ejected(now) {
             return false; // another failure got here first
         }
-        let percent = self.config.max_ejection_percent.min(100) as usize;
+        let percent = self.config.max_percent.min(100) as usize;
         let max = if percent == 0 {
             0
         } else {
@@ -208,8 +208,8 @@ impl Detector {
             return false;
         }
         // Envoy lowers the multiplier once per healthy interval; here, lazily, once per
-        // `base_ejection` spent healthy since the last ejection ended.
-        let (base, previous_end) = (self.config.base_ejection, state.ejected_until.load(Relaxed));
+        // `base` spent healthy since the last ejection ended.
+        let (base, previous_end) = (self.config.base, state.ejected_until.load(Relaxed));
         let forgiven = match now
             .saturating_sub(previous_end)
             .checked_div(base.as_nanos() as u64)
@@ -223,9 +223,7 @@ impl Detector {
             .saturating_sub(forgiven)
             .saturating_add(1);
         state.times_ejected.store(times, Relaxed);
-        let length = base
-            .saturating_mul(times)
-            .min(self.config.max_ejection.max(base));
+        let length = base.saturating_mul(times).min(self.config.max.max(base));
         let until = now.saturating_add(length.as_nanos() as u64);
         state.ejected_until.store(until, Relaxed);
         state.reset();
@@ -254,7 +252,7 @@ mod tests {
             .collect()
     }
 
-    fn detector(config: OutlierConfig, endpoints: &[SocketAddr]) -> Detector {
+    fn detector(config: Ejection, endpoints: &[SocketAddr]) -> Detector {
         let d = Detector::new(config);
         d.update(endpoints);
         d
@@ -269,7 +267,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn consecutive_5xx_eject_for_base_time() {
         let e = eps(10);
-        let d = detector(OutlierConfig::default(), &e);
+        let d = detector(Ejection::default(), &e);
         assert!(!fail(&d, e[0], 4));
         assert!(!d.is_ejected(e[0]));
         assert!(d.record(e[0], Outcome::Status5xx(500)), "the fifth ejects");
@@ -286,7 +284,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_success_breaks_the_streak() {
         let e = eps(10);
-        let d = detector(OutlierConfig::default(), &e);
+        let d = detector(Ejection::default(), &e);
         for _ in 0..10 {
             assert!(!fail(&d, e[0], 4));
             assert!(!d.record(e[0], Outcome::from_status(404)));
@@ -299,7 +297,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn gateway_error_detector() {
         let e = eps(10);
-        let config = OutlierConfig {
+        let config = Ejection {
             consecutive_5xx: 0,
             consecutive_gateway_errors: 3,
             ..Default::default()
@@ -317,7 +315,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn never_more_than_max_ejection_percent() {
         let e = eps(20);
-        let d = detector(OutlierConfig::default(), &e); // 10% of 20: 2
+        let d = detector(Ejection::default(), &e); // 10% of 20: 2
         assert!(fail(&d, e[0], 5) && fail(&d, e[1], 5));
         assert!(!fail(&d, e[2], 5));
         assert!(!d.record(e[2], Outcome::GatewayError));
@@ -329,12 +327,12 @@ mod tests {
         );
 
         // Small services still shed one endpoint; 0% never ejects.
-        let small = detector(OutlierConfig::default(), &eps(3));
+        let small = detector(Ejection::default(), &eps(3));
         assert!(fail(&small, eps(3)[0], 5));
         assert!(!fail(&small, eps(3)[1], 5));
         let off = detector(
-            OutlierConfig {
-                max_ejection_percent: 0,
+            Ejection {
+                max_percent: 0,
                 ..Default::default()
             },
             &e,
@@ -345,8 +343,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn repeated_ejections_grow_up_to_the_cap_and_are_forgiven() {
         let e = eps(10);
-        let config = OutlierConfig {
-            base_ejection: Duration::from_secs(100),
+        let config = Ejection {
+            base: Duration::from_secs(100),
             ..Default::default()
         };
         let d = detector(config, &e);
@@ -369,7 +367,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn update_keeps_state_of_endpoints_that_stay() {
         let e = eps(20);
-        let d = detector(OutlierConfig::default(), &e[..10]); // at most 1 ejected
+        let d = detector(Ejection::default(), &e[..10]); // at most 1 ejected
         assert!(fail(&d, e[0], 5));
         assert!(!fail(&d, e[1], 4));
         d.update(&e); // at most 2
@@ -379,25 +377,12 @@ mod tests {
         assert!(!d.is_ejected(e[0]), "forgotten");
 
         // Never told its endpoints: learns them from their outcomes.
-        let lazy = Detector::new(OutlierConfig::default());
+        let lazy = Detector::new(Ejection::default());
         assert!(!fail(&lazy, e[0], 4) && !fail(&lazy, e[1], 4));
         assert!(lazy.record(e[0], Outcome::GatewayError));
         assert!(
             !lazy.record(e[1], Outcome::GatewayError),
             "1 of 2 known is the most"
         );
-    }
-
-    #[test]
-    fn config_serde() {
-        let c: OutlierConfig =
-            serde_saphyr::from_str("consecutive5xx: 3\nbaseEjectionTime: 10s").unwrap();
-        assert_eq!(c.consecutive_5xx, 3);
-        assert_eq!(c.base_ejection, Duration::from_secs(10));
-        assert_eq!(c.max_ejection_percent, 10);
-        assert!(serde_saphyr::from_str::<OutlierConfig>("interval: 10s").is_err());
-        let back: OutlierConfig =
-            serde_saphyr::from_str(&serde_saphyr::to_string(&c).unwrap()).unwrap();
-        assert_eq!(back, c);
     }
 }

@@ -8,23 +8,18 @@ use std::{
 };
 
 use super::{
-    balance::Balancer,
-    breaker::Breaker,
-    budget::RetryBudget,
-    detect::Protocol,
-    outlier::Detector,
+    balance::Balancer, breaker::Breaker, budget::RetryBudget, detect::Protocol, outlier::Detector,
     ratelimit::TokenBucket,
-    route::{self, BackendTarget, RouteTable},
 };
 use mesh_common::{PolicyKey, PolicyValue};
 
 use crate::{
-    api::{
-        refs::ServiceRef,
-        traffic::{Algorithm, HashOn, TrafficPolicySpec},
-    },
     identity::SpiffeId,
-    state::{L7Service, NodeState},
+    state::{
+        L7Service, NodeState, ServiceRef,
+        policy::{HashKey, ServicePolicy},
+        routes::{BackendTarget, RouteTable},
+    },
 };
 
 /// Endpoints of one backend service port, with the state of its load balancer.
@@ -35,7 +30,7 @@ pub struct Pool {
     pub balancer: Balancer,
     pub outlier: Option<Detector>,
     pub breaker: Option<Breaker>,
-    pub hash_on: Option<HashOn>,
+    pub hash_on: Option<HashKey>,
 }
 
 impl Pool {
@@ -45,20 +40,17 @@ impl Pool {
         service: ServiceRef,
         port: u16,
         endpoints: Vec<SocketAddr>,
-        spec: Option<&TrafficPolicySpec>,
+        policy: Option<&ServicePolicy>,
     ) -> Self {
-        let lb = spec
-            .and_then(|s| s.load_balancer.clone())
-            .unwrap_or_default();
-        let algorithm: Algorithm = lb.algorithm;
+        let lb = policy.map(|p| p.balancing.clone()).unwrap_or_default();
         Self {
-            balancer: Balancer::new(endpoints.clone(), algorithm),
-            outlier: spec.and_then(|s| s.outlier_detection.clone()).map(|c| {
+            balancer: Balancer::new(endpoints.clone(), lb.algorithm),
+            outlier: policy.and_then(|p| p.outlier.clone()).map(|c| {
                 let d = Detector::new(c);
                 d.update(&endpoints);
                 d
             }),
-            breaker: spec.and_then(|s| s.circuit_breaker).map(Breaker::new),
+            breaker: policy.and_then(|p| p.breaker).map(Breaker::new),
             hash_on: lb.hash,
             service,
             port,
@@ -87,9 +79,9 @@ pub struct Target {
     source: L7Service,
 }
 
+/// A service's traffic policy with the state it keeps between requests.
 pub struct PolicyRuntime {
-    pub name: String,
-    pub spec: TrafficPolicySpec,
+    pub settings: ServicePolicy,
     pub budget: Option<RetryBudget>,
     pub bucket: Option<TokenBucket>,
 }
@@ -321,12 +313,7 @@ impl Snapshot {
 }
 
 fn same_inputs(a: &L7Service, b: &L7Service) -> bool {
-    a.http_routes == b.http_routes
-        && a.grpc_routes == b.grpc_routes
-        && a.policy == b.policy
-        && a.authz == b.authz
-        && a.authn == b.authn
-        && a.app_protocol == b.app_protocol
+    a.inputs == b.inputs
 }
 
 fn pools_current(
@@ -348,22 +335,18 @@ fn build_target(
         namespace: l7.namespace.clone(),
         name: l7.name.clone(),
     };
-    let compiled = route::compile(&service, l7.port, &l7.http_routes, &l7.grpc_routes);
-    let mut problems = compiled.problems;
-    let spec = l7.policy.as_ref().map(|(_, s)| s);
+    let mut problems = Vec::new();
+    let policy = l7.policy.as_ref();
     let default_backend = BackendTarget {
         service: service.clone(),
         port: Some(l7.port),
         weight: 1,
     };
     let mut wanted: Vec<BackendTarget> = vec![default_backend.clone()];
-    wanted.extend(compiled.table.backends().cloned());
-    if let Some(m) = spec.and_then(|s| s.mirror.as_ref()) {
+    wanted.extend(l7.routes.backends().cloned());
+    if let Some(m) = policy.and_then(|p| p.mirror.as_ref()) {
         wanted.push(BackendTarget {
-            service: ServiceRef {
-                namespace: l7.namespace.clone(),
-                name: m.name.clone(),
-            },
+            service: m.service.clone(),
             port: Some(m.port),
             weight: 1,
         });
@@ -384,32 +367,21 @@ fn build_target(
             ));
             continue;
         };
-        pools.insert(key, Arc::new(Pool::new(b.service.clone(), port, eps, spec)));
+        pools.insert(
+            key,
+            Arc::new(Pool::new(b.service.clone(), port, eps, policy)),
+        );
     }
-    let policy = l7.policy.as_ref().map(|(name, spec)| PolicyRuntime {
-        name: name.clone(),
-        budget: spec.retries.as_ref().map(|r| {
-            RetryBudget::new(
-                r.budget.percent / 100.0,
-                r.budget.min_per_second,
-                r.budget.window,
-            )
-        }),
-        bucket: spec.rate_limit.as_ref().map(|rl| {
-            TokenBucket::new(
-                rl.requests_per_second,
-                rl.burst.unwrap_or_else(|| {
-                    // Default burst: one second's worth.
-                    #[allow(clippy::cast_sign_loss, reason = "clamped to 1..=u32::MAX first")]
-                    let burst = rl
-                        .requests_per_second
-                        .ceil()
-                        .clamp(1.0, f64::from(u32::MAX)) as u32;
-                    burst
-                }),
-            )
-        }),
-        spec: spec.clone(),
+    let policy = policy.map(|p| PolicyRuntime {
+        budget: p
+            .retries
+            .as_ref()
+            .map(|r| RetryBudget::new(r.budget.ratio, r.budget.min_per_second, r.budget.window)),
+        bucket: p
+            .rate_limit
+            .as_ref()
+            .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst)),
+        settings: p.clone(),
     });
     let protocol = l7
         .app_protocol
@@ -421,7 +393,7 @@ fn build_target(
         service,
         port: l7.port,
         protocol,
-        routes: compiled.table,
+        routes: l7.routes.clone(),
         default_backend,
         policy,
         pools,

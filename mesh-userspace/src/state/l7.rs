@@ -1,7 +1,9 @@
 //! L7 services: the Service ports the engine serves (routes, an accepted `TrafficPolicy`, L7
 //! authorization or authentication), with what applies to each.
 
-use super::{L7Service, ServicePort};
+use std::hash::{Hash as _, Hasher as _};
+
+use super::{L7Service, ServicePort, policy::ServicePolicy, routes};
 use crate::api::{ObjectSet, traffic::TrafficPolicy};
 
 /// Whether a policy (its metadata and `targetRef`) targets this Service port.
@@ -42,8 +44,10 @@ pub(super) fn l7_services(
     objects: &ObjectSet,
     traffic_policies: &[&TrafficPolicy],
     services: &mut [ServicePort],
+    problems: &mut Vec<String>,
 ) -> Vec<L7Service> {
-    use crate::api::refs::{ServiceRef, attaches};
+    use super::ServiceRef;
+    use crate::api::refs::attaches;
     let mut out = Vec::new();
     for svc in services.iter_mut() {
         let sref = ServiceRef {
@@ -55,7 +59,7 @@ pub(super) fn l7_services(
             .iter()
             .filter(|r| {
                 let ns = r.metadata.namespace.as_deref().unwrap_or("default");
-                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
+                attaches(ns, r.spec.parent_refs.as_deref(), sref.parts(), svc.port)
             })
             .cloned()
             .collect();
@@ -64,22 +68,14 @@ pub(super) fn l7_services(
             .iter()
             .filter(|r| {
                 let ns = r.metadata.namespace.as_deref().unwrap_or("default");
-                attaches(ns, r.spec.parent_refs.as_deref(), &sref, svc.port)
+                attaches(ns, r.spec.parent_refs.as_deref(), sref.parts(), svc.port)
             })
             .cloned()
             .collect();
         // Accepted policies never overlap (validation refuses the younger of two as Conflicted).
         let policy = traffic_policies
             .iter()
-            .find(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc))
-            .map(|p| {
-                let name = format!(
-                    "{}/{}",
-                    svc.namespace,
-                    p.metadata.name.as_deref().unwrap_or_default()
-                );
-                (name, p.spec.clone())
-            });
+            .find(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc));
         let authz = targeting(&objects.authorization_policies, svc, |p| {
             (&p.metadata, p.spec.target_ref.as_ref())
         });
@@ -95,23 +91,46 @@ pub(super) fn l7_services(
             continue;
         }
         svc.l7 = true;
-        svc.l7_fail_closed = match policy.as_ref().and_then(|(_, p)| p.failure_mode) {
+        svc.l7_fail_closed = match policy.and_then(|p| p.spec.failure_mode) {
             Some(mode) => mode == crate::api::traffic::FailureMode::Closed,
             // Authorization and authentication must not be skipped; plain routing may.
             None => !authz.is_empty() || !jwt_policies.is_empty(),
         };
+        let inputs = digest(&(
+            &http_routes,
+            &grpc_routes,
+            policy.map(|p| (&p.metadata.name, &p.spec)),
+            &authz,
+            &jwt_policies,
+            &svc.app_protocol,
+        ));
+        let compiled = routes::compile(&sref, svc.port, &http_routes, &grpc_routes);
+        problems.extend(compiled.problems);
         out.push(L7Service {
             service_id: svc.id,
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             port: svc.port,
             app_protocol: svc.app_protocol.clone(),
-            http_routes,
-            grpc_routes,
-            policy,
+            routes: compiled.table,
+            policy: policy.map(|p| {
+                ServicePolicy::compile(
+                    &svc.namespace,
+                    p.metadata.name.as_deref().unwrap_or_default(),
+                    &p.spec,
+                )
+            }),
             authz,
             authn: jwt_policies,
+            inputs,
         });
     }
     out
+}
+
+/// A digest of objects as their JSON: equal objects give equal digests within one process.
+fn digest(value: &impl serde::Serialize) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(value).unwrap_or_default().hash(&mut h);
+    h.finish()
 }

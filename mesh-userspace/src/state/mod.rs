@@ -5,12 +5,15 @@
 //! `validate` is where every object is judged; `build` applies only what it accepts.
 mod authz;
 mod l7;
+pub mod policy;
+pub mod routes;
 mod services;
 pub mod validate;
 mod workloads;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -108,7 +111,29 @@ pub struct ServicePort {
     pub l7_fail_closed: bool,
 }
 
-/// What the L7 engine needs for one service port that has L7 policy.
+/// A Service by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceRef {
+    /// As [`crate::api::refs::attaches`] takes it.
+    #[must_use]
+    pub fn parts(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the L7 engine needs for one service port that has L7 policy: the routes and the
+/// traffic policy compiled; the engine never reads the objects they came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct L7Service {
     pub service_id: u32,
@@ -116,14 +141,35 @@ pub struct L7Service {
     pub name: String,
     pub port: u16,
     pub app_protocol: Option<String>,
-    pub http_routes: Vec<gateway_api::httproutes::HttpRoute>,
-    pub grpc_routes: Vec<gateway_api::grpcroutes::GrpcRoute>,
-    /// `namespace/name` of the traffic policy and its spec.
-    pub policy: Option<(String, crate::api::traffic::TrafficPolicySpec)>,
+    /// The producer routes attached to this port (`/config_dump` shows their names).
+    #[serde(serialize_with = "route_names")]
+    pub routes: routes::RouteTable,
+    /// The accepted `TrafficPolicy` that targets this port.
+    #[serde(serialize_with = "policy_name")]
+    pub policy: Option<policy::ServicePolicy>,
     /// Authorization policies whose `targetRef` is this service (checked per request).
     pub authz: Vec<AuthorizationPolicy>,
     /// Request authentications (JWT rules) whose `targetRef` is this service.
     pub authn: Vec<crate::api::objects::RequestAuthentication>,
+    /// A digest of every object that shaped this service: the engine keeps the service's
+    /// runtime state (budgets, buckets, ejections) while it stays the same.
+    #[serde(skip)]
+    pub inputs: u64,
+}
+
+fn route_names<S: serde::Serializer>(t: &routes::RouteTable, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(t.routes())
+}
+
+#[allow(
+    clippy::ref_option,
+    reason = "serde's serialize_with passes the field by reference"
+)]
+fn policy_name<S: serde::Serializer>(
+    p: &Option<policy::ServicePolicy>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_some(&p.as_ref().map(|p| &p.name))
 }
 
 /// Why a policy entry exists; `/flows` shows it next to each verdict.
@@ -290,7 +336,7 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     // the agent logs the same verdicts, and nothing is half-applied or clamped.
     state.findings = validate::findings(objects);
     let accepted = validate::accepted_traffic_policies(objects, &state.findings);
-    state.l7 = l7_services(objects, &accepted, &mut state.services);
+    state.l7 = l7_services(objects, &accepted, &mut state.services, &mut problems);
 
     let default_deny = labelled_namespaces(objects, DEFAULT_DENY_LABEL, "true");
     problems.extend(l7_attribute_problems(objects));
@@ -380,7 +426,7 @@ spec:
         let s = build(&accepted, "n1", Path::new("/cg/node"));
         assert_eq!(s.l7.len(), 1);
         assert_eq!(
-            s.l7[0].policy.as_ref().map(|(name, _)| name.as_str()),
+            s.l7[0].policy.as_ref().map(|p| p.name.as_str()),
             Some("shop/three")
         );
         assert!(s.findings[0].verdict.effective(), "{:?}", s.findings);

@@ -292,6 +292,13 @@ fn spec_problems(s: &crate::api::traffic::TrafficPolicySpec) -> Vec<String> {
         if r.attempts == 0 {
             invalid.push("spec.retries.attempts must be at least 1 (the first try)".to_owned());
         }
+        if let Err(unknown) = super::policy::RetryOn::parse(r) {
+            invalid.push(format!(
+                "spec.retries.on: {} not a retry condition (known: {})",
+                unknown.join(", "),
+                super::policy::RETRY_CONDITIONS.join(", ")
+            ));
+        }
         if r.backoff.base > r.backoff.max {
             invalid.push("spec.retries.backoff.base is larger than backoff.max".to_owned());
         }

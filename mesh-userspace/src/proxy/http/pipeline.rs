@@ -14,9 +14,9 @@ use tokio::time::Instant;
 use super::super::{
     ConnCtx,
     metrics::{RequestLabels, RouteLabels, status_class},
-    route::{BackendTarget, RequestView, RuleAction},
     snapshot::{Pool, Target},
 };
+use crate::state::routes::{BackendTarget, RequestView, RuleAction};
 
 use super::*;
 
@@ -178,7 +178,11 @@ pub(super) async fn handle(
             error: status >= 500,
         });
     }
-    if target.policy.as_ref().is_some_and(|p| p.spec.access_log) {
+    if target
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.settings.access_log)
+    {
         tracing::info!(
             target: "weft::access",
             source = %format!("{}/{}", ctx.src.0, ctx.src.1),
@@ -396,24 +400,22 @@ pub(super) async fn route_request(
     let trace = super::super::trace::propagate(req.headers_mut());
 
     // Faults.
-    if let Some(faults) = policy.and_then(|p| p.spec.faults.as_ref()) {
-        if let Some(d) = &faults.delay
-            && roll(d.percent)
-        {
-            m.faults.get_or_create(&labels.route).inc();
-            tokio::time::sleep(d.fixed_delay).await;
+    let settings = policy.map(|p| &p.settings);
+    if let Some(d) = settings.and_then(|p| p.delay.as_ref())
+        && roll(d.percent)
+    {
+        m.faults.get_or_create(&labels.route).inc();
+        tokio::time::sleep(d.fixed).await;
+    }
+    if let Some(a) = settings.and_then(|p| p.abort.as_ref())
+        && roll(a.percent)
+    {
+        m.faults.get_or_create(&labels.route).inc();
+        if grpc && let Some(code) = a.grpc_status {
+            return grpc_reply(code, "fault injected");
         }
-        if let Some(a) = &faults.abort
-            && roll(a.percent)
-        {
-            m.faults.get_or_create(&labels.route).inc();
-            if grpc && let Some(code) = a.grpc_status {
-                return grpc_reply(code, "fault injected");
-            }
-            let status = StatusCode::from_u16(a.http_status.unwrap_or(503))
-                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return local_reply(status, grpc, "fault injected");
-        }
+        let status = StatusCode::from_u16(a.http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return local_reply(status, grpc, "fault injected");
     }
     // Local rate limit.
     if let Some(bucket) = policy.and_then(|p| p.bucket.as_ref())
@@ -460,17 +462,14 @@ pub(super) async fn route_request(
         return forward_upgrade(req, ep, ctx).await;
     }
 
-    let retries = policy.and_then(|p| p.spec.retries.as_ref());
+    let retries = settings.and_then(|p| p.retries.as_ref());
     // Mirrors: the traffic policy's and the route rule's RequestMirror filters.
     let mut mirrors: Vec<Arc<Pool>> = policy
-        .and_then(|p| p.spec.mirror.as_ref())
+        .and_then(|p| p.settings.mirror.as_ref())
         .filter(|mi| roll(mi.percent))
         .and_then(|mi| {
             target.pool(&BackendTarget {
-                service: crate::api::refs::ServiceRef {
-                    namespace: target.service.namespace.clone(),
-                    name: mi.name.clone(),
-                },
+                service: mi.service.clone(),
                 port: Some(mi.port),
                 weight: 1,
             })
@@ -489,7 +488,7 @@ pub(super) async fn route_request(
     }
     let timeout = action
         .and_then(|a| a.request_timeout)
-        .or_else(|| policy.and_then(|p| p.spec.timeout));
+        .or_else(|| settings.and_then(|p| p.timeout));
     let per_try = action
         .and_then(|a| a.backend_timeout)
         .or_else(|| retries.and_then(|r| r.per_try_timeout));

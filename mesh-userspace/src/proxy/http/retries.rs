@@ -16,7 +16,7 @@ use super::super::{
     outlier::Outcome,
     snapshot::Pool,
 };
-use crate::api::traffic::Retries;
+use crate::state::policy::{HashKey, RetryPolicy};
 
 use super::*;
 
@@ -56,7 +56,7 @@ pub(super) struct Attempts<'a, U> {
     pub(super) budget: Option<&'a RetryBudget>,
     /// Tries the route's policy allows (the first included).
     pub(super) allowed: u32,
-    pub(super) retries: Option<&'a Retries>,
+    pub(super) retries: Option<&'a RetryPolicy>,
     pub(super) per_try: Option<Duration>,
     pub(super) route: &'a RouteLabels,
     pub(super) grpc: bool,
@@ -247,8 +247,8 @@ impl<U: Upstream> Attempts<'_, U> {
                     if let Some(r) = retries {
                         let wait = super::super::budget::backoff(
                             attempt - 1,
-                            r.backoff.base,
-                            r.backoff.max,
+                            r.backoff_base,
+                            r.backoff_max,
                             &mut rand::rng(),
                         );
                         tokio::time::sleep(wait).await;
@@ -320,51 +320,45 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
 pub(super) const SAFE_RETRIES: u32 = 2;
 
 pub(super) fn should_retry<B>(
-    r: &Retries,
+    r: &RetryPolicy,
     resp: Option<&Response<B>>,
     failure: Option<&Failure>,
 ) -> bool {
-    let on = |c: &str| r.on.iter().any(|o| o.eq_ignore_ascii_case(c));
     match (resp, failure) {
-        (_, Some(Failure::Connect)) => on("connect-failure") || on("gateway-error") || on("5xx"),
-        (_, Some(Failure::Reset)) => on("reset") || on("gateway-error") || on("5xx"),
-        (_, Some(Failure::Timeout)) => on("5xx") || on("gateway-error") || on("reset"),
+        (_, Some(Failure::Connect)) => r.on.connect_failure,
+        (_, Some(Failure::Reset)) => r.on.reset,
+        (_, Some(Failure::Timeout)) => r.on.timeout,
         (Some(resp), None) => {
-            let s = resp.status().as_u16();
             let grpc_status = resp
                 .headers()
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u32>().ok());
-            (s >= 500 && on("5xx"))
-                || (matches!(s, 502..=504) && on("gateway-error"))
-                || (r.status_codes.contains(&s)
-                    && (on("retriable-status-codes") || !r.status_codes.is_empty()))
-                || grpc_status.is_some_and(|g| r.grpc_status_codes.contains(&g))
+            r.on.response(resp.status().as_u16(), grpc_status)
         }
         (None, None) => false,
     }
 }
 
-pub(super) fn hash_key(h: &crate::api::traffic::HashOn, headers: &HeaderMap) -> Option<u64> {
-    if let Some(name) = &h.header {
-        return headers
+pub(super) fn hash_key(h: &HashKey, headers: &HeaderMap) -> Option<u64> {
+    match h {
+        HashKey::Header(name) => headers
             .get(name.as_str())
-            .map(|v| super::super::balance::hash_key(v.as_bytes()));
-    }
-    if let Some(cookie) = &h.cookie {
-        for v in headers.get_all(header::COOKIE) {
-            let Ok(text) = v.to_str() else { continue };
-            for kv in text.split(';') {
-                if let Some((k, val)) = kv.trim().split_once('=')
-                    && k == cookie
-                {
-                    return Some(super::super::balance::hash_key(val.as_bytes()));
+            .map(|v| super::super::balance::hash_key(v.as_bytes())),
+        HashKey::Cookie(cookie) => {
+            for v in headers.get_all(header::COOKIE) {
+                let Ok(text) = v.to_str() else { continue };
+                for kv in text.split(';') {
+                    if let Some((k, val)) = kv.trim().split_once('=')
+                        && k == cookie
+                    {
+                        return Some(super::super::balance::hash_key(val.as_bytes()));
+                    }
                 }
             }
+            None
         }
     }
-    None
 }
 
 #[cfg(test)]
@@ -380,13 +374,13 @@ mod tests {
 
     use super::{Attempts, ReqBody, SendError, Upstream};
     use crate::{
-        api::{refs::ServiceRef, traffic::TrafficPolicySpec},
         proxy::{
             budget::RetryBudget,
             http::{Body, full},
             metrics::{L7Metrics, RouteLabels},
             snapshot::Pool,
         },
+        state::{ServiceRef, policy::ServicePolicy},
     };
 
     /// What the scripted upstream does with one try.
@@ -456,11 +450,11 @@ mod tests {
             .collect()
     }
 
-    fn spec(yaml: &str) -> TrafficPolicySpec {
-        serde_saphyr::from_str(yaml).unwrap()
+    fn spec(yaml: &str) -> ServicePolicy {
+        ServicePolicy::from_yaml(yaml)
     }
 
-    fn pool(n: u16, spec: &TrafficPolicySpec) -> Pool {
+    fn pool(n: u16, spec: &ServicePolicy) -> Pool {
         let service = ServiceRef {
             namespace: "shop".into(),
             name: "web".into(),
@@ -487,7 +481,7 @@ mod tests {
     async fn run(
         script: &Script,
         pool: &Pool,
-        spec: &TrafficPolicySpec,
+        spec: &ServicePolicy,
         budget: Option<&RetryBudget>,
         method: Method,
     ) -> Run {
@@ -500,7 +494,7 @@ mod tests {
             src: 7,
             pool,
             budget,
-            allowed: retries.map_or(1, |r| r.attempts.max(1)),
+            allowed: retries.map_or(1, |r| r.attempts),
             retries,
             per_try: retries.and_then(|r| r.per_try_timeout),
             route: &route,

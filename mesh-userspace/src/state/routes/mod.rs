@@ -26,7 +26,8 @@ use hyper::http::{HeaderMap, Method};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use crate::api::refs::{ServiceRef, attaches};
+use super::ServiceRef;
+use crate::api::refs::attaches;
 
 mod action;
 mod compile;
@@ -145,7 +146,7 @@ pub fn compile_for_client(
             attaches(
                 namespace(&r.metadata),
                 r.spec.parent_refs.as_deref(),
-                service,
+                service.parts(),
                 port,
             )
         })
@@ -156,7 +157,7 @@ pub fn compile_for_client(
             attaches(
                 namespace(&r.metadata),
                 r.spec.parent_refs.as_deref(),
-                service,
+                service.parts(),
                 port,
             )
         })
@@ -459,7 +460,7 @@ mod tests {
         let s = svc();
         let at = |ns, refs: &str, port| {
             let refs: Vec<HttpRouteParentRefs> = serde_saphyr::from_str(refs).unwrap();
-            attaches(ns, Some(refs.as_slice()), &s, port)
+            attaches(ns, Some(refs.as_slice()), s.parts(), port)
         };
         assert!(at("ns", "[{kind: Service, name: svc}]", 80));
         assert!(at(
@@ -476,7 +477,7 @@ mod tests {
         assert!(!at("ns", "[{name: svc}]", 80)); // kind defaults to Gateway
         assert!(!at("ns", "[{group: x.io, kind: Service, name: svc}]", 80));
         assert!(!at("client", "[{kind: Service, name: svc}]", 80)); // the route's namespace
-        assert!(!attaches::<HttpRouteParentRefs>("ns", None, &s, 80));
+        assert!(!attaches::<HttpRouteParentRefs>("ns", None, s.parts(), 80));
 
         let routes = [
             http("producer", None, "[{}]"),

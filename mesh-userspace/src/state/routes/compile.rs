@@ -20,8 +20,9 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp
 use regex::{Regex, RegexBuilder};
 use serde::Serialize;
 
-use crate::api::refs::{AsRefParts, RefParts, ServiceRef};
+use crate::api::refs::{AsRefParts, RefParts};
 use crate::api::{is_core_service, parse_duration};
+use crate::state::ServiceRef;
 
 use super::{
     BackendTarget, Cond, Entry, HeaderEdits, Mirror, PathMatch, PathModifier, Rank, Redirect,
