@@ -231,3 +231,32 @@ fn api_names_nothing_else_of_weft() {
     let inner: Vec<&String> = api.iter().filter(|m| known.contains(m.as_str())).collect();
     assert!(inner.is_empty(), "api names {inner:?}");
 }
+
+/// The engine and the datapath run what the model compiled: they never read the wire types
+/// (Weft's `api`, Gateway API's or Kubernetes' own), so a change of the CRDs' shape stops at
+/// the model.
+#[test]
+fn the_engine_and_the_datapath_never_read_wire_types() {
+    let graph = graph();
+    for module in ["ebpf", "flows", "proxy"] {
+        let names = graph.get(module).cloned().unwrap_or_default();
+        assert!(!names.contains("api"), "{module} names api: {names:?}");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut all = Vec::new();
+        let dir = src.join(module);
+        if dir.is_dir() {
+            files(&dir, &mut all);
+        }
+        all.push(src.join(format!("{module}.rs")));
+        for path in all.iter().filter(|p| p.is_file()) {
+            let text = std::fs::read_to_string(path).unwrap();
+            for wire in ["gateway_api::", "k8s_openapi::"] {
+                assert!(
+                    !text.contains(wire),
+                    "{} names {wire}: compile what it needs in the model",
+                    path.display()
+                );
+            }
+        }
+    }
+}

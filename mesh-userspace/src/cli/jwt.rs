@@ -117,9 +117,8 @@ mod tests {
              audiences: [web]\n    jwksFile: {}\n",
             dir.join("jwks.json").display()
         );
-        let mut set = crate::api::ObjectSet::default();
-        set.add_yaml("t", &yaml);
-        let (a, problems) = Authenticator::new(&set.request_authentications);
+        let rules = crate::state::access::JwtIssuer::from_yaml(&yaml);
+        let (a, problems) = Authenticator::new(&rules);
         assert!(problems.is_empty(), "{problems:?}");
         let mut headers = hyper::HeaderMap::new();
         headers.insert("authorization", format!("Bearer {token}").parse().unwrap());

@@ -17,7 +17,7 @@ use jsonwebtoken::{
 };
 use serde_json::{Map, Value};
 
-use crate::api::objects::{JwtRule, RequestAuthentication};
+use crate::state::access::{JwtIssuer, KeySource};
 
 /// Signature algorithms accepted (asymmetric only: no `none`, no shared secrets).
 const ALGORITHMS: [Algorithm; 8] = [
@@ -164,19 +164,18 @@ struct Keys {
 }
 
 impl Keys {
-    fn new(rule: &JwtRule) -> Self {
-        let (file, set, mtime) = match (&rule.jwks, &rule.jwks_file) {
-            (Some(inline), None) => (
+    fn new(source: &KeySource) -> Self {
+        let (file, set, mtime) = match source {
+            KeySource::Inline(inline) => (
                 None,
                 crate::identity::parse_jwks(inline).map(|s| Key::all_of(&s)),
                 None,
             ),
-            (None, Some(path)) => {
-                let path = PathBuf::from(path);
-                let (set, mtime) = read_jwks_file(&path);
-                (Some(path), set, mtime)
+            KeySource::File(path) => {
+                let (set, mtime) = read_jwks_file(path);
+                (Some(path.clone()), set, mtime)
             }
-            _ => (
+            KeySource::Missing => (
                 None,
                 Err("set exactly one of jwks and jwksFile".to_owned()),
                 None,
@@ -248,57 +247,50 @@ impl Authenticator {
     /// The rules of `policies`, and what is wrong with them (a rule whose keys cannot be loaded
     /// refuses every token of its issuer).
     #[must_use]
-    pub fn new(policies: &[RequestAuthentication]) -> (Self, Vec<String>) {
+    pub fn new(rules: &[JwtIssuer]) -> (Self, Vec<String>) {
         let mut out = Self::default();
         let mut problems = Vec::new();
-        for p in policies {
-            let policy = format!(
-                "{}/{}",
-                p.metadata.namespace.as_deref().unwrap_or("default"),
-                p.metadata.name.as_deref().unwrap_or_default()
-            );
-            for (i, rule) in p.spec.jwt_rules.iter().enumerate() {
-                let mut locations = Vec::new();
-                for h in &rule.from_headers {
-                    match HeaderName::from_bytes(h.name.as_bytes()) {
-                        Ok(header) => locations.push(Location {
-                            header,
-                            prefix: h.prefix.clone(),
-                        }),
-                        Err(_) => problems.push(format!(
-                            "RequestAuthentication {policy}: jwtRules[{i}].fromHeaders: {:?} is not a header name",
-                            h.name
-                        )),
-                    }
+        for rule in rules {
+            let (policy, i) = (&rule.policy, rule.index);
+            let mut locations = Vec::new();
+            for (name, prefix) in &rule.from_headers {
+                match HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(header) => locations.push(Location {
+                        header,
+                        prefix: prefix.clone(),
+                    }),
+                    Err(_) => problems.push(format!(
+                        "RequestAuthentication {policy}: jwtRules[{i}].fromHeaders: {name:?} is not a header name"
+                    )),
                 }
-                if rule.from_headers.is_empty() {
-                    locations.push(Location::authorization());
-                }
-                let keys = Keys::new(rule);
-                if let Err(e) = &*keys
-                    .set
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                {
-                    problems.push(format!(
-                        "RequestAuthentication {policy}: jwtRules[{i}] ({}): {e}; its tokens are refused",
-                        rule.issuer
-                    ));
-                }
-                for l in &locations {
-                    if !out.locations.contains(l) {
-                        out.locations.push(l.clone());
-                    }
-                }
-                out.issuers.push(Compiled {
-                    policy: policy.clone(),
-                    issuer: rule.issuer.clone(),
-                    audiences: rule.audiences.clone(),
-                    locations,
-                    forward: rule.forward_original_token,
-                    keys,
-                });
             }
+            if rule.from_headers.is_empty() {
+                locations.push(Location::authorization());
+            }
+            let keys = Keys::new(&rule.keys);
+            if let Err(e) = &*keys
+                .set
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            {
+                problems.push(format!(
+                    "RequestAuthentication {policy}: jwtRules[{i}] ({}): {e}; its tokens are refused",
+                    rule.issuer
+                ));
+            }
+            for l in &locations {
+                if !out.locations.contains(l) {
+                    out.locations.push(l.clone());
+                }
+            }
+            out.issuers.push(Compiled {
+                policy: policy.clone(),
+                issuer: rule.issuer.clone(),
+                audiences: rule.audiences.clone(),
+                locations,
+                forward: rule.forward,
+                keys,
+            });
         }
         (out, problems)
     }
@@ -507,10 +499,7 @@ mod tests {
              metadata: {{name: jwt, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: web}}\n  \
              jwtRules:\n  - issuer: https://issuer.test\n    audiences: [web]\n    jwks: '{jwks}'\n{extra}"
         );
-        let mut set = crate::api::ObjectSet::default();
-        set.add_yaml("t", &yaml);
-        assert!(set.errors.is_empty(), "{:?}", set.errors);
-        let (a, problems) = Authenticator::new(&set.request_authentications);
+        let (a, problems) = Authenticator::new(&JwtIssuer::from_yaml(&yaml));
         assert!(problems.is_empty(), "{problems:?}");
         a
     }
@@ -593,9 +582,7 @@ mod tests {
              fromHeaders: [{{name: x-token}}]\n",
             file.display()
         );
-        let mut set = crate::api::ObjectSet::default();
-        set.add_yaml("t", &yaml);
-        let (a, problems) = Authenticator::new(&set.request_authentications);
+        let (a, problems) = Authenticator::new(&JwtIssuer::from_yaml(&yaml));
         assert!(problems.is_empty(), "{problems:?}");
         let claims = json!({"iss": "iss", "sub": "bob", "exp": now() + 600});
         let mut h = HeaderMap::new();
@@ -635,13 +622,11 @@ mod tests {
         assert!(
             crate::identity::parse_jwks(r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err()
         );
-        let mut set = crate::api::ObjectSet::default();
-        set.add_yaml(
-            "t",
+        let rules = JwtIssuer::from_yaml(
             "apiVersion: weft.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: j, namespace: n}\n\
              spec:\n  targetRef: {kind: Service, name: web}\n  jwtRules:\n  - issuer: i\n    jwksFile: /nonexistent/jwks.json\n",
         );
-        let (_, problems) = Authenticator::new(&set.request_authentications);
+        let (_, problems) = Authenticator::new(&rules);
         assert!(
             problems[0].contains("/nonexistent/jwks.json"),
             "{problems:?}"

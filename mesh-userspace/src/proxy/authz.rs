@@ -7,7 +7,7 @@
 use hyper::HeaderMap;
 
 use super::{authn::Principal, snapshot::MeshPeer};
-use crate::api::objects::{Action, AuthorizationPolicy, RequestCondition, Rule, Source};
+use crate::state::access::{AccessPolicy, AccessRule, Attribute, Condition, Peer};
 
 /// What one request is, for the rules.
 pub struct Request<'a> {
@@ -36,19 +36,19 @@ pub enum Verdict {
 /// The verdict for `request` from `source` (None: an unmeshed client) under `policies`.
 #[must_use]
 pub fn authorize(
-    policies: &[AuthorizationPolicy],
+    policies: &[AccessPolicy],
     source: Option<&MeshPeer>,
     request: &Request<'_>,
 ) -> Verdict {
     if policies.is_empty() {
         return Verdict::Allow;
     }
-    let enforced: Vec<&AuthorizationPolicy> = policies.iter().filter(|p| !p.spec.dry_run).collect();
+    let enforced: Vec<&AccessPolicy> = policies.iter().filter(|p| !p.dry_run).collect();
     if let Some(policy) = evaluate(&enforced, source, request) {
         return Verdict::Deny { policy };
     }
     if enforced.len() < policies.len() {
-        let all: Vec<&AuthorizationPolicy> = policies.iter().collect();
+        let all: Vec<&AccessPolicy> = policies.iter().collect();
         if let Some(policy) = evaluate(&all, source, request) {
             return Verdict::AuditDeny { policy };
         }
@@ -58,60 +58,42 @@ pub fn authorize(
 
 /// `Some(why)` when `policies` refuse the request.
 fn evaluate(
-    policies: &[&AuthorizationPolicy],
+    policies: &[&AccessPolicy],
     source: Option<&MeshPeer>,
     request: &Request<'_>,
 ) -> Option<String> {
-    let name = |p: &AuthorizationPolicy| {
-        format!(
-            "{}/{}",
-            p.metadata.namespace.as_deref().unwrap_or("default"),
-            p.metadata.name.as_deref().unwrap_or("?")
-        )
-    };
-    for p in policies.iter().filter(|p| p.spec.action == Action::Deny) {
+    for p in policies.iter().filter(|p| p.deny) {
         if let Some(i) = matching_rule(p, source, request) {
-            return Some(format!("{} rule {i}", name(p)));
+            return Some(format!("{} rule {i}", p.name));
         }
     }
-    let mut allows = policies
-        .iter()
-        .filter(|p| p.spec.action == Action::Allow)
-        .peekable();
+    let mut allows = policies.iter().filter(|p| !p.deny).peekable();
     let first = allows.peek().copied()?;
     for p in allows {
         if matching_rule(p, source, request).is_some() {
             return None;
         }
     }
-    Some(format!("{}: no ALLOW rule matched", name(first)))
+    Some(format!("{}: no ALLOW rule matched", first.name))
 }
 
 fn matching_rule(
-    p: &AuthorizationPolicy,
+    p: &AccessPolicy,
     source: Option<&MeshPeer>,
     request: &Request<'_>,
 ) -> Option<usize> {
-    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
-    p.spec
-        .rules
+    p.rules
         .iter()
-        .position(|r| rule_matches(r, ns, source, request))
+        .position(|r| rule_matches(r, source, request))
 }
 
-fn rule_matches(
-    r: &Rule,
-    policy_ns: &str,
-    source: Option<&MeshPeer>,
-    request: &Request<'_>,
-) -> bool {
+fn rule_matches(r: &AccessRule, source: Option<&MeshPeer>, request: &Request<'_>) -> bool {
     let from_ok = r.from.is_empty()
         || r.from
             .iter()
-            .any(|f| source_matches(&f.source, source, request.auth, policy_ns));
+            .any(|f| source_matches(f, source, request.auth));
     let to_ok = r.to.is_empty()
-        || r.to.iter().any(|t| {
-            let op = &t.operation;
+        || r.to.iter().any(|op| {
             (op.ports.is_empty() || op.ports.contains(&request.port))
                 && (op.methods.is_empty() || op.methods.iter().any(|m| m == request.method))
                 && (op.paths.is_empty() || op.paths.iter().any(|p| glob(p, request.path)))
@@ -122,79 +104,45 @@ fn rule_matches(
 
 /// A source with only `requestPrincipals` matches any client whose request carries such a
 /// token; every other field needs a meshed client.
-fn source_matches(
-    src: &Source,
-    peer: Option<&MeshPeer>,
-    auth: Option<&Principal>,
-    policy_ns: &str,
-) -> bool {
-    let principal_ok = src.request_principals.is_empty()
-        || auth.is_some_and(|a| {
-            src.request_principals
-                .iter()
-                .any(|want| glob(want, a.name()))
-        });
-    let only_principals = !src.request_principals.is_empty()
-        && src.service_accounts.is_empty()
-        && src.namespaces.is_empty()
-        && src.pod_selector.is_none();
-    principal_ok && (only_principals || peer.is_some_and(|p| peer_matches(src, p, policy_ns)))
-}
-
-fn peer_matches(src: &Source, peer: &MeshPeer, policy_ns: &str) -> bool {
-    peer.identity
-        .namespace_and_account()
-        .is_some_and(|(ns, sa)| src.matches_workload(policy_ns, ns, sa, &peer.labels))
+fn source_matches(src: &Peer, peer: Option<&MeshPeer>, auth: Option<&Principal>) -> bool {
+    let principals = src.request_principals();
+    let principal_ok = principals.is_empty()
+        || auth.is_some_and(|a| principals.iter().any(|want| glob(want, a.name())));
+    principal_ok
+        && (src.only_principals()
+            || peer.is_some_and(|p| {
+                p.identity
+                    .namespace_and_account()
+                    .is_some_and(|(ns, sa)| src.matches_workload(ns, sa, &p.labels))
+            }))
 }
 
 /// The attribute named by the condition's key must have one of the values.
-fn condition_holds(c: &RequestCondition, request: &Request<'_>) -> bool {
+fn condition_holds(c: &Condition, request: &Request<'_>) -> bool {
     fn any<'v>(values: &[String], mut have: impl Iterator<Item = &'v str>) -> bool {
         have.any(|v| values.iter().any(|want| glob(want, v)))
     }
-    if let Some(name) = c
-        .key
-        .strip_prefix("request.headers[")
-        .and_then(|k| k.strip_suffix(']'))
-    {
-        return any(
+    match (&c.attribute, request.auth) {
+        (Attribute::Header(name), _) => any(
             &c.values,
             request
                 .headers
-                .get_all(name)
+                .get_all(name.as_str())
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
-        );
-    }
-    let Some(auth) = request.auth else {
-        return false;
-    };
-    if c.key == "request.auth.principal" {
-        return any(&c.values, std::iter::once(auth.name()));
-    }
-    if let Some(path) = claim_path(&c.key) {
-        return any(
-            &c.values,
-            auth.claim_values(&path).iter().map(String::as_str),
-        );
-    }
-    false // unknown keys never hold (the schema and the controller refuse them)
-}
-
-/// `request.auth.claims[a][b]` → `["a", "b"]`.
-#[must_use]
-pub fn claim_path(key: &str) -> Option<Vec<&str>> {
-    let mut rest = key.strip_prefix("request.auth.claims")?;
-    let mut path = Vec::new();
-    while !rest.is_empty() {
-        let (name, tail) = rest.strip_prefix('[')?.split_once(']')?;
-        if name.is_empty() {
-            return None;
+        ),
+        (Attribute::Principal, Some(auth)) => any(&c.values, std::iter::once(auth.name())),
+        (Attribute::Claim(path), Some(auth)) => {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            any(
+                &c.values,
+                auth.claim_values(&path).iter().map(String::as_str),
+            )
         }
-        path.push(name);
-        rest = tail;
+        // Without a validated JWT, `request.auth` conditions never hold; unknown keys never
+        // hold (the schema and validation refuse them).
+        (Attribute::Principal | Attribute::Claim(_), None) | (Attribute::Unknown, _) => false,
     }
-    (!path.is_empty()).then_some(path)
 }
 
 /// Istio's string match: exact, `prefix*`, `*suffix`, or `*` for anything.
@@ -227,15 +175,12 @@ mod tests {
         }
     }
 
-    fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {
-        let mut set = crate::api::ObjectSet::default();
-        set.add_yaml("test", yaml);
-        assert!(set.errors.is_empty(), "{:?}", set.errors);
-        set.authorization_policies
+    fn policies(yaml: &str) -> Vec<AccessPolicy> {
+        AccessPolicy::from_yaml(yaml)
     }
 
     fn check(
-        ps: &[AuthorizationPolicy],
+        ps: &[AccessPolicy],
         who: Option<&MeshPeer>,
         method: &str,
         path: &str,
@@ -381,13 +326,6 @@ spec:
             authorize(&ps, Some(&batch), &req(None)),
             Verdict::Deny { .. }
         ));
-        assert_eq!(
-            claim_path("request.auth.claims[a][b]"),
-            Some(vec!["a", "b"])
-        );
-        assert_eq!(claim_path("request.auth.claims[]"), None);
-        assert_eq!(claim_path("request.auth.claims"), None);
-        assert_eq!(claim_path("request.auth.claims[a"), None);
     }
 
     #[test]

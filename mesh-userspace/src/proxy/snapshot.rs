@@ -89,7 +89,7 @@ pub struct PolicyRuntime {
 impl Target {
     /// The authorization policies that target this service (checked per request).
     #[must_use]
-    pub fn authz(&self) -> &[crate::api::objects::AuthorizationPolicy] {
+    pub fn authz(&self) -> &[crate::state::access::AccessPolicy] {
         &self.source.authz
     }
 

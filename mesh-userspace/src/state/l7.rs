@@ -3,7 +3,12 @@
 
 use std::hash::{Hash as _, Hasher as _};
 
-use super::{L7Service, ServicePort, policy::ServicePolicy, routes};
+use super::{
+    L7Service, ServicePort,
+    access::{AccessPolicy, JwtIssuer},
+    policy::ServicePolicy,
+    routes,
+};
 use crate::api::{ObjectSet, traffic::TrafficPolicy};
 
 /// Whether a policy (its metadata and `targetRef`) targets this Service port.
@@ -120,8 +125,8 @@ pub(super) fn l7_services(
                     &p.spec,
                 )
             }),
-            authz,
-            authn: jwt_policies,
+            authz: authz.iter().map(AccessPolicy::compile).collect(),
+            authn: jwt_policies.iter().flat_map(JwtIssuer::compile).collect(),
             inputs,
         });
     }

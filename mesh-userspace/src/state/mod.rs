@@ -3,6 +3,7 @@
 //! by `ebpf`. Pure functions: everything here is unit-testable without privileges.
 //!
 //! `validate` is where every object is judged; `build` applies only what it accepts.
+pub mod access;
 mod authz;
 mod l7;
 pub mod policy;
@@ -26,8 +27,8 @@ use crate::{
     api::{
         ObjectSet,
         objects::{
-            AuthorizationPolicy, DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY, MtlsMode,
-            SOCKET_FAST_PATH_KEY, SocketFastPath,
+            DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY, MtlsMode, SOCKET_FAST_PATH_KEY,
+            SocketFastPath,
         },
     },
     identity::{SpiffeId, TrustDomain},
@@ -148,13 +149,23 @@ pub struct L7Service {
     #[serde(serialize_with = "policy_name")]
     pub policy: Option<policy::ServicePolicy>,
     /// Authorization policies whose `targetRef` is this service (checked per request).
-    pub authz: Vec<AuthorizationPolicy>,
-    /// Request authentications (JWT rules) whose `targetRef` is this service.
-    pub authn: Vec<crate::api::objects::RequestAuthentication>,
+    #[serde(serialize_with = "access_names")]
+    pub authz: Vec<access::AccessPolicy>,
+    /// The JWT rules of the request authentications whose `targetRef` is this service.
+    #[serde(serialize_with = "issuer_names")]
+    pub authn: Vec<access::JwtIssuer>,
     /// A digest of every object that shaped this service: the engine keeps the service's
     /// runtime state (budgets, buckets, ejections) while it stays the same.
     #[serde(skip)]
     pub inputs: u64,
+}
+
+fn access_names<S: serde::Serializer>(p: &[access::AccessPolicy], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(p.iter().map(|p| &p.name))
+}
+
+fn issuer_names<S: serde::Serializer>(p: &[access::JwtIssuer], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(p.iter().map(|p| format!("{} {}", p.policy, p.issuer)))
 }
 
 fn route_names<S: serde::Serializer>(t: &routes::RouteTable, s: S) -> Result<S::Ok, S::Error> {
@@ -364,7 +375,7 @@ mod tests {
     use super::*;
     #[allow(unused_imports, reason = "the tests reach into every part")]
     use super::{authz::*, l7::*, services::*, workloads::*};
-    use crate::api::objects::{Action, Source};
+    use crate::api::objects::{Action, AuthorizationPolicy, Source};
     use mesh_common::verdict;
 
     #[test]
