@@ -3,11 +3,11 @@
 use super::is_core_service;
 use gateway_api::{
     grpcroutes::{
-        GrpcRouteParentRefs, GrpcRouteRulesBackendRefs,
+        GrpcRoute, GrpcRouteParentRefs, GrpcRouteRulesBackendRefs,
         GrpcRouteRulesFiltersRequestMirrorBackendRef,
     },
     httproutes::{
-        HttpRouteParentRefs, HttpRouteRulesBackendRefs,
+        HttpRoute, HttpRouteParentRefs, HttpRouteRulesBackendRefs,
         HttpRouteRulesFiltersRequestMirrorBackendRef,
     },
 };
@@ -65,3 +65,21 @@ pub fn attaches<P: AsRefParts>(
                 && r.port.is_none_or(|p| p == i32::from(port))
         })
 }
+
+/// What both route kinds say about where they attach.
+pub trait Route {
+    /// Whether the route attaches to Service `namespace`/`name` port `port`.
+    fn attaches_to(&self, service: (&str, &str), port: u16) -> bool;
+}
+
+macro_rules! route {
+    ($($t:ty),*) => {$(
+        impl Route for $t {
+            fn attaches_to(&self, service: (&str, &str), port: u16) -> bool {
+                let ns = self.metadata.namespace.as_deref().unwrap_or("default");
+                attaches(ns, self.spec.parent_refs.as_deref(), service, port)
+            }
+        }
+    )*};
+}
+route!(HttpRoute, GrpcRoute);

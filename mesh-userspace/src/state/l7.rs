@@ -52,7 +52,7 @@ pub(super) fn l7_services(
     problems: &mut Vec<String>,
 ) -> Vec<L7Service> {
     use super::ServiceRef;
-    use crate::api::refs::attaches;
+    use crate::api::refs::Route as _;
     let mut out = Vec::new();
     for svc in services.iter_mut() {
         let sref = ServiceRef {
@@ -62,19 +62,13 @@ pub(super) fn l7_services(
         let http_routes: Vec<_> = objects
             .http_routes
             .iter()
-            .filter(|r| {
-                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
-                attaches(ns, r.spec.parent_refs.as_deref(), sref.parts(), svc.port)
-            })
+            .filter(|r| r.attaches_to(sref.parts(), svc.port))
             .cloned()
             .collect();
         let grpc_routes: Vec<_> = objects
             .grpc_routes
             .iter()
-            .filter(|r| {
-                let ns = r.metadata.namespace.as_deref().unwrap_or("default");
-                attaches(ns, r.spec.parent_refs.as_deref(), sref.parts(), svc.port)
-            })
+            .filter(|r| r.attaches_to(sref.parts(), svc.port))
             .cloned()
             .collect();
         // Accepted policies never overlap (validation refuses the younger of two as Conflicted).

@@ -231,6 +231,7 @@ impl ServicePolicy {
     /// The policy `namespace/name` with `spec`, which validation accepted.
     #[must_use]
     pub fn compile(namespace: &str, name: &str, spec: &TrafficPolicySpec) -> Self {
+        let faults = spec.faults.clone().unwrap_or_default();
         Self {
             name: format!("{namespace}/{name}"),
             timeout: spec.timeout,
@@ -250,23 +251,15 @@ impl ServicePolicy {
             }),
             breaker: spec.circuit_breaker.map(Limits::from),
             outlier: spec.outlier_detection.as_ref().map(Ejection::from),
-            delay: spec
-                .faults
-                .as_ref()
-                .and_then(|f| f.delay.as_ref())
-                .map(|d| Delay {
-                    percent: d.percent,
-                    fixed: d.fixed_delay,
-                }),
-            abort: spec
-                .faults
-                .as_ref()
-                .and_then(|f| f.abort.as_ref())
-                .map(|a| Abort {
-                    percent: a.percent,
-                    http_status: a.http_status.unwrap_or(503),
-                    grpc_status: a.grpc_status,
-                }),
+            delay: faults.delay.as_ref().map(|d| Delay {
+                percent: d.percent,
+                fixed: d.fixed_delay,
+            }),
+            abort: faults.abort.as_ref().map(|a| Abort {
+                percent: a.percent,
+                http_status: a.http_status.unwrap_or(503),
+                grpc_status: a.grpc_status,
+            }),
             rate_limit: spec.rate_limit.as_ref().map(|rl| RateLimit {
                 requests_per_second: rl.requests_per_second,
                 burst: rl.burst.unwrap_or_else(|| {

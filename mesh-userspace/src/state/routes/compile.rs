@@ -90,6 +90,41 @@ macro_rules! mirror {
     };
 }
 
+/// What a rule of either route kind does the same way: its backendRefs, then its filters, the
+/// header modifiers and mirrors here, the kind's own filter types by the arms in `$arms`.
+macro_rules! rule_parts {
+    ($cx:expr, $a:ident, $rule:expr, $T:ident, |$f:ident| { $($arms:tt)* }) => {{
+        let refs = $rule.backend_refs.iter().flatten();
+        $cx.backends(
+            &mut $a,
+            refs.map(|b| {
+                let has_filters = b.filters.as_ref().is_some_and(|f| !f.is_empty());
+                (b.ref_parts(), b.weight, has_filters)
+            }),
+        );
+        for $f in $rule.filters.iter().flatten() {
+            match $f.r#type {
+                $T::RequestHeaderModifier => {
+                    with_config!($cx, $f, request_header_modifier, |m| edits!(
+                        $cx,
+                        $a.request_headers,
+                        m
+                    ));
+                }
+                $T::ResponseHeaderModifier => {
+                    with_config!($cx, $f, response_header_modifier, |m| edits!(
+                        $cx,
+                        $a.response_headers,
+                        m
+                    ));
+                }
+                $T::RequestMirror => with_config!($cx, $f, request_mirror, |m| mirror!($cx, $a, m)),
+                $($arms)*
+            }
+        }
+    }};
+}
+
 /// Compiles the rules of one route into entries; `rule` is the rule being compiled.
 pub(super) struct Compiler<'c> {
     pub(super) kind: RouteKind,
@@ -351,55 +386,31 @@ pub(super) fn path_modifier(
 pub(super) fn http_rule(cx: &mut Compiler<'_>, rule: &HttpRouteRules) {
     use HttpRouteRulesFiltersType as T;
     let mut a = cx.action(rule.name.as_ref());
-    let refs = rule.backend_refs.iter().flatten();
-    cx.backends(
-        &mut a,
-        refs.map(|b| {
-            (
-                b.ref_parts(),
-                b.weight,
-                b.filters.as_ref().is_some_and(|f| !f.is_empty()),
-            )
+    rule_parts!(cx, a, rule, T, |f| {
+        T::RequestRedirect => with_config!(cx, f, request_redirect, |r| a.redirect =
+            Some(redirect(cx, r))),
+        T::UrlRewrite => with_config!(cx, f, url_rewrite, |r| {
+            let path = r.path.as_ref().and_then(|m| {
+                let full = m.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath;
+                path_modifier(
+                    m.replace_full_path.as_ref(),
+                    m.replace_prefix_match.as_ref(),
+                    full,
+                )
+            });
+            a.rewrite = Some(Rewrite {
+                hostname: r.hostname.clone(),
+                path,
+            });
         }),
-    );
-    for f in rule.filters.iter().flatten() {
-        match f.r#type {
-            T::RequestHeaderModifier => with_config!(cx, f, request_header_modifier, |m| edits!(
+        T::ExtensionRef | T::Cors => {
+            problem!(
                 cx,
-                a.request_headers,
-                m
-            )),
-            T::ResponseHeaderModifier => with_config!(cx, f, response_header_modifier, |m| edits!(
-                cx,
-                a.response_headers,
-                m
-            )),
-            T::RequestMirror => with_config!(cx, f, request_mirror, |m| mirror!(cx, a, m)),
-            T::RequestRedirect => with_config!(cx, f, request_redirect, |r| a.redirect =
-                Some(redirect(cx, r))),
-            T::UrlRewrite => with_config!(cx, f, url_rewrite, |r| {
-                let path = r.path.as_ref().and_then(|m| {
-                    let full = m.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath;
-                    path_modifier(
-                        m.replace_full_path.as_ref(),
-                        m.replace_prefix_match.as_ref(),
-                        full,
-                    )
-                });
-                a.rewrite = Some(Rewrite {
-                    hostname: r.hostname.clone(),
-                    path,
-                });
-            }),
-            T::ExtensionRef | T::Cors => {
-                problem!(
-                    cx,
-                    "filter {} is not supported, ignored",
-                    type_name(&f.r#type)
-                );
-            }
+                "filter {} is not supported, ignored",
+                type_name(&f.r#type)
+            );
         }
-    }
+    });
     if a.redirect.is_some() && (a.rewrite.is_some() || !a.backends.is_empty()) {
         cx.problem(
             "RequestRedirect cannot be combined with URLRewrite or backendRefs; the redirect wins",
@@ -536,33 +547,9 @@ pub(super) fn http_cond(
 pub(super) fn grpc_rule(cx: &mut Compiler<'_>, rule: &GrpcRouteRules) {
     use GrpcRouteRulesFiltersType as T;
     let mut a = cx.action(rule.name.as_ref());
-    let refs = rule.backend_refs.iter().flatten();
-    cx.backends(
-        &mut a,
-        refs.map(|b| {
-            (
-                b.ref_parts(),
-                b.weight,
-                b.filters.as_ref().is_some_and(|f| !f.is_empty()),
-            )
-        }),
-    );
-    for f in rule.filters.iter().flatten() {
-        match f.r#type {
-            T::RequestHeaderModifier => with_config!(cx, f, request_header_modifier, |m| edits!(
-                cx,
-                a.request_headers,
-                m
-            )),
-            T::ResponseHeaderModifier => with_config!(cx, f, response_header_modifier, |m| edits!(
-                cx,
-                a.response_headers,
-                m
-            )),
-            T::RequestMirror => with_config!(cx, f, request_mirror, |m| mirror!(cx, a, m)),
-            T::ExtensionRef => cx.problem("filter ExtensionRef is not supported, ignored"),
-        }
-    }
+    rule_parts!(cx, a, rule, T, |f| {
+        T::ExtensionRef => cx.problem("filter ExtensionRef is not supported, ignored"),
+    });
     let default = [GrpcRouteRulesMatches::default()];
     let matches = rule.matches.as_deref().filter(|m| !m.is_empty());
     'matches: for (mi, m) in matches.unwrap_or(&default).iter().enumerate() {

@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use super::ServiceRef;
-use crate::api::refs::attaches;
+use crate::api::refs::Route as _;
 
 mod action;
 mod compile;
@@ -142,25 +142,11 @@ pub fn compile_for_client(
     };
     let mut http: Vec<&HttpRoute> = http
         .iter()
-        .filter(|r| {
-            attaches(
-                namespace(&r.metadata),
-                r.spec.parent_refs.as_deref(),
-                service.parts(),
-                port,
-            )
-        })
+        .filter(|r| r.attaches_to(service.parts(), port))
         .collect();
     let mut grpc: Vec<&GrpcRoute> = grpc
         .iter()
-        .filter(|r| {
-            attaches(
-                namespace(&r.metadata),
-                r.spec.parent_refs.as_deref(),
-                service.parts(),
-                port,
-            )
-        })
+        .filter(|r| r.attaches_to(service.parts(), port))
         .collect();
     let consumer = http
         .iter()
@@ -182,21 +168,30 @@ pub fn compile_for_client(
     }
     let mut entries = Vec::new();
     let mut routes = Vec::new();
+    let mut route = |kind, meta: &ObjectMeta, rules: &mut dyn FnMut(&mut Compiler<'_>)| {
+        let label = if kind == RouteKind::Http {
+            "HTTPRoute"
+        } else {
+            "GRPCRoute"
+        };
+        routes.push(format!("{label} {}", route_name(meta)));
+        rules(&mut Compiler::new(kind, meta, &mut problems, &mut entries));
+    };
     for r in http {
-        routes.push(format!("HTTPRoute {}", route_name(&r.metadata)));
-        let mut cx = Compiler::new(RouteKind::Http, &r.metadata, &mut problems, &mut entries);
-        for (ri, rule) in r.spec.rules.iter().flatten().enumerate() {
-            cx.rule = ri;
-            http_rule(&mut cx, rule);
-        }
+        route(RouteKind::Http, &r.metadata, &mut |cx| {
+            for (ri, rule) in r.spec.rules.iter().flatten().enumerate() {
+                cx.rule = ri;
+                http_rule(cx, rule);
+            }
+        });
     }
     for r in grpc {
-        routes.push(format!("GRPCRoute {}", route_name(&r.metadata)));
-        let mut cx = Compiler::new(RouteKind::Grpc, &r.metadata, &mut problems, &mut entries);
-        for (ri, rule) in r.spec.rules.iter().flatten().enumerate() {
-            cx.rule = ri;
-            grpc_rule(&mut cx, rule);
-        }
+        route(RouteKind::Grpc, &r.metadata, &mut |cx| {
+            for (ri, rule) in r.spec.rules.iter().flatten().enumerate() {
+                cx.rule = ri;
+                grpc_rule(cx, rule);
+            }
+        });
     }
     entries.sort_by(|a, b| a.rank.cmp(&b.rank));
     let table = RouteTable { entries, routes };
@@ -206,6 +201,8 @@ pub fn compile_for_client(
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+
+    use crate::api::refs::attaches;
 
     use std::{cmp::Reverse, time::Duration};
 
