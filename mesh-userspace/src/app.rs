@@ -9,19 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_common::{
-    Backend, BackendKey, CgroupIdentity, ENGINE_WORKLOAD, Endpoint, ServiceKey, ServiceValue,
-    endpoint_flags, service_flags,
-};
+use mesh_common::ENGINE_WORKLOAD;
 use prometheus_client::registry::Registry;
 
 use crate::{
     admin::{EnrolRequest, Shared, SharedState},
-    api::objects::{MtlsMode, SocketFastPath},
+    api::objects::SocketFastPath,
     cgroups::PodCgroups,
     config::AgentConfig,
     control::files::FileSource,
-    ebpf::{self, Datapath, Desired},
+    ebpf::{self, Datapath},
     flows::{FlowSnapshot, FlowTable},
     metrics::{KernelSnapshot, Metrics, PairLabels},
     proxy::{self, Engine, OrigDst, Redirected, snapshot::Snapshot},
@@ -704,24 +701,6 @@ fn log_new_denials(snapshot: &FlowSnapshot, seen: &mut BTreeMap<(String, String)
     *seen = now;
 }
 
-/// `endpoint_flags::STRICT` for a STRICT workload when it can be enforced.
-fn strict_flag(w: &crate::state::Workload, enforceable: bool) -> u32 {
-    if enforceable && w.mtls == MtlsMode::Strict {
-        endpoint_flags::STRICT
-    } else {
-        0
-    }
-}
-
-/// `endpoint_flags::SOCKET_FAST` for a workload allowed on the socket fast path on this kernel.
-fn socket_fast_flag(w: &crate::state::Workload, kernel: KernelChecks) -> u32 {
-    if w.socket_fast_path.allowed(kernel.socket_redirect_exact) {
-        endpoint_flags::SOCKET_FAST
-    } else {
-        0
-    }
-}
-
 /// Says, when objects change, which of this node's workloads use the socket fast path although
 /// the kernel failed the self-test (their operator enabled it).
 fn warn_socket_fast_path_forced(node: &NodeState, kernel: KernelChecks) {
@@ -743,92 +722,7 @@ fn warn_socket_fast_path_forced(node: &NodeState, kernel: KernelChecks) {
     }
 }
 
-/// Endpoints and pod cgroups: this node's meshed pods (LOCAL, STRICT when they are and the
-/// node's pod network is known), the engine, and with the tunnel on the meshed pods of other
-/// nodes (REMOTE, STRICT).
-fn identities(
-    maps: &mut ebpf::MapContents,
-    node: &NodeState,
-    config: &AgentConfig,
-    kernel: KernelChecks,
-    tunnel: bool,
-    local_net: Option<(std::net::Ipv4Addr, u8)>,
-) {
-    // With sock_ops on its cgroup, the engine is a meshed endpoint: its legs to local pods are
-    // fast-path eligible like any pod-to-pod connection.
-    if let (Some(addr), Some(_)) = (config.engine_addr, &config.engine_sockops_cgroup) {
-        maps.endpoints.insert(
-            u32::from(*addr.ip()).to_be(),
-            Endpoint {
-                workload_id: ENGINE_WORKLOAD,
-                // The engine's own sockets read only through its event loop.
-                flags: endpoint_flags::LOCAL | endpoint_flags::SOCKET_FAST,
-            },
-        );
-    }
-    // With the tunnel on, meshed pods of other nodes are endpoints too: meshed clients reach
-    // them through the engine (REMOTE), and never in plaintext when they are STRICT.
-    for w in node.workloads.iter().filter(|w| w.meshed && !w.local) {
-        let reachable = node.nodes.get(&w.node).and_then(|n| n.address).is_some();
-        let Some(ip) = w.ip else { continue };
-        if !tunnel || !reachable || w.mtls == MtlsMode::Disable {
-            continue;
-        }
-        maps.endpoints.insert(
-            u32::from(ip).to_be(),
-            Endpoint {
-                workload_id: w.id,
-                flags: endpoint_flags::REMOTE | strict_flag(w, true),
-            },
-        );
-    }
-    let kubelet_pods = (config.pod_cgroups == PodCgroups::Kubelet)
-        .then(|| crate::cgroups::kubelet_pods(&config.cgroup_path));
-    for w in node.workloads.iter().filter(|w| w.meshed && w.local) {
-        // STRICT inbound needs the node's pod network, to tell this node's clients from others.
-        // A pod whose address is not known yet is already a source: its cgroup has its
-        // identity, so its first connections get its verdict.
-        if let Some(ip) = w.ip {
-            maps.endpoints.insert(
-                u32::from(ip).to_be(),
-                Endpoint {
-                    workload_id: w.id,
-                    flags: endpoint_flags::LOCAL
-                        | strict_flag(w, local_net.is_some())
-                        | socket_fast_flag(w, kernel),
-                },
-            );
-        }
-        if let Some(cookie) = node.netns.get(&w.id) {
-            maps.netns.insert(
-                *cookie,
-                CgroupIdentity {
-                    workload_id: w.id,
-                    flags: 0,
-                },
-            );
-        }
-        // The pod's cgroup and every cgroup below it (its containers) are the pod. A pod whose
-        // cgroup does not exist yet, or a container started later, joins on a later pass.
-        let dir = match &kubelet_pods {
-            Some(pods) => w.uid.as_ref().and_then(|uid| pods.get(uid)),
-            None => w.cgroup.as_ref(),
-        };
-        for id in dir
-            .map(|d| crate::cgroups::subtree_ids(d))
-            .unwrap_or_default()
-        {
-            maps.cgroups.insert(
-                id,
-                CgroupIdentity {
-                    workload_id: w.id,
-                    flags: 0,
-                },
-            );
-        }
-    }
-}
-
+/// Writes what the node's model asks of the kernel maps (see [`ebpf::desired`]).
 fn sync_once(
     dp: &mut Datapath,
     node: &NodeState,
@@ -836,51 +730,25 @@ fn sync_once(
     kernel: KernelChecks,
     shed: bool,
 ) -> Result<(), ebpf::EbpfError> {
-    let tunnel = config.identity.is_some() && config.engine_addr.is_some();
-    let local_net = node.local_pod_cidr().filter(|_| tunnel);
-    let mut want = Desired {
-        fast_path: node.fast_path,
+    let facts = ebpf::desired::Facts {
         engine: config.engine_addr,
-        local_net,
+        engine_meshed: config.engine_addr.is_some() && config.engine_sockops_cgroup.is_some(),
+        tunnel: config.identity.is_some() && config.engine_addr.is_some(),
+        socket_redirect_exact: kernel.socket_redirect_exact,
         shed,
-        ..Desired::default()
     };
-    identities(&mut want.maps, node, config, kernel, tunnel, local_net);
-    for s in &node.services {
-        let key = ServiceKey {
-            vip_be: u32::from(s.vip).to_be(),
-            port_be: s.port.to_be(),
-            _pad: 0,
+    // The pod's cgroup and every cgroup below it (its containers) are the pod.
+    let kubelet_pods = (config.pod_cgroups == PodCgroups::Kubelet)
+        .then(|| crate::cgroups::kubelet_pods(&config.cgroup_path));
+    let cgroup_ids = |w: &crate::state::Workload| {
+        let dir = match &kubelet_pods {
+            Some(pods) => w.uid.as_ref().and_then(|uid| pods.get(uid)),
+            None => w.cgroup.as_ref(),
         };
-        want.maps.services.insert(
-            key,
-            ServiceValue {
-                service_id: s.id,
-                backend_count: u32::try_from(s.backends.len()).unwrap_or(0),
-                flags: match (s.l7 && config.engine_addr.is_some(), s.l7_fail_closed) {
-                    (false, _) => 0,
-                    (true, false) => service_flags::L7,
-                    (true, true) => service_flags::L7 | service_flags::L7_FAIL_CLOSED,
-                },
-                _pad: 0,
-            },
-        );
-        for (slot, (_, ip, port)) in s.backends.iter().enumerate() {
-            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-            want.maps.backends.insert(
-                BackendKey {
-                    service_id: s.id,
-                    slot,
-                },
-                Backend {
-                    ip_be: u32::from(*ip).to_be(),
-                    port_be: port.to_be(),
-                    _pad: 0,
-                },
-            );
-        }
-    }
-    want.maps.policy.clone_from(&node.policy);
+        dir.map(|d| crate::cgroups::subtree_ids(d))
+            .unwrap_or_default()
+    };
+    let want = ebpf::desired::desired(node, facts, cgroup_ids);
     let report = dp.apply(&want)?;
     if report.inserted + report.removed > 0 {
         tracing::info!(

@@ -20,6 +20,7 @@
 //! A restarted agent of the same build finds the links pinned and adopts everything without
 //! touching the kernel's attachments; an agent of another build upgrades them in place
 //! ([`generation`]). Either way established connections never notice the agent was gone.
+pub mod desired;
 pub mod generation;
 mod raw;
 pub mod selftest;

@@ -77,6 +77,19 @@ impl Workload {
         self.mtls == MtlsMode::Strict
     }
 
+    /// mTLS mode DISABLE: never reached through the tunnel.
+    #[must_use]
+    pub fn mtls_disabled(&self) -> bool {
+        self.mtls == MtlsMode::Disable
+    }
+
+    /// Whether its sockets use the socket fast path on a kernel whose self-test passed
+    /// (`kernel_ok`) or failed.
+    #[must_use]
+    pub fn socket_fast_path_allowed(&self, kernel_ok: bool) -> bool {
+        self.socket_fast_path.allowed(kernel_ok)
+    }
+
     #[must_use]
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -273,6 +286,15 @@ fn stable_id(s: &str, taken: &BTreeSet<u32>) -> u32 {
 }
 
 #[must_use]
+/// The state of node `node` for the objects in `yaml`, for tests of the layers above.
+#[cfg(test)]
+pub(crate) fn build_from_yaml(yaml: &str, node: &str) -> NodeState {
+    let mut set = ObjectSet::default();
+    set.add_yaml("test", yaml);
+    assert!(set.errors.is_empty(), "{:?}", set.errors);
+    build(&set, node, Path::new("/nonexistent"))
+}
+
 pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     let mut state = NodeState {
         node: node.to_owned(),
