@@ -236,7 +236,7 @@ impl OrigDst for KernelOrigDst {
                 u32::from_be(info.orig_dst_ip_be).into(),
                 u16::from_be(info.orig_dst_port_be),
             ),
-            src_workload: info.src_workload,
+            src_workload: state::WorkloadId(info.src_workload),
         })
     }
 }
@@ -768,7 +768,7 @@ fn kernel_snapshot(
     failures: u64,
 ) -> KernelSnapshot {
     let name = |id: u32| {
-        node.workload(id).map_or_else(
+        node.workload(state::WorkloadId(id)).map_or_else(
             || {
                 if id == ENGINE_WORKLOAD {
                     ("weft-system".to_owned(), "l7-engine".to_owned())

@@ -11,7 +11,7 @@ use mesh_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::state::NodeState;
+use crate::state::{NodeState, RuleId, ServiceId, WorkloadId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
@@ -92,7 +92,7 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
     match reason_code {
         reason::UNMESHED_SOURCE => "source is not meshed".into(),
         reason::OUTSIDE_MESH => "destination is outside the mesh".into(),
-        reason::POLICY => state.rule(rule_id).map_or_else(
+        reason::POLICY => state.rule(RuleId(rule_id)).map_or_else(
             || format!("policy rule #{rule_id}"),
             |r| r.description.clone(),
         ),
@@ -106,7 +106,7 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
         reason::ENGINE_DOWN => {
             "L7 engine down and the service's L7 policy fails closed: refused".into()
         }
-        reason::DRY_RUN => state.rule(rule_id).map_or_else(
+        reason::DRY_RUN => state.rule(RuleId(rule_id)).map_or_else(
             || format!("dry-run policy rule #{rule_id}"),
             |r| format!("{} (dry run: not enforced)", r.description),
         ),
@@ -129,7 +129,7 @@ fn peer(state: &NodeState, ip_be: u32, port: u16) -> Peer {
 
 fn service_name(state: &NodeState, id: u32) -> Option<String> {
     state
-        .service(id)
+        .service(ServiceId(id))
         .map(|s| format!("{}/{}:{}", s.namespace, s.name, s.port))
 }
 
@@ -187,10 +187,10 @@ impl FlowTable {
             .map(|(k, v)| FlowView {
                 src: Peer {
                     workload: state
-                        .workload(k.src_workload)
+                        .workload(WorkloadId(k.src_workload))
                         .map(crate::state::Workload::key),
                     ip: state
-                        .workload(k.src_workload)
+                        .workload(WorkloadId(k.src_workload))
                         .and_then(|w| w.ip)
                         .unwrap_or(Ipv4Addr::UNSPECIFIED),
                     port: 0,

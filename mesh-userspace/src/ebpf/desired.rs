@@ -75,7 +75,7 @@ pub fn desired(
         maps.endpoints.insert(
             be(ip),
             Endpoint {
-                workload_id: w.id,
+                workload_id: w.id.get(),
                 flags: endpoint_flags::REMOTE | strict,
             },
         );
@@ -98,13 +98,13 @@ pub fn desired(
             maps.endpoints.insert(
                 be(ip),
                 Endpoint {
-                    workload_id: w.id,
+                    workload_id: w.id.get(),
                     flags: endpoint_flags::LOCAL | strict | socket_fast,
                 },
             );
         }
         let identity = CgroupIdentity {
-            workload_id: w.id,
+            workload_id: w.id.get(),
             flags: 0,
         };
         if let Some(cookie) = node.netns.get(&w.id) {
@@ -114,13 +114,20 @@ pub fn desired(
             maps.cgroups.insert(id, identity);
         }
     }
+    services(maps, node, facts.engine.is_some());
+    maps.policy.clone_from(&node.policy);
+    want
+}
+
+/// Service VIPs and their backends; L7 flags only when an engine runs to take the traffic.
+fn services(maps: &mut super::MapContents, node: &NodeState, engine: bool) {
     for s in &node.services {
         let key = ServiceKey {
             vip_be: be(s.vip),
             port_be: s.port.to_be(),
             _pad: 0,
         };
-        let flags = match (s.l7 && facts.engine.is_some(), s.l7_fail_closed) {
+        let flags = match (s.l7 && engine, s.l7_fail_closed) {
             (false, _) => 0,
             (true, false) => service_flags::L7,
             (true, true) => service_flags::L7 | service_flags::L7_FAIL_CLOSED,
@@ -128,7 +135,7 @@ pub fn desired(
         maps.services.insert(
             key,
             ServiceValue {
-                service_id: s.id,
+                service_id: s.id.get(),
                 backend_count: u32::try_from(s.backends.len()).unwrap_or(0),
                 flags,
                 _pad: 0,
@@ -137,7 +144,7 @@ pub fn desired(
         for (slot, (_, ip, port)) in s.backends.iter().enumerate() {
             maps.backends.insert(
                 BackendKey {
-                    service_id: s.id,
+                    service_id: s.id.get(),
                     slot: u32::try_from(slot).unwrap_or(u32::MAX),
                 },
                 Backend {
@@ -148,8 +155,6 @@ pub fn desired(
             );
         }
     }
-    maps.policy.clone_from(&node.policy);
-    want
 }
 
 fn be(ip: Ipv4Addr) -> u32 {

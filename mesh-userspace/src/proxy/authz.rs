@@ -165,7 +165,7 @@ mod tests {
 
     fn peer(ns: &str, sa: &str) -> MeshPeer {
         MeshPeer {
-            workload: 1,
+            workload: crate::state::WorkloadId(1),
             key: format!("{ns}/p"),
             identity: SpiffeId::workload(&TrustDomain::default(), ns, sa),
             local: true,

@@ -20,6 +20,7 @@ pub mod strict;
 pub mod trace;
 pub mod tunnel;
 
+use crate::state::WorkloadId;
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, SocketAddrV4},
@@ -62,7 +63,7 @@ pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
 pub struct Redirected {
     /// The address the application connected to (a service VIP and port).
     pub orig_dst: SocketAddrV4,
-    pub src_workload: u32,
+    pub src_workload: WorkloadId,
 }
 
 /// Where the engine learns a redirected connection's original destination.
@@ -323,7 +324,7 @@ impl Engine {
     async fn tunnel_to(
         &self,
         snapshot: &Snapshot,
-        src: u32,
+        src: WorkloadId,
         peer: &snapshot::MeshPeer,
         target: SocketAddrV4,
         client: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
@@ -503,7 +504,7 @@ pub struct ConnCtx {
     /// Source workload (namespace, name).
     pub src: (String, String),
     /// Source workload id (the kernel's).
-    pub src_workload: u32,
+    pub src_workload: WorkloadId,
     id: u64,
     /// Metric handles per route used on this connection (keyed by target and rule identity;
     /// the `Arc<Target>` keeps the key's addresses valid).

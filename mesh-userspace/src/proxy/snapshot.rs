@@ -16,7 +16,7 @@ use mesh_common::{PolicyKey, PolicyValue};
 use crate::{
     identity::SpiffeId,
     state::{
-        L7Service, NodeState, ServiceRef,
+        L7Service, NodeState, ServiceRef, WorkloadId,
         policy::{HashKey, ServicePolicy},
         routes::{BackendTarget, RouteTable},
     },
@@ -108,7 +108,7 @@ pub struct Snapshot {
     /// Every service by VIP and port, for connections whose service lost its L7 policy.
     pub plain: HashMap<SocketAddrV4, Arc<Pool>>,
     /// Workload id → (namespace, name), for metric labels.
-    pub workloads: HashMap<u32, (String, String)>,
+    pub workloads: HashMap<WorkloadId, (String, String)>,
     /// Meshed pods and the authorization matrix, for the tunnel.
     pub mesh: MeshView,
     pub trust_domain: crate::identity::TrustDomain,
@@ -139,7 +139,7 @@ impl Snapshot {
 /// A meshed pod as the tunnel sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshPeer {
-    pub workload: u32,
+    pub workload: WorkloadId,
     /// `namespace/name`.
     pub key: String,
     pub identity: SpiffeId,
@@ -158,7 +158,7 @@ pub struct MeshPeer {
 pub struct MeshView {
     by_ip: HashMap<Ipv4Addr, MeshPeer>,
     by_key: HashMap<String, Ipv4Addr>,
-    by_id: HashMap<u32, Ipv4Addr>,
+    by_id: HashMap<WorkloadId, Ipv4Addr>,
     policy: BTreeMap<PolicyKey, PolicyValue>,
 }
 
@@ -216,7 +216,7 @@ impl MeshView {
     }
 
     #[must_use]
-    pub fn by_id(&self, id: u32) -> Option<&MeshPeer> {
+    pub fn by_id(&self, id: WorkloadId) -> Option<&MeshPeer> {
         self.by_ip.get(self.by_id.get(&id)?)
     }
 
@@ -224,10 +224,10 @@ impl MeshView {
     /// port, then any port, then the mesh default (allow): `FAST`, `DENY` or `AUDIT` (allowed;
     /// a dry-run policy would deny).
     #[must_use]
-    pub fn verdict(&self, src: u32, dst: u32, port: u16) -> u8 {
+    pub fn verdict(&self, src: WorkloadId, dst: WorkloadId, port: u16) -> u8 {
         let key = |port| PolicyKey {
-            src_workload: src,
-            dst_workload: dst,
+            src_workload: src.get(),
+            dst_workload: dst.get(),
             dst_port_host: port,
             _pad: 0,
         };

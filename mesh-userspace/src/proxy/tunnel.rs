@@ -8,6 +8,7 @@
 //! (`weft-source`) has exactly the client certificate's SPIFFE ID, that the destination is one of
 //! its pods with the identity it presented, and the authorization policy; then it connects to
 //! the pod and copies bytes both ways. Plain L4: no HTTP is parsed inside the stream.
+use crate::state::WorkloadId;
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
@@ -367,7 +368,7 @@ impl Tunnel {
 pub struct TunnelConnector {
     pub tunnel: Arc<Tunnel>,
     pub snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
-    pub source: u32,
+    pub source: WorkloadId,
 }
 
 /// A tunnel stream as an HTTP client connection.

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mesh_common::{PolicyKey, PolicyValue, verdict};
 
-use super::{RuleInfo, Workload};
+use super::{RuleId, RuleInfo, Workload};
 use crate::api::{
     ObjectSet,
     objects::{Action, AuthorizationPolicy, DEFAULT_DENY_LABEL, Source, selector_matches},
@@ -114,7 +114,7 @@ pub(super) fn policy_matrix(
             let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
             ids.insert((name.clone(), Some(i)), id);
             rules.push(RuleInfo {
-                id,
+                id: RuleId(id),
                 policy: name.clone(),
                 action: action.into(),
                 rule: Some(i),
@@ -125,7 +125,7 @@ pub(super) fn policy_matrix(
             let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
             ids.insert((name.clone(), None), id);
             rules.push(RuleInfo {
-                id,
+                id: RuleId(id),
                 policy: name.clone(),
                 action: "DENY".into(),
                 rule: None,
@@ -140,7 +140,7 @@ pub(super) fn policy_matrix(
         let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
         ids.insert((format!("namespace {ns}"), None), id);
         rules.push(RuleInfo {
-            id,
+            id: RuleId(id),
             policy: format!("namespace {ns}"),
             action: "DENY".into(),
             rule: None,
@@ -177,8 +177,8 @@ pub(super) fn policy_matrix(
             for &port in &ports {
                 let (v, rule_id) = decide(&applying, src, port, &ids, deny_by_default);
                 let key = PolicyKey {
-                    src_workload: src.id,
-                    dst_workload: dst.id,
+                    src_workload: src.id.get(),
+                    dst_workload: dst.id.get(),
                     dst_port_host: port,
                     _pad: 0,
                 };

@@ -5,6 +5,7 @@
 //! `validate` is where every object is judged; `build` applies only what it accepts.
 pub mod access;
 mod authz;
+mod ids;
 mod l7;
 pub mod policy;
 pub mod routes;
@@ -35,6 +36,7 @@ use crate::{
 };
 pub use authz::policy_entries;
 use authz::{l7_attribute_problems, policy_matrix};
+pub use ids::{RuleId, ServiceId, WorkloadId};
 use l7::l7_services;
 use services::service_ports;
 use workloads::{
@@ -45,7 +47,7 @@ use workloads::{
 /// pinned counters keep their meaning.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Workload {
-    pub id: u32,
+    pub id: WorkloadId,
     pub namespace: String,
     pub name: String,
     pub service_account: String,
@@ -107,14 +109,14 @@ pub struct NodeInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
-    pub id: u32,
+    pub id: ServiceId,
     pub namespace: String,
     pub name: String,
     pub port_name: Option<String>,
     pub vip: Ipv4Addr,
     pub port: u16,
     /// Ready backends: (workload id, address, target port).
-    pub backends: Vec<(u32, Ipv4Addr, u16)>,
+    pub backends: Vec<(WorkloadId, Ipv4Addr, u16)>,
     /// The port's `appProtocol` (e.g. `http`, `kubernetes.io/h2c`, `grpc`, `tcp`): the engine
     /// skips protocol detection when it is set.
     pub app_protocol: Option<String>,
@@ -150,7 +152,7 @@ impl fmt::Display for ServiceRef {
 /// traffic policy compiled; the engine never reads the objects they came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct L7Service {
-    pub service_id: u32,
+    pub service_id: ServiceId,
     pub namespace: String,
     pub name: String,
     pub port: u16,
@@ -199,7 +201,7 @@ fn policy_name<S: serde::Serializer>(
 /// Why a policy entry exists; `/flows` shows it next to each verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleInfo {
-    pub id: u32,
+    pub id: RuleId,
     pub policy: String,
     pub action: String,
     /// Index of the rule in the policy, `None` for "no ALLOW rule matched".
@@ -227,7 +229,7 @@ pub struct NodeState {
     /// Network namespace cookies of this node's pods, by workload id, as the CNI plugin
     /// reported them (pods known by their namespace before their cgroup is).
     #[serde(skip)]
-    pub netns: BTreeMap<u32, u64>,
+    pub netns: BTreeMap<WorkloadId, u64>,
     /// Objects that were understood but cannot be applied, with the reason.
     pub problems: Vec<String>,
     /// The verdict on every Weft object and route (`validate::findings`): only accepted ones
@@ -237,7 +239,7 @@ pub struct NodeState {
 
 impl NodeState {
     #[must_use]
-    pub fn workload(&self, id: u32) -> Option<&Workload> {
+    pub fn workload(&self, id: WorkloadId) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.id == id)
     }
 
@@ -260,12 +262,12 @@ impl NodeState {
     }
 
     #[must_use]
-    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
+    pub fn rule(&self, id: RuleId) -> Option<&RuleInfo> {
         self.rules.iter().find(|r| r.id == id)
     }
 
     #[must_use]
-    pub fn service(&self, id: u32) -> Option<&ServicePort> {
+    pub fn service(&self, id: ServiceId) -> Option<&ServicePort> {
         self.services.iter().find(|s| s.id == id)
     }
 }
@@ -504,7 +506,15 @@ spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80, targetPo
 ";
 
     fn verdict_of(state: &NodeState, src: &str, dst: &str, port: u16) -> Option<u8> {
-        let id = |n: &str| state.workloads.iter().find(|w| w.name == n).unwrap().id;
+        let id = |n: &str| {
+            state
+                .workloads
+                .iter()
+                .find(|w| w.name == n)
+                .unwrap()
+                .id
+                .get()
+        };
         let key = |port| PolicyKey {
             src_workload: id(src),
             dst_workload: id(dst),
@@ -562,7 +572,7 @@ spec:
             .unwrap();
         assert!(
             state
-                .rule(audit.rule_id)
+                .rule(RuleId(audit.rule_id))
                 .unwrap()
                 .policy
                 .ends_with("audit-batch")
@@ -693,7 +703,7 @@ status: {podIP: 198.18.1.23, phase: Running, conditions: [{type: Ready, status: 
         let a = build(&objects(PODS), "n1", Path::new("/x"));
         let b = build(&objects(PODS), "n1", Path::new("/x"));
         assert_eq!(a.workloads, b.workloads);
-        assert!(a.workloads.iter().all(|w| w.id != 0));
+        assert!(a.workloads.iter().all(|w| w.id != WorkloadId(0)));
     }
 
     #[test]
@@ -736,12 +746,24 @@ spec:
         assert_eq!(verdict_of(&s, "db", "web", 8080), Some(verdict::FAST));
         // The reason is recorded.
         let key = PolicyKey {
-            src_workload: s.workloads.iter().find(|w| w.name == "web").unwrap().id,
-            dst_workload: s.workloads.iter().find(|w| w.name == "db").unwrap().id,
+            src_workload: s
+                .workloads
+                .iter()
+                .find(|w| w.name == "web")
+                .unwrap()
+                .id
+                .get(),
+            dst_workload: s
+                .workloads
+                .iter()
+                .find(|w| w.name == "db")
+                .unwrap()
+                .id
+                .get(),
             dst_port_host: 0,
             _pad: 0,
         };
-        let rule = s.rule(s.policy[&key].rule_id).unwrap();
+        let rule = s.rule(RuleId(s.policy[&key].rule_id)).unwrap();
         assert!(
             rule.description.contains("no ALLOW rule matched"),
             "{rule:?}"
@@ -757,8 +779,8 @@ spec:
     const PORTS: [u16; 3] = [80, 443, 8080];
 
     fn workloads_fixture() -> Vec<Workload> {
-        let w = |id, ns: &str, name: &str, app: &str, sa: &str| Workload {
-            id,
+        let w = |id: u32, ns: &str, name: &str, app: &str, sa: &str| Workload {
+            id: WorkloadId(id),
             namespace: ns.into(),
             name: name.into(),
             service_account: sa.into(),
@@ -895,7 +917,7 @@ spec:
             for src in &ws {
                 for dst in &ws {
                     for port in [80, 443, 8080, 9999] {
-                        let key = |p| PolicyKey { src_workload: src.id, dst_workload: dst.id, dst_port_host: p, _pad: 0 };
+                        let key = |p| PolicyKey { src_workload: src.id.get(), dst_workload: dst.id.get(), dst_port_host: p, _pad: 0 };
                         // The connect4 lookup: exact port, then "any other port", then the default.
                         let got = entries.get(&key(port)).or_else(|| entries.get(&key(0))).map_or(verdict::FAST, |v| v.verdict);
                         prop_assert_eq!(got, naive(&policies, src, dst, port), "{} -> {}:{}", src.name, dst.name, port);

@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{ServicePort, Workload, stable_id};
+use super::{ServiceId, ServicePort, Workload, stable_id};
 
 /// Whether a pod is a Service endpoint, as Kubernetes' endpoints controller decides: not while
 /// it terminates (`deletionTimestamp`), not once it has finished, not while its `Ready`
@@ -85,7 +85,7 @@ pub(super) fn service_ports(
         let id = stable_id(&key, taken);
         taken.insert(id);
         out.push(ServicePort {
-            id,
+            id: ServiceId(id),
             namespace: namespace.clone(),
             name: name.clone(),
             port_name: port.name.clone(),

@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{NodeInfo, NodeState, Workload, stable_id};
+use super::{NodeInfo, NodeState, Workload, WorkloadId, stable_id};
 use crate::{
     api::{
         ObjectSet,
@@ -143,7 +143,7 @@ pub(super) fn workload_of(
     let id = stable_id(&key, taken);
     taken.insert(id);
     Ok(Workload {
-        id,
+        id: WorkloadId(id),
         cgroup: local.then(|| node_cgroup.join(format!("{namespace}_{name}"))),
         uid: pod.metadata.uid.clone(),
         meshed: !disabled && !opted_out_ns.contains(&namespace),

@@ -1,5 +1,6 @@
 //! Forwarding to an endpoint: pooled HTTP/1.1 and HTTP/2 clients, hop-by-hop headers,
 //! protocol upgrades (WebSocket), mirrors.
+use crate::state::WorkloadId;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -69,7 +70,11 @@ pub enum SendError {
 impl super::retries::Upstream for Engine {
     type Body = Incoming;
 
-    async fn forward(&self, src: u32, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    async fn forward(
+        &self,
+        src: WorkloadId,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
         self.send(src, req).await
     }
 }
@@ -79,7 +84,7 @@ impl Engine {
     /// the request is HTTP/2); to a pod of another node through the tunnel, as `src`.
     pub async fn send(
         &self,
-        src: u32,
+        src: WorkloadId,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         strip_hop_by_hop(req.headers_mut());

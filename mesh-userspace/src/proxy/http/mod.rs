@@ -1,6 +1,7 @@
 //! HTTP/1.1 and HTTP/2 (gRPC included) through the engine: routes, traffic policy, golden
 //! metrics. One hyper server connection per client connection; upstream requests go through
 //! pooled hyper clients (HTTP/1.1 keep-alive, HTTP/2 multiplexed) straight to endpoints.
+use crate::state::WorkloadId;
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -45,7 +46,7 @@ pub struct Upstreams {
     h2: Client<LegConnector, Body>,
     /// (source workload, HTTP/2) → client over the tunnel.
     tunneled: std::sync::Mutex<
-        std::collections::HashMap<(u32, bool), Client<super::tunnel::TunnelConnector, Body>>,
+        std::collections::HashMap<(WorkloadId, bool), Client<super::tunnel::TunnelConnector, Body>>,
     >,
 }
 
@@ -82,7 +83,7 @@ impl Upstreams {
     fn tunneled(
         &self,
         connector: impl FnOnce() -> super::tunnel::TunnelConnector,
-        source: u32,
+        source: WorkloadId,
         h2: bool,
     ) -> Client<super::tunnel::TunnelConnector, Body> {
         let mut clients = self

@@ -1,5 +1,6 @@
 //! Attempts: connect-failure and idempotent-request retries to other endpoints, the retry
 //! policy and budget, per-try timeouts, the circuit breaker and outlier detection.
+use crate::state::WorkloadId;
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
@@ -40,7 +41,7 @@ pub(crate) trait Upstream: Sync {
     /// Sends one try for source workload `src`.
     fn forward(
         &self,
-        src: u32,
+        src: WorkloadId,
         req: Request<Body>,
     ) -> impl std::future::Future<Output = Result<Response<Self::Body>, SendError>> + Send;
 }
@@ -51,7 +52,7 @@ pub(super) struct Attempts<'a, U> {
     pub(super) upstream: &'a U,
     pub(super) metrics: &'a L7Metrics,
     /// The source workload.
-    pub(super) src: u32,
+    pub(super) src: WorkloadId,
     pub(super) pool: &'a Pool,
     pub(super) budget: Option<&'a RetryBudget>,
     /// Tries the route's policy allows (the first included).
@@ -418,7 +419,7 @@ mod tests {
 
         async fn forward(
             &self,
-            _src: u32,
+            _src: crate::state::WorkloadId,
             req: Request<Body>,
         ) -> Result<Response<Body>, SendError> {
             let authority = req.uri().authority().unwrap().as_str().to_owned();
@@ -491,7 +492,7 @@ mod tests {
         let tries = Attempts {
             upstream: script,
             metrics: &metrics,
-            src: 7,
+            src: crate::state::WorkloadId(7),
             pool,
             budget,
             allowed: retries.map_or(1, |r| r.attempts),
