@@ -18,6 +18,7 @@ use hyper_util::{
 use super::{FastPath, io::LegConnector};
 
 mod body;
+mod faults;
 mod forward;
 mod pipeline;
 mod retries;

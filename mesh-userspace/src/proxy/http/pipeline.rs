@@ -399,33 +399,19 @@ pub(super) async fn route_request(
     }
     let trace = super::super::trace::propagate(req.headers_mut());
 
-    // Faults.
+    // Faults and the rate limit: answers without a try.
+    let counts = super::faults::Counts {
+        faults: &m.faults,
+        rate_limited: &m.rate_limited,
+        route: &labels.route,
+    };
     let settings = policy.map(|p| &p.settings);
-    if let Some(d) = settings.and_then(|p| p.delay.as_ref())
-        && roll(d.percent)
+    if let Some(s) = settings
+        && let Some(resp) = super::faults::inject(s, &counts, grpc).await
     {
-        m.faults.get_or_create(&labels.route).inc();
-        tokio::time::sleep(d.fixed).await;
+        return resp;
     }
-    if let Some(a) = settings.and_then(|p| p.abort.as_ref())
-        && roll(a.percent)
-    {
-        m.faults.get_or_create(&labels.route).inc();
-        if grpc && let Some(code) = a.grpc_status {
-            return grpc_reply(code, "fault injected");
-        }
-        let status = StatusCode::from_u16(a.http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return local_reply(status, grpc, "fault injected");
-    }
-    // Local rate limit.
-    if let Some(bucket) = policy.and_then(|p| p.bucket.as_ref())
-        && let Err(wait) = bucket.try_acquire()
-    {
-        m.rate_limited.get_or_create(&labels.route).inc();
-        let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, grpc, "rate limited");
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    if let Some(resp) = policy.and_then(|p| super::faults::rate_limit(p, &counts, grpc)) {
         return resp;
     }
 
@@ -542,14 +528,7 @@ pub(super) async fn route_request(
         route: &labels.route,
         grpc,
     };
-    let run = tries.run(parts, body);
-    let mut resp = match timeout {
-        Some(t) => match tokio::time::timeout(t, run).await {
-            Ok(r) => r,
-            Err(_) => local_reply(StatusCode::GATEWAY_TIMEOUT, grpc, "request timeout"),
-        },
-        None => run.await,
-    };
+    let mut resp = super::faults::within(timeout, grpc, tries.run(parts, body)).await;
     if client_body_failed.load(std::sync::atomic::Ordering::Relaxed)
         && resp.status().is_server_error()
     {
