@@ -205,8 +205,17 @@ fn missing_service(services: &Services, ns: &str, name: &str, port: Option<i64>)
     let Some(svc) = services.get(&(ns.to_owned(), name.to_owned())) else {
         return Some(format!("Service {ns}/{name} does not exist"));
     };
-    let ports: Vec<i32> = svc
-        .spec
+    let spec = svc.spec.as_ref();
+    if spec
+        .and_then(|s| s.cluster_ip.as_deref())
+        .is_none_or(|ip| ip.is_empty() || ip == "None")
+    {
+        return Some(format!(
+            "Service {ns}/{name} has no cluster IP (headless or ExternalName): the mesh routes and \
+             applies policy at a Service's cluster IP, so nothing reaches it this way"
+        ));
+    }
+    let ports: Vec<i32> = spec
         .iter()
         .flat_map(|s| s.ports.iter().flatten())
         .map(|p| p.port)
@@ -613,7 +622,8 @@ mod tests {
 
     fn svc(name: &str, port: i32) -> Service {
         serde_saphyr::from_str(&format!(
-            "metadata: {{name: {name}, namespace: default}}\nspec: {{ports: [{{port: {port}}}]}}"
+            "metadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: 198.19.0.1, ports: [{{port: {port}}}]}}"
         ))
         .unwrap()
     }
@@ -634,6 +644,17 @@ mod tests {
                 "Service default/nope does not exist".into()
             ))
         );
+        let headless: Service = serde_saphyr::from_str(
+            "metadata: {name: db, namespace: default}\nspec: {clusterIP: None, ports: [{port: 5432}]}",
+        )
+        .unwrap();
+        let with_headless = [svc("web", 80), headless];
+        let v = traffic_policy(
+            &tp("h", 1, "{targetRef: {kind: Service, name: db}}"),
+            &[],
+            &super::services(&with_headless),
+        );
+        assert!(v.unresolved.unwrap().1.contains("has no cluster IP"));
         let port = tp("c", 1, "{targetRef: {kind: Service, name: web, port: 81}}");
         let v = traffic_policy(&port, &[], &services);
         assert!(v.unresolved.unwrap().1.contains("no port 81"));
@@ -656,12 +677,18 @@ mod tests {
         let p = tp(
             "a",
             1,
-            "{targetRef: {kind: Service, name: web}, timeout: 1s, retries: {attempts: 0, perTryTimeout: 2s}, \
+            "{targetRef: {kind: Service, name: web}, timeout: 1s, \
+             retries: {attempts: 0, perTryTimeout: 2s, on: [5xx, sometimes]}, \
              loadBalancer: {algorithm: RingHash}}",
         );
         let (reason, message) = traffic_policy(&p, &[], &BTreeMap::new()).rejected.unwrap();
         assert_eq!(reason, "Invalid");
-        for part in ["attempts", "perTryTimeout", "RingHash"] {
+        for part in [
+            "attempts",
+            "perTryTimeout",
+            "RingHash",
+            "sometimes not a retry condition",
+        ] {
             assert!(message.contains(part), "{message}");
         }
         let wrong_kind = tp("b", 1, "{targetRef: {kind: Deployment, name: web}}");
