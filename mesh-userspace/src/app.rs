@@ -448,9 +448,12 @@ fn sync_loop(
             fresh = true;
         }
         if fresh {
-            cni_addresses.retain(|(ns, name), _| pod_lacks_address(&objects, ns, name));
-            let (built, errors) =
-                load(&with_addresses(&objects, &cni_addresses), config, snapshots);
+            cni_addresses.retain(|(ns, name), _| state::pod_lacks_address(&objects, ns, name));
+            let (built, errors) = load(
+                &state::with_addresses(&objects, &cni_addresses),
+                config,
+                snapshots,
+            );
             node = built;
             // Pods that are gone take their namespace's cookie with them.
             netns_cookies.retain(|key, _| node.workloads.iter().any(|w| w.key() == *key));
@@ -559,42 +562,6 @@ fn sync_loop(
     {
         tracing::warn!(error = %e, "could not mark the engine down; the kernel notices within 3 s");
     }
-}
-
-/// Whether pod `namespace/name` is known and has no address yet.
-fn pod_lacks_address(objects: &crate::api::ObjectSet, namespace: &str, name: &str) -> bool {
-    objects.pods.iter().any(|p| {
-        p.metadata.namespace.as_deref().unwrap_or("default") == namespace
-            && p.metadata.name.as_deref() == Some(name)
-            && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_none()
-    })
-}
-
-/// `objects` with the addresses the CNI plugin reported filled into pods that lack one.
-fn with_addresses(
-    objects: &crate::api::ObjectSet,
-    addresses: &BTreeMap<(String, String), std::net::Ipv4Addr>,
-) -> crate::api::ObjectSet {
-    if addresses.is_empty() {
-        return objects.clone();
-    }
-    let mut out = objects.clone();
-    for pod in &mut out.pods {
-        let key = (
-            pod.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            pod.metadata.name.clone().unwrap_or_default(),
-        );
-        if let Some(ip) = addresses.get(&key) {
-            let status = pod.status.get_or_insert_with(Default::default);
-            if status.pod_ip.is_none() {
-                status.pod_ip = Some(ip.to_string());
-            }
-        }
-    }
-    out
 }
 
 /// Whether an enrolled pod is in the kernel now: its workload known, and (a local meshed pod)

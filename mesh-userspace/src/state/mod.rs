@@ -42,6 +42,7 @@ use services::service_ports;
 use workloads::{
     labelled_namespaces, mesh_settings, namespace_settings, nodes, pod_setting, workload_of,
 };
+pub use workloads::{pod_lacks_address, with_addresses};
 
 /// A pod of the mesh. `id` is stable across agent restarts (derived from namespace/name), so
 /// pinned counters keep their meaning.

@@ -216,3 +216,85 @@ pub(super) fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
     let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
     Some((ip.parse().ok()?, len))
 }
+/// Whether pod `namespace/name` is known and has no address yet.
+#[must_use]
+pub fn pod_lacks_address(objects: &ObjectSet, namespace: &str, name: &str) -> bool {
+    objects.pods.iter().any(|p| {
+        p.metadata.namespace.as_deref().unwrap_or("default") == namespace
+            && p.metadata.name.as_deref() == Some(name)
+            && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_none()
+    })
+}
+
+/// `objects` with the addresses the CNI plugin reported filled into pods that lack one.
+#[must_use]
+pub fn with_addresses(
+    objects: &ObjectSet,
+    addresses: &BTreeMap<(String, String), std::net::Ipv4Addr>,
+) -> ObjectSet {
+    if addresses.is_empty() {
+        return objects.clone();
+    }
+    let mut out = objects.clone();
+    for pod in &mut out.pods {
+        let key = (
+            pod.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        if let Some(ip) = addresses.get(&key) {
+            let status = pod.status.get_or_insert_with(Default::default);
+            if status.pod_ip.is_none() {
+                status.pod_ip = Some(ip.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_addresses_fill_only_pods_without_one() {
+        let mut set = ObjectSet::default();
+        set.add_yaml(
+            "test",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: new, namespace: shop}\nspec: {nodeName: n1}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: old, namespace: shop}\nspec: {nodeName: n1}\n\
+             status: {podIP: 198.18.1.2}\n",
+        );
+        assert!(set.errors.is_empty(), "{:?}", set.errors);
+        assert!(pod_lacks_address(&set, "shop", "new"));
+        assert!(!pod_lacks_address(&set, "shop", "old"));
+        assert!(!pod_lacks_address(&set, "shop", "unknown"));
+        let reported: BTreeMap<_, _> = [
+            (
+                ("shop".to_owned(), "new".to_owned()),
+                Ipv4Addr::new(198, 18, 1, 3),
+            ),
+            (
+                ("shop".to_owned(), "old".to_owned()),
+                Ipv4Addr::new(198, 18, 1, 9),
+            ),
+        ]
+        .into();
+        let filled = with_addresses(&set, &reported);
+        let ip = |name: &str| {
+            filled
+                .pods
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(name))
+                .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+        };
+        assert_eq!(ip("new").as_deref(), Some("198.18.1.3"));
+        assert_eq!(
+            ip("old").as_deref(),
+            Some("198.18.1.2"),
+            "kubelet's address wins"
+        );
+    }
+}
