@@ -9,7 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_common::ENGINE_WORKLOAD;
 use prometheus_client::registry::Registry;
 
 use crate::{
@@ -734,20 +733,7 @@ fn kernel_snapshot(
     syncs: u64,
     failures: u64,
 ) -> KernelSnapshot {
-    let name = |id: u32| {
-        node.workload(state::WorkloadId(id)).map_or_else(
-            || {
-                if id == ENGINE_WORKLOAD {
-                    ("weft-system".to_owned(), "l7-engine".to_owned())
-                } else if id == 0 {
-                    (String::new(), "unmeshed".to_owned())
-                } else {
-                    (String::new(), format!("unknown-{id}"))
-                }
-            },
-            |w| (w.namespace.clone(), w.name.clone()),
-        )
-    };
+    let name = |id: u32| node.display_name(state::WorkloadId(id));
     let pairs = dp
         .pair_stats()
         .into_iter()

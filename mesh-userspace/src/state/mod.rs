@@ -244,6 +244,20 @@ impl NodeState {
         self.workloads.iter().find(|w| w.id == id)
     }
 
+    /// (namespace, name) of workload `id` for metric labels, also for the ids that name no
+    /// pod: the L7 engine, 0 (an unmeshed peer) and ids not known (yet).
+    #[must_use]
+    pub fn display_name(&self, id: WorkloadId) -> (String, String) {
+        match self.workload(id) {
+            Some(w) => (w.namespace.clone(), w.name.clone()),
+            None if id.get() == mesh_common::ENGINE_WORKLOAD => {
+                ("weft-system".to_owned(), "l7-engine".to_owned())
+            }
+            None if id.get() == 0 => (String::new(), "unmeshed".to_owned()),
+            None => (String::new(), format!("unknown-{id}")),
+        }
+    }
+
     #[must_use]
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.ip == Some(ip))
@@ -398,6 +412,21 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn display_names_cover_pods_the_engine_unmeshed_and_unknown_ids() {
+        let s = build_from_yaml(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\n\
+             spec: {nodeName: n1}\nstatus: {podIP: 198.18.1.2}\n",
+            "n1",
+        );
+        let web = s.workloads[0].id;
+        assert_eq!(s.display_name(web), ("shop".to_owned(), "web".to_owned()));
+        let engine = WorkloadId(mesh_common::ENGINE_WORKLOAD);
+        assert_eq!(s.display_name(engine).1, "l7-engine");
+        assert_eq!(s.display_name(WorkloadId(0)).1, "unmeshed");
+        assert_eq!(s.display_name(WorkloadId(7)).1, "unknown-7");
+    }
     #[allow(unused_imports, reason = "the tests reach into every part")]
     use super::{authz::*, l7::*, services::*, workloads::*};
     use crate::api::objects::{Action, AuthorizationPolicy, Source};
