@@ -67,6 +67,10 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+        /// Measure this weft binary instead of the one built from this tree (another build, to
+        /// compare two commits run for run).
+        #[arg(long, global = true)]
+        weft: Option<PathBuf>,
     },
     /// The compatibility matrix: socket patterns and real programs between two pods, without
     /// Weft, with Weft as users get it, and with the socket fast path forced on.
@@ -217,6 +221,20 @@ pub fn build(release: bool) -> Result<(PathBuf, PathBuf)> {
         .join("target")
         .join(if release { "release" } else { "debug" });
     Ok((dir.join("weft"), dir.join("weft-workload")))
+}
+
+/// The release binaries to measure: this tree's, or `weft` (another build) with this tree's
+/// test workload.
+fn bench_bins(weft: Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
+    let built = build(true)?;
+    match weft {
+        Some(other) => {
+            anyhow::ensure!(other.is_file(), "--weft {}: no such file", other.display());
+            step!("measuring {} instead of this tree's weft", other.display());
+            Ok((other, built.1))
+        }
+        None => Ok(built),
+    }
 }
 
 /// Regenerates what deploy/ holds from the code: the CRDs (into the chart) and the chart
@@ -374,23 +392,26 @@ fn main() -> Result<()> {
                     secs,
                     repeats,
                 },
+            weft,
         } => {
             ensure_setup()?;
-            let bins = build(true)?;
+            let bins = bench_bins(weft)?;
             bench::l4(&bins.0, &bins.1, secs, repeats, json.as_deref())
         }
         Cmd::Bench {
             which: BenchCmd::L7(args),
+            weft,
         } => {
             ensure_setup()?;
-            let bins = build(true)?;
+            let bins = bench_bins(weft)?;
             bench::l7(&bins.0, &bins.1, args.options(), args.json.as_deref())
         }
         Cmd::Bench {
             which: BenchCmd::Mtls(args),
+            weft,
         } => {
             ensure_setup()?;
-            let bins = build(true)?;
+            let bins = bench_bins(weft)?;
             bench::mtls(&bins.0, &bins.1, &args.options(), args.json.as_deref())
         }
     }

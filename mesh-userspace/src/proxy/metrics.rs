@@ -16,6 +16,20 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+#[cfg(test)]
+impl RouteLabels {
+    /// `shop/client` to `shop/web`, default route: the engine's tests' one route.
+    pub(crate) fn client_to_web() -> Self {
+        Self {
+            source_namespace: "shop".into(),
+            source_workload: "client".into(),
+            destination_namespace: "shop".into(),
+            destination_service: "web".into(),
+            route: "default".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     #[prometheus(flatten)]

@@ -80,13 +80,7 @@ mod tests {
     use crate::proxy::{http::empty, ratelimit::TokenBucket};
 
     fn route() -> RouteLabels {
-        RouteLabels {
-            source_namespace: "shop".into(),
-            source_workload: "client".into(),
-            destination_namespace: "shop".into(),
-            destination_service: "web".into(),
-            route: "default".into(),
-        }
+        RouteLabels::client_to_web()
     }
 
     #[tokio::test(start_paused = true)]

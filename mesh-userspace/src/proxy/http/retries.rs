@@ -464,13 +464,7 @@ mod tests {
     }
 
     fn route() -> RouteLabels {
-        RouteLabels {
-            source_namespace: "shop".into(),
-            source_workload: "client".into(),
-            destination_namespace: "shop".into(),
-            destination_service: "web".into(),
-            route: "default".into(),
-        }
+        RouteLabels::client_to_web()
     }
 
     struct Run {
