@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | build | test | demo | bench | manifests | envtest`.
+//! Project automation: `cargo xtask setup | build | test | demo | bench | fuzz | manifests | envtest`.
 //!
 //! Each command installs what it needs first (see `setup`), prints what it is doing, and leaves
 //! nothing behind on the machine but installed packages and tools.
@@ -14,6 +14,7 @@ mod compat;
 mod demo;
 mod e2e;
 mod envtest;
+mod fuzz;
 mod image;
 mod setup;
 mod tools;
@@ -71,6 +72,19 @@ enum Cmd {
         /// compare two commits run for run).
         #[arg(long, global = true)]
         weft: Option<PathBuf>,
+    },
+    /// Fuzz every parser that takes bytes from the network or from users (cargo-fuzz, installed
+    /// on first use), on the corpus kept in mesh-userspace/fuzz/corpus.
+    Fuzz {
+        /// Minutes in all, shared by the targets.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Write executions, corpus sizes and crashes as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The compatibility matrix: socket patterns and real programs between two pods, without
     /// Weft, with Weft as users get it, and with the socket fast path forced on.
@@ -343,6 +357,11 @@ fn test(args: &[String]) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Image => images().map(drop),
+        Cmd::Fuzz {
+            minutes,
+            target,
+            json,
+        } => fuzz::run_all(minutes, target.as_deref(), json.as_deref()),
         Cmd::Compat { json } => {
             ensure_setup()?;
             let (weft, workload) = build(false)?;

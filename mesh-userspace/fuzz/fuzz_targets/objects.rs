@@ -3,7 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weft::{api::ObjectSet, state};
+use weft::{
+    api::ObjectSet,
+    state::{self, WorkloadId},
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -12,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
     let node = state::build(&set, "n1", std::path::Path::new("/sys/fs/cgroup/unified/n1"));
     // Every policy entry must name workloads the state knows.
     for key in node.policy.keys() {
-        assert!(node.workload(key.src_workload).is_some() && node.workload(key.dst_workload).is_some());
+        assert!(
+            node.workload(WorkloadId(key.src_workload)).is_some()
+                && node.workload(WorkloadId(key.dst_workload)).is_some()
+        );
     }
 });

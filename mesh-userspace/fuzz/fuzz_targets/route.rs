@@ -11,9 +11,9 @@ use gateway_api::{
 };
 use hyper::http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 use libfuzzer_sys::fuzz_target;
-use weft::{
-    api::refs::ServiceRef,
-    proxy::route::{self, Compiled, RequestView},
+use weft::state::{
+    ServiceRef,
+    routes::{self as route, Compiled, RequestView},
 };
 
 fuzz_target!(|data: &[u8]| {
