@@ -96,13 +96,13 @@ impl Breaker {
     #[must_use]
     pub fn new(limits: Limits) -> Self {
         let gauges = [
-            Gauge::new(limits.max_pending_requests),
-            Gauge::new(limits.max_requests),
+            Gauge::new(limits.pending_requests.unwrap_or(u32::MAX)),
+            Gauge::new(limits.requests.unwrap_or(u32::MAX)),
         ];
-        let connections = (limits.max_connections != u32::MAX).then(|| {
-            let slots = usize::try_from(limits.max_connections).unwrap_or(usize::MAX);
+        let connections = limits.connections.map(|max| {
+            let slots = usize::try_from(max).unwrap_or(usize::MAX);
             let semaphore = Arc::new(Semaphore::new(slots.min(Semaphore::MAX_PERMITS)));
-            (semaphore, limits.max_connections)
+            (semaphore, max)
         });
         Self {
             gauges: Arc::new(gauges),
@@ -178,11 +178,13 @@ mod tests {
         send_sync::<ConnPermit>();
     };
 
-    fn breaker(max_connections: u32, max_pending_requests: u32, max_requests: u32) -> Breaker {
+    /// Caps of connections, pending and in-flight requests; `u32::MAX` is none.
+    fn breaker(connections: u32, pending: u32, requests: u32) -> Breaker {
+        let cap = |v: u32| (v != u32::MAX).then_some(v);
         Breaker::new(Limits {
-            max_connections,
-            max_pending_requests,
-            max_requests,
+            connections: cap(connections),
+            pending_requests: cap(pending),
+            requests: cap(requests),
         })
     }
 

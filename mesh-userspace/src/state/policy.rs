@@ -113,27 +113,25 @@ pub struct BudgetRule {
     pub window: Duration,
 }
 
-/// Caps for one backend service (see the `TrafficPolicy` field `circuitBreaker`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Caps for one backend service (the `TrafficPolicy` field `circuitBreaker`); `None` is no cap
+/// (the policy spells it 4294967295, its default), `Some(0)` admits nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
-    pub max_connections: u32,
-    pub max_pending_requests: u32,
-    pub max_requests: u32,
-}
-
-impl Default for Limits {
-    /// In effect unlimited, as the policy's own default.
-    fn default() -> Self {
-        Self::from(wire::Limits::default())
-    }
+    /// HTTP/1.1 upstream connections in use.
+    pub connections: Option<u32>,
+    /// Requests waiting for a connection.
+    pub pending_requests: Option<u32>,
+    /// Requests in flight, retries included.
+    pub requests: Option<u32>,
 }
 
 impl From<wire::Limits> for Limits {
     fn from(l: wire::Limits) -> Self {
+        let cap = |v: u32| (v != u32::MAX).then_some(v);
         Self {
-            max_connections: l.max_connections,
-            max_pending_requests: l.max_pending_requests,
-            max_requests: l.max_requests,
+            connections: cap(l.max_connections),
+            pending_requests: cap(l.max_pending_requests),
+            requests: cap(l.max_requests),
         }
     }
 }
@@ -379,7 +377,7 @@ mod tests {
         };
         let p = ServicePolicy::compile("shop", "web", &spec("{maxRequests: 5}").unwrap());
         let l = p.breaker.unwrap();
-        assert_eq!((l.max_requests, l.max_connections), (5, u32::MAX));
+        assert_eq!((l.requests, l.connections), (Some(5), None));
         assert!(spec("{maxRetries: 5}").is_err());
     }
 }
