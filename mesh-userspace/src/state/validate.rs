@@ -206,10 +206,11 @@ fn missing_service(services: &Services, ns: &str, name: &str, port: Option<i64>)
         return Some(format!("Service {ns}/{name} does not exist"));
     };
     let spec = svc.spec.as_ref();
-    if spec
-        .and_then(|s| s.cluster_ip.as_deref())
-        .is_none_or(|ip| ip.is_empty() || ip == "None")
-    {
+    // An absent clusterIP is allocated by the API server; `None` is a headless Service.
+    let headless = spec.is_some_and(|s| {
+        s.cluster_ip.as_deref() == Some("None") || s.type_.as_deref() == Some("ExternalName")
+    });
+    if headless {
         return Some(format!(
             "Service {ns}/{name} has no cluster IP (headless or ExternalName): the mesh routes and \
              applies policy at a Service's cluster IP, so nothing reaches it this way"
@@ -623,7 +624,7 @@ mod tests {
     fn svc(name: &str, port: i32) -> Service {
         serde_saphyr::from_str(&format!(
             "metadata: {{name: {name}, namespace: default}}\n\
-             spec: {{clusterIP: 198.19.0.1, ports: [{{port: {port}}}]}}"
+             spec: {{ports: [{{port: {port}}}]}}"
         ))
         .unwrap()
     }
