@@ -452,6 +452,7 @@ fn sync_loop(
                 &state::with_addresses(&objects, &cni_addresses),
                 config,
                 snapshots,
+                &node,
             );
             node = built;
             // Pods that are gone take their namespace's cookie with them.
@@ -597,8 +598,14 @@ fn load(
     objects: &crate::api::ObjectSet,
     config: &AgentConfig,
     snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
+    previous: &NodeState,
 ) -> (NodeState, Vec<String>) {
-    let mut node = state::build(objects, &config.node_name, &config.cgroup_path);
+    let mut node = state::build_after(
+        objects,
+        &config.node_name,
+        &config.cgroup_path,
+        Some(previous),
+    );
     let previous = snapshots.borrow().clone();
     let snapshot = Snapshot::build(&node, Some(&previous));
     node.problems.extend(snapshot.problems.iter().cloned());

@@ -45,14 +45,22 @@ pub(super) fn targeting<T: Clone>(
 
 /// The Services that need the L7 engine (routes, an accepted `TrafficPolicy`, L7 authorization
 /// or authentication), with what the engine applies to each.
+///
+/// A service whose inputs (the digest of every object that shapes it) are those of a service of
+/// `previous` is not compiled again: its compiled routes and policies are reused.
 pub(super) fn l7_services(
     objects: &ObjectSet,
     traffic_policies: &[&TrafficPolicy],
     services: &mut [ServicePort],
+    previous: &[L7Service],
     problems: &mut Vec<String>,
 ) -> Vec<L7Service> {
     use super::ServiceRef;
     use crate::api::refs::Route as _;
+    let previous: std::collections::HashMap<_, _> = previous
+        .iter()
+        .map(|p| ((p.namespace.as_str(), p.name.as_str(), p.port), p))
+        .collect();
     let mut out = Vec::new();
     for svc in services.iter_mut() {
         let sref = ServiceRef {
@@ -103,26 +111,39 @@ pub(super) fn l7_services(
             &jwt_policies,
             &svc.app_protocol,
         ));
-        let compiled = routes::compile(&sref, svc.port, &http_routes, &grpc_routes);
-        problems.extend(compiled.problems);
-        out.push(L7Service {
-            service_id: svc.id,
-            namespace: svc.namespace.clone(),
-            name: svc.name.clone(),
-            port: svc.port,
-            app_protocol: svc.app_protocol.clone(),
-            routes: compiled.table,
-            policy: policy.map(|p| {
-                ServicePolicy::compile(
-                    &svc.namespace,
-                    p.metadata.name.as_deref().unwrap_or_default(),
-                    &p.spec,
-                )
-            }),
-            authz: authz.iter().map(AccessPolicy::compile).collect(),
-            authn: jwt_policies.iter().flat_map(JwtIssuer::compile).collect(),
-            inputs,
-        });
+        let reused = previous
+            .get(&(svc.namespace.as_str(), svc.name.as_str(), svc.port))
+            .filter(|p| p.inputs == inputs)
+            .copied();
+        let service = if let Some(p) = reused {
+            L7Service {
+                service_id: svc.id,
+                ..p.clone()
+            }
+        } else {
+            let compiled = routes::compile(&sref, svc.port, &http_routes, &grpc_routes);
+            L7Service {
+                service_id: svc.id,
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                port: svc.port,
+                app_protocol: svc.app_protocol.clone(),
+                routes: compiled.table,
+                route_problems: compiled.problems,
+                policy: policy.map(|p| {
+                    ServicePolicy::compile(
+                        &svc.namespace,
+                        p.metadata.name.as_deref().unwrap_or_default(),
+                        &p.spec,
+                    )
+                }),
+                authz: authz.iter().map(AccessPolicy::compile).collect(),
+                authn: jwt_policies.iter().flat_map(JwtIssuer::compile).collect(),
+                inputs,
+            }
+        };
+        problems.extend(service.route_problems.iter().cloned());
+        out.push(service);
     }
     out
 }

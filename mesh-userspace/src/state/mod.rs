@@ -170,6 +170,9 @@ pub struct L7Service {
     /// The JWT rules of the request authentications whose `targetRef` is this service.
     #[serde(serialize_with = "issuer_names")]
     pub authn: Vec<access::JwtIssuer>,
+    /// What compiling the routes reported (kept with them, for when they are reused).
+    #[serde(skip)]
+    pub route_problems: Vec<String>,
     /// A digest of every object that shaped this service: the engine keeps the service's
     /// runtime state (budgets, buckets, ejections) while it stays the same.
     #[serde(skip)]
@@ -312,7 +315,21 @@ pub(crate) fn build_from_yaml(yaml: &str, node: &str) -> NodeState {
     build(&set, node, Path::new("/nonexistent"))
 }
 
+/// The state of node `node` for `objects`.
+#[must_use]
 pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
+    build_after(objects, node, node_cgroup, None)
+}
+
+/// The state of node `node` for `objects`, reusing what is unchanged since `previous` (the
+/// compiled routes and policies of L7 services whose objects are the same).
+#[must_use]
+pub fn build_after(
+    objects: &ObjectSet,
+    node: &str,
+    node_cgroup: &Path,
+    previous: Option<&NodeState>,
+) -> NodeState {
     let mut state = NodeState {
         node: node.to_owned(),
         fast_path: true,
@@ -386,7 +403,13 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     // the agent logs the same verdicts, and nothing is half-applied or clamped.
     state.findings = validate::findings(objects);
     let accepted = validate::accepted_traffic_policies(objects, &state.findings);
-    state.l7 = l7_services(objects, &accepted, &mut state.services, &mut problems);
+    state.l7 = l7_services(
+        objects,
+        &accepted,
+        &mut state.services,
+        previous.map_or(&[][..], |p| &p.l7),
+        &mut problems,
+    );
 
     let default_deny = labelled_namespaces(objects, DEFAULT_DENY_LABEL, "true");
     problems.extend(l7_attribute_problems(objects));
@@ -464,6 +487,45 @@ spec:
             .collect();
         assert!(l7.contains(&"web"), "{:?}", s.services);
         assert_eq!(s.l7.len(), l7.len());
+    }
+
+    #[test]
+    fn a_rebuild_reuses_unchanged_l7_services_and_recompiles_changed_ones() {
+        let route = |rule: &str| {
+            format!(
+                "{PODS}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                 metadata: {{name: {rule}, namespace: shop}}\nspec:\n  \
+                 parentRefs: [{{group: '', kind: Service, name: web, port: 80}}]\n  rules:\n  \
+                 - backendRefs: [{{name: web, port: 80}}]\n    \
+                 timeouts: {{request: 1s, backendRequest: 2s}}\n"
+            )
+        };
+        let first = build(&objects(&route("one")), "n1", Path::new("/cg/node"));
+        assert_eq!(first.l7.len(), 1);
+        assert!(
+            first.problems.iter().any(|p| p.contains("never fires")),
+            "{:?}",
+            first.problems
+        );
+        // The same objects: the compiled service is reused, its problems still reported.
+        let again = build_after(
+            &objects(&route("one")),
+            "n1",
+            Path::new("/cg/node"),
+            Some(&first),
+        );
+        assert_eq!(again.l7[0].inputs, first.l7[0].inputs);
+        assert_eq!(again.l7[0].routes.routes(), ["HTTPRoute shop/one"]);
+        assert_eq!(again.problems, first.problems);
+        // A changed route is compiled again, never masked by what was there before.
+        let changed = build_after(
+            &objects(&route("two")),
+            "n1",
+            Path::new("/cg/node"),
+            Some(&again),
+        );
+        assert_ne!(changed.l7[0].inputs, first.l7[0].inputs);
+        assert_eq!(changed.l7[0].routes.routes(), ["HTTPRoute shop/two"]);
     }
 
     #[test]
