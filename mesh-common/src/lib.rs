@@ -520,6 +520,12 @@ pub struct IfStats {
     pub from_pod_bytes: u64,
     pub to_pod_packets: u64,
     pub to_pod_bytes: u64,
+    /// Of the above, the IPv4 UDP datagrams (DNS and other datagrams pass untouched; they are
+    /// only counted). Added in a later layout: the upgrade migrates older entries, zero-filled.
+    pub from_pod_udp_packets: u64,
+    pub from_pod_udp_bytes: u64,
+    pub to_pod_udp_packets: u64,
+    pub to_pod_udp_bytes: u64,
 }
 
 #[repr(C)]
@@ -552,7 +558,7 @@ assert_size! {
     DenyValue => 24,
     PairKey => 8,
     PairStats => 56,
-    IfStats => 40,
+    IfStats => 72,
     GlobalStats => 120,
 }
 
@@ -690,6 +696,10 @@ pub const ZERO_IF_STATS: IfStats = IfStats {
     from_pod_bytes: 0,
     to_pod_packets: 0,
     to_pod_bytes: 0,
+    from_pod_udp_packets: 0,
+    from_pod_udp_bytes: 0,
+    to_pod_udp_packets: 0,
+    to_pod_udp_bytes: 0,
 };
 pub const ZERO_FLOW: FlowEntry = FlowEntry {
     local_workload: 0,

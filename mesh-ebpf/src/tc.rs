@@ -22,19 +22,24 @@ const IPV4_PROTO: usize = 9;
 const IPV4_SRC: usize = 12;
 const IPV4_DST: usize = 16;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 /// Offset of the flags byte in a TCP header, and two of its bits.
 const TCP_FLAGS: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-/// The IPv4 source address of an Ethernet frame, as stored (network order), if it is IPv4.
+/// The IPv4 source address (as stored, network order) and protocol of an Ethernet frame, if it
+/// is IPv4.
 #[inline(always)]
-fn ipv4_source(ctx: &TcContext) -> Option<u32> {
+fn ipv4_source_and_protocol(ctx: &TcContext) -> Option<(u32, u8)> {
     let proto: u16 = ctx.load(12).ok()?;
     if proto != ETH_P_IP_BE {
         return None;
     }
-    ctx.load::<u32>(ETH_HLEN + IPV4_SRC).ok()
+    Some((
+        ctx.load::<u32>(ETH_HLEN + IPV4_SRC).ok()?,
+        ctx.load::<u8>(ETH_HLEN + IPV4_PROTO).ok()?,
+    ))
 }
 
 /// Host-side ingress = traffic leaving the pod.
@@ -117,14 +122,24 @@ fn count(ctx: &TcContext, from_pod: bool) {
     let Some(stats) = ptr else { return };
     // SAFETY: per-CPU value owned by this CPU.
     let stats = unsafe { &mut *stats };
+    let ipv4 = ipv4_source_and_protocol(ctx);
+    let udp = matches!(ipv4, Some((_, IPPROTO_UDP)));
     if from_pod {
         stats.from_pod_packets += 1;
         stats.from_pod_bytes += len;
-        if let Some(src) = ipv4_source(ctx) {
+        if udp {
+            stats.from_pod_udp_packets += 1;
+            stats.from_pod_udp_bytes += len;
+        }
+        if let Some((src, _)) = ipv4 {
             stats.pod_ip_be = src;
         }
     } else {
         stats.to_pod_packets += 1;
         stats.to_pod_bytes += len;
+        if udp {
+            stats.to_pod_udp_packets += 1;
+            stats.to_pod_udp_bytes += len;
+        }
     }
 }

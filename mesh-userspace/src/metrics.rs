@@ -179,7 +179,7 @@ impl Collector for Collector_ {
             "Payload bytes redirected socket-to-socket in the kernel.",
             pair_rows(|p| p.bytes_fast),
         )?;
-        let if_rows = |from_pod: bool, bytes: bool| {
+        let if_rows = |from_pod: bool, udp: bool, bytes: bool| {
             s.interfaces.iter().map(move |(ifname, pod, st)| {
                 let labels = vec![
                     ("interface", ifname.clone()),
@@ -189,26 +189,44 @@ impl Collector for Collector_ {
                         if from_pod { "from_pod" } else { "to_pod" }.to_owned(),
                     ),
                 ];
-                let v = match (from_pod, bytes) {
-                    (true, true) => st.from_pod_bytes,
-                    (true, false) => st.from_pod_packets,
-                    (false, true) => st.to_pod_bytes,
-                    (false, false) => st.to_pod_packets,
+                let v = match (from_pod, udp, bytes) {
+                    (true, false, true) => st.from_pod_bytes,
+                    (true, false, false) => st.from_pod_packets,
+                    (false, false, true) => st.to_pod_bytes,
+                    (false, false, false) => st.to_pod_packets,
+                    (true, true, true) => st.from_pod_udp_bytes,
+                    (true, true, false) => st.from_pod_udp_packets,
+                    (false, true, true) => st.to_pod_udp_bytes,
+                    (false, true, false) => st.to_pod_udp_packets,
                 };
                 (labels, v)
             })
         };
+        let both =
+            |udp: bool, bytes: bool| if_rows(true, udp, bytes).chain(if_rows(false, udp, bytes));
         counter_family(
             &mut e,
             "interface_packets",
             "Packets on pod veths (host side), from TC.",
-            if_rows(true, false).chain(if_rows(false, false)),
+            both(false, false),
         )?;
         counter_family(
             &mut e,
             "interface_bytes",
             "Bytes on pod veths (host side), from TC.",
-            if_rows(true, true).chain(if_rows(false, true)),
+            both(false, true),
+        )?;
+        counter_family(
+            &mut e,
+            "interface_udp_packets",
+            "IPv4 UDP datagrams on pod veths (host side), from TC: passed untouched, counted.",
+            both(true, false),
+        )?;
+        counter_family(
+            &mut e,
+            "interface_udp_bytes",
+            "Bytes of IPv4 UDP datagrams on pod veths (host side), from TC, with their headers.",
+            both(true, true),
         )?;
         counter_family(
             &mut e,

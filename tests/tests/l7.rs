@@ -461,6 +461,76 @@ spec:
     Ok(())
 }
 
+/// wrk's totals: requests, and those that failed (socket errors and non-2xx/3xx answers).
+fn wrk_totals(out: &str) -> Result<(u64, u64)> {
+    let number = |s: &str| s.trim().trim_end_matches(',').parse::<u64>().ok();
+    let requests = out
+        .lines()
+        .find_map(|l| number(l.trim().split(" requests in").next()?))
+        .with_context(|| format!("no request count in wrk's output:\n{out}"))?;
+    let socket_errors: u64 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map_or(0, |e| {
+            e.split(',')
+                .filter_map(|part| number(part.split_whitespace().last()?))
+                .sum()
+        });
+    let bad_status = out
+        .lines()
+        .find_map(|l| number(l.trim().strip_prefix("Non-2xx or 3xx responses:")?))
+        .unwrap_or(0);
+    Ok((requests, socket_errors + bad_status))
+}
+
+#[test]
+fn a_backend_killed_under_steady_load_costs_clients_under_a_thousandth() -> Result<()> {
+    let mut m = L7Mesh::new("l7-kill", &[], &[])?;
+    let policy = r"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  retries: {attempts: 3, on: [connect-failure, reset, 5xx], backoff: {base: 1ms, max: 10ms}}
+  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}
+  loadBalancer: {algorithm: RoundRobin}
+";
+    m.apply_l7("policy.yaml", policy, WEB_VIP)?;
+    // wrk (a load generator nobody here wrote): 8 keep-alive connections for 8 s; v2's server is
+    // killed (SIGKILL, requests in flight) after 3 s, its pod object left as it was, as when a
+    // container crashes before the kubelet notices.
+    let mut wrk = m
+        .client()
+        .spawn("wrk", ["-t1", "-c8", "-d8s", &format!("http://{WEB_VIP}/")])?;
+    std::thread::sleep(Duration::from_secs(3));
+    let before = m.l7_metric("weft_l7_requests_total", &[("destination_service", "web")])?;
+    drop(m.servers.remove(1));
+    let done = wrk.wait(Duration::from_secs(30))?;
+    ensure!(done.success(), "wrk: {} {}", done.stdout, done.stderr);
+    let (requests, failed) = wrk_totals(&done.stdout)?;
+    ensure!(
+        before >= 100.0 && requests as f64 >= before + 100.0,
+        "too little load around the kill to measure: {before} requests before, {requests} in all"
+    );
+    ensure!(
+        failed * 1000 <= requests,
+        "{failed} of {requests} requests failed (more than 0.1 %):\n{}",
+        done.stdout
+    );
+    // The kill was felt and handled: attempts at v2 failed and were retried or v2 was ejected.
+    let retries = m.l7_metric("weft_l7_retries_total", &[("destination_service", "web")])?;
+    let ejections = m.l7_metric("weft_l7_ejections_total", &[("destination_service", "web")])?;
+    ensure!(
+        retries + ejections >= 1.0,
+        "no retry and no ejection: the kill was not exercised"
+    );
+    eprintln!(
+        "backend kill under load: {requests} requests, {failed} failed, {retries} retries, {ejections} ejections"
+    );
+    Ok(())
+}
+
 #[test]
 fn outlier_detection_ejects_a_failing_endpoint() -> Result<()> {
     let m = L7Mesh::new(

@@ -91,6 +91,17 @@ pub fn run_all(minutes: f64, only: Option<&str>, json: Option<&Path>) -> Result<
         chosen.len(),
         chosen.join(", ")
     );
+    // Built first, in view (the first build with sanitizers takes minutes), so that each
+    // target's time is spent fuzzing.
+    step!("fuzz: building the targets (nightly, with sanitizers)");
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(fuzz_dir())
+        .args(["+nightly", "fuzz", "build"]);
+    if let [one] = chosen.as_slice() {
+        build.arg(one);
+    }
+    run(&mut build)?;
     let mut runs = Vec::new();
     for target in &chosen {
         runs.push(run_target(target, each)?);
@@ -133,7 +144,7 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
         files_in(&corpus).len()
     );
     let started = Instant::now();
-    let out = Command::new("cargo")
+    let mut child = Command::new("cargo")
         .current_dir(fuzz_dir())
         .args(["+nightly", "fuzz", "run", target])
         .arg(&corpus)
@@ -145,9 +156,24 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
             "-print_final_stats=1",
         ])
         .stdout(Stdio::inherit())
-        .output()
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("cargo fuzz run {target}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // libFuzzer's "pulse" lines (at powers of two executions) show progress; all of it is kept
+    // for the statistics and for a failure's report.
+    let mut stderr = String::new();
+    if let Some(pipe) = child.stderr.take() {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+            if line.contains(" pulse ") || line.starts_with("==") || line.contains("panicked") {
+                eprintln!("  {target}: {line}");
+            }
+            stderr.push_str(&line);
+            stderr.push('\n');
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("cargo fuzz run {target}"))?;
     let crashes: Vec<PathBuf> = files_in(&artifacts)
         .into_iter()
         .filter(|f| !before.contains(f))
@@ -159,7 +185,7 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
         corpus_files: files_in(&corpus).len(),
         crashes,
     };
-    if !out.status.success() && r.crashes.is_empty() {
+    if !status.success() && r.crashes.is_empty() {
         let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!(

@@ -268,6 +268,10 @@ impl Datapath {
                     sum.from_pod_bytes += s.from_pod_bytes;
                     sum.to_pod_packets += s.to_pod_packets;
                     sum.to_pod_bytes += s.to_pod_bytes;
+                    sum.from_pod_udp_packets += s.from_pod_udp_packets;
+                    sum.from_pod_udp_bytes += s.from_pod_udp_bytes;
+                    sum.to_pod_udp_packets += s.to_pod_udp_packets;
+                    sum.to_pod_udp_bytes += s.to_pod_udp_bytes;
                 }
                 (k, sum)
             })

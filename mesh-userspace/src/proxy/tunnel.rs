@@ -547,10 +547,7 @@ async fn inbound_connection(
             )
         }
     });
-    if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .max_frame_size(MAX_FRAME)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+    if let Err(e) = http2_server()
         .serve_connection(TokioIo::new(tls), service)
         .await
     {
@@ -560,18 +557,25 @@ async fn inbound_connection(
 }
 
 /// Why an inbound stream was refused: the status the client gets, the metric label, a log line.
-struct Refusal(StatusCode, &'static str, String);
+#[derive(Debug)]
+pub struct Refusal(pub StatusCode, pub &'static str, pub String);
 
-/// The checks of one inbound stream: a CONNECT to a meshed pod of this node whose identity the
-/// connection was opened for, from a claimed source whose identity is the client certificate's,
-/// allowed by authorization policy. Returns the target.
-fn check_stream(
-    tunnel: &Tunnel,
-    snapshot: &Snapshot,
-    client_id: &SpiffeId,
-    served: Option<&SpiffeId>,
-    request: &Request<hyper::body::Incoming>,
-) -> Result<SocketAddrV4, Refusal> {
+/// What an inbound stream's request head asks for.
+#[derive(Debug)]
+pub struct ConnectHead<'r> {
+    /// The pod address and port to connect to.
+    pub target: SocketAddrV4,
+    /// The source pod the client claims to speak for (checked against its certificate later).
+    pub claimed: &'r str,
+}
+
+/// Reads an inbound stream's request head: a CONNECT to an IPv4 address and port, with the
+/// claimed source. Nothing here trusts the head: the caller checks the target and the source
+/// against the mesh and the client's certificate.
+///
+/// # Errors
+/// The refusal (status, metric label, reason) when the head is not such a CONNECT.
+pub fn connect_head<B>(request: &Request<B>) -> Result<ConnectHead<'_>, Refusal> {
     if request.method() != Method::CONNECT {
         return Err(Refusal(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -590,6 +594,36 @@ fn check_stream(
                 format!("target {} is not an IPv4 address and port", request.uri()),
             )
         })?;
+    let claimed = request
+        .headers()
+        .get(SOURCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    Ok(ConnectHead { target, claimed })
+}
+
+/// The HTTP/2 server of the tunnel port, with its frame and window sizes.
+#[must_use]
+pub fn http2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_frame_size(MAX_FRAME)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    builder
+}
+
+/// The checks of one inbound stream: a CONNECT to a meshed pod of this node whose identity the
+/// connection was opened for, from a claimed source whose identity is the client certificate's,
+/// allowed by authorization policy. Returns the target.
+fn check_stream(
+    tunnel: &Tunnel,
+    snapshot: &Snapshot,
+    client_id: &SpiffeId,
+    served: Option<&SpiffeId>,
+    request: &Request<hyper::body::Incoming>,
+) -> Result<SocketAddrV4, Refusal> {
+    let ConnectHead { target, claimed } = connect_head(request)?;
     let dst = snapshot.mesh.local(*target.ip()).ok_or_else(|| {
         Refusal(
             StatusCode::NOT_FOUND,
@@ -608,11 +642,6 @@ fn check_stream(
             ),
         ));
     }
-    let claimed = request
-        .headers()
-        .get(SOURCE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
     let src = snapshot.mesh.by_key(claimed).ok_or_else(|| {
         Refusal(
             StatusCode::FORBIDDEN,
