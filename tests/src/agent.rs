@@ -157,6 +157,12 @@ impl Agent {
         self.wait_ready(READY_TIMEOUT)
     }
 
+    /// The agent's process id while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// `kill -9`, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut p) = self.proc.take()

@@ -66,7 +66,14 @@ impl Node {
             &self.netns,
             &[
                 "link set lo up".to_owned(),
-                format!("link add {BRIDGE} type bridge"),
+                // An address of its own, set explicitly (as the CNI bridge plugin does): a bridge
+                // otherwise takes the lowest MAC of its ports, which changes as pods come and
+                // go, and pods' cached neighbour entry for the node then points nowhere for
+                // half a minute.
+                format!(
+                    "link add {BRIDGE} address 02:77:66:00:00:{:02x} type bridge",
+                    self.index
+                ),
                 format!("addr add {}/24 dev {BRIDGE}", self.bridge_ip()),
                 format!("link set {BRIDGE} up"),
             ],
@@ -97,7 +104,7 @@ impl Node {
                 &fabric,
                 &[
                     "link set lo up".to_owned(),
-                    format!("link add {FABRIC_BRIDGE} type bridge"),
+                    format!("link add {FABRIC_BRIDGE} address 02:77:66:00:01:00 type bridge"),
                     format!("link set {FABRIC_BRIDGE} up"),
                 ],
             )?;

@@ -61,18 +61,22 @@ impl Pod {
                 .context("node is not part of this run")?;
             let key = (namespace.to_owned(), name.to_owned());
             ensure!(
-                !entry.pods.contains(&key),
+                !entry.pods.contains_key(&key),
                 "pod {namespace}/{name} already exists on node {}",
                 node.name()
             );
-            ensure!(
-                entry.next_pod < MAX_PODS,
-                "node {} has had {MAX_PODS} pods, the most a run allows",
-                node.name()
-            );
-            let slot = entry.next_pod;
-            entry.next_pod += 1;
-            entry.pods.insert(key);
+            let in_use: std::collections::BTreeSet<u8> = entry.pods.values().copied().collect();
+            let slot = (0..MAX_PODS)
+                .map(|i| ((u16::from(entry.next_pod) + u16::from(i)) % u16::from(MAX_PODS)) as u8)
+                .find(|slot| !in_use.contains(slot))
+                .with_context(|| {
+                    format!(
+                        "node {} has {MAX_PODS} pods, the most it can hold",
+                        node.name()
+                    )
+                })?;
+            entry.next_pod = ((u16::from(slot) + 1) % u16::from(MAX_PODS)) as u8;
+            entry.pods.insert(key, slot);
             slot
         };
         let netns = if namespace == DEFAULT_NAMESPACE {

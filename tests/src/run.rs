@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt::Write as _,
     fs::{self, File},
     io::Read,
@@ -65,11 +65,12 @@ pub(crate) struct Registry {
 }
 
 pub(crate) struct NodeEntry {
-    /// Next pod slot; slots are never reused within a run, so a deleted pod's address and veth
-    /// name never come back with another pod.
+    /// Where the search for the next pod slot starts. Slots go round, as host-local IPAM
+    /// hands out addresses: a deleted pod's address and veth name come back only after every
+    /// other slot was used once (runs with pod churn — soaks — go on for ever).
     pub(crate) next_pod: u8,
-    /// `(namespace, name)` of its live pods.
-    pub(crate) pods: BTreeSet<(String, String)>,
+    /// `(namespace, name)` of its live pods, with their slots.
+    pub(crate) pods: BTreeMap<(String, String), u8>,
     /// N in `198.18.<N>.0/24`.
     pub(crate) index: u8,
 }
@@ -246,7 +247,7 @@ impl Registry {
             name.to_owned(),
             NodeEntry {
                 next_pod: 0,
-                pods: BTreeSet::new(),
+                pods: BTreeMap::new(),
                 index,
             },
         );

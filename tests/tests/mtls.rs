@@ -852,3 +852,291 @@ fn a_dry_run_policy_on_the_receiving_node_counts_but_does_not_refuse() -> Result
     ensure!(audited >= 1.0, "{}", tunnel_metrics(&mesh.a2)?);
     Ok(())
 }
+
+/// Abusive clients, each printing one line of what it saw. `argv`: kind, host, port, count, then
+/// per kind: `slowloris` (N connections send half a request head and wait for the answer),
+/// `tunnel_junk` (N connections to the tunnel port, half silent, half sending junk, wait until the
+/// agent closes each), `big_header` (one request with a 10 MB header), `endless_body` (a chunked
+/// POST that streams for `count` seconds), `denied` (N connects a policy refuses).
+const ABUSE: &str = r#"
+import errno, os, socket, sys, time
+kind, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def conn(timeout=30):
+    s = socket.create_connection((host, port), timeout=timeout)
+    return s
+def wait_closed(socks, limit):
+    answers = {}
+    deadline = time.time() + limit
+    for s in socks:
+        s.settimeout(max(0.1, deadline - time.time()))
+        try:
+            d = s.recv(64)
+            key = d.split(b"\r\n")[0].decode(errors="replace") if d else "closed"
+        except socket.timeout:
+            key = "open"
+        except OSError as e:
+            key = "error %d" % e.errno
+        answers[key] = answers.get(key, 0) + 1
+        s.close()
+    return answers
+if kind == "slowloris":
+    socks = []
+    for _ in range(n):
+        s = conn(); s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n"); socks.append(s)
+    print(sorted(wait_closed(socks, 25).items()))
+elif kind == "tunnel_junk":
+    socks = []
+    for i in range(n):
+        s = conn()
+        if i % 2: s.sendall(os.urandom(4096))
+        socks.append(s)
+    print(sorted(wait_closed(socks, 20).items()))
+elif kind == "big_header":
+    s = conn()
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (10 << 20) + b"\r\n\r\n")
+    except OSError:
+        pass
+    print(sorted(wait_closed([s], 10).items()))
+elif kind == "endless_body":
+    s = conn()
+    s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (65536, b"b" * 65536)
+    sent, end = 0, time.time() + n
+    try:
+        while time.time() < end:
+            s.sendall(chunk); sent += 65536
+    except OSError as e:
+        print("stopped after", sent, "bytes:", e.strerror); sys.exit(0)
+    print("sent", sent, "bytes")
+elif kind == "denied":
+    refused = 0
+    for _ in range(n):
+        s = socket.socket()
+        try:
+            s.connect((host, port))
+        except OSError as e:
+            refused += e.errno == errno.EPERM
+        s.close()
+    print("refused", refused)
+"#;
+
+/// Resident memory (KiB) and open descriptors of a process.
+fn rss_and_fds(pid: u32) -> (u64, u64) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    (rss, fds)
+}
+
+#[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn abuse_of_the_engine_and_the_tunnel_stays_bounded_counted_and_spares_other_flows() -> Result<()> {
+    const SLOW: u32 = 200;
+    const JUNK: u32 = 200;
+    const DENIED: u32 = 2000;
+    let mesh = TwoNodes::new("abuse", &[], None)?;
+    // The service is L7 on the client's node (its engine serves it, then the tunnel carries it);
+    // the echo port of the server is refused to everyone.
+    let objects = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\n\
+        metadata: {name: server, namespace: default}\n\
+        spec: {targetRef: {kind: Service, name: server}, timeout: 30s}\n---\n\
+        apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+        metadata: {name: no-echo, namespace: default}\n\
+        spec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  \
+        rules: [{to: [{operation: {ports: [7000]}}]}]\n";
+    for a in [&mesh.a1, &mesh.a2] {
+        a.apply("abuse.yaml", objects)?;
+    }
+    let url = format!("http://{SERVER_VIP}/");
+    eventually(Duration::from_secs(10), || {
+        let r = TwoNodes::get(&mesh.client, &url, 1)?;
+        let l7 = mesh.a1.metric("weft_l7_connections_total", &[])?;
+        ensure!(
+            r.status(200) == 1 && l7 > 0.0,
+            "not through the engine yet: {r:?}"
+        );
+        Ok(())
+    })?;
+    // The bystander: steady requests through the engine and the tunnel, before and during.
+    let mut steady = HttpGetArgs::new(url.parse()?);
+    steady.count = 600;
+    steady.concurrency = 2;
+    let baseline = mesh.client.http_get(&steady)?;
+    ensure!(baseline.status(200) == 600, "baseline: {baseline:?}");
+    let pids = [
+        mesh.a1.pid().context("agent 1 pid")?,
+        mesh.a2.pid().context("agent 2 pid")?,
+    ];
+    let before = pids.map(rss_and_fds);
+
+    let vip_port = ["80"];
+    let tunnel_host = mesh.n2.uplink_ip().to_string();
+    let server_ip = mesh.server.ip().to_string();
+    let abuse = |pod: &Pod, args: [&str; 4]| {
+        let mut command = vec!["-c", ABUSE];
+        command.extend_from_slice(&args);
+        pod.spawn("python3", command)
+    };
+    let slow_n = SLOW.to_string();
+    let junk_n = JUNK.to_string();
+    let denied_n = DENIED.to_string();
+    let mut abusers = vec![
+        (
+            "slowloris",
+            abuse(
+                &mesh.client,
+                ["slowloris", SERVER_VIP, vip_port[0], &slow_n],
+            )?,
+        ),
+        (
+            "tunnel_junk",
+            abuse(&mesh.plain, ["tunnel_junk", &tunnel_host, "15008", &junk_n])?,
+        ),
+        (
+            "big_header",
+            abuse(&mesh.client, ["big_header", SERVER_VIP, "80", "1"])?,
+        ),
+        (
+            "endless_body",
+            abuse(&mesh.client, ["endless_body", SERVER_VIP, "80", "15"])?,
+        ),
+        (
+            "denied",
+            abuse(&mesh.client, ["denied", &server_ip, "7000", &denied_n])?,
+        ),
+    ];
+    let sampling = std::sync::atomic::AtomicBool::new(true);
+    let (during, peaks) = std::thread::scope(|s| -> Result<_> {
+        let sampler = s.spawn(|| {
+            let mut peak = before;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, pid) in pids.iter().enumerate() {
+                    let (rss, fds) = rss_and_fds(*pid);
+                    peak[i] = (peak[i].0.max(rss), peak[i].1.max(fds));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        let during = mesh.client.http_get(&steady);
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok((during?, sampler.join().expect("sampler")))
+    })?;
+    let mut seen = Vec::new();
+    for (kind, p) in &mut abusers {
+        let done = p.wait(Duration::from_mins(1))?;
+        ensure!(done.success(), "{kind}: {}", done.stderr);
+        seen.push(format!("{kind}: {}", done.stdout.trim()));
+    }
+    let after = eventually(Duration::from_secs(20), || {
+        let now = pids.map(rss_and_fds);
+        for i in 0..2 {
+            ensure!(
+                now[i].1 <= before[i].1 + 8,
+                "agent {} holds {} fds (before the abuse {})",
+                i + 1,
+                now[i].1,
+                before[i].1
+            );
+        }
+        Ok(now)
+    })?;
+    eprintln!(
+        "abuse: {}\n  bystander p50/p99 before {:.0}/{:.0} µs, during {:.0}/{:.0} µs\n  \
+         agents RSS KiB before {:?} peak {:?} after {:?}; fds before {:?} peak {:?} after {:?}",
+        seen.join("; "),
+        baseline.p50_us,
+        baseline.p99_us,
+        during.p50_us,
+        during.p99_us,
+        before.map(|b| b.0),
+        peaks.map(|p| p.0),
+        after.map(|a| a.0),
+        before.map(|b| b.1),
+        peaks.map(|p| p.1),
+        after.map(|a| a.1),
+    );
+    // Every abuse met its bound: slow heads got 408 at the header deadline, the tunnel closed
+    // every silent or junk connection, the 10 MB head got 431, every denied connect EPERM.
+    ensure!(
+        seen[0] == format!("slowloris: [('HTTP/1.1 408 Request Timeout', {SLOW})]"),
+        "{seen:?}"
+    );
+    ensure!(
+        !seen[1].contains("'open'"),
+        "tunnel connections left open: {seen:?}"
+    );
+    ensure!(seen[2].contains("431"), "{seen:?}");
+    ensure!(seen[4] == format!("denied: refused {DENIED}"), "{seen:?}");
+    // Other flows kept working, with their latency (generous bounds: two cores shared with the
+    // abusers).
+    ensure!(
+        during.status(200) == 600 && during.errors == 0,
+        "bystander failed during the abuse: {during:?}"
+    );
+    ensure!(
+        during.p99_us <= 3.0 * baseline.p99_us + 20_000.0,
+        "bystander p99 {:.0} µs during the abuse vs {:.0} µs before",
+        during.p99_us,
+        baseline.p99_us
+    );
+    // Memory and descriptors stayed under the documented caps (ARCHITECTURE.md, "Abuse").
+    for i in 0..2 {
+        ensure!(
+            peaks[i].0 <= before[i].0 + 64 * 1024,
+            "agent {} RSS peaked at {} KiB (before {})",
+            i + 1,
+            peaks[i].0,
+            before[i].0
+        );
+    }
+    // Each abuse is counted.
+    let header_timeouts = mesh
+        .a1
+        .metric("weft_l7_errors_total", &[("kind", "header_timeout")])?;
+    ensure!(
+        header_timeouts >= f64::from(SLOW),
+        "header timeouts counted: {header_timeouts}\n{}",
+        mesh.a1
+            .metrics()?
+            .lines()
+            .filter(|l| l.contains("error") || l.contains("l7_conn"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let refused_tls = mesh.a2.metric(
+        "weft_tunnel_connections_total",
+        &[("direction", "inbound"), ("result", "handshake_failed")],
+    )? + mesh.a2.metric(
+        "weft_tunnel_connections_total",
+        &[("direction", "inbound"), ("result", "timeout")],
+    )?;
+    ensure!(
+        refused_tls >= f64::from(JUNK),
+        "refused tunnel connections counted: {refused_tls}"
+    );
+    let too_large = mesh
+        .a1
+        .metric("weft_l7_errors_total", &[("kind", "header_too_large")])?;
+    ensure!(too_large >= 1.0, "the 10 MB head is not counted");
+    let flows = mesh.a1.flows()?;
+    let attempts: u64 = flows["denied"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["dst"]["port"] == 7000)
+        .filter_map(|d| d["attempts"].as_u64())
+        .sum();
+    ensure!(
+        attempts >= u64::from(DENIED),
+        "denied connects counted: {attempts}"
+    );
+    Ok(())
+}

@@ -60,7 +60,8 @@ pub struct ProtocolLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ErrorLabels {
-    /// `no_original_destination`, `bad_request`, `header_timeout`, `upstream_protocol`, ...
+    /// `no_original_destination`, `bad_request`, `header_timeout`, `header_too_large`,
+    /// `upstream_protocol`, ...
     pub kind: &'static str,
 }
 

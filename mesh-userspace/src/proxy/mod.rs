@@ -295,7 +295,11 @@ impl Engine {
                 FirstHead::Closed => None,
             };
             if let Some((status, problem)) = refusal {
-                self.metrics.error("bad_request");
+                self.metrics.error(match status {
+                    408 => "header_timeout",
+                    431 => "header_too_large",
+                    _ => "bad_request",
+                });
                 tracing::debug!(%client, problem, "request refused");
                 let raw = stream.get_ref().as_ref_std_clone();
                 http::refuse_head(&mut stream, raw, status, problem).await;
