@@ -21,6 +21,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug)]
 pub struct Agent {
     proc: Option<Proc>,
+    /// The `weft` binary it runs ([`weft_bin`] unless started with [`Agent::start_binary`]).
+    bin: PathBuf,
     node_name: String,
     cgroup: PathBuf,
     own_cgroup: PathBuf,
@@ -40,6 +42,14 @@ impl Agent {
         Self::start_with(node, extra_args, None)
     }
 
+    /// [`Agent::start`] with another `weft` binary (another build, measured beside this one).
+    pub fn start_binary(node: &Node, bin: &Path, extra_args: &[&str]) -> Result<Self> {
+        let mut agent = Self::new(node, extra_args, None)?;
+        bin.clone_into(&mut agent.bin);
+        agent.spawn(node)?;
+        Ok(agent)
+    }
+
     /// Starts the agent for `node` in Kubernetes mode (`--kube --kubeconfig <kubeconfig>`).
     pub fn start_kube(node: &Node, kubeconfig: &Path, extra_args: &[&str]) -> Result<Self> {
         Self::start_with(node, extra_args, Some(kubeconfig.to_owned()))
@@ -50,7 +60,7 @@ impl Agent {
     pub fn spawn_kube(node: &Node, kubeconfig: &Path, extra_args: &[&str]) -> Result<Self> {
         let mut agent = Self::new(node, extra_args, Some(kubeconfig.to_owned()))?;
         let _ = std::fs::remove_file(&agent.socket);
-        agent.proc = Some(node.spawn_agent(weft_bin(), agent.args())?);
+        agent.proc = Some(node.spawn_agent(&agent.bin, agent.args())?);
         Ok(agent)
     }
 
@@ -89,6 +99,7 @@ impl Agent {
         std::fs::create_dir_all(&objects_dir)?;
         Ok(Self {
             proc: None,
+            bin: weft_bin(),
             node_name: node.name().to_owned(),
             cgroup: node.cgroup_path(),
             own_cgroup: node.agent_cgroup(),
@@ -152,7 +163,7 @@ impl Agent {
 
     fn spawn(&mut self, node: &Node) -> Result<()> {
         let _ = std::fs::remove_file(&self.socket);
-        let proc = node.spawn_agent(weft_bin(), self.args())?;
+        let proc = node.spawn_agent(&self.bin, self.args())?;
         self.proc = Some(proc);
         self.wait_ready(READY_TIMEOUT)
     }
@@ -199,7 +210,7 @@ impl Agent {
         self.stop()?;
         let mut args = self.args();
         args.push("--uninstall".into());
-        let done = node.run(Duration::from_secs(30), weft_bin(), args)?;
+        let done = node.run(Duration::from_secs(30), &self.bin, args)?;
         if !done.success() {
             bail!("uninstall failed: {}", done.stderr);
         }

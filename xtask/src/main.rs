@@ -72,6 +72,10 @@ enum Cmd {
         /// compare two commits run for run).
         #[arg(long, global = true)]
         weft: Option<PathBuf>,
+        /// l7: also measure this other weft build in the same rounds (column weft-base, on a
+        /// node of its own) and report weft ÷ weft-base round by round, with a 95 % interval.
+        #[arg(long, global = true)]
+        baseline: Option<PathBuf>,
     },
     /// Fuzz every parser that takes bytes from the network or from users (cargo-fuzz, installed
     /// on first use), on the corpus kept in mesh-userspace/fuzz/corpus.
@@ -412,7 +416,9 @@ fn main() -> Result<()> {
                     repeats,
                 },
             weft,
+            baseline,
         } => {
+            anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
             ensure_setup()?;
             let bins = bench_bins(weft)?;
             bench::l4(&bins.0, &bins.1, secs, repeats, json.as_deref())
@@ -420,15 +426,27 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::L7(args),
             weft,
+            baseline,
         } => {
             ensure_setup()?;
+            if let Some(b) = &baseline {
+                anyhow::ensure!(b.is_file(), "--baseline {}: no such file", b.display());
+            }
             let bins = bench_bins(weft)?;
-            bench::l7(&bins.0, &bins.1, args.options(), args.json.as_deref())
+            bench::l7(
+                &bins.0,
+                &bins.1,
+                args.options(),
+                baseline.as_deref(),
+                args.json.as_deref(),
+            )
         }
         Cmd::Bench {
             which: BenchCmd::Mtls(args),
             weft,
+            baseline,
         } => {
+            anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
             ensure_setup()?;
             let bins = bench_bins(weft)?;
             bench::mtls(&bins.0, &bins.1, &args.options(), args.json.as_deref())

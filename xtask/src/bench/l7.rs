@@ -100,6 +100,8 @@ enum Column {
     Weft,
     Nginx,
     Haproxy,
+    /// Another weft build (`--baseline`), on a node of its own, in the same rounds.
+    WeftBase,
 }
 
 const COLUMNS: [Column; 4] = [Column::Direct, Column::Weft, Column::Nginx, Column::Haproxy];
@@ -111,6 +113,7 @@ impl Column {
             Self::Weft => "weft",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
+            Self::WeftBase => "weft-base",
         }
     }
 }
@@ -325,8 +328,17 @@ fn side(node: &Node) -> Result<Side> {
 
 /// The mesh node's agent with the Service and its `HTTPRoute` applied; the target goes through the
 /// VIP once the warm-up passes through it.
-fn weft_target(node: &Node, side: &Side, agent: &mut Option<Agent>) -> Result<Target> {
-    let started = Agent::start(node, &Agent::PRODUCTION_INTERVALS).context("starting the agent")?;
+fn weft_target(
+    node: &Node,
+    side: &Side,
+    bin: Option<&Path>,
+    agent: &mut Option<Agent>,
+) -> Result<Target> {
+    let started = match bin {
+        Some(bin) => Agent::start_binary(node, bin, &Agent::PRODUCTION_INTERVALS),
+        None => Agent::start(node, &Agent::PRODUCTION_INTERVALS),
+    }
+    .context("starting the agent")?;
     let agent = agent.insert(started);
     agent.apply(
         "pods.yaml",
@@ -397,6 +409,64 @@ fn proxy_target(
 // ---------------------------------------------------------------------------------------------
 // Report
 
+/// The median of per-round values with a distribution-free 95 % confidence interval of the
+/// median (order statistics: ranks k and n−1−k with k = ⌊(n − 1.96·√n) / 2⌋; with 5 rounds or
+/// fewer that is the whole range).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+struct Interval {
+    median: f64,
+    low: f64,
+    high: f64,
+    rounds: usize,
+}
+
+impl Interval {
+    fn of(mut values: Vec<f64>) -> Option<Self> {
+        values.retain(|v| v.is_finite());
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a handful of rounds"
+        )]
+        let k = (((n as f64) - 1.96 * (n as f64).sqrt()) / 2.0)
+            .floor()
+            .max(0.0) as usize;
+        Some(Self {
+            median: values[n / 2],
+            low: values[k.min(n - 1)],
+            high: values[(n - 1).saturating_sub(k)],
+            rounds: n,
+        })
+    }
+
+    /// Whether the whole interval is on one side of `goal` (else the run cannot tell).
+    fn side_of(&self, goal: f64) -> &'static str {
+        if self.high <= goal {
+            "below"
+        } else if self.low > goal {
+            "above"
+        } else {
+            "straddles"
+        }
+    }
+}
+
+impl std::fmt::Display for Interval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} (95 % interval {:.2}–{:.2}, {} rounds)",
+            self.median, self.low, self.high, self.rounds
+        )
+    }
+}
+
 #[derive(Debug, Serialize)]
 #[allow(clippy::struct_field_names, reason = "flat JSON for scripts")]
 struct Report {
@@ -426,6 +496,18 @@ struct Report {
     ratio_weft_added_p99_vs_best_proxy: Option<f64>,
     target_ratio: f64,
     target_weft_rss_mb: f64,
+    /// Per round: weft's added p99 ÷ the best proxy's added p99 in that round (median and a
+    /// 95 % interval of the median; with few rounds the interval is wide, and says so).
+    ratio_weft_added_p99_vs_best_proxy_rounds: Option<Interval>,
+    /// With `--baseline`: the other build, measured in the same rounds on a node of its own.
+    weft_base_p50_us: Option<f64>,
+    weft_base_p99_us: Option<f64>,
+    weft_base_rps: Option<f64>,
+    weft_base_rss_mb: Option<f64>,
+    /// weft ÷ weft-base, round by round (below 1: this build is faster / smaller).
+    ratio_weft_p50_vs_base: Option<Interval>,
+    ratio_weft_p99_vs_base: Option<Interval>,
+    ratio_weft_rps_vs_base: Option<Interval>,
     /// Who the upstream saw connecting in each column's warm-up (a proxy's address, or the
     /// client pod's own for direct).
     upstream_peers: std::collections::BTreeMap<&'static str, Option<String>>,
@@ -439,6 +521,42 @@ fn report(columns: &[Measured], options: &Options) -> Report {
             .iter()
             .find(|m| m.column == c)
             .expect("every column is measured")
+    };
+    let base = columns
+        .iter()
+        .find(|m| m.column == Column::WeftBase && m.error.is_none());
+    let weft = Some(lane(Column::Weft)).filter(|m| m.error.is_none());
+    let per_round = |a: &[f64], b: &[f64]| {
+        Interval::of(
+            a.iter()
+                .zip(b)
+                .filter(|(_, b)| **b > 0.0)
+                .map(|(a, b)| a / b)
+                .collect(),
+        )
+    };
+    let vs_base = |f: fn(&Measured) -> &Vec<f64>| per_round(f(weft?), f(base?));
+    // Round by round: added p99 of weft over the better proxy's in the same round.
+    let rounds_ratio = {
+        let direct = lane(Column::Direct);
+        let ratios: Vec<f64> = (0..direct.p99.len())
+            .filter_map(|round| {
+                let added = |column| {
+                    let m = lane(column);
+                    Some(m.p99.get(round)? - direct.p99[round]).filter(|_| m.error.is_none())
+                };
+                let best = match (added(Column::Nginx), added(Column::Haproxy)) {
+                    (Some(nginx), Some(haproxy)) => nginx.min(haproxy),
+                    (one, other) => one.or(other)?,
+                };
+                if best > 0.0 {
+                    Some(added(Column::Weft)? / best)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        Interval::of(ratios)
     };
     let p50 = |c| lane(c).median(&lane(c).p50);
     let p99 = |c| lane(c).median(&lane(c).p99);
@@ -480,6 +598,14 @@ fn report(columns: &[Measured], options: &Options) -> Report {
         ratio_weft_added_p99_vs_best_proxy: ratio,
         target_ratio: TARGET_RATIO,
         target_weft_rss_mb: TARGET_RSS_MB,
+        ratio_weft_added_p99_vs_best_proxy_rounds: rounds_ratio,
+        weft_base_p50_us: base.and_then(|m| m.median(&m.p50)),
+        weft_base_p99_us: base.and_then(|m| m.median(&m.p99)),
+        weft_base_rps: base.and_then(|m| m.median(&m.rps)),
+        weft_base_rss_mb: base.and_then(|m| m.median(&m.rss_mb)),
+        ratio_weft_p50_vs_base: vs_base(|m| &m.p50),
+        ratio_weft_p99_vs_base: vs_base(|m| &m.p99),
+        ratio_weft_rps_vs_base: vs_base(|m| &m.rps),
         upstream_peers: columns
             .iter()
             .map(|m| (m.column.name(), m.upstream_peer.clone()))
@@ -552,6 +678,32 @@ fn print_table(r: &Report) {
         r.ratio_weft_added_p99_vs_best_proxy
             .map_or_else(|| "—".to_owned(), |v| format!("{v:.2}"))
     );
+    if let Some(i) = &r.ratio_weft_added_p99_vs_best_proxy_rounds {
+        println!(
+            "  round by round: {i} — {} the target",
+            i.side_of(TARGET_RATIO)
+        );
+    }
+    if r.ratio_weft_p99_vs_base.is_some() {
+        let cell = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.0}"));
+        println!(
+            "weft-base (the --baseline build): p50 {} µs, p99 {} µs, {} requests/s, RSS {} MiB",
+            cell(r.weft_base_p50_us),
+            cell(r.weft_base_p99_us),
+            cell(r.weft_base_rps),
+            r.weft_base_rss_mb
+                .map_or_else(|| "—".to_owned(), |v| format!("{v:.1}"))
+        );
+        for (what, i) in [
+            ("p50", &r.ratio_weft_p50_vs_base),
+            ("p99", &r.ratio_weft_p99_vs_base),
+            ("requests/s", &r.ratio_weft_rps_vs_base),
+        ] {
+            if let Some(i) = i {
+                println!("  weft ÷ weft-base, {what}: {i} — {} 1", i.side_of(1.0));
+            }
+        }
+    }
     for (column, peer) in &r.upstream_peers {
         if let Some(peer) = peer {
             println!("  {column}: the upstream saw connections from {peer}");
@@ -566,7 +718,13 @@ fn print_table(r: &Report) {
 // The run
 
 #[allow(clippy::too_many_lines, reason = "one linear measurement script")]
-pub fn l7(weft: &Path, workload: &Path, options: Options, json: Option<&Path>) -> Result<()> {
+pub fn l7(
+    weft: &Path,
+    workload: &Path,
+    options: Options,
+    baseline: Option<&Path>,
+    json: Option<&Path>,
+) -> Result<()> {
     testbed::use_binaries(weft, workload)?;
     let options = Options {
         repeats: options.repeats.max(1),
@@ -597,7 +755,7 @@ pub fn l7(weft: &Path, workload: &Path, options: Options, json: Option<&Path>) -
         "starting the Weft agent (L7 engine) in node mesh, with Service upstream and its HTTPRoute"
     );
     let mut agent = None;
-    let weft = weft_target(&mesh_node, &mesh, &mut agent);
+    let weft = weft_target(&mesh_node, &mesh, None, &mut agent);
     let direct = Ok(Target {
         client: base.client.clone(),
         url: base.server.url("/").to_string(),
@@ -610,6 +768,22 @@ pub fn l7(weft: &Path, workload: &Path, options: Options, json: Option<&Path>) -
         Lane::new(Column::Haproxy, haproxy),
     ];
     debug_assert!(lanes.iter().map(|l| l.measured.column).eq(COLUMNS));
+    // The other build, if asked for: its own node, the same objects, the same rounds.
+    let mut base_agent = None;
+    let base_parts = match baseline {
+        Some(bin) => {
+            step!(
+                "starting the baseline build {} in node meshb (column weft-base)",
+                bin.display()
+            );
+            let node = tb.node("meshb")?;
+            let side = side(&node)?;
+            let target = weft_target(&node, &side, Some(bin), &mut base_agent);
+            lanes.push(Lane::new(Column::WeftBase, target));
+            Some((node, side))
+        }
+        None => None,
+    };
 
     step!(
         "warm-up: {WARM_UP_REQUESTS} requests through each column, all must be answered 200 by the upstream"
@@ -656,13 +830,17 @@ pub fn l7(weft: &Path, workload: &Path, options: Options, json: Option<&Path>) -
         let name = proxy.kind().name();
         proxy.stop().with_context(|| format!("stopping {name}"))?;
     }
-    for s in [base, mesh] {
+    let (base_node, base_side) = base_parts.unzip();
+    for s in [Some(base), Some(mesh), base_side].into_iter().flatten() {
         if let Err(error) = s.server.finish() {
             eprintln!("[bench] upstream server: {error:#}");
         }
     }
     if let Some(mut agent) = agent {
         agent.uninstall(&mesh_node)?;
+    }
+    if let (Some(mut agent), Some(node)) = (base_agent, base_node) {
+        agent.uninstall(&node)?;
     }
     let left = tb.teardown()?;
     ensure!(
@@ -689,6 +867,20 @@ mod tests {
 
     #[test]
     #[allow(clippy::float_cmp, reason = "exact small values")]
+    fn the_interval_of_the_median_widens_with_few_rounds() {
+        let five = Interval::of(vec![5.0, 1.0, 4.0, 2.0, 3.0]).expect("values");
+        assert_eq!((five.median, five.low, five.high), (3.0, 1.0, 5.0));
+        // 20 rounds: k = ⌊(20 − 1.96·√20) / 2⌋ = 5, so ranks 5 and 14 (0-based).
+        let twenty = Interval::of((1..=20).map(f64::from).collect()).expect("values");
+        assert_eq!((twenty.low, twenty.median, twenty.high), (6.0, 11.0, 15.0));
+        assert_eq!(twenty.side_of(16.0), "below");
+        assert_eq!(twenty.side_of(10.0), "straddles");
+        assert_eq!(twenty.side_of(5.0), "above");
+        assert_eq!(Interval::of(vec![f64::NAN]), None);
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp, reason = "exact small values")]
     fn added_latency_and_ratio_use_the_better_proxy() {
         let column = |column, p99: f64| Measured {
             p99: vec![p99, p99 + 1000.0, p99 - 1.0],
@@ -711,6 +903,11 @@ mod tests {
         assert_eq!(r.weft_added_p99_us, Some(50.0));
         assert_eq!(r.haproxy_added_p99_us, Some(100.0));
         assert_eq!(r.ratio_weft_added_p99_vs_best_proxy, Some(0.5));
+        // Round by round: 50/100, 50/100 (rounds 1 and 2 add 1000 and −1 to every column).
+        let rounds = r
+            .ratio_weft_added_p99_vs_best_proxy_rounds
+            .expect("three rounds");
+        assert_eq!((rounds.median, rounds.rounds), (0.5, 3));
         columns[1].error = Some("no engine".into());
         let r = report(&columns, &options);
         assert_eq!(
