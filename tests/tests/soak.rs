@@ -178,17 +178,19 @@ fn pod_and_policy_churn_under_traffic_grows_no_memory_fds_or_map_entries() -> Re
     };
     let rss_slope = slope_per_minute(&series(|s| s.rss_kib as f64));
     let fd_slope = slope_per_minute(&series(|s| s.fds as f64));
+    let sockhash_slope = slope_per_minute(&series(|s| s.sockhash_entries));
     let summary = serde_json::json!({
         "seconds": started.elapsed().as_secs(),
         "rounds": round,
         "rss_kib_per_minute": rss_slope,
         "fds_per_minute": fd_slope,
+        "sockhash_entries_per_minute": sockhash_slope,
         "rss_kib_first_last": [steady[0].rss_kib, samples[samples.len() - 1].rss_kib],
         "fds_first_last": [steady[0].fds, samples[samples.len() - 1].fds],
         "samples": samples,
     });
     eprintln!(
-        "soak: {round} rounds in {} s; RSS {} → {} KiB ({rss_slope:+.1} KiB/min), fds {} → {} ({fd_slope:+.2}/min)",
+        "soak: {round} rounds in {} s; RSS {} → {} KiB ({rss_slope:+.1} KiB/min), fds {} → {} ({fd_slope:+.2}/min), sockhash entries {sockhash_slope:+.2}/min",
         started.elapsed().as_secs(),
         steady[0].rss_kib,
         samples[samples.len() - 1].rss_kib,
