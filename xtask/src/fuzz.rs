@@ -164,7 +164,7 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
     let mut stderr = String::new();
     if let Some(pipe) = child.stderr.take() {
         for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
-            if line.contains(" pulse ") || line.starts_with("==") || line.contains("panicked") {
+            if line.contains("\tpulse ") || line.starts_with("==") || line.contains("panicked") {
                 eprintln!("  {target}: {line}");
             }
             stderr.push_str(&line);
