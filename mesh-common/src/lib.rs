@@ -217,6 +217,15 @@ pub mod flow_state {
     pub const CLOSED: u8 = 2;
 }
 
+/// Bits of [`FlowEntry::fin`].
+pub mod fin_flags {
+    /// The socket sent its FIN (it went through `FIN_WAIT1` or `LAST_ACK`).
+    pub const SENT: u8 = 1 << 0;
+    /// The peer's FIN arrived (`CLOSE_WAIT`, `CLOSING`, or the close from `FIN_WAIT2` into
+    /// `TIME_WAIT`).
+    pub const RECEIVED: u8 = 1 << 1;
+}
+
 /// Bits of [`Config::flags`].
 pub mod config_flags {
     /// The mesh configuration (`MeshConfig` `spec.fastPath`) enables the socket fast path.
@@ -449,7 +458,9 @@ pub struct FlowEntry {
     pub role: u8,
     pub state: u8,
     pub fast: u8,
-    pub _pad0: u8,
+    /// [`fin_flags`]: which FINs this socket sent and received (they take a sequence number
+    /// each, which the stack's byte counters count; payload counts leave them out).
+    pub fin: u8,
     pub _pad1: u32,
     pub opened_ns: u64,
     pub closed_ns: u64,
@@ -713,7 +724,7 @@ pub const ZERO_FLOW: FlowEntry = FlowEntry {
     role: 0,
     state: 0,
     fast: 0,
-    _pad0: 0,
+    fin: 0,
     _pad1: 0,
     opened_ns: 0,
     closed_ns: 0,

@@ -8,7 +8,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT,
+        BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
@@ -16,7 +17,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ClientAddr, ENGINE_WORKLOAD, FlowEntry, SockKey, ZERO_FLOW, endpoint_flags, fast_state,
-    flow_state, global_counter, reason, role, verdict,
+    fin_flags, flow_state, global_counter, reason, role, verdict,
 };
 
 use crate::{
@@ -63,7 +64,12 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(ctx, role::CLIENT),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(ctx, role::SERVER),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => closed(ctx),
+        BPF_SOCK_OPS_STATE_CB => match ctx.arg(1) {
+            BPF_TCP_CLOSE => closed(ctx),
+            BPF_TCP_FIN_WAIT1 | BPF_TCP_LAST_ACK => mark_fin(ctx, fin_flags::SENT),
+            BPF_TCP_CLOSE_WAIT | BPF_TCP_CLOSING => mark_fin(ctx, fin_flags::RECEIVED),
+            _ => Ok(()),
+        },
         _ => Ok(()),
     }
 }
@@ -187,6 +193,17 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     Ok(())
 }
 
+/// Notes a FIN sent or received on the socket's flow entry.
+#[inline(always)]
+fn mark_fin(ctx: &SockOpsContext, bit: u8) -> Result<(), ()> {
+    let key = sock_key(ctx);
+    if let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: valid map value; the socket is locked while its state changes.
+        unsafe { (*flow).fin |= bit };
+    }
+    Ok(())
+}
+
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
     // SAFETY: valid sock_ops context.
@@ -214,7 +231,26 @@ fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
     // SAFETY: helper without arguments.
     flow.closed_ns = unsafe { bpf_ktime_get_ns() };
     // SAFETY: plain field loads from the context.
-    let (received, acked) = unsafe { ((*ctx.ops).bytes_received, (*ctx.ops).bytes_acked) };
+    let (received, acked, snd_una, snd_nxt) = unsafe {
+        let ops = &*ctx.ops;
+        (
+            ops.bytes_received,
+            ops.bytes_acked,
+            ops.snd_una,
+            ops.snd_nxt,
+        )
+    };
+    // The stack's counters count sequence numbers: the client's SYN (acknowledged by the
+    // SYN-ACK; a server's SYN-ACK is not counted), each FIN sent once acknowledged, the peer's
+    // FIN once received. Payload leaves them out. A close from FIN_WAIT2 is the one into
+    // TIME_WAIT after the peer's FIN (else a FIN_WAIT2 timeout or a reset: one byte too few).
+    if ctx.arg(0) == BPF_TCP_FIN_WAIT2 {
+        flow.fin |= fin_flags::RECEIVED;
+    }
+    let syn = u64::from(flow.role == role::CLIENT);
+    let fin_acked = u64::from(flow.fin & fin_flags::SENT != 0 && snd_una == snd_nxt);
+    let acked = acked.saturating_sub(syn + fin_acked);
+    let received = received.saturating_sub(u64::from(flow.fin & fin_flags::RECEIVED != 0));
     flow.rx_stack_bytes = received;
     let (src, dst, is_client) = if flow.role == role::CLIENT {
         (flow.local_workload, flow.remote_workload, true)

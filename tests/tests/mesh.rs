@@ -1029,6 +1029,69 @@ fn udp_between_meshed_pods_passes_untouched_and_is_counted() -> Result<()> {
     Ok(())
 }
 
+/// Reads a connection to its end and prints how many bytes came, then closes.
+const SINK_SERVER: &str = r#"
+import socket, sys
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1]))); l.listen(8)
+print("listening", flush=True)
+c, _ = l.accept()
+n = 0
+while True:
+    d = c.recv(65536)
+    if not d: break
+    n += len(d)
+c.close()
+print("got", n, flush=True)
+"#;
+
+/// Sends `argv[3]` bytes, half-closes and waits for the server's close.
+const SEND_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"x" * int(sys.argv[3])); s.shutdown(socket.SHUT_WR)
+while s.recv(65536): pass
+s.close()
+print("sent", sys.argv[3])
+"#;
+
+#[test]
+fn off_the_fast_path_the_flow_table_counts_payload_bytes_exactly() -> Result<()> {
+    // The mesh as users get it here: the socket fast path off (the kernel's self-test), so the
+    // counts come from the TCP stack's counters at close, which also count SYN and FINs.
+    let m = Mesh::with_kernel_default("exact-bytes")?;
+    let server = m.pod("b").spawn("python3", ["-c", SINK_SERVER, "7300"])?;
+    server.wait_for_line(Duration::from_secs(10), |l| l == "listening")?;
+    let b_ip = m.pod("b").ip().to_string();
+    let sent = python(m.pod("a"), SEND_CLIENT, &[&b_ip, "7300", &MIB.to_string()])?;
+    ensure!(sent.status.success(), "client: {}", sent.stderr);
+    server.wait_for_line(Duration::from_secs(10), |l| l == format!("got {MIB}"))?;
+    eventually(Duration::from_secs(5), || {
+        let rows = m.flows("a", "b")?;
+        let row = rows
+            .iter()
+            .find(|r| r["dst"]["port"] == 7300 && r["state"] == "closed")
+            .cloned()
+            .with_context(|| format!("no closed a → b:7300 flow: {rows:?}"))?;
+        ensure!(row["fast_bytes"] == 0, "took the fast path: {row}");
+        ensure!(
+            row["bytes_to_dst"] == MIB && row["bytes_to_src"] == 0,
+            "payload a → b is {MIB} bytes and b sent none: {row}"
+        );
+        let metric = m.agent.metric(
+            "weft_tcp_sent_bytes_total",
+            &[
+                ("source_workload", "a"),
+                ("destination_workload", "b"),
+                ("direction", "to_destination"),
+            ],
+        )?;
+        ensure!(metric == MIB as f64, "tcp_sent_bytes to b: {metric}");
+        Ok(())
+    })?;
+    Ok(())
+}
+
 #[test]
 fn ipv6_sockets_to_v4_mapped_addresses_get_the_same_verdict_and_service_routing() -> Result<()> {
     let m = Mesh::with_kernel_default("v4-mapped")?;

@@ -295,11 +295,7 @@ impl Engine {
                 FirstHead::Closed => None,
             };
             if let Some((status, problem)) = refusal {
-                self.metrics.error(match status {
-                    408 => "header_timeout",
-                    431 => "header_too_large",
-                    _ => "bad_request",
-                });
+                self.metrics.error(refusal_kind(status));
                 tracing::debug!(%client, problem, "request refused");
                 let raw = stream.get_ref().as_ref_std_clone();
                 http::refuse_head(&mut stream, raw, status, problem).await;
@@ -390,6 +386,15 @@ impl StdClone for TcpStream {
         use std::os::fd::AsFd as _;
         let fd = self.as_fd().try_clone_to_owned().ok()?;
         Some(std::net::TcpStream::from(fd))
+    }
+}
+
+/// The `l7_errors_total` kind of a first head refused with `status`.
+fn refusal_kind(status: u16) -> &'static str {
+    match status {
+        408 => "header_timeout",
+        431 => "header_too_large",
+        _ => "bad_request",
     }
 }
 
