@@ -220,13 +220,43 @@ async fn handle(
                 .unwrap_or_default(),
         }),
         "/status" => json(&status(&s)),
+        "/explain" => explain(&s, req.uri().query().unwrap_or_default()),
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /metrics, /ready, /config_dump, /flows or /status\n",
+            "try /metrics, /ready, /config_dump, /flows, /status or /explain?src=…&dst=…\n",
         ),
     };
     Ok(resp)
+}
+
+/// `/explain?src=namespace/pod&dst=destination`: what the mesh does with such a connection now.
+fn explain(s: &Shared, query: &str) -> Response<Full<Bytes>> {
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find_map(|(k, v)| (k == name).then(|| v.into_owned()))
+    };
+    let (Some(src), Some(dst)) = (param("src"), param("dst")) else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "give src=namespace/pod and dst=service[:port] or pod:port\n",
+        );
+    };
+    let kernel = s.metrics.get();
+    let facts = crate::state::explain::Facts {
+        fast_path: kernel.fast_path_enabled && !kernel.fast_path_killed,
+        socket_redirect_exact: s.socket_self_test.as_ref().is_none_or(|t| t.passed),
+        engine: s.engine.as_ref().is_some_and(|e| !e.is_draining()),
+        tunnel: s
+            .config
+            .as_ref()
+            .is_some_and(|c| c.identity.is_some() && c.engine_addr.is_some()),
+    };
+    match crate::state::explain::explain(&s.node, &src, &dst, facts) {
+        Ok(answer) => json(&answer),
+        Err(why) => respond(StatusCode::NOT_FOUND, "text/plain", format!("{why}\n")),
+    }
 }
 
 /// `/flows`: the kernel's flow table plus the connections the L7 engine holds.

@@ -77,6 +77,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What the mesh does with a connection from a pod to a service or pod, now: the verdict
+    /// the kernel gives at connect and the rule that decides it, the path (socket fast path,
+    /// kernel TCP, L7 engine, tunnel), the routes and policies the engine applies, and mTLS.
+    Explain {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The client pod, `namespace/name`.
+        source: String,
+        /// `namespace/service[:port]`, `service.namespace[:port]`, `namespace/pod:port` or
+        /// `ip:port`.
+        destination: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the agent's state.
     Status {
         #[command(flatten)]

@@ -254,6 +254,77 @@ pub fn render_flows(snap: &FlowSnapshot) -> String {
     out
 }
 
+pub fn explain(socket: &Path, source: &str, destination: &str, json: bool) -> Result<(), CliError> {
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("src", source)
+        .append_pair("dst", destination)
+        .finish();
+    let body = fetch(socket, &format!("/explain?{query}"))?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let e: crate::state::explain::Explanation =
+        serde_json::from_slice(&body).map_err(CliError::Decode)?;
+    print!("{}", explain_text(&e));
+    Ok(())
+}
+
+/// `weft explain` as text.
+fn explain_text(e: &crate::state::explain::Explanation) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} → {}{}",
+        e.source,
+        e.destination,
+        e.source_identity
+            .as_ref()
+            .map_or_else(String::new, |id| format!("  (source identity {id})"))
+    );
+    if let Some(s) = &e.service {
+        let _ = writeln!(
+            out,
+            "service {} at {}{}",
+            s.name,
+            s.address,
+            if s.l7 {
+                format!(", L7 (if the engine is down: fail {})", s.failure_mode)
+            } else {
+                String::new()
+            }
+        );
+        for (what, items) in [
+            ("routes", &s.routes),
+            ("authorization", &s.authorization),
+            ("authentication", &s.authentication),
+        ] {
+            if !items.is_empty() {
+                let _ = writeln!(out, "  {what}: {}", items.join(", "));
+            }
+        }
+        if let Some(p) = &s.traffic_policy {
+            let _ = writeln!(out, "  traffic policy: {p}");
+        }
+    }
+    for p in &e.paths {
+        let _ = writeln!(
+            out,
+            "backend {}{}\n  verdict  {}\n  by       {}\n  path     {}\n  mTLS     {}",
+            p.backend,
+            p.node
+                .as_ref()
+                .map_or_else(String::new, |n| format!(" on node {n}")),
+            p.verdict,
+            p.decided_by,
+            p.path,
+            p.mtls
+        );
+    }
+    out
+}
+
 pub fn status(socket: &Path, json: bool) -> Result<(), CliError> {
     let body = fetch(socket, "/status")?;
     if json {

@@ -35,6 +35,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             super::flows(&node.socket(), json, &filter)?;
         }
         Command::Status { node, json } => super::status(&node.socket(), json)?,
+        Command::Explain {
+            node,
+            source,
+            destination,
+            json,
+        } => super::explain(&node.socket(), &source, &destination, json)?,
         Command::Check { files, json } => check_command(&files, json)?,
         Command::Ca { command } => ca_command(command)?,
         Command::Jwt { command } => jwt_command(command)?,

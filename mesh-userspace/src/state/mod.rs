@@ -5,6 +5,7 @@
 //! `validate` is where every object is judged; `build` applies only what it accepts.
 pub mod access;
 mod authz;
+pub mod explain;
 mod ids;
 mod l7;
 pub mod policy;
