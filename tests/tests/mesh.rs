@@ -89,6 +89,19 @@ spec: {clusterIP: 198.19.0.10, selector: {app: b}, ports: [{port: 80, targetPort
         )
     }
 
+    /// `src` sends 1 MiB to the echo server at `to` (pod `dst`), intact, socket to socket.
+    fn transfer_on_the_fast_path(&self, src: &str, dst: &str, to: SocketAddr) -> Result<()> {
+        let t = self.pod(src).transfer(to, MIB, 1)?;
+        ensure!(t.all_ok(), "{src} → {dst}: {t:?}");
+        eventually(Duration::from_secs(5), || {
+            ensure!(
+                self.fast_path_bytes(src, dst)? >= MIB as f64,
+                "{src} → {dst} did not take the socket fast path"
+            );
+            Ok(())
+        })
+    }
+
     /// Waits until the agent has published two fresh snapshots of the kernel counters, so that
     /// a following read reflects everything that happened before this call.
     fn settle(&self) -> Result<()> {
@@ -1147,15 +1160,7 @@ fn explain_predicts_what_the_kernel_does_with_a_connection() -> Result<()> {
     );
     let refused = m.pod("a").transfer(server.addr(), 1024, 1)?;
     ensure!(refused.ok == 0, "a reached b: {refused:?}");
-    let through = m.pod("c").transfer(server.addr(), MIB, 1)?;
-    ensure!(through.all_ok(), "c → b: {through:?}");
-    eventually(Duration::from_secs(5), || {
-        ensure!(
-            m.fast_path_bytes("c", "b")? >= MIB as f64,
-            "c → b did not take the socket fast path"
-        );
-        Ok(())
-    })?;
+    m.transfer_on_the_fast_path("c", "b", server.addr())?;
     // The text a user reads names the policy, and a mistyped name gets a clear answer.
     let text = weft_explain(&m, "default/a", "b.default", false)?;
     ensure!(
@@ -1318,15 +1323,7 @@ fn pods_use_the_socket_fast_path_only_where_the_kernel_self_test_allows() -> Res
         // An operator who enables it for a pair gets it.
         m.agent.enable_socket_fast_path()?;
         m.settle()?;
-        let t = m.pod("a").transfer(server.addr(), MIB, 1)?;
-        ensure!(t.all_ok(), "{t:?}");
-        eventually(Duration::from_secs(5), || {
-            ensure!(
-                m.fast_path_bytes("a", "b")? >= MIB as f64,
-                "Enabled, yet no fast path"
-            );
-            Ok(())
-        })?;
+        m.transfer_on_the_fast_path("a", "b", server.addr())?;
     }
     Ok(())
 }

@@ -58,6 +58,20 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// The target triple `cargo fuzz build` builds for (this machine's).
+fn host_triple() -> String {
+    Command::new("rustc")
+        .args(["+nightly", "-vV"])
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        })
+        .unwrap_or_else(|| "x86_64-unknown-linux-gnu".to_owned())
+}
+
 /// `stat::number_of_executed_units: N` from libFuzzer's final statistics.
 fn executions(stderr: &str) -> u64 {
     stderr
@@ -138,18 +152,25 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
     let corpus = fuzz_dir().join("corpus").join(target);
     std::fs::create_dir_all(&corpus)?;
     let artifacts = fuzz_dir().join("artifacts").join(target);
+    std::fs::create_dir_all(&artifacts)?;
     let before = files_in(&artifacts);
     step!(
         "fuzz: {target} for {each} s (corpus {} files)",
         files_in(&corpus).len()
     );
     let started = Instant::now();
-    let mut child = Command::new("cargo")
+    // The binary `cargo fuzz build` made, run directly: `cargo fuzz run` would rebuild the
+    // whole tree with sanitizers whenever a source changed since (minutes of a target's time).
+    let binary = fuzz_dir()
+        .join("target")
+        .join(host_triple())
+        .join("release")
+        .join(target);
+    let mut child = Command::new(&binary)
         .current_dir(fuzz_dir())
-        .args(["+nightly", "fuzz", "run", target])
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg(&corpus)
         .args([
-            "--",
             &format!("-max_total_time={each}"),
             "-rss_limit_mb=2048",
             "-timeout=10",
@@ -158,7 +179,7 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cargo fuzz run {target}"))?;
+        .with_context(|| format!("running {}", binary.display()))?;
     // libFuzzer's "pulse" lines (at powers of two executions) show progress; all of it is kept
     // for the statistics and for a failure's report.
     let mut stderr = String::new();
@@ -173,7 +194,7 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
     }
     let status = child
         .wait()
-        .with_context(|| format!("cargo fuzz run {target}"))?;
+        .with_context(|| format!("running {}", binary.display()))?;
     let crashes: Vec<PathBuf> = files_in(&artifacts)
         .into_iter()
         .filter(|f| !before.contains(f))
@@ -189,7 +210,7 @@ fn run_target(target: &str, each: u64) -> Result<TargetRun> {
         let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!(
-            "cargo fuzz run {target} failed without a crash input:\n{}",
+            "fuzz target {target} failed without a crash input:\n{}",
             tail.join("\n")
         );
     }
