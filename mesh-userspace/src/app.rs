@@ -240,6 +240,34 @@ impl OrigDst for KernelOrigDst {
     }
 }
 
+/// The engine's and the tunnel's connection budget: `--max-connections`, lowered to what the
+/// file descriptor limit allows after the soft limit is raised to the hard one (as Go's runtime
+/// does for its programs: the soft default of 1024 would cap the engine at a few hundred).
+fn connection_budget(wanted: usize) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "could not raise the file descriptor limit");
+        }
+    }
+    let fds = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let budget = proxy::admission::fits_fd_limit(wanted, fds);
+    if budget < wanted {
+        tracing::warn!(
+            wanted,
+            budget,
+            file_descriptors = fds,
+            "the file descriptor limit lowers --max-connections"
+        );
+    }
+    budget
+}
+
 /// Binds the engine's listener and runs the engine on its own thread and single-threaded
 /// runtime (the data plane never shares a runtime with the admin server).
 fn start_engine(
@@ -268,6 +296,12 @@ fn start_engine(
         Box::new(KernelOrigDst(orig)),
         Arc::new(KernelFastPath(Mutex::new(shed))),
     );
+    engine.limit =
+        proxy::admission::ConnectionLimit::new(connection_budget(config.max_connections));
+    tracing::info!(
+        max_connections = engine.limit.max(),
+        "engine connection budget"
+    );
     if let Some(endpoint) = &config.otlp_endpoint {
         // The exporter's task lives on the engine's runtime.
         let _guard = rt.enter();
@@ -282,6 +316,7 @@ fn start_engine(
             registry,
             denials,
             engine.fast_path.clone(),
+            engine.limit.clone(),
         )?;
         engine.tunnel = Some(tunnel);
     }
@@ -314,6 +349,7 @@ fn start_tunnel(
     registry: &mut Registry,
     denials: Arc<proxy::Denials>,
     fast_path: Arc<dyn proxy::FastPath>,
+    limit: Arc<proxy::admission::ConnectionLimit>,
 ) -> Result<Arc<proxy::tunnel::Tunnel>, AgentError> {
     use crate::identity::{Ca, Identities, Issuer};
     let issuer = match &identity.issuer {
@@ -350,6 +386,7 @@ fn start_tunnel(
         metrics,
         denials,
         fast_path,
+        limit,
     ));
     let _guard = rt.enter();
     let server = tunnel.clone();

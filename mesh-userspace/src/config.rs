@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Overrides the sockhash capacity (tests shrink it to exercise the map-full fallback).
     pub sockhash_capacity: Option<u32>,
+    /// Connections the engine and the tunnel hold at once (before the file descriptor limit
+    /// lowers it: see `proxy::admission`).
+    pub max_connections: usize,
     /// How many closed flows `/flows` remembers.
     pub recent_flows: usize,
     /// The L7 engine's listener (an address of this node that pods can reach). Without it the

@@ -57,11 +57,12 @@ spec: {clusterIP: 198.19.0.23, selector: {version: v1}, ports: [{port: 80, targe
 impl L7Mesh {
     /// `servers`: extra `http-server` flags for v1 and v2.
     fn new(label: &str, v1: &[&str], v2: &[&str]) -> Result<Self> {
-        Self::build(label, v1, v2, false)
+        Self::build(label, v1, v2, false, &[])
     }
 
-    /// `otlp`: the agent exports spans to a collector on pod `a`, port 4318.
-    fn build(label: &str, v1: &[&str], v2: &[&str], otlp: bool) -> Result<Self> {
+    /// `otlp`: the agent exports spans to a collector on pod `a`, port 4318; `agent`: more
+    /// agent flags.
+    fn build(label: &str, v1: &[&str], v2: &[&str], otlp: bool, agent: &[&str]) -> Result<Self> {
         let tb = Testbed::new(label)?;
         let node = tb.node("n1")?;
         let a = node.pod("a")?;
@@ -73,11 +74,12 @@ impl L7Mesh {
             p2.manifest(&[("app", "web"), ("version", "v2")], "web"),
         ];
         let collector = format!("http://{}:4318", a.ip());
-        let agent_args: Vec<&str> = if otlp {
+        let mut agent_args: Vec<&str> = if otlp {
             vec!["--otlp-endpoint", &collector]
         } else {
             Vec::new()
         };
+        agent_args.extend_from_slice(agent);
         let agent = Agent::start(&node, &agent_args)?;
         agent.enable_socket_fast_path()?;
         agent.apply("pods.yaml", &manifests.join("\n---\n"))?;
@@ -808,6 +810,81 @@ spec:
     Ok(())
 }
 
+/// Opens keep-alive connections one by one (a request on each) and holds them; then closes
+/// them, waits until the agent's descriptors are back, and opens them again. Prints JSON.
+const HOLD_CONNECTIONS: &str = r#"
+import json, os, socket, sys, time
+host, port, n, agent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+fds = lambda: len(os.listdir(f"/proc/{agent}/fd"))
+def hold(count):
+    held, reset = [], 0
+    for _ in range(count):
+        s = socket.create_connection((host, port), timeout=5)
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            if s.recv(65536).startswith(b"HTTP/1.1 200"):
+                held.append(s)
+                continue
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        reset += 1
+        s.close()
+    return held, reset
+before = fds()
+held, reset = hold(n)
+holding = fds()
+for s in held:
+    s.close()
+deadline = time.time() + 10
+while fds() > holding - len(held) and time.time() < deadline:
+    time.sleep(0.1)
+after = fds()
+again, reset_again = hold(len(held))
+print(json.dumps({"before": before, "held": len(held), "reset": reset, "holding": holding,
+                  "after": after, "held_again": len(again), "reset_again": reset_again}))
+"#;
+
+/// A cap on what the engine holds: past `--max-connections` a new connection is reset at once
+/// and counted, the held ones keep working, the agent's descriptors stay bounded, and a place
+/// is free again when a connection closes.
+#[test]
+fn past_the_connection_limit_new_connections_are_reset_counted_and_bounded() -> Result<()> {
+    const MAX: usize = 40;
+    let m = L7Mesh::build("l7-limit", &[], &[], false, &["--max-connections", "40"])?;
+    m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
+    let pid = m.agent.pid().context("agent pid")?.to_string();
+    let total = (MAX + 20).to_string();
+    let out = m.client().run(
+        Duration::from_mins(1),
+        "python3",
+        ["-c", HOLD_CONNECTIONS, WEB_VIP, "80", &total, &pid],
+    )?;
+    let r: Value = serde_json::from_str(out.stdout.trim()).with_context(|| format!("{out:?}"))?;
+    eprintln!("connection limit {MAX}: {r}");
+    let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        n("held") == MAX as u64 && n("reset") == 20,
+        "{MAX} held and 20 reset expected: {r}"
+    );
+    // Each held connection: the client's socket and at most one towards the backend.
+    ensure!(
+        n("holding") <= n("before") + 2 * MAX as u64 + 8,
+        "the agent's descriptors grew past the cap: {r}"
+    );
+    ensure!(
+        n("held_again") == MAX as u64 && n("reset_again") == 0,
+        "closed connections must free their places: {r}"
+    );
+    let shed = m.l7_metric("weft_l7_errors_total", &[("kind", "connection_limit")])?;
+    ensure!(
+        shed == 20.0,
+        "connections reset over the limit, counted: {shed}"
+    );
+    let after = m.get(WEB_VIP, "/", 20, &[])?;
+    ensure!(after.status(200) == 20, "{after:?}");
+    Ok(())
+}
+
 /// The agent (and so the engine) dies: new connections to an L7 service go straight to a
 /// backend once the heartbeat is stale (L7 policy skipped, traffic kept); the restarted agent
 /// takes them back.
@@ -1165,7 +1242,7 @@ spec:
 
 #[test]
 fn spans_are_exported_over_otlp() -> Result<()> {
-    let m = L7Mesh::build("l7-otlp", &[], &[], true)?;
+    let m = L7Mesh::build("l7-otlp", &[], &[], true, &[])?;
     let collector = m
         .client()
         .serve_http(&HttpServerArgs::new("collector", 4318))?;

@@ -238,6 +238,11 @@ pub struct AgentArgs {
     /// Override the fast-path socket map capacity.
     #[arg(long)]
     sockhash_capacity: Option<u32>,
+    /// Connections the L7 engine and the tunnel hold at once (clients' connections, tunnel
+    /// connections and streams); past it new ones are reset and counted. Lowered to what the
+    /// agent's file descriptor limit allows (two per connection, 512 kept for the agent).
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
     #[arg(long, default_value_t = 1000)]
     recent_flows: usize,
     /// Run the L7 engine on this node address (e.g. the node's bridge IP and port 15001).
@@ -387,6 +392,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             stats_interval_ms,
             drain_timeout_secs,
             sockhash_capacity,
+            max_connections,
             recent_flows,
             engine_addr,
             engine_sockops_cgroup,
@@ -453,6 +459,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
             drain_timeout: Duration::from_secs(drain_timeout_secs),
             sockhash_capacity,
+            max_connections,
             recent_flows,
             engine_addr,
             engine_sockops_cgroup,

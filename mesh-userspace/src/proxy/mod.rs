@@ -4,6 +4,7 @@
 //!
 //! One listener on the node address; per connection: original destination lookup, protocol
 //! detection (or the port's `appProtocol`), then HTTP/1.1, HTTP/2 (gRPC) or an opaque byte pipe.
+pub mod admission;
 pub mod authn;
 pub mod authz;
 pub mod balance;
@@ -103,6 +104,8 @@ pub struct Engine {
     pub tracer: Option<trace::Exporter>,
     /// The node-to-node tunnel, when the agent has an identity (a CA).
     pub tunnel: Option<Arc<tunnel::Tunnel>>,
+    /// The connections the engine (and the tunnel) may hold at once; past it new ones are reset.
+    pub limit: Arc<admission::ConnectionLimit>,
     /// `Some(deadline)` once the engine drains (the agent is stopping): see [`Engine::drain`].
     draining: watch::Sender<Option<tokio::time::Instant>>,
 }
@@ -124,6 +127,7 @@ impl Engine {
             fast_path,
             tracer: None,
             tunnel: None,
+            limit: admission::ConnectionLimit::new(usize::MAX),
             draining: watch::channel(None).0,
         }
     }
@@ -164,7 +168,7 @@ impl Engine {
                 _ = draining.wait_for(Option::is_some) => break,
             };
             match accepted {
-                Ok((stream, peer)) => self.spawn_connection(stream, peer),
+                Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; other flows go on.
                     tracing::warn!(error = %e, "engine accept failed");
@@ -177,7 +181,7 @@ impl Engine {
         while let Ok(Ok((stream, peer))) =
             tokio::time::timeout_at(accept_until, listener.accept()).await
         {
-            self.spawn_connection(stream, peer);
+            self.admit(stream, peer);
         }
         drop(listener);
         tracing::info!(
@@ -199,12 +203,22 @@ impl Engine {
         Ok(())
     }
 
-    fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// Serves an accepted connection when the budget has a place for it; resets it otherwise.
+    fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Some(place) = self.limit.try_admit() else {
+            self.metrics.error("connection_limit");
+            tracing::debug!(client = %peer, max = self.limit.max(), "over the connection limit: reset");
+            let _ = stream.set_zero_linger();
+            return;
+        };
         let engine = self.clone();
         // One span per connection; the handlers' events carry the client address.
         let span = tracing::debug_span!("l7_conn", client = %peer);
         tokio::spawn(tracing::Instrument::instrument(
-            async move { engine.connection(stream, peer).await },
+            async move {
+                engine.connection(stream, peer).await;
+                drop(place);
+            },
             span,
         ));
     }

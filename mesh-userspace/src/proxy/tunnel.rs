@@ -163,6 +163,8 @@ pub struct Tunnel {
     denials: Arc<super::Denials>,
     /// Connections to local pods leave the socket fast path when they carry bulk.
     fast_path: Arc<dyn super::FastPath>,
+    /// Shared with the engine: inbound connections and their streams' sockets take places.
+    pub limit: Arc<super::admission::ConnectionLimit>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -181,6 +183,7 @@ impl Tunnel {
         metrics: TunnelMetrics,
         denials: Arc<super::Denials>,
         fast_path: Arc<dyn super::FastPath>,
+        limit: Arc<super::admission::ConnectionLimit>,
     ) -> Self {
         Self {
             ids,
@@ -191,6 +194,7 @@ impl Tunnel {
             metrics,
             denials,
             fast_path,
+            limit,
         }
     }
 
@@ -462,8 +466,15 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(place) = tunnel.limit.try_admit() else {
+            tunnel.metrics.connection("inbound", "connection_limit");
+            tracing::debug!(%peer, max = tunnel.limit.max(), "over the connection limit: reset");
+            let _ = tcp.set_zero_linger();
+            continue;
+        };
         let (tunnel, snapshots) = (tunnel.clone(), snapshots.clone());
         tokio::spawn(async move {
+            let _place = place;
             if let Err(reason) = inbound_connection(&tunnel, snapshots, tcp).await {
                 tunnel.metrics.connection("inbound", reason.label());
                 tracing::warn!(
@@ -698,11 +709,23 @@ async fn stream(
     served: Option<&SpiffeId>,
     mut request: Request<hyper::body::Incoming>,
 ) -> Response<Empty<Bytes>> {
-    let checked = check_stream(tunnel, snapshot, client_id, served, &request);
+    let checked = check_stream(tunnel, snapshot, client_id, served, &request).and_then(|target| {
+        let place = tunnel.limit.try_admit().ok_or_else(|| {
+            Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connection_limit",
+                format!(
+                    "the agent holds its maximum of {} connections",
+                    tunnel.limit.max()
+                ),
+            )
+        })?;
+        Ok((target, place))
+    });
     let connected = match checked {
-        Ok(target) => {
+        Ok((target, place)) => {
             match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(target)).await {
-                Ok(Ok(s)) => Ok(s),
+                Ok(Ok(s)) => Ok((s, place)),
                 _ => Err(Refusal(
                     StatusCode::BAD_GATEWAY,
                     "upstream_connect",
@@ -712,8 +735,8 @@ async fn stream(
         }
         Err(refusal) => Err(refusal),
     };
-    let upstream = match connected {
-        Ok(upstream) => upstream,
+    let (upstream, place) = match connected {
+        Ok(connected) => connected,
         Err(Refusal(status, result, why)) => {
             tunnel.metrics.stream("inbound", result);
             let claimed = request
@@ -743,6 +766,7 @@ async fn stream(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let mut upstream = super::io::Leg::new(upstream, &tunnel.fast_path);
     tokio::spawn(async move {
+        let _place = place;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let _ = tokio::io::copy_bidirectional_with_sizes(
