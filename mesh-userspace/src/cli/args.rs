@@ -31,6 +31,33 @@ pub struct NodeArgs {
     pub admin_socket: Option<PathBuf>,
 }
 
+/// How a command prints what it shows.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Output {
+    /// Tables and lines for people.
+    Text,
+    /// JSON for programs (the admin API's document, pretty-printed).
+    Json,
+}
+
+/// `-o/--output text|json`, and `--json` for short.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct OutputArgs {
+    /// How to print: text for people, JSON for programs.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// The same as `--output json`.
+    #[arg(long, conflicts_with = "output")]
+    json: bool,
+}
+
+impl OutputArgs {
+    #[must_use]
+    pub fn json(self) -> bool {
+        self.json || self.output == Output::Json
+    }
+}
+
 impl NodeArgs {
     /// The admin socket to talk to.
     #[must_use]
@@ -59,8 +86,8 @@ pub enum Command {
     Flows {
         #[command(flatten)]
         node: NodeArgs,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
         /// Only flows from or to this workload (`namespace/name`, or `name`).
         #[arg(long)]
         workload: Option<String>,
@@ -74,8 +101,8 @@ pub enum Command {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// What the mesh does with a connection from a pod to a service or pod, now: the verdict
     /// the kernel gives at connect and the rule that decides it, the path (socket fast path,
@@ -88,15 +115,15 @@ pub enum Command {
         /// `namespace/service[:port]`, `service.namespace[:port]`, `namespace/pod:port` or
         /// `ip:port`.
         destination: String,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Show the agent's state.
     Status {
         #[command(flatten)]
         node: NodeArgs,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Run the control plane: validate Weft's objects on the API server and write their status
     /// conditions (two replicas elect a leader with a Lease).
@@ -488,4 +515,38 @@ pub fn default_identity() -> String {
 #[must_use]
 pub fn bpffs_default(node: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/weft/{node}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Command};
+
+    fn status_json(args: &[&str]) -> Result<bool, clap::Error> {
+        let cli = Cli::try_parse_from(["weft", "status"].iter().chain(args))?;
+        match cli.command {
+            Command::Status { output, .. } => Ok(output.json()),
+            _ => unreachable!("parsed as status"),
+        }
+    }
+
+    #[test]
+    fn every_table_command_takes_output_json_or_text() {
+        assert!(!status_json(&[]).unwrap());
+        assert!(status_json(&["-o", "json"]).unwrap());
+        assert!(status_json(&["--output", "json"]).unwrap());
+        assert!(status_json(&["--json"]).unwrap());
+        assert!(!status_json(&["--output", "text"]).unwrap());
+        assert!(status_json(&["--output", "yaml"]).is_err());
+        assert!(status_json(&["--json", "-o", "text"]).is_err());
+        for command in [
+            &["flows", "-o", "json"][..],
+            &["check", "x.yaml", "-o", "json"],
+            &["explain", "default/a", "default/web", "-o", "json"],
+        ] {
+            let args = std::iter::once("weft").chain(command.iter().copied());
+            assert!(Cli::try_parse_from(args).is_ok(), "{command:?}");
+        }
+    }
 }

@@ -24,7 +24,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Flows {
             node,
-            json,
+            output,
             workload,
             verdict,
         } => {
@@ -32,16 +32,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 workload,
                 verdict: verdict.map(|v| v.to_uppercase()),
             };
-            super::flows(&node.socket(), json, &filter)?;
+            super::flows(&node.socket(), output.json(), &filter)?;
         }
-        Command::Status { node, json } => super::status(&node.socket(), json)?,
+        Command::Status { node, output } => super::status(&node.socket(), output.json())?,
         Command::Explain {
             node,
             source,
             destination,
-            json,
-        } => super::explain(&node.socket(), &source, &destination, json)?,
-        Command::Check { files, json } => check_command(&files, json)?,
+            output,
+        } => super::explain(&node.socket(), &source, &destination, output.json())?,
+        Command::Check { files, output } => check_command(&files, output.json())?,
         Command::Ca { command } => ca_command(command)?,
         Command::Jwt { command } => jwt_command(command)?,
         Command::Crds {
