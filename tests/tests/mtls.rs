@@ -856,10 +856,12 @@ fn a_dry_run_policy_on_the_receiving_node_counts_but_does_not_refuse() -> Result
 /// Abusive clients, each printing one line of what it saw. `argv`: kind, host, port, count, then
 /// per kind: `slowloris` (N connections send half a request head and wait for the answer),
 /// `tunnel_junk` (N connections to the tunnel port, half silent, half sending junk, wait until the
-/// agent closes each), `big_header` (one request with a 10 MB header), `endless_body` (a chunked
-/// POST that streams for `count` seconds), `denied` (N connects a policy refuses).
+/// agent closes each), `tunnel_nocert` (N TLS handshakes one after another without a client
+/// certificate, each then trying to send), `big_header` (one request with a 10 MB header),
+/// `endless_body` (a chunked POST that streams for `count` seconds), `denied` (N connects a
+/// policy refuses).
 const ABUSE: &str = r#"
-import errno, os, socket, sys, time
+import errno, os, socket, ssl, sys, time
 kind, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 def conn(timeout=30):
     s = socket.create_connection((host, port), timeout=timeout)
@@ -891,6 +893,21 @@ elif kind == "tunnel_junk":
         if i % 2: s.sendall(os.urandom(4096))
         socks.append(s)
     print(sorted(wait_closed(socks, 20).items()))
+elif kind == "tunnel_nocert":
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    results = {}
+    for _ in range(n):
+        try:
+            with ctx.wrap_socket(conn(10)) as t:
+                t.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                key = "answered" if t.recv(64) else "closed"
+        except (ssl.SSLError, OSError) as e:
+            key = "refused"
+        results[key] = results.get(key, 0) + 1
+    print(sorted(results.items()))
 elif kind == "big_header":
     s = conn()
     try:
@@ -940,6 +957,7 @@ fn rss_and_fds(pid: u32) -> (u64, u64) {
 fn abuse_of_the_engine_and_the_tunnel_stays_bounded_counted_and_spares_other_flows() -> Result<()> {
     const SLOW: u32 = 200;
     const JUNK: u32 = 200;
+    const NOCERT: u32 = 300;
     const DENIED: u32 = 2000;
     let mesh = TwoNodes::new("abuse", &[], None)?;
     // The service is L7 on the client's node (its engine serves it, then the tunnel carries it);
@@ -986,6 +1004,7 @@ fn abuse_of_the_engine_and_the_tunnel_stays_bounded_counted_and_spares_other_flo
     };
     let slow_n = SLOW.to_string();
     let junk_n = JUNK.to_string();
+    let nocert_n = NOCERT.to_string();
     let denied_n = DENIED.to_string();
     let mut abusers = vec![
         (
@@ -998,6 +1017,13 @@ fn abuse_of_the_engine_and_the_tunnel_stays_bounded_counted_and_spares_other_flo
         (
             "tunnel_junk",
             abuse(&mesh.plain, ["tunnel_junk", &tunnel_host, "15008", &junk_n])?,
+        ),
+        (
+            "tunnel_nocert",
+            abuse(
+                &mesh.plain,
+                ["tunnel_nocert", &tunnel_host, "15008", &nocert_n],
+            )?,
         ),
         (
             "big_header",
@@ -1073,8 +1099,13 @@ fn abuse_of_the_engine_and_the_tunnel_stays_bounded_counted_and_spares_other_flo
         !seen[1].contains("'open'"),
         "tunnel connections left open: {seen:?}"
     );
-    ensure!(seen[2].contains("431"), "{seen:?}");
-    ensure!(seen[4] == format!("denied: refused {DENIED}"), "{seen:?}");
+    // A TLS client without a mesh certificate never gets a byte of HTTP/2 from the tunnel.
+    ensure!(
+        !seen[2].contains("answered"),
+        "the tunnel answered a client without a certificate: {seen:?}"
+    );
+    ensure!(seen[3].contains("431"), "{seen:?}");
+    ensure!(seen[5] == format!("denied: refused {DENIED}"), "{seen:?}");
     // Other flows kept working, every request answered; their latency is reported above and
     // bounded here only against a stall (the two cores are shared with the abusers and, in
     // `cargo xtask test`, with another test).
@@ -1120,8 +1151,9 @@ fn abuse_of_the_engine_and_the_tunnel_stays_bounded_counted_and_spares_other_flo
         &[("direction", "inbound"), ("result", "timeout")],
     )?;
     ensure!(
-        refused_tls >= f64::from(JUNK),
-        "refused tunnel connections counted: {refused_tls}"
+        refused_tls >= f64::from(JUNK + NOCERT),
+        "refused tunnel connections counted: {refused_tls} (junk or silent {JUNK}, without a \
+         certificate {NOCERT})"
     );
     let too_large = mesh
         .a1
