@@ -133,16 +133,18 @@ pub fn l4(
 
     let mut samples: [Vec<Rr>; 4] = Default::default(); // base 1B, mesh 1B, base 1K, mesh 1K
     let mut gbps: [Vec<f64>; 2] = Default::default();
-    for round in 1..=repeats {
-        step!(
-            "round {round}/{repeats}: request/response 1 B and 1 KiB, then bulk stream ({secs}s each)"
-        );
+    let mut rounds = crate::progress::Steps::new("round", repeats);
+    for _ in 1..=repeats {
+        rounds.advance(&format!(
+            "request/response 1 B and 1 KiB, then bulk stream ({secs}s each)"
+        ));
         for (i, s) in [&base, &mesh].into_iter().enumerate() {
             samples[i].push(round_trip(s, 1, secs)?);
             samples[2 + i].push(round_trip(s, 1024, secs)?);
             gbps[i].push(stream(s, secs)?);
         }
     }
+    rounds.finish();
     let pick = |i: usize, f: fn(&Rr) -> f64| median(samples[i].iter().map(f).collect());
     let fast = agent.metric("weft_tcp_fast_path_bytes_total", &[])?;
     let r = Report {

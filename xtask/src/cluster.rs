@@ -232,10 +232,10 @@ pub fn prerequisites() -> Result<(PathBuf, PathBuf, PathBuf)> {
 /// `cargo xtask cluster up`.
 pub fn up(name: &str, images: &Images, kube_proxy: bool) -> Result<Cluster> {
     let (k8s_bin, kubectl, helm) = prerequisites()?;
-    step!(
+    let waiting = crate::progress::Waiting::new(&format!(
         "cluster {name}: starting a real Kubernetes 1.20.2 cluster of two nodes (network and mount namespaces, cgroup weft-cluster-{name}; kube-proxy {})",
         if kube_proxy { "on" } else { "off" }
-    );
+    ));
     let started = std::time::Instant::now();
     let cluster = cluster::up(&UpOptions {
         name: name.to_owned(),
@@ -245,7 +245,9 @@ pub fn up(name: &str, images: &Images, kube_proxy: bool) -> Result<Cluster> {
         helm,
         images: images.all(),
         kube_proxy,
-    })?;
+    });
+    drop(waiting);
+    let cluster = cluster?;
     step!(
         "cluster {name}: both nodes Ready after {:.1}s; kubectl: `cargo xtask cluster kubectl -- get pods -A`",
         started.elapsed().as_secs_f64()
@@ -255,9 +257,13 @@ pub fn up(name: &str, images: &Images, kube_proxy: bool) -> Result<Cluster> {
 
 /// `cargo xtask cluster down`.
 pub fn down(name: &str) -> Result<()> {
-    step!("cluster {name}: removing every process, mount, cgroup and file it made");
+    let waiting = crate::progress::Waiting::new(&format!(
+        "cluster {name}: removing every process, mount, cgroup and file it made"
+    ));
     let started = std::time::Instant::now();
-    cluster::down(name)?;
+    let done = cluster::down(name);
+    drop(waiting);
+    done?;
     step!(
         "cluster {name}: down in {:.1}s",
         started.elapsed().as_secs_f64()

@@ -16,6 +16,7 @@ mod e2e;
 mod envtest;
 mod fuzz;
 mod image;
+mod progress;
 mod setup;
 mod tools;
 

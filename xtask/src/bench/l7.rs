@@ -793,6 +793,7 @@ pub fn l7(
     }
 
     let started = Instant::now();
+    let mut rounds = crate::progress::Steps::new("round", options.repeats);
     for round in 0..options.repeats {
         // Rotate the order each round: no column always runs first or last.
         let order: Vec<usize> = (0..lanes.len())
@@ -802,19 +803,18 @@ pub fn l7(
             .iter()
             .map(|&i| lanes[i].measured.column.name())
             .collect();
-        step!(
-            "round {}/{}: {} (wrk {}s, then {} req/s for {}s, each)",
-            round + 1,
-            options.repeats,
+        rounds.advance(&format!(
+            "{} (wrk {}s, then {} req/s for {}s, each)",
             names.join(", "),
             options.secs,
             options.rate,
             options.secs
-        );
+        ));
         for i in order {
             lanes[i].measure(&options);
         }
     }
+    rounds.finish();
     step!("measured in {:.0}s", started.elapsed().as_secs_f64());
 
     let measured: Vec<Measured> = lanes.into_iter().map(|l| l.measured).collect();

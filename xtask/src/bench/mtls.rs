@@ -302,18 +302,18 @@ pub fn mtls(weft: &Path, workload: &Path, options: &Options, json: Option<&Path>
         pids: [agent_pid(&n1)?, agent_pid(&n2)?],
         peak_kb: [0, 0],
     };
-    for round in 1..=repeats {
-        step!(
-            "round {round}/{repeats}: {} req/s for {}s per column, then a {}s bulk stream",
-            options.rate,
-            options.secs,
-            options.secs
-        );
+    let mut rounds = crate::progress::Steps::new("round", repeats);
+    for _ in 1..=repeats {
+        rounds.advance(&format!(
+            "{} req/s for {}s per column, then a {}s bulk stream",
+            options.rate, options.secs, options.secs
+        ));
         for col in &mut columns {
             let weft = col.name.starts_with("weft");
             run_column(col, options, weft.then_some(&mut watched))?;
         }
     }
+    rounds.finish();
     let [direct, tunnel, l7, peer] = &columns;
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     #[allow(clippy::cast_precision_loss, reason = "kilobytes far below 2^52")]
