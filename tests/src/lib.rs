@@ -32,6 +32,7 @@ mod host;
 pub mod http;
 pub mod kube;
 mod node;
+pub mod pin;
 mod pod;
 mod process;
 mod run;

@@ -171,6 +171,10 @@ struct RateArgs {
     /// Rounds over all columns (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// l7: let the scheduler place processes (default: load generators on one CPU, the systems
+    /// under test and the upstreams on another, when there are two or more).
+    #[arg(long)]
+    no_pin: bool,
 }
 
 impl RateArgs {
@@ -179,6 +183,7 @@ impl RateArgs {
             secs: self.secs,
             rate: self.rate,
             repeats: self.repeats,
+            pin: !self.no_pin,
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct HttpLoadArgs {
     /// Runtime worker threads (1: a current-thread runtime).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
+    /// Run on this CPU only (benchmarks keep load generators off the CPUs under test).
+    #[arg(long)]
+    pub cpu: Option<usize>,
 }
 
 impl HttpLoadArgs {
@@ -73,7 +76,14 @@ impl HttpLoadArgs {
             drain_secs: 5.0,
             request_timeout_ms: 10_000,
             threads: 1,
+            cpu: None,
         }
+    }
+
+    #[must_use]
+    pub fn cpu(mut self, cpu: Option<usize>) -> Self {
+        self.cpu = cpu;
+        self
     }
 
     #[must_use]
@@ -116,6 +126,9 @@ impl HttpLoadArgs {
         ];
         if self.h2c {
             args.push("--h2c".to_owned());
+        }
+        if let Some(cpu) = self.cpu {
+            args.extend(["--cpu".to_owned(), cpu.to_string()]);
         }
         args
     }
@@ -181,6 +194,9 @@ pub fn run(args: &HttpLoadArgs) -> Result<HttpLoadReport, String> {
         .authority()
         .map(ToString::to_string)
         .unwrap_or_default();
+    if let Some(cpu) = args.cpu {
+        crate::pin::pin_self(cpu).map_err(|e| format!("--cpu {cpu}: {e:#}"))?;
+    }
     let runtime = super::runtime(args.threads)?;
     runtime.block_on(async {
         let mut plan = Plan {

@@ -66,6 +66,11 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The pod IP and the port it listens on.
     #[must_use]
     pub fn addr(&self) -> SocketAddr {

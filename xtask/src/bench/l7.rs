@@ -68,6 +68,31 @@ pub struct Options {
     pub secs: u64,
     pub rate: f64,
     pub repeats: usize,
+    /// Pin load generators and systems under test to CPUs of their own (see [`Pinning`]).
+    pub pin: bool,
+}
+
+/// Where the processes run: the load generators (wrk, http-load) on one CPU, every system under
+/// test (agents, proxies) and the upstream servers on another. Without it, the scheduler moving
+/// a proxy onto the load generator's CPU mid-run shows up as latency.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Pinning {
+    load_cpu: usize,
+    tested_cpu: usize,
+}
+
+impl Pinning {
+    /// Two distinct CPUs this process may use, when asked for and there are.
+    fn choose(wanted: bool) -> Option<Self> {
+        let cpus = testbed::pin::allowed_cpus();
+        match (wanted, cpus.first(), cpus.last()) {
+            (true, Some(&load_cpu), Some(&tested_cpu)) if load_cpu != tested_cpu => Some(Self {
+                load_cpu,
+                tested_cpu,
+            }),
+            _ => None,
+        }
+    }
 }
 
 fn objects() -> String {
@@ -200,9 +225,9 @@ impl Lane {
 
     /// One round: saturation with wrk, then the fixed-rate run. A failure marks the column
     /// failed instead of stopping the benchmark.
-    fn measure(&mut self, options: &Options) {
+    fn measure(&mut self, options: &Options, pinning: Option<Pinning>) {
         let Some(target) = &self.target else { return };
-        match measure(target, options) {
+        match measure(target, options, pinning) {
             Ok(sample) => {
                 let m = &mut self.measured;
                 m.rps.push(sample.rps);
@@ -250,14 +275,16 @@ struct Sample {
     rss_mb: Option<f64>,
 }
 
-fn measure(target: &Target, options: &Options) -> Result<Sample> {
-    let saturated = wrk::run(&target.client, &target.url, options.secs)?;
+fn measure(target: &Target, options: &Options, pinning: Option<Pinning>) -> Result<Sample> {
+    let load_cpu = pinning.map(|p| p.load_cpu);
+    let saturated = wrk::run(&target.client, &target.url, options.secs, load_cpu)?;
     let load = HttpLoadArgs::new(
         target.url.parse()?,
         options.rate,
         Duration::from_secs(options.secs),
     )
-    .connections(LOAD_CONNECTIONS);
+    .connections(LOAD_CONNECTIONS)
+    .cpu(load_cpu);
     if let Some(pid) = target.agent_pid {
         reset_peak_rss(pid)?;
     }
@@ -471,6 +498,8 @@ impl std::fmt::Display for Interval {
 #[allow(clippy::struct_field_names, reason = "flat JSON for scripts")]
 struct Report {
     tool: String,
+    /// The CPUs of the load generators and of the systems under test; `null`: not pinned.
+    pinning: Option<Pinning>,
     secs_per_run: u64,
     repeats: usize,
     fixed_rate_rps: f64,
@@ -571,6 +600,7 @@ fn report(columns: &[Measured], options: &Options) -> Report {
         _ => None,
     };
     Report {
+        pinning: None,
         tool: format!(
             "saturation: wrk -t{} -c{}; fixed rate: weft-workload http-load ({LOAD_CONNECTIONS} connections, open loop)",
             wrk::THREADS,
@@ -791,6 +821,49 @@ pub fn l7(
     for lane in &mut lanes {
         lane.warm_up();
     }
+    let pinning = Pinning::choose(options.pin);
+    if let Some(p) = pinning {
+        let mut tested: Vec<(String, u32)> = vec![
+            ("upstream (base)".into(), base.server.pid()),
+            ("upstream (mesh)".into(), mesh.server.pid()),
+        ];
+        tested.extend(
+            agent
+                .as_ref()
+                .and_then(Agent::pid)
+                .map(|pid| ("agent".into(), pid)),
+        );
+        tested.extend(
+            base_agent
+                .as_ref()
+                .and_then(Agent::pid)
+                .map(|pid| ("agent (weft-base)".into(), pid)),
+        );
+        if let Some((_, side)) = &base_parts {
+            tested.push(("upstream (meshb)".into(), side.server.pid()));
+        }
+        tested.extend(
+            proxies
+                .iter()
+                .map(|x| (x.kind().name().to_owned(), x.pid())),
+        );
+        for (what, pid) in &tested {
+            testbed::pin::pin_tree(*pid, p.tested_cpu)
+                .with_context(|| format!("pinning {what} (pid {pid})"))?;
+        }
+        step!(
+            "pinned: wrk and http-load on CPU {}, {} on CPU {}",
+            p.load_cpu,
+            tested
+                .iter()
+                .map(|(what, _)| what.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.tested_cpu
+        );
+    } else {
+        step!("not pinned: the scheduler places every process");
+    }
 
     let started = Instant::now();
     let mut rounds = crate::progress::Steps::new("round", options.repeats);
@@ -811,14 +884,17 @@ pub fn l7(
             options.secs
         ));
         for i in order {
-            lanes[i].measure(&options);
+            lanes[i].measure(&options, pinning);
         }
     }
     rounds.finish();
     step!("measured in {:.0}s", started.elapsed().as_secs_f64());
 
     let measured: Vec<Measured> = lanes.into_iter().map(|l| l.measured).collect();
-    let r = report(&measured, &options);
+    let r = Report {
+        pinning,
+        ..report(&measured, &options)
+    };
     print_table(&r);
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&r)?)?;
@@ -898,6 +974,7 @@ mod tests {
             secs: 1,
             rate: 1.0,
             repeats: 3,
+            pin: false,
         };
         let r = report(&columns, &options);
         assert_eq!(r.weft_added_p99_us, Some(50.0));

@@ -111,6 +111,12 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// The proxy's main process (nginx's workers are its children).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     #[must_use]
     pub fn kind(&self) -> Kind {
         self.kind

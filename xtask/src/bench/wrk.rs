@@ -23,17 +23,20 @@ pub struct Wrk {
     pub socket_errors: u64,
 }
 
-/// `wrk -t1 -c32 -d<secs>s --latency <url>` from `client`.
-pub fn run(client: &Pod, url: &str, secs: u64) -> Result<Wrk> {
-    let args = [
+/// `wrk -t1 -c32 -d<secs>s --latency <url>` from `client`, on CPU `cpu` only when given.
+pub fn run(client: &Pod, url: &str, secs: u64, cpu: Option<usize>) -> Result<Wrk> {
+    let pinned = cpu.map(|cpu| ["-c".to_owned(), cpu.to_string(), "wrk".to_owned()]);
+    let program = if pinned.is_some() { "taskset" } else { "wrk" };
+    let wrk_args = [
         format!("-t{THREADS}"),
         format!("-c{CONNECTIONS}"),
         format!("-d{secs}s"),
         "--latency".to_owned(),
         url.to_owned(),
     ];
+    let args: Vec<String> = pinned.into_iter().flatten().chain(wrk_args).collect();
     let done = client
-        .run(Duration::from_secs(secs + 30), "wrk", &args)?
+        .run(Duration::from_secs(secs + 30), program, &args)?
         .check()?;
     let wrk = parse(&done.stdout).with_context(|| format!("wrk output: {}", done.stdout))?;
     ensure!(
