@@ -36,6 +36,7 @@ pub mod pin;
 mod pod;
 mod process;
 mod run;
+pub mod scripts;
 mod sweep;
 pub mod tcp_memory;
 mod teardown;

@@ -810,40 +810,6 @@ spec:
     Ok(())
 }
 
-/// Opens keep-alive connections one by one (a request on each) and holds them; then closes
-/// them, waits until the agent's descriptors are back, and opens them again. Prints JSON.
-const HOLD_CONNECTIONS: &str = r#"
-import json, os, socket, sys, time
-host, port, n, agent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-fds = lambda: len(os.listdir(f"/proc/{agent}/fd"))
-def hold(count):
-    held, reset = [], 0
-    for _ in range(count):
-        s = socket.create_connection((host, port), timeout=5)
-        try:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-            if s.recv(65536).startswith(b"HTTP/1.1 200"):
-                held.append(s)
-                continue
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-        reset += 1
-        s.close()
-    return held, reset
-before = fds()
-held, reset = hold(n)
-holding = fds()
-for s in held:
-    s.close()
-deadline = time.time() + 10
-while fds() > holding - len(held) and time.time() < deadline:
-    time.sleep(0.1)
-after = fds()
-again, reset_again = hold(len(held))
-print(json.dumps({"before": before, "held": len(held), "reset": reset, "holding": holding,
-                  "after": after, "held_again": len(again), "reset_again": reset_again}))
-"#;
-
 /// A cap on what the engine holds: past `--max-connections` a new connection is reset at once
 /// and counted, the held ones keep working, the agent's descriptors stay bounded, and a place
 /// is free again when a connection closes.
@@ -857,7 +823,15 @@ fn past_the_connection_limit_new_connections_are_reset_counted_and_bounded() -> 
     let out = m.client().run(
         Duration::from_mins(1),
         "python3",
-        ["-c", HOLD_CONNECTIONS, WEB_VIP, "80", &total, &pid],
+        [
+            "-c",
+            testbed::scripts::HOLD_CONNECTIONS,
+            WEB_VIP,
+            "80",
+            &total,
+            &pid,
+            "1",
+        ],
     )?;
     let r: Value = serde_json::from_str(out.stdout.trim()).with_context(|| format!("{out:?}"))?;
     eprintln!("connection limit {MAX}: {r}");
