@@ -241,18 +241,39 @@ impl OrigDst for KernelOrigDst {
 }
 
 /// The engine's and the tunnel's connection budget: `--max-connections`, lowered to what the
-/// file descriptor limit allows after the soft limit is raised to the hard one (as Go's runtime
-/// does for its programs: the soft default of 1024 would cap the engine at a few hundred).
+/// file descriptor limit allows. The agent first raises its limit to what the budget needs
+/// (the hard limit too, which a privileged agent may, up to `fs.nr_open`), else the soft limit
+/// to the hard one (as Go's runtime does for its programs: the usual soft 1024 would cap the
+/// engine at a few hundred connections).
 fn connection_budget(wanted: usize) -> usize {
-    use rustix::process::{Resource, getrlimit, setrlimit};
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let needed = u64::try_from(wanted)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        .saturating_add(proxy::admission::RESERVED_FDS);
     let limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!(error = %e, "could not raise the file descriptor limit");
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current < needed {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(needed);
+        let target = needed.min(nr_open);
+        let raised = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: Some(target.max(limit.maximum.unwrap_or(u64::MAX))),
+            },
+        );
+        if raised.is_err() && limit.current != limit.maximum {
+            let soft_to_hard = Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, soft_to_hard) {
+                tracing::warn!(error = %e, "could not raise the file descriptor limit");
+            }
         }
     }
     let fds = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);

@@ -54,6 +54,11 @@ const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 const SERVICE_PORT: u16 = 80;
 /// Keep-alive connections of the fixed-rate client.
 const LOAD_CONNECTIONS: u32 = 16;
+/// Idle keep-alive connections held through the engine for `weft_rss_10k_conns_mb`.
+const IDLE_CONNECTIONS: u32 = 10_000;
+/// Goals of issue 16: agent idle, and holding [`IDLE_CONNECTIONS`] idle connections (MiB).
+const TARGET_IDLE_RSS_MB: f64 = 8.0;
+const TARGET_10K_RSS_MB: f64 = 40.0;
 /// Requests that must succeed through a column before it is measured.
 const WARM_UP_REQUESTS: u64 = 200;
 /// How often the agent's RSS is read during the fixed-rate run.
@@ -322,6 +327,46 @@ pub(super) fn reset_peak_rss(pid: u32) -> Result<()> {
         .with_context(|| format!("resetting the peak RSS of pid {pid}"))
 }
 
+/// `VmRSS` of `pid` now, in MiB.
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u32 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(f64::from(kb) / 1024.0)
+}
+
+/// A client of the mesh side opens [`IDLE_CONNECTIONS`] keep-alive connections through the
+/// engine (one request on each) and holds them: the agent's RSS meanwhile (MiB), and how many
+/// were held.
+fn hold_idle(client: &Pod, agent: u32) -> Result<(f64, u64)> {
+    step!("weft: {IDLE_CONNECTIONS} idle keep-alive connections through the engine, held");
+    let out = client
+        .run(
+            Duration::from_mins(5),
+            "python3",
+            [
+                "-c",
+                testbed::scripts::HOLD_CONNECTIONS,
+                &SERVICE_VIP.to_string(),
+                &SERVICE_PORT.to_string(),
+                &IDLE_CONNECTIONS.to_string(),
+                &agent.to_string(),
+                "0",
+            ],
+        )?
+        .check()?;
+    let r: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("hold-connections output: {}", out.stdout))?;
+    let field = |k: &str| r[k].as_u64().with_context(|| format!("no {k} in {r}"));
+    #[allow(clippy::cast_precision_loss, reason = "KiB of one process")]
+    Ok((field("rss_holding_kb")? as f64 / 1024.0, field("held")?))
+}
+
 /// Peak RSS (`VmHWM`) of `pid` since the last [`reset_peak_rss`], in KiB.
 pub(super) fn peak_rss_kb(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -517,6 +562,14 @@ struct Report {
     haproxy_rps: Option<f64>,
     /// Max `VmRSS` of the agent during the fixed-rate run (MiB), median over rounds.
     weft_rss_mb: Option<f64>,
+    /// `VmRSS` of the agent with its objects loaded, before any request (MiB).
+    weft_rss_idle_mb: Option<f64>,
+    /// `VmRSS` of the agent while a client holds 10,000 idle keep-alive connections through
+    /// its engine, each having made one request (MiB); how many it held.
+    weft_rss_10k_conns_mb: Option<f64>,
+    weft_10k_conns_held: Option<u64>,
+    target_weft_rss_idle_mb: f64,
+    target_weft_rss_10k_conns_mb: f64,
     /// p99 added over direct.
     weft_added_p99_us: Option<f64>,
     nginx_added_p99_us: Option<f64>,
@@ -544,6 +597,7 @@ struct Report {
     errors: std::collections::BTreeMap<&'static str, String>,
 }
 
+#[allow(clippy::too_many_lines, reason = "one field per reported figure")]
 fn report(columns: &[Measured], options: &Options) -> Report {
     let lane = |c: Column| {
         columns
@@ -622,6 +676,11 @@ fn report(columns: &[Measured], options: &Options) -> Report {
         nginx_rps: rps(Column::Nginx),
         haproxy_rps: rps(Column::Haproxy),
         weft_rss_mb: lane(Column::Weft).median(&lane(Column::Weft).rss_mb),
+        weft_rss_idle_mb: None,
+        weft_rss_10k_conns_mb: None,
+        weft_10k_conns_held: None,
+        target_weft_rss_idle_mb: TARGET_IDLE_RSS_MB,
+        target_weft_rss_10k_conns_mb: TARGET_10K_RSS_MB,
         weft_added_p99_us: added(Column::Weft),
         nginx_added_p99_us: added(Column::Nginx),
         haproxy_added_p99_us: added(Column::Haproxy),
@@ -647,6 +706,7 @@ fn report(columns: &[Measured], options: &Options) -> Report {
     }
 }
 
+#[allow(clippy::too_many_lines, reason = "one row per reported figure")]
 fn print_table(r: &Report) {
     let cell = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.0}"));
     let row = |name: &str, values: [Option<f64>; 4], target: &str| {
@@ -702,6 +762,22 @@ fn print_table(r: &Report) {
         "",
         r.weft_rss_mb
             .map_or_else(|| "—".to_owned(), |v| format!("{v:.1}"))
+    );
+    let mb = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.1}"));
+    println!(
+        "{:<34} {:>9} {:>9}  ≤ {TARGET_IDLE_RSS_MB:.0}",
+        "agent RSS idle (MiB)",
+        "",
+        mb(r.weft_rss_idle_mb)
+    );
+    println!(
+        "{:<34} {:>9} {:>9}  ≤ {TARGET_10K_RSS_MB:.0}",
+        format!(
+            "agent RSS, {} idle conns (MiB)",
+            r.weft_10k_conns_held.unwrap_or(0)
+        ),
+        "",
+        mb(r.weft_rss_10k_conns_mb)
     );
     println!(
         "weft added p99 / best of nginx, haproxy: {}  (target ≤ {TARGET_RATIO})",
@@ -818,6 +894,8 @@ pub fn l7(
     step!(
         "warm-up: {WARM_UP_REQUESTS} requests through each column, all must be answered 200 by the upstream"
     );
+    let agent_pid = agent.as_ref().and_then(Agent::pid);
+    let idle_rss_mb = agent_pid.and_then(rss_mb);
     for lane in &mut lanes {
         lane.warm_up();
     }
@@ -891,8 +969,23 @@ pub fn l7(
     step!("measured in {:.0}s", started.elapsed().as_secs_f64());
 
     let measured: Vec<Measured> = lanes.into_iter().map(|l| l.measured).collect();
+    let held = agent_pid
+        .filter(|_| {
+            measured
+                .iter()
+                .any(|m| m.column == Column::Weft && !m.rps.is_empty())
+        })
+        .map(|pid| hold_idle(&mesh.client, pid))
+        .transpose()
+        .unwrap_or_else(|e| {
+            step!("weft: {IDLE_CONNECTIONS} idle connections: {e:#}");
+            None
+        });
     let r = Report {
         pinning,
+        weft_rss_idle_mb: idle_rss_mb,
+        weft_rss_10k_conns_mb: held.map(|h| h.0),
+        weft_10k_conns_held: held.map(|h| h.1),
         ..report(&measured, &options)
     };
     print_table(&r);
