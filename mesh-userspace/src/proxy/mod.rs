@@ -250,15 +250,15 @@ impl Engine {
         {
             // Plain L4 to a pod of another node: straight into the tunnel, nothing parsed.
             self.connections.set_protocol(id, &Protocol::Opaque);
-            if !self
-                .tunnel_to(
-                    &snapshot,
-                    redirected.src_workload,
-                    peer,
-                    redirected.orig_dst,
-                    &mut stream,
-                )
-                .await
+            // Boxed, as in `serve_as`.
+            if !Box::pin(self.tunnel_to(
+                &snapshot,
+                redirected.src_workload,
+                peer,
+                redirected.orig_dst,
+                &mut stream,
+            ))
+            .await
             {
                 let _ = stream.get_ref().set_zero_linger();
             }
@@ -317,17 +317,7 @@ impl Engine {
                 return;
             }
         }
-        let prefix = buf.freeze();
-        match protocol {
-            Protocol::Http1 => {
-                let raw = stream.get_ref().as_ref_std_clone();
-                http::serve_http1(io::Prefixed::new(prefix, stream), raw, ctx.clone()).await;
-            }
-            Protocol::H2 => http::serve_h2(io::Prefixed::new(prefix, stream), ctx.clone()).await,
-            Protocol::Tls { .. } | Protocol::Opaque => {
-                opaque(io::Prefixed::new(prefix, stream), &ctx).await;
-            }
-        }
+        serve_as(&protocol, buf.freeze(), stream, &ctx).await;
         self.connections.close(id);
     }
 }
@@ -386,6 +376,33 @@ impl Engine {
                 );
                 false
             }
+        }
+    }
+}
+
+/// Serves a connection in the protocol found, `prefix` being the bytes read to find it. The
+/// futures of the tunnel, HTTP/2 and opaque paths are boxed (they are several KiB): unboxed,
+/// every connection's task would carry that much, idle HTTP/1.1 keep-alive connections too.
+async fn serve_as(
+    protocol: &Protocol,
+    prefix: bytes::Bytes,
+    stream: io::Leg<TcpStream>,
+    ctx: &Arc<ConnCtx>,
+) {
+    match protocol {
+        Protocol::Http1 => {
+            let raw = stream.get_ref().as_ref_std_clone();
+            http::serve_http1(io::Prefixed::new(prefix, stream), raw, ctx.clone()).await;
+        }
+        Protocol::H2 => {
+            Box::pin(http::serve_h2(
+                io::Prefixed::new(prefix, stream),
+                ctx.clone(),
+            ))
+            .await;
+        }
+        Protocol::Tls { .. } | Protocol::Opaque => {
+            Box::pin(opaque(io::Prefixed::new(prefix, stream), ctx)).await;
         }
     }
 }

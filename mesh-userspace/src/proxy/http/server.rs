@@ -14,6 +14,10 @@ use super::super::ConnCtx;
 
 use super::*;
 
+/// A request being answered, boxed (see [`serve_http1`]).
+type InFlight =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
 /// Serves an HTTP/1.1 connection. `raw` is a second handle on the same socket, used only to
 /// answer 408 when the request head does not arrive in time (hyper closes silently then).
 pub async fn serve_http1<I>(io: I, raw: Option<std::net::TcpStream>, ctx: Arc<ConnCtx>)
@@ -22,9 +26,12 @@ where
 {
     let service = {
         let ctx = ctx.clone();
+        // The request's future is boxed: hyper keeps a place for it beside every connection
+        // for the connection's whole life, and unboxed that place (about 8 KiB) would be taken
+        // by each idle keep-alive connection too.
         service_fn(move |req| {
             let ctx = ctx.clone();
-            async move {
+            let answer: InFlight = Box::pin(async move {
                 let mut resp = handle(req, ctx.clone()).await?;
                 if ctx.engine.is_draining() {
                     // The client learns with this answer that the connection ends: its next
@@ -33,7 +40,8 @@ where
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 Ok::<_, Infallible>(resp)
-            }
+            });
+            answer
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
