@@ -327,12 +327,12 @@ pub(super) fn reset_peak_rss(pid: u32) -> Result<()> {
         .with_context(|| format!("resetting the peak RSS of pid {pid}"))
 }
 
-/// `VmRSS` of `pid` now, in MiB.
-fn rss_mb(pid: u32) -> Option<f64> {
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `RssAnon`…), as MiB.
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u32 = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
         .split_whitespace()
         .next()?
         .parse()
@@ -564,6 +564,9 @@ struct Report {
     weft_rss_mb: Option<f64>,
     /// `VmRSS` of the agent with its objects loaded, before any request (MiB).
     weft_rss_idle_mb: Option<f64>,
+    /// Of which anonymous memory (heap, stacks, maps' copies); the rest is mapped file pages,
+    /// mostly the binary's own code, shared with the page cache.
+    weft_rss_idle_anon_mb: Option<f64>,
     /// `VmRSS` of the agent while a client holds 10,000 idle keep-alive connections through
     /// its engine, each having made one request (MiB); how many it held.
     weft_rss_10k_conns_mb: Option<f64>,
@@ -677,6 +680,7 @@ fn report(columns: &[Measured], options: &Options) -> Report {
         haproxy_rps: rps(Column::Haproxy),
         weft_rss_mb: lane(Column::Weft).median(&lane(Column::Weft).rss_mb),
         weft_rss_idle_mb: None,
+        weft_rss_idle_anon_mb: None,
         weft_rss_10k_conns_mb: None,
         weft_10k_conns_held: None,
         target_weft_rss_idle_mb: TARGET_IDLE_RSS_MB,
@@ -769,6 +773,12 @@ fn print_table(r: &Report) {
         "agent RSS idle (MiB)",
         "",
         mb(r.weft_rss_idle_mb)
+    );
+    println!(
+        "{:<34} {:>9} {:>9}",
+        "  of which anonymous (MiB)",
+        "",
+        mb(r.weft_rss_idle_anon_mb)
     );
     println!(
         "{:<34} {:>9} {:>9}  ≤ {TARGET_10K_RSS_MB:.0}",
@@ -895,7 +905,8 @@ pub fn l7(
         "warm-up: {WARM_UP_REQUESTS} requests through each column, all must be answered 200 by the upstream"
     );
     let agent_pid = agent.as_ref().and_then(Agent::pid);
-    let idle_rss_mb = agent_pid.and_then(rss_mb);
+    let idle_rss_mb = agent_pid.and_then(|pid| status_mb(pid, "VmRSS"));
+    let idle_anon_mb = agent_pid.and_then(|pid| status_mb(pid, "RssAnon"));
     for lane in &mut lanes {
         lane.warm_up();
     }
@@ -984,6 +995,7 @@ pub fn l7(
     let r = Report {
         pinning,
         weft_rss_idle_mb: idle_rss_mb,
+        weft_rss_idle_anon_mb: idle_anon_mb,
         weft_rss_10k_conns_mb: held.map(|h| h.0),
         weft_10k_conns_held: held.map(|h| h.1),
         ..report(&measured, &options)
