@@ -310,12 +310,11 @@ fn measure(target: &Target, options: &Options, pinning: Option<Pinning>) -> Resu
         report.non_2xx,
         report.missed
     );
-    #[allow(clippy::cast_precision_loss, reason = "kilobytes far below 2^52")]
     Ok(Sample {
         rps: saturated.rps,
         p50_us: report.p50_us,
         p99_us: report.p99_us,
-        rss_mb: rss_kb.map(|kb| kb as f64 / 1024.0),
+        rss_mb: rss_kb.map(mib),
     })
 }
 
@@ -325,19 +324,6 @@ fn measure(target: &Target, options: &Options, pinning: Option<Pinning>) -> Resu
 pub(super) fn reset_peak_rss(pid: u32) -> Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
         .with_context(|| format!("resetting the peak RSS of pid {pid}"))
-}
-
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `RssAnon`…), as MiB.
-fn status_mb(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u32 = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(f64::from(kb) / 1024.0)
 }
 
 /// A client of the mesh side opens [`IDLE_CONNECTIONS`] keep-alive connections through the
@@ -363,18 +349,31 @@ fn hold_idle(client: &Pod, agent: u32) -> Result<(f64, u64)> {
     let r: serde_json::Value = serde_json::from_str(out.stdout.trim())
         .with_context(|| format!("hold-connections output: {}", out.stdout))?;
     let field = |k: &str| r[k].as_u64().with_context(|| format!("no {k} in {r}"));
-    #[allow(clippy::cast_precision_loss, reason = "KiB of one process")]
-    Ok((field("rss_holding_kb")? as f64 / 1024.0, field("held")?))
+    Ok((mib(field("rss_holding_kb")?), field("held")?))
 }
 
 /// Peak RSS (`VmHWM`) of `pid` since the last [`reset_peak_rss`], in KiB.
 pub(super) fn peak_rss_kb(pid: u32) -> Result<u64> {
+    status_kb(pid, "VmHWM")
+}
+
+/// A field of `/proc/<pid>/status` given in KiB (`VmHWM`, `VmRSS`, `RssAnon`…).
+fn status_kb(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .context("no VmHWM line")
+        .with_context(|| format!("no {field} line in /proc/{pid}/status"))
+}
+
+/// KiB as MiB.
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "KiB of one process, far below 2^52"
+)]
+pub(super) fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -713,6 +712,7 @@ fn report(columns: &[Measured], options: &Options) -> Report {
 #[allow(clippy::too_many_lines, reason = "one row per reported figure")]
 fn print_table(r: &Report) {
     let cell = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.0}"));
+    let mb = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.1}"));
     let row = |name: &str, values: [Option<f64>; 4], target: &str| {
         let mut line = format!("{name:<34}");
         for v in values {
@@ -764,10 +764,8 @@ fn print_table(r: &Report) {
         "{:<34} {:>9} {:>9}  ≤ {TARGET_RSS_MB:.0}",
         "agent RSS during the run (MiB)",
         "",
-        r.weft_rss_mb
-            .map_or_else(|| "—".to_owned(), |v| format!("{v:.1}"))
+        mb(r.weft_rss_mb)
     );
-    let mb = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.1}"));
     println!(
         "{:<34} {:>9} {:>9}  ≤ {TARGET_IDLE_RSS_MB:.0}",
         "agent RSS idle (MiB)",
@@ -905,8 +903,12 @@ pub fn l7(
         "warm-up: {WARM_UP_REQUESTS} requests through each column, all must be answered 200 by the upstream"
     );
     let agent_pid = agent.as_ref().and_then(Agent::pid);
-    let idle_rss_mb = agent_pid.and_then(|pid| status_mb(pid, "VmRSS"));
-    let idle_anon_mb = agent_pid.and_then(|pid| status_mb(pid, "RssAnon"));
+    let idle_mb = |field| {
+        agent_pid
+            .and_then(|pid| status_kb(pid, field).ok())
+            .map(mib)
+    };
+    let (idle_rss_mb, idle_anon_mb) = (idle_mb("VmRSS"), idle_mb("RssAnon"));
     for lane in &mut lanes {
         lane.warm_up();
     }

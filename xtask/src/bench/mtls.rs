@@ -42,7 +42,7 @@ const LOAD_CONNECTIONS: u32 = 16;
 const TARGET_ADDED_P99_RATIO: f64 = 0.5;
 const TARGET_GBPS_RATIO: f64 = 1.0;
 
-use super::l7::{Options, agent_pid, peak_rss_kb, reset_peak_rss};
+use super::l7::{Options, agent_pid, mib, peak_rss_kb, reset_peak_rss};
 
 #[derive(Debug, Serialize)]
 struct Report {
@@ -316,8 +316,6 @@ pub fn mtls(weft: &Path, workload: &Path, options: &Options, json: Option<&Path>
     rounds.finish();
     let [direct, tunnel, l7, peer] = &columns;
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-    #[allow(clippy::cast_precision_loss, reason = "kilobytes far below 2^52")]
-    let mb = |kb: u64| kb as f64 / 1024.0;
     let r = Report {
         tool: "weft-workload http-load (fixed rate, 16 keep-alive connections) and stream",
         secs_per_run: options.secs,
@@ -343,8 +341,8 @@ pub fn mtls(weft: &Path, workload: &Path, options: &Options, json: Option<&Path>
             .zip(&peer.p99)
             .map(|((d, t), p)| ratio(t - d, p - d))
             .collect(),
-        client_agent_rss_mb: mb(watched.peak_kb[0]),
-        server_agent_rss_mb: mb(watched.peak_kb[1]),
+        client_agent_rss_mb: mib(watched.peak_kb[0]),
+        server_agent_rss_mb: mib(watched.peak_kb[1]),
         tunnel_streams: a2.metric(
             "weft_tunnel_streams_total",
             &[("direction", "inbound"), ("result", "ok")],
