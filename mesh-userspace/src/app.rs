@@ -317,10 +317,16 @@ fn start_engine(
         Box::new(KernelOrigDst(orig)),
         Arc::new(KernelFastPath(Mutex::new(shed))),
     );
-    engine.limit =
-        proxy::admission::ConnectionLimit::new(connection_budget(config.max_connections));
+    let budget = connection_budget(config.max_connections);
+    engine.limit = proxy::admission::ConnectionLimit::new(
+        budget,
+        config
+            .max_connections_per_source
+            .unwrap_or_else(|| proxy::admission::default_share(budget)),
+    );
     tracing::info!(
         max_connections = engine.limit.max(),
+        max_connections_per_source = engine.limit.per_source(),
         "engine connection budget"
     );
     if let Some(endpoint) = &config.otlp_endpoint {

@@ -46,6 +46,9 @@ pub struct AgentConfig {
     /// Connections the engine and the tunnel hold at once (before the file descriptor limit
     /// lowers it: see `proxy::admission`).
     pub max_connections: usize,
+    /// The most one source (a client pod, a peer node, a tunnel client identity) may hold of
+    /// that budget; `None`: half of it.
+    pub max_connections_per_source: Option<usize>,
     /// How many closed flows `/flows` remembers.
     pub recent_flows: usize,
     /// The L7 engine's listener (an address of this node that pods can reach). Without it the

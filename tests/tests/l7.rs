@@ -810,50 +810,100 @@ spec:
     Ok(())
 }
 
-/// A cap on what the engine holds: past `--max-connections` a new connection is reset at once
-/// and counted, the held ones keep working, the agent's descriptors stay bounded, and a place
-/// is free again when a connection closes.
+/// A cap on what the engine holds, in all and per source: past `--max-connections` a new
+/// connection is reset at once and counted, and so is one past its source's share
+/// (`--max-connections-per-source`), while another client still gets the rest of the budget;
+/// the held ones keep working, the agent's descriptors stay bounded, and a place is free again
+/// when a connection closes.
 #[test]
 fn past_the_connection_limit_new_connections_are_reset_counted_and_bounded() -> Result<()> {
-    const MAX: usize = 40;
-    let m = L7Mesh::build("l7-limit", &[], &[], false, &["--max-connections", "40"])?;
+    const MAX: u64 = 40;
+    const SHARE: u64 = 30;
+    let m = L7Mesh::build(
+        "l7-limit",
+        &[],
+        &[],
+        false,
+        &[
+            "--max-connections",
+            "40",
+            "--max-connections-per-source",
+            "30",
+        ],
+    )?;
     m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
+    let other = m.node.pod("other")?;
+    m.agent
+        .apply("other.yaml", &other.manifest(&[("app", "other")], "other"))?;
+    m.agent.wait_workloads(4)?;
     let pid = m.agent.pid().context("agent pid")?.to_string();
-    let total = (MAX + 20).to_string();
-    let out = m.client().run(
-        Duration::from_mins(1),
-        "python3",
-        [
+    let release = std::env::temp_dir().join(format!("weft-l7-limit-{}", std::process::id()));
+    let _ = std::fs::remove_file(&release);
+    let release_arg = release.to_string_lossy().into_owned();
+    let hold = |pod: &Pod, count: u64, again: &str, release: Option<&str>| {
+        let count = count.to_string();
+        let mut args = vec![
             "-c",
             testbed::scripts::HOLD_CONNECTIONS,
             WEB_VIP,
             "80",
-            &total,
+            &count,
             &pid,
-            "1",
-        ],
-    )?;
-    let r: Value = serde_json::from_str(out.stdout.trim()).with_context(|| format!("{out:?}"))?;
-    eprintln!("connection limit {MAX}: {r}");
-    let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
+            again,
+        ];
+        args.extend(release);
+        pod.spawn("python3", args)
+    };
+    let last_json = |out: &str| -> Result<Value> {
+        let line = out.trim().lines().last().unwrap_or_default();
+        serde_json::from_str(line).with_context(|| format!("{out:?}"))
+    };
+
+    // One client tries 60: it holds its share and no more, though places are left.
+    let mut greedy = hold(m.client(), MAX + 20, "0", Some(&release_arg))?;
+    let first = greedy.wait_for_json(Duration::from_mins(1), "holding_now")?;
+    eprintln!("greedy client, share {SHARE}: {first}");
     ensure!(
-        n("held") == MAX as u64 && n("reset") == 20,
-        "{MAX} held and 20 reset expected: {r}"
+        first["holding_now"] == SHARE && first["reset"] == MAX + 20 - SHARE,
+        "one source holds its share of {SHARE}, the rest reset: {first}"
     );
-    // Each held connection: the client's socket and at most one towards the backend.
+    // Another client gets what is left of the budget, and no more.
+    let out = hold(&other, 20, "1", None)?.wait(Duration::from_mins(1))?;
+    let r = last_json(&out.stdout)?;
+    eprintln!("second client, {} places left: {r}", MAX - SHARE);
+    let n = |r: &Value, k: &str| r[k].as_u64().unwrap_or(u64::MAX);
     ensure!(
-        n("holding") <= n("before") + 2 * MAX as u64 + 8,
-        "the agent's descriptors grew past the cap: {r}"
+        n(&r, "held") == MAX - SHARE && n(&r, "reset") == 20 - (MAX - SHARE),
+        "the second client gets the {} places left: {r}",
+        MAX - SHARE
     );
     ensure!(
-        n("held_again") == MAX as u64 && n("reset_again") == 0,
+        n(&r, "held_again") == MAX - SHARE && n(&r, "reset_again") == 0,
         "closed connections must free their places: {r}"
     );
-    let shed = m.l7_metric("weft_l7_errors_total", &[("kind", "connection_limit")])?;
+    std::fs::write(&release, b"")?;
+    let out = greedy.wait(Duration::from_mins(1))?;
+    let _ = std::fs::remove_file(&release);
+    let g = last_json(&out.stdout)?;
+    // Each held connection: the client's socket and at most one towards the backend.
     ensure!(
-        shed == 20.0,
-        "connections reset over the limit, counted: {shed}"
+        n(&g, "holding") <= n(&g, "before") + 2 * SHARE + 8
+            && n(&r, "holding") <= n(&r, "before") + 2 * (MAX - SHARE) + 8,
+        "the agent's descriptors grew past the cap: {g} {r}"
     );
+    let metric = |kind: &str| m.l7_metric("weft_l7_errors_total", &[("kind", kind)]);
+    let (share, full) = (
+        metric("source_connection_limit")?,
+        metric("connection_limit")?,
+    );
+    ensure!(
+        share == (MAX + 20 - SHARE) as f64 && full == (20 - (MAX - SHARE)) as f64,
+        "connections reset over the share and over the budget, counted apart: {share} {full}"
+    );
+    // With every place free again, the greedy client gets its share back.
+    let out = hold(m.client(), SHARE, "0", None)?.wait(Duration::from_mins(1))?;
+    let again = last_json(&out.stdout)?;
+    ensure!(n(&again, "held") == SHARE, "{again}");
     let after = m.get(WEB_VIP, "/", 20, &[])?;
     ensure!(after.status(200) == 20, "{after:?}");
     Ok(())

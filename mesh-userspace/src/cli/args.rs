@@ -270,6 +270,10 @@ pub struct AgentArgs {
     /// agent's file descriptor limit allows (two per connection, 512 kept for the agent).
     #[arg(long, default_value_t = 20_000)]
     max_connections: usize,
+    /// The most one source may hold of that budget: a client pod (its address), a peer node's
+    /// tunnel connections, a tunnel client identity's streams. Default: half of the budget.
+    #[arg(long)]
+    max_connections_per_source: Option<usize>,
     #[arg(long, default_value_t = 1000)]
     recent_flows: usize,
     /// Run the L7 engine on this node address (e.g. the node's bridge IP and port 15001).
@@ -420,6 +424,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             drain_timeout_secs,
             sockhash_capacity,
             max_connections,
+            max_connections_per_source,
             recent_flows,
             engine_addr,
             engine_sockops_cgroup,
@@ -434,20 +439,13 @@ impl TryFrom<AgentArgs> for AgentConfig {
             tunnel_listen,
             uninstall: _,
         } = args;
-        let issuer = match (ca_cert.zip(ca_key), ca_addr) {
-            (Some((cert, key)), _) => Some(crate::config::IssuerConfig::Local(
-                crate::identity::CaFiles { cert, key },
-            )),
-            (None, Some(addr)) => Some(crate::config::IssuerConfig::Remote(
-                crate::identity::RemoteCa {
-                    addr,
-                    server_id: crate::identity::SpiffeId::parse(&ca_server_id)?,
-                    token_file: ca_token_file,
-                    node: node.node.clone(),
-                },
-            )),
-            (None, None) => None,
-        };
+        let issuer = issuer(
+            ca_cert.zip(ca_key),
+            ca_addr,
+            &ca_server_id,
+            ca_token_file,
+            &node.node,
+        )?;
         let cgroup = if cgroup == Path::new("auto") {
             let found = crate::cgroups::find_kubepods(&cgroup_fs, pod_uid.as_deref())
                 .map_err(|e| anyhow::anyhow!("--cgroup auto: {e}"))?;
@@ -487,6 +485,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             drain_timeout: Duration::from_secs(drain_timeout_secs),
             sockhash_capacity,
             max_connections,
+            max_connections_per_source,
             recent_flows,
             engine_addr,
             engine_sockops_cgroup,
@@ -499,6 +498,31 @@ impl TryFrom<AgentArgs> for AgentConfig {
             }),
         })
     }
+}
+
+/// Where the agent's certificates come from: a CA's files (it signs itself), a CA server, or
+/// neither (no identity, no mTLS).
+fn issuer(
+    ca_files: Option<(PathBuf, PathBuf)>,
+    ca_addr: Option<String>,
+    ca_server_id: &str,
+    token_file: PathBuf,
+    node: &str,
+) -> anyhow::Result<Option<crate::config::IssuerConfig>> {
+    Ok(match (ca_files, ca_addr) {
+        (Some((cert, key)), _) => Some(crate::config::IssuerConfig::Local(
+            crate::identity::CaFiles { cert, key },
+        )),
+        (None, Some(addr)) => Some(crate::config::IssuerConfig::Remote(
+            crate::identity::RemoteCa {
+                addr,
+                server_id: crate::identity::SpiffeId::parse(ca_server_id)?,
+                token_file,
+                node: node.to_owned(),
+            },
+        )),
+        (None, None) => None,
+    })
 }
 
 /// The host name and process id: unique among replicas outside a cluster.

@@ -127,7 +127,7 @@ impl Engine {
             fast_path,
             tracer: None,
             tunnel: None,
-            limit: admission::ConnectionLimit::new(usize::MAX),
+            limit: admission::ConnectionLimit::unlimited(),
             draining: watch::channel(None).0,
         }
     }
@@ -205,11 +205,20 @@ impl Engine {
 
     /// Serves an accepted connection when the budget has a place for it; resets it otherwise.
     fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let Some(place) = self.limit.try_admit() else {
-            self.metrics.error("connection_limit");
-            tracing::debug!(client = %peer, max = self.limit.max(), "over the connection limit: reset");
-            let _ = stream.set_zero_linger();
-            return;
+        let place = match self.limit.try_admit(admission::Source::Addr(peer.ip())) {
+            Ok(place) => place,
+            Err(refused) => {
+                self.metrics.error(refused.label());
+                tracing::debug!(
+                    client = %peer,
+                    max = self.limit.max(),
+                    per_source = self.limit.per_source(),
+                    reason = refused.label(),
+                    "over the connection limit: reset"
+                );
+                let _ = stream.set_zero_linger();
+                return;
+            }
         };
         let engine = self.clone();
         // One span per connection; the handlers' events carry the client address.

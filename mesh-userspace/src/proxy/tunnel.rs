@@ -28,6 +28,7 @@ use prometheus_client::{
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::admission::{Refused, Source};
 use super::snapshot::{MeshPeer, Snapshot};
 use crate::identity::{self, Identities, SpiffeId, tls};
 
@@ -466,11 +467,19 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(place) = tunnel.limit.try_admit() else {
-            tunnel.metrics.connection("inbound", "connection_limit");
-            tracing::debug!(%peer, max = tunnel.limit.max(), "over the connection limit: reset");
-            let _ = tcp.set_zero_linger();
-            continue;
+        let place = match tunnel.limit.try_admit(Source::Addr(peer.ip())) {
+            Ok(place) => place,
+            Err(refused) => {
+                tunnel.metrics.connection("inbound", refused.label());
+                tracing::debug!(
+                    %peer,
+                    max = tunnel.limit.max(),
+                    reason = refused.label(),
+                    "over the connection limit: reset"
+                );
+                let _ = tcp.set_zero_linger();
+                continue;
+            }
         };
         let (tunnel, snapshots) = (tunnel.clone(), snapshots.clone());
         tokio::spawn(async move {
@@ -710,16 +719,22 @@ async fn stream(
     mut request: Request<hyper::body::Incoming>,
 ) -> Response<Empty<Bytes>> {
     let checked = check_stream(tunnel, snapshot, client_id, served, &request).and_then(|target| {
-        let place = tunnel.limit.try_admit().ok_or_else(|| {
-            Refusal(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "connection_limit",
-                format!(
-                    "the agent holds its maximum of {} connections",
-                    tunnel.limit.max()
-                ),
-            )
-        })?;
+        let place = tunnel
+            .limit
+            .try_admit(Source::Identity(client_id.to_string()))
+            .map_err(|refused| {
+                let why = match refused {
+                    Refused::Full => format!(
+                        "the agent holds its maximum of {} connections",
+                        tunnel.limit.max()
+                    ),
+                    Refused::SourceShare => format!(
+                        "{client_id} holds its share of {} connections",
+                        tunnel.limit.per_source()
+                    ),
+                };
+                Refusal(StatusCode::SERVICE_UNAVAILABLE, refused.label(), why)
+            })?;
         Ok((target, place))
     });
     let connected = match checked {

@@ -405,9 +405,14 @@ fn weft_target(
     bin: Option<&Path>,
     agent: &mut Option<Agent>,
 ) -> Result<Target> {
-    let started = match bin {
-        Some(bin) => Agent::start_binary(node, bin, &Agent::PRODUCTION_INTERVALS),
-        None => Agent::start(node, &Agent::PRODUCTION_INTERVALS),
+    let started = if let Some(bin) = bin {
+        Agent::start_binary(node, bin, &Agent::PRODUCTION_INTERVALS)
+    } else {
+        // `hold_idle`'s single client holds the whole budget: its share (half by default) is
+        // lifted; the budget clamps the share.
+        let mut args = Agent::PRODUCTION_INTERVALS.to_vec();
+        args.extend(["--max-connections-per-source", "1000000"]);
+        Agent::start(node, &args)
     }
     .context("starting the agent")?;
     let agent = agent.insert(started);
