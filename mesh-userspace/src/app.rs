@@ -843,6 +843,8 @@ fn kernel_snapshot(
         fast_path_enabled: cfg.flags & mesh_common::config_flags::FAST_PATH != 0,
         fast_path_killed: cfg.fast_path_killed != 0,
         sockhash_entries: dp.sockhash_len(),
+        sockhash_capacity: dp.sockhash_capacity(),
+        links_attached: dp.links_attached(),
         // Also unpins what an upgrade retired once nothing needs it.
         retired_sockets: dp.sweep_retired().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "sweeping retired maps failed");

@@ -40,6 +40,9 @@ pub struct KernelSnapshot {
     pub fast_path_enabled: bool,
     pub fast_path_killed: bool,
     pub sockhash_entries: usize,
+    pub sockhash_capacity: u32,
+    /// Program attachments pinned: (cgroup hooks, TC hooks on pod interfaces).
+    pub links_attached: (usize, usize),
     /// Sockets still in the sockhash of an older datapath generation (connections made before
     /// an upgrade that changed its layout).
     pub retired_sockets: usize,
@@ -254,6 +257,24 @@ impl Collector for Collector_ {
             "Sockets eligible for the fast path.",
             i64::try_from(s.sockhash_entries).unwrap_or(i64::MAX),
         )?;
+        gauge(
+            &mut e,
+            "sockhash_capacity",
+            "Sockets the fast path's sockhash can hold (past it, new sockets use the normal stack).",
+            i64::from(s.sockhash_capacity),
+        )?;
+        {
+            let mut family = e.encode_descriptor(
+                "datapath_links",
+                "eBPF program attachments in place: cgroup hooks (connect, sock_ops, getpeername) and TC on pod interfaces.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (hook, n) in [("cgroup", s.links_attached.0), ("tc", s.links_attached.1)] {
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&vec![("hook", hook.to_owned())])?)?;
+            }
+        }
         gauge(
             &mut e,
             "datapath_retired_sockets",

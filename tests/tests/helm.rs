@@ -87,6 +87,9 @@ fn chart_applies_on_a_real_1_20_api_server() -> Result<()> {
             "mtls.certificateService=true",
             "--ca-addr=weft-controller.weft-system.svc:15012",
         ),
+        // The Grafana dashboards as ConfigMaps for the sidecar (their panels are checked
+        // against a real Prometheus in `dashboards.rs`).
+        ("dashboards.enabled=true", "grafana_dashboard: \"1\""),
     ] {
         render_and_apply(&cp, extra, expect)?;
     }
@@ -117,7 +120,7 @@ fn render_and_apply(cp: &ControlPlane, extra: &str, expect: &str) -> Result<()> 
     );
     ensure!(
         rendered.contains(expect) && rendered.contains("secretName: weft-ca"),
-        "mtls values ({extra}) not rendered: {rendered}"
+        "values ({extra}) not rendered: {rendered}"
     );
     cp.apply(&crds.join("\n---\n"))?;
     cp.apply_dry_run(&rest.join("\n---\n"))

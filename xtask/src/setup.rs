@@ -28,12 +28,15 @@ const PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
     "wrk",
+    // The dashboards test: Debian's Prometheus scrapes an agent and evaluates every panel.
+    "prometheus",
 ];
 /// Packages whose installation would start a system service, with the service's process
 /// name; see [`NoServiceStarts`].
 const SERVICE_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("haproxy", "haproxy"),
+    ("prometheus", "prometheus"),
     ("etcd-server", "etcd"),
     ("containerd", "containerd"),
 ];

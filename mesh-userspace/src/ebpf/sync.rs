@@ -297,6 +297,30 @@ impl Datapath {
     pub fn sockhash_len(&self) -> usize {
         self.maps.socks.keys().flatten().count()
     }
+
+    /// How many sockets the sockhash can hold (0 when the kernel does not say).
+    #[must_use]
+    pub fn sockhash_capacity(&self) -> u32 {
+        use aya::maps::IterableMap as _;
+        self.maps
+            .socks
+            .map()
+            .info()
+            .map_or(0, |info| info.max_entries())
+    }
+
+    /// Program attachments pinned now: (cgroup hooks, TC hooks on pod interfaces).
+    #[must_use]
+    pub fn links_attached(&self) -> (usize, usize) {
+        let links = self.dir.join("links");
+        let cgroup = super::CGROUP_LINKS
+            .iter()
+            .chain(&["sock_ops_engine"])
+            .filter(|l| links.join(l).exists())
+            .count();
+        let tc = std::fs::read_dir(links.join("tc")).map_or(0, Iterator::count);
+        (cgroup, tc)
+    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.

@@ -34,8 +34,10 @@ impl RouteLabels {
 pub struct RequestLabels {
     #[prometheus(flatten)]
     pub route: RouteLabels,
-    /// `2xx`..`5xx`, or `error` when no response was received.
+    /// `1xx`..`5xx` (for gRPC, `5xx` when `grpc-status` is not 0).
     pub status_class: &'static str,
+    /// The HTTP status sent to the client (Istio's `response_code`).
+    pub response_code: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

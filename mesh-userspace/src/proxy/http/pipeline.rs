@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::super::{
     ConnCtx,
-    metrics::{RequestLabels, RouteLabels, status_class},
+    metrics::{L7Metrics, RequestLabels, RouteLabels, status_class},
     snapshot::{Pool, Target},
 };
 use crate::state::routes::{BackendTarget, RequestView, RuleAction};
@@ -25,7 +25,14 @@ use super::*;
 pub struct RouteObs {
     pub route: RouteLabels,
     pub name: String,
-    requests: [prometheus_client::metrics::counter::Counter; 5],
+    /// Request counters by (class, code), made on first use: a route sees a handful of codes.
+    requests: std::sync::Mutex<
+        Vec<(
+            &'static str,
+            u16,
+            prometheus_client::metrics::counter::Counter,
+        )>,
+    >,
     duration: prometheus_client::metrics::histogram::Histogram,
     in_flight: prometheus_client::metrics::gauge::Gauge,
 }
@@ -44,16 +51,8 @@ impl RouteObs {
             route: name.clone(),
         };
         let m = &ctx.engine.metrics;
-        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
-            m.requests
-                .get_or_create(&RequestLabels {
-                    route: route.clone(),
-                    status_class: class,
-                })
-                .clone()
-        });
         Self {
-            requests,
+            requests: std::sync::Mutex::default(),
             duration: m.duration.get_or_create(&route).clone(),
             in_flight: m.in_flight.get_or_create(&route).clone(),
             route,
@@ -61,15 +60,25 @@ impl RouteObs {
         }
     }
 
-    fn count(&self, class: &str) {
-        let i = match class {
-            "1xx" => 0,
-            "2xx" => 1,
-            "3xx" => 2,
-            "4xx" => 3,
-            _ => 4,
-        };
-        self.requests[i].inc();
+    fn count(&self, metrics: &L7Metrics, class: &'static str, code: u16) {
+        let mut seen = self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, counter)) = seen.iter().find(|(k, c, _)| *k == class && *c == code) {
+            counter.inc();
+            return;
+        }
+        let counter = metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: self.route.clone(),
+                status_class: class,
+                response_code: code,
+            })
+            .clone();
+        counter.inc();
+        seen.push((class, code, counter));
     }
 }
 
@@ -151,7 +160,7 @@ pub(super) async fn handle(
     } else {
         status_class(status)
     };
-    labels.count(class);
+    labels.count(&ctx.engine.metrics, class, status);
     let elapsed = start.elapsed();
     labels.duration.observe(elapsed.as_secs_f64());
     if let (Some(exporter), Some(trace)) = (
