@@ -32,6 +32,7 @@ mod host;
 pub mod http;
 pub mod kube;
 mod node;
+mod otlp;
 pub mod pin;
 mod pod;
 mod process;
@@ -46,6 +47,7 @@ use std::path::PathBuf;
 
 pub use eventually::{POLL_INTERVAL, eventually};
 pub use node::Node;
+pub use otlp::{OtlpReceiver, OtlpReceiverArgs, ReceivedSpan, run as otlp_receiver};
 pub use pod::{DEFAULT_NAMESPACE, POD_VETH_PREFIX, Pod, UNMESHED_ANNOTATION};
 pub use process::{Finished, Proc};
 pub use run::Testbed;

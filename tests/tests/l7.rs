@@ -1266,30 +1266,108 @@ spec:
     })
 }
 
+/// Traces end to end: the engine's spans reach an OTLP receiver that decodes them with the
+/// protocol's own types (`opentelemetry-proto`); each continues the caller's trace and names
+/// who called and who answered, as workloads and as SPIFFE identities; and the W3C
+/// `traceparent` crosses a retry (the failed try and the good one both carry it) and a mirror.
 #[test]
-fn spans_are_exported_over_otlp() -> Result<()> {
-    let m = L7Mesh::build("l7-otlp", &[], &[], true, &[])?;
-    let collector = m
-        .client()
-        .serve_http(&HttpServerArgs::new("collector", 4318))?;
-    m.apply_l7("route.yaml", SPLIT_80_20, WEB_VIP)?;
-    let traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let r = m.get(WEB_VIP, "/", 20, &[&format!("traceparent: {traced}")])?;
+fn traces_reach_an_otlp_receiver_and_cross_retries_and_mirrors() -> Result<()> {
+    const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    const CALLER_SPAN: &str = "b7ad6b7169203331";
+    // v1 fails every other request with 503; web-v1's policy retries 5xx and mirrors to v2.
+    let mut m = L7Mesh::build("l7-otlp", &["--fail-percent", "50"], &[], true, &[])?;
+    let receiver = m.client().serve_otlp(4318)?;
+    let policy = r"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: v1, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web-v1}
+  retries: {attempts: 3, on: [5xx], backoff: {base: 1ms, max: 5ms}, budget: {percent: 100}}
+  mirror: {name: web-v2, port: 80}
+";
+    m.apply_l7("policy.yaml", policy, "198.19.0.21")?;
+    // One request at a time: with every other answer failing, each first retry succeeds.
+    let mut args = HttpGetArgs::new("http://198.19.0.21/".parse()?);
+    args.count = 20;
+    args.concurrency = 1;
+    args.headers = vec![format!("traceparent: 00-{TRACE}-{CALLER_SPAN}-01")];
+    let r = m.client().http_get(&args)?;
     ensure!(r.status(200) == 20, "{r:?}");
-    // The upstream sees the caller's trace id with the engine's span as parent.
-    let echo = r.responses[0].echo().context("echo")?;
-    let upstream = echo.headers.get("traceparent").cloned().unwrap_or_default();
-    ensure!(
-        upstream.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
-            && !upstream.contains("b7ad6b7169203331"),
-        "traceparent upstream: {upstream}"
-    );
+
     // Batches leave at least once a second.
-    std::thread::sleep(Duration::from_millis(2500));
-    let report = collector.finish()?;
+    let mut spans = Vec::new();
+    eventually(Duration::from_secs(10), || {
+        spans = receiver
+            .spans()?
+            .into_iter()
+            .filter(|s| s.trace_id == TRACE)
+            .collect();
+        ensure!(spans.len() == 20, "{} of 20 spans so far", spans.len());
+        Ok(())
+    })?;
+    for s in &spans {
+        let a = |k: &str| s.attributes.get(k).map_or("", String::as_str);
+        ensure!(
+            s.parent_span_id == CALLER_SPAN && s.kind == 2 && s.service == "weft-l7-engine",
+            "a server span under the caller's: {s:?}"
+        );
+        ensure!(
+            a("source.workload") == "default/a"
+                && a("source.principal").starts_with("spiffe://")
+                && a("source.principal").ends_with("/ns/default/sa/a")
+                && a("destination.service") == "default/web-v1"
+                && a("destination.workload") == "default/v1"
+                && a("destination.principal").ends_with("/ns/default/sa/web")
+                && a("http.response.status_code") == "200",
+            "source and destination identities on the span: {s:?}"
+        );
+    }
+    let exported: std::collections::BTreeSet<&str> =
+        spans.iter().map(|s| s.span_id.as_str()).collect();
+    ensure!(exported.len() == 20, "one span per request: {spans:?}");
+
+    // What the backends saw: every try and every mirrored copy carried the caller's trace,
+    // with the engine's span of that request as parent.
+    let servers = std::mem::take(&mut m.servers);
+    let mut reports = Vec::new();
+    for server in servers {
+        reports.push(server.finish()?);
+    }
+    let traced = |report: &testbed::http::HttpServerReport| -> Result<(u64, usize)> {
+        let mut tries = 0;
+        let mut parents = std::collections::BTreeSet::new();
+        for (tp, n) in &report.traceparents {
+            let mut parts = tp.split('-');
+            let (_, trace, parent) = (parts.next(), parts.next(), parts.next());
+            if trace != Some(TRACE) {
+                continue;
+            }
+            let parent = parent.unwrap_or_default();
+            ensure!(
+                exported.contains(parent),
+                "{}: a try's parent {parent} is no exported span",
+                report.name
+            );
+            tries += n;
+            parents.insert(parent.to_owned());
+        }
+        Ok((tries, parents.len()))
+    };
+    let (v1_tries, v1_parents) = traced(&reports[0])?;
+    let (v2_copies, v2_parents) = traced(&reports[1])?;
+    eprintln!(
+        "v1: {v1_tries} traced tries for 20 requests ({:?}); v2 mirror: {v2_copies}",
+        reports[0].by_status
+    );
     ensure!(
-        report.requests >= 1 && report.body_bytes > 1000,
-        "collector saw {report:?}"
+        v1_parents == 20 && v1_tries > 20 && reports[0].by_status.get(&503).copied() >= Some(1),
+        "retried tries carry the trace too: {v1_tries} tries, {v1_parents} parents, {:?}",
+        reports[0]
+    );
+    ensure!(
+        v2_copies == 20 && v2_parents == 20,
+        "every mirrored copy carries its request's trace: {v2_copies} ({v2_parents} parents)"
     );
     Ok(())
 }

@@ -215,6 +215,12 @@ impl MeshView {
         self.by_ip.get(self.by_key.get(key)?)
     }
 
+    /// The meshed pod at `ip`, on this node or another.
+    #[must_use]
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&MeshPeer> {
+        self.by_ip.get(&ip)
+    }
+
     #[must_use]
     pub fn by_id(&self, id: WorkloadId) -> Option<&MeshPeer> {
         self.by_ip.get(self.by_id.get(&id)?)

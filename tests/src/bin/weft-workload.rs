@@ -75,6 +75,8 @@ enum Command {
     GrpcServer(testbed::grpc::GrpcServerArgs),
     /// Sequential unary gRPC calls over one HTTP/2 connection.
     GrpcCall(testbed::grpc::GrpcCallArgs),
+    /// OTLP/HTTP trace receiver: decodes exports with the protocol's types, prints each span.
+    OtlpReceiver(testbed::OtlpReceiverArgs),
 }
 
 #[derive(Args)]
@@ -222,6 +224,12 @@ fn main() -> ExitCode {
         Command::GrpcCall(args) => {
             testbed::grpc::call(&args).map(|report| emit_result(&report, true))
         }
+        Command::OtlpReceiver(args) => testbed::otlp_receiver(&args, |local| {
+            emit(&Listening {
+                listening: local.to_string(),
+            });
+        })
+        .map(|()| ExitCode::SUCCESS),
     };
     outcome.unwrap_or_else(|error| {
         emit(&serde_json::json!({ "error": error }));

@@ -21,6 +21,9 @@ pub struct HttpServerReport {
     pub by_status: BTreeMap<u16, u64>,
     /// Requests per HTTP version as hyper names it (`HTTP/1.1`, `HTTP/2.0`).
     pub by_version: BTreeMap<String, u64>,
+    /// Requests per `traceparent` header value (those that carried one), failures included.
+    #[serde(default)]
+    pub traceparents: BTreeMap<String, u64>,
     /// Request body bytes read, over all requests.
     pub body_bytes: u64,
     /// Connections answered with junk bytes (`/garbage` or `--garbage`).

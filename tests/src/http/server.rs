@@ -242,6 +242,7 @@ struct Stats {
 struct Counts {
     by_status: BTreeMap<u16, u64>,
     by_version: BTreeMap<String, u64>,
+    traceparents: BTreeMap<String, u64>,
     errors: Vec<String>,
 }
 
@@ -267,6 +268,7 @@ impl Stats {
             requests: self.requests.load(Ordering::Relaxed),
             by_status: counts.by_status.clone(),
             by_version: counts.by_version.clone(),
+            traceparents: counts.traceparents.clone(),
             body_bytes: self.body_bytes.load(Ordering::Relaxed),
             garbage: self.garbage.load(Ordering::Relaxed),
             errors: counts.errors.clone(),
@@ -392,11 +394,17 @@ async fn respond(
     }
     let (parts, body) = request.into_parts();
     let version = format!("{:?}", parts.version);
-    *stats
-        .counts()
-        .by_version
-        .entry(version.clone())
-        .or_default() += 1;
+    {
+        let mut counts = stats.counts();
+        *counts.by_version.entry(version.clone()).or_default() += 1;
+        if let Some(tp) = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
+            *counts.traceparents.entry(tp.to_owned()).or_default() += 1;
+        }
+    }
     let plan = Plan::from_path(parts.uri.path());
     if !plan.read_delay.is_zero() {
         tokio::time::sleep(plan.read_delay).await;

@@ -92,16 +92,16 @@ impl Engine {
         if !h2 {
             *req.version_mut() = Version::HTTP_11;
         }
-        let remote = req
+        let endpoint = req
             .uri()
             .host()
-            .and_then(|h| h.parse::<std::net::Ipv4Addr>().ok())
-            .is_some_and(|ip| {
-                self.snapshot().mesh.remote(ip).is_some_and(|peer| {
-                    // A PERMISSIVE pod whose node's agent is down is reached directly.
-                    !self.tunnel.as_ref().is_some_and(|t| t.bypass(peer))
-                })
-            });
+            .and_then(|h| h.parse::<std::net::Ipv4Addr>().ok());
+        let remote = endpoint.is_some_and(|ip| {
+            self.snapshot().mesh.remote(ip).is_some_and(|peer| {
+                // A PERMISSIVE pod whose node's agent is down is reached directly.
+                !self.tunnel.as_ref().is_some_and(|t| t.bypass(peer))
+            })
+        });
         let result = match (&self.tunnel, remote) {
             (Some(tunnel), true) => {
                 let connector = || super::super::tunnel::TunnelConnector {
@@ -117,15 +117,26 @@ impl Engine {
             _ if h2 => self.upstreams.h2.request(req).await,
             _ => self.upstreams.h1.request(req).await,
         };
-        result.map_err(|e| {
-            if e.is_connect() {
-                SendError::Connect(Box::new(e))
-            } else {
-                SendError::Other(Box::new(e))
-            }
-        })
+        result
+            .map(|mut resp| {
+                if let Some(ip) = endpoint {
+                    resp.extensions_mut().insert(Endpoint(ip));
+                }
+                resp
+            })
+            .map_err(|e| {
+                if e.is_connect() {
+                    SendError::Connect(Box::new(e))
+                } else {
+                    SendError::Other(Box::new(e))
+                }
+            })
     }
 }
+
+/// The pod that answered a request (a response extension): its identity goes into the span.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Endpoint(pub std::net::Ipv4Addr);
 
 /// Connection-specific headers are not forwarded (RFC 9110 §7.6.1); `te: trailers` is kept
 /// for gRPC.

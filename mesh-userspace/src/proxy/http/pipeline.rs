@@ -168,6 +168,31 @@ pub(super) async fn handle(
         resp.extensions().get::<super::super::trace::Context>(),
     ) {
         let end = std::time::SystemTime::now();
+        // Who called and who answered, as workloads and as SPIFFE identities.
+        let source = snapshot.mesh.by_id(ctx.src_workload);
+        let answered = resp
+            .extensions()
+            .get::<super::forward::Endpoint>()
+            .and_then(|e| snapshot.mesh.by_ip(e.0));
+        let mut attributes = vec![
+            ("http.request.method", method.to_string()),
+            ("url.path", path.clone()),
+            ("http.route", route_name.clone()),
+            ("http.response.status_code", status.to_string()),
+            ("source.workload", format!("{}/{}", ctx.src.0, ctx.src.1)),
+            ("client.address", ctx.client.to_string()),
+            (
+                "destination.service",
+                format!("{}/{}", target.service.namespace, target.service.name),
+            ),
+        ];
+        if let Some(s) = source {
+            attributes.push(("source.principal", s.identity.to_string()));
+        }
+        if let Some(d) = answered {
+            attributes.push(("destination.workload", d.key.clone()));
+            attributes.push(("destination.principal", d.identity.to_string()));
+        }
         exporter.record(super::super::trace::Span {
             ctx: trace.clone(),
             name: format!(
@@ -176,14 +201,7 @@ pub(super) async fn handle(
             ),
             start: end - elapsed,
             end,
-            attributes: vec![
-                ("http.request.method", method.to_string()),
-                ("url.path", path.clone()),
-                ("http.route", route_name.clone()),
-                ("http.response.status_code", status.to_string()),
-                ("source.workload", format!("{}/{}", ctx.src.0, ctx.src.1)),
-                ("client.address", ctx.client.to_string()),
-            ],
+            attributes,
             error: status >= 500,
         });
     }
