@@ -31,6 +31,11 @@ pub struct FlowView {
     pub verdict: String,
     /// Why: the policy rule, the mesh default, or why the flow is outside the mesh.
     pub reason: String,
+    /// The way its bytes went: `fast` (socket to socket in the kernel), `kernel` (meshed, the
+    /// normal stack), `l7` (through the engine), `tunnel` (to another node, mTLS), `denied`,
+    /// `audit` (a dry-run policy would deny), `passthrough` (outside the mesh).
+    #[serde(default)]
+    pub path: String,
     /// open, closed or denied.
     pub state: String,
     /// Whether payload went socket-to-socket in the kernel (`None`: nothing sent yet).
@@ -111,6 +116,20 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
             |r| format!("{} (dry run: not enforced)", r.description),
         ),
         other => format!("reason {other}"),
+    }
+}
+
+/// How a flow's bytes went (see [`FlowView::path`]).
+#[must_use]
+pub fn path_name(verdict_code: u8, reason_code: u8, fast: u8) -> &'static str {
+    match (verdict_code, reason_code) {
+        (verdict::DENY, _) => "denied",
+        (verdict::L7, _) | (_, reason::ENGINE) => "l7",
+        (_, reason::TUNNEL) => "tunnel",
+        (_, reason::DRY_RUN) => "audit",
+        (verdict::FAST, _) if fast == fast_state::FAST => "fast",
+        (verdict::FAST, _) => "kernel",
+        _ => "passthrough",
     }
 }
 
@@ -203,6 +222,12 @@ impl FlowTable {
                     "DENY".into()
                 },
                 reason: reason_text(state, v.reason, v.rule_id),
+                path: if v.reason == reason::DRY_RUN {
+                    "audit"
+                } else {
+                    "denied"
+                }
+                .into(),
                 state: if v.reason == reason::DRY_RUN {
                     "would be denied (dry run): allowed".into()
                 } else {
@@ -262,6 +287,7 @@ impl FlowTable {
                 .flatten(),
             verdict: verdict_name(f.verdict).into(),
             reason: reason_text(state, f.reason, f.rule_id),
+            path: path_name(f.verdict, f.reason, f.fast).into(),
             state: if f.state == flow_state::CLOSED {
                 "closed"
             } else {

@@ -1,15 +1,18 @@
-//! The Grafana dashboards in `deploy/helm/weft/dashboards` against a real Prometheus: Debian's
-//! `prometheus` scrapes a live agent while pods make L7 requests (some failing), fast-path TCP
-//! transfers and connections a policy refuses; then every panel's `PromQL` is evaluated, with the
-//! dashboard variables set as a user would set them, and each must return data for that
-//! traffic. A panel whose metric was renamed, whose labels do not exist or whose expression
-//! does not parse fails here.
-use std::{path::PathBuf, time::Duration};
+//! What operators look at, against a live agent with traffic (pods making L7 requests, some
+//! failing; fast-path TCP transfers; connections a policy refuses):
+//! - the Grafana dashboards in `deploy/helm/weft/dashboards`, with Debian's `prometheus`
+//!   scraping the agent: every panel's `PromQL` is evaluated with the variables a user would
+//!   set, and each must return data for that traffic (a renamed metric, a missing label or an
+//!   expression that does not parse fails here);
+//! - the service graph page (`/ui`), loaded in a real headless browser (Debian's `chromium`):
+//!   its DOM must show the workloads, the service, the edges with their paths and numbers, and
+//!   the policy behind a denied edge; a screenshot is saved as an artifact.
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 use testbed::{
-    Node, ServeMode, Testbed,
+    Node, Pod, ServeMode, Testbed,
     agent::Agent,
     eventually,
     http::{HttpGetArgs, HttpServerArgs},
@@ -118,6 +121,101 @@ fn query(node: &Node, expr: &str) -> Result<Vec<Value>> {
     Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
 }
 
+/// One node: `client` calls the L7 service `web` (10 % answered 500) and sends fast-path
+/// transfers to `web`'s echo port; `other` is refused by policy when it connects to `db`.
+struct Scene {
+    agent: Agent,
+    client: Pod,
+    other: Pod,
+    db: Pod,
+    echo: testbed::Server,
+    _web: testbed::http::HttpServer,
+    node: Node,
+    _tb: Testbed,
+}
+
+impl Scene {
+    fn new(label: &str) -> Result<Self> {
+        let tb = Testbed::new(label)?;
+        let node = tb.node("n1")?;
+        let (client, web, db, other) = (
+            node.pod("client")?,
+            node.pod("web")?,
+            node.pod("db")?,
+            node.pod("other")?,
+        );
+        let agent = Agent::start(&node, &["--metrics-addr", METRICS_ADDR])?;
+        agent.enable_socket_fast_path()?;
+        agent.apply(
+            "pods.yaml",
+            &[
+                client.manifest(&[("app", "client")], "client"),
+                web.manifest(&[("app", "web")], "web"),
+                db.manifest(&[("app", "db")], "db"),
+                other.manifest(&[("app", "other")], "other"),
+            ]
+            .join("\n---\n"),
+        )?;
+        agent.wait_workloads(4)?;
+        let mut server = HttpServerArgs::new("web", 8080);
+        server.fail_percent = 10;
+        server.fail_status = 500;
+        let web_server = web.serve_http(&server)?;
+        let echo = web.serve(ServeMode::Echo, 9000)?;
+        agent.apply("objects.yaml", OBJECTS)?;
+        Ok(Self {
+            agent,
+            client,
+            other,
+            db,
+            echo,
+            _web: web_server,
+            node,
+            _tb: tb,
+        })
+    }
+
+    /// Three rounds of: 400 requests through the engine, a 4 MiB echo transfer on two
+    /// fast-path connections, one connection refused by policy.
+    fn traffic(&self) -> Result<()> {
+        let Self {
+            agent,
+            client,
+            other,
+            db,
+            echo,
+            ..
+        } = self;
+        eventually(Duration::from_secs(10), || {
+            let text = agent.metrics()?;
+            ensure!(
+                testbed::agent::sum_metric(&text, "weft_l7_requests_total", &[]) > 0.0 || {
+                    let mut one = HttpGetArgs::new(format!("http://{WEB_VIP}/").parse()?);
+                    one.count = 1;
+                    client.http_get(&one)?;
+                    false
+                },
+                "web is not L7 yet"
+            );
+            Ok(())
+        })?;
+        let mut get = HttpGetArgs::new(format!("http://{WEB_VIP}/").parse()?);
+        get.count = 400;
+        get.concurrency = 2;
+        let db_addr = std::net::SocketAddr::from((db.ip(), 5432));
+        for _ in 0..3 {
+            let r = client.http_get(&get)?;
+            ensure!(r.completed == 400, "{r:?}");
+            let t = client.transfer(echo.addr(), 4 << 20, 2)?;
+            ensure!(t.all_ok(), "{t:?}");
+            let refused = other.try_connect(db_addr, Duration::from_secs(2))?;
+            ensure!(refused.errno == Some(libc::EPERM), "{refused:?}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        Ok(())
+    }
+}
+
 #[test]
 #[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
@@ -127,34 +225,8 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
         "mesh, workload and datapath dashboards expected: {:?}",
         boards.iter().map(|b| &b.0).collect::<Vec<_>>()
     );
-    let tb = Testbed::new("dashboards")?;
-    let node = tb.node("n1")?;
-    let (client, web, db, other) = (
-        node.pod("client")?,
-        node.pod("web")?,
-        node.pod("db")?,
-        node.pod("other")?,
-    );
-    let agent = Agent::start(&node, &["--metrics-addr", METRICS_ADDR])?;
-    agent.enable_socket_fast_path()?;
-    agent.apply(
-        "pods.yaml",
-        &[
-            client.manifest(&[("app", "client")], "client"),
-            web.manifest(&[("app", "web")], "web"),
-            db.manifest(&[("app", "db")], "db"),
-            other.manifest(&[("app", "other")], "other"),
-        ]
-        .join("\n---\n"),
-    )?;
-    agent.wait_workloads(4)?;
-    let mut server = HttpServerArgs::new("web", 8080);
-    server.fail_percent = 10;
-    server.fail_status = 500;
-    let _web_server = web.serve_http(&server)?;
-    let echo = web.serve(ServeMode::Echo, 9000)?;
-    agent.apply("objects.yaml", OBJECTS)?;
-
+    let scene = Scene::new("dashboards")?;
+    let node = &scene.node;
     let config = node.run_dir().join("prometheus.yml");
     std::fs::write(
         &config,
@@ -174,39 +246,12 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
         ],
     )?;
     eventually(Duration::from_secs(20), || {
-        let up = query(&node, "up{job=\"weft-agent\"} == 1")?;
+        let up = query(node, "up{job=\"weft-agent\"} == 1")?;
         ensure!(!up.is_empty(), "the agent is not scraped yet");
         Ok(())
     })?;
 
-    // Traffic: L7 requests through the engine (10 % answered 500), a fast-path TCP transfer
-    // pod to pod, and connections the policy refuses in the kernel.
-    eventually(Duration::from_secs(10), || {
-        let text = agent.metrics()?;
-        ensure!(
-            testbed::agent::sum_metric(&text, "weft_l7_requests_total", &[]) > 0.0 || {
-                let mut one = HttpGetArgs::new(format!("http://{WEB_VIP}/").parse()?);
-                one.count = 1;
-                client.http_get(&one)?;
-                false
-            },
-            "web is not L7 yet"
-        );
-        Ok(())
-    })?;
-    let mut get = HttpGetArgs::new(format!("http://{WEB_VIP}/").parse()?);
-    get.count = 400;
-    get.concurrency = 2;
-    let db_addr = std::net::SocketAddr::from((db.ip(), 5432));
-    for _ in 0..3 {
-        let r = client.http_get(&get)?;
-        ensure!(r.completed == 400, "{r:?}");
-        let t = client.transfer(echo.addr(), 4 << 20, 2)?;
-        ensure!(t.all_ok(), "{t:?}");
-        let refused = other.try_connect(db_addr, Duration::from_secs(2))?;
-        ensure!(refused.errno == Some(libc::EPERM), "{refused:?}");
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    scene.traffic()?;
     // Two more scrapes after the last traffic.
     std::thread::sleep(Duration::from_secs(3));
 
@@ -218,7 +263,7 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
         for (panel, expr) in queries(board) {
             let expr = with_variables(&expr);
             evaluated += 1;
-            match query(&node, &expr) {
+            match query(node, &expr) {
                 Ok(result) => {
                     let numbers: Vec<f64> = result
                         .iter()
@@ -295,5 +340,172 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
                 .any(|s| s["metric"]["hook"] == "tc" && value(s) >= 8.0),
         "cgroup hooks and two TC programs on each of the four pods' interfaces: {links:?}"
     );
+    Ok(())
+}
+
+/// Attributes of every `<g …>` element of a dumped DOM whose `class` starts with `class`.
+fn elements(dom: &str, class: &str) -> Vec<BTreeMap<String, String>> {
+    let mut out = Vec::new();
+    for tag in dom.split("<g ").skip(1) {
+        let Some(head) = tag.split('>').next() else {
+            continue;
+        };
+        let mut attrs = BTreeMap::new();
+        let mut rest = head;
+        while let Some(eq) = rest.find("=\"") {
+            let name = rest[..eq].trim().to_owned();
+            let value_start = &rest[eq + 2..];
+            let Some(end) = value_start.find('"') else {
+                break;
+            };
+            attrs.insert(
+                name,
+                value_start[..end]
+                    .replace("&amp;", "&")
+                    .replace("&quot;", "\"")
+                    .replace("&gt;", ">")
+                    .replace("&lt;", "<"),
+            );
+            rest = &value_start[end + 1..];
+        }
+        if attrs.get("class").is_some_and(|c| c.starts_with(class)) {
+            out.push(attrs);
+        }
+    }
+    out
+}
+
+/// Headless Chromium inside the node (where the agent's page listens), with its own profile.
+fn chromium(node: &Node, args: &[String]) -> Result<String> {
+    let profile = node.run_dir().join("chromium-profile");
+    let mut all = vec![
+        "--headless".to_owned(),
+        "--no-sandbox".to_owned(),
+        "--disable-gpu".to_owned(),
+        "--disable-dev-shm-usage".to_owned(),
+        "--no-first-run".to_owned(),
+        "--disable-breakpad".to_owned(),
+        format!("--user-data-dir={}", profile.display()),
+    ];
+    all.extend_from_slice(args);
+    let out = node
+        .run(Duration::from_secs(90), "chromium", &all)
+        .context("running chromium (`cargo xtask setup` installs it)")?
+        .check()?;
+    Ok(out.stdout)
+}
+
+#[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn the_service_graph_page_shows_the_traffic_in_a_real_browser() -> Result<()> {
+    let scene = Scene::new("graph-ui")?;
+    scene.traffic()?;
+    let node = &scene.node;
+    // The page opened with the denied edge selected, as a link can: its policies show too.
+    let url = format!("http://{METRICS_ADDR}/ui#select=default/other|default/db|denied");
+    let dom = chromium(
+        node,
+        &[
+            "--virtual-time-budget=6000".to_owned(),
+            "--dump-dom".to_owned(),
+            url.clone(),
+        ],
+    )?;
+    ensure!(
+        dom.contains("data-loaded=\"true\""),
+        "the page did not load its data: {}",
+        &dom[..dom.len().min(2000)]
+    );
+    let nodes: Vec<String> = elements(&dom, "node")
+        .into_iter()
+        .filter_map(|a| a.get("data-id").cloned())
+        .collect();
+    ensure!(
+        !elements(&dom, "node external").iter().any(|_| true),
+        "every node of this traffic is a meshed workload or the service: {nodes:?}"
+    );
+    for id in [
+        "default/client",
+        "svc:default/web",
+        "default/web",
+        "default/other",
+        "default/db",
+    ] {
+        ensure!(nodes.iter().any(|n| n == id), "no node {id} in {nodes:?}");
+    }
+    let edges = elements(&dom, "edge");
+    let find = |src: &str, dst: &str, path: &str| {
+        edges.iter().find(|e| {
+            e.get("data-source").map(String::as_str) == Some(src)
+                && e.get("data-target").map(String::as_str) == Some(dst)
+                && e.get("data-path").map(String::as_str) == Some(path)
+        })
+    };
+    let num = |e: &BTreeMap<String, String>, k: &str| -> u64 {
+        e.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let l7 = find("default/client", "svc:default/web", "l7")
+        .with_context(|| format!("no L7 edge client → web: {edges:?}"))?;
+    let (requests, errors) = (num(l7, "data-requests"), num(l7, "data-errors"));
+    ensure!(
+        (1200..1300).contains(&requests) && (90..=170).contains(&errors),
+        "1200 requests (and the warm-up), 10 % answered 500: {l7:?}"
+    );
+    ensure!(
+        find("svc:default/web", "default/web", "l7").is_some(),
+        "the service's edge to its backend: {edges:?}"
+    );
+    let fast = find("default/client", "default/web", "fast")
+        .with_context(|| format!("no fast-path edge client → web: {edges:?}"))?;
+    ensure!(
+        num(fast, "data-bytes") >= 3 * 2 * 2 * (4 << 20)
+            && num(fast, "data-fast-bytes") >= 3 * 2 * 2 * (4 << 20),
+        "three rounds of 2 × 4 MiB echoed, socket to socket: {fast:?}"
+    );
+    let denied = find("default/other", "default/db", "denied")
+        .with_context(|| format!("no denied edge other → db: {edges:?}"))?;
+    ensure!(
+        num(denied, "data-denied") >= 3,
+        "three refused connects: {denied:?}"
+    );
+    ensure!(
+        dom.contains("% ok") && dom.contains("p99 "),
+        "golden numbers on the L7 edge's label"
+    );
+    ensure!(
+        dom.contains("db-from-web-only"),
+        "the selected denied edge names the policy that refuses it: {}",
+        dom.split("id=\"detail\"")
+            .nth(1)
+            .unwrap_or_default()
+            .chars()
+            .take(1500)
+            .collect::<String>()
+    );
+    ensure!(
+        dom.contains("data-path=\"l7\"") && dom.contains("<tr data-path"),
+        "the live flow table lists flows"
+    );
+
+    // A screenshot, kept as an artifact of the run.
+    let shot = node.run_dir().join("service-graph.png");
+    chromium(
+        node,
+        &[
+            "--virtual-time-budget=6000".to_owned(),
+            "--window-size=1400,1000".to_owned(),
+            format!("--screenshot={}", shot.display()),
+            url,
+        ],
+    )?;
+    let png = std::fs::read(&shot).context("no screenshot")?;
+    ensure!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    std::fs::write(artifacts.join("service-graph.png"), &png)?;
     Ok(())
 }

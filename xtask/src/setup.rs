@@ -30,6 +30,10 @@ const PACKAGES: &[&str] = &[
     "wrk",
     // The dashboards test: Debian's Prometheus scrapes an agent and evaluates every panel.
     "prometheus",
+    // The service graph page's test loads it in a real headless browser (and a font to render
+    // its screenshot with).
+    "chromium",
+    "fonts-dejavu-core",
 ];
 /// Packages whose installation would start a system service, with the service's process
 /// name; see [`NoServiceStarts`].

@@ -9,6 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 
+pub mod graph;
 pub mod shared;
 
 pub use shared::{EnrolRequest, Shared, SharedState};
@@ -220,15 +221,26 @@ async fn handle(
                 .unwrap_or_default(),
         }),
         "/status" => json(&status(&s)),
+        "/graph" => {
+            let mut text = String::new();
+            if let Some(r) = s.registry.as_ref() {
+                let _ = prometheus_client::encoding::text::encode(&mut text, r);
+            }
+            json(&graph::build(&s.node, &s.flows, &s.metrics.get(), &text))
+        }
+        "/" | "/ui" => respond(StatusCode::OK, "text/html; charset=utf-8", UI),
         "/explain" => explain(&s, req.uri().query().unwrap_or_default()),
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /metrics, /ready, /config_dump, /flows, /status or /explain?src=…&dst=…\n",
+            "try /ui, /metrics, /ready, /config_dump, /flows, /graph, /status or /explain?src=…&dst=…\n",
         ),
     };
     Ok(resp)
 }
+
+/// The service graph page: one file, no assets from elsewhere.
+const UI: &str = include_str!("ui.html");
 
 /// `/explain?src=namespace/pod&dst=destination`: what the mesh does with such a connection now.
 fn explain(s: &Shared, query: &str) -> Response<Full<Bytes>> {

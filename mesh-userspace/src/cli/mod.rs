@@ -426,6 +426,7 @@ mod tests {
             service: None,
             verdict: verdict.into(),
             reason: "why".into(),
+            path: if verdict == "DENY" { "denied" } else { "fast" }.into(),
             state: if verdict == "DENY" { "denied" } else { "open" }.into(),
             fast_path: Some(verdict == "FAST"),
             bytes_to_dst: 2048,
