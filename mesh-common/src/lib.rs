@@ -49,9 +49,12 @@ pub mod map_names {
     pub const L7_ORIG: &str = "WEFT_L7ORIG";
     pub const SHED_FLOWS: &str = "WEFT_SHEDFLOWS";
     pub const NETNS: &str = "WEFT_NETNS";
+    /// Ring buffer of [`crate::FlowEvent`]s, read by the agent while someone watches
+    /// (`weft tap`, `weft top`).
+    pub const EVENTS: &str = "WEFT_EVENTS";
 
     /// Every map, for tooling that walks them all (pin sweeps, the object layout test).
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SOCKS,
         ENDPOINTS,
         CGROUPS,
@@ -69,6 +72,7 @@ pub mod map_names {
         L7_ORIG,
         SHED_FLOWS,
         NETNS,
+        EVENTS,
     ];
 }
 
@@ -113,6 +117,8 @@ pub mod capacity {
     pub const L7_ORIG: u32 = 65_536;
     pub const SHED_FLOWS: u32 = 16_384;
     pub const NETNS: u32 = 16_384;
+    /// Bytes of the events ring buffer (a power of two, whole pages): about 2,700 events.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 /// Workload id of the node's L7 engine. Its listener address is registered as an endpoint with
@@ -235,6 +241,9 @@ pub mod config_flags {
     /// redirect has none of its own: a receiver that does not read lets redirected bytes pile
     /// up until TCP memory runs out and senders get ENOMEM. Set and cleared by the agent.
     pub const SHED: u32 = 1 << 1;
+    /// Someone watches live events (`weft tap`/`top`): the programs write [`crate::FlowEvent`]s
+    /// into the events ring buffer. Off, they write nothing (no cost when nobody watches).
+    pub const EVENTS: u32 = 1 << 2;
 }
 
 /// Indices of [`GlobalStats::counters`].
@@ -272,7 +281,9 @@ pub mod global_counter {
     /// A fast-path socket moved to the normal stack because the engine asked it to (a bulk
     /// transfer on one of its legs, see [`crate::map_names::SHED_FLOWS`]).
     pub const FLOW_SHED: usize = 14;
-    pub const COUNT: usize = 15;
+    /// A flow event did not fit in the events ring buffer (the agent reads too slowly): lost.
+    pub const EVENTS_LOST: usize = 15;
+    pub const COUNT: usize = 16;
 }
 
 /// Index 0 of [`map_names::CONFIG`].
@@ -473,6 +484,52 @@ pub struct FlowEntry {
     pub rx_stack_bytes: u64,
 }
 
+/// What a [`FlowEvent`] reports.
+pub mod event_kind {
+    /// A meshed socket was established, with the verdict connect gave it.
+    pub const OPEN: u8 = 1;
+    /// A connection closed: bytes each way and how long it lived.
+    pub const CLOSE: u8 = 2;
+    /// `connect()` was refused (or a dry-run policy would have refused it).
+    pub const DENY: u8 = 3;
+    /// A fast-path socket moved to the normal stack ([`crate::global_counter::BACKPRESSURE`]
+    /// or [`crate::global_counter::FLOW_SHED`] says which in `reason`).
+    pub const SHED: u8 = 4;
+}
+
+/// One entry of the events ring buffer ([`map_names::EVENTS`]), written while
+/// [`config_flags::EVENTS`] is set. Addresses are as in [`SockKey`]; for a `DENY` the local
+/// port is 0 (connect runs before the socket has one) and `local_ip_be` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` when it happened.
+    pub ktime_ns: u64,
+    /// When the socket was established (`CLOSE`).
+    pub opened_ns: u64,
+    /// Payload bytes the socket sent (`CLOSE`) and received (stack and fast path).
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    /// Of those, either way, the bytes that went socket to socket in the kernel.
+    pub fast_bytes: u64,
+    pub key: SockKey,
+    pub local_workload: u32,
+    pub remote_workload: u32,
+    pub rule_id: u32,
+    pub service_id: u32,
+    pub orig_dst_ip_be: u32,
+    pub orig_dst_port_be: u16,
+    /// [`event_kind`].
+    pub kind: u8,
+    pub verdict: u8,
+    /// [`reason`] (for `SHED`: the global counter index that moved it).
+    pub reason: u8,
+    pub role: u8,
+    pub fast: u8,
+    pub _pad0: u8,
+    pub _pad1: u32,
+}
+
 /// Attempted connections refused in the kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -570,12 +627,13 @@ assert_size! {
     PairKey => 8,
     PairStats => 56,
     IfStats => 72,
-    GlobalStats => 120,
+    GlobalStats => 128,
+    FlowEvent => 88,
 }
 
 /// Key and value sizes of every map, as the object must declare them. The root-free layout test
 /// compares these with the maps parsed from the embedded object.
-pub const MAP_LAYOUT: [(&str, usize, usize); 17] = {
+pub const MAP_LAYOUT: [(&str, usize, usize); 18] = {
     use core::mem::size_of;
     [
         (map_names::SOCKS, size_of::<SockKey>(), size_of::<u32>()),
@@ -647,6 +705,8 @@ pub const MAP_LAYOUT: [(&str, usize, usize); 17] = {
             size_of::<u64>(),
             size_of::<CgroupIdentity>(),
         ),
+        // A ring buffer has neither key nor value: its entries are `FlowEvent`s.
+        (map_names::EVENTS, 0, 0),
     ]
 };
 
@@ -654,8 +714,8 @@ pub const MAP_LAYOUT: [(&str, usize, usize); 17] = {
 mod pod {
     use super::{
         Backend, BackendKey, CgroupIdentity, ClientAddr, Config, ConnectInfo, DenyKey, DenyValue,
-        Endpoint, FlowEntry, GlobalStats, IfStats, PairKey, PairStats, PolicyKey, PolicyValue,
-        ServiceKey, ServiceValue, SockKey,
+        Endpoint, FlowEntry, FlowEvent, GlobalStats, IfStats, PairKey, PairStats, PolicyKey,
+        PolicyValue, ServiceKey, ServiceValue, SockKey,
     };
     macro_rules! pod {
         ($($t:ty),* $(,)?) => { $(
@@ -677,6 +737,7 @@ mod pod {
         Config,
         ConnectInfo,
         FlowEntry,
+        FlowEvent,
         DenyKey,
         DenyValue,
         PairKey,

@@ -19,11 +19,12 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Backend, BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue,
-    ENGINE_HEARTBEAT_MAX_AGE_NS, PolicyKey, ServiceKey, endpoint_flags, global_counter, reason,
-    service_flags, verdict,
+    ENGINE_HEARTBEAT_MAX_AGE_NS, PolicyKey, ServiceKey, SockKey, endpoint_flags, global_counter,
+    reason, service_flags, verdict,
 };
 
 use crate::{
+    events,
     maps::{
         WEFT_BACKENDS, WEFT_CGROUPS, WEFT_CONFIG, WEFT_CONNECTS, WEFT_DENIES, WEFT_ENDPOINTS,
         WEFT_NETNS, WEFT_POLICY, WEFT_REVNAT, WEFT_SERVICES,
@@ -358,6 +359,19 @@ fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16, why: u8) {
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if events::watching() {
+        events::emit_deny(
+            now,
+            info,
+            SockKey {
+                local_ip_be: 0,
+                remote_ip_be: dst_ip_be,
+                local_port_host: 0,
+                remote_port_host: u32::from(u16::from_be(dst_port_be)),
+            },
+            why,
+        );
+    }
     if let Some(v) = WEFT_DENIES.get_ptr_mut(&key) {
         // SAFETY: valid map value; a lost increment under a cross-CPU race only undercounts
         // the recent-denials table (the per-CPU pair counter above is exact).

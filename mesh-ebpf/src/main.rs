@@ -4,6 +4,7 @@
 #![no_main]
 
 mod connect;
+mod events;
 mod maps;
 mod sk_msg;
 mod sockops;

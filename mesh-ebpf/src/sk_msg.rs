@@ -18,9 +18,10 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mesh_common::{SockKey, fast_state, global_counter, role, verdict};
+use mesh_common::{FlowEntry, SockKey, event_kind, fast_state, global_counter, role, verdict};
 
 use crate::{
+    events,
     maps::{WEFT_FLOWS, WEFT_SHEDFLOWS, WEFT_SOCKS, fast_path_on, shedding},
     stats,
 };
@@ -41,6 +42,16 @@ fn engine_asked_to_shed(key: &SockKey) -> bool {
     }
     let _ = WEFT_SHEDFLOWS.remove(key);
     true
+}
+
+/// A socket left the fast path for good; `why` is the global counter that counted it.
+#[inline(always)]
+fn shed_event(key: &SockKey, flow: &FlowEntry, why: usize) {
+    if events::watching() {
+        let mut event = events::of_flow(event_kind::SHED, key, flow, 0);
+        event.reason = why as u8;
+        events::emit(&event);
+    }
 }
 
 #[inline(always)]
@@ -76,9 +87,11 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     } else if shedding() {
         flow.fast = fast_state::SLOW;
         stats::bump(global_counter::BACKPRESSURE);
+        shed_event(&key, flow, global_counter::BACKPRESSURE);
     } else if flow.verdict == verdict::L7 && engine_asked_to_shed(&key) {
         flow.fast = fast_state::SLOW;
         stats::bump(global_counter::FLOW_SHED);
+        shed_event(&key, flow, global_counter::FLOW_SHED);
     } else {
         let mut peer = key.peer();
         if WEFT_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {

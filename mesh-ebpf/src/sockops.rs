@@ -16,11 +16,12 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    ClientAddr, ENGINE_WORKLOAD, FlowEntry, SockKey, ZERO_FLOW, endpoint_flags, fast_state,
-    fin_flags, flow_state, global_counter, reason, role, verdict,
+    ClientAddr, ENGINE_WORKLOAD, FlowEntry, SockKey, ZERO_FLOW, endpoint_flags, event_kind,
+    fast_state, fin_flags, flow_state, global_counter, reason, role, verdict,
 };
 
 use crate::{
+    events,
     maps::{
         WEFT_CONNECTS, WEFT_ENDPOINTS, WEFT_FLOWS, WEFT_L7ORIG, WEFT_REVNAT, WEFT_SHEDFLOWS,
         WEFT_SOCKS, fast_path_on,
@@ -154,6 +155,14 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     } else if remote.is_none() {
         stats::pair(0, local.workload_id, |s| s.conns_opened += 1);
     }
+    // One event per connection: its client's socket, or the server's for a client from
+    // outside the mesh.
+    if (my_role == role::CLIENT || remote.is_none()) && events::watching() {
+        // SAFETY: copied out of the map.
+        if let Some(flow) = unsafe { WEFT_FLOWS.get(&key) } {
+            events::emit(&events::of_flow(event_kind::OPEN, &key, flow, 0));
+        }
+    }
     // Ask for state callbacks so the close is seen.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
@@ -264,6 +273,15 @@ fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
         flow.tx_bytes = late_bytes;
     }
     let count_conn = is_client || flow.remote_workload == 0;
+    if count_conn && events::watching() {
+        // What this socket received: through the stack, plus what its peer (a local socket)
+        // redirected straight into it.
+        // SAFETY: copied out of the map.
+        let redirected_in = unsafe { WEFT_FLOWS.get(&key.peer()) }.map_or(0, |p| p.tx_fast_bytes);
+        let mut event = events::of_flow(event_kind::CLOSE, &key, flow, received + redirected_in);
+        event.fast_bytes += redirected_in;
+        events::emit(&event);
+    }
     stats::pair(src, dst, |s| {
         if count_conn {
             s.conns_closed += 1;

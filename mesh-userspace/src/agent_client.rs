@@ -1,5 +1,6 @@
 //! The client side of the agent's admin API: one HTTP/1.1 request over its Unix socket (the
-//! CLI's GETs, the CNI plugin's enrolment POST).
+//! CLI's GETs, the CNI plugin's enrolment POST), or a streamed answer read line by line
+//! (`weft tap`).
 use std::path::Path;
 
 use bytes::Bytes;
@@ -20,6 +21,63 @@ pub async fn request(
     body: Vec<u8>,
 ) -> std::io::Result<(StatusCode, Bytes)> {
     use http_body_util::BodyExt as _;
+    let resp = send(socket, method, path, body).await?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// GET `path` and hand each line of the streamed answer to `line` as it arrives, until `line`
+/// returns false or the agent ends the stream. An answer other than 200 is an error that
+/// carries the agent's message.
+pub async fn stream_lines(
+    socket: &Path,
+    path: &str,
+    mut line: impl FnMut(&[u8]) -> bool,
+) -> std::io::Result<()> {
+    use http_body_util::BodyExt as _;
+    let resp = send(socket, Method::GET, path, Vec::new()).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let text = body
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes();
+        return Err(std::io::Error::other(format!(
+            "the agent answered {status}: {}",
+            String::from_utf8_lossy(&text).trim()
+        )));
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let after = pending.split_off(end + 1);
+            if !line(&pending[..end]) {
+                return Ok(());
+            }
+            pending = after;
+        }
+    }
+    Ok(())
+}
+
+async fn send(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> std::io::Result<hyper::Response<hyper::body::Incoming>> {
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -39,16 +97,8 @@ pub async fn request(
         .header(header::HOST, "weft-agent")
         .body(Full::new(Bytes::from(body)))
         .map_err(std::io::Error::other)?;
-    let resp = sender
+    sender
         .send_request(req)
         .await
-        .map_err(std::io::Error::other)?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
-    Ok((status, body))
+        .map_err(std::io::Error::other)
 }

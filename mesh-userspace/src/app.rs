@@ -81,10 +81,11 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let (snapshots_tx, snapshots_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let tap = Arc::new(crate::tap::Hub::default());
     let (engine, engine_thread) = match config.engine_addr {
         Some(addr) => {
             let (engine, thread) =
-                start_engine(&datapath, config, addr, snapshots_rx, &mut registry)?;
+                start_engine(&datapath, config, addr, snapshots_rx, &mut registry, &tap)?;
             (Some(engine), Some(thread))
         }
         None => (None, None),
@@ -97,6 +98,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         metrics,
         registry: Some(Arc::new(registry)),
         engine: engine.clone(),
+        tap: tap.clone(),
         ..Shared::default()
     }));
 
@@ -297,6 +299,7 @@ fn start_engine(
     addr: std::net::SocketAddrV4,
     snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     registry: &mut Registry,
+    tap: &Arc<crate::tap::Hub>,
 ) -> Result<(Arc<Engine>, std::thread::JoinHandle<()>), AgentError> {
     if let Some(cg) = &config.engine_sockops_cgroup {
         datapath.attach_engine_sockops(cg)?;
@@ -317,6 +320,7 @@ fn start_engine(
         Box::new(KernelOrigDst(orig)),
         Arc::new(KernelFastPath(Mutex::new(shed))),
     );
+    engine.tap = tap.clone();
     let budget = connection_budget(config.max_connections);
     engine.limit = proxy::admission::ConnectionLimit::new(
         budget,
@@ -532,7 +536,12 @@ fn sync_loop(
         }
 
         let shed = tcp_memory.update();
-        let result = sync_once(&mut dp, &node, config, kernel, shed);
+        let events = shared
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .tap
+            .watching();
+        let result = sync_once(&mut dp, &node, config, kernel, shed, events);
         for (enrolment, reply) in pending.drain(..) {
             let answer = match &result {
                 Ok(()) => enrolled(&node, config, &enrolment),
@@ -766,6 +775,7 @@ fn sync_once(
     config: &AgentConfig,
     kernel: KernelChecks,
     shed: bool,
+    events: bool,
 ) -> Result<(), ebpf::EbpfError> {
     let facts = ebpf::desired::Facts {
         engine: config.engine_addr,
@@ -773,6 +783,7 @@ fn sync_once(
         tunnel: config.identity.is_some() && config.engine_addr.is_some(),
         socket_redirect_exact: kernel.socket_redirect_exact,
         shed,
+        events,
     };
     // The pod's cgroup and every cgroup below it (its containers) are the pod.
     let kubelet_pods = (config.pod_cgroups == PodCgroups::Kubelet)

@@ -308,3 +308,82 @@ impl FlowTable {
         }
     }
 }
+
+/// The live event (`weft tap`) for one of the kernel's flow events, named with the node's state.
+#[must_use]
+pub fn event_of(e: &mesh_common::FlowEvent, state: &NodeState, clock: Clock) -> crate::tap::Event {
+    use mesh_common::event_kind;
+
+    use crate::tap::{Endpoint, Event, What};
+    let end = |ip_be: u32, port: u32| {
+        let p = peer(state, ip_be, u16::try_from(port).unwrap_or(0));
+        Endpoint {
+            workload: p.workload,
+            ip: (ip_be != 0).then_some(p.ip),
+            port: p.port,
+        }
+    };
+    let local = end(e.key.local_ip_be, e.key.local_port_host);
+    let remote = end(e.key.remote_ip_be, e.key.remote_port_host);
+    let is_client = e.role != role::SERVER;
+    let (mut src, dst) = if is_client {
+        (local, remote)
+    } else {
+        (remote, local)
+    };
+    if src.workload.is_none() && e.kind == event_kind::DENY {
+        // connect() was refused before the socket had an address: its workload is known.
+        let w = state.workload(WorkloadId(e.local_workload));
+        src.workload = w.map(crate::state::Workload::key);
+        src.ip = w.and_then(|w| w.ip);
+    }
+    let verdict = if e.kind == event_kind::DENY && e.reason == reason::DRY_RUN {
+        "AUDIT".to_owned()
+    } else {
+        verdict_name(e.verdict).to_owned()
+    };
+    let path = path_name(e.verdict, e.reason, e.fast).to_owned();
+    let what = match e.kind {
+        event_kind::OPEN => What::Open {
+            verdict,
+            reason: reason_text(state, e.reason, e.rule_id),
+            path,
+        },
+        event_kind::CLOSE => {
+            let (to_dst, to_src) = if is_client {
+                (e.tx_bytes, e.rx_bytes)
+            } else {
+                (e.rx_bytes, e.tx_bytes)
+            };
+            What::Close {
+                verdict,
+                path,
+                bytes_to_dst: to_dst,
+                bytes_to_src: to_src,
+                fast_bytes: e.fast_bytes,
+                #[allow(clippy::cast_precision_loss, reason = "a duration in ms")]
+                duration_ms: e.ktime_ns.saturating_sub(e.opened_ns) as f64 / 1e6,
+            }
+        }
+        event_kind::DENY => What::Deny {
+            verdict,
+            reason: reason_text(state, e.reason, e.rule_id),
+        },
+        _ => What::Shed {
+            reason: if usize::from(e.reason) == mesh_common::global_counter::BACKPRESSURE {
+                "host TCP memory high: the socket moved to the normal stack".into()
+            } else {
+                "bulk transfer on an engine leg: the socket moved to the normal stack".into()
+            },
+        },
+    };
+    Event {
+        time_ms: clock.wall_ms(e.ktime_ns),
+        src,
+        dst,
+        service: (e.service_id != 0)
+            .then(|| service_name(state, e.service_id))
+            .flatten(),
+        what,
+    }
+}

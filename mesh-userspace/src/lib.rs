@@ -24,3 +24,4 @@ pub mod pressure;
 pub mod proxy;
 pub mod signal;
 pub mod state;
+pub mod tap;

@@ -100,6 +100,7 @@ const EVENTS: [(usize, &str); global_counter::COUNT] = [
     (global_counter::DRY_RUN_WOULD_DENY, "dry_run_would_deny"),
     (global_counter::BACKPRESSURE, "fast_path_shed"),
     (global_counter::FLOW_SHED, "fast_path_flow_shed"),
+    (global_counter::EVENTS_LOST, "flow_event_lost"),
 ];
 
 fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(

@@ -23,6 +23,8 @@ const ORDER: &[&str] = &[
     "metrics",
     "signal",
     "agent_client",
+    // Live events (`weft tap`): the wire type and the hub the kernel's and the engine's meet in.
+    "tap",
     // Identity: SPIFFE ids, certificates, the TLS configurations built from them.
     "identity",
     // The model: what the objects mean for one node.

@@ -509,3 +509,205 @@ fn the_service_graph_page_shows_the_traffic_in_a_real_browser() -> Result<()> {
     std::fs::write(artifacts.join("service-graph.png"), &png)?;
     Ok(())
 }
+
+/// A `weft` command streaming from the scene's agent, its stdout collected by a thread.
+struct Streaming {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Streaming {
+    /// Starts `weft <args> --admin-socket …` and waits until it says it is watching.
+    fn start(agent: &Agent, args: &[&str]) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(testbed::weft_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&agent.socket)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let out = std::thread::spawn(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect()
+        });
+        let mut first = String::new();
+        std::io::BufReader::new(stderr).read_line(&mut first)?;
+        ensure!(first.contains("watching"), "weft {args:?} said: {first:?}");
+        Ok(Self { child, out })
+    }
+
+    /// Stops it (it runs until stopped) and returns what it printed.
+    fn stop(mut self) -> Result<Vec<String>> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.out
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))
+    }
+}
+
+#[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn weft_tap_and_top_show_the_traffic_live() -> Result<()> {
+    let scene = Scene::new("tap")?;
+    let agent = &scene.agent;
+    let socket = agent.socket.display().to_string();
+    // A filter that can never match is refused up front, with the reason.
+    let bad = std::process::Command::new(testbed::weft_bin())
+        .args(["tap", "--status", "7xx", "--admin-socket", &socket])
+        .output()?;
+    ensure!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("status"),
+        "weft tap --status 7xx: {bad:?}"
+    );
+
+    let all = Streaming::start(agent, &["tap", "-o", "json"])?;
+    let denials = Streaming::start(agent, &["tap", "--pod", "other", "--type", "deny"])?;
+    let top = std::thread::spawn(move || {
+        std::process::Command::new(testbed::weft_bin())
+            .args([
+                "top",
+                "--once",
+                "--window",
+                "30",
+                "-o",
+                "json",
+                "--admin-socket",
+                &socket,
+            ])
+            .output()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    scene.traffic()?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(26),
+        "the traffic took {:?}: longer than top's window",
+        started.elapsed()
+    );
+    // Let the last closes reach the stream.
+    std::thread::sleep(Duration::from_secs(1));
+    let lines = all.stop()?;
+    let denied = denials.stop()?;
+
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<Result<_>>()?;
+    let of = |kind: &'static str| events.iter().filter(move |e| e["type"] == kind);
+    // Every request the engine answered, with its status: 10 % of them 500.
+    let requests: Vec<&Value> = of("request")
+        .filter(|e| e["service"] == "default/web:80" && e["src"]["workload"] == "default/client")
+        .collect();
+    ensure!(requests.len() >= 1200, "{} request events", requests.len());
+    let failed = requests.iter().filter(|e| e["status"] == 500).count();
+    ensure!(
+        (requests.len() / 20..requests.len() / 6).contains(&failed),
+        "{failed} of {} requests answered 500 (10 % expected)",
+        requests.len()
+    );
+    ensure!(
+        requests
+            .iter()
+            .all(|e| e["dst"]["workload"] == "default/web"),
+        "a request not answered by default/web: {:?}",
+        requests
+            .iter()
+            .find(|e| e["dst"]["workload"] != "default/web")
+    );
+    // The six echo transfers: opened with the verdict, closed with exactly the bytes the
+    // applications sent each way, all of them socket to socket.
+    let to_echo = |e: &&Value| {
+        e["src"]["workload"] == "default/client"
+            && e["dst"]["workload"] == "default/web"
+            && e["dst"]["port"] == 9000
+    };
+    let opens = of("open").filter(to_echo).count();
+    ensure!(
+        opens == 6,
+        "{opens} open events to the echo port (6 expected)"
+    );
+    let closes: Vec<&Value> = of("close").filter(to_echo).collect();
+    ensure!(
+        closes.len() == 6,
+        "{} close events: {closes:?}",
+        closes.len()
+    );
+    for c in &closes {
+        ensure!(
+            c["bytes_to_dst"] == 4 << 20 && c["bytes_to_src"] == 4 << 20,
+            "bytes of an echo transfer: {c}"
+        );
+        ensure!(
+            c["fast_bytes"] == 8 << 20 && c["path"] == "fast" && c["verdict"] == "FAST",
+            "not all socket to socket: {c}"
+        );
+    }
+    // The refused connects, with the policy that refused them.
+    let refusals: Vec<&Value> = of("deny")
+        .filter(|e| e["src"]["workload"] == "default/other")
+        .collect();
+    ensure!(
+        refusals.len() == 3,
+        "{} deny events: {refusals:?}",
+        refusals.len()
+    );
+    ensure!(
+        refusals.iter().all(|d| d["verdict"] == "DENY"
+            && d["dst"]["workload"] == "default/db"
+            && d["dst"]["port"] == 5432
+            && d["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("db-from-web-only"))),
+        "{refusals:?}"
+    );
+    ensure!(of("lost").count() == 0, "events were lost");
+    // The filtered stream has those three and nothing else.
+    ensure!(
+        denied.len() == 3
+            && denied.iter().all(|l| l.contains(" DENY ")
+                && l.contains("default/other")
+                && l.contains("default/db:5432")),
+        "weft tap --pod other --type deny printed: {denied:#?}"
+    );
+
+    // weft top, over the same traffic.
+    let top = top.join().map_err(|_| anyhow::anyhow!("top panicked"))??;
+    ensure!(top.status.success(), "weft top: {top:?}");
+    let rows: Vec<Value> = serde_json::from_slice(&top.stdout)?;
+    let row = |w: &str| rows.iter().find(|r| r["workload"] == w);
+    let web = row("default/web").with_context(|| format!("no web row: {rows:?}"))?;
+    let success = web["success_rate"].as_f64().unwrap_or(0.0);
+    ensure!(
+        (0.8..0.97).contains(&success),
+        "web success rate {success}: {web}"
+    );
+    ensure!(
+        web["requests_per_s"].as_f64().unwrap_or(0.0) >= 1200.0 / 30.0 * 0.99
+            && web["p99_ms"].as_f64() >= web["p50_ms"].as_f64()
+            && web["p50_ms"].as_f64().is_some_and(|p| p > 0.0),
+        "{web}"
+    );
+    ensure!(
+        web["connections"].as_u64().unwrap_or(0) >= 6
+            && web["bytes"].as_u64().unwrap_or(0) >= 6 * (8 << 20)
+            && web["fast_path_share"].as_f64().unwrap_or(0.0) > 0.9,
+        "web's connections: {web}"
+    );
+    let db = row("default/db").with_context(|| format!("no db row: {rows:?}"))?;
+    ensure!(db["denied"] == 3, "{db}");
+    // Nothing lost in the kernel either.
+    ensure!(
+        agent.metric(
+            "weft_datapath_events_total",
+            &[("event", "flow_event_lost")]
+        )? == 0.0,
+        "the kernel lost events"
+    );
+    Ok(())
+}

@@ -1,9 +1,10 @@
 //! Admin API over a Unix socket (for the CLI) and, optionally, TCP (for Prometheus):
-//! `/metrics`, `/ready`, `/config_dump`, `/flows`, `/status`.
+//! `/metrics`, `/ready`, `/config_dump`, `/flows`, `/status`, `/graph`, `/ui`, `/explain`, and
+//! the live event stream `/tap`.
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -11,6 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 
 pub mod graph;
 pub mod shared;
+pub mod tap;
 
 pub use shared::{EnrolRequest, Shared, SharedState};
 
@@ -62,6 +64,16 @@ pub async fn serve(shared: SharedState, config: &AgentConfig) -> std::io::Result
     }
     let _ = std::fs::remove_file(&config.admin_socket);
     let unix = UnixListener::bind(&config.admin_socket)?;
+    let hub = shared
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .tap
+        .clone();
+    tokio::spawn(tap::read_kernel(
+        config.bpffs_dir.clone(),
+        shared.clone(),
+        hub,
+    ));
     tracing::info!(socket = %config.admin_socket.display(), "admin API listening");
     let tcp = match config.metrics_addr {
         Some(addr) => {
@@ -92,19 +104,18 @@ pub async fn serve(shared: SharedState, config: &AgentConfig) -> std::io::Result
 trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+/// A whole answer, or the `/tap` stream.
+type AdminBody = Either<Full<Bytes>, tap::Stream>;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<AdminBody> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        .body(Either::Left(Full::new(body.into())))
+        .unwrap_or_else(|_| Response::new(Either::Left(Full::new(Bytes::new()))))
 }
 
-fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+fn json(value: &impl Serialize) -> Response<AdminBody> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
         Err(e) => respond(
@@ -117,7 +128,7 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
 
 /// `POST /cni/add` from the CNI plugin: the datapath thread enrols the pod and answers once it is
 /// in the kernel (or says why not yet).
-async fn cni_add(shared: &SharedState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn cni_add(shared: &SharedState, req: Request<Incoming>) -> Response<AdminBody> {
     use http_body_util::BodyExt as _;
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
@@ -162,9 +173,12 @@ async fn cni_add(shared: &SharedState, req: Request<Incoming>) -> Response<Full<
 async fn handle(
     shared: SharedState,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AdminBody>, Infallible> {
     if req.method() == Method::POST && req.uri().path() == "/cni/add" {
         return Ok(cni_add(&shared, req).await);
+    }
+    if req.method() == Method::GET && req.uri().path() == "/tap" {
+        return Ok(tap_stream(&shared, req.uri().query().unwrap_or_default()));
     }
     if req.method() != Method::GET {
         return Ok(respond(
@@ -233,17 +247,41 @@ async fn handle(
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /ui, /metrics, /ready, /config_dump, /flows, /graph, /status or /explain?src=…&dst=…\n",
+            "try /ui, /metrics, /ready, /config_dump, /flows, /graph, /status, /tap or /explain?src=…&dst=…\n",
         ),
     };
     Ok(resp)
+}
+
+/// `/tap?namespace=…&pod=…&service=…&verdict=…&status=…&type=…`: live events as JSON lines
+/// (see [`crate::tap`]).
+fn tap_stream(shared: &SharedState, query: &str) -> Response<AdminBody> {
+    let filter = match crate::tap::Filter::from_query(query) {
+        Ok(f) => f,
+        Err(why) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+    };
+    let (hub, sync_interval) = {
+        let s = shared
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (
+            s.tap.clone(),
+            s.config
+                .as_ref()
+                .map_or(std::time::Duration::from_millis(250), |c| c.sync_interval),
+        )
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Either::Right(tap::subscribe(&hub, filter, sync_interval)))
+        .unwrap_or_else(|_| respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", ""))
 }
 
 /// The service graph page: one file, no assets from elsewhere.
 const UI: &str = include_str!("ui.html");
 
 /// `/explain?src=namespace/pod&dst=destination`: what the mesh does with such a connection now.
-fn explain(s: &Shared, query: &str) -> Response<Full<Bytes>> {
+fn explain(s: &Shared, query: &str) -> Response<AdminBody> {
     let param = |name: &str| {
         form_urlencoded::parse(query.as_bytes())
             .find_map(|(k, v)| (k == name).then(|| v.into_owned()))

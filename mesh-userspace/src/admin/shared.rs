@@ -41,6 +41,9 @@ pub struct Shared {
     pub registry: Option<Arc<Registry>>,
     #[serde(skip)]
     pub engine: Option<Arc<Engine>>,
+    /// Live events (`/tap`): the kernel's and the engine's.
+    #[serde(skip)]
+    pub tap: Arc<crate::tap::Hub>,
 }
 
 pub type SharedState = Arc<RwLock<Shared>>;

@@ -31,6 +31,43 @@ pub struct NodeArgs {
     pub admin_socket: Option<PathBuf>,
 }
 
+/// Which live events to show (every option given must match).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TapFilterArgs {
+    /// Either end (or the service) is in this namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Either end is this pod (`namespace/name`, or `name`).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// To this service (`namespace/name`, or `name`).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only flows with this verdict (requests count as L7).
+    #[arg(long, value_parser = ["FAST", "L7", "PASS", "DENY", "AUDIT"], ignore_case = true)]
+    pub verdict: Option<String>,
+    /// Only requests answered with this status: a code (503) or a class (5xx).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only events of this type.
+    #[arg(long = "type", value_parser = ["open", "close", "deny", "shed", "request"])]
+    pub kind: Option<String>,
+}
+
+impl TapFilterArgs {
+    #[must_use]
+    pub fn filter(self) -> crate::tap::Filter {
+        crate::tap::Filter {
+            namespace: self.namespace,
+            pod: self.pod,
+            service: self.service,
+            verdict: self.verdict.map(|v| v.to_uppercase()),
+            status: self.status,
+            kind: self.kind,
+        }
+    }
+}
+
 /// How a command prints what it shows.
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Output {
@@ -94,6 +131,42 @@ pub enum Command {
         /// Only flows with this verdict.
         #[arg(long, value_parser = ["FAST", "DENY", "PASS", "L7"], ignore_case = true)]
         verdict: Option<String>,
+    },
+    /// Watch the node's traffic live: each connection opened (with the kernel's verdict and
+    /// why), closed (bytes each way, how many went socket to socket, how long), refused or moved
+    /// off the fast path, and each request the L7 engine answered. Like `hubble observe` and
+    /// `linkerd viz tap`; runs until Ctrl-C, `--count` or `--duration`.
+    Tap {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[command(flatten)]
+        filter: TapFilterArgs,
+        /// Text lines for people, or JSON lines (one event per line) for programs.
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// A live table per destination workload over the last seconds: requests/s, success rate,
+    /// p50/p99 latency, connections, bytes, fast-path share, refused connects (q quits). With
+    /// `--once`, `--output json` or stdout not a terminal: one table after the window.
+    Top {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[command(flatten)]
+        filter: TapFilterArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// The window the rates and percentiles cover, in seconds.
+        #[arg(long, default_value_t = 10)]
+        window: u64,
+        /// Print one table after the window and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Check objects in files (or directories, or `-` for stdin) offline, as the controller
     /// and the agent would judge them: the same verdicts and messages. Exit status 1 when an

@@ -6,6 +6,7 @@ pub mod args;
 pub mod check;
 pub mod jwt;
 pub mod run;
+pub mod tap;
 
 /// Writes a secret (a private key) readable by its owner only (mode 0600). Without
 /// `overwrite` an existing file is an error (`AlreadyExists`): a key is never replaced by
@@ -44,6 +45,8 @@ pub enum CliError {
     Datapath(#[from] crate::ebpf::EbpfError),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn fetch(socket: &Path, path: &str) -> Result<bytes::Bytes, CliError> {

@@ -10,6 +10,7 @@ use crate::{app, config::AgentConfig, control::controller::ControllerConfig};
 ///
 /// # Errors
 /// What the command reports.
+#[allow(clippy::too_many_lines, reason = "one arm per command")]
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => {
@@ -34,6 +35,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             super::flows(&node.socket(), output.json(), &filter)?;
         }
+        Command::Tap {
+            node,
+            filter,
+            output,
+            count,
+            duration,
+        } => super::tap::tap(
+            &node.socket(),
+            &filter.filter(),
+            output.json(),
+            count,
+            duration.map(std::time::Duration::from_secs),
+        )?,
+        Command::Top {
+            node,
+            filter,
+            output,
+            window,
+            once,
+        } => super::tap::top(
+            &node.socket(),
+            &filter.filter(),
+            std::time::Duration::from_secs(window.max(1)),
+            once,
+            output.json(),
+        )?,
         Command::Status { node, output } => super::status(&node.socket(), output.json())?,
         Command::Explain {
             node,

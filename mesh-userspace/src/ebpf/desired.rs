@@ -28,6 +28,8 @@ pub struct Facts {
     pub socket_redirect_exact: bool,
     /// Ask sockets to leave the fast path (host TCP memory high).
     pub shed: bool,
+    /// Someone watches live events: the programs write them.
+    pub events: bool,
 }
 
 /// The maps for `node`. `cgroup_ids` lists the cgroups of a local meshed pod (its own and its
@@ -44,6 +46,7 @@ pub fn desired(
         engine: facts.engine,
         local_net,
         shed: facts.shed,
+        events: facts.events,
         ..Desired::default()
     };
     let maps = &mut want.maps;
@@ -217,6 +220,7 @@ spec:
             tunnel: true,
             socket_redirect_exact: true,
             shed: false,
+            events: false,
         };
         let want = desired(&node, facts, |w| {
             if w.name == "web" { vec![7, 8] } else { vec![] }

@@ -256,6 +256,8 @@ pub fn migrate(
         || old_layout.flags != new_layout.flags
         || old_layout.value_size > new_layout.value_size
         || old_layout.holds_sockets()
+        // A ring buffer holds no entries to copy (events in flight are lost with it).
+        || old_layout.map_type == MapType::RingBuf
     {
         return Ok(None);
     }

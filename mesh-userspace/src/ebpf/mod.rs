@@ -21,6 +21,7 @@
 //! touching the kernel's attachments; an agent of another build upgrades them in place
 //! ([`generation`]). Either way established connections never notice the agent was gone.
 pub mod desired;
+pub mod events;
 pub mod generation;
 mod raw;
 pub mod selftest;
@@ -160,11 +161,12 @@ impl Datapath {
     /// Adopts the pinned datapath in `dir` if this build wrote it, upgrades it in place if
     /// another build did (or the map sizes differ), otherwise installs it on `cgroup`.
     pub fn open(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<Self> {
+        // Maps are not part of it: a map this build adds (or one removed by hand) is created
+        // by the in-place upgrade below, which keeps every connection.
         let complete = CGROUP_LINKS
             .iter()
             .map(|l| dir.join("links").join(l))
             .chain(program_names::ALL.iter().map(|p| dir.join("progs").join(p)))
-            .chain(map_names::ALL.iter().map(|m| dir.join("maps").join(m)))
             .all(|p| p.exists());
         if !complete {
             // A partial state (crash during install, or pins removed by hand) is rebuilt whole,

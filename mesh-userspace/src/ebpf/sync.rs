@@ -24,6 +24,8 @@ pub struct Desired {
     pub local_net: Option<(std::net::Ipv4Addr, u8)>,
     /// Ask sockets to leave the fast path (host TCP memory high).
     pub shed: bool,
+    /// Someone watches live events: the programs write them ([`config_flags::EVENTS`]).
+    pub events: bool,
 }
 
 /// The contents of the agent-owned hash maps: what the agent wants, and (as the datapath's
@@ -157,7 +159,8 @@ impl Datapath {
                 config_flags::FAST_PATH
             } else {
                 0
-            } | if want.shed { config_flags::SHED } else { 0 },
+            } | if want.shed { config_flags::SHED } else { 0 }
+                | if want.events { config_flags::EVENTS } else { 0 },
             fast_path_killed: cfg.fast_path_killed, // operator-owned: preserved
             default_verdict: verdict::FAST,
             _pad0: 0,

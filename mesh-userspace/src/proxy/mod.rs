@@ -108,6 +108,8 @@ pub struct Engine {
     pub limit: Arc<admission::ConnectionLimit>,
     /// `Some(deadline)` once the engine drains (the agent is stopping): see [`Engine::drain`].
     draining: watch::Sender<Option<tokio::time::Instant>>,
+    /// Live events: each answered request, while someone watches (`weft tap`).
+    pub tap: Arc<crate::tap::Hub>,
 }
 
 impl Engine {
@@ -129,6 +131,7 @@ impl Engine {
             tunnel: None,
             limit: admission::ConnectionLimit::unlimited(),
             draining: watch::channel(None).0,
+            tap: Arc::default(),
         }
     }
 

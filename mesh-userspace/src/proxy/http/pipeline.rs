@@ -205,6 +205,38 @@ pub(super) async fn handle(
             error: status >= 500,
         });
     }
+    if ctx.engine.tap.watching() {
+        let answered = resp
+            .extensions()
+            .get::<super::forward::Endpoint>()
+            .map(|e| e.0);
+        ctx.engine.tap.publish(crate::tap::Event {
+            time_ms: crate::tap::now_ms(),
+            src: crate::tap::Endpoint {
+                workload: Some(format!("{}/{}", ctx.src.0, ctx.src.1)),
+                ip: Some(*ctx.client.ip()),
+                port: ctx.client.port(),
+            },
+            dst: crate::tap::Endpoint {
+                workload: answered
+                    .and_then(|ip| snapshot.mesh.by_ip(ip))
+                    .map(|d| d.key.clone()),
+                ip: answered,
+                port: 0,
+            },
+            service: Some(format!(
+                "{}/{}:{}",
+                target.service.namespace, target.service.name, target.port
+            )),
+            what: crate::tap::What::Request {
+                method: method.to_string(),
+                path: path.clone(),
+                route: route_name.clone(),
+                status,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+            },
+        });
+    }
     if target
         .policy
         .as_ref()
