@@ -6,7 +6,10 @@
 //!   expression that does not parse fails here);
 //! - the service graph page (`/ui`), loaded in a real headless browser (Debian's `chromium`):
 //!   its DOM must show the workloads, the service, the edges with their paths and numbers, and
-//!   the policy behind a denied edge; a screenshot is saved as an artifact.
+//!   the policy behind a denied edge; a screenshot is saved as an artifact;
+//! - `weft tap` and `weft top`: the live events of that traffic (every request, each
+//!   connection's exact bytes, the refusals), a filtered stream, the per-workload table; and
+//!   `weft ui`, the page forwarded to this host's loopback.
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -513,12 +516,13 @@ fn the_service_graph_page_shows_the_traffic_in_a_real_browser() -> Result<()> {
 /// A `weft` command streaming from the scene's agent, its stdout collected by a thread.
 struct Streaming {
     child: std::process::Child,
-    out: std::thread::JoinHandle<Vec<String>>,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::process::ChildStderr,
 }
 
 impl Streaming {
-    /// Starts `weft <args> --admin-socket …` and waits until it says it is watching.
-    fn start(agent: &Agent, args: &[&str]) -> Result<Self> {
+    /// Starts `weft <args> --admin-socket …`; its stdout lines arrive as they are printed.
+    fn spawn(agent: &Agent, args: &[&str]) -> Result<Self> {
         use std::io::BufRead as _;
         let mut child = std::process::Command::new(testbed::weft_bin())
             .args(args)
@@ -529,25 +533,47 @@ impl Streaming {
             .spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
         let stderr = child.stderr.take().context("stderr")?;
-        let out = std::thread::spawn(move || {
-            std::io::BufReader::new(stdout)
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
                 .lines()
                 .map_while(Result::ok)
-                .collect()
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
         });
+        Ok(Self {
+            child,
+            lines,
+            stderr,
+        })
+    }
+
+    /// Starts `weft <args> --admin-socket …` and waits until it says it is watching.
+    fn start(agent: &Agent, args: &[&str]) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut s = Self::spawn(agent, args)?;
         let mut first = String::new();
-        std::io::BufReader::new(stderr).read_line(&mut first)?;
+        std::io::BufReader::new(&mut s.stderr).read_line(&mut first)?;
         ensure!(first.contains("watching"), "weft {args:?} said: {first:?}");
-        Ok(Self { child, out })
+        Ok(s)
+    }
+
+    /// Its first line on stdout, within 10 s.
+    fn first_line(&self) -> Result<String> {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .context("nothing printed within 10 s")
     }
 
     /// Stops it (it runs until stopped) and returns what it printed.
     fn stop(mut self) -> Result<Vec<String>> {
         self.child.kill()?;
         self.child.wait()?;
-        self.out
-            .join()
-            .map_err(|_| anyhow::anyhow!("reader panicked"))
+        // The reader thread ends with the pipe: everything printed is in the channel.
+        Ok(self.lines.iter().collect())
     }
 }
 
@@ -709,5 +735,33 @@ fn weft_tap_and_top_show_the_traffic_live() -> Result<()> {
         )? == 0.0,
         "the kernel lost events"
     );
+
+    // `weft ui`: the same agent's page and graph on this host's loopback.
+    let ui = Streaming::spawn(agent, &["ui", "--listen", "127.0.0.1:0"])?;
+    let url = ui.first_line()?;
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/ui"))
+        .with_context(|| format!("weft ui printed {url:?}"))?
+        .to_owned();
+    let fetch = |path: &str| -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        ensure!(text.starts_with("HTTP/1.1 200"), "{path}: {text:.200}");
+        Ok(text)
+    };
+    ensure!(fetch("/ui")?.contains("<html"), "/ui is not the page");
+    let graph = fetch("/graph")?;
+    ensure!(
+        graph.contains("default/web") && graph.contains("default/db"),
+        "/graph through weft ui: {graph:.400}"
+    );
+    ui.stop()?;
     Ok(())
 }

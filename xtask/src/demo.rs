@@ -112,7 +112,7 @@ spec:
     clippy::too_many_lines,
     reason = "the demo is one linear, narrated script"
 )]
-pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
+pub fn run(weft: &Path, workload: &Path, secs: u64, screenshot: Option<&Path>) -> Result<()> {
     testbed::use_binaries(weft, workload)?;
     step!("demo: a service mesh on one Linux box");
     explain(
@@ -332,6 +332,9 @@ pub fn run(weft: &Path, workload: &Path, secs: u64) -> Result<()> {
     step!("status (`weft status`)");
     print!("{}", cli(weft, &agent, &["status"])?);
 
+    live_events(weft, &agent, &frontend, &intruder)?;
+    service_graph(weft, &agent, &node.run_dir(), screenshot)?;
+
     step!("cleaning up: uninstalling the datapath and removing the nodes");
     remote_agent.uninstall(&remote)?;
     agent.uninstall(&node)?;
@@ -515,6 +518,154 @@ fn jwt(weft: &Path, agent: &Agent, frontend: &testbed::Pod) -> Result<()> {
          audience, expiry); a 503 is the flaky v2 once its retries ran out. Refusals are counted\n\
          (weft_l7_authz_denials_total, weft_l7_authn_failures_total) and listed by `weft flows`.",
     );
+    Ok(())
+}
+
+/// `weft <args> --admin-socket …` started in the background, its output read by threads.
+struct Background {
+    child: std::process::Child,
+    stdout: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Background {
+    fn start(weft: &Path, agent: &Agent, args: &[&str]) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(weft)
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&agent.socket)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running weft")?;
+        let lines = |from: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+            rx
+        };
+        let stdout = lines(Box::new(child.stdout.take().context("stdout")?));
+        let stderr = lines(Box::new(child.stderr.take().context("stderr")?));
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Its next line on `stream`, within 10 s.
+    fn line(stream: &std::sync::mpsc::Receiver<String>, what: &str) -> Result<String> {
+        stream
+            .recv_timeout(Duration::from_secs(10))
+            .with_context(|| format!("no {what} from weft within 10 s"))
+    }
+
+    /// Stops it (by its pid: this demo started it).
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `weft tap` while the pods make a little traffic: each connection and request as it happens.
+fn live_events(
+    weft: &Path,
+    agent: &Agent,
+    frontend: &testbed::Pod,
+    intruder: &testbed::Pod,
+) -> Result<()> {
+    step!("live events (`weft tap`): the kernel's connections and the engine's requests");
+    let tap = Background::start(weft, agent, &["tap", "--duration", "20"])?;
+    let watching = Background::line(&tap.stderr, "\"watching\"")?;
+    ensure!(watching.contains("watching"), "weft tap said: {watching}");
+    let catalog: SocketAddr = "198.19.0.10:80".parse()?;
+    let payments: SocketAddr = "198.19.0.20:80".parse()?;
+    ensure!(
+        frontend.transfer(catalog, 256 * 1024, 1)?.all_ok(),
+        "frontend → catalog"
+    );
+    let refused = intruder.try_connect(payments, Duration::from_secs(2))?;
+    ensure!(!refused.ok, "intruder → payments was not refused");
+    let mut get = HttpGetArgs::new("http://198.19.0.30/reviews".parse()?);
+    get.count = 3;
+    frontend.http_get(&get)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let lines: Vec<String> = tap.stdout.try_iter().collect();
+    tap.stop();
+    for l in &lines {
+        println!("    {l}");
+    }
+    ensure!(!lines.is_empty(), "weft tap showed nothing");
+    explain(
+        "OPEN/CLOSE come from the kernel's programs (one event per connection, through a ring buffer\n\
+         the agent reads only while someone watches); REQUEST from the L7 engine. Filters:\n\
+         --namespace, --pod, --service, --verdict, --status 5xx, --type; -o json for programs.\n\
+         `weft top` shows the same events as a live table per workload.",
+    );
+    Ok(())
+}
+
+/// `weft ui`: the agent's page on this host's loopback; with `--screenshot`, a picture of it.
+fn service_graph(
+    weft: &Path,
+    agent: &Agent,
+    run_dir: &Path,
+    screenshot: Option<&Path>,
+) -> Result<()> {
+    use std::io::IsTerminal as _;
+    step!("the service graph page (`weft ui`)");
+    let ui = Background::start(weft, agent, &["ui", "--listen", "127.0.0.1:0"])?;
+    let url = Background::line(&ui.stdout, "address")?;
+    ensure!(url.starts_with("http://127.0.0.1:"), "weft ui said: {url}");
+    println!("    the page: {url}  (served by `weft ui`, forwarded to the agent's admin socket)");
+    if let Some(file) = screenshot {
+        let file = std::path::absolute(file)?;
+        // Inside the run's own directory: the testbed removes it, also after a crash.
+        let profile = run_dir.join("chromium-profile");
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--window-size=1400,900",
+                "--virtual-time-budget=4000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("--screenshot={}", file.display()))
+            .arg(&url)
+            .output()
+            .context("running chromium (`cargo xtask setup` installs it)");
+        let _ = std::fs::remove_dir_all(&profile);
+        let out = out?;
+        ensure!(
+            out.status.success() && file.exists(),
+            "chromium could not take the screenshot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("    screenshot saved to {}", file.display());
+    }
+    if std::io::stdin().is_terminal() {
+        println!(
+            "    open it in a browser on this machine; press Enter to clean up and end the demo"
+        );
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    } else {
+        explain(
+            "Run the demo from a terminal to keep the mesh up while you look at the page; or, with\n\
+             an agent running, `weft ui --node <node>` serves it on http://127.0.0.1:15500/ui.",
+        );
+    }
+    ui.stop();
     Ok(())
 }
 

@@ -59,6 +59,9 @@ enum Cmd {
         /// How long the demo traffic runs.
         #[arg(long, default_value_t = 5)]
         secs: u64,
+        /// Save a picture of the service graph page (headless Chromium) to this file.
+        #[arg(long)]
+        screenshot: Option<std::path::PathBuf>,
     },
     /// Regenerate the manifests under deploy/ from the Rust types (the CRDs).
     Manifests,
@@ -409,10 +412,10 @@ fn main() -> Result<()> {
             build(release).map(drop)
         }
         Cmd::Test { args } => test(&args),
-        Cmd::Demo { secs } => {
+        Cmd::Demo { secs, screenshot } => {
             ensure_setup()?;
             let bins = build(true)?;
-            demo::run(&bins.0, &bins.1, secs)
+            demo::run(&bins.0, &bins.1, secs, screenshot.as_deref())
         }
         Cmd::Bench {
             which:

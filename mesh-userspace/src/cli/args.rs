@@ -168,6 +168,17 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Open the agent's web page (the service graph, its flows and policies) on this host:
+    /// serves it on a local TCP address, forwarded to the agent's admin socket, until Ctrl-C.
+    /// The first line printed is the page's address.
+    Ui {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Where to listen (port 0: any free port). A non-loopback address shows the node's
+        /// traffic to whoever reaches it.
+        #[arg(long, default_value = "127.0.0.1:15500")]
+        listen: std::net::SocketAddr,
+    },
     /// Check objects in files (or directories, or `-` for stdin) offline, as the controller
     /// and the agent would judge them: the same verdicts and messages. Exit status 1 when an
     /// object would not be accepted or a document is not understood.

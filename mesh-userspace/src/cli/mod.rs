@@ -7,6 +7,7 @@ pub mod check;
 pub mod jwt;
 pub mod run;
 pub mod tap;
+pub mod ui;
 
 /// Writes a secret (a private key) readable by its owner only (mode 0600). Without
 /// `overwrite` an existing file is an error (`AlreadyExists`): a key is never replaced by

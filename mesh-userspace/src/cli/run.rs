@@ -61,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             once,
             output.json(),
         )?,
+        Command::Ui { node, listen } => super::ui::ui(&node.socket(), listen)?,
         Command::Status { node, output } => super::status(&node.socket(), output.json())?,
         Command::Explain {
             node,
