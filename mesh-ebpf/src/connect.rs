@@ -17,6 +17,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::{debug, info};
 use mesh_common::{
     Backend, BackendKey, CONFIG_INDEX, ConnectInfo, DenyKey, DenyValue,
     ENGINE_HEARTBEAT_MAX_AGE_NS, PolicyKey, ServiceKey, SockKey, endpoint_flags, global_counter,
@@ -191,12 +192,12 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
     }
 
     if info.verdict == verdict::DENY {
-        record_deny(&info, dst_ip_be, dst_port_be, info.reason);
+        record_deny(ctx, &info, dst_ip_be, dst_port_be, info.reason);
         return Ok(REFUSE);
     }
     if info.verdict == verdict::AUDIT {
         // A dry-run policy would deny this: recorded like a denial, then allowed.
-        record_deny(&info, dst_ip_be, dst_port_be, reason::DRY_RUN);
+        record_deny(ctx, &info, dst_ip_be, dst_port_be, reason::DRY_RUN);
         stats::bump(global_counter::DRY_RUN_WOULD_DENY);
         info.verdict = verdict::FAST;
     }
@@ -215,19 +216,30 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, ()> {
             // Fail closed: the service's L7 authorization is not skipped while the engine is down.
             info.verdict = verdict::DENY;
             info.reason = reason::ENGINE_DOWN;
-            record_deny(&info, dst_ip_be, dst_port_be, reason::ENGINE_DOWN);
+            record_deny(ctx, &info, dst_ip_be, dst_port_be, reason::ENGINE_DOWN);
             return Ok(REFUSE);
         } else if remote && dst_flags & endpoint_flags::STRICT != 0 {
             // Fail closed: a meshed flow never leaves the node in plaintext towards a STRICT pod.
             info.verdict = verdict::DENY;
             info.reason = reason::TUNNEL_DOWN;
-            record_deny(&info, dst_ip_be, dst_port_be, reason::TUNNEL_DOWN);
+            record_deny(ctx, &info, dst_ip_be, dst_port_be, reason::TUNNEL_DOWN);
             return Ok(REFUSE);
         }
     }
     // SAFETY: the context is a valid sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = WEFT_CONNECTS.insert(&cookie, &info, 0);
+    debug!(
+        ctx,
+        "connect: workload {} to {:i}:{} (service {}): verdict {}, reason {}, rule {}",
+        info.src_workload,
+        u32::from_be(dst_ip_be),
+        u16::from_be(dst_port_be),
+        info.service_id,
+        info.verdict,
+        info.reason,
+        info.rule_id
+    );
     Ok(ALLOW)
 }
 
@@ -344,7 +356,22 @@ fn decide(info: &mut ConnectInfo, dst_port_be: u16) {
 /// Records a refused attempt (or, with reason `DRY_RUN`, one a dry-run policy would refuse:
 /// listed, but not counted as denied).
 #[inline(always)]
-fn record_deny(info: &ConnectInfo, dst_ip_be: u32, dst_port_be: u16, why: u8) {
+fn record_deny(
+    ctx: &SockAddrContext,
+    info: &ConnectInfo,
+    dst_ip_be: u32,
+    dst_port_be: u16,
+    why: u8,
+) {
+    info!(
+        ctx,
+        "connect refused: workload {} to {:i}:{}, reason {}, rule {}",
+        info.src_workload,
+        u32::from_be(dst_ip_be),
+        u16::from_be(dst_port_be),
+        why,
+        info.rule_id
+    );
     if why != reason::DRY_RUN {
         stats::pair(info.src_workload, info.dst_workload, |s| {
             s.conns_denied += 1

@@ -18,6 +18,7 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
+use aya_log_ebpf::{info, warn};
 use mesh_common::{FlowEntry, SockKey, event_kind, fast_state, global_counter, role, verdict};
 
 use crate::{
@@ -46,7 +47,16 @@ fn engine_asked_to_shed(key: &SockKey) -> bool {
 
 /// A socket left the fast path for good; `why` is the global counter that counted it.
 #[inline(always)]
-fn shed_event(key: &SockKey, flow: &FlowEntry, why: usize) {
+fn shed_event(ctx: &SkMsgContext, key: &SockKey, flow: &FlowEntry, why: usize) {
+    info!(
+        ctx,
+        "{:i}:{} to {:i}:{} leaves the fast path (counter {})",
+        u32::from_be(key.local_ip_be),
+        key.local_port_host,
+        u32::from_be(key.remote_ip_be),
+        key.remote_port_host,
+        why
+    );
     if events::watching() {
         let mut event = events::of_flow(event_kind::SHED, key, flow, 0);
         event.reason = why as u8;
@@ -87,11 +97,11 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     } else if shedding() {
         flow.fast = fast_state::SLOW;
         stats::bump(global_counter::BACKPRESSURE);
-        shed_event(&key, flow, global_counter::BACKPRESSURE);
+        shed_event(ctx, &key, flow, global_counter::BACKPRESSURE);
     } else if flow.verdict == verdict::L7 && engine_asked_to_shed(&key) {
         flow.fast = fast_state::SLOW;
         stats::bump(global_counter::FLOW_SHED);
-        shed_event(&key, flow, global_counter::FLOW_SHED);
+        shed_event(ctx, &key, flow, global_counter::FLOW_SHED);
     } else {
         let mut peer = key.peer();
         if WEFT_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
@@ -106,6 +116,12 @@ fn try_sk_msg(ctx: &SkMsgContext) {
         } else {
             if flow.fast == fast_state::FAST {
                 stats::bump(global_counter::REDIRECT_FAILED);
+                warn!(
+                    ctx,
+                    "redirect from {:i}:{} failed (peer gone): the normal stack takes over",
+                    u32::from_be(key.local_ip_be),
+                    key.local_port_host
+                );
             } else {
                 stats::bump(global_counter::MSG_SLOW_NO_PEER);
             }

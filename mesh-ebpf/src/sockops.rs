@@ -15,6 +15,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
+use aya_log_ebpf::{debug, warn};
 use mesh_common::{
     ClientAddr, ENGINE_WORKLOAD, FlowEntry, SockKey, ZERO_FLOW, endpoint_flags, event_kind,
     fast_state, fin_flags, flow_state, global_counter, reason, role, verdict,
@@ -197,7 +198,24 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
             .is_err()
         {
             stats::bump(global_counter::SOCKHASH_FULL);
+            warn!(
+                ctx,
+                "sockhash refused {:i}:{}: the socket stays on the normal stack",
+                u32::from_be(key.local_ip_be),
+                key.local_port_host
+            );
+            return Ok(());
         }
+        debug!(
+            ctx,
+            "established {:i}:{} to {:i}:{}: role {}, verdict {}: joins the socket fast path",
+            u32::from_be(key.local_ip_be),
+            key.local_port_host,
+            u32::from_be(key.remote_ip_be),
+            key.remote_port_host,
+            my_role,
+            flow_verdict
+        );
     }
     Ok(())
 }

@@ -76,6 +76,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         &config.bpffs_dir,
         &config.cgroup_path,
         config.sockhash_capacity,
+        config.ebpf_log,
     )?;
     let socket_test = socket_self_test(&config.bpffs_dir);
     let mut registry = Registry::default();
@@ -94,7 +95,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         config: Some(config.clone()),
         startup: Some(datapath.startup),
         socket_self_test: Some(socket_test.clone()),
-        datapath_generation: Some(ebpf::generation::describe(&ebpf::generation::fingerprint())),
+        datapath_generation: Some(datapath.generation()),
         metrics,
         registry: Some(Arc::new(registry)),
         engine: engine.clone(),
@@ -111,9 +112,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
     if let Some(cni) = &config.cni
         && let Err(e) = cni.install_binary()
     {
-        {
-            tracing::error!(error = %e, "cannot install the CNI plugin; pods are enrolled by the sync pass only");
-        }
+        tracing::error!(error = %e, "cannot install the CNI plugin; pods are enrolled by the sync pass only");
     }
     let uninstalling = match &source {
         Source::Kube(k) => Some(k.uninstalling()),
@@ -147,6 +146,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         .build()
         .map_err(AgentError::Runtime)?;
     let result = rt.block_on(async {
+        ebpf::logs::spawn(config.bpffs_dir.clone(), config.ebpf_log);
         let server = crate::admin::serve(shared.clone(), config);
         tokio::select! {
             r = server => r.map_err(AgentError::Admin),

@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Overrides the sockhash capacity (tests shrink it to exercise the map-full fallback).
     pub sockhash_capacity: Option<u32>,
+    /// How much the eBPF programs log (fixed at load; see `ebpf::LogLevel`).
+    #[serde(default)]
+    pub ebpf_log: crate::ebpf::LogLevel,
     /// Connections the engine and the tunnel hold at once (before the file descriptor limit
     /// lowers it: see `proxy::admission`).
     pub max_connections: usize,

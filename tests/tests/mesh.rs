@@ -1327,3 +1327,93 @@ fn pods_use_the_socket_fast_path_only_where_the_kernel_self_test_allows() -> Res
     }
     Ok(())
 }
+
+/// `--ebpf-log`: off by default (the programs are loaded without their log statements, so the
+/// agent's log has none), `debug` forwards each connect verdict, refusal and fast-path join into
+/// the agent's log; switching the level upgrades the programs in place under live connections.
+#[test]
+fn ebpf_log_forwards_the_programs_decisions_and_off_has_none() -> Result<()> {
+    let mut m = Mesh::new("ebpf-log", &[])?;
+    let server = m.pod("b").serve(ServeMode::Echo, 7000)?;
+    m.agent.apply(
+        "policy.yaml",
+        r"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: b-from-a-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: b}}
+  rules: [{from: [{source: {serviceAccounts: [a]}}]}]
+",
+    )?;
+    let traffic = |m: &Mesh| -> Result<()> {
+        eventually(Duration::from_secs(5), || {
+            let r = m
+                .pod("c")
+                .try_connect(server.addr(), Duration::from_secs(2))?;
+            ensure!(r.errno == Some(libc::EPERM), "c→b must be refused: {r:?}");
+            Ok(())
+        })?;
+        let t = m.pod("a").transfer(server.addr(), MIB, 2)?;
+        ensure!(t.all_ok(), "a→b: {t:?}");
+        Ok(())
+    };
+    traffic(&m)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let log = m.agent.stderr();
+    ensure!(
+        !log.contains("weft::kernel"),
+        "--ebpf-log off, yet program logs: {log}"
+    );
+
+    // Held connections across the switch to debug: the programs are replaced, none breaks.
+    let hold = m.pod("a").hold(
+        server.addr(),
+        20,
+        Duration::from_millis(50),
+        Duration::from_mins(2),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let node = &m.node;
+    m.agent.restart_with(node, &["--ebpf-log", "debug"])?;
+    let status = m.agent.status()?;
+    ensure!(
+        status["startup"] == "upgraded"
+            && status["datapath_generation"]
+                .as_str()
+                .is_some_and(|g| g.ends_with("-log4")),
+        "another log level is another generation, upgraded in place: {status}"
+    );
+    traffic(&m)?;
+    let b = m.pod("b").ip();
+    let c_refused = format!("to {b}:7000, reason");
+    eventually(Duration::from_secs(5), || {
+        let log = m.agent.stderr();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("weft::kernel")).collect();
+        ensure!(
+            lines
+                .iter()
+                .any(|l| l.contains("connect refused") && l.contains(&c_refused)),
+            "no refusal logged: {lines:#?}"
+        );
+        ensure!(
+            lines.iter().any(|l| l.contains("connect: workload")
+                && l.contains(&format!("to {b}:7000"))
+                && l.contains("verdict 1")),
+            "no FAST connect verdict logged: {lines:#?}"
+        );
+        ensure!(
+            lines
+                .iter()
+                .any(|l| l.contains("joins the socket fast path")),
+            "no fast-path join logged: {lines:#?}"
+        );
+        Ok(())
+    })?;
+    let report = hold.finish()?;
+    ensure!(
+        report.broken == 0 && report.rounds > 0,
+        "held connections across the switch: {report:?}"
+    );
+    Ok(())
+}

@@ -58,6 +58,15 @@ struct Report {
     ratio_stream: f64,
     /// Evidence that the mesh runs used the fast path: bytes redirected in the kernel.
     mesh_fast_path_bytes: f64,
+    /// A third node whose agent runs with `--ebpf-log debug` (every program log statement
+    /// loaded), against the mesh node with logs off: what the logs cost on the fast path.
+    log_debug_rr_p50_us: f64,
+    log_debug_rr_p99_us: f64,
+    log_debug_stream_gbps: f64,
+    /// log debug ÷ log off (1.0: no difference).
+    ratio_log_debug_rr_p50: f64,
+    ratio_log_debug_rr_p99: f64,
+    ratio_log_debug_stream: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -115,24 +124,37 @@ pub fn l4(
     let tb = Testbed::new("bench-l4")?;
     let base_node = tb.node("base")?;
     let mesh_node = tb.node("mesh")?;
+    let log_node = tb.node("meshlog")?;
     let (bc, bs) = (base_node.pod("client")?, base_node.pod("server")?);
-    let (mc, ms) = (mesh_node.pod("client")?, mesh_node.pod("server")?);
-    let agent = Agent::start(&mesh_node, &Agent::PRODUCTION_INTERVALS)?;
-    agent.enable_socket_fast_path()?;
-    agent.apply(
-        "pods.yaml",
-        &[
-            mc.manifest(&[("app", "client")], "client"),
-            ms.manifest(&[("app", "server")], "server"),
-        ]
-        .join("\n---\n"),
-    )?;
-    agent.wait_workloads(2)?;
+    let meshed = |node: &testbed::Node, extra: &[&str]| -> Result<(Agent, Pod, Pod)> {
+        let (c, s) = (node.pod("client")?, node.pod("server")?);
+        let args: Vec<&str> = Agent::PRODUCTION_INTERVALS
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .collect();
+        let agent = Agent::start(node, &args)?;
+        agent.enable_socket_fast_path()?;
+        agent.apply(
+            "pods.yaml",
+            &[
+                c.manifest(&[("app", "client")], "client"),
+                s.manifest(&[("app", "server")], "server"),
+            ]
+            .join("\n---\n"),
+        )?;
+        agent.wait_workloads(2)?;
+        Ok((agent, c, s))
+    };
+    let (agent, mc, ms) = meshed(&mesh_node, &[])?;
+    let (log_agent, lc, ls) = meshed(&log_node, &["--ebpf-log", "debug"])?;
     let base = side(bc, &bs)?;
     let mesh = side(mc, &ms)?;
+    let logged = side(lc, &ls)?;
 
-    let mut samples: [Vec<Rr>; 4] = Default::default(); // base 1B, mesh 1B, base 1K, mesh 1K
-    let mut gbps: [Vec<f64>; 2] = Default::default();
+    // base 1B, mesh 1B, base 1K, mesh 1K, log debug 1B
+    let mut samples: [Vec<Rr>; 5] = Default::default();
+    let mut gbps: [Vec<f64>; 3] = Default::default();
     let mut rounds = crate::progress::Steps::new("round", repeats);
     for _ in 1..=repeats {
         rounds.advance(&format!(
@@ -143,6 +165,8 @@ pub fn l4(
             samples[2 + i].push(round_trip(s, 1024, secs)?);
             gbps[i].push(stream(s, secs)?);
         }
+        samples[4].push(round_trip(&logged, 1, secs)?);
+        gbps[2].push(stream(&logged, secs)?);
     }
     rounds.finish();
     let pick = |i: usize, f: fn(&Rr) -> f64| median(samples[i].iter().map(f).collect());
@@ -171,6 +195,12 @@ pub fn l4(
         ratio_rr_1k_p99: 0.0,
         ratio_stream: 0.0,
         mesh_fast_path_bytes: fast,
+        log_debug_rr_p50_us: pick(4, |r| r.p50_us),
+        log_debug_rr_p99_us: pick(4, |r| r.p99_us),
+        log_debug_stream_gbps: median(gbps[2].clone()),
+        ratio_log_debug_rr_p50: 0.0,
+        ratio_log_debug_rr_p99: 0.0,
+        ratio_log_debug_stream: 0.0,
     };
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let r = Report {
@@ -179,6 +209,9 @@ pub fn l4(
         ratio_rr_1k_p50: ratio(r.mesh_rr_1k_p50_us, r.baseline_rr_1k_p50_us),
         ratio_rr_1k_p99: ratio(r.mesh_rr_1k_p99_us, r.baseline_rr_1k_p99_us),
         ratio_stream: ratio(r.mesh_stream_gbps, r.baseline_stream_gbps),
+        ratio_log_debug_rr_p50: ratio(r.log_debug_rr_p50_us, r.mesh_rr_p50_us),
+        ratio_log_debug_rr_p99: ratio(r.log_debug_rr_p99_us, r.mesh_rr_p99_us),
+        ratio_log_debug_stream: ratio(r.log_debug_stream_gbps, r.mesh_stream_gbps),
         ..r
     };
 
@@ -236,13 +269,38 @@ pub fn l4(
         "≥ 1.2",
     );
     println!("fast-path bytes in the mesh runs: {fast:.0}");
+    println!();
+    println!(
+        "{:<26} {:>12} {:>12} {:>9}",
+        "the programs' logs", "--ebpf-log off", "debug", "ratio"
+    );
+    row(
+        "rr 1 B p50 (µs)",
+        r.mesh_rr_p50_us,
+        r.log_debug_rr_p50_us,
+        "",
+    );
+    row(
+        "rr 1 B p99 (µs)",
+        r.mesh_rr_p99_us,
+        r.log_debug_rr_p99_us,
+        "",
+    );
+    row(
+        "stream (Gbit/s)",
+        r.mesh_stream_gbps,
+        r.log_debug_stream_gbps,
+        "",
+    );
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&r)?)?;
         step!("wrote {}", path.display());
     }
-    drop((base, mesh, bs, ms));
+    drop((base, mesh, logged, bs, ms, ls));
     let mut agent = agent;
     agent.uninstall(&mesh_node)?;
+    let mut log_agent = log_agent;
+    log_agent.uninstall(&log_node)?;
     let left = tb.teardown()?;
     ensure!(
         left.is_empty(),

@@ -349,6 +349,13 @@ pub struct AgentArgs {
     /// Override the fast-path socket map capacity.
     #[arg(long)]
     sockhash_capacity: Option<u32>,
+    /// The eBPF programs' own decision logs (aya-log), forwarded into the agent's log under
+    /// the target `weft::kernel`: off, error, warn, info (refused connects, sheds), debug (every
+    /// connect verdict and fast-path join) or trace. Fixed when the programs are loaded: the
+    /// verifier drops the statements of disabled levels, so off costs nothing; changing it
+    /// upgrades the pinned programs in place (no connection notices).
+    #[arg(long, default_value = "off")]
+    ebpf_log: crate::ebpf::LogLevel,
     /// Connections the L7 engine and the tunnel hold at once (clients' connections, tunnel
     /// connections and streams); past it new ones are reset and counted. Lowered to what the
     /// agent's file descriptor limit allows (two per connection, 512 kept for the agent).
@@ -507,6 +514,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             stats_interval_ms,
             drain_timeout_secs,
             sockhash_capacity,
+            ebpf_log,
             max_connections,
             max_connections_per_source,
             recent_flows,
@@ -568,6 +576,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             stats_interval: Duration::from_millis(stats_interval_ms.max(10)),
             drain_timeout: Duration::from_secs(drain_timeout_secs),
             sockhash_capacity,
+            ebpf_log,
             max_connections,
             max_connections_per_source,
             recent_flows,

@@ -35,15 +35,17 @@ pub const GENERATION_PIN: &str = "generation";
 /// Where replaced maps wait, below a node's bpffs directory.
 pub const RETIRED_DIR: &str = "retired";
 
-/// The value of the generation record: the ABI version (little endian), 4 bytes of padding,
-/// the SHA-256 of the eBPF object.
+/// The value of the generation record: the ABI version (little endian), the programs' log
+/// level (fixed at load, so part of what was loaded), 3 bytes of padding, the SHA-256 of the
+/// eBPF object.
 pub type Fingerprint = [u8; 40];
 
-/// This build's fingerprint.
+/// This build's fingerprint, its programs loaded with `log`.
 #[must_use]
-pub fn fingerprint() -> Fingerprint {
+pub fn fingerprint(log: super::LogLevel) -> Fingerprint {
     let mut fp = [0u8; 40];
     fp[..4].copy_from_slice(&ABI_VERSION.to_le_bytes());
+    fp[4] = log as u8;
     fp[8..].copy_from_slice(&sha2::Sha256::digest(OBJECT));
     fp
 }
@@ -62,7 +64,10 @@ pub fn describe(fp: &Fingerprint) -> String {
         let _ = write!(s, "{b:02x}");
         s
     });
-    format!("abi{}-{hash}", abi_of(fp))
+    match fp[4] {
+        0 => format!("abi{}-{hash}", abi_of(fp)),
+        level => format!("abi{}-{hash}-log{level}", abi_of(fp)),
+    }
 }
 
 /// The generation recorded in `dir`, if any (datapaths pinned before generations existed have

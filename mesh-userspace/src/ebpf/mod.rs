@@ -23,6 +23,7 @@
 pub mod desired;
 pub mod events;
 pub mod generation;
+pub mod logs;
 mod raw;
 pub mod selftest;
 mod sync;
@@ -47,6 +48,54 @@ use mesh_common::{
     ServiceKey, ServiceValue, SockKey, map_names, program_names,
 };
 pub use sync::{Desired, MapContents, SyncReport};
+
+/// aya-log's level switch in the object (read-only data, patched at load).
+const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
+
+/// How much the programs log through aya-log (the numbers are aya-log's levels; a statement
+/// logs when its level is at most this).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    #[default]
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "off" => Self::Off,
+            "error" => Self::Error,
+            "warn" => Self::Warn,
+            "info" => Self::Info,
+            "debug" => Self::Debug,
+            "trace" => Self::Trace,
+            other => {
+                return Err(format!(
+                    "{other:?}: one of off, error, warn, info, debug, trace"
+                ));
+            }
+        })
+    }
+}
 
 /// The scratch directory of the socket self-test, below a node's bpffs directory.
 pub const SELFTEST_DIR: &str = "selftest";
@@ -144,6 +193,8 @@ pub struct Datapath {
     /// after a failed pass; otherwise passes diff against it and read nothing from the kernel.
     applied: Option<MapContents>,
     pending_upgrade: Option<PendingUpgrade>,
+    /// The programs' log level (what this agent loads, and records in the generation).
+    log: LogLevel,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EbpfError + '_ {
@@ -160,7 +211,12 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
 impl Datapath {
     /// Adopts the pinned datapath in `dir` if this build wrote it, upgrades it in place if
     /// another build did (or the map sizes differ), otherwise installs it on `cgroup`.
-    pub fn open(dir: &Path, cgroup: &Path, sockhash_capacity: Option<u32>) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        cgroup: &Path,
+        sockhash_capacity: Option<u32>,
+        log: LogLevel,
+    ) -> Result<Self> {
         // Maps are not part of it: a map this build adds (or one removed by hand) is created
         // by the in-place upgrade below, which keeps every connection.
         let complete = CGROUP_LINKS
@@ -181,7 +237,7 @@ impl Datapath {
             .into_iter()
             .collect();
         let wanted = generation::wanted_layouts(&overrides)?;
-        let this_build = generation::fingerprint();
+        let this_build = generation::fingerprint(log);
         let mut pending_upgrade = None;
         let startup = if complete {
             let recorded = generation::read(dir);
@@ -208,7 +264,7 @@ impl Datapath {
                     "upgrading the pinned datapath in place"
                 );
                 let retired = generation::retire_changed(dir, &wanted, abi_changed)?;
-                load(dir, None, sockhash_capacity)?;
+                load(dir, None, sockhash_capacity, log)?;
                 if !abi_changed {
                     generation::migrate_retired(dir, &retired, 0)?;
                 }
@@ -216,7 +272,7 @@ impl Datapath {
                 Startup::Upgraded
             }
         } else {
-            load(dir, Some(cgroup), sockhash_capacity)?;
+            load(dir, Some(cgroup), sockhash_capacity, log)?;
             generation::write(dir, &this_build)?;
             tracing::info!(dir = %dir.display(), cgroup = %cgroup.display(), "installed the datapath");
             Startup::Installed
@@ -234,6 +290,7 @@ impl Datapath {
             tc_from_pod,
             tc_to_pod,
             startup,
+            log,
         })
     }
 
@@ -273,7 +330,7 @@ impl Datapath {
         // What the old programs recorded between the copy and the switch (connect verdicts,
         // original destinations of connections in flight); newer entries win.
         generation::migrate_retired(&self.dir, &pending.retired, raw::NOEXIST)?;
-        generation::write(&self.dir, &generation::fingerprint())?;
+        generation::write(&self.dir, &generation::fingerprint(self.log))?;
         let held = generation::sweep_retired(&self.dir)?;
         tracing::info!(
             retired_sockets = held,
@@ -286,6 +343,12 @@ impl Datapath {
     /// hold (established connections of an older generation).
     pub fn sweep_retired(&self) -> Result<usize> {
         generation::sweep_retired(&self.dir)
+    }
+
+    /// This agent's datapath generation, as `weft status` shows it (see [`generation`]).
+    #[must_use]
+    pub fn generation(&self) -> String {
+        generation::describe(&generation::fingerprint(self.log))
     }
 
     #[must_use]
@@ -497,10 +560,18 @@ fn program_of_link(link: &str) -> &'static str {
 /// attaches `sk_msg` to the sockhash and pins every program in `<dir>/progs`. With a cgroup
 /// (a fresh install) the cgroup programs are attached to it and their links pinned; without
 /// (an upgrade) the existing links are switched later, by `finish_upgrade`.
-fn load(dir: &Path, cgroup: Option<&Path>, sockhash_capacity: Option<u32>) -> Result<()> {
+fn load(
+    dir: &Path,
+    cgroup: Option<&Path>,
+    sockhash_capacity: Option<u32>,
+    log: LogLevel,
+) -> Result<()> {
     let maps_dir = dir.join("maps");
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&maps_dir);
+    let level = log as u8;
+    // Read-only data: the verifier knows the level and drops every disabled statement.
+    loader.override_global(LOG_LEVEL_GLOBAL, &level, true);
     if let Some(cap) = sockhash_capacity {
         loader.map_max_entries(map_names::SOCKS, cap);
     }

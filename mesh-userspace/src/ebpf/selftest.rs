@@ -133,6 +133,8 @@ fn run_in(scratch: &Path) -> Result<SocketSelfTest, EbpfError> {
     let maps_dir = scratch.join("maps");
     std::fs::create_dir_all(&maps_dir).map_err(io(&maps_dir))?;
     loader.default_map_pin_directory(&maps_dir);
+    // The self-test's programs log nothing.
+    loader.override_global(super::LOG_LEVEL_GLOBAL, &0u8, true);
     for name in map_names::ALL
         .into_iter()
         .filter(|n| !KEEP_SIZE.contains(n))
