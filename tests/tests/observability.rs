@@ -6,7 +6,8 @@
 //!   expression that does not parse fails here);
 //! - the service graph page (`/ui`), loaded in a real headless browser (Debian's `chromium`):
 //!   its DOM must show the workloads, the service, the edges with their paths and numbers, and
-//!   the policy behind a denied edge; a screenshot is saved as an artifact;
+//!   the policy behind a denied edge, and the live events of traffic made while it is open; a
+//!   screenshot is saved as an artifact;
 //! - `weft tap` and `weft top`: the live events of that traffic (every request, each
 //!   connection's exact bytes, the refusals), a filtered stream, the per-workload table; and
 //!   `weft ui`, the page forwarded to this host's loopback.
@@ -406,14 +407,39 @@ fn the_service_graph_page_shows_the_traffic_in_a_real_browser() -> Result<()> {
     let node = &scene.node;
     // The page opened with the denied edge selected, as a link can: its policies show too.
     let url = format!("http://{METRICS_ADDR}/ui#select=default/other|default/db|denied");
-    let dom = chromium(
-        node,
-        &[
-            "--virtual-time-budget=6000".to_owned(),
-            "--dump-dom".to_owned(),
-            url.clone(),
-        ],
-    )?;
+    // While the page is open, a little more traffic for its live events: refused connects and
+    // small fast-path echoes (the L7 numbers checked below stay those of `traffic`).
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let dom = std::thread::scope(|s| {
+        let background = s.spawn(|| -> Result<()> {
+            let db = std::net::SocketAddr::from((scene.db.ip(), 5432));
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                scene.other.try_connect(db, Duration::from_secs(2))?;
+                ensure!(
+                    scene
+                        .client
+                        .transfer(scene.echo.addr(), 64 << 10, 1)?
+                        .all_ok(),
+                    "background echo"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Ok(())
+        });
+        let dom = chromium(
+            node,
+            &[
+                "--virtual-time-budget=6000".to_owned(),
+                "--dump-dom".to_owned(),
+                url.clone(),
+            ],
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let traffic = background
+            .join()
+            .map_err(|_| anyhow::anyhow!("background traffic panicked"))?;
+        traffic.and(dom)
+    })?;
     ensure!(
         dom.contains("data-loaded=\"true\""),
         "the page did not load its data: {}",
@@ -488,6 +514,19 @@ fn the_service_graph_page_shows_the_traffic_in_a_real_browser() -> Result<()> {
     ensure!(
         dom.contains("data-path=\"l7\"") && dom.contains("<tr data-path"),
         "the live flow table lists flows"
+    );
+    // The live events streamed from /tap while the page was open.
+    ensure!(
+        dom.contains("data-tap=\"watching\"")
+            && dom.contains("<tr data-type=\"deny\"")
+            && dom.contains("<tr data-type=\"close\""),
+        "the live events table: {}",
+        dom.split("Live events")
+            .nth(1)
+            .unwrap_or_default()
+            .chars()
+            .take(1500)
+            .collect::<String>()
     );
 
     // A screenshot, kept as an artifact of the run.

@@ -178,7 +178,7 @@ async fn handle(
         return Ok(cni_add(&shared, req).await);
     }
     if req.method() == Method::GET && req.uri().path() == "/tap" {
-        return Ok(tap_stream(&shared, req.uri().query().unwrap_or_default()));
+        return Ok(tap::serve(&shared, req.uri().query().unwrap_or_default()).await);
     }
     if req.method() != Method::GET {
         return Ok(respond(
@@ -251,30 +251,6 @@ async fn handle(
         ),
     };
     Ok(resp)
-}
-
-/// `/tap?namespace=…&pod=…&service=…&verdict=…&status=…&type=…`: live events as JSON lines
-/// (see [`crate::tap`]).
-fn tap_stream(shared: &SharedState, query: &str) -> Response<AdminBody> {
-    let filter = match crate::tap::Filter::from_query(query) {
-        Ok(f) => f,
-        Err(why) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
-    };
-    let (hub, sync_interval) = {
-        let s = shared
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (
-            s.tap.clone(),
-            s.config
-                .as_ref()
-                .map_or(std::time::Duration::from_millis(250), |c| c.sync_interval),
-        )
-    };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Either::Right(tap::subscribe(&hub, filter, sync_interval)))
-        .unwrap_or_else(|_| respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", ""))
 }
 
 /// The service graph page: one file, no assets from elsewhere.
