@@ -512,6 +512,12 @@ fn the_service_graph_page_shows_the_traffic_in_a_real_browser() -> Result<()> {
             .collect::<String>()
     );
     ensure!(
+        dom.contains(
+            "data-object=\"AuthorizationPolicy default/db-from-web-only\" data-state=\"Programmed\""
+        ),
+        "the policy's status shows beside it"
+    );
+    ensure!(
         dom.contains("data-path=\"l7\"") && dom.contains("<tr data-path"),
         "the live flow table lists flows"
     );

@@ -326,6 +326,23 @@ fn explain_text(e: &crate::state::explain::Explanation) -> String {
             p.mtls
         );
     }
+    if !e.objects.is_empty() {
+        let _ = writeln!(out, "objects");
+        for o in &e.objects {
+            let _ = writeln!(
+                out,
+                "  {}{}: {}{}",
+                o.object,
+                o.parent
+                    .as_ref()
+                    .map_or_else(String::new, |p| format!(" (parent {p})")),
+                o.state,
+                o.reason
+                    .as_ref()
+                    .map_or_else(String::new, |r| format!(", {r}"))
+            );
+        }
+    }
     out
 }
 

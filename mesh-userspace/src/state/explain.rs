@@ -35,6 +35,42 @@ pub struct Explanation {
     pub service: Option<ServiceFacts>,
     /// One entry per backend the kernel may pick (one for a pod address).
     pub paths: Vec<PathVerdict>,
+    /// The Weft objects and routes named above (the service's and the deciding rules'), with
+    /// the status the controller gives them.
+    #[serde(default)]
+    pub objects: Vec<ObjectState>,
+}
+
+/// An object's verdict, as its status conditions say it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectState {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// For a route: the Service parent it was judged at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// `Programmed` (in effect), `Unresolved` (accepted, a reference does not resolve) or
+    /// `NotAccepted`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl ObjectState {
+    #[must_use]
+    pub fn of(f: &super::validate::Finding) -> Self {
+        let (state, reason) = match (&f.verdict.rejected, &f.verdict.unresolved) {
+            (Some((r, m)), _) => ("NotAccepted", Some(format!("{r}: {m}"))),
+            (None, Some((r, m))) => ("Unresolved", Some(format!("{r}: {m}"))),
+            (None, None) => ("Programmed", None),
+        };
+        Self {
+            object: f.object(),
+            parent: f.parent.clone(),
+            state: state.into(),
+            reason,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,17 +145,81 @@ pub fn explain(
             "{destination} has no backend: connect() fails as without the mesh (ENETUNREACH)"
         ));
     }
-    let paths = targets
+    let paths: Vec<PathVerdict> = targets
         .iter()
         .map(|(ip, port)| path(node, src, service, *ip, *port, facts))
         .collect();
+    let objects = objects(node, service_facts.as_ref(), &paths);
     Ok(Explanation {
         source: src.key(),
         source_identity: src.meshed.then(|| src.identity.to_string()),
         destination: destination.to_owned(),
         service: service_facts,
         paths,
+        objects,
     })
+}
+
+/// The status of every object the explanation names: the service's traffic policy,
+/// authorization and authentication, the routes whose parent is the service, and the policies
+/// named as deciding a connect verdict.
+fn objects(
+    node: &NodeState,
+    service: Option<&ServiceFacts>,
+    paths: &[PathVerdict],
+) -> Vec<ObjectState> {
+    let mut named: Vec<String> = Vec::new();
+    if let Some(s) = service {
+        named.extend(
+            s.traffic_policy
+                .iter()
+                .map(|p| format!("TrafficPolicy {p}")),
+        );
+        named.extend(
+            s.authorization
+                .iter()
+                .map(|p| format!("AuthorizationPolicy {p}")),
+        );
+        named.extend(s.authentication.iter().filter_map(|a| {
+            let policy = a.split_whitespace().next()?;
+            Some(format!("RequestAuthentication {policy}"))
+        }));
+    }
+    // Rule texts name their policy `namespace/name`: a whole name, not a prefix of a longer one.
+    let in_rule = |name: &str| {
+        paths.iter().any(|p| {
+            p.decided_by.match_indices(name).any(|(at, _)| {
+                let before = p.decided_by[..at].chars().next_back();
+                let after = p.decided_by[at + name.len()..].chars().next();
+                let part = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '/');
+                !before.is_some_and(part) && !after.is_some_and(part)
+            })
+        })
+    };
+    let mentioned = |f: &super::validate::Finding| {
+        named.contains(&f.object())
+            || (f.kind == "AuthorizationPolicy"
+                && f.namespace
+                    .as_ref()
+                    .is_some_and(|ns| in_rule(&format!("{ns}/{}", f.name))))
+    };
+    let is_route_of_service = |f: &super::validate::Finding| {
+        service.is_some_and(|s| {
+            f.parent.as_deref().is_some_and(|p| {
+                p == s.name
+                    || p.strip_prefix(s.name.as_str())
+                        .is_some_and(|r| r.starts_with(':'))
+            })
+        })
+    };
+    let mut out: Vec<ObjectState> = node
+        .findings
+        .iter()
+        .filter(|f| is_route_of_service(f) || (f.parent.is_none() && mentioned(f)))
+        .map(ObjectState::of)
+        .collect();
+    out.dedup();
+    out
 }
 
 /// The service (if any) and the pod addresses a destination reaches.
@@ -432,6 +532,17 @@ spec:
         assert_eq!(refused.paths[0].verdict, "DENY");
         assert!(
             refused.paths[0].decided_by.contains("b-from-a"),
+            "{refused:?}"
+        );
+        // The deciding policy, with its status.
+        assert_eq!(
+            refused.objects,
+            [ObjectState {
+                object: "AuthorizationPolicy shop/b-from-a".into(),
+                parent: None,
+                state: "Programmed".into(),
+                reason: None,
+            }],
             "{refused:?}"
         );
         // By pod name or address: the same verdict.
