@@ -10,7 +10,7 @@
 //! engine's metrics (requests, 5xx, latency histogram), read from their `OpenMetrics` text.
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{flows::FlowSnapshot, metrics::KernelSnapshot, state::NodeState};
 
@@ -19,13 +19,16 @@ const ENGINE: &str = "weft-system/l7-engine";
 /// At most this many distinct reasons are kept per edge.
 const MAX_REASONS: usize = 6;
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Graph {
+    /// The agent's node (empty for a merged graph).
+    #[serde(default)]
+    pub node: String,
     pub nodes: Vec<GraphNode>,
     pub edges: Vec<GraphEdge>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GraphNode {
     /// `namespace/name` of a workload, `svc:namespace/name` of an L7 service, or an address
     /// outside the mesh.
@@ -33,17 +36,20 @@ pub struct GraphNode {
     /// What to show: `namespace/name` or the address.
     pub label: String,
     /// `workload`, `service` or `external`.
-    pub kind: &'static str,
+    pub kind: String,
     pub meshed: bool,
     /// On this agent's node.
     pub local: bool,
+    /// The node it runs on, when known (in a merged graph: the node whose agent has it local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// SPIFFE id of a workload.
     pub identity: Option<String>,
     /// mTLS mode of a workload (PERMISSIVE or STRICT).
     pub mtls: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GraphEdge {
     pub source: String,
     pub target: String,
@@ -252,9 +258,10 @@ pub fn build(
                 GraphNode {
                     id: w.key(),
                     label: w.key(),
-                    kind: "workload",
+                    kind: "workload".into(),
                     meshed: w.meshed,
                     local: w.local,
+                    host: w.local.then(|| node.node.clone()),
                     identity: Some(w.identity.to_string()),
                     mtls: Some(format!("{:?}", w.mtls).to_uppercase()),
                 },
@@ -382,9 +389,10 @@ pub fn build(
         nodes.entry(id.clone()).or_insert_with(|| GraphNode {
             id: id.clone(),
             label: format!("{}/{}", svc.namespace, svc.name),
-            kind: "service",
+            kind: "service".into(),
             meshed: true,
             local: true,
+            host: None,
             identity: None,
             mtls: None,
         });
@@ -416,23 +424,201 @@ pub fn build(
                     "workload"
                 } else {
                     "external"
-                },
+                }
+                .into(),
                 meshed: false,
                 local: false,
+                host: None,
                 identity: None,
                 mtls: None,
             });
         }
     }
     Graph {
+        node: node.node.clone(),
         nodes: nodes.into_values().collect(),
         edges,
+    }
+}
+
+/// The cluster's graph from its agents' graphs.
+///
+/// An edge whose source workload runs on a reporting agent's node is counted by that agent
+/// alone (the client's kernel and engine see every one of its connections and requests); a
+/// receiving agent's view of the same edge is then left out, so nothing is counted twice.
+/// Other edges (a service to its backends, a source outside the mesh) are the sum of what each
+/// agent saw: each saw its own share. Latency quantiles cannot be merged exactly from
+/// quantiles: the merged p50 is the busiest reporter's, the merged p99 the highest.
+#[must_use]
+pub fn merge(graphs: &[Graph]) -> Graph {
+    let local_at = |g: &Graph, id: &str| {
+        g.nodes
+            .iter()
+            .any(|n| n.id == id && n.local && n.kind == "workload")
+    };
+    let by_source: BTreeSet<(String, String, String)> = graphs
+        .iter()
+        .flat_map(|g| {
+            g.edges
+                .iter()
+                .filter(|e| local_at(g, &e.source))
+                .map(|e| (e.source.clone(), e.target.clone(), e.path.clone()))
+        })
+        .collect();
+    let mut nodes: BTreeMap<String, GraphNode> = BTreeMap::new();
+    let mut edges: Edges = BTreeMap::new();
+    for g in graphs {
+        for n in &g.nodes {
+            let merged = nodes.entry(n.id.clone()).or_insert_with(|| GraphNode {
+                local: false,
+                host: None,
+                ..n.clone()
+            });
+            merged.meshed |= n.meshed;
+            merged.identity = merged.identity.take().or_else(|| n.identity.clone());
+            merged.mtls = merged.mtls.take().or_else(|| n.mtls.clone());
+            if n.local && n.kind == "workload" {
+                merged.local = true;
+                merged.host = n.host.clone().or_else(|| Some(g.node.clone()));
+            }
+        }
+        for e in &g.edges {
+            let key = (e.source.clone(), e.target.clone(), e.path.clone());
+            if by_source.contains(&key) && !local_at(g, &e.source) {
+                continue; // the receiving side of an edge its client's agent reports
+            }
+            let m = edge(&mut edges, &e.source, &e.target, &e.path);
+            let busier = e.requests.unwrap_or(0) > m.requests.unwrap_or(0);
+            m.connections += e.connections;
+            m.denied += e.denied;
+            m.bytes += e.bytes;
+            m.fast_bytes += e.fast_bytes;
+            m.live += e.live;
+            if busier {
+                m.p50_ms = e.p50_ms;
+            }
+            m.p99_ms = match (m.p99_ms, e.p99_ms) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+            };
+            m.requests = add(m.requests, e.requests);
+            m.errors = add(m.errors, e.errors);
+            for p in &e.ports {
+                if m.ports.len() < 4 && !m.ports.contains(p) {
+                    m.ports.push(*p);
+                }
+            }
+            for r in &e.reasons {
+                if m.reasons.len() < MAX_REASONS && !m.reasons.contains(r) {
+                    m.reasons.push(r.clone());
+                }
+            }
+        }
+    }
+    Graph {
+        node: String::new(),
+        nodes: nodes.into_values().collect(),
+        edges: edges.into_values().collect(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn workload(id: &str, local: bool) -> GraphNode {
+        GraphNode {
+            id: id.into(),
+            label: id.into(),
+            kind: "workload".into(),
+            meshed: true,
+            local,
+            host: None,
+            identity: None,
+            mtls: None,
+        }
+    }
+
+    fn numbers(
+        source: &str,
+        target: &str,
+        path: &str,
+        connections: u64,
+        requests: Option<u32>,
+    ) -> GraphEdge {
+        GraphEdge {
+            source: source.into(),
+            target: target.into(),
+            path: path.into(),
+            connections,
+            bytes: connections * 100,
+            requests: requests.map(u64::from),
+            errors: requests.map(|_| 1),
+            p50_ms: requests.map(f64::from),
+            p99_ms: requests.map(|r| 10.0 * f64::from(r)),
+            ..GraphEdge::default()
+        }
+    }
+
+    #[test]
+    fn merging_counts_each_edge_once_and_each_share() {
+        // n1 runs a; n2 runs b and c. a → b crosses nodes (both agents see it); both engines
+        // send to b behind svc:web.
+        let n1 = Graph {
+            node: "n1".into(),
+            nodes: vec![workload("d/a", true), workload("d/b", false)],
+            edges: vec![
+                numbers("d/a", "d/b", "tunnel", 5, None),
+                numbers("svc:d/web", "d/b", "l7", 3, None),
+                numbers("d/a", "svc:d/web", "l7", 3, Some(30)),
+            ],
+        };
+        let n2 = Graph {
+            node: "n2".into(),
+            nodes: vec![
+                workload("d/a", false),
+                workload("d/b", true),
+                workload("d/c", true),
+            ],
+            edges: vec![
+                numbers("d/a", "d/b", "tunnel", 5, None),
+                numbers("svc:d/web", "d/b", "l7", 2, None),
+                numbers("d/c", "svc:d/web", "l7", 2, Some(20)),
+            ],
+        };
+        let g = merge(&[n1, n2]);
+        let find = |s: &str, t: &str, p: &str| {
+            g.edges
+                .iter()
+                .find(|e| e.source == s && e.target == t && e.path == p)
+                .unwrap_or_else(|| panic!("no {s} → {t} {p}: {:?}", g.edges))
+        };
+        assert_eq!(
+            find("d/a", "d/b", "tunnel").connections,
+            5,
+            "counted by a's agent only"
+        );
+        assert_eq!(
+            find("svc:d/web", "d/b", "l7").connections,
+            5,
+            "each engine's share"
+        );
+        assert_eq!(find("d/a", "svc:d/web", "l7").requests, Some(30));
+        assert_eq!(g.edges.len(), 4);
+        let host = |id: &str| {
+            g.nodes
+                .iter()
+                .find(|n| n.id == id)
+                .and_then(|n| n.host.clone())
+        };
+        assert_eq!(host("d/a").as_deref(), Some("n1"));
+        assert_eq!(host("d/b").as_deref(), Some("n2"));
+        assert_eq!(host("d/c").as_deref(), Some("n2"));
+    }
 
     #[test]
     fn parses_openmetrics_samples_with_escapes() {
