@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 
+pub mod cluster;
 pub mod graph;
 pub mod shared;
 pub mod tap;
@@ -254,7 +255,7 @@ async fn handle(
 }
 
 /// The service graph page: one file, no assets from elsewhere.
-const UI: &str = include_str!("ui.html");
+pub(crate) const UI: &str = include_str!("ui.html");
 
 /// `/explain?src=namespace/pod&dst=destination`: what the mesh does with such a connection now.
 fn explain(s: &Shared, query: &str) -> Response<AdminBody> {

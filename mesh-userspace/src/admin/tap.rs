@@ -65,7 +65,7 @@ pub async fn read_kernel(bpffs_dir: PathBuf, shared: SharedState, hub: Arc<Hub>)
 }
 
 /// A streamed response body: JSON lines as the subscription task sends them.
-pub struct Stream(mpsc::Receiver<Bytes>);
+pub struct Stream(pub(super) mpsc::Receiver<Bytes>);
 
 impl Body for Stream {
     type Data = Bytes;

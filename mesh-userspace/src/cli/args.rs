@@ -247,6 +247,18 @@ pub enum Command {
         /// Longest certificate lifetime handed out.
         #[arg(long, default_value_t = 86_400)]
         max_svid_ttl_secs: u64,
+        /// Where the controller serves its metrics (`/metrics`), readiness (`/ready`) and the
+        /// cluster-wide page (`/ui`, with `/graph`, `/flows`, `/tap`, `/explain`, `/objects`
+        /// merged from every agent).
+        #[arg(long, default_value = "0.0.0.0:15014")]
+        listen: std::net::SocketAddr,
+        /// A node agent's metrics address (`http://host:port`) the page asks; repeatable.
+        #[arg(long = "agent", value_name = "URL")]
+        agents: Vec<String>,
+        /// The agents' metrics Service (in --namespace) whose Endpoints list every agent;
+        /// empty: only the --agent URLs.
+        #[arg(long, default_value = "weft-agent-metrics")]
+        agents_service: String,
     },
     /// Print Weft's `CustomResourceDefinitions` as YAML (for `kubectl apply -f -`).
     Crds {

@@ -87,6 +87,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ca_server_id,
             agent_user,
             max_svid_ttl_secs,
+            listen,
+            agents,
+            agents_service,
         } => {
             let certificates = match ca_cert.zip(ca_key) {
                 Some((cert, key)) => Some(crate::control::certs::CertServiceConfig {
@@ -98,13 +101,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 None => None,
             };
-            controller(&ControllerConfig {
-                kubeconfig,
-                namespace,
-                identity: identity.unwrap_or_else(default_identity),
-                lease_duration: Duration::from_secs(lease_duration_secs.max(3)),
-                certificates,
-            })?;
+            let page = crate::admin::cluster::ClusterConfig {
+                listen,
+                agents,
+                agents_service: Some(agents_service).filter(|s| !s.is_empty()),
+                namespace: namespace.clone(),
+            };
+            controller(
+                &ControllerConfig {
+                    kubeconfig,
+                    namespace,
+                    identity: identity.unwrap_or_else(default_identity),
+                    lease_duration: Duration::from_secs(lease_duration_secs.max(3)),
+                    certificates,
+                },
+                page,
+            )?;
         }
         Command::Fastpath {
             state,
@@ -216,8 +228,14 @@ fn jwt_command(command: JwtCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn controller(config: &ControllerConfig) -> anyhow::Result<()> {
-    crate::control::controller::run(config).context("controller")
+fn controller(
+    config: &ControllerConfig,
+    page: crate::admin::cluster::ClusterConfig,
+) -> anyhow::Result<()> {
+    crate::control::controller::run(config, |client, monitor| {
+        crate::admin::cluster::serve(page, client, monitor)
+    })
+    .context("controller")
 }
 
 /// `weft crds`: every CRD to stdout as one multi-document YAML, or one file each into `dir`;

@@ -64,6 +64,7 @@ struct Service {
     client: Client,
     pods: Kind<Pod>,
     mesh: Kind<MeshConfig>,
+    monitor: Arc<super::monitor::Monitor>,
 }
 
 /// The service's own certificate, re-issued at half its life.
@@ -111,6 +112,7 @@ const OWN_TTL: Duration = Duration::from_hours(24);
 pub async fn start(
     client: Client,
     config: &CertServiceConfig,
+    monitor: Arc<super::monitor::Monitor>,
 ) -> Result<tokio::task::JoinHandle<()>, CertServiceError> {
     let ca = Ca::load(&config.ca)?;
     let own = ca.issue(&config.server_id, OWN_TTL)?;
@@ -121,6 +123,7 @@ pub async fn start(
         pods: Kind::start(&client, &changed).await,
         mesh: Kind::start(&client, &changed).await,
         client,
+        monitor,
     });
     // Requests are checked against both caches: serve once both are filled (an empty MeshConfig
     // cache would mean the default trust domain).
@@ -179,7 +182,9 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 impl Service {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        match self.issue(req).await {
+        let answer = self.issue(req).await;
+        self.monitor.certificate(answer.is_ok());
+        match answer {
             Ok((id, node, pem)) => {
                 tracing::info!(target: "weft::identity", %peer, identity = %id, node, "certificate issued");
                 let body = serde_json::to_vec(&Issued { chain: pem }).unwrap_or_default();

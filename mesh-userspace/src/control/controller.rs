@@ -27,10 +27,15 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Notify;
 
-use super::kube::{Kind, KubeSourceError, client};
+use super::{
+    kube::{Kind, KubeSourceError, client},
+    monitor::Monitor,
+};
 use crate::{
     api::{
-        objects::{AuthorizationPolicy, MeshConfig, ObjectStatus, RequestAuthentication},
+        objects::{
+            AuthorizationPolicy, MeshConfig, ObjectSet, ObjectStatus, RequestAuthentication,
+        },
         traffic::TrafficPolicy,
     },
     state::validate::{self, Verdict},
@@ -63,25 +68,35 @@ pub enum ControllerError {
     Runtime(std::io::Error),
     #[error("certificate service: {0}")]
     Certificates(#[from] super::certs::CertServiceError),
+    #[error("the monitoring server stopped (see the log for why)")]
+    PageStopped,
 }
 
 /// Runs until SIGINT/SIGTERM; a leader hands its Lease back on the way out.
-pub fn run(config: &ControllerConfig) -> Result<(), ControllerError> {
+/// `page`, given the API client and the controller's [`Monitor`], is the monitoring server's
+/// task (metrics, readiness, the cluster's page); it runs beside the controller.
+pub fn run<F, Fut>(config: &ControllerConfig, page: F) -> Result<(), ControllerError>
+where
+    F: FnOnce(Client, Arc<Monitor>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ControllerError::Runtime)?;
     runtime.block_on(async {
         let client = client(config.kubeconfig.as_deref()).await?;
+        let monitor = Arc::new(Monitor::new());
         let lease = LeaseLock::new(client.clone(), config);
         let changed = Arc::new(Notify::new());
         let leader = tokio::sync::watch::channel(false);
-        let election = elect(&lease, config.lease_duration, &leader.0, &changed);
+        let election = elect(&lease, config.lease_duration, &leader.0, &changed, &monitor);
         let certificates = match &config.certificates {
-            Some(c) => Some(super::certs::start(client.clone(), c).await?),
+            Some(c) => Some(super::certs::start(client.clone(), c, Arc::clone(&monitor)).await?),
             None => None,
         };
-        let statuses = write_statuses(client, leader.1, Arc::clone(&changed));
+        let page = page(client.clone(), Arc::clone(&monitor));
+        let statuses = write_statuses(client, leader.1, Arc::clone(&changed), &monitor);
         let certificates = async move {
             match certificates {
                 Some(task) => {
@@ -90,17 +105,21 @@ pub fn run(config: &ControllerConfig) -> Result<(), ControllerError> {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            () = election => {}
-            () = statuses => {}
-            () = certificates => tracing::error!("the certificate service stopped"),
-            () = crate::signal::shutdown() => {}
-        }
+        let outcome = tokio::select! {
+            () = election => Ok(()),
+            () = statuses => Ok(()),
+            () = certificates => {
+                tracing::error!("the certificate service stopped");
+                Ok(())
+            }
+            () = page => Err(ControllerError::PageStopped),
+            () = crate::signal::shutdown() => Ok(()),
+        };
         if *leader.0.borrow() {
             lease.release().await;
         }
         tracing::info!("controller stopped");
-        Ok(())
+        outcome
     })
 }
 
@@ -207,6 +226,7 @@ async fn elect(
     duration: Duration,
     leader: &tokio::sync::watch::Sender<bool>,
     changed: &Notify,
+    monitor: &Monitor,
 ) {
     let every = duration / 3;
     let mut last_renewed: Option<tokio::time::Instant> = None;
@@ -231,6 +251,7 @@ async fn elect(
                 if leading { "acquired" } else { "lost" }
             );
             leader.send_replace(leading);
+            monitor.set_leader(leading);
             changed.notify_one();
         }
         tokio::time::sleep(every).await;
@@ -243,6 +264,7 @@ async fn write_statuses(
     client: Client,
     mut leader: tokio::sync::watch::Receiver<bool>,
     changed: Arc<Notify>,
+    monitor: &Monitor,
 ) {
     // A kind the server does not serve (HTTPRoutes without the Gateway API CRDs) is skipped.
     let services = Kind::<Service>::start(&client, &changed).await;
@@ -267,57 +289,54 @@ async fn write_statuses(
         },
     );
     loop {
+        let started = std::time::Instant::now();
+        let set = ObjectSet {
+            services: services.objects(),
+            traffic_policies: traffic.objects(),
+            authorization_policies: authz.objects(),
+            request_authentications: jwt_rules.objects(),
+            mesh_configs: mesh.objects(),
+            http_routes: routes.objects(),
+            grpc_routes: grpc_routes.objects(),
+            ..ObjectSet::default()
+        };
+        // Every replica judges (its metrics and page tell the truth); the leader writes.
         if *leader.borrow_and_update() {
-            let service_list = services.objects();
-            let service_map = validate::services(&service_list);
-            let policies = traffic.objects();
-            for p in &policies {
-                let verdict = validate::traffic_policy(p, &policies, &service_map);
+            let service_map = validate::services(&set.services);
+            let policies = &set.traffic_policies;
+            for p in policies {
+                let verdict = validate::traffic_policy(p, policies, &service_map);
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-                publish(&api, &recorder, p, &verdict).await;
+                publish(&api, &recorder, p, &verdict, monitor).await;
             }
-            for p in authz.objects() {
+            for p in &set.authorization_policies {
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-                publish(
-                    &api,
-                    &recorder,
-                    &p,
-                    &validate::authorization_policy(&p, &service_map),
-                )
-                .await;
+                let verdict = validate::authorization_policy(p, &service_map);
+                publish(&api, &recorder, p, &verdict, monitor).await;
             }
-            for p in jwt_rules.objects() {
+            for p in &set.request_authentications {
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-                publish(
-                    &api,
-                    &recorder,
-                    &p,
-                    &validate::request_authentication(&p, &service_map),
-                )
-                .await;
+                let verdict = validate::request_authentication(p, &service_map);
+                publish(&api, &recorder, p, &verdict, monitor).await;
             }
-            for c in mesh.objects() {
-                publish(
-                    &Api::all(client.clone()),
-                    &recorder,
-                    &c,
-                    &validate::mesh_config(&c),
-                )
-                .await;
+            for c in &set.mesh_configs {
+                let verdict = validate::mesh_config(c);
+                publish(&Api::all(client.clone()), &recorder, c, &verdict, monitor).await;
             }
-            for r in routes.objects() {
+            for r in &set.http_routes {
                 let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
                 let old = serde_json::to_value(r.status.as_ref().map(|s| &s.parents));
-                let parents = validate::http_route(&r, &service_map);
-                publish_route(&api, &r, old.unwrap_or_default(), &parents).await;
+                let parents = validate::http_route(r, &service_map);
+                publish_route(&api, r, old.unwrap_or_default(), &parents, monitor).await;
             }
-            for r in grpc_routes.objects() {
+            for r in &set.grpc_routes {
                 let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
                 let old = serde_json::to_value(r.status.as_ref().map(|s| &s.parents));
-                let parents = validate::grpc_route(&r, &service_map);
-                publish_route(&api, &r, old.unwrap_or_default(), &parents).await;
+                let parents = validate::grpc_route(r, &service_map);
+                publish_route(&api, r, old.unwrap_or_default(), &parents, monitor).await;
             }
         }
+        monitor.judged(validate::findings(&set), started.elapsed().as_secs_f64());
         tokio::select! {
             () = changed.notified() => {}
             r = leader.changed() => if r.is_err() { return },
@@ -346,8 +365,9 @@ async fn publish_route<K>(
     route: &K,
     old: serde_json::Value,
     parents: &[validate::RouteParent],
+    monitor: &Monitor,
 ) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let old_entries: Vec<serde_json::Value> = old.as_array().cloned().unwrap_or_default();
     let mut entries: Vec<serde_json::Value> = old_entries
@@ -373,10 +393,11 @@ async fn publish_route<K>(
         return;
     }
     let patch = serde_json::json!({ "status": { "parents": entries } });
-    if let Err(e) = api
+    let written = api
         .patch_status(&route.name_any(), &status_params(), &Patch::Merge(&patch))
-        .await
-    {
+        .await;
+    monitor.status_written(&K::kind(&()), written.is_ok());
+    if let Err(e) = written {
         tracing::warn!(route = route.name_any(), error = %e, "writing route status failed");
     }
 }
@@ -437,8 +458,13 @@ fn conditions(verdict: &Verdict, generation: Option<i64>, old: &[Condition]) -> 
 }
 
 /// Writes the object's conditions if they changed, and a Warning Event when it turned bad.
-async fn publish<K>(api: &Api<K>, recorder: &Recorder, obj: &K, verdict: &Verdict)
-where
+async fn publish<K>(
+    api: &Api<K>,
+    recorder: &Recorder,
+    obj: &K,
+    verdict: &Verdict,
+    monitor: &Monitor,
+) where
     K: Resource<DynamicType = ()> + HasStatus<Status = ObjectStatus> + Clone + DeserializeOwned,
     K: std::fmt::Debug,
 {
@@ -452,10 +478,11 @@ where
     }
     let name = obj.name_any();
     let patch = serde_json::json!({ "status": { "conditions": new } });
-    if let Err(e) = api
+    let written = api
         .patch_status(&name, &status_params(), &Patch::Merge(&patch))
-        .await
-    {
+        .await;
+    monitor.status_written(&K::kind(&()), written.is_ok());
+    if let Err(e) = written {
         tracing::warn!(kind = %K::kind(&()), name, error = %e, "writing status failed");
         return;
     }

@@ -6,3 +6,4 @@ pub mod certs;
 pub mod controller;
 pub mod files;
 pub mod kube;
+pub mod monitor;
