@@ -101,7 +101,7 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
     if WEFT_FLOWS.insert(&key, &ZERO_FLOW_VALUE, 0).is_err() {
         stats::bump(global_counter::FLOWS_FULL);
     }
-    let remote_workload = remote.map_or(0, |r| r.workload_id);
+    let mut remote_workload = remote.map_or(0, |r| r.workload_id);
     let mut flow_verdict = verdict::PASS;
     if let Some(flow) = WEFT_FLOWS.get_ptr_mut(&key) {
         // SAFETY: valid map value of a socket that is being established: no concurrent writer.
@@ -123,6 +123,12 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
                 flow.service_id = info.service_id;
                 flow.orig_dst_ip_be = info.orig_dst_ip_be;
                 flow.orig_dst_port_be = info.orig_dst_port_be;
+                if info.reason == reason::TUNNEL && info.dst_workload != 0 {
+                    // Plain L4 to another node's pod, carried by the engine's tunnel: the
+                    // socket's peer is the engine, its traffic is the pair's it was meant for.
+                    remote_workload = info.dst_workload;
+                    flow.remote_workload = remote_workload;
+                }
                 if info.verdict == verdict::L7 {
                     // Published before this socket's final ACK leaves, so before the engine
                     // can accept the connection.
@@ -146,6 +152,11 @@ fn established(ctx: &SockOpsContext, my_role: u8) -> Result<(), ()> {
                 flow.verdict = client.verdict;
                 flow.rule_id = client.rule_id;
                 flow.service_id = client.service_id;
+                if local.workload_id == ENGINE_WORKLOAD && client.reason == reason::TUNNEL {
+                    // The engine's end of a tunnelled client's socket: what it sends back is
+                    // the remote pod's answer, counted for that pair.
+                    flow.local_workload = client.remote_workload;
+                }
             }
             flow.reason = reason::INBOUND;
         }

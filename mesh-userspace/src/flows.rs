@@ -124,8 +124,8 @@ fn reason_text(state: &NodeState, reason_code: u8, rule_id: u32) -> String {
 pub fn path_name(verdict_code: u8, reason_code: u8, fast: u8) -> &'static str {
     match (verdict_code, reason_code) {
         (verdict::DENY, _) => "denied",
-        (verdict::L7, _) | (_, reason::ENGINE) => "l7",
         (_, reason::TUNNEL) => "tunnel",
+        (verdict::L7, _) | (_, reason::ENGINE) => "l7",
         (_, reason::DRY_RUN) => "audit",
         (verdict::FAST, _) if fast == fast_state::FAST => "fast",
         (verdict::FAST, _) => "kernel",
@@ -266,8 +266,14 @@ impl FlowTable {
         server: Option<&FlowEntry>,
     ) -> FlowView {
         let local = peer(state, key.local_ip_be, key.local_port_host as u16);
-        let remote = peer(state, key.remote_ip_be, key.remote_port_host as u16);
         let is_client = f.role == role::CLIENT;
+        let remote = if is_client && f.verdict == verdict::L7 && f.orig_dst_ip_be != 0 {
+            // Redirected to the engine: the destination the application asked for (a
+            // service address, or the remote pod the tunnel carries it to).
+            peer(state, f.orig_dst_ip_be, u16::from_be(f.orig_dst_port_be))
+        } else {
+            peer(state, key.remote_ip_be, key.remote_port_host as u16)
+        };
         let (src, dst) = if is_client {
             (local, remote)
         } else {
@@ -324,8 +330,16 @@ pub fn event_of(e: &mesh_common::FlowEvent, state: &NodeState, clock: Clock) -> 
         }
     };
     let local = end(e.key.local_ip_be, e.key.local_port_host);
-    let remote = end(e.key.remote_ip_be, e.key.remote_port_host);
     let is_client = e.role != role::SERVER;
+    let remote = if is_client && e.verdict == verdict::L7 && e.orig_dst_ip_be != 0 {
+        // Redirected to the engine: the destination the application asked for.
+        end(
+            e.orig_dst_ip_be,
+            u32::from(u16::from_be(e.orig_dst_port_be)),
+        )
+    } else {
+        end(e.key.remote_ip_be, e.key.remote_port_host)
+    };
     let (mut src, dst) = if is_client {
         (local, remote)
     } else {

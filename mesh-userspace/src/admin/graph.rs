@@ -332,8 +332,11 @@ pub fn build(
             .map(|(_, _, path)| path.clone())
             .collect();
         let path = if known.is_empty() {
+            let crosses = |id: &str, local: bool| nodes.get(id).is_some_and(|n| n.local == local);
             if p.conns_denied > 0 && p.conns_opened == 0 {
                 "denied".to_owned()
+            } else if crosses(&src, true) && crosses(&dst, false) {
+                "tunnel".to_owned() // to another node's pod: the engine's mTLS tunnel
             } else if p.bytes_fast > 0 || p.conns_fast > 0 {
                 "fast".to_owned()
             } else {
