@@ -85,13 +85,16 @@ pub async fn serve(shared: SharedState, config: &AgentConfig) -> std::io::Result
         None => None,
     };
     loop {
-        let io_stream: Box<dyn AsyncStream> = tokio::select! {
-            r = unix.accept() => Box::new(r?.0),
-            r = async { match &tcp { Some(l) => l.accept().await, None => std::future::pending().await } } => Box::new(r?.0),
+        // Only the Unix socket (root on this node: the CNI plugin, the CLI) may change state;
+        // the TCP listener, reachable from the network for Prometheus and the controller's
+        // page, only reads.
+        let (io_stream, local): (Box<dyn AsyncStream>, bool) = tokio::select! {
+            r = unix.accept() => (Box::new(r?.0), true),
+            r = async { match &tcp { Some(l) => l.accept().await, None => std::future::pending().await } } => (Box::new(r?.0), false),
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(shared.clone(), req));
+            let svc = service_fn(move |req| handle(shared.clone(), req, local));
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(io_stream), svc)
                 .await
@@ -174,8 +177,9 @@ async fn cni_add(shared: &SharedState, req: Request<Incoming>) -> Response<Admin
 async fn handle(
     shared: SharedState,
     req: Request<Incoming>,
+    local: bool,
 ) -> Result<Response<AdminBody>, Infallible> {
-    if req.method() == Method::POST && req.uri().path() == "/cni/add" {
+    if local && req.method() == Method::POST && req.uri().path() == "/cni/add" {
         return Ok(cni_add(&shared, req).await);
     }
     if req.method() == Method::GET && req.uri().path() == "/tap" {
@@ -185,7 +189,7 @@ async fn handle(
         return Ok(respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET is supported (and POST /cni/add)\n",
+            "only GET is supported (and POST /cni/add on the agent's Unix socket)\n",
         ));
     }
     let s = shared
