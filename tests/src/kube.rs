@@ -20,6 +20,7 @@ use ::kube::{
     discovery::Scope,
 };
 use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 use crate::{Node, Proc, eventually};
 
@@ -90,6 +91,21 @@ current-context: test
     Ok(path)
 }
 
+/// Weft's CRDs as shipped: the files the Helm chart installs (deploy/helm/weft/crds).
+pub fn shipped_crds() -> Result<Vec<CustomResourceDefinition>> {
+    let dir = crate::workspace_dir().join("deploy/helm/weft/crds");
+    let mut crds = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let text = fs::read_to_string(&path)?;
+        crds.push(
+            serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+        );
+    }
+    ensure!(crds.len() >= 3, "expected Weft's CRDs in {}", dir.display());
+    Ok(crds)
+}
+
 /// etcd and kube-apiserver running in `node`; stopped on drop.
 pub struct ControlPlane {
     node: Node,
@@ -151,6 +167,15 @@ impl ControlPlane {
             etcd,
         };
         cp.wait_ready(Duration::from_mins(1))?;
+        Ok(cp)
+    }
+
+    /// [`ControlPlane::start`], then Weft's CRDs applied as shipped.
+    pub fn start_with_weft_crds(node: &Node) -> Result<Self> {
+        let cp = Self::start(node)?;
+        for crd in shipped_crds()? {
+            cp.apply(&serde_saphyr::to_string(&crd)?)?;
+        }
         Ok(cp)
     }
 

@@ -1,6 +1,6 @@
 //! Weft's Kubernetes side against a real kube-apiserver (1.20.2) and etcd, started by the test
 //! in a testbed node (see `testbed::kube`).
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -16,31 +16,12 @@ use testbed::{
     agent::{self, Agent},
     eventually,
     http::{HttpGetArgs, HttpGetReport, HttpServerArgs},
-    kube::{AGENT_TOKEN, ControlPlane, OTHER_TOKEN},
+    kube::{AGENT_TOKEN, ControlPlane, OTHER_TOKEN, shipped_crds},
 };
-
-/// The CRDs as shipped: the files the Helm chart installs (deploy/helm/weft/crds).
-fn shipped_crds() -> Result<Vec<CustomResourceDefinition>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/weft/crds");
-    let mut crds = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        let text = std::fs::read_to_string(&path)?;
-        crds.push(
-            serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
-        );
-    }
-    ensure!(crds.len() >= 3, "expected Weft's CRDs in {}", dir.display());
-    Ok(crds)
-}
 
 /// An API server in `node` with Weft's CRDs installed.
 fn with_weft_crds(node: &testbed::Node) -> Result<ControlPlane> {
-    let cp = ControlPlane::start(node)?;
-    for crd in shipped_crds()? {
-        cp.apply(&serde_saphyr::to_string(&crd)?)?;
-    }
-    Ok(cp)
+    ControlPlane::start_with_weft_crds(node)
 }
 
 fn traffic_policies(client: kube::Client) -> Api<DynamicObject> {
@@ -313,7 +294,19 @@ fn two_agents_in_kube_mode_carry_cross_node_flows_in_the_mtls_tunnel() -> Result
     // The controller holds the CA and runs the certificate service; the agents hold only the
     // root (their trust bundle) and a service-account token.
     let ca_flags = agent::identity_args(&n1)?;
-    let mut controller_args = vec!["--ca-listen", "0.0.0.0:15012"];
+    // Its page asks both agents (their metrics listeners, one per node).
+    let n2_agent = format!("http://{}:{AGENT_METRICS_PORT}", n2.uplink_ip());
+    let n1_agent = format!("http://127.0.0.1:{AGENT_METRICS_PORT}");
+    let mut controller_args = vec![
+        "--ca-listen",
+        "0.0.0.0:15012",
+        "--listen",
+        CONTROLLER_PAGE,
+        "--agent",
+        &n1_agent,
+        "--agent",
+        &n2_agent,
+    ];
     controller_args.extend(ca_flags.iter().map(String::as_str));
     let controller = cp.spawn_controller(&controller_args)?;
     let root = &ca_flags[1]; // --ca-cert <root>: a root CA, so also the trust bundle
@@ -321,6 +314,7 @@ fn two_agents_in_kube_mode_carry_cross_node_flows_in_the_mtls_tunnel() -> Result
     std::fs::write(&token_file, AGENT_TOKEN)?;
     let ca_addr = format!("{}:15012", n1.uplink_ip());
     let token_path = token_file.display().to_string();
+    let metrics = format!("0.0.0.0:{AGENT_METRICS_PORT}");
     let args = [
         "--ca-addr",
         &ca_addr,
@@ -328,6 +322,8 @@ fn two_agents_in_kube_mode_carry_cross_node_flows_in_the_mtls_tunnel() -> Result
         root,
         "--ca-token-file",
         &token_path,
+        "--metrics-addr",
+        &metrics,
     ];
     let a1 = Agent::start_kube(&n1, &cp.kubeconfig_path()?, &args)?;
     let a2 = Agent::start_kube(&n2, &cp.kubeconfig_for_other_nodes()?, &args)?;
@@ -369,12 +365,175 @@ fn two_agents_in_kube_mode_carry_cross_node_flows_in_the_mtls_tunnel() -> Result
         a.transfer(server.addr(), 1 << 12, 1)?.all_ok(),
         "a → b stays allowed"
     );
+    the_controllers_page_shows_both_nodes((&n1, &n2), &a, &c, server.addr())?;
     cp.delete(B_FROM_A_ONLY)?;
     eventually(Duration::from_secs(10), || {
         let r = c.try_connect(server.addr(), Duration::from_secs(2))?;
         ensure!(r.ok, "c → b after the policy is gone: {r:?}");
         Ok(())
     })
+}
+
+/// Where the agents of the two-node test serve `/metrics` and the page's data.
+const AGENT_METRICS_PORT: u16 = 19464;
+/// The controller's monitoring server and cluster page, in n1.
+const CONTROLLER_PAGE: &str = "0.0.0.0:15014";
+
+/// `GET http://127.0.0.1:15014<path>` from `node` (where the controller runs): the body.
+fn controller_get(node: &testbed::Node, path: &str) -> Result<String> {
+    let url = format!("http://127.0.0.1:15014{path}");
+    let out = node
+        .run(
+            Duration::from_secs(20),
+            "curl",
+            ["-sS", "--fail-with-body", "--max-time", "15", &url],
+        )?
+        .check()
+        .with_context(|| format!("GET {url}"))?;
+    Ok(out.stdout)
+}
+
+/// The controller's cluster-wide page, with `a` (n1) sending to `server` on b (n2) across the
+/// tunnel and `c` (n1) refused by `b-from-a-only`: the merged graph has both nodes' workloads
+/// with their hosts and the cross-node edge; the merged tap carries events from the agents,
+/// each with its node; `/explain` and `/objects` name the policy and its state; the
+/// controller's own metrics count the agents it reached.
+#[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn the_controllers_page_shows_both_nodes(
+    (n1, n2): (&testbed::Node, &testbed::Node),
+    a: &testbed::Pod,
+    c: &testbed::Pod,
+    server: std::net::SocketAddr,
+) -> Result<()> {
+    let page = controller_get(n1, "/ui")?;
+    ensure!(page.contains("<svg"), "the page: {page:.200}");
+    eventually(Duration::from_secs(15), || {
+        let graph: serde_json::Value = serde_json::from_str(&controller_get(n1, "/graph")?)?;
+        let agents = graph["agents"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            agents.len() == 2 && agents.iter().all(|v| v["up"] == true),
+            "both agents answer: {agents:?}"
+        );
+        let mut names: Vec<&str> = agents.iter().filter_map(|v| v["name"].as_str()).collect();
+        names.sort_unstable();
+        ensure!(
+            names == [n1.name(), n2.name()],
+            "the agents by node name: {names:?}"
+        );
+        let host = |id: &str| {
+            graph["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["id"] == id)
+                .map(|n| n["host"].clone())
+        };
+        ensure!(
+            host("default/a") == Some(json!(n1.name())),
+            "a runs on {}: {:?}",
+            n1.name(),
+            host("default/a")
+        );
+        ensure!(
+            host("default/b") == Some(json!(n2.name())),
+            "b runs on {}: {:?}",
+            n2.name(),
+            host("default/b")
+        );
+        let edges = graph["edges"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            edges.iter().any(|e| e["source"] == "default/a"
+                && e["target"] == "default/b"
+                && e["path"] == "tunnel"
+                && e["connections"].as_u64() >= Some(3)
+                && e["bytes"].as_u64() >= Some(2 * (2 << 16))),
+            "the cross-node edge a → b, counted once: {edges:?}"
+        );
+        ensure!(
+            edges.iter().any(|e| e["source"] == "default/c"
+                && e["target"] == "default/b"
+                && e["path"] == "denied"),
+            "the refused edge c → b: {edges:?}"
+        );
+        Ok(())
+    })?;
+
+    // Three seconds of the merged tap while a sends and c is refused.
+    let tap = std::thread::scope(|s| -> Result<String> {
+        let watcher = s.spawn(|| controller_get(n1, "/tap?for=3&batch=true"));
+        std::thread::sleep(Duration::from_millis(800));
+        ensure!(a.transfer(server, 1 << 12, 1)?.all_ok(), "a → b");
+        let refused = c.try_connect(server, Duration::from_secs(2))?;
+        ensure!(refused.errno == Some(libc::EPERM), "{refused:?}");
+        watcher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the tap thread panicked"))?
+    })?;
+    let lines: Vec<serde_json::Value> = tap
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("the tap is JSON lines: {tap}"))?;
+    ensure!(
+        lines.first().is_some_and(|l| l["type"] == "watching"),
+        "the tap starts with `watching`: {tap}"
+    );
+    ensure!(
+        lines
+            .iter()
+            .skip(1)
+            .all(|l| l["node"].as_str().is_some_and(|n| !n.is_empty())),
+        "every event names its node: {tap}"
+    );
+    ensure!(
+        lines.iter().any(|l| l["node"] == n1.name()
+            && l["type"] == "deny"
+            && l["src"]["workload"] == "default/c"),
+        "n1's refusal of c: {tap}"
+    );
+    ensure!(
+        lines.iter().any(|l| l["node"] == n1.name()
+            && l["type"] == "close"
+            && l["src"]["workload"] == "default/a"
+            && l["bytes_to_dst"] == 4096),
+        "n1's close of a's connection with its 4 KiB: {tap}"
+    );
+
+    let explained: serde_json::Value = serde_json::from_str(&controller_get(
+        n1,
+        &format!("/explain?src=default/c&dst={server}"),
+    )?)?;
+    let objects = explained["objects"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        objects.iter().any(
+            |o| o["object"] == "AuthorizationPolicy default/b-from-a-only"
+                && o["state"] == "Programmed"
+        ),
+        "explain names the policy that refuses c: {explained}"
+    );
+    let states: serde_json::Value = serde_json::from_str(&controller_get(n1, "/objects")?)?;
+    ensure!(
+        states
+            .as_array()
+            .is_some_and(|all| all.iter().any(|o| o["object"]
+                == "AuthorizationPolicy default/b-from-a-only"
+                && o["state"] == "Programmed")),
+        "/objects: {states}"
+    );
+    let metrics = controller_get(n1, "/metrics")?;
+    ensure!(
+        (agent::sum_metric(&metrics, "weft_controller_agents", &[("state", "up")]) - 2.0).abs()
+            < 0.5
+            && (agent::sum_metric(
+                &metrics,
+                "weft_controller_objects",
+                &[("kind", "AuthorizationPolicy"), ("state", "programmed")]
+            ) - 1.0)
+                .abs()
+                < 0.5,
+        "the controller's metrics: {metrics}"
+    );
+    Ok(())
 }
 
 /// The controller's certificate service (on `node`, port 15012) refuses unknown tokens, other

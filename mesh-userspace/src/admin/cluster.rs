@@ -10,7 +10,9 @@
 //!
 //! Agents are found by the Endpoints of their metrics Service (`--agents-service`; a ready
 //! address per node, port `metrics`) and by `--agent URL`. Requests to agents time out after
-//! [`AGENT_TIMEOUT`]; an agent that does not answer is listed as down and left out.
+//! [`AGENT_TIMEOUT`]; an agent that does not answer is listed as down and left out. Every
+//! [`AGENT_CHECK_INTERVAL`] the agents are asked `/ready`, so `weft_controller_agents{state}`
+//! says how many are up without anyone looking at the page.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -29,6 +31,8 @@ use crate::control::monitor::Monitor;
 
 /// A request to one agent gives up after this long (a `/tap` batch: its `for` plus this).
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the agents are asked whether they are ready, for `weft_controller_agents`.
+pub const AGENT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Largest answer read from an agent.
 const MAX_AGENT_ANSWER: usize = 32 << 20;
 
@@ -64,6 +68,8 @@ struct Cluster {
     config: ClusterConfig,
     client: kube::Client,
     monitor: Arc<Monitor>,
+    /// The node names `--agent` URLs gave in their `/status` (URL → node).
+    names: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 type Body = Either<Full<Bytes>, Stream>;
@@ -101,6 +107,16 @@ pub async fn serve(config: ClusterConfig, client: kube::Client, monitor: Arc<Mon
         config,
         client,
         monitor,
+        names: std::sync::Mutex::default(),
+    });
+    // `weft_controller_agents` stays current without anyone on the page.
+    let watcher = Arc::clone(&cluster);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(AGENT_CHECK_INTERVAL);
+        loop {
+            every.tick().await;
+            let _ = watcher.ask_all("/ready", AGENT_TIMEOUT).await;
+        }
     });
     loop {
         let stream = match listener.accept().await {
@@ -188,21 +204,47 @@ impl Cluster {
         }
     }
 
+    /// The node an `--agent` URL serves, as its `/status` says (asked once; its address
+    /// until it answers).
+    async fn name_of(&self, url: &str) -> String {
+        let known = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(url)
+            .cloned();
+        if let Some(name) = known {
+            return name;
+        }
+        let node = get(url, "/status", AGENT_TIMEOUT)
+            .await
+            .ok()
+            .and_then(|body| serde_json::from_slice::<super::Status>(&body).ok())
+            .map(|s| s.node)
+            .filter(|n| !n.is_empty());
+        match node {
+            Some(node) => {
+                self.names
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(url.to_owned(), node.clone());
+                node
+            }
+            None => url.trim_start_matches("http://").to_owned(),
+        }
+    }
+
     /// Every agent to ask now.
     async fn find(&self) -> Found {
+        let urls: Vec<String> = self
+            .config
+            .agents
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .collect();
+        let names = futures_util::future::join_all(urls.iter().map(|u| self.name_of(u))).await;
         let mut found = Found {
-            agents: self
-                .config
-                .agents
-                .iter()
-                .map(|u| {
-                    let name = u
-                        .trim_start_matches("http://")
-                        .trim_end_matches('/')
-                        .to_owned();
-                    (name, u.trim_end_matches('/').to_owned())
-                })
-                .collect(),
+            agents: names.into_iter().zip(urls).collect(),
             not_ready: Vec::new(),
         };
         let Some(service) = &self.config.agents_service else {
