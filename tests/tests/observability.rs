@@ -1,7 +1,8 @@
 //! What operators look at, against a live agent with traffic (pods making L7 requests, some
 //! failing; fast-path TCP transfers; connections a policy refuses):
 //! - the Grafana dashboards in `deploy/helm/weft/dashboards`, with Debian's `prometheus`
-//!   scraping the agent: every panel's `PromQL` is evaluated with the variables a user would
+//!   scraping the agent and `weft controller` (against a real API server holding the same
+//!   objects): every panel's `PromQL` is evaluated with the variables a user would
 //!   set, and each must return data for that traffic (a renamed metric, a missing label or an
 //!   expression that does not parse fails here);
 //! - the service graph page (`/ui`), loaded in a real headless browser (Debian's `chromium`):
@@ -20,12 +21,15 @@ use testbed::{
     agent::Agent,
     eventually,
     http::{HttpGetArgs, HttpServerArgs},
+    kube::ControlPlane,
 };
 
 const WEB_VIP: &str = "198.19.0.20";
 /// Inside the node's network namespace: the agent's metrics and Prometheus, on loopback.
 const METRICS_ADDR: &str = "127.0.0.1:19464";
 const PROMETHEUS_ADDR: &str = "127.0.0.1:19465";
+/// `weft controller`'s metrics and page, in the node too.
+const CONTROLLER_ADDR: &str = "127.0.0.1:19466";
 
 const OBJECTS: &str = r"
 apiVersion: v1
@@ -231,13 +235,34 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
     );
     let scene = Scene::new("dashboards")?;
     let node = &scene.node;
+    // The control plane: an API server with the policy, and `weft controller` judging it and
+    // asking the agent (its metrics are on the mesh dashboard).
+    let cp = ControlPlane::start_with_weft_crds(node)?;
+    // The policy (this API server has no Gateway API CRDs, and its Service range is not
+    // the testbed's).
+    for policy in OBJECTS
+        .split("\n---\n")
+        .filter(|d| d.contains("kind: AuthorizationPolicy"))
+    {
+        cp.apply(policy)?;
+    }
+    let agent_url = format!("http://{METRICS_ADDR}");
+    let mut controller = cp.spawn_controller(&[
+        "--listen",
+        CONTROLLER_ADDR,
+        "--agent",
+        &agent_url,
+        "--agents-service",
+        "",
+    ])?;
     let config = node.run_dir().join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
             "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
              scrape_configs:\n\
-             - job_name: weft-agent\n  static_configs: [{{targets: ['{METRICS_ADDR}']}}]\n"
+             - job_name: weft-agent\n  static_configs: [{{targets: ['{METRICS_ADDR}']}}]\n\
+             - job_name: weft-controller\n  static_configs: [{{targets: ['{CONTROLLER_ADDR}']}}]\n"
         ),
     )?;
     let storage = node.run_dir().join("prometheus-data");
@@ -250,8 +275,11 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
         ],
     )?;
     eventually(Duration::from_secs(20), || {
-        let up = query(node, "up{job=\"weft-agent\"} == 1")?;
-        ensure!(!up.is_empty(), "the agent is not scraped yet");
+        let up = query(node, "up == 1")?;
+        ensure!(
+            up.len() == 2,
+            "the agent and the controller are not both scraped yet: {up:?}"
+        );
         Ok(())
     })?;
 
@@ -285,6 +313,7 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
         }
     }
     let _ = prometheus.terminate(Duration::from_secs(5));
+    let _ = controller.terminate(Duration::from_secs(5));
     ensure!(
         evaluated >= 15,
         "only {evaluated} panel queries in the dashboards"
@@ -333,6 +362,27 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
                 && s["metric"]["destination_workload"] == "db"
                 && value(s) > 0.0),
         "other → db was refused three times: {denied:?}"
+    );
+    let leaders = panel("Weft / Mesh / Controller leader")?;
+    ensure!(
+        leaders.len() == 1 && (value(&leaders[0]) - 1.0).abs() < 0.5,
+        "one controller leads: {leaders:?}"
+    );
+    let agents = panel("Weft / Mesh / Agents reached")?;
+    ensure!(
+        agents
+            .iter()
+            .any(|s| s["metric"]["state"] == "up" && (value(s) - 1.0).abs() < 0.5),
+        "the controller reaches the agent: {agents:?}"
+    );
+    let objects = panel("Weft / Mesh / Objects by verdict")?;
+    ensure!(
+        objects
+            .iter()
+            .any(|s| s["metric"]["kind"] == "AuthorizationPolicy"
+                && s["metric"]["state"] == "programmed"
+                && (value(s) - 1.0).abs() < 0.5),
+        "the controller judged db-from-web-only programmed: {objects:?}"
     );
     let links = panel("Weft / Node datapath / Programs attached")?;
     ensure!(
