@@ -25,6 +25,7 @@
 #![deny(unsafe_code)] // reason: only `process` (pre_exec) needs it and says why
 
 pub mod agent;
+pub mod browser;
 pub mod cluster;
 mod eventually;
 pub mod grpc;

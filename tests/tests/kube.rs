@@ -14,6 +14,7 @@ use serde_json::json;
 use testbed::{
     ServeMode, Testbed,
     agent::{self, Agent},
+    browser::{chromium, elements},
     eventually,
     http::{HttpGetArgs, HttpGetReport, HttpServerArgs},
     kube::{AGENT_TOKEN, ControlPlane, OTHER_TOKEN, shipped_crds},
@@ -396,8 +397,9 @@ fn controller_get(node: &testbed::Node, path: &str) -> Result<String> {
 /// The controller's cluster-wide page, with `a` (n1) sending to `server` on b (n2) across the
 /// tunnel and `c` (n1) refused by `b-from-a-only`: the merged graph has both nodes' workloads
 /// with their hosts and the cross-node edge; the merged tap carries events from the agents,
-/// each with its node; `/explain` and `/objects` name the policy and its state; the
-/// controller's own metrics count the agents it reached.
+/// each with its node; `/explain` and `/objects` name the policy and its state; the page
+/// (`/ui`), in headless Chromium, shows it all; the controller's own metrics count the agents
+/// it reached.
 #[allow(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn the_controllers_page_shows_both_nodes(
     (n1, n2): (&testbed::Node, &testbed::Node),
@@ -405,8 +407,6 @@ fn the_controllers_page_shows_both_nodes(
     c: &testbed::Pod,
     server: std::net::SocketAddr,
 ) -> Result<()> {
-    let page = controller_get(n1, "/ui")?;
-    ensure!(page.contains("<svg"), "the page: {page:.200}");
     eventually(Duration::from_secs(15), || {
         let graph: serde_json::Value = serde_json::from_str(&controller_get(n1, "/graph")?)?;
         let agents = graph["agents"].as_array().cloned().unwrap_or_default();
@@ -520,6 +520,39 @@ fn the_controllers_page_shows_both_nodes(
                 && o["state"] == "Programmed")),
         "/objects: {states}"
     );
+    // The page in a real browser: both agents answer, each workload shows its node, the
+    // tunnel edge is drawn.
+    let dom = chromium(
+        n1,
+        &[
+            "--virtual-time-budget=5000".to_owned(),
+            "--dump-dom".to_owned(),
+            "http://127.0.0.1:15014/ui".to_owned(),
+        ],
+    )?;
+    ensure!(
+        dom.contains("data-loaded=\"true\"") && dom.contains("data-agents-up=\"2\""),
+        "the controller's page did not load both agents' data: {}",
+        &dom[..dom.len().min(3000)]
+    );
+    let hosts: Vec<(String, String)> = elements(&dom, "node")
+        .into_iter()
+        .filter_map(|a| Some((a.get("data-id")?.clone(), a.get("data-host")?.clone())))
+        .collect();
+    for (pod, node) in [("default/a", n1.name()), ("default/b", n2.name())] {
+        ensure!(
+            hosts.iter().any(|(id, host)| id == pod && host == node),
+            "the page shows {pod} on {node}: {hosts:?}"
+        );
+    }
+    ensure!(
+        elements(&dom, "edge tunnel").iter().any(|e| {
+            e.get("data-source").map(String::as_str) == Some("default/a")
+                && e.get("data-target").map(String::as_str) == Some("default/b")
+        }),
+        "the page draws a → b through the tunnel"
+    );
+
     let metrics = controller_get(n1, "/metrics")?;
     ensure!(
         (agent::sum_metric(&metrics, "weft_controller_agents", &[("state", "up")]) - 2.0).abs()

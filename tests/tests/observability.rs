@@ -19,6 +19,7 @@ use serde_json::Value;
 use testbed::{
     Node, Pod, ServeMode, Testbed,
     agent::Agent,
+    browser::{chromium, elements},
     eventually,
     http::{HttpGetArgs, HttpServerArgs},
     kube::ControlPlane,
@@ -283,6 +284,32 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
         Ok(())
     })?;
 
+    // The metrics listener is reachable from the network: it only reads (enrolling a pod is
+    // for the CNI plugin, on the agent's Unix socket).
+    let post = node
+        .run(
+            Duration::from_secs(10),
+            "curl",
+            [
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "--data",
+                "{}",
+                &format!("http://{METRICS_ADDR}/cni/add"),
+            ],
+        )?
+        .check()?;
+    ensure!(
+        post.stdout.trim() == "405",
+        "POST /cni/add on the metrics port answered {}",
+        post.stdout
+    );
+
     scene.traffic()?;
     // Two more scrapes after the last traffic.
     std::thread::sleep(Duration::from_secs(3));
@@ -395,58 +422,6 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() -> Result<()> {
         "cgroup hooks and two TC programs on each of the four pods' interfaces: {links:?}"
     );
     Ok(())
-}
-
-/// Attributes of every `<g …>` element of a dumped DOM whose `class` starts with `class`.
-fn elements(dom: &str, class: &str) -> Vec<BTreeMap<String, String>> {
-    let mut out = Vec::new();
-    for tag in dom.split("<g ").skip(1) {
-        let Some(head) = tag.split('>').next() else {
-            continue;
-        };
-        let mut attrs = BTreeMap::new();
-        let mut rest = head;
-        while let Some(eq) = rest.find("=\"") {
-            let name = rest[..eq].trim().to_owned();
-            let value_start = &rest[eq + 2..];
-            let Some(end) = value_start.find('"') else {
-                break;
-            };
-            attrs.insert(
-                name,
-                value_start[..end]
-                    .replace("&amp;", "&")
-                    .replace("&quot;", "\"")
-                    .replace("&gt;", ">")
-                    .replace("&lt;", "<"),
-            );
-            rest = &value_start[end + 1..];
-        }
-        if attrs.get("class").is_some_and(|c| c.starts_with(class)) {
-            out.push(attrs);
-        }
-    }
-    out
-}
-
-/// Headless Chromium inside the node (where the agent's page listens), with its own profile.
-fn chromium(node: &Node, args: &[String]) -> Result<String> {
-    let profile = node.run_dir().join("chromium-profile");
-    let mut all = vec![
-        "--headless".to_owned(),
-        "--no-sandbox".to_owned(),
-        "--disable-gpu".to_owned(),
-        "--disable-dev-shm-usage".to_owned(),
-        "--no-first-run".to_owned(),
-        "--disable-breakpad".to_owned(),
-        format!("--user-data-dir={}", profile.display()),
-    ];
-    all.extend_from_slice(args);
-    let out = node
-        .run(Duration::from_secs(90), "chromium", &all)
-        .context("running chromium (`cargo xtask setup` installs it)")?
-        .check()?;
-    Ok(out.stdout)
 }
 
 #[test]
