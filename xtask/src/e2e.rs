@@ -373,6 +373,77 @@ impl E2e {
         self.kubectl(&all)
     }
 
+    /// The controllers' metrics and cluster page, through their pods' `metrics` port: one
+    /// leader, every agent reached (found by the agents' Endpoints, named by node), the
+    /// workloads of both nodes on the merged graph.
+    fn controller_page(&self) -> Result<String> {
+        let ips = self.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "weft-system",
+            "-l",
+            "app.kubernetes.io/component=controller",
+            "-o",
+            "jsonpath={.items[*].status.podIP}",
+        ])?;
+        let get = |ip: &str, path: &str| -> Result<String> {
+            let out = self.cluster.node_run(
+                0,
+                "curl",
+                [
+                    "-sf",
+                    "--max-time",
+                    "10",
+                    &format!("http://{ip}:15014{path}"),
+                ],
+            )?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let ips: Vec<&str> = ips.split_whitespace().collect();
+        ensure!(!ips.is_empty(), "no controller pod has an address");
+        eventually(Duration::from_secs(30), Duration::from_secs(1), || {
+            let mut leaders = 0.0;
+            for ip in &ips {
+                leaders += metric_sum(&get(ip, "/metrics")?, "weft_controller_leader", &[]);
+            }
+            ensure!(
+                (leaders - 1.0).abs() < 0.5,
+                "{leaders} of {} controllers lead",
+                ips.len()
+            );
+            let graph: Value = serde_json::from_str(&get(ips[0], "/graph")?)?;
+            let mut agents: Vec<String> = graph["agents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["up"] == true)
+                .filter_map(|a| a["name"].as_str().map(str::to_owned))
+                .collect();
+            agents.sort();
+            let nodes: Vec<String> = self.cluster.nodes.iter().map(|n| n.name.clone()).collect();
+            ensure!(
+                agents == nodes,
+                "agents answering: {agents:?}; graph: {graph}"
+            );
+            let hosts: std::collections::BTreeSet<&str> = graph["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["kind"] == "workload")
+                .filter_map(|n| n["host"].as_str())
+                .collect();
+            ensure!(
+                nodes.iter().all(|n| hosts.contains(n.as_str())),
+                "workloads' nodes on the merged graph: {hosts:?}"
+            );
+            Ok(format!(
+                "1 leader of {}; agents {agents:?} answer; workloads on {hosts:?}",
+                ips.len()
+            ))
+        })
+    }
+
     /// Every agent's metrics, scraped as Prometheus would: through the chart's headless
     /// Service's endpoints.
     fn scrape_agents(&self) -> Result<Vec<String>> {
@@ -791,6 +862,12 @@ fn scenario(e: &E2e, report: &mut Report) -> Result<()> {
     let programmed = e.policy_programmed();
     report.policy_programmed = programmed.is_ok();
     report.check("policy_status_programmed", report.policy_programmed, "");
+    let page = e.controller_page();
+    report.check(
+        "controller_page_merges_both_nodes",
+        page.is_ok(),
+        page.unwrap_or_else(|e| format!("{e:#}")),
+    );
     e.kubectl(&[
         "delete",
         "authorizationpolicy",
