@@ -178,6 +178,10 @@ struct RateArgs {
     /// under test and the upstreams on another, when there are two or more).
     #[arg(long)]
     no_pin: bool,
+    /// l7: after the rounds, sample the agent with `perf` during one more saturation run and
+    /// write a flame graph (`weft-l7.svg`) and the folded stacks into this directory.
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
 }
 
 impl RateArgs {
@@ -447,6 +451,7 @@ fn main() -> Result<()> {
                 &bins.1,
                 args.options(),
                 baseline.as_deref(),
+                args.profile.as_deref(),
                 args.json.as_deref(),
             )
         }
@@ -456,6 +461,7 @@ fn main() -> Result<()> {
             baseline,
         } => {
             anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
+            anyhow::ensure!(args.profile.is_none(), "--profile is for bench l7 only");
             ensure_setup()?;
             let bins = bench_bins(weft)?;
             bench::mtls(&bins.0, &bins.1, &args.options(), args.json.as_deref())

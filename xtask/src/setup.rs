@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
     "wrk",
+    // `cargo xtask bench l7 --profile`: the agent sampled during a run.
+    "linux-perf",
     // The dashboards test: Debian's Prometheus scrapes an agent and evaluates every panel.
     "prometheus",
     // The service graph page's test loads it in a real headless browser (and a font to render

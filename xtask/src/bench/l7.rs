@@ -318,6 +318,112 @@ fn measure(target: &Target, options: &Options, pinning: Option<Pinning>) -> Resu
     })
 }
 
+/// Functions listed by [`profile_engine`], hottest first.
+const PROFILE_TOP: usize = 15;
+
+/// `--profile DIR`: the agent sampled with `perf record` (DWARF call graphs) during one more
+/// saturation run through the weft column; the samples folded (`weft-l7.folded`) and drawn
+/// as a flame graph (`weft-l7.svg`, inferno), and the functions with the most samples of their
+/// own printed.
+fn profile_engine(
+    target: &Target,
+    options: &Options,
+    pinning: Option<Pinning>,
+    dir: &Path,
+) -> Result<()> {
+    use inferno::collapse::Collapse as _;
+    let pid = target.agent_pid.context("the weft column has no agent")?;
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join("weft-l7.perf.data");
+    step!(
+        "weft: profiling the agent (pid {pid}) with perf during {}s of wrk",
+        options.secs
+    );
+    let perf = std::process::Command::new("perf")
+        .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&data)
+        .args(["--", "sleep"])
+        .arg((options.secs + 1).to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running perf (`cargo xtask setup` installs linux-perf)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let load = wrk::run(
+        &target.client,
+        &target.url,
+        options.secs,
+        pinning.map(|p| p.load_cpu),
+    );
+    let recorded = perf.wait_with_output()?;
+    ensure!(
+        recorded.status.success(),
+        "perf record: {}",
+        String::from_utf8_lossy(&recorded.stderr)
+    );
+    let load = load?;
+    let script = std::process::Command::new("perf")
+        .args(["script", "-i"])
+        .arg(&data)
+        .output()?;
+    ensure!(
+        script.status.success(),
+        "perf script: {}",
+        String::from_utf8_lossy(&script.stderr)
+    );
+    let mut folded = Vec::new();
+    inferno::collapse::perf::Folder::default().collapse(&script.stdout[..], &mut folded)?;
+    let folded = String::from_utf8_lossy(&folded).into_owned();
+    std::fs::write(dir.join("weft-l7.folded"), &folded)?;
+    let mut flame = inferno::flamegraph::Options::default();
+    flame.title = format!(
+        "weft agent, wrk -c32 through the L7 engine ({:.0} requests/s)",
+        load.rps
+    );
+    let svg = dir.join("weft-l7.svg");
+    inferno::flamegraph::from_lines(
+        &mut flame,
+        folded.lines(),
+        std::io::BufWriter::new(std::fs::File::create(&svg)?),
+    )?;
+    let (total, top) = hottest(&folded, PROFILE_TOP);
+    step!(
+        "weft: profiled at {:.0} requests/s; flame graph {}; the functions with most CPU of their own:",
+        load.rps,
+        svg.display()
+    );
+    for (function, samples) in top {
+        #[allow(clippy::cast_precision_loss, reason = "sample counts")]
+        let share = 100.0 * samples as f64 / total.max(1) as f64;
+        println!("  {share:5.1} %  {function}");
+    }
+    Ok(())
+}
+
+/// The weight of all samples (perf's folded counts: CPU cycles), and the `n` leaf functions
+/// with the most of their own.
+fn hottest(folded: &str, n: usize) -> (u64, Vec<(String, u64)>) {
+    let mut own: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut total = 0;
+    for line in folded.lines() {
+        let Some((stack, count)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(count) = count.parse::<u64>() else {
+            continue;
+        };
+        total += count;
+        let leaf = stack.rsplit(';').next().unwrap_or(stack);
+        *own.entry(leaf).or_default() += count;
+    }
+    let mut top: Vec<(String, u64)> = own.into_iter().map(|(f, c)| (f.to_owned(), c)).collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top.truncate(n);
+    (total, top)
+}
+
 /// Starts a new peak-RSS window for `pid` (the kernel's `VmHWM` is reset to the current RSS):
 /// the peak is then read once afterwards, with no sampling process competing for the CPUs
 /// during the measurement.
@@ -842,6 +948,7 @@ pub fn l7(
     workload: &Path,
     options: Options,
     baseline: Option<&Path>,
+    profile: Option<&Path>,
     json: Option<&Path>,
 ) -> Result<()> {
     testbed::use_binaries(weft, workload)?;
@@ -985,6 +1092,17 @@ pub fn l7(
     }
     rounds.finish();
     step!("measured in {:.0}s", started.elapsed().as_secs_f64());
+    if let Some(dir) = profile {
+        let weft_lane = lanes
+            .iter()
+            .find(|l| l.measured.column == Column::Weft)
+            .and_then(|l| l.target.as_ref());
+        match weft_lane.map(|t| profile_engine(t, &options, pinning, dir)) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => step!("weft: profile: {e:#}"),
+            None => step!("weft: not profiled (the column failed)"),
+        }
+    }
 
     let measured: Vec<Measured> = lanes.into_iter().map(|l| l.measured).collect();
     let held = agent_pid
@@ -1041,6 +1159,13 @@ pub fn l7(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hottest_counts_leaf_samples() {
+        let (total, top) = hottest("a;b;c 5\nx;c 2\na;b 4\nbad line\n", 2);
+        assert_eq!(total, 11);
+        assert_eq!(top, vec![("c".to_owned(), 7), ("b".to_owned(), 4)]);
+    }
 
     #[test]
     fn objects_name_the_service_and_route() {
