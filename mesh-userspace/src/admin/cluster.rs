@@ -16,7 +16,7 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Either, Full, Limited};
+use http_body_util::{BodyExt as _, Either, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Endpoints;
@@ -25,6 +25,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 
 use super::{
     graph::{self, Graph},
+    json, respond,
     tap::Stream,
 };
 use crate::control::monitor::Monitor;
@@ -72,26 +73,7 @@ struct Cluster {
     names: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
-type Body = Either<Full<Bytes>, Stream>;
-
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Either::Left(Full::new(body.into())))
-        .unwrap_or_else(|_| Response::new(Either::Left(Full::new(Bytes::new()))))
-}
-
-fn json(value: &impl Serialize) -> Response<Body> {
-    match serde_json::to_vec_pretty(value) {
-        Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err(e) => respond(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            e.to_string(),
-        ),
-    }
-}
+type Body = super::AdminBody;
 
 /// Serves until the listener fails.
 pub async fn serve(config: ClusterConfig, client: kube::Client, monitor: Arc<Monitor>) {

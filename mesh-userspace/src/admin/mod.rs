@@ -109,9 +109,13 @@ trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
 
 /// A whole answer, or the `/tap` stream.
-type AdminBody = Either<Full<Bytes>, tap::Stream>;
+pub(crate) type AdminBody = Either<Full<Bytes>, tap::Stream>;
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<AdminBody> {
+pub(crate) fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<AdminBody> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
@@ -119,7 +123,7 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
         .unwrap_or_else(|_| Response::new(Either::Left(Full::new(Bytes::new()))))
 }
 
-fn json(value: &impl Serialize) -> Response<AdminBody> {
+pub(crate) fn json(value: &impl Serialize) -> Response<AdminBody> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
         Err(e) => respond(
