@@ -57,3 +57,35 @@ pub fn chromium(node: &Node, args: &[String]) -> Result<String> {
         .check()?;
     Ok(out.stdout)
 }
+
+/// A screenshot of `url` as Chromium in `node` renders it (1400×1000, after `budget_ms` of
+/// virtual time), kept as `target/artifacts/<name>` for whoever looks at the run; checked to be
+/// a PNG of some substance.
+pub fn screenshot(
+    node: &Node,
+    url: &str,
+    budget_ms: u32,
+    name: &str,
+) -> Result<std::path::PathBuf> {
+    let shot = node.run_dir().join(name);
+    chromium(
+        node,
+        &[
+            format!("--virtual-time-budget={budget_ms}"),
+            "--window-size=1400,1000".to_owned(),
+            format!("--screenshot={}", shot.display()),
+            url.to_owned(),
+        ],
+    )?;
+    let png = std::fs::read(&shot).context("no screenshot")?;
+    anyhow::ensure!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
+    let artifacts = crate::workspace_dir().join("target/artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    let kept = artifacts.join(name);
+    std::fs::write(&kept, &png)?;
+    Ok(kept)
+}

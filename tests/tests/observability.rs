@@ -19,7 +19,7 @@ use serde_json::Value;
 use testbed::{
     Node, Pod, ServeMode, Testbed,
     agent::Agent,
-    browser::{chromium, elements},
+    browser::{chromium, elements, screenshot},
     eventually,
     http::{HttpGetArgs, HttpServerArgs},
     kube::ControlPlane,
@@ -561,25 +561,7 @@ fn the_service_graph_page_shows_the_traffic_in_a_real_browser() -> Result<()> {
     );
 
     // A screenshot, kept as an artifact of the run.
-    let shot = node.run_dir().join("service-graph.png");
-    chromium(
-        node,
-        &[
-            "--virtual-time-budget=6000".to_owned(),
-            "--window-size=1400,1000".to_owned(),
-            format!("--screenshot={}", shot.display()),
-            url,
-        ],
-    )?;
-    let png = std::fs::read(&shot).context("no screenshot")?;
-    ensure!(
-        png.starts_with(b"\x89PNG") && png.len() > 20_000,
-        "screenshot of {} bytes",
-        png.len()
-    );
-    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/artifacts");
-    std::fs::create_dir_all(&artifacts)?;
-    std::fs::write(artifacts.join("service-graph.png"), &png)?;
+    screenshot(node, &url, 6000, "service-graph.png")?;
     Ok(())
 }
 
