@@ -221,7 +221,8 @@ impl ControlPlane {
     }
 
     /// Starts `weft controller` in the node against this server (its Lease in namespace
-    /// `default`), with `extra` arguments.
+    /// `default`), with `extra` arguments. Unless they say `--listen`, its metrics and page
+    /// listen on a free loopback port (replicas share the node's network namespace here).
     pub fn spawn_controller(&self, extra: &[&str]) -> Result<Proc> {
         let kubeconfig = self.kubeconfig_path()?.display().to_string();
         let mut args = vec![
@@ -231,6 +232,9 @@ impl ControlPlane {
             "--namespace",
             "default",
         ];
+        if !extra.contains(&"--listen") {
+            args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+        }
         args.extend_from_slice(extra);
         self.node.spawn(crate::weft_bin(), args)
     }
