@@ -14,7 +14,7 @@ use serde_json::json;
 use testbed::{
     ServeMode, Testbed,
     agent::{self, Agent},
-    browser::{chromium, elements, screenshot},
+    browser::{chromium, elements},
     eventually,
     http::{HttpGetArgs, HttpGetReport, HttpServerArgs},
     kube::{AGENT_TOKEN, ControlPlane, OTHER_TOKEN, shipped_crds},
@@ -552,12 +552,6 @@ fn the_controllers_page_shows_both_nodes(
         }),
         "the page draws a → b through the tunnel"
     );
-    screenshot(
-        n1,
-        "http://127.0.0.1:15014/ui",
-        5000,
-        "cluster-service-graph.png",
-    )?;
 
     let metrics = controller_get(n1, "/metrics")?;
     ensure!(
