@@ -65,15 +65,6 @@ impl std::fmt::Debug for Monitor {
     }
 }
 
-/// A finding's state label.
-fn state(f: &Finding) -> &'static str {
-    match (&f.verdict.rejected, &f.verdict.unresolved) {
-        (Some(_), _) => "not_accepted",
-        (None, Some(_)) => "unresolved",
-        (None, None) => "programmed",
-    }
-}
-
 impl Default for Monitor {
     fn default() -> Self {
         Self::new()
@@ -167,7 +158,7 @@ impl Monitor {
             self.objects
                 .get_or_create(&ObjectLabels {
                     kind: f.kind.to_owned(),
-                    state: state(f).to_owned(),
+                    state: f.verdict.state().label().to_owned(),
                 })
                 .inc();
         }

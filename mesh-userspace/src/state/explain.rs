@@ -59,16 +59,11 @@ pub struct ObjectState {
 impl ObjectState {
     #[must_use]
     pub fn of(f: &super::validate::Finding) -> Self {
-        let (state, reason) = match (&f.verdict.rejected, &f.verdict.unresolved) {
-            (Some((r, m)), _) => ("NotAccepted", Some(format!("{r}: {m}"))),
-            (None, Some((r, m))) => ("Unresolved", Some(format!("{r}: {m}"))),
-            (None, None) => ("Programmed", None),
-        };
         Self {
             object: f.object(),
             parent: f.parent.clone(),
-            state: state.into(),
-            reason,
+            state: f.verdict.state().name().into(),
+            reason: f.verdict.problem().map(|(r, m)| format!("{r}: {m}")),
         }
     }
 }

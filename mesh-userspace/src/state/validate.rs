@@ -43,6 +43,54 @@ impl Verdict {
     pub fn effective(&self) -> bool {
         self.rejected.is_none() && self.unresolved.is_none()
     }
+
+    /// Where this verdict leaves its object.
+    #[must_use]
+    pub const fn state(&self) -> State {
+        match (&self.rejected, &self.unresolved) {
+            (Some(_), _) => State::NotAccepted,
+            (None, Some(_)) => State::Unresolved,
+            (None, None) => State::Programmed,
+        }
+    }
+
+    /// The (reason, message) that keeps the object from being programmed.
+    #[must_use]
+    pub fn problem(&self) -> Option<&(&'static str, String)> {
+        self.rejected.as_ref().or(self.unresolved.as_ref())
+    }
+}
+
+/// An object's state after its verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Accepted, every reference resolved: in effect.
+    Programmed,
+    /// Accepted, but a reference does not resolve.
+    Unresolved,
+    NotAccepted,
+}
+
+impl State {
+    /// As `weft explain` and the page name it.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Programmed => "Programmed",
+            Self::Unresolved => "Unresolved",
+            Self::NotAccepted => "NotAccepted",
+        }
+    }
+
+    /// As a metric label.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Programmed => "programmed",
+            Self::Unresolved => "unresolved",
+            Self::NotAccepted => "not_accepted",
+        }
+    }
 }
 
 /// What Weft says about one object (for a route: about it at one Service parent). The same
