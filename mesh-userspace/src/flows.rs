@@ -146,6 +146,17 @@ fn peer(state: &NodeState, ip_be: u32, port: u16) -> Peer {
     }
 }
 
+/// For a client socket the kernel redirected to the engine: the destination its application
+/// asked for (a service address, or the remote pod the tunnel carries it to), as address
+/// (big-endian) and port; the socket's own peer is the engine.
+fn asked_for(
+    is_client: bool,
+    verdict_code: u8,
+    (ip_be, port_be): (u32, u16),
+) -> Option<(u32, u16)> {
+    (is_client && verdict_code == verdict::L7 && ip_be != 0).then(|| (ip_be, u16::from_be(port_be)))
+}
+
 fn service_name(state: &NodeState, id: u32) -> Option<String> {
     state
         .service(ServiceId(id))
@@ -267,13 +278,10 @@ impl FlowTable {
     ) -> FlowView {
         let local = peer(state, key.local_ip_be, key.local_port_host as u16);
         let is_client = f.role == role::CLIENT;
-        let remote = if is_client && f.verdict == verdict::L7 && f.orig_dst_ip_be != 0 {
-            // Redirected to the engine: the destination the application asked for (a
-            // service address, or the remote pod the tunnel carries it to).
-            peer(state, f.orig_dst_ip_be, u16::from_be(f.orig_dst_port_be))
-        } else {
-            peer(state, key.remote_ip_be, key.remote_port_host as u16)
-        };
+        let (remote_ip_be, remote_port) =
+            asked_for(is_client, f.verdict, (f.orig_dst_ip_be, f.orig_dst_port_be))
+                .unwrap_or((key.remote_ip_be, key.remote_port_host as u16));
+        let remote = peer(state, remote_ip_be, remote_port);
         let (src, dst) = if is_client {
             (local, remote)
         } else {
@@ -331,14 +339,9 @@ pub fn event_of(e: &mesh_common::FlowEvent, state: &NodeState, clock: Clock) -> 
     };
     let local = end(e.key.local_ip_be, e.key.local_port_host);
     let is_client = e.role != role::SERVER;
-    let remote = if is_client && e.verdict == verdict::L7 && e.orig_dst_ip_be != 0 {
-        // Redirected to the engine: the destination the application asked for.
-        end(
-            e.orig_dst_ip_be,
-            u32::from(u16::from_be(e.orig_dst_port_be)),
-        )
-    } else {
-        end(e.key.remote_ip_be, e.key.remote_port_host)
+    let remote = match asked_for(is_client, e.verdict, (e.orig_dst_ip_be, e.orig_dst_port_be)) {
+        Some((ip_be, port)) => end(ip_be, u32::from(port)),
+        None => end(e.key.remote_ip_be, e.key.remote_port_host),
     };
     let (mut src, dst) = if is_client {
         (local, remote)
