@@ -454,23 +454,30 @@ pub fn build(
 /// quantiles: the merged p50 is the busiest reporter's, the merged p99 the highest.
 #[must_use]
 pub fn merge(graphs: &[Graph]) -> Graph {
-    let local_at = |g: &Graph, id: &str| {
-        g.nodes
-            .iter()
-            .any(|n| n.id == id && n.local && n.kind == "workload")
-    };
-    let by_source: BTreeSet<(String, String, String)> = graphs
+    // Each report's own workloads, looked up once per report.
+    let local: Vec<BTreeSet<&str>> = graphs
         .iter()
-        .flat_map(|g| {
+        .map(|g| {
+            g.nodes
+                .iter()
+                .filter(|n| n.local && n.kind == "workload")
+                .map(|n| n.id.as_str())
+                .collect()
+        })
+        .collect();
+    let by_source: BTreeSet<(&str, &str, &str)> = graphs
+        .iter()
+        .zip(&local)
+        .flat_map(|(g, local)| {
             g.edges
                 .iter()
-                .filter(|e| local_at(g, &e.source))
-                .map(|e| (e.source.clone(), e.target.clone(), e.path.clone()))
+                .filter(|e| local.contains(e.source.as_str()))
+                .map(|e| (e.source.as_str(), e.target.as_str(), e.path.as_str()))
         })
         .collect();
     let mut nodes: BTreeMap<String, GraphNode> = BTreeMap::new();
     let mut edges: Edges = BTreeMap::new();
-    for g in graphs {
+    for (g, local) in graphs.iter().zip(&local) {
         for n in &g.nodes {
             let merged = nodes.entry(n.id.clone()).or_insert_with(|| GraphNode {
                 local: false,
@@ -486,8 +493,8 @@ pub fn merge(graphs: &[Graph]) -> Graph {
             }
         }
         for e in &g.edges {
-            let key = (e.source.clone(), e.target.clone(), e.path.clone());
-            if by_source.contains(&key) && !local_at(g, &e.source) {
+            let key = (e.source.as_str(), e.target.as_str(), e.path.as_str());
+            if by_source.contains(&key) && !local.contains(e.source.as_str()) {
                 continue; // the receiving side of an edge its client's agent reports
             }
             let m = edge(&mut edges, &e.source, &e.target, &e.path);
