@@ -152,7 +152,7 @@ impl ControlPlane {
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", d("sa.pub")),
                 format!("--service-account-signing-key-file={}", d("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--service-cluster-ip-range=198.19.96.0/20".into(),
                 // No controller-manager: no Endpoints reconciler, and no service-account
                 // token controller for the ServiceAccount admission plugin to wait for.
                 "--endpoint-reconciler-type=none".into(),

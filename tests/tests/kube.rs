@@ -175,14 +175,14 @@ fn agent_in_kube_mode_follows_pods_services_and_policies_on_the_api_server() -> 
 apiVersion: v1
 kind: Service
 metadata: {name: b, namespace: default}
-spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort: 7000, protocol: TCP}]}
+spec: {clusterIP: 198.19.96.10, selector: {app: b}, ports: [{port: 80, targetPort: 7000, protocol: TCP}]}
 ",
     )?;
     let kubeconfig = cp.kubeconfig_path()?;
     let agent = Agent::start_kube(&node, &kubeconfig, &[])?;
     agent.wait_workloads(3)?;
     let server = pods[1].serve(ServeMode::Echo, 7000)?;
-    let vip: std::net::SocketAddr = "10.96.0.10:80".parse()?;
+    let vip: std::net::SocketAddr = "198.19.96.10:80".parse()?;
 
     // The Service from the API server is load-balanced in the kernel.
     let r = pods[2].try_connect(vip, Duration::from_secs(2))?;
@@ -631,17 +631,17 @@ const WEB_SERVICES: &str = r"
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
-spec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}
+spec: {clusterIP: 198.19.96.20, selector: {app: web}, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: web-v1, namespace: default}
-spec: {clusterIP: 10.96.0.21, selector: {version: v1}, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}
+spec: {clusterIP: 198.19.96.21, selector: {version: v1}, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: web-v2, namespace: default}
-spec: {clusterIP: 10.96.0.22, selector: {version: v2}, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}
+spec: {clusterIP: 198.19.96.22, selector: {version: v2}, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}
 ";
 
 /// Everything to v2. `parentRefs[].group` is left out rather than written `''`: the 1.20 test
@@ -709,7 +709,7 @@ fn httproute_on_the_api_server_moves_live_traffic_and_its_deletion_reverts() -> 
         v2.serve_http(&HttpServerArgs::new("v2", 8080))?,
     ];
     let get = || -> Result<HttpGetReport> {
-        let mut args = HttpGetArgs::new("http://10.96.0.20/".parse()?);
+        let mut args = HttpGetArgs::new("http://198.19.96.20/".parse()?);
         args.count = 20;
         args.concurrency = 4;
         client.http_get(&args)
