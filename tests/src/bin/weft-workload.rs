@@ -61,6 +61,10 @@ enum Command {
     Hold(HoldArgs),
     /// One connection attempt; reports the errno (exits 0 either way).
     Connect(ConnectArgs),
+    /// Connection attempts every interval; prints a JSON line each time the outcome changes
+    /// (connected, or which errno), with the wall-clock time: how long a policy change takes to
+    /// reach the kernel.
+    VerdictWatch(VerdictWatchArgs),
     /// Request/response latency on one connection to an echo server.
     Rr(RrArgs),
     /// Throughput to a sink server.
@@ -154,6 +158,18 @@ struct ConnectArgs {
 }
 
 #[derive(Args)]
+struct VerdictWatchArgs {
+    #[arg(long)]
+    connect: SocketAddr,
+    /// Pause between attempts.
+    #[arg(long, default_value_t = 1)]
+    interval_ms: u64,
+    /// Stops after this long.
+    #[arg(long)]
+    secs: f64,
+}
+
+#[derive(Args)]
 struct RrArgs {
     #[arg(long)]
     connect: SocketAddr,
@@ -198,6 +214,9 @@ fn main() -> ExitCode {
             emit_result(&report, report.broken == 0)
         }),
         Command::Connect(args) => Ok(emit_result(&connect_once(&args), true)),
+        Command::VerdictWatch(args) => {
+            duration_from_secs(args.secs).map(|secs| verdict_watch(&args, secs))
+        }
         Command::Rr(args) => duration_from_secs(args.secs).map(|secs| {
             let report = rr(&args, secs);
             emit_result(&report, report.error.is_none())
@@ -735,6 +754,34 @@ fn reset(args: &ResetArgs) -> ResetReport {
         Err(error) => report.error = Some(error.to_string()),
     }
     report
+}
+
+/// One line per change of outcome: `{"seq":N,"ok":bool,"errno":E,"unix_us":T}`. An allowed
+/// attempt at a port nobody listens on is refused by the peer (`ECONNREFUSED`), a denied one by
+/// the kernel before any packet (`EPERM`): neither leaves a connection behind, so attempts can be
+/// frequent for minutes without filling the port range.
+fn verdict_watch(args: &VerdictWatchArgs, secs: Duration) -> ExitCode {
+    let end = Instant::now() + secs;
+    let mut last: Option<(bool, Option<i32>)> = None;
+    let mut seq = 0u64;
+    while Instant::now() < end {
+        let outcome = match TcpStream::connect_timeout(&args.connect, Duration::from_millis(500)) {
+            Ok(_) => (true, None),
+            Err(error) => (false, error.raw_os_error()),
+        };
+        if last != Some(outcome) {
+            let unix_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            emit(&serde_json::json!({
+                "seq": seq, "ok": outcome.0, "errno": outcome.1, "unix_us": unix_us,
+            }));
+            seq += 1;
+            last = Some(outcome);
+        }
+        thread::sleep(Duration::from_millis(args.interval_ms));
+    }
+    ExitCode::SUCCESS
 }
 
 fn connect_once(args: &ConnectArgs) -> ConnectReport {
