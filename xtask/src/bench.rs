@@ -19,10 +19,13 @@ use crate::step;
 mod l7;
 mod mtls;
 mod proxies;
+mod scale;
 mod wrk;
+mod ztunnel;
 
 pub use l7::{Options as RateOptions, l7};
 pub use mtls::mtls;
+pub use scale::{Options as ScaleOptions, scale};
 
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 struct Rr {

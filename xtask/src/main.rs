@@ -155,8 +155,34 @@ enum BenchCmd {
     /// fixed-rate latency with weft-workload http-load, the agent's memory).
     L7(RateArgs),
     /// Cross-node, encrypted: no mesh vs Weft's mTLS tunnel (L4 and L7) vs a haproxy mutual-TLS
-    /// pair (fixed-rate HTTP latency, bulk throughput, both agents' memory).
-    Mtls(RateArgs),
+    /// pair vs (with `--ztunnel`) Istio's ztunnel pair: fixed-rate HTTP latency, saturation,
+    /// bulk throughput, CPU per 1000 requests, memory.
+    Mtls {
+        #[command(flatten)]
+        args: RateArgs,
+        /// An Istio ztunnel binary (built from Istio's source with its test CA, `FAKE_CA`,
+        /// compiled in) to measure side by side; without it the report names Istio's published
+        /// figures instead.
+        #[arg(long, env = "WEFT_ZTUNNEL", value_name = "BIN")]
+        ztunnel: Option<PathBuf>,
+    },
+    /// The control path as the cluster grows: a real API server with 50 nodes, 1000 Services,
+    /// 1000 policies and more and more pods; time from a policy change to the kernel's verdict,
+    /// the agent's and controller's memory and CPU; a table and `scale.svg`.
+    Scale {
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Pod counts to measure at, in increasing order (pods are added, never removed).
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+        sizes: Vec<usize>,
+        /// Policy changes per size (alternately a DENY policy created and deleted).
+        #[arg(long, default_value_t = 40)]
+        changes: usize,
+        /// Where `scale.svg` goes.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
 }
 
 /// Flags of the benchmarks that drive a fixed request rate.
@@ -371,6 +397,7 @@ fn test(args: &[String]) -> Result<()> {
     }
 }
 
+#[allow(clippy::too_many_lines, reason = "one arm per command")]
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Image => images().map(drop),
@@ -456,7 +483,29 @@ fn main() -> Result<()> {
             )
         }
         Cmd::Bench {
-            which: BenchCmd::Mtls(args),
+            which:
+                BenchCmd::Scale {
+                    json,
+                    sizes,
+                    changes,
+                    out,
+                },
+            weft,
+            baseline,
+        } => {
+            anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
+            ensure_setup()?;
+            let bins = bench_bins(weft)?;
+            bench::scale(
+                &bins.0,
+                &bins.1,
+                &bench::ScaleOptions { sizes, changes },
+                json.as_deref(),
+                &out,
+            )
+        }
+        Cmd::Bench {
+            which: BenchCmd::Mtls { args, ztunnel },
             weft,
             baseline,
         } => {
@@ -464,7 +513,13 @@ fn main() -> Result<()> {
             anyhow::ensure!(args.profile.is_none(), "--profile is for bench l7 only");
             ensure_setup()?;
             let bins = bench_bins(weft)?;
-            bench::mtls(&bins.0, &bins.1, &args.options(), args.json.as_deref())
+            bench::mtls(
+                &bins.0,
+                &bins.1,
+                &args.options(),
+                ztunnel.as_deref(),
+                args.json.as_deref(),
+            )
         }
     }
 }

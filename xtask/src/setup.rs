@@ -45,6 +45,9 @@ const SERVICE_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("etcd-server", "etcd"),
     ("containerd", "containerd"),
+    // `bench mtls --ztunnel` installs it for the client pod's capture rule; its unit
+    // (`nftables.service`, which loads /etc/nftables.conf into the host) must not start.
+    ("nftables", "nft"),
 ];
 /// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

@@ -595,7 +595,7 @@ fn proxy_target(
 /// median (order statistics: ranks k and n−1−k with k = ⌊(n − 1.96·√n) / 2⌋; with 5 rounds or
 /// fewer that is the whole range).
 #[derive(Debug, Clone, Serialize, PartialEq)]
-struct Interval {
+pub(super) struct Interval {
     median: f64,
     low: f64,
     high: f64,
@@ -603,7 +603,7 @@ struct Interval {
 }
 
 impl Interval {
-    fn of(mut values: Vec<f64>) -> Option<Self> {
+    pub(super) fn of(mut values: Vec<f64>) -> Option<Self> {
         values.retain(|v| v.is_finite());
         if values.is_empty() {
             return None;
@@ -628,7 +628,7 @@ impl Interval {
     }
 
     /// Whether the whole interval is on one side of `goal` (else the run cannot tell).
-    fn side_of(&self, goal: f64) -> &'static str {
+    pub(super) fn side_of(&self, goal: f64) -> &'static str {
         if self.high <= goal {
             "below"
         } else if self.low > goal {
