@@ -43,7 +43,9 @@ fn a_reader_that_falls_behind_slows_its_sender_instead_of_exhausting_tcp_memory(
     // sit in b's queue (the kernel would be under memory pressure, close to ENOMEM).
     let bytes = pressure * tcp_memory::PAGE * 3 / 2;
     let watch = tcp_memory::PeakWatch::start()?;
-    let transfer = a.transfer(server.addr(), bytes, 1);
+    // Gigabytes through the (debug-built) verifying echo: a minute was not always enough on a
+    // loaded 2-core machine (a CI run's transfer hit its deadline at 1.5 of 1.8 GB).
+    let transfer = a.transfer_within(server.addr(), bytes, 1, Duration::from_mins(4));
     let rise = watch.stop();
     let transfer = transfer?;
     ensure!(

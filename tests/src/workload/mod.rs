@@ -138,6 +138,17 @@ impl Pod {
     /// `transfer`: `conns` concurrent connections each send `bytes` of the pattern to the echo
     /// server at `to` and verify the echo. Failed connections are in the report, not an error.
     pub fn transfer(&self, to: SocketAddr, bytes: u64, conns: u32) -> Result<TransferReport> {
+        self.transfer_within(to, bytes, conns, TRANSFER_TIMEOUT)
+    }
+
+    /// [`Pod::transfer`] with a time limit of the caller's (for transfers of gigabytes).
+    pub fn transfer_within(
+        &self,
+        to: SocketAddr,
+        bytes: u64,
+        conns: u32,
+        limit: Duration,
+    ) -> Result<TransferReport> {
         let args = [
             "transfer".to_owned(),
             "--connect".to_owned(),
@@ -147,9 +158,9 @@ impl Pod {
             "--conns".to_owned(),
             conns.to_string(),
             "--timeout-secs".to_owned(),
-            TRANSFER_TIMEOUT.as_secs().to_string(),
+            limit.as_secs().max(1).to_string(),
         ];
-        self.run(TRANSFER_TIMEOUT + CLIENT_SLACK, workload_bin(), args)?
+        self.run(limit + CLIENT_SLACK, workload_bin(), args)?
             .json_as()
     }
 
