@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mesh_common::{PolicyKey, PolicyValue, verdict};
 
-use super::{RuleId, RuleInfo, Workload};
+use super::{RuleId, RuleInfo, Workload, index::PolicyIndex};
 use crate::api::{
     ObjectSet,
     objects::{Action, AuthorizationPolicy, DEFAULT_DENY_LABEL, Source, selector_matches},
@@ -152,10 +152,15 @@ pub(super) fn policy_matrix(
     }
 
     let mut entries = BTreeMap::new();
+    let index = PolicyIndex::new(&sorted);
     let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && source(w)).collect();
     for dst in workloads.iter().filter(|w| w.meshed && destination(w)) {
-        let applying: Vec<&AuthorizationPolicy> =
-            sorted.iter().copied().filter(|p| selects(p, dst)).collect();
+        let applying: Vec<&AuthorizationPolicy> = index
+            .candidates(dst)
+            .into_iter()
+            .map(|i| sorted[i])
+            .filter(|p| selects(p, dst))
+            .collect();
         let deny_by_default = default_deny
             .contains(&dst.namespace)
             .then(|| {

@@ -7,6 +7,7 @@ pub mod access;
 mod authz;
 pub mod explain;
 mod ids;
+mod index;
 mod l7;
 pub mod policy;
 pub mod routes;
@@ -393,8 +394,10 @@ pub fn build_after(
 
     // Services.
     let mut svc_taken = BTreeSet::new();
+    let pods = index::pods_by_key(&objects.pods);
+    let by_labels = index::WorkloadIndex::new(&state.workloads);
     for svc in &objects.services {
-        match service_ports(svc, &objects.pods, &state.workloads, &mut svc_taken) {
+        match service_ports(svc, &pods, &state.workloads, &by_labels, &mut svc_taken) {
             Ok(mut ports) => state.services.append(&mut ports),
             Err(p) => problems.push(p),
         }

@@ -1,10 +1,13 @@
 //! Services: their ports and the backends (pod addresses and target ports) behind each.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{ServiceId, ServicePort, Workload, stable_id};
+use super::{ServiceId, ServicePort, Workload, index::WorkloadIndex, stable_id};
 
 /// Whether a pod is a Service endpoint, as Kubernetes' endpoints controller decides: not while
 /// it terminates (`deletionTimestamp`), not once it has finished, not while its `Ready`
@@ -22,8 +25,9 @@ pub(super) fn serves_traffic(pod: &Pod) -> bool {
 
 pub(super) fn service_ports(
     svc: &Service,
-    pods: &[Pod],
+    pods: &HashMap<(&str, &str), &Pod>,
     workloads: &[Workload],
+    index: &WorkloadIndex,
     taken: &mut BTreeSet<u32>,
 ) -> Result<Vec<ServicePort>, String> {
     let name = svc
@@ -50,17 +54,18 @@ pub(super) fn service_ports(
     let Some(selector) = spec.selector.as_ref() else {
         return Ok(Vec::new()); // endpoints managed elsewhere; none in local mode
     };
-    let members: Vec<(&Workload, &Pod)> = workloads
+    let first = selector
         .iter()
-        .filter(|w| {
-            w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
+        .next()
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    let members: Vec<(&Workload, &Pod)> = index
+        .candidates(&namespace, first)
+        .iter()
+        .map(|&i| &workloads[i])
+        .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         .filter_map(|w| {
-            let pod = pods.iter().find(|p| {
-                p.metadata.name.as_deref() == Some(w.name.as_str())
-                    && p.metadata.namespace.as_deref().unwrap_or("default") == w.namespace
-            })?;
-            Some((w, pod))
+            let pod = pods.get(&(w.namespace.as_str(), w.name.as_str()))?;
+            Some((w, *pod))
         })
         .filter(|(_, pod)| serves_traffic(pod))
         .collect();
