@@ -16,9 +16,9 @@
 //! waits for: API server, watch, the agent's recompute, the maps, the programs.
 //!
 //! Per size it also reports the agent's and the controller's RSS, the CPU time they spent taking
-//! in the new pods and per change, the bytes the agent read (`rchar` of `/proc/<pid>/io`: every
-//! `read()`, the API server's watch streams above all) per change, and writes `scale.svg` (the
-//! curves) beside the JSON.
+//! in the new pods and per change, the bytes the agent received from the API server per change
+//! (`bytes_received` of its TCP connections to the server, from `ss`), and writes `scale.svg`
+//! (the curves).
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
@@ -30,7 +30,7 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::Pod as KubePod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde::Serialize;
-use testbed::{Proc, Testbed, agent::Agent, kube::ControlPlane};
+use testbed::{Node, Proc, Testbed, agent::Agent, kube::ControlPlane};
 
 use crate::step;
 
@@ -77,6 +77,7 @@ struct Size {
     agent_rss_mb: f64,
     agent_cpu_secs_taking_in_pods: f64,
     agent_cpu_ms_per_change: f64,
+    /// KiB the agent received from the API server per change (its watch streams).
     agent_read_kb_per_change: f64,
     controller_rss_mb: f64,
     controller_cpu_secs_taking_in_pods: f64,
@@ -102,8 +103,8 @@ fn node_name(i: usize) -> String {
     format!("scale-node-{:02}", i % NODES)
 }
 
-/// Namespace, nodes, Services and policies, as one YAML stream.
-fn background() -> String {
+/// Namespace, nodes, Services and policies, one YAML document each.
+fn background() -> Vec<String> {
     let mut docs = vec![format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}"
     )];
@@ -130,7 +131,7 @@ fn background() -> String {
             (p + 1) % SERVICES
         ));
     }
-    docs.join("\n---\n")
+    docs
 }
 
 /// The change the bench makes and reverts: `a` may no longer reach `b`.
@@ -189,6 +190,33 @@ fn proc_field(pid: u32, file: &str, key: &str) -> Result<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("/proc/{pid}/{file} has no {key}"))
+}
+
+/// Bytes `pid` has received on its TCP connections to the API server (`ss -ti`'s
+/// `bytes_received`, summed over the sockets `ss -p` names it as the owner of).
+fn api_bytes_received(node: &Node, pid: u32) -> Result<u64> {
+    let filter = format!("dport = :{}", testbed::kube::API_PORT);
+    let out = node
+        .run(
+            Duration::from_secs(10),
+            "ss",
+            ["-tinpH", "state", "established", filter.as_str()],
+        )?
+        .check()?;
+    let owner = format!("pid={pid},");
+    let mut total = 0;
+    let mut mine = false;
+    for line in out.stdout.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            mine = line.contains(&owner);
+        } else if mine {
+            total += line
+                .split_whitespace()
+                .find_map(|t| t.strip_prefix("bytes_received:")?.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
 }
 
 fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -302,7 +330,10 @@ pub fn scale(
         .join("\n---\n"),
     )?;
     let started = Instant::now();
-    cp.apply(&background())?;
+    // In batches: the YAML parser's budget is per stream.
+    for batch in background().chunks(100) {
+        cp.apply(&batch.join("\n---\n"))?;
+    }
     step!(
         "nodes, Services and policies written in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -344,7 +375,7 @@ pub fn scale(
         let create_secs = t.elapsed().as_secs_f64();
         let settle_secs = settle(&pids)?.as_secs_f64();
         let cpu1 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
-        let read0 = proc_field(agent_pid, "io", "rchar:")?;
+        let read0 = api_bytes_received(&node, agent_pid)?;
         let mut latencies = Vec::new();
         for change in 0..options.changes {
             let deny = change % 2 == 0;
@@ -367,7 +398,7 @@ pub fn scale(
             std::thread::sleep(Duration::from_millis(100));
         }
         let cpu2 = cpu_ticks(agent_pid)?;
-        let read = proc_field(agent_pid, "io", "rchar:")? - read0;
+        let read = api_bytes_received(&node, agent_pid)?.saturating_sub(read0);
         latencies.sort_by(f64::total_cmp);
         #[allow(clippy::cast_precision_loss, reason = "small counts")]
         let per_change = options.changes as f64;
@@ -596,7 +627,7 @@ mod tests {
 
     #[test]
     fn background_declares_every_object_once() {
-        let y = background();
+        let y = background().join("\n---\n");
         assert_eq!(y.matches("kind: Node\n").count(), NODES);
         assert_eq!(y.matches("kind: Service\n").count(), SERVICES);
         assert_eq!(y.matches("kind: AuthorizationPolicy\n").count(), POLICIES);
