@@ -20,7 +20,10 @@ mod progress;
 mod setup;
 mod tools;
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -280,6 +283,13 @@ pub fn build(release: bool) -> Result<(PathBuf, PathBuf)> {
     Ok((dir.join("weft"), dir.join("weft-workload")))
 }
 
+/// Setup, then [`bench_bins`], for the benchmarks that take no `--baseline`.
+fn setup_and_bins(weft: Option<PathBuf>, baseline: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
+    ensure_setup()?;
+    bench_bins(weft)
+}
+
 /// The release binaries to measure: this tree's, or `weft` (another build) with this tree's
 /// test workload.
 fn bench_bins(weft: Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
@@ -458,9 +468,7 @@ fn main() -> Result<()> {
             weft,
             baseline,
         } => {
-            anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
-            ensure_setup()?;
-            let bins = bench_bins(weft)?;
+            let bins = setup_and_bins(weft, baseline.as_deref())?;
             bench::l4(&bins.0, &bins.1, secs, repeats, json.as_deref())
         }
         Cmd::Bench {
@@ -493,9 +501,7 @@ fn main() -> Result<()> {
             weft,
             baseline,
         } => {
-            anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
-            ensure_setup()?;
-            let bins = bench_bins(weft)?;
+            let bins = setup_and_bins(weft, baseline.as_deref())?;
             bench::scale(
                 &bins.0,
                 &bins.1,
@@ -509,10 +515,8 @@ fn main() -> Result<()> {
             weft,
             baseline,
         } => {
-            anyhow::ensure!(baseline.is_none(), "--baseline is for bench l7 only");
             anyhow::ensure!(args.profile.is_none(), "--profile is for bench l7 only");
-            ensure_setup()?;
-            let bins = bench_bins(weft)?;
+            let bins = setup_and_bins(weft, baseline.as_deref())?;
             bench::mtls(
                 &bins.0,
                 &bins.1,
