@@ -464,13 +464,33 @@ pub(super) fn peak_rss_kb(pid: u32) -> Result<u64> {
 }
 
 /// A field of `/proc/<pid>/status` given in KiB (`VmHWM`, `VmRSS`, `RssAnon`…).
-fn status_kb(pid: u32, field: &str) -> Result<u64> {
+pub(super) fn status_kb(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("no {field} line in /proc/{pid}/status"))
+}
+
+/// `/proc/<pid>/stat` counts CPU time in `USER_HZ` ticks, 100 per second on Linux.
+pub(super) const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU ticks (user + system) the processes `pids` have used so far.
+pub(super) fn cpu_ticks(pids: &[u32]) -> Result<u64> {
+    pids.iter().try_fold(0, |sum, pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // After the parenthesised name: state is field 3, utime 14 and stime 15.
+        let rest = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let tick = |i: usize| -> Result<u64> {
+            Ok(fields
+                .get(i)
+                .with_context(|| format!("/proc/{pid}/stat: short"))?
+                .parse()?)
+        };
+        Ok(sum + tick(11)? + tick(12)?)
+    })
 }
 
 /// KiB as MiB.

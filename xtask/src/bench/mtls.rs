@@ -39,7 +39,10 @@ use testbed::{
 };
 
 use super::{
-    l7::{Interval, Options, agent_pid, mib, peak_rss_kb, reset_peak_rss},
+    l7::{
+        Interval, Options, TICKS_PER_SEC, agent_pid, cpu_ticks, mib, peak_rss_kb, reset_peak_rss,
+    },
+    median,
     proxies::Proxy,
     wrk, ztunnel,
 };
@@ -54,8 +57,6 @@ const PATH: &str = "/bytes/1024";
 const TARGET_ADDED_P99_RATIO: f64 = 0.5;
 const TARGET_GBPS_RATIO: f64 = 1.5;
 const TARGET_CPU_RATIO: f64 = 1.0;
-/// `/proc/<pid>/stat` counts CPU time in `USER_HZ` ticks, 100 per second on Linux.
-const TICKS_PER_SEC: f64 = 100.0;
 
 #[derive(Debug, Serialize)]
 #[allow(clippy::struct_field_names, reason = "flat JSON for scripts")]
@@ -124,11 +125,6 @@ struct Report {
     tunnel_streams: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// One column: who sends, to which HTTP URL and bulk sink, and which processes do the work.
 struct Column {
     name: &'static str,
@@ -172,23 +168,6 @@ impl Column {
     fn peak_mb(&self, side: usize) -> f64 {
         mib(self.peak_kb.get(side).copied().unwrap_or(0))
     }
-}
-
-/// CPU ticks (user + system) `pids` have used so far.
-fn cpu_ticks(pids: &[u32]) -> Result<u64> {
-    pids.iter().try_fold(0, |sum, pid| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // After the parenthesised name: state is field 3, utime 14 and stime 15.
-        let rest = &stat[stat.rfind(')').unwrap_or(0) + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let tick = |i: usize| -> Result<u64> {
-            Ok(fields
-                .get(i)
-                .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: short"))?
-                .parse()?)
-        };
-        Ok(sum + tick(11)? + tick(12)?)
-    })
 }
 
 fn run_column(col: &mut Column, options: &Options) -> Result<()> {

@@ -32,6 +32,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde::Serialize;
 use testbed::{Node, Proc, Testbed, agent::Agent, kube::ControlPlane};
 
+use super::l7::{TICKS_PER_SEC, cpu_ticks, mib, status_kb};
 use crate::step;
 
 /// The synthetic cluster around the measured node.
@@ -55,7 +56,6 @@ const SETTLE_TIMEOUT: Duration = Duration::from_mins(5);
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 const EPERM: i64 = 1;
 const ECONNREFUSED: i64 = 111;
-const TICKS_PER_SEC: f64 = 100.0;
 
 pub struct Options {
     pub sizes: Vec<usize>,
@@ -185,13 +185,6 @@ fn create_pods(cp: &ControlPlane, range: std::ops::Range<usize>) -> Result<()> {
     })
 }
 
-fn proc_field(pid: u32, file: &str, key: &str) -> Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("/proc/{pid}/{file} has no {key}"))
-}
-
 /// Bytes `pid` has received on its TCP connections to the API server (`ss -ti`'s
 /// `bytes_received`, summed over the sockets `ss -p` names it as the owner of).
 fn api_bytes_received(node: &Node, pid: u32) -> Result<u64> {
@@ -219,24 +212,9 @@ fn api_bytes_received(node: &Node, pid: u32) -> Result<u64> {
     Ok(total)
 }
 
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 1..]
-        .split_whitespace()
-        .collect();
-    let tick =
-        |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc stat")?.parse()?) };
-    Ok(tick(11)? + tick(12)?)
-}
-
 #[allow(clippy::cast_precision_loss, reason = "tick counts")]
 fn secs(ticks: u64) -> f64 {
     ticks as f64 / TICKS_PER_SEC
-}
-
-#[allow(clippy::cast_precision_loss, reason = "kB counts")]
-fn mb(kb: u64) -> f64 {
-    kb as f64 / 1024.0
 }
 
 /// Waits until none of `pids` used more than 2 ticks (20 ms) of CPU in each of 3 half-second
@@ -244,14 +222,20 @@ fn mb(kb: u64) -> f64 {
 fn settle(pids: &[u32]) -> Result<Duration> {
     let start = Instant::now();
     let mut quiet = 0;
-    let mut last: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+    let mut last: Vec<u64> = pids
+        .iter()
+        .map(|p| cpu_ticks(&[*p]))
+        .collect::<Result<_>>()?;
     while quiet < 3 {
         ensure!(
             start.elapsed() < SETTLE_TIMEOUT,
             "still busy after {SETTLE_TIMEOUT:?}"
         );
         std::thread::sleep(Duration::from_millis(500));
-        let now: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect::<Result<_>>()?;
+        let now: Vec<u64> = pids
+            .iter()
+            .map(|p| cpu_ticks(&[*p]))
+            .collect::<Result<_>>()?;
         quiet = if now.iter().zip(&last).all(|(n, l)| n - l <= 2) {
             quiet + 1
         } else {
@@ -368,13 +352,13 @@ pub fn scale(
             "{size} pods, then {} policy changes",
             options.changes
         ));
-        let cpu0 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
+        let cpu0 = [cpu_ticks(&pids[..1])?, cpu_ticks(&pids[1..])?];
         let t = Instant::now();
         create_pods(&cp, created..size.max(created))?;
         created = created.max(size);
         let create_secs = t.elapsed().as_secs_f64();
         let settle_secs = settle(&pids)?.as_secs_f64();
-        let cpu1 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
+        let cpu1 = [cpu_ticks(&pids[..1])?, cpu_ticks(&pids[1..])?];
         let read0 = api_bytes_received(&node, agent_pid)?;
         let mut latencies = Vec::new();
         for change in 0..options.changes {
@@ -397,7 +381,7 @@ pub fn scale(
             latencies.push((at - t0) as f64 / 1000.0);
             std::thread::sleep(Duration::from_millis(100));
         }
-        let cpu2 = cpu_ticks(agent_pid)?;
+        let cpu2 = cpu_ticks(&[agent_pid])?;
         let read = api_bytes_received(&node, agent_pid)?.saturating_sub(read0);
         latencies.sort_by(f64::total_cmp);
         #[allow(clippy::cast_precision_loss, reason = "small counts")]
@@ -410,12 +394,12 @@ pub fn scale(
             policy_to_map_max_ms: latencies.last().copied().unwrap_or(0.0),
             create_secs,
             settle_secs,
-            agent_rss_mb: mb(proc_field(agent_pid, "status", "VmRSS:")?),
+            agent_rss_mb: mib(status_kb(agent_pid, "VmRSS")?),
             agent_cpu_secs_taking_in_pods: secs(cpu1[0] - cpu0[0]),
             agent_cpu_ms_per_change: secs(cpu2 - cpu1[0]) * 1000.0 / per_change,
             #[allow(clippy::cast_precision_loss, reason = "byte counts")]
             agent_read_kb_per_change: read as f64 / 1024.0 / per_change,
-            controller_rss_mb: mb(proc_field(pids[1], "status", "VmRSS:")?),
+            controller_rss_mb: mib(status_kb(pids[1], "VmRSS")?),
             controller_cpu_secs_taking_in_pods: secs(cpu1[1] - cpu0[1]),
         };
         step!(
