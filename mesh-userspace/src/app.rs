@@ -12,7 +12,7 @@ use std::{
 use prometheus_client::registry::Registry;
 
 use crate::{
-    admin::{EnrolRequest, Shared, SharedState},
+    admin::{EnrolRequest, Shared, SharedState, Wake},
     api::objects::SocketFastPath,
     cgroups::PodCgroups,
     config::AgentConfig,
@@ -50,11 +50,16 @@ enum Source {
 }
 
 impl Source {
-    fn open(config: &AgentConfig) -> Result<Self, AgentError> {
+    /// Opens the source; a Kubernetes one sends [`Wake::Objects`] on `wake` with every new view
+    /// (files are read again every pass).
+    fn open(config: &AgentConfig, wake: std::sync::mpsc::Sender<Wake>) -> Result<Self, AgentError> {
         Ok(match &config.kube {
             Some(k) => Self::Kube(crate::control::kube::KubeSource::start(
                 k.kubeconfig.as_deref(),
                 k.own_pod.clone(),
+                move || {
+                    let _ = wake.send(Wake::Objects);
+                },
             )?),
             None => Self::Files(FileSource::new(&config.objects_path)),
         })
@@ -103,12 +108,12 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
         ..Shared::default()
     }));
 
-    let source = Source::open(config)?;
-    let (enrol_tx, enrol_rx) = std::sync::mpsc::channel();
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+    let source = Source::open(config, wake_tx.clone())?;
     shared
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .enrol = Some(enrol_tx);
+        .enrol = Some(wake_tx);
     if let Some(cni) = &config.cni
         && let Err(e) = cni.install_binary()
     {
@@ -135,7 +140,7 @@ pub fn run(config: &AgentConfig) -> Result<(), AgentError> {
                     &shared,
                     &stop,
                     &snapshots_tx,
-                    &enrol_rx,
+                    &wake_rx,
                 );
             })
             .map_err(AgentError::Runtime)?
@@ -469,7 +474,7 @@ fn sync_loop(
     shared: &SharedState,
     stop: &AtomicBool,
     snapshots: &tokio::sync::watch::Sender<Arc<Snapshot>>,
-    enrolments: &std::sync::mpsc::Receiver<EnrolRequest>,
+    wake: &std::sync::mpsc::Receiver<Wake>,
 ) {
     // Background work: on a busy node the L7 engine and the pods win any contention for a CPU,
     // while a tenth of one is still plenty for a pass every interval (and the heartbeat).
@@ -624,10 +629,14 @@ fn sync_loop(
                 s.metrics.set(kernel);
             }
         }
-        // Sleep until the next pass, or until the CNI plugin asks to enrol a pod.
-        if let Ok(first) = enrolments.recv_timeout(config.sync_interval) {
-            pending.push(first);
-            pending.extend(enrolments.try_iter());
+        // Sleep until the next pass, or until the CNI plugin asks to enrol a pod or the
+        // objects change (a policy applies as soon as it is seen, not at the next pass).
+        if let Ok(first) = wake.recv_timeout(config.sync_interval) {
+            for w in std::iter::once(first).chain(wake.try_iter()) {
+                if let Wake::Enrol(e) = w {
+                    pending.push(e);
+                }
+            }
         }
     }
     if config.engine_addr.is_some()

@@ -15,7 +15,7 @@ pub mod graph;
 pub mod shared;
 pub mod tap;
 
-pub use shared::{EnrolRequest, Shared, SharedState};
+pub use shared::{EnrolRequest, Shared, SharedState, Wake};
 
 use crate::config::AgentConfig;
 
@@ -159,7 +159,7 @@ async fn cni_add(shared: &SharedState, req: Request<Incoming>) -> Response<Admin
         );
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
-    if sender.send((enrolment, reply)).is_err() {
+    if sender.send(Wake::Enrol((enrolment, reply))).is_err() {
         return respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",

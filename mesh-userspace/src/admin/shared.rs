@@ -34,7 +34,7 @@ pub struct Shared {
     pub datapath_generation: Option<String>,
     /// Enrolments from the CNI plugin, to the datapath thread.
     #[serde(skip)]
-    pub enrol: Option<std::sync::mpsc::Sender<EnrolRequest>>,
+    pub enrol: Option<std::sync::mpsc::Sender<Wake>>,
     #[serde(skip)]
     pub metrics: Metrics,
     #[serde(skip)]
@@ -53,3 +53,11 @@ pub type EnrolRequest = (
     crate::cni::Enrolment,
     tokio::sync::oneshot::Sender<Result<(), String>>,
 );
+
+/// What wakes the datapath thread before its next pass is due.
+pub enum Wake {
+    /// A pod the CNI plugin asks to enrol.
+    Enrol(EnrolRequest),
+    /// The object source has a new view (Kubernetes mode: a watch event).
+    Objects,
+}

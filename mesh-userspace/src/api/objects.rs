@@ -1,7 +1,7 @@
 //! The objects that describe a mesh: Kubernetes Pods, Services and Namespaces, and Weft's own
 //! kinds in group `weft.dev`. Parsing is per document: a bad document is reported with its file
 //! and position and skipped; it never hides the good ones.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::{
@@ -383,21 +383,23 @@ pub struct Operation {
     pub paths: Vec<String>,
 }
 
-/// Everything the agent currently knows, plus what it could not accept.
+/// Everything the agent currently knows, plus what it could not accept. Objects are shared, not
+/// owned: a new view of a cluster with 10,000 pods is 10,000 reference counts, not a deep copy of
+/// every pod (in Kubernetes mode they are the watch caches' own objects).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ObjectSet {
-    pub namespaces: Vec<Namespace>,
+    pub namespaces: Vec<Arc<Namespace>>,
     /// Nodes: their `InternalIP` is where their agent's tunnel listens, `spec.podCIDR` their
     /// pod network.
-    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<Service>,
-    pub authorization_policies: Vec<AuthorizationPolicy>,
-    pub request_authentications: Vec<RequestAuthentication>,
-    pub mesh_configs: Vec<MeshConfig>,
-    pub http_routes: Vec<HttpRoute>,
-    pub grpc_routes: Vec<GrpcRoute>,
-    pub traffic_policies: Vec<TrafficPolicy>,
+    pub nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub request_authentications: Vec<Arc<RequestAuthentication>>,
+    pub mesh_configs: Vec<Arc<MeshConfig>>,
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    pub grpc_routes: Vec<Arc<GrpcRoute>>,
+    pub traffic_policies: Vec<Arc<TrafficPolicy>>,
     pub errors: Vec<ParseError>,
 }
 
@@ -485,17 +487,17 @@ impl ObjectSet {
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Pod") => self
                 .pods
-                .push(serde_json::from_value(value).map_err(typed)?),
+                .push(Arc::new(serde_json::from_value(value).map_err(typed)?)),
             ("v1", "Service") => self
                 .services
-                .push(serde_json::from_value(value).map_err(typed)?),
+                .push(Arc::new(serde_json::from_value(value).map_err(typed)?)),
             ("v1", "Namespace") => {
                 self.namespaces
-                    .push(serde_json::from_value(value).map_err(typed)?);
+                    .push(Arc::new(serde_json::from_value(value).map_err(typed)?));
             }
             ("v1", "Node") => self
                 .nodes
-                .push(serde_json::from_value(value).map_err(typed)?),
+                .push(Arc::new(serde_json::from_value(value).map_err(typed)?)),
             ("v1", "List") => {
                 let items = value
                     .get("items")
@@ -510,39 +512,39 @@ impl ObjectSet {
                 if p.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
-                self.authorization_policies.push(p);
+                self.authorization_policies.push(Arc::new(p));
             }
             (WEFT_API_VERSION, "RequestAuthentication") => {
                 let p: RequestAuthentication = serde_json::from_value(value).map_err(typed)?;
                 if p.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
-                self.request_authentications.push(p);
+                self.request_authentications.push(Arc::new(p));
             }
             (WEFT_API_VERSION, "MeshConfig") => {
                 self.mesh_configs
-                    .push(serde_json::from_value(value).map_err(typed)?);
+                    .push(Arc::new(serde_json::from_value(value).map_err(typed)?));
             }
             (GATEWAY_API_VERSION | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
                 let r: HttpRoute = serde_json::from_value(value).map_err(typed)?;
                 if r.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
-                self.http_routes.push(r);
+                self.http_routes.push(Arc::new(r));
             }
             (GATEWAY_API_VERSION, "GRPCRoute") => {
                 let r: GrpcRoute = serde_json::from_value(value).map_err(typed)?;
                 if r.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
-                self.grpc_routes.push(r);
+                self.grpc_routes.push(Arc::new(r));
             }
             (WEFT_API_VERSION, "TrafficPolicy") => {
                 let p: TrafficPolicy = serde_json::from_value(value).map_err(typed)?;
                 if p.metadata.name.is_none() {
                     return Err(format!("{kind}: metadata.name is required"));
                 }
-                self.traffic_policies.push(p);
+                self.traffic_policies.push(Arc::new(p));
             }
             (v, k) => {
                 return Err(format!(

@@ -292,7 +292,7 @@ impl Service {
             .objects()
             .into_iter()
             .find(|m| m.metadata.name.as_deref() == Some("default"))
-            .and_then(|m| m.spec.trust_domain)
+            .and_then(|m| m.spec.trust_domain.clone())
             .and_then(|td| TrustDomain::new(&td).ok())
             .unwrap_or_default();
         if id.trust_domain() != trust_domain.as_str() {

@@ -307,33 +307,40 @@ async fn write_statuses(
             for p in policies {
                 let verdict = validate::traffic_policy(p, policies, &service_map);
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-                publish(&api, &recorder, p, &verdict, monitor).await;
+                publish(&api, &recorder, &**p, &verdict, monitor).await;
             }
             for p in &set.authorization_policies {
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
                 let verdict = validate::authorization_policy(p, &service_map);
-                publish(&api, &recorder, p, &verdict, monitor).await;
+                publish(&api, &recorder, &**p, &verdict, monitor).await;
             }
             for p in &set.request_authentications {
                 let api = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
                 let verdict = validate::request_authentication(p, &service_map);
-                publish(&api, &recorder, p, &verdict, monitor).await;
+                publish(&api, &recorder, &**p, &verdict, monitor).await;
             }
             for c in &set.mesh_configs {
                 let verdict = validate::mesh_config(c);
-                publish(&Api::all(client.clone()), &recorder, c, &verdict, monitor).await;
+                publish(
+                    &Api::all(client.clone()),
+                    &recorder,
+                    &**c,
+                    &verdict,
+                    monitor,
+                )
+                .await;
             }
             for r in &set.http_routes {
                 let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
                 let old = serde_json::to_value(r.status.as_ref().map(|s| &s.parents));
                 let parents = validate::http_route(r, &service_map);
-                publish_route(&api, r, old.unwrap_or_default(), &parents, monitor).await;
+                publish_route(&api, &**r, old.unwrap_or_default(), &parents, monitor).await;
             }
             for r in &set.grpc_routes {
                 let api = Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
                 let old = serde_json::to_value(r.status.as_ref().map(|s| &s.parents));
                 let parents = validate::grpc_route(r, &service_map);
-                publish_route(&api, r, old.unwrap_or_default(), &parents, monitor).await;
+                publish_route(&api, &**r, old.unwrap_or_default(), &parents, monitor).await;
             }
         }
         monitor.judged(validate::findings(&set), started.elapsed().as_secs_f64());

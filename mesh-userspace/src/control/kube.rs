@@ -36,10 +36,14 @@ use tokio::sync::Notify;
 use crate::api::objects::{AuthorizationPolicy, MeshConfig, ObjectSet, RequestAuthentication};
 use crate::api::traffic::TrafficPolicy;
 
-/// Changes closer together than this are published together.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Changes closer together than this are published together. Short: it only gathers the events
+/// of one burst (a Deployment's pods, a relist); while a view is being turned into datapath
+/// state, newer changes wait and are published together anyway.
+const DEBOUNCE: Duration = Duration::from_millis(10);
 /// The longest wait between two attempts to ask the API server which kinds it serves.
 const MAX_DISCOVERY_BACKOFF: Duration = Duration::from_secs(10);
+/// kubectl's annotation holding the whole object as last applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// How often a kind the API server does not serve is asked for again.
 const RECHECK_UNSERVED: Duration = Duration::from_secs(15);
 
@@ -83,7 +87,8 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
 }
 
 /// The objects of one node's agent, from the API server. A thread of its own runs the
-/// reflectors; [`KubeSource::poll`] hands over the newest complete view.
+/// reflectors; [`KubeSource::poll`] hands over the newest complete view, and the `wake` given to
+/// [`KubeSource::start`] is called whenever there is one, so the agent need not poll.
 pub struct KubeSource {
     updates: mpsc::Receiver<ObjectSet>,
     /// Set once the agent's own `DaemonSet` is being deleted (an uninstall).
@@ -97,6 +102,7 @@ impl KubeSource {
     pub fn start(
         kubeconfig: Option<&std::path::Path>,
         own_pod: Option<(String, String)>,
+        wake: impl Fn() + Send + 'static,
     ) -> Result<Self, KubeSourceError> {
         let (tx, updates) = mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -114,7 +120,7 @@ impl KubeSource {
                     if let Some((namespace, name)) = own_pod {
                         tokio::spawn(watch_own_daemonset(client.clone(), namespace, name, flag));
                     }
-                    watch_all(client, tx).await;
+                    watch_all(client, tx, wake).await;
                 });
             })
             .map_err(KubeSourceError::Thread)?;
@@ -255,12 +261,10 @@ where
         self.store.get().is_some_and(|s| s.find(f).is_some())
     }
 
-    /// The cached objects; none while the kind is not served, or (when it has just appeared)
-    /// until its first list arrived.
-    pub(super) fn objects(&self) -> Vec<K> {
-        self.store.get().map_or_else(Vec::new, |s| {
-            s.state().iter().map(|o| K::clone(o)).collect()
-        })
+    /// The cached objects, shared with the cache (nothing is copied); none while the kind is
+    /// not served, or (when it has just appeared) until its first list arrived.
+    pub(super) fn objects(&self) -> Vec<Arc<K>> {
+        self.store.get().map_or_else(Vec::new, Store::state)
     }
 }
 
@@ -289,15 +293,23 @@ where
 }
 
 /// A cache of every `K` that `api` lists, kept current by a watch (retried with backoff) on a
-/// spawned task; every event, an error included, wakes `changed`.
+/// spawned task; every event, an error included, wakes `changed`. The API server's field
+/// bookkeeping (`managedFields`) and kubectl's copy of the last applied object are dropped before
+/// caching: nothing here reads them, and on a pod they are most of its size.
 fn cache<K>(api: Api<K>, changed: &Arc<Notify>) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Hash + Eq + Clone + Default,
 {
     let (reader, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let objects = watcher(api, watcher::Config::default()).modify(|o: &mut K| {
+        let meta = o.meta_mut();
+        meta.managed_fields = None;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
+    });
+    let stream = reflector::reflector(writer, objects).default_backoff();
     let changed = Arc::clone(changed);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -405,7 +417,7 @@ impl Kinds {
     }
 }
 
-async fn watch_all(client: Client, tx: mpsc::Sender<ObjectSet>) {
+async fn watch_all(client: Client, tx: mpsc::Sender<ObjectSet>, wake: impl Fn()) {
     let changed = Arc::new(Notify::new());
     let kinds = Kinds::start(&client, &changed).await;
     kinds.ready().await;
@@ -414,6 +426,7 @@ async fn watch_all(client: Client, tx: mpsc::Sender<ObjectSet>) {
         if tx.send(kinds.snapshot()).is_err() {
             return; // the agent is gone
         }
+        wake();
         changed.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
     }

@@ -142,7 +142,7 @@ impl AccessPolicy {
         assert!(set.errors.is_empty(), "{:?}", set.errors);
         set.authorization_policies
             .iter()
-            .map(Self::compile)
+            .map(|p| Self::compile(p))
             .collect()
     }
 }
@@ -235,7 +235,7 @@ impl JwtIssuer {
         assert!(set.errors.is_empty(), "{:?}", set.errors);
         set.request_authentications
             .iter()
-            .flat_map(Self::compile)
+            .flat_map(|p| Self::compile(p))
             .collect()
     }
 }

@@ -1,6 +1,7 @@
 //! Authorization at `connect()`: the policy matrix (source, destination, port → verdict, rule),
 //! Istio's semantics (DENY wins, then ALLOW, then the namespace default).
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use mesh_common::{PolicyKey, PolicyValue, verdict};
 
@@ -82,7 +83,7 @@ pub(super) fn policy_name(p: &AuthorizationPolicy) -> String {
 #[must_use]
 pub fn policy_entries(
     workloads: &[Workload],
-    policies: &[AuthorizationPolicy],
+    policies: &[Arc<AuthorizationPolicy>],
     default_deny: &BTreeSet<String>,
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
     policy_matrix(workloads, policies, default_deny, |w| w.local, |_| true)
@@ -93,12 +94,12 @@ pub fn policy_entries(
 /// pods).
 pub(super) fn policy_matrix(
     workloads: &[Workload],
-    policies: &[AuthorizationPolicy],
+    policies: &[Arc<AuthorizationPolicy>],
     default_deny: &BTreeSet<String>,
     source: impl Fn(&Workload) -> bool,
     destination: impl Fn(&Workload) -> bool,
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
-    let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().collect();
+    let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
     sorted.sort_by_key(|p| policy_name(p));
 
     // Rule ids: one per (policy, rule) and one per policy for "no ALLOW rule matched".

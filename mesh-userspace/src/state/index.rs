@@ -3,6 +3,7 @@
 //! `cargo xtask bench scale` found every rebuild comparing names and labels some 10⁸ times
 //! (seconds from a policy change to the kernel).
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -61,13 +62,13 @@ impl<'a> WorkloadIndex<'a> {
 }
 
 /// Pods by (namespace, name).
-pub(super) fn pods_by_key(pods: &[Pod]) -> HashMap<(&str, &str), &Pod> {
+pub(super) fn pods_by_key(pods: &[Arc<Pod>]) -> HashMap<(&str, &str), &Pod> {
     pods.iter()
         .filter_map(|p| {
             let name = p.metadata.name.as_deref()?;
             Some((
                 (p.metadata.namespace.as_deref().unwrap_or("default"), name),
-                p,
+                &**p,
             ))
         })
         .collect()

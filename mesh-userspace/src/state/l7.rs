@@ -137,8 +137,11 @@ pub(super) fn l7_services(
                         &p.spec,
                     )
                 }),
-                authz: authz.iter().map(AccessPolicy::compile).collect(),
-                authn: jwt_policies.iter().flat_map(JwtIssuer::compile).collect(),
+                authz: authz.iter().map(|p| AccessPolicy::compile(p)).collect(),
+                authn: jwt_policies
+                    .iter()
+                    .flat_map(|p| JwtIssuer::compile(p))
+                    .collect(),
                 inputs,
             }
         };

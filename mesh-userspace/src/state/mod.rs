@@ -348,7 +348,7 @@ pub fn build_after(
         namespace_settings::<SocketFastPath>(objects, SOCKET_FAST_PATH_KEY, &mut problems);
 
     // Workloads, sorted so that id collision resolution is deterministic.
-    let mut pods: Vec<&Pod> = objects.pods.iter().collect();
+    let mut pods: Vec<&Pod> = objects.pods.iter().map(|p| &**p).collect();
     pods.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
     let mut taken = BTreeSet::new();
     let mut seen_ips = BTreeMap::new();
@@ -1009,7 +1009,8 @@ spec:
         #[test]
         fn kernel_lookup_agrees_with_direct_evaluation(policies in proptest::collection::vec(policy(), 0..4)) {
             let ws = workloads_fixture();
-            let (entries, _) = policy_entries(&ws, &policies, &BTreeSet::new());
+            let shared: Vec<_> = policies.iter().cloned().map(std::sync::Arc::new).collect();
+            let (entries, _) = policy_entries(&ws, &shared, &BTreeSet::new());
             for src in &ws {
                 for dst in &ws {
                     for port in [80, 443, 8080, 9999] {

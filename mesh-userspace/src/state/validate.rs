@@ -3,6 +3,7 @@
 //! controller writes these verdicts as Gateway API style conditions, the agent applies only
 //! accepted objects and reports the same verdicts (log, `/status`), and `weft check` prints them
 //! for files, offline.
+use std::sync::Arc;
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use k8s_openapi::api::core::v1::Service;
@@ -226,7 +227,7 @@ pub fn accepted_traffic_policies<'a>(
         .iter()
         .zip(verdicts)
         .filter(|(_, f)| f.verdict.rejected.is_none())
-        .map(|(p, _)| p)
+        .map(|(p, _)| &**p)
         .collect()
 }
 
@@ -234,7 +235,7 @@ pub fn accepted_traffic_policies<'a>(
 pub type Services<'a> = BTreeMap<(String, String), &'a Service>;
 
 #[must_use]
-pub fn services(list: &[Service]) -> Services<'_> {
+pub fn services(list: &[Arc<Service>]) -> Services<'_> {
     list.iter()
         .map(|s| {
             (
@@ -242,7 +243,7 @@ pub fn services(list: &[Service]) -> Services<'_> {
                     s.metadata.namespace.clone().unwrap_or_default(),
                     s.metadata.name.clone().unwrap_or_default(),
                 ),
-                s,
+                &**s,
             )
         })
         .collect()
@@ -275,7 +276,11 @@ fn missing_service(services: &Services, ns: &str, name: &str, port: Option<i64>)
 
 /// Checks one policy against the Services and the other policies.
 #[must_use]
-pub fn traffic_policy(p: &TrafficPolicy, all: &[TrafficPolicy], services: &Services) -> Verdict {
+pub fn traffic_policy(
+    p: &TrafficPolicy,
+    all: &[Arc<TrafficPolicy>],
+    services: &Services,
+) -> Verdict {
     let ns = p.metadata.namespace.clone().unwrap_or_default();
     let Some(target) = &p.spec.target_ref else {
         return Verdict::rejected(
@@ -679,7 +684,7 @@ mod tests {
 
     #[test]
     fn references_resolve_or_say_what_is_missing() {
-        let list = [svc("web", 80)];
+        let list = [Arc::new(svc("web", 80))];
         let services = services(&list);
         let good = tp("a", 1, "{targetRef: {kind: Service, name: web}}");
         assert!(traffic_policy(&good, &[], &services).effective());
@@ -697,7 +702,7 @@ mod tests {
             "metadata: {name: db, namespace: default}\nspec: {clusterIP: None, ports: [{port: 5432}]}",
         )
         .unwrap();
-        let with_headless = [svc("web", 80), headless];
+        let with_headless = [Arc::new(svc("web", 80)), Arc::new(headless)];
         let v = traffic_policy(
             &tp("h", 1, "{targetRef: {kind: Service, name: db}}"),
             &[],
@@ -752,7 +757,7 @@ mod tests {
 
     #[test]
     fn of_two_policies_on_one_port_the_older_wins() {
-        let list = [svc("web", 80)];
+        let list = [Arc::new(svc("web", 80))];
         let services = services(&list);
         let old = tp("zeta", 1, "{targetRef: {kind: Service, name: web}}");
         let new = tp(
@@ -765,7 +770,11 @@ mod tests {
             3,
             "{targetRef: {kind: Service, name: web, port: 81}}",
         );
-        let all = [old.clone(), new.clone(), other_port.clone()];
+        let all = [
+            Arc::new(old.clone()),
+            Arc::new(new.clone()),
+            Arc::new(other_port.clone()),
+        ];
         assert!(traffic_policy(&old, &all, &services).rejected.is_none());
         let (reason, message) = traffic_policy(&new, &all, &services).rejected.unwrap();
         assert_eq!(reason, "Conflicted");
@@ -782,7 +791,7 @@ mod tests {
 
     #[test]
     fn route_parents_and_backends() {
-        let list = [svc("web", 80), svc("web-v2", 80)];
+        let list = [Arc::new(svc("web", 80)), Arc::new(svc("web-v2", 80))];
         let services = services(&list);
         let route = |spec: &str| -> gateway_api::httproutes::HttpRoute {
             serde_saphyr::from_str(&format!(
@@ -859,7 +868,7 @@ mod tests {
             .unwrap()
         };
         let web = svc("web", 80);
-        let list = [web];
+        let list = [Arc::new(web)];
         let services = services(&list);
         let bad = ra(
             "  targetRef: {kind: Pod, name: web}\n  jwtRules:\n  - {issuer: a, jwks: '{}'}\n  - {issuer: a, jwks: x, jwksFile: /f}\n  - {issuer: '', jwksFile: /f, fromHeaders: [{name: 'bad header'}]}",

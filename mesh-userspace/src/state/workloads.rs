@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::Path,
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -236,7 +237,8 @@ pub fn with_addresses(
         return objects.clone();
     }
     let mut out = objects.clone();
-    for pod in &mut out.pods {
+    for shared in &mut out.pods {
+        let pod = &*shared;
         let key = (
             pod.metadata
                 .namespace
@@ -244,11 +246,13 @@ pub fn with_addresses(
                 .unwrap_or_else(|| "default".into()),
             pod.metadata.name.clone().unwrap_or_default(),
         );
-        if let Some(ip) = addresses.get(&key) {
-            let status = pod.status.get_or_insert_with(Default::default);
-            if status.pod_ip.is_none() {
-                status.pod_ip = Some(ip.to_string());
-            }
+        let lacks_ip = pod.status.as_ref().is_none_or(|s| s.pod_ip.is_none());
+        if let Some(ip) = addresses.get(&key).filter(|_| lacks_ip) {
+            // Only the pods given an address are copied; the rest stay shared.
+            let status = Arc::make_mut(shared)
+                .status
+                .get_or_insert_with(Default::default);
+            status.pod_ip = Some(ip.to_string());
         }
     }
     out

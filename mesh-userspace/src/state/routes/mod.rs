@@ -25,6 +25,7 @@ use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use hyper::http::{HeaderMap, Method};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
+use std::sync::Arc;
 
 use super::ServiceRef;
 use crate::api::refs::Route as _;
@@ -115,8 +116,8 @@ pub struct Compiled {
 pub fn compile(
     service: &ServiceRef,
     port: u16,
-    http: &[HttpRoute],
-    grpc: &[GrpcRoute],
+    http: &[Arc<HttpRoute>],
+    grpc: &[Arc<GrpcRoute>],
 ) -> Compiled {
     compile_for_client(service, port, None, http, grpc)
 }
@@ -129,8 +130,8 @@ pub fn compile_for_client(
     service: &ServiceRef,
     port: u16,
     client_namespace: Option<&str>,
-    http: &[HttpRoute],
-    grpc: &[GrpcRoute],
+    http: &[Arc<HttpRoute>],
+    grpc: &[Arc<GrpcRoute>],
 ) -> Compiled {
     let scope = |m: &ObjectMeta| -> Option<bool> {
         let ns = namespace(m);
@@ -142,10 +143,12 @@ pub fn compile_for_client(
     };
     let mut http: Vec<&HttpRoute> = http
         .iter()
+        .map(|r| &**r)
         .filter(|r| r.attaches_to(service.parts(), port))
         .collect();
     let mut grpc: Vec<&GrpcRoute> = grpc
         .iter()
+        .map(|r| &**r)
         .filter(|r| r.attaches_to(service.parts(), port))
         .collect();
     let consumer = http
@@ -249,11 +252,12 @@ mod tests {
 
     /// One route `ns/r` compiled for ns/svc:80.
     fn one(rules: &str) -> Compiled {
-        compile(&svc(), 80, &[http("r", None, rules)], &[])
+        compile(&svc(), 80, &[Arc::new(http("r", None, rules))], &[])
     }
 
     fn table(http: &[HttpRoute]) -> RouteTable {
-        let c = compile(&svc(), 80, http, &[]);
+        let http: Vec<_> = http.iter().cloned().map(Arc::new).collect();
+        let c = compile(&svc(), 80, &http, &[]);
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         c.table
     }
@@ -429,7 +433,12 @@ mod tests {
         let yaml =
             format!("{meta}\nspec: {{parentRefs: [{{kind: Service, name: svc}}], rules: {GRPC}}}");
         let grpc: GrpcRoute = serde_saphyr::from_str(&yaml).unwrap();
-        let c = compile(&svc(), 80, &[http("h", None, "[{}]")], &[grpc]);
+        let c = compile(
+            &svc(),
+            80,
+            &[Arc::new(http("h", None, "[{}]"))],
+            &[Arc::new(grpc)],
+        );
         assert_eq!(c.problems.len(), 1);
         assert!(
             c.problems[0].contains("HTTPRoute ns/h: ignored"),
@@ -477,8 +486,8 @@ mod tests {
         assert!(!attaches::<HttpRouteParentRefs>("ns", None, s.parts(), 80));
 
         let routes = [
-            http("producer", None, "[{}]"),
-            http_in("client", "consumer", None, "[{}]"),
+            Arc::new(http("producer", None, "[{}]")),
+            Arc::new(http_in("client", "consumer", None, "[{}]")),
         ];
         let route_of = |client| hit(&compile_for_client(&s, 80, client, &routes, &[]).table, "/");
         assert_eq!(route_of(None).unwrap(), "ns/producer#0");
@@ -710,7 +719,12 @@ mod tests {
         let grpc =
             "metadata: {name: g, namespace: ns}\nspec: {parentRefs: [{kind: Service, name: svc}],
                     rules: [{matches: [{method: {type: Exact}}]}]}";
-        let c = compile(&svc(), 80, &[], &[serde_saphyr::from_str(grpc).unwrap()]);
+        let c = compile(
+            &svc(),
+            80,
+            &[],
+            &[Arc::new(serde_saphyr::from_str(grpc).unwrap())],
+        );
         assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
     }
 
@@ -755,12 +769,12 @@ spec:
             serde_saphyr::from_str(&serde_saphyr::to_string(&route).unwrap()).unwrap();
         assert_eq!(route, again);
         let s = sref("shop", "reviews");
-        let c = compile(&s, 9080, &[again], &[]);
+        let c = compile(&s, 9080, &[Arc::new(again)], &[]);
         assert_eq!(
             c.problems,
             ["HTTPRoute shop/reviews rule 1: filter CORS is not supported, ignored"]
         );
-        assert!(compile(&s, 9081, &[route], &[]).table.is_empty()); // port-restricted parentRef
+        assert!(compile(&s, 9081, &[Arc::new(route)], &[]).table.is_empty()); // port-restricted parentRef
 
         let canary = select(&c.table, "GET", "/api/x", &[("x-canary", "true")]).unwrap();
         assert_eq!(
@@ -1047,7 +1061,8 @@ spec:
             headers in request_headers(),
             query in prop::sample::select(QUERIES.to_vec()),
         ) {
-            let c = compile(&svc(), 80, &routes, &[]);
+            let shared: Vec<_> = routes.iter().cloned().map(Arc::new).collect();
+            let c = compile(&svc(), 80, &shared, &[]);
             prop_assert!(c.problems.is_empty(), "{:?}", c.problems);
             let pq = query.map_or(path.to_owned(), |q| format!("{path}?{q}"));
             let got = select(&c.table, method, &pq, &headers).map(|a| (a.route.clone(), a.rule));
