@@ -247,6 +247,21 @@ pub mod config_flags {
 }
 
 /// Indices of [`GlobalStats::counters`].
+/// Packet marks (`skb->mark`, `SO_MARK`) of the source-keeping connections: the agent connects to
+/// a local pod from the address of the client on another node (the tunnel's far end), so the pod
+/// sees its real peer. Values no other component here uses; the agent routes by the first.
+pub mod marks {
+    /// Set by the TC program on a packet leaving a pod that answers one of the agent's
+    /// source-keeping sockets; a policy rule of the agent delivers such packets to the node
+    /// itself instead of forwarding them to the client's node.
+    pub const REPLY_TO_AGENT: u32 = 0x5746_0001;
+    /// `SO_MARK` of the agent's source-keeping sockets: their SYN comes from an address of another
+    /// node, and the STRICT gate lets it pass because the agent sends it after the mTLS checks.
+    pub const AGENT_TRANSPARENT: u32 = 0x5746_0002;
+    /// The routing table (and rule priority) of the reply route.
+    pub const REPLY_TABLE: u32 = 0x5746;
+}
+
 pub mod global_counter {
     /// A message was redirected straight into the peer socket.
     pub const MSG_FAST: usize = 0;

@@ -1,12 +1,20 @@
-//! Packet and byte counters on the host-side end of each pod's veth, and the STRICT mTLS gate for
-//! new inbound connections. Apart from that gate the programs never change a packet's fate: they
-//! return TC_ACT_UNSPEC so later programs (or the default) decide.
+//! Packet and byte counters on the host-side end of each pod's veth, the STRICT mTLS gate for
+//! new inbound connections, and the mark that brings a pod's answers to the agent's
+//! source-keeping sockets back to the agent. Apart from that gate the programs never change a
+//! packet's fate: they return TC_ACT_UNSPEC so later programs (or the default) decide.
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use mesh_common::{IfStats, ZERO_IF_STATS};
 
 static ZERO: IfStats = ZERO_IF_STATS;
 
-use mesh_common::{CONFIG_INDEX, endpoint_flags, global_counter};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release},
+};
+use mesh_common::{CONFIG_INDEX, endpoint_flags, global_counter, marks};
 
 use crate::{
     maps::{WEFT_CONFIG, WEFT_ENDPOINTS, WEFT_IFSTATS},
@@ -46,7 +54,78 @@ fn ipv4_source_and_protocol(ctx: &TcContext) -> Option<(u32, u8)> {
 #[classifier]
 pub fn weft_tc_pod_out(ctx: TcContext) -> i32 {
     count(&ctx, true);
+    mark_reply_to_agent(&ctx);
     TC_ACT_UNSPEC
+}
+
+/// A TCP segment from a pod to a pod of another node that belongs to a connection the agent
+/// opened from that pod's address (a tunnel stream keeping its client's address: its socket in
+/// this namespace carries [`marks::AGENT_TRANSPARENT`]) is marked [`marks::REPLY_TO_AGENT`], so
+/// the agent's policy rule delivers it here instead of routing it to the other node. Anything
+/// else is left alone; a failed lookup leaves the packet unmarked (routed as without Weft).
+#[inline(always)]
+fn mark_reply_to_agent(ctx: &TcContext) {
+    let Ok(proto) = ctx.load::<u16>(12) else {
+        return;
+    };
+    if proto != ETH_P_IP_BE {
+        return;
+    }
+    let (Ok(ver_ihl), Ok(l4), Ok(src), Ok(dst)) = (
+        ctx.load::<u8>(ETH_HLEN),
+        ctx.load::<u8>(ETH_HLEN + IPV4_PROTO),
+        ctx.load::<u32>(ETH_HLEN + IPV4_SRC),
+        ctx.load::<u32>(ETH_HLEN + IPV4_DST),
+    ) else {
+        return;
+    };
+    if l4 != IPPROTO_TCP {
+        return;
+    }
+    // Only towards pods of other nodes: the peers of source-keeping sockets.
+    // SAFETY: copied out of the map.
+    if !unsafe { WEFT_ENDPOINTS.get(&dst) }.is_some_and(|e| e.flags & endpoint_flags::REMOTE != 0) {
+        return;
+    }
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    let (Ok(sport), Ok(dport)) = (
+        ctx.load::<u16>(ETH_HLEN + ihl),
+        ctx.load::<u16>(ETH_HLEN + ihl + 2),
+    ) else {
+        return;
+    };
+    // Only the IPv4 part is given to the helper (its size below).
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: src,
+                daddr: dst,
+                sport,
+                dport,
+            },
+        },
+    };
+    // SAFETY: the helper takes the context and a stack tuple of the size given; a socket it
+    // returns is released below before anything else happens.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.skb.skb.cast(),
+            &mut tuple,
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            u64::from(BPF_F_CURRENT_NETNS as u32),
+            0,
+        )
+    };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a socket the lookup returned, read before it is released.
+    let mark = unsafe { (*sk).mark };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if mark == marks::AGENT_TRANSPARENT {
+        ctx.set_mark(marks::REPLY_TO_AGENT);
+    }
 }
 
 /// Host-side egress = traffic entering the pod. Also the STRICT mTLS gate: a new TCP
@@ -87,6 +166,12 @@ fn strict_refuses(ctx: &TcContext) -> bool {
         return false;
     };
     if tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return false;
+    }
+    // The agent's own source-keeping connection (sent after the tunnel's mTLS and policy checks,
+    // from the client's address on another node).
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    if unsafe { (*ctx.skb.skb).mark } == marks::AGENT_TRANSPARENT {
         return false;
     }
     // SAFETY: copied out of the map.

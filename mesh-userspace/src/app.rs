@@ -416,14 +416,22 @@ fn start_tunnel(
     let listener = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|source| AgentError::EngineListen { addr, source })?;
-    let tunnel = Arc::new(proxy::tunnel::Tunnel::new(
-        ids.clone(),
-        addr.port(),
-        metrics,
-        denials,
-        fast_path,
-        limit,
-    ));
+    // Streams reach their pod from the client's own address when the node can route the
+    // answers back (see `proxy::transparent`); otherwise from the node's.
+    let keep_source = match proxy::transparent::install_reply_route() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot install the reply route: pods see this node, not the client of another node, as their peer"
+            );
+            false
+        }
+    };
+    let mut tunnel =
+        proxy::tunnel::Tunnel::new(ids.clone(), addr.port(), metrics, denials, fast_path, limit);
+    tunnel.keep_source = keep_source;
+    let tunnel = Arc::new(tunnel);
     let _guard = rt.enter();
     let server = tunnel.clone();
     let server_snapshots = snapshots.clone();
@@ -895,6 +903,9 @@ pub fn uninstall(config: &AgentConfig) -> Result<(), AgentError> {
         std::thread::sleep(UNINSTALL_DRAIN);
     }
     ebpf::remove_pins(&config.bpffs_dir)?;
+    if let Err(e) = proxy::transparent::remove_reply_route() {
+        tracing::warn!(error = %e, "cannot remove the reply route of source-keeping streams");
+    }
     let _ = std::fs::remove_file(&config.admin_socket);
     // The directories the agent made for them, when nothing else is left in them.
     for dir in [config.bpffs_dir.parent(), config.admin_socket.parent()]

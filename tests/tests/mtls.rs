@@ -268,6 +268,64 @@ fn cross_node_flows_cross_the_link_only_inside_the_mtls_tunnel() -> Result<()> {
     Ok(())
 }
 
+/// The destination pod sees its client on the other node by the client's own address, not
+/// by an agent's, so `getpeername()`, access logs and address allowlists stay true (as with
+/// ztunnel). Plain Python sockets on both ends; the server pod is STRICT, so the agent's
+/// connection from a foreign address must also pass the STRICT gate.
+#[test]
+fn a_pod_sees_its_client_on_another_node_by_the_clients_own_address() -> Result<()> {
+    const PORT: u16 = 7071;
+    const CONNECTIONS: u32 = 3;
+    let mesh = TwoNodes::new("mtls_source", &[], None)?;
+    let server = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {PORT}))\n\
+         s.listen(8)\n\
+         print('listening', flush=True)\n\
+         for _ in range({CONNECTIONS}):\n\
+         \x20   c, peer = s.accept()\n\
+         \x20   line = c.makefile().readline().strip()\n\
+         \x20   c.sendall(f'{{peer[0]}} {{line}}\\n'.encode())\n\
+         \x20   c.close()\n"
+    );
+    let server = mesh.server.spawn("python3", ["-c", &server])?;
+    server.wait_for_line(Duration::from_secs(10), |l| l == "listening")?;
+    let client = format!(
+        "import socket, sys\n\
+         c = socket.create_connection(('{}', {PORT}), timeout=5)\n\
+         c.sendall(sys.argv[1].encode() + b'\\n')\n\
+         print(c.makefile().readline().strip())\n",
+        mesh.server.ip()
+    );
+    for i in 0..CONNECTIONS {
+        let said = format!("hello-{i}");
+        let out = mesh
+            .client
+            .run(Duration::from_secs(15), "python3", ["-c", &client, &said])?;
+        ensure!(out.success(), "{out:?}\n{}", mesh.diag());
+        let expected = format!("{} {said}", mesh.client.ip());
+        ensure!(
+            out.stdout.trim() == expected,
+            "the server saw {:?}, expected {expected:?} (the client pod's address)\n{}",
+            out.stdout.trim(),
+            mesh.diag()
+        );
+    }
+    // Through the tunnel, not around it.
+    let inbound = mesh.a2.metric(
+        "weft_tunnel_streams_total",
+        &[("direction", "inbound"), ("result", "ok")],
+    )?;
+    ensure!(
+        inbound >= f64::from(CONNECTIONS),
+        "{inbound} inbound streams\n{}",
+        tunnel_metrics(&mesh.a2)?
+    );
+    Ok(())
+}
+
 #[test]
 fn strict_refuses_plaintext_from_other_nodes_and_fails_closed() -> Result<()> {
     let mut mesh = TwoNodes::new("mtls_strict", &[], None)?;

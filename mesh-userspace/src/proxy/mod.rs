@@ -19,6 +19,7 @@ pub mod ratelimit;
 pub mod snapshot;
 pub mod strict;
 pub mod trace;
+pub mod transparent;
 pub mod tunnel;
 
 use crate::state::WorkloadId;

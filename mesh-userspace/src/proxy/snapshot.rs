@@ -210,6 +210,12 @@ impl MeshView {
         self.by_ip.get(&ip).filter(|p| !p.local)
     }
 
+    /// The address of the meshed pod `namespace/name`.
+    #[must_use]
+    pub fn ip_of(&self, key: &str) -> Option<Ipv4Addr> {
+        self.by_key.get(key).copied()
+    }
+
     #[must_use]
     pub fn by_key(&self, key: &str) -> Option<&MeshPeer> {
         self.by_ip.get(self.by_key.get(key)?)

@@ -166,6 +166,9 @@ pub struct Tunnel {
     fast_path: Arc<dyn super::FastPath>,
     /// Shared with the engine: inbound connections and their streams' sockets take places.
     pub limit: Arc<super::admission::ConnectionLimit>,
+    /// Inbound streams connect to their pod from the client's address (the node routes the
+    /// answers back: [`super::transparent`]).
+    pub keep_source: bool,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -196,6 +199,7 @@ impl Tunnel {
             denials,
             fast_path,
             limit,
+            keep_source: false,
         }
     }
 
@@ -642,7 +646,7 @@ fn check_stream(
     client_id: &SpiffeId,
     served: Option<&SpiffeId>,
     request: &Request<hyper::body::Incoming>,
-) -> Result<SocketAddrV4, Refusal> {
+) -> Result<(SocketAddrV4, Option<Ipv4Addr>), Refusal> {
     let ConnectHead { target, claimed } = connect_head(request)?;
     let dst = snapshot.mesh.local(*target.ip()).ok_or_else(|| {
         Refusal(
@@ -707,7 +711,31 @@ fn check_stream(
         }
         _ => {}
     }
-    Ok(target)
+    // The client's address, when it is a pod of another node (the only kind a tunnel brings).
+    let source = snapshot
+        .mesh
+        .ip_of(claimed)
+        .filter(|_| !src.local && tunnel.keep_source);
+    Ok((target, source))
+}
+
+/// Connects to the local pod `target`, from `source` (the client's address) when given. A
+/// source-keeping connect that fails before the pod answered (the address is taken, no
+/// privilege) is made again from this node's address: the stream is not lost for it.
+async fn connect_upstream(
+    source: Option<Ipv4Addr>,
+    target: SocketAddrV4,
+) -> std::io::Result<TcpStream> {
+    if let Some(source) = source {
+        match super::transparent::connect_from(source, target).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(e),
+            Err(e) => {
+                tracing::debug!(%source, %target, error = %e, "source-keeping connect failed; connecting from the node");
+            }
+        }
+    }
+    TcpStream::connect(target).await
 }
 
 /// One inbound stream: checks, then the connection to the local pod.
@@ -718,7 +746,7 @@ async fn stream(
     served: Option<&SpiffeId>,
     mut request: Request<hyper::body::Incoming>,
 ) -> Response<Empty<Bytes>> {
-    let checked = check_stream(tunnel, snapshot, client_id, served, &request).and_then(|target| {
+    let checked = check_stream(tunnel, snapshot, client_id, served, &request).and_then(|dst| {
         let place = tunnel
             .limit
             .try_admit(Source::Identity(client_id.to_string()))
@@ -735,11 +763,13 @@ async fn stream(
                 };
                 Refusal(StatusCode::SERVICE_UNAVAILABLE, refused.label(), why)
             })?;
-        Ok((target, place))
+        Ok((dst, place))
     });
     let connected = match checked {
-        Ok((target, place)) => {
-            match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(target)).await {
+        Ok(((target, source), place)) => {
+            match tokio::time::timeout(Duration::from_secs(2), connect_upstream(source, target))
+                .await
+            {
                 Ok(Ok(s)) => Ok((s, place)),
                 _ => Err(Refusal(
                     StatusCode::BAD_GATEWAY,
