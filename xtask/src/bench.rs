@@ -20,12 +20,14 @@ mod l7;
 mod mtls;
 mod proxies;
 mod scale;
+mod soak;
 mod wrk;
 mod ztunnel;
 
 pub use l7::{Options as RateOptions, l7};
 pub use mtls::mtls;
 pub use scale::{Options as ScaleOptions, scale};
+pub use soak::{Options as SoakOptions, soak};
 
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 struct Rr {

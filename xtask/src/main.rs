@@ -186,6 +186,19 @@ enum BenchCmd {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// Steady load through the L7 engine for half an hour: the agent's RSS after every minute
+    /// and its slope (does memory grow?).
+    Soak {
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Minutes of load (one measurement per minute; the first is warm-up).
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+    },
 }
 
 /// Flags of the benchmarks that drive a fixed request rate.
@@ -508,6 +521,24 @@ fn main() -> Result<()> {
                 &bench::ScaleOptions { sizes, changes },
                 json.as_deref(),
                 &out,
+            )
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Soak {
+                    json,
+                    minutes,
+                    rate,
+                },
+            weft,
+            baseline,
+        } => {
+            let bins = setup_and_bins(weft, baseline.as_deref())?;
+            bench::soak(
+                &bins.0,
+                &bins.1,
+                &bench::SoakOptions { minutes, rate },
+                json.as_deref(),
             )
         }
         Cmd::Bench {

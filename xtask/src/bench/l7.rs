@@ -53,7 +53,7 @@ const HAPROXY_PORT: u16 = 8082;
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 const SERVICE_PORT: u16 = 80;
 /// Keep-alive connections of the fixed-rate client.
-const LOAD_CONNECTIONS: u32 = 16;
+pub(super) const LOAD_CONNECTIONS: u32 = 16;
 /// Idle keep-alive connections held through the engine for `weft_rss_10k_conns_mb`.
 const IDLE_CONNECTIONS: u32 = 10_000;
 /// Goals of issue 16: agent idle, and holding [`IDLE_CONNECTIONS`] idle connections (MiB).
@@ -192,11 +192,11 @@ struct Lane {
     measured: Measured,
 }
 
-struct Target {
-    client: Pod,
-    url: String,
+pub(super) struct Target {
+    pub(super) client: Pod,
+    pub(super) url: String,
     /// weft: the agent, for its RSS.
-    agent_pid: Option<u32>,
+    pub(super) agent_pid: Option<u32>,
 }
 
 impl Lane {
@@ -506,13 +506,13 @@ pub(super) fn mib(kb: u64) -> f64 {
 // Setup of each side
 
 /// A node's two pods and its upstream server.
-struct Side {
+pub(super) struct Side {
     client: Pod,
     upstream: Pod,
     server: HttpServer,
 }
 
-fn side(node: &Node) -> Result<Side> {
+pub(super) fn side(node: &Node) -> Result<Side> {
     let client = node.pod("client")?;
     let upstream = node.pod("upstream")?;
     let server = upstream.serve_http(&HttpServerArgs::new("upstream", UPSTREAM_PORT))?;
@@ -525,7 +525,7 @@ fn side(node: &Node) -> Result<Side> {
 
 /// The mesh node's agent with the Service and its `HTTPRoute` applied; the target goes through the
 /// VIP once the warm-up passes through it.
-fn weft_target(
+pub(super) fn weft_target(
     node: &Node,
     side: &Side,
     bin: Option<&Path>,
