@@ -71,12 +71,21 @@ pub(super) fn selects(p: &AuthorizationPolicy, dst: &Workload) -> bool {
 }
 
 pub(super) fn policy_name(p: &AuthorizationPolicy) -> String {
-    format!(
-        "{}/{}",
+    let (namespace, name) = policy_key(p);
+    format!("{namespace}/{name}")
+}
+
+/// (namespace, name) of a policy, borrowed (what [`policy_name`] joins).
+fn policy_key(p: &AuthorizationPolicy) -> (&str, &str) {
+    (
         p.metadata.namespace.as_deref().unwrap_or("default"),
-        p.metadata.name.as_deref().unwrap_or("?")
+        p.metadata.name.as_deref().unwrap_or("?"),
     )
 }
+
+/// Rule ids of one matrix: by policy (namespace, name) and rule index (`None`: its "no ALLOW
+/// rule matched"). Borrowed keys: a lookup per decision allocates nothing.
+pub(super) type RuleIds<'a> = std::collections::HashMap<(&'a str, &'a str, Option<usize>), u32>;
 
 /// Expands authorization policies into explicit kernel entries for every meshed local source and
 /// meshed destination that at least one policy selects. Port 0 stands for "any other port".
@@ -100,20 +109,22 @@ pub(super) fn policy_matrix(
     destination: impl Fn(&Workload) -> bool,
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
     let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
-    sorted.sort_by_key(|p| policy_name(p));
+    sorted.sort_by_cached_key(|p| policy_name(p));
 
     // Rule ids: one per (policy, rule) and one per policy for "no ALLOW rule matched".
     let mut rules = Vec::new();
-    let mut ids = BTreeMap::new();
+    let mut ids = RuleIds::new();
+    let mut deny_ids = std::collections::HashMap::new();
     for p in &sorted {
         let name = policy_name(p);
+        let (p_ns, p_name) = policy_key(p);
         let action = match p.spec.action {
             Action::Allow => "ALLOW",
             Action::Deny => "DENY",
         };
         for (i, _) in p.spec.rules.iter().enumerate() {
             let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
-            ids.insert((name.clone(), Some(i)), id);
+            ids.insert((p_ns, p_name, Some(i)), id);
             rules.push(RuleInfo {
                 id: RuleId(id),
                 policy: name.clone(),
@@ -124,7 +135,7 @@ pub(super) fn policy_matrix(
         }
         if p.spec.action == Action::Allow {
             let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
-            ids.insert((name.clone(), None), id);
+            ids.insert((p_ns, p_name, None), id);
             rules.push(RuleInfo {
                 id: RuleId(id),
                 policy: name.clone(),
@@ -139,7 +150,7 @@ pub(super) fn policy_matrix(
 
     for ns in default_deny {
         let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
-        ids.insert((format!("namespace {ns}"), None), id);
+        deny_ids.insert(ns.as_str(), id);
         rules.push(RuleInfo {
             id: RuleId(id),
             policy: format!("namespace {ns}"),
@@ -162,13 +173,7 @@ pub(super) fn policy_matrix(
             .map(|i| sorted[i])
             .filter(|p| selects(p, dst))
             .collect();
-        let deny_by_default = default_deny
-            .contains(&dst.namespace)
-            .then(|| {
-                ids.get(&(format!("namespace {}", dst.namespace), None))
-                    .copied()
-            })
-            .flatten();
+        let deny_by_default = deny_ids.get(dst.namespace.as_str()).copied();
         if applying.is_empty() && deny_by_default.is_none() {
             continue;
         }
@@ -212,7 +217,7 @@ pub(super) fn decide(
     applying: &[&AuthorizationPolicy],
     src: &Workload,
     port: u16,
-    ids: &BTreeMap<(String, Option<usize>), u32>,
+    ids: &RuleIds,
     deny_by_default: Option<u32>,
 ) -> (u8, u32) {
     let enforced: Vec<&AuthorizationPolicy> = applying
@@ -235,10 +240,13 @@ pub(super) fn evaluate(
     applying: &[&AuthorizationPolicy],
     src: &Workload,
     port: u16,
-    ids: &BTreeMap<(String, Option<usize>), u32>,
+    ids: &RuleIds,
     deny_by_default: Option<u32>,
 ) -> (u8, u32) {
-    let rule_id = |p: &AuthorizationPolicy, i| ids.get(&(policy_name(p), i)).copied().unwrap_or(0);
+    let rule_id = |p: &AuthorizationPolicy, i| {
+        let (namespace, name) = policy_key(p);
+        ids.get(&(namespace, name, i)).copied().unwrap_or(0)
+    };
     for p in applying.iter().filter(|p| p.spec.action == Action::Deny) {
         if let Some(i) = matching_rule(p, src, port) {
             return (verdict::DENY, rule_id(p, Some(i)));

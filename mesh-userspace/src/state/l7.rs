@@ -1,7 +1,10 @@
 //! L7 services: the Service ports the engine serves (routes, an accepted `TrafficPolicy`, L7
 //! authorization or authentication), with what applies to each.
 
-use std::hash::{Hash as _, Hasher as _};
+use std::{
+    collections::HashMap,
+    hash::{Hash as _, Hasher as _},
+};
 
 use super::{
     L7Service, ServicePort,
@@ -23,24 +26,47 @@ pub(super) fn targets(
         })
 }
 
-/// The objects of `all` whose targetRef is `svc`.
-pub(super) fn targeting<T: Clone>(
-    all: &[T],
-    svc: &ServicePort,
-    target: impl Fn(
-        &T,
-    ) -> (
-        &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        Option<&crate::api::traffic::TargetRef>,
-    ),
-) -> Vec<T> {
-    all.iter()
-        .filter(|o| {
+/// What an object targets: its metadata and `targetRef`.
+type TargetOf<T> = fn(
+    &T,
+) -> (
+    &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    Option<&crate::api::traffic::TargetRef>,
+);
+
+/// Objects that target a Service, by (namespace, Service name): each Service port looks at its
+/// own candidates, not at every object (1000 Services × 1000 policies was a fifth of a rebuild).
+struct ByTarget<'a, T> {
+    objects: HashMap<(&'a str, &'a str), Vec<&'a T>>,
+    target: TargetOf<T>,
+}
+
+impl<'a, T: Clone> ByTarget<'a, T> {
+    fn new(all: &'a [T], target: TargetOf<T>) -> Self {
+        let mut objects: HashMap<_, Vec<&T>> = HashMap::new();
+        for o in all {
             let (meta, t) = target(o);
-            targets(meta, t, svc)
-        })
-        .cloned()
-        .collect()
+            if let Some(t) = t.filter(|t| t.is_service()) {
+                let ns = meta.namespace.as_deref().unwrap_or("default");
+                objects.entry((ns, t.name.as_str())).or_default().push(o);
+            }
+        }
+        Self { objects, target }
+    }
+
+    /// The objects whose targetRef is `svc` (its port included).
+    fn targeting(&self, svc: &ServicePort) -> Vec<T> {
+        self.objects
+            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            .into_iter()
+            .flatten()
+            .filter(|o| {
+                let (meta, t) = (self.target)(o);
+                targets(meta, t, svc)
+            })
+            .map(|o| (*o).clone())
+            .collect()
+    }
 }
 
 /// The Services that need the L7 engine (routes, an accepted `TrafficPolicy`, L7 authorization
@@ -61,6 +87,12 @@ pub(super) fn l7_services(
         .iter()
         .map(|p| ((p.namespace.as_str(), p.name.as_str(), p.port), p))
         .collect();
+    let authz_by_target = ByTarget::new(&objects.authorization_policies, |p| {
+        (&p.metadata, p.spec.target_ref.as_ref())
+    });
+    let jwt_by_target = ByTarget::new(&objects.request_authentications, |p| {
+        (&p.metadata, Some(&p.spec.target_ref))
+    });
     let mut out = Vec::new();
     for svc in services.iter_mut() {
         let sref = ServiceRef {
@@ -83,12 +115,8 @@ pub(super) fn l7_services(
         let policy = traffic_policies
             .iter()
             .find(|p| targets(&p.metadata, p.spec.target_ref.as_ref(), svc));
-        let authz = targeting(&objects.authorization_policies, svc, |p| {
-            (&p.metadata, p.spec.target_ref.as_ref())
-        });
-        let jwt_policies = targeting(&objects.request_authentications, svc, |p| {
-            (&p.metadata, Some(&p.spec.target_ref))
-        });
+        let authz = authz_by_target.targeting(svc);
+        let jwt_policies = jwt_by_target.targeting(svc);
         if http_routes.is_empty()
             && grpc_routes.is_empty()
             && policy.is_none()
