@@ -50,6 +50,24 @@ fn ipv4_source_and_protocol(ctx: &TcContext) -> Option<(u32, u8)> {
     ))
 }
 
+/// For an IPv4 TCP segment: its IP header length, source and destination (as stored, network
+/// order).
+#[inline(always)]
+fn ipv4_tcp(ctx: &TcContext) -> Option<(usize, u32, u32)> {
+    if ctx.load::<u16>(12).ok()? != ETH_P_IP_BE {
+        return None;
+    }
+    let ver_ihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+    if ctx.load::<u8>(ETH_HLEN + IPV4_PROTO).ok()? != IPPROTO_TCP {
+        return None;
+    }
+    Some((
+        usize::from(ver_ihl & 0x0f) * 4,
+        ctx.load::<u32>(ETH_HLEN + IPV4_SRC).ok()?,
+        ctx.load::<u32>(ETH_HLEN + IPV4_DST).ok()?,
+    ))
+}
+
 /// Host-side ingress = traffic leaving the pod.
 #[classifier]
 pub fn weft_tc_pod_out(ctx: TcContext) -> i32 {
@@ -65,29 +83,14 @@ pub fn weft_tc_pod_out(ctx: TcContext) -> i32 {
 /// else is left alone; a failed lookup leaves the packet unmarked (routed as without Weft).
 #[inline(always)]
 fn mark_reply_to_agent(ctx: &TcContext) {
-    let Ok(proto) = ctx.load::<u16>(12) else {
+    let Some((ihl, src, dst)) = ipv4_tcp(ctx) else {
         return;
     };
-    if proto != ETH_P_IP_BE {
-        return;
-    }
-    let (Ok(ver_ihl), Ok(l4), Ok(src), Ok(dst)) = (
-        ctx.load::<u8>(ETH_HLEN),
-        ctx.load::<u8>(ETH_HLEN + IPV4_PROTO),
-        ctx.load::<u32>(ETH_HLEN + IPV4_SRC),
-        ctx.load::<u32>(ETH_HLEN + IPV4_DST),
-    ) else {
-        return;
-    };
-    if l4 != IPPROTO_TCP {
-        return;
-    }
     // Only towards pods of other nodes: the peers of source-keeping sockets.
     // SAFETY: copied out of the map.
     if !unsafe { WEFT_ENDPOINTS.get(&dst) }.is_some_and(|e| e.flags & endpoint_flags::REMOTE != 0) {
         return;
     }
-    let ihl = usize::from(ver_ihl & 0x0f) * 4;
     let (Ok(sport), Ok(dport)) = (
         ctx.load::<u16>(ETH_HLEN + ihl),
         ctx.load::<u16>(ETH_HLEN + ihl + 2),
@@ -144,24 +147,9 @@ pub fn weft_tc_pod_in(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn strict_refuses(ctx: &TcContext) -> bool {
-    let Ok(proto) = ctx.load::<u16>(12) else {
+    let Some((ihl, src, dst)) = ipv4_tcp(ctx) else {
         return false;
     };
-    if proto != ETH_P_IP_BE {
-        return false;
-    }
-    let (Ok(ver_ihl), Ok(l4), Ok(src), Ok(dst)) = (
-        ctx.load::<u8>(ETH_HLEN),
-        ctx.load::<u8>(ETH_HLEN + IPV4_PROTO),
-        ctx.load::<u32>(ETH_HLEN + IPV4_SRC),
-        ctx.load::<u32>(ETH_HLEN + IPV4_DST),
-    ) else {
-        return false;
-    };
-    if l4 != IPPROTO_TCP {
-        return false;
-    }
-    let ihl = usize::from(ver_ihl & 0x0f) * 4;
     let Ok(tcp_flags) = ctx.load::<u8>(ETH_HLEN + ihl + TCP_FLAGS) else {
         return false;
     };
