@@ -16,6 +16,7 @@ use testbed::{Pod, ServeMode, Testbed, agent::Agent};
 
 use crate::step;
 
+mod h2load;
 mod l7;
 mod mtls;
 mod proxies;

@@ -35,10 +35,11 @@ use testbed::{
     Node, Pod, Testbed,
     agent::Agent,
     eventually,
-    http::{HttpGetArgs, HttpLoadArgs, HttpServer, HttpServerArgs},
+    http::{HttpGetArgs, HttpLoadArgs, HttpLoadReport, HttpServer, HttpServerArgs},
 };
 
 use super::{
+    h2load,
     proxies::{Kind, Proxy},
     wrk,
 };
@@ -156,6 +157,9 @@ struct Measured {
     p50: Vec<f64>,
     p99: Vec<f64>,
     rss_mb: Vec<f64>,
+    h2_rps: Vec<f64>,
+    h2_p50: Vec<f64>,
+    h2_p99: Vec<f64>,
     /// Who the upstream saw as its peer in the warm-up (the client pod, or a proxy).
     upstream_peer: Option<String>,
     /// Why the column could not be set up or measured; it has no numbers then.
@@ -170,6 +174,9 @@ impl Measured {
             p50: Vec::new(),
             p99: Vec::new(),
             rss_mb: Vec::new(),
+            h2_rps: Vec::new(),
+            h2_p50: Vec::new(),
+            h2_p99: Vec::new(),
             upstream_peer: None,
             error: None,
         }
@@ -195,6 +202,8 @@ struct Lane {
 pub(super) struct Target {
     pub(super) client: Pod,
     pub(super) url: String,
+    /// The same way in over HTTP/2 with prior knowledge (h2c).
+    pub(super) h2_url: String,
     /// weft: the agent, for its RSS.
     pub(super) agent_pid: Option<u32>,
 }
@@ -228,8 +237,8 @@ impl Lane {
         }
     }
 
-    /// One round: saturation with wrk, then the fixed-rate run. A failure marks the column
-    /// failed instead of stopping the benchmark.
+    /// One round: saturation with wrk, then the fixed-rate run; the same over HTTP/2 (h2load,
+    /// http-load --h2c). A failure marks the column failed instead of stopping the benchmark.
     fn measure(&mut self, options: &Options, pinning: Option<Pinning>) {
         let Some(target) = &self.target else { return };
         match measure(target, options, pinning) {
@@ -241,6 +250,9 @@ impl Lane {
                 if let Some(rss) = sample.rss_mb {
                     m.rss_mb.push(rss);
                 }
+                m.h2_rps.push(sample.h2_rps);
+                m.h2_p50.push(sample.h2_p50_us);
+                m.h2_p99.push(sample.h2_p99_us);
             }
             Err(error) => self.fail("measurement failed", &error),
         }
@@ -278,6 +290,9 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     rss_mb: Option<f64>,
+    h2_rps: f64,
+    h2_p50_us: f64,
+    h2_p99_us: f64,
 }
 
 fn measure(target: &Target, options: &Options, pinning: Option<Pinning>) -> Result<Sample> {
@@ -298,11 +313,35 @@ fn measure(target: &Target, options: &Options, pinning: Option<Pinning>) -> Resu
         .agent_pid
         .map(|pid| peak_rss_kb(pid).with_context(|| format!("agent (pid {pid}) RSS")))
         .transpose()?;
+    clean(&report, options.rate, &target.url)?;
+    let h2_saturated = h2load::run(&target.client, &target.h2_url, options.secs, load_cpu)?;
+    let h2_load = HttpLoadArgs::new(
+        target.h2_url.parse()?,
+        options.rate,
+        Duration::from_secs(options.secs),
+    )
+    .connections(LOAD_CONNECTIONS)
+    .cpu(load_cpu)
+    .h2c();
+    let h2 = target.client.http_load(&h2_load)?;
+    clean(&h2, options.rate, &format!("{} (h2c)", target.h2_url))?;
+    Ok(Sample {
+        rps: saturated.rps,
+        p50_us: report.p50_us,
+        p99_us: report.p99_us,
+        rss_mb: rss_kb.map(mib),
+        h2_rps: h2_saturated.rps,
+        h2_p50_us: h2.p50_us,
+        h2_p99_us: h2.p99_us,
+    })
+}
+
+/// Every scheduled request of a fixed-rate run (at `rate`, through `what`) answered 2xx, or why
+/// not.
+pub(super) fn clean(report: &HttpLoadReport, rate: f64, what: &str) -> Result<()> {
     ensure!(
         report.clean(),
-        "http-load at {} req/s through {}: {} of {} scheduled answered, {} errors {:?}, {} not 2xx, {} never sent",
-        options.rate,
-        target.url,
+        "http-load at {rate} req/s through {what}: {} of {} scheduled answered, {} errors {:?}, {} not 2xx, {} never sent",
         report.completed,
         report.scheduled,
         report.errors,
@@ -310,12 +349,7 @@ fn measure(target: &Target, options: &Options, pinning: Option<Pinning>) -> Resu
         report.non_2xx,
         report.missed
     );
-    Ok(Sample {
-        rps: saturated.rps,
-        p50_us: report.p50_us,
-        p99_us: report.p99_us,
-        rss_mb: rss_kb.map(mib),
-    })
+    Ok(())
 }
 
 /// Functions listed by [`profile_engine`], hottest first.
@@ -568,8 +602,10 @@ pub(super) fn weft_target(
     })
     .with_context(|| format!("no answer through the Service VIP {url} (is the L7 engine on?)"))?;
     let agent_pid = agent_pid(node)?;
+    // The engine tells HTTP/2's preface from HTTP/1.1 on the same Service port.
     Ok(Target {
         client: side.client.clone(),
+        h2_url: url.clone(),
         url,
         agent_pid: Some(agent_pid),
     })
@@ -600,10 +636,14 @@ fn proxy_target(
     let listen = SocketAddrV4::new(node.bridge_ip(), port);
     let proxy = Proxy::start(node, kind, listen, side.server.addr())?;
     let url = proxy.url("/");
+    let h2_url = proxy
+        .url_h2("/")
+        .context("the proxy has an HTTP/2 listener")?;
     proxies.push(proxy);
     Ok(Target {
         client: side.client.clone(),
         url,
+        h2_url,
         agent_pid: None,
     })
 }
@@ -723,11 +763,106 @@ struct Report {
     ratio_weft_p50_vs_base: Option<Interval>,
     ratio_weft_p99_vs_base: Option<Interval>,
     ratio_weft_rps_vs_base: Option<Interval>,
+    /// The same over HTTP/2 with prior knowledge (h2c): h2load for saturation, http-load
+    /// `--h2c` at the fixed rate.
+    #[serde(flatten)]
+    h2: H2Report,
     /// Who the upstream saw connecting in each column's warm-up (a proxy's address, or the
     /// client pod's own for direct).
     upstream_peers: std::collections::BTreeMap<&'static str, Option<String>>,
     /// Why a column has no numbers.
     errors: std::collections::BTreeMap<&'static str, String>,
+}
+
+/// HTTP/2 figures of [`Report`] (flattened into it).
+#[derive(Debug, Serialize)]
+struct H2Report {
+    direct_h2_rps: Option<f64>,
+    weft_h2_rps: Option<f64>,
+    nginx_h2_rps: Option<f64>,
+    haproxy_h2_rps: Option<f64>,
+    direct_h2_p50_us: Option<f64>,
+    weft_h2_p50_us: Option<f64>,
+    nginx_h2_p50_us: Option<f64>,
+    haproxy_h2_p50_us: Option<f64>,
+    direct_h2_p99_us: Option<f64>,
+    weft_h2_p99_us: Option<f64>,
+    nginx_h2_p99_us: Option<f64>,
+    haproxy_h2_p99_us: Option<f64>,
+    weft_added_h2_p99_us: Option<f64>,
+    /// As `ratio_weft_added_p99_vs_best_proxy`, over HTTP/2; target ≤ 0.5.
+    ratio_weft_added_h2_p99_vs_best_proxy: Option<f64>,
+    ratio_weft_added_h2_p99_vs_best_proxy_rounds: Option<Interval>,
+}
+
+/// Weft's added p99 (over direct) ÷ the better proxy's, from the medians, and round by round
+/// (median and interval), for the p99 samples `p99` picks.
+fn versus_best_proxy(
+    columns: &[Measured],
+    p99: fn(&Measured) -> &Vec<f64>,
+) -> (Option<f64>, Option<Interval>) {
+    let lane = |c: Column| columns.iter().find(|m| m.column == c);
+    let samples = |c: Column| lane(c).filter(|m| m.error.is_none()).map(p99);
+    let best_of = |nginx: Option<f64>, haproxy: Option<f64>| match (nginx, haproxy) {
+        (Some(n), Some(h)) => Some(n.min(h)),
+        (one, other) => one.or(other),
+    };
+    let ratio = |weft: Option<f64>, best: Option<f64>| match (weft, best) {
+        (Some(w), Some(b)) if b > 0.0 => Some(w / b),
+        _ => None,
+    };
+    let rounds = samples(Column::Direct).map_or(0, Vec::len);
+    let per_round: Vec<f64> = (0..rounds)
+        .filter_map(|round| {
+            let direct = *samples(Column::Direct)?.get(round)?;
+            let added = |c| Some(samples(c)?.get(round)? - direct);
+            ratio(
+                added(Column::Weft),
+                best_of(added(Column::Nginx), added(Column::Haproxy)),
+            )
+        })
+        .collect();
+    let median = |c| lane(c).and_then(|m| m.median(p99(m)));
+    let added = |c| Some(median(c)? - median(Column::Direct)?);
+    (
+        ratio(
+            added(Column::Weft),
+            best_of(added(Column::Nginx), added(Column::Haproxy)),
+        ),
+        Interval::of(per_round),
+    )
+}
+
+fn h2_report(columns: &[Measured]) -> H2Report {
+    let value = |c: Column, f: fn(&Measured) -> &Vec<f64>| {
+        columns
+            .iter()
+            .find(|m| m.column == c)
+            .and_then(|m| m.median(f(m)))
+    };
+    let rps = |c| value(c, |m| &m.h2_rps);
+    let p50 = |c| value(c, |m| &m.h2_p50);
+    let p99 = |c| value(c, |m| &m.h2_p99);
+    let (ratio, rounds) = versus_best_proxy(columns, |m| &m.h2_p99);
+    H2Report {
+        direct_h2_rps: rps(Column::Direct),
+        weft_h2_rps: rps(Column::Weft),
+        nginx_h2_rps: rps(Column::Nginx),
+        haproxy_h2_rps: rps(Column::Haproxy),
+        direct_h2_p50_us: p50(Column::Direct),
+        weft_h2_p50_us: p50(Column::Weft),
+        nginx_h2_p50_us: p50(Column::Nginx),
+        haproxy_h2_p50_us: p50(Column::Haproxy),
+        direct_h2_p99_us: p99(Column::Direct),
+        weft_h2_p99_us: p99(Column::Weft),
+        nginx_h2_p99_us: p99(Column::Nginx),
+        haproxy_h2_p99_us: p99(Column::Haproxy),
+        weft_added_h2_p99_us: p99(Column::Weft)
+            .zip(p99(Column::Direct))
+            .map(|(w, d)| w - d),
+        ratio_weft_added_h2_p99_vs_best_proxy: ratio,
+        ratio_weft_added_h2_p99_vs_best_proxy_rounds: rounds,
+    }
 }
 
 #[allow(clippy::too_many_lines, reason = "one field per reported figure")]
@@ -752,46 +887,19 @@ fn report(columns: &[Measured], options: &Options) -> Report {
         )
     };
     let vs_base = |f: fn(&Measured) -> &Vec<f64>| per_round(f(weft?), f(base?));
-    // Round by round: added p99 of weft over the better proxy's in the same round.
-    let rounds_ratio = {
-        let direct = lane(Column::Direct);
-        let ratios: Vec<f64> = (0..direct.p99.len())
-            .filter_map(|round| {
-                let added = |column| {
-                    let m = lane(column);
-                    Some(m.p99.get(round)? - direct.p99[round]).filter(|_| m.error.is_none())
-                };
-                let best = match (added(Column::Nginx), added(Column::Haproxy)) {
-                    (Some(nginx), Some(haproxy)) => nginx.min(haproxy),
-                    (one, other) => one.or(other)?,
-                };
-                if best > 0.0 {
-                    Some(added(Column::Weft)? / best)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        Interval::of(ratios)
-    };
+    let (ratio, rounds_ratio) = versus_best_proxy(columns, |m| &m.p99);
     let p50 = |c| lane(c).median(&lane(c).p50);
     let p99 = |c| lane(c).median(&lane(c).p99);
     let rps = |c| lane(c).median(&lane(c).rps);
     let added = |c| Some(p99(c)? - p99(Column::Direct)?);
-    let best_proxy = match (added(Column::Nginx), added(Column::Haproxy)) {
-        (Some(n), Some(h)) => Some(n.min(h)),
-        (one, other) => one.or(other),
-    };
-    let ratio = match (added(Column::Weft), best_proxy) {
-        (Some(w), Some(b)) if b > 0.0 => Some(w / b),
-        _ => None,
-    };
     Report {
         pinning: None,
         tool: format!(
-            "saturation: wrk -t{} -c{}; fixed rate: weft-workload http-load ({LOAD_CONNECTIONS} connections, open loop)",
+            "saturation: wrk -t{} -c{}, HTTP/2: h2load -t1 -c{} -m{}; fixed rate: weft-workload http-load ({LOAD_CONNECTIONS} connections, open loop; --h2c for HTTP/2)",
             wrk::THREADS,
-            wrk::CONNECTIONS
+            wrk::CONNECTIONS,
+            h2load::CLIENTS,
+            h2load::STREAMS
         ),
         secs_per_run: options.secs,
         repeats: options.repeats,
@@ -829,6 +937,7 @@ fn report(columns: &[Measured], options: &Options) -> Report {
         ratio_weft_p50_vs_base: vs_base(|m| &m.p50),
         ratio_weft_p99_vs_base: vs_base(|m| &m.p99),
         ratio_weft_rps_vs_base: vs_base(|m| &m.rps),
+        h2: h2_report(columns),
         upstream_peers: columns
             .iter()
             .map(|m| (m.column.name(), m.upstream_peer.clone()))
@@ -891,6 +1000,37 @@ fn print_table(r: &Report) {
         ],
         "",
     );
+    let h2 = &r.h2;
+    row(
+        &format!("HTTP/2 requests/s (h2load -c{})", h2load::CLIENTS),
+        [
+            h2.direct_h2_rps,
+            h2.weft_h2_rps,
+            h2.nginx_h2_rps,
+            h2.haproxy_h2_rps,
+        ],
+        "",
+    );
+    row(
+        &format!("HTTP/2 p50 at {:.0} req/s (µs)", r.fixed_rate_rps),
+        [
+            h2.direct_h2_p50_us,
+            h2.weft_h2_p50_us,
+            h2.nginx_h2_p50_us,
+            h2.haproxy_h2_p50_us,
+        ],
+        "",
+    );
+    row(
+        &format!("HTTP/2 p99 at {:.0} req/s (µs)", r.fixed_rate_rps),
+        [
+            h2.direct_h2_p99_us,
+            h2.weft_h2_p99_us,
+            h2.nginx_h2_p99_us,
+            h2.haproxy_h2_p99_us,
+        ],
+        "",
+    );
     println!(
         "{:<34} {:>9} {:>9}  ≤ {TARGET_RSS_MB:.0}",
         "agent RSS during the run (MiB)",
@@ -924,6 +1064,17 @@ fn print_table(r: &Report) {
             .map_or_else(|| "—".to_owned(), |v| format!("{v:.2}"))
     );
     if let Some(i) = &r.ratio_weft_added_p99_vs_best_proxy_rounds {
+        println!(
+            "  round by round: {i} — {} the target",
+            i.side_of(TARGET_RATIO)
+        );
+    }
+    println!(
+        "HTTP/2: weft added p99 / best of nginx, haproxy: {}  (target ≤ {TARGET_RATIO})",
+        h2.ratio_weft_added_h2_p99_vs_best_proxy
+            .map_or_else(|| "—".to_owned(), |v| format!("{v:.2}"))
+    );
+    if let Some(i) = &h2.ratio_weft_added_h2_p99_vs_best_proxy_rounds {
         println!(
             "  round by round: {i} — {} the target",
             i.side_of(TARGET_RATIO)
@@ -972,6 +1123,8 @@ pub fn l7(
     json: Option<&Path>,
 ) -> Result<()> {
     testbed::use_binaries(weft, workload)?;
+    // h2load, for HTTP/2 saturation (only the benchmark needs it).
+    crate::setup::ensure_packages(&["nghttp2-client"])?;
     let options = Options {
         repeats: options.repeats.max(1),
         secs: options.secs.max(1),
@@ -1002,9 +1155,11 @@ pub fn l7(
     );
     let mut agent = None;
     let weft = weft_target(&mesh_node, &mesh, None, &mut agent);
+    // The upstream server speaks HTTP/1.1 and h2c on one port.
     let direct = Ok(Target {
         client: base.client.clone(),
         url: base.server.url("/").to_string(),
+        h2_url: base.server.url("/").to_string(),
         agent_pid: None,
     });
     let mut lanes = vec![

@@ -1,5 +1,6 @@
 //! The reverse proxies `bench l7` compares Weft's L7 engine with: nginx and haproxy as Debian 12
-//! ships them, each a plain HTTP/1.1 reverse proxy with upstream keep-alive, running in the node's
+//! ships them, each a plain HTTP/1.1 reverse proxy with upstream keep-alive (and a second
+//! listener, [`H2_PORT_OFFSET`] ports up, for HTTP/2 with prior knowledge), running in the node's
 //! network namespace (where Weft's engine runs too), with one worker (nginx: one worker process
 //! beside its idle master; haproxy: `nbthread 1`). Their configuration files are written into the
 //! node's run directory, so the testbed's teardown removes them; the processes run in the
@@ -19,6 +20,8 @@ use testbed::{Node, Proc, eventually};
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a proxy gets to exit after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The HTTP/2 (h2c, prior knowledge) listener's port: the HTTP/1.1 one's plus this.
+pub const H2_PORT_OFFSET: u16 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -41,6 +44,8 @@ pub struct Proxy {
     kind: Kind,
     proc: Proc,
     listen: SocketAddrV4,
+    /// The h2c listener, when the configuration has one.
+    listen_h2: Option<SocketAddrV4>,
 }
 
 impl Proxy {
@@ -54,13 +59,14 @@ impl Proxy {
     ) -> Result<Self> {
         let dir = node.run_dir().join(kind.name());
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let listen_h2 = SocketAddrV4::new(*listen.ip(), listen.port() + H2_PORT_OFFSET);
         let proc = match kind {
             Kind::Nginx => {
                 for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
                     fs::create_dir_all(dir.join("tmp").join(sub))?;
                 }
                 let conf = dir.join("nginx.conf");
-                fs::write(&conf, nginx_conf(&dir, listen, upstream))
+                fs::write(&conf, nginx_conf(&dir, listen, listen_h2, upstream))
                     .with_context(|| format!("writing {}", conf.display()))?;
                 node.spawn(
                     "nginx",
@@ -79,12 +85,17 @@ impl Proxy {
             }
             Kind::Haproxy => {
                 let conf = dir.join("haproxy.cfg");
-                fs::write(&conf, haproxy_cfg(listen, upstream))
+                fs::write(&conf, haproxy_cfg(listen, listen_h2, upstream))
                     .with_context(|| format!("writing {}", conf.display()))?;
                 node.spawn("haproxy", ["-f".to_owned(), path(&conf), "-db".to_owned()])?
             }
         };
-        let mut proxy = Self { kind, proc, listen };
+        let mut proxy = Self {
+            kind,
+            proc,
+            listen,
+            listen_h2: Some(listen_h2),
+        };
         proxy.wait_listening(node)?;
         Ok(proxy)
     }
@@ -106,6 +117,7 @@ impl Proxy {
             kind: Kind::Haproxy,
             proc,
             listen,
+            listen_h2: None,
         };
         proxy.wait_listening(node)?;
         Ok(proxy)
@@ -128,20 +140,29 @@ impl Proxy {
         format!("http://{}{path}", self.listen)
     }
 
+    /// The URL of the HTTP/2 (h2c) listener, if there is one.
+    #[must_use]
+    pub fn url_h2(&self, path: &str) -> Option<String> {
+        Some(format!("http://{}{path}", self.listen_h2?))
+    }
+
     fn wait_listening(&mut self, node: &Node) -> Result<()> {
-        let filter = format!("sport = :{}", self.listen.port());
         let name = self.kind.name();
-        eventually(START_TIMEOUT, || {
-            if !self.proc.is_running() {
-                bail!("{name} exited: {}", self.proc.stderr());
-            }
-            let ss = node.run(Duration::from_secs(5), "ss", ["-Hltn", filter.as_str()])?;
-            if ss.stdout.trim().is_empty() {
-                bail!("{name} does not listen on {} yet", self.listen);
-            }
-            Ok(())
-        })
-        .with_context(|| format!("{name} did not start"))
+        for listen in std::iter::once(self.listen).chain(self.listen_h2) {
+            let filter = format!("sport = :{}", listen.port());
+            eventually(START_TIMEOUT, || {
+                if !self.proc.is_running() {
+                    bail!("{name} exited: {}", self.proc.stderr());
+                }
+                let ss = node.run(Duration::from_secs(5), "ss", ["-Hltn", filter.as_str()])?;
+                if ss.stdout.trim().is_empty() {
+                    bail!("{name} does not listen on {listen} yet");
+                }
+                Ok(())
+            })
+            .with_context(|| format!("{name} did not start"))?;
+        }
+        Ok(())
     }
 
     /// SIGTERM to the main process (nginx's master stops its worker), then makes sure no
@@ -173,8 +194,14 @@ fn path(p: &Path) -> String {
 
 /// nginx: one worker, no access log, upstream keep-alive (HTTP/1.1 with the `Connection` header
 /// cleared), and no per-connection request limits on either side (nginx closes keep-alive
-/// connections after 1000 requests by default; haproxy and Weft do not).
-fn nginx_conf(dir: &Path, listen: SocketAddrV4, upstream: SocketAddr) -> String {
+/// connections after 1000 requests by default, HTTP/2 ones too; haproxy and Weft do not). The
+/// h2c server is the same proxy on a listener of its own (nginx 1.22 cannot serve both on one).
+fn nginx_conf(
+    dir: &Path,
+    listen: SocketAddrV4,
+    listen_h2: SocketAddrV4,
+    upstream: SocketAddr,
+) -> String {
     let dir = path(dir);
     format!(
         "# Written by `cargo xtask bench l7`.
@@ -203,6 +230,14 @@ http {{
             proxy_set_header Connection \"\";
         }}
     }}
+    server {{
+        listen {listen_h2} http2;
+        location / {{
+            proxy_pass http://upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
 }}
 "
     )
@@ -210,7 +245,7 @@ http {{
 
 /// haproxy: one thread, HTTP mode, keep-alive on both sides, idle server connections reused
 /// by any client (`http-reuse always`), no logging.
-fn haproxy_cfg(listen: SocketAddrV4, upstream: SocketAddr) -> String {
+fn haproxy_cfg(listen: SocketAddrV4, listen_h2: SocketAddrV4, upstream: SocketAddr) -> String {
     format!(
         "# Written by `cargo xtask bench l7`.
 global
@@ -228,6 +263,10 @@ defaults
 
 frontend bench
     bind {listen}
+    default_backend upstream
+
+frontend bench_h2
+    bind {listen_h2} proto h2
     default_backend upstream
 
 backend upstream
@@ -278,13 +317,16 @@ mod tests {
     fn configs_name_the_addresses() {
         let listen: SocketAddrV4 = "198.18.1.1:8081".parse().unwrap();
         let upstream: SocketAddr = "198.18.1.11:8080".parse().unwrap();
-        let nginx = nginx_conf(Path::new("/run/x"), listen, upstream);
+        let h2: SocketAddrV4 = "198.18.1.1:8091".parse().unwrap();
+        let nginx = nginx_conf(Path::new("/run/x"), listen, h2, upstream);
         assert!(nginx.contains("listen 198.18.1.1:8081;"));
+        assert!(nginx.contains("listen 198.18.1.1:8091 http2;"));
         assert!(nginx.contains("server 198.18.1.11:8080;"));
         assert!(nginx.contains("keepalive 64;"));
         assert!(nginx.contains("proxy_set_header Connection \"\";"));
-        let haproxy = haproxy_cfg(listen, upstream);
+        let haproxy = haproxy_cfg(listen, h2, upstream);
         assert!(haproxy.contains("bind 198.18.1.1:8081"));
+        assert!(haproxy.contains("bind 198.18.1.1:8091 proto h2"));
         assert!(haproxy.contains("server upstream 198.18.1.11:8080"));
         assert!(haproxy.contains("http-reuse always"));
     }

@@ -93,16 +93,11 @@ pub fn soak(weft: &Path, workload: &Path, options: &Options, json: Option<&Path>
         let load = HttpLoadArgs::new(target.url.parse()?, options.rate, WINDOW)
             .connections(l7::LOAD_CONNECTIONS);
         let report = target.client.http_load(&load)?;
-        ensure!(
-            report.clean(),
-            "minute {minute}: {} of {} scheduled answered, {} errors {:?}, {} not 2xx, {} never sent",
-            report.completed,
-            report.scheduled,
-            report.errors,
-            report.error_samples,
-            report.non_2xx,
-            report.missed
-        );
+        l7::clean(
+            &report,
+            options.rate,
+            &format!("{} in minute {minute}", target.url),
+        )?;
         let w = Window {
             minute,
             rss_mib: mib(status_kb(pid, "VmRSS")?),
