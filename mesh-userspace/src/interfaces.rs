@@ -127,21 +127,28 @@ fn addressed() -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Every link of the namespace, from an `RTM_GETLINK` dump.
-pub fn dump_links() -> std::io::Result<Vec<Link>> {
+/// Sends one rtnetlink request (`NLM_F_REQUEST` and `flags`) in the calling thread's network
+/// namespace; the socket is returned for the answers.
+pub fn send_rtnetlink(message: RouteNetlinkMessage, flags: u16) -> std::io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    let mut request = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
-    );
-    request.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
+    let mut request = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(message));
+    request.header.flags = NLM_F_REQUEST | flags;
     request.header.sequence_number = 1;
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
     socket.send(&buf, 0)?;
+    Ok(socket)
+}
+
+/// Every link of the namespace, from an `RTM_GETLINK` dump.
+pub fn dump_links() -> std::io::Result<Vec<Link>> {
+    let socket = send_rtnetlink(
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        NLM_F_DUMP,
+    )?;
 
     let mut links = Vec::new();
     let mut receive = vec![0; 64 * 1024];

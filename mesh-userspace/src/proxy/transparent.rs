@@ -19,8 +19,7 @@ use std::{
 
 use mesh_common::marks;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
@@ -30,7 +29,6 @@ use netlink_packet_route::{
     },
     rule::{RuleAction, RuleAttribute, RuleHeader, RuleMessage},
 };
-use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_ROUTE};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -58,10 +56,7 @@ pub fn install_reply_route() -> io::Result<()> {
         NLM_F_CREATE | NLM_F_REPLACE,
     )?;
     // A rule cannot be replaced: remove an old one (an agent that crashed) first.
-    match request(RouteNetlinkMessage::DelRule(reply_rule()), 0) {
-        Err(e) if e.raw_os_error() != Some(libc_enoent()) => return Err(e),
-        _ => {}
-    }
+    absent_is_fine(request(RouteNetlinkMessage::DelRule(reply_rule()), 0))?;
     request(
         RouteNetlinkMessage::NewRule(reply_rule()),
         NLM_F_CREATE | NLM_F_EXCL,
@@ -78,16 +73,17 @@ pub fn remove_reply_route() -> io::Result<()> {
         RouteNetlinkMessage::DelRule(reply_rule()),
         RouteNetlinkMessage::DelRoute(reply_route(lo)),
     ] {
-        match request(message, 0) {
-            Err(e) if e.raw_os_error() != Some(libc_enoent()) => return Err(e),
-            _ => {}
-        }
+        absent_is_fine(request(message, 0))?;
     }
     Ok(())
 }
 
-fn libc_enoent() -> i32 {
-    nix::errno::Errno::ENOENT as i32
+/// A deletion's answer, where "not there" (`ENOENT`) is success.
+fn absent_is_fine(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => Ok(()),
+        other => other,
+    }
 }
 
 /// `local 0.0.0.0/0 dev lo table REPLY_TABLE`.
@@ -128,16 +124,7 @@ fn reply_rule() -> RuleMessage {
 
 /// Sends one request and waits for the kernel's acknowledgement.
 fn request(message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
-    let mut packet = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(message));
-    packet.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-    packet.header.sequence_number = 1;
-    packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    socket.send(&buf, 0)?;
+    let socket = crate::interfaces::send_rtnetlink(message, NLM_F_ACK | flags)?;
     let mut receive = vec![0; 8192];
     let size = socket.recv(&mut &mut receive[..], 0)?;
     let answer: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&receive[..size])
