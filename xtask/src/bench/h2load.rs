@@ -1,8 +1,6 @@
 //! Saturation throughput over HTTP/2 (cleartext, prior knowledge) with `h2load` (Debian's
 //! `nghttp2-client`), run inside a client pod: the same shape as the `wrk` run, one thread and
 //! [`CLIENTS`] connections with one stream in flight each.
-use std::time::Duration;
-
 use anyhow::{Context as _, Result, ensure};
 use testbed::Pod;
 
@@ -23,12 +21,6 @@ pub struct H2load {
 
 /// `h2load -t1 -c32 -m1 -D <secs> <url>` from `client`, on CPU `cpu` only when given.
 pub fn run(client: &Pod, url: &str, secs: u64, cpu: Option<usize>) -> Result<H2load> {
-    let pinned = cpu.map(|cpu| ["-c".to_owned(), cpu.to_string(), "h2load".to_owned()]);
-    let program = if pinned.is_some() {
-        "taskset"
-    } else {
-        "h2load"
-    };
     let h2load_args = [
         "-t1".to_owned(),
         format!("-c{CLIENTS}"),
@@ -37,10 +29,7 @@ pub fn run(client: &Pod, url: &str, secs: u64, cpu: Option<usize>) -> Result<H2l
         secs.to_string(),
         url.to_owned(),
     ];
-    let args: Vec<String> = pinned.into_iter().flatten().chain(h2load_args).collect();
-    let done = client
-        .run(Duration::from_secs(secs + 30), program, &args)?
-        .check()?;
+    let done = super::wrk::run_load(client, "h2load", &h2load_args, secs, cpu)?;
     let h2 = parse(&done.stdout).with_context(|| format!("h2load output: {}", done.stdout))?;
     ensure!(
         h2.succeeded > 0 && h2.failed == 0 && h2.non_2xx == 0,

@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use testbed::Pod;
+use testbed::{Finished, Pod};
 
 /// Threads and connections of every wrk run: one client thread, enough connections to keep a
 /// single-worker proxy saturated.
@@ -23,10 +23,29 @@ pub struct Wrk {
     pub socket_errors: u64,
 }
 
+/// Runs the load generator `program` with `args` in `client` for about `secs`, on CPU `cpu` only
+/// when given (through `taskset`); fails unless it exits successfully.
+pub fn run_load(
+    client: &Pod,
+    program: &str,
+    args: &[String],
+    secs: u64,
+    cpu: Option<usize>,
+) -> Result<Finished> {
+    let pinned = cpu.map(|cpu| ["-c".to_owned(), cpu.to_string(), program.to_owned()]);
+    let run_as = if pinned.is_some() { "taskset" } else { program };
+    let all: Vec<String> = pinned
+        .into_iter()
+        .flatten()
+        .chain(args.iter().cloned())
+        .collect();
+    client
+        .run(Duration::from_secs(secs + 30), run_as, &all)?
+        .check()
+}
+
 /// `wrk -t1 -c32 -d<secs>s --latency <url>` from `client`, on CPU `cpu` only when given.
 pub fn run(client: &Pod, url: &str, secs: u64, cpu: Option<usize>) -> Result<Wrk> {
-    let pinned = cpu.map(|cpu| ["-c".to_owned(), cpu.to_string(), "wrk".to_owned()]);
-    let program = if pinned.is_some() { "taskset" } else { "wrk" };
     let wrk_args = [
         format!("-t{THREADS}"),
         format!("-c{CONNECTIONS}"),
@@ -34,10 +53,7 @@ pub fn run(client: &Pod, url: &str, secs: u64, cpu: Option<usize>) -> Result<Wrk
         "--latency".to_owned(),
         url.to_owned(),
     ];
-    let args: Vec<String> = pinned.into_iter().flatten().chain(wrk_args).collect();
-    let done = client
-        .run(Duration::from_secs(secs + 30), program, &args)?
-        .check()?;
+    let done = run_load(client, "wrk", &wrk_args, secs, cpu)?;
     let wrk = parse(&done.stdout).with_context(|| format!("wrk output: {}", done.stdout))?;
     ensure!(
         wrk.requests > 0 && wrk.non_2xx == 0,
