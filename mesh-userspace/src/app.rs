@@ -490,7 +490,7 @@ fn sync_loop(
         tracing::debug!(error = %e, "could not lower the sync thread's priority");
     }
     let mut flows = FlowTable::new(config.recent_flows);
-    let mut node = NodeState::default();
+    let mut node = Arc::new(NodeState::default());
     let (mut syncs, mut failures) = (0u64, 0u64);
     let mut last_reported: Option<String> = None;
     let mut denials_seen: BTreeMap<(String, String), u64> = BTreeMap::new();
@@ -529,20 +529,26 @@ fn sync_loop(
         }
         if fresh {
             cni_addresses.retain(|(ns, name), _| state::pod_lacks_address(&objects, ns, name));
-            let (built, errors) = load(
+            let (mut built, errors) = load(
                 &state::with_addresses(&objects, &cni_addresses),
                 config,
                 snapshots,
                 &node,
             );
-            node = built;
-            // Pods that are gone take their namespace's cookie with them.
-            netns_cookies.retain(|key, _| node.workloads.iter().any(|w| w.key() == *key));
-            node.netns = node
+            // Pods that are gone take their namespace's cookie with them (only this node's
+            // pods have one: the rest of the cluster is not looked at).
+            let local: BTreeMap<String, state::WorkloadId> = built
                 .workloads
                 .iter()
-                .filter_map(|w| Some((w.id, *netns_cookies.get(&w.key())?)))
+                .filter(|w| w.local)
+                .map(|w| (w.key(), w.id))
                 .collect();
+            netns_cookies.retain(|key, _| local.contains_key(key));
+            built.netns = netns_cookies
+                .iter()
+                .filter_map(|(key, cookie)| Some((*local.get(key)?, *cookie)))
+                .collect();
+            node = Arc::new(built);
             warn_socket_fast_path_forced(&node, kernel);
             node_changed = true;
             config_errors = Some(errors);
@@ -617,7 +623,7 @@ fn sync_loop(
             s.ready = s.ready || (objects_loaded && s.last_sync_error.is_none());
             // The node state only changes with the objects: no per-tick copy of the policy matrix.
             if node_changed {
-                s.node = node.clone();
+                s.node = Arc::clone(&node);
             }
             if let Some((snapshot, mut kernel)) = observed {
                 s.flows = snapshot;

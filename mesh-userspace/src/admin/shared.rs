@@ -22,7 +22,8 @@ pub struct Shared {
     pub config: Option<AgentConfig>,
     pub startup: Option<Startup>,
     pub ready: bool,
-    pub node: NodeState,
+    /// Shared with the datapath thread, which replaces it when the objects change.
+    pub node: std::sync::Arc<NodeState>,
     pub config_errors: Vec<String>,
     pub last_sync_error: Option<String>,
     pub flows: FlowSnapshot,

@@ -118,7 +118,7 @@ pub fn desired(
         }
     }
     services(maps, node, facts.engine.is_some());
-    maps.policy.clone_from(&node.policy);
+    maps.policy = std::sync::Arc::clone(&node.policy);
     want
 }
 

@@ -38,7 +38,8 @@ pub struct MapContents {
     pub netns: BTreeMap<u64, CgroupIdentity>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendKey, Backend>,
-    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// Shared with the node state it was computed from.
+    pub policy: std::sync::Arc<BTreeMap<PolicyKey, PolicyValue>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -108,7 +109,7 @@ impl Datapath {
                     netns: read_all(&self.maps.netns),
                     services: read_all(&self.maps.services),
                     backends: read_all(&self.maps.backends),
-                    policy: read_all(&self.maps.policy),
+                    policy: std::sync::Arc::new(read_all(&self.maps.policy)),
                 },
             };
             report += self.write_maps(&have, &want.maps)?;

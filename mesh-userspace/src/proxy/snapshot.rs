@@ -108,7 +108,7 @@ pub struct Snapshot {
     /// Every service by VIP and port, for connections whose service lost its L7 policy.
     pub plain: HashMap<SocketAddrV4, Arc<Pool>>,
     /// Workload id → (namespace, name), for metric labels.
-    pub workloads: HashMap<WorkloadId, (String, String)>,
+    pub workloads: Arc<HashMap<WorkloadId, (String, String)>>,
     /// Meshed pods and the authorization matrix, for the tunnel.
     pub mesh: MeshView,
     pub trust_domain: crate::identity::TrustDomain,
@@ -156,18 +156,36 @@ pub struct MeshPeer {
 /// Meshed pods by address, id and name, and the policy matrix the kernel also has.
 #[derive(Debug, Default)]
 pub struct MeshView {
+    peers: Arc<Peers>,
+    /// This node's sources (as the kernel's map) and other nodes' sources to this node's pods.
+    policy: Arc<BTreeMap<PolicyKey, PolicyValue>>,
+    inbound: Arc<BTreeMap<PolicyKey, PolicyValue>>,
+}
+
+/// The meshed pods, from one list of workloads and the node addresses: kept by the next
+/// snapshot while those are the same.
+#[derive(Debug, Default)]
+struct Peers {
+    from: Arc<[crate::state::Workload]>,
+    nodes: BTreeMap<String, crate::state::NodeInfo>,
     by_ip: HashMap<Ipv4Addr, MeshPeer>,
     by_key: HashMap<String, Ipv4Addr>,
     by_id: HashMap<WorkloadId, Ipv4Addr>,
-    policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// Every workload's (namespace, name), for metric labels.
+    names: Arc<HashMap<WorkloadId, (String, String)>>,
 }
 
-impl MeshView {
+impl Peers {
     fn build(node: &NodeState) -> Self {
-        let mut policy = node.inbound_policy.clone();
-        policy.extend(node.policy.iter().map(|(k, v)| (*k, *v)));
-        let mut view = Self {
-            policy,
+        let mut peers = Self {
+            from: Arc::clone(&node.workloads),
+            nodes: node.nodes.clone(),
+            names: Arc::new(
+                node.workloads
+                    .iter()
+                    .map(|w| (w.id, (w.namespace.clone(), w.name.clone())))
+                    .collect(),
+            ),
             ..Self::default()
         };
         for w in node.workloads.iter().filter(|w| w.meshed) {
@@ -181,23 +199,41 @@ impl MeshView {
                 labels: w.labels.clone(),
             };
             let Some(ip) = w.ip else { continue };
-            view.by_key.insert(peer.key.clone(), ip);
-            view.by_id.insert(w.id, ip);
-            view.by_ip.insert(ip, peer);
+            peers.by_key.insert(peer.key.clone(), ip);
+            peers.by_id.insert(w.id, ip);
+            peers.by_ip.insert(ip, peer);
         }
-        view
+        peers
+    }
+}
+
+impl MeshView {
+    /// The view of `node`, taking the pods from `previous` when they are the same.
+    fn build(node: &NodeState, previous: Option<&Self>) -> Self {
+        let peers = match previous.map(|p| &p.peers) {
+            Some(p) if Arc::ptr_eq(&p.from, &node.workloads) && p.nodes == node.nodes => {
+                Arc::clone(p)
+            }
+            _ => Arc::new(Peers::build(node)),
+        };
+        Self {
+            peers,
+            policy: Arc::clone(&node.policy),
+            inbound: Arc::clone(&node.inbound_policy),
+        }
     }
 
     /// A meshed pod of this node.
     #[must_use]
     pub fn local(&self, ip: Ipv4Addr) -> Option<&MeshPeer> {
-        self.by_ip.get(&ip).filter(|p| p.local)
+        self.peers.by_ip.get(&ip).filter(|p| p.local)
     }
 
     /// The identities of this node's meshed pods (the SVIDs the agent must hold).
     #[must_use]
     pub fn local_identities(&self) -> std::collections::HashSet<SpiffeId> {
-        self.by_ip
+        self.peers
+            .by_ip
             .values()
             .filter(|p| p.local)
             .map(|p| p.identity.clone())
@@ -207,29 +243,29 @@ impl MeshView {
     /// A meshed pod of another node.
     #[must_use]
     pub fn remote(&self, ip: Ipv4Addr) -> Option<&MeshPeer> {
-        self.by_ip.get(&ip).filter(|p| !p.local)
+        self.peers.by_ip.get(&ip).filter(|p| !p.local)
     }
 
     /// The address of the meshed pod `namespace/name`.
     #[must_use]
     pub fn ip_of(&self, key: &str) -> Option<Ipv4Addr> {
-        self.by_key.get(key).copied()
+        self.peers.by_key.get(key).copied()
     }
 
     #[must_use]
     pub fn by_key(&self, key: &str) -> Option<&MeshPeer> {
-        self.by_ip.get(self.by_key.get(key)?)
+        self.peers.by_ip.get(self.peers.by_key.get(key)?)
     }
 
     /// The meshed pod at `ip`, on this node or another.
     #[must_use]
     pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&MeshPeer> {
-        self.by_ip.get(&ip)
+        self.peers.by_ip.get(&ip)
     }
 
     #[must_use]
     pub fn by_id(&self, id: WorkloadId) -> Option<&MeshPeer> {
-        self.by_ip.get(self.by_id.get(&id)?)
+        self.peers.by_ip.get(self.peers.by_id.get(&id)?)
     }
 
     /// The kernel's decision for (source, destination, port), evaluated the same way: exact
@@ -243,9 +279,9 @@ impl MeshView {
             dst_port_host: port,
             _pad: 0,
         };
-        self.policy
-            .get(&key(port))
-            .or_else(|| self.policy.get(&key(0)))
+        let get = |k| self.policy.get(&k).or_else(|| self.inbound.get(&k));
+        get(key(port))
+            .or_else(|| get(key(0)))
             .map_or(mesh_common::verdict::FAST, |p| p.verdict)
     }
 }
@@ -272,13 +308,10 @@ impl Snapshot {
                 (s.vip, eps),
             );
         }
+        let mesh = MeshView::build(node, previous.map(|p| &p.mesh));
         let mut snap = Self {
-            workloads: node
-                .workloads
-                .iter()
-                .map(|w| (w.id, (w.namespace.clone(), w.name.clone())))
-                .collect(),
-            mesh: MeshView::build(node),
+            workloads: Arc::clone(&mesh.peers.names),
+            mesh,
             trust_domain: node.trust_domain.clone(),
             service_endpoints: node
                 .services

@@ -95,27 +95,185 @@ pub fn policy_entries(
     policies: &[Arc<AuthorizationPolicy>],
     default_deny: &BTreeSet<String>,
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
-    policy_matrix(workloads, policies, default_deny, |w| w.local, |_| true)
+    let m = policy_matrix(workloads, policies, default_deny, Sides::Kernel, None);
+    (m.entries, m.rules)
 }
 
-/// The verdicts for meshed sources and destinations chosen by the two filters (the kernel's
-/// map: this node's sources; the tunnel's inbound checks: other nodes' sources to this node's
-/// pods).
+/// Which (source, destination) pairs a matrix covers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Sides {
+    /// The kernel's map: this node's sources to every destination.
+    Kernel,
+    /// The tunnel's inbound checks: other nodes' sources to this node's pods.
+    Inbound,
+}
+
+impl Sides {
+    fn source(self, w: &Workload) -> bool {
+        w.meshed
+            && match self {
+                Self::Kernel => w.local,
+                Self::Inbound => !w.local,
+            }
+    }
+
+    fn destination(self, w: &Workload) -> bool {
+        w.meshed && (self == Self::Kernel || w.local)
+    }
+}
+
+/// One destination's verdicts and what they were decided from: while the same policies (the
+/// same objects, with the same rule ids) and default select it, and the sources are the same,
+/// the next rebuild takes the entries as they are.
+#[derive(Clone, Debug)]
+pub(super) struct Row {
+    applying: Vec<Arc<AuthorizationPolicy>>,
+    ids: Vec<u32>,
+    deny_by_default: Option<u32>,
+    entries: Vec<(PolicyKey, PolicyValue)>,
+}
+
+/// Rows by destination.
+pub(super) type Rows = std::collections::HashMap<super::WorkloadId, Row>;
+
+/// A matrix: its entries, the rules they name, and its rows for the next rebuild.
+pub(super) struct Matrix {
+    pub(super) entries: BTreeMap<PolicyKey, PolicyValue>,
+    pub(super) rules: Vec<RuleInfo>,
+    pub(super) rows: Rows,
+}
+
+/// The verdicts for the meshed (source, destination) pairs of `sides`. `previous`: the rows of
+/// the last rebuild, given only when the workloads are the same as then.
 pub(super) fn policy_matrix(
     workloads: &[Workload],
     policies: &[Arc<AuthorizationPolicy>],
     default_deny: &BTreeSet<String>,
-    source: impl Fn(&Workload) -> bool,
-    destination: impl Fn(&Workload) -> bool,
-) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
-    let mut sorted: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
-    sorted.sort_by_cached_key(|p| policy_name(p));
+    sides: Sides,
+    previous: Option<&Rows>,
+) -> Matrix {
+    let mut sorted: Vec<&Arc<AuthorizationPolicy>> = policies.iter().collect();
+    sorted.sort_by(|a, b| policy_key(a).cmp(&policy_key(b)));
+    let (rules, ids, deny_ids) = rule_ids(&sorted, default_deny);
 
-    // Rule ids: one per (policy, rule) and one per policy for "no ALLOW rule matched".
+    let mut entries = BTreeMap::new();
+    let mut rows = Rows::new();
+    let plain: Vec<&AuthorizationPolicy> = sorted.iter().map(|p| &***p).collect();
+    let index = PolicyIndex::new(&plain);
+    let sources: Vec<&Workload> = workloads.iter().filter(|w| sides.source(w)).collect();
+    for dst in workloads.iter().filter(|w| sides.destination(w)) {
+        let applying: Vec<&Arc<AuthorizationPolicy>> = index
+            .candidates(dst)
+            .into_iter()
+            .map(|i| sorted[i])
+            .filter(|p| selects(p, dst))
+            .collect();
+        let deny_by_default = deny_ids.get(dst.namespace.as_str()).copied();
+        if applying.is_empty() && deny_by_default.is_none() {
+            continue;
+        }
+        let ids_ref = &ids;
+        let row_ids: Vec<u32> = applying
+            .iter()
+            .flat_map(|p| {
+                let (ns, name) = policy_key(p);
+                (0..p.spec.rules.len())
+                    .map(Some)
+                    .chain(std::iter::once(None))
+                    .map(move |i| ids_ref.get(&(ns, name, i)).copied().unwrap_or(0))
+            })
+            .collect();
+        let kept = previous.and_then(|rows| rows.get(&dst.id)).filter(|row| {
+            row.deny_by_default == deny_by_default
+                && row.ids == row_ids
+                && row.applying.len() == applying.len()
+                && row
+                    .applying
+                    .iter()
+                    .zip(&applying)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        });
+        let row = if let Some(row) = kept {
+            row.clone()
+        } else {
+            let deciding: Vec<&AuthorizationPolicy> = applying.iter().map(|p| &***p).collect();
+            Row {
+                applying: applying.iter().map(|p| Arc::clone(p)).collect(),
+                ids: row_ids,
+                deny_by_default,
+                entries: row_entries(&deciding, &sources, dst, &ids, deny_by_default),
+            }
+        };
+        entries.extend(row.entries.iter().copied());
+        rows.insert(dst.id, row);
+    }
+    Matrix {
+        entries,
+        rules,
+        rows,
+    }
+}
+
+/// The verdicts of every source for destination `dst`, on every port its policies name and on
+/// port 0 (any other port).
+fn row_entries(
+    applying: &[&AuthorizationPolicy],
+    sources: &[&Workload],
+    dst: &Workload,
+    ids: &RuleIds,
+    deny_by_default: Option<u32>,
+) -> Vec<(PolicyKey, PolicyValue)> {
+    let mut ports: BTreeSet<u16> = applying
+        .iter()
+        .flat_map(|p| p.spec.rules.iter())
+        .flat_map(|r| r.to.iter())
+        .flat_map(|t| t.operation.ports.iter().copied())
+        .collect();
+    ports.insert(0);
+    let mut out = Vec::with_capacity(sources.len() * ports.len());
+    for src in sources {
+        for &port in &ports {
+            let (v, rule_id) = decide(applying, src, port, ids, deny_by_default);
+            let key = PolicyKey {
+                src_workload: src.id.get(),
+                dst_workload: dst.id.get(),
+                dst_port_host: port,
+                _pad: 0,
+            };
+            let value = PolicyValue {
+                verdict: v,
+                _pad0: 0,
+                _pad1: 0,
+                rule_id,
+            };
+            out.push((key, value));
+        }
+    }
+    out
+}
+
+/// The rules of `sorted` policies and namespace defaults, each with an id derived from its name
+/// (so that adding or removing a policy leaves the others' ids, and the kernel entries naming
+/// them, as they were): one per (policy, rule), one per ALLOW policy for "no ALLOW rule matched",
+/// one per default-deny namespace.
+fn rule_ids<'a>(
+    sorted: &[&'a Arc<AuthorizationPolicy>],
+    default_deny: &'a BTreeSet<String>,
+) -> (
+    Vec<RuleInfo>,
+    RuleIds<'a>,
+    std::collections::HashMap<&'a str, u32>,
+) {
     let mut rules = Vec::new();
     let mut ids = RuleIds::new();
     let mut deny_ids = std::collections::HashMap::new();
-    for p in &sorted {
+    let mut taken = BTreeSet::new();
+    let mut next_id = |what: &str| {
+        let id = super::stable_id(what, &taken);
+        taken.insert(id);
+        id
+    };
+    for p in sorted {
         let name = policy_name(p);
         let (p_ns, p_name) = policy_key(p);
         let action = match p.spec.action {
@@ -123,7 +281,7 @@ pub(super) fn policy_matrix(
             Action::Deny => "DENY",
         };
         for (i, _) in p.spec.rules.iter().enumerate() {
-            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+            let id = next_id(&format!("{name}#{i}"));
             ids.insert((p_ns, p_name, Some(i)), id);
             rules.push(RuleInfo {
                 id: RuleId(id),
@@ -134,7 +292,7 @@ pub(super) fn policy_matrix(
             });
         }
         if p.spec.action == Action::Allow {
-            let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+            let id = next_id(&format!("{name}#none"));
             ids.insert((p_ns, p_name, None), id);
             rules.push(RuleInfo {
                 id: RuleId(id),
@@ -147,9 +305,8 @@ pub(super) fn policy_matrix(
             });
         }
     }
-
     for ns in default_deny {
-        let id = u32::try_from(rules.len() + 1).unwrap_or(u32::MAX);
+        let id = next_id(&format!("namespace {ns}"));
         deny_ids.insert(ns.as_str(), id);
         rules.push(RuleInfo {
             id: RuleId(id),
@@ -162,50 +319,7 @@ pub(super) fn policy_matrix(
             ),
         });
     }
-
-    let mut entries = BTreeMap::new();
-    let index = PolicyIndex::new(&sorted);
-    let sources: Vec<&Workload> = workloads.iter().filter(|w| w.meshed && source(w)).collect();
-    for dst in workloads.iter().filter(|w| w.meshed && destination(w)) {
-        let applying: Vec<&AuthorizationPolicy> = index
-            .candidates(dst)
-            .into_iter()
-            .map(|i| sorted[i])
-            .filter(|p| selects(p, dst))
-            .collect();
-        let deny_by_default = deny_ids.get(dst.namespace.as_str()).copied();
-        if applying.is_empty() && deny_by_default.is_none() {
-            continue;
-        }
-        let mut ports: BTreeSet<u16> = applying
-            .iter()
-            .flat_map(|p| p.spec.rules.iter())
-            .flat_map(|r| r.to.iter())
-            .flat_map(|t| t.operation.ports.iter().copied())
-            .collect();
-        ports.insert(0);
-        for src in &sources {
-            for &port in &ports {
-                let (v, rule_id) = decide(&applying, src, port, &ids, deny_by_default);
-                let key = PolicyKey {
-                    src_workload: src.id.get(),
-                    dst_workload: dst.id.get(),
-                    dst_port_host: port,
-                    _pad: 0,
-                };
-                entries.insert(
-                    key,
-                    PolicyValue {
-                        verdict: v,
-                        _pad0: 0,
-                        _pad1: 0,
-                        rule_id,
-                    },
-                );
-            }
-        }
-    }
-    (entries, rules)
+    (rules, ids, deny_ids)
 }
 
 /// Verdict for one (source, destination port) given the policies selecting the destination:

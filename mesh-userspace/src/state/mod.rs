@@ -20,9 +20,10 @@ use std::{
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use mesh_common::{PolicyKey, PolicyValue};
 use serde::Serialize;
 
@@ -30,8 +31,8 @@ use crate::{
     api::{
         ObjectSet,
         objects::{
-            DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY, MtlsMode, SOCKET_FAST_PATH_KEY,
-            SocketFastPath,
+            DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY, MeshConfig, MtlsMode,
+            SOCKET_FAST_PATH_KEY, SocketFastPath,
         },
     },
     identity::{SpiffeId, TrustDomain},
@@ -222,16 +223,17 @@ pub struct NodeState {
     pub trust_domain: TrustDomain,
     /// Nodes by name (from Node objects).
     pub nodes: BTreeMap<String, NodeInfo>,
-    pub workloads: Vec<Workload>,
+    /// Shared with the next rebuild while the objects they come from are unchanged.
+    pub workloads: Arc<[Workload]>,
     pub services: Vec<ServicePort>,
     pub l7: Vec<L7Service>,
     pub rules: Vec<RuleInfo>,
     #[serde(skip)]
-    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    pub policy: Arc<BTreeMap<PolicyKey, PolicyValue>>,
     /// Verdicts for pods of other nodes connecting to this node's pods through the tunnel
     /// (checked by the engine; the kernel only sees this node's sources).
     #[serde(skip)]
-    pub inbound_policy: BTreeMap<PolicyKey, PolicyValue>,
+    pub inbound_policy: Arc<BTreeMap<PolicyKey, PolicyValue>>,
     /// Network namespace cookies of this node's pods, by workload id, as the CNI plugin
     /// reported them (pods known by their namespace before their cgroup is).
     #[serde(skip)]
@@ -241,6 +243,9 @@ pub struct NodeState {
     /// The verdict on every Weft object and route (`validate::findings`): only accepted ones
     /// apply.
     pub findings: Vec<validate::Finding>,
+    /// What this state was computed from, for the next rebuild.
+    #[serde(skip)]
+    memo: Arc<Memo>,
 }
 
 impl NodeState {
@@ -323,8 +328,11 @@ pub fn build(objects: &ObjectSet, node: &str, node_cgroup: &Path) -> NodeState {
     build_after(objects, node, node_cgroup, None)
 }
 
-/// The state of node `node` for `objects`, reusing what is unchanged since `previous` (the
-/// compiled routes and policies of L7 services whose objects are the same).
+/// The state of node `node` for `objects`, reusing what is unchanged since `previous`: the
+/// workloads while the pods, nodes, namespaces and mesh configuration are the same objects; the
+/// services while their objects are too; each destination's row of verdicts while the policies
+/// selecting it are; the compiled routes and policies of L7 services whose objects are the same.
+/// A policy change then costs what it selects, not the size of the cluster.
 #[must_use]
 pub fn build_after(
     objects: &ObjectSet,
@@ -337,71 +345,55 @@ pub fn build_after(
         fast_path: true,
         ..NodeState::default()
     };
-    let mut problems = Vec::new();
-
-    let (mtls_default, socket_default) = mesh_settings(objects, &mut state, &mut problems);
-    state.nodes = nodes(objects, &mut problems);
-
-    let opted_out_ns = labelled_namespaces(objects, INJECT_ANNOTATION, "disabled");
-    let ns_mtls = namespace_settings::<MtlsMode>(objects, MTLS_MODE_KEY, &mut problems);
-    let ns_socket =
-        namespace_settings::<SocketFastPath>(objects, SOCKET_FAST_PATH_KEY, &mut problems);
-
-    // Workloads, sorted so that id collision resolution is deterministic.
-    let mut pods: Vec<&Pod> = objects.pods.iter().map(|p| &**p).collect();
-    pods.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
-    let mut taken = BTreeSet::new();
-    let mut seen_ips = BTreeMap::new();
-    for pod in pods {
-        // A host-network pod (a node agent, kube-proxy) has the node's address and runs in the
-        // node's network namespace: it is part of the node, not a meshed pod.
-        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
-            continue;
+    let mut memo = Memo {
+        node_cgroup: node_cgroup.to_owned(),
+        mesh_configs: objects.mesh_configs.clone(),
+        namespaces: objects.namespaces.clone(),
+        nodes: objects.nodes.clone(),
+        pods: objects.pods.clone(),
+        services_in: objects.services.clone(),
+        ..Memo::default()
+    };
+    let previous = previous.filter(|p| p.node == node && p.memo.node_cgroup == node_cgroup);
+    let workloads_kept = previous.filter(|p| p.memo.same_workload_inputs(&memo));
+    match workloads_kept {
+        Some(p) => {
+            state.fast_path = p.fast_path;
+            state.trust_domain = p.trust_domain.clone();
+            state.nodes = p.nodes.clone();
+            state.workloads = p.workloads.clone();
+            memo.workload_problems.clone_from(&p.memo.workload_problems);
         }
-        match workload_of(pod, node, node_cgroup, &opted_out_ns, &mut taken) {
-            Ok(mut w) => {
-                w.identity =
-                    SpiffeId::workload(&state.trust_domain, &w.namespace, &w.service_account);
-                w.mtls = pod_setting(
-                    pod,
-                    &w,
-                    MTLS_MODE_KEY,
-                    &ns_mtls,
-                    mtls_default,
-                    &mut problems,
-                );
-                w.socket_fast_path = pod_setting(
-                    pod,
-                    &w,
-                    SOCKET_FAST_PATH_KEY,
-                    &ns_socket,
-                    socket_default,
-                    &mut problems,
-                );
-                if let Some(other) = w.ip.and_then(|ip| seen_ips.insert(ip, w.key())) {
-                    problems.push(format!(
-                        "pod {} has the same IP {} as {other}: ignored",
-                        w.key(),
-                        w.ip.map_or_else(String::new, |ip| ip.to_string())
-                    ));
-                    continue;
-                }
-                state.workloads.push(w);
+        None => {
+            state.workloads = workloads(
+                objects,
+                node,
+                node_cgroup,
+                &mut state,
+                &mut memo.workload_problems,
+            )
+            .into();
+        }
+    }
+    let mut problems = memo.workload_problems.clone();
+
+    if let Some(p) = workloads_kept.filter(|p| same_objects(&p.memo.services_in, &memo.services_in))
+    {
+        memo.services.clone_from(&p.memo.services);
+        memo.service_problems.clone_from(&p.memo.service_problems);
+    } else {
+        let mut svc_taken = BTreeSet::new();
+        let pods = index::pods_by_key(&objects.pods);
+        let by_labels = index::WorkloadIndex::new(&state.workloads);
+        for svc in &objects.services {
+            match service_ports(svc, &pods, &state.workloads, &by_labels, &mut svc_taken) {
+                Ok(mut ports) => memo.services.append(&mut ports),
+                Err(p) => memo.service_problems.push(p),
             }
-            Err(p) => problems.push(p),
         }
     }
-
-    // Services.
-    let mut svc_taken = BTreeSet::new();
-    let pods = index::pods_by_key(&objects.pods);
-    let by_labels = index::WorkloadIndex::new(&state.workloads);
-    for svc in &objects.services {
-        match service_ports(svc, &pods, &state.workloads, &by_labels, &mut svc_taken) {
-            Ok(mut ports) => state.services.append(&mut ports),
-            Err(p) => problems.push(p),
-        }
-    }
+    state.services.clone_from(&memo.services);
+    problems.extend(memo.service_problems.iter().cloned());
 
     // Only what validation accepts applies: the controller reports the rest (Accepted=False),
     // the agent logs the same verdicts, and nothing is half-applied or clamped.
@@ -417,23 +409,131 @@ pub fn build_after(
 
     let default_deny = labelled_namespaces(objects, DEFAULT_DENY_LABEL, "true");
     problems.extend(l7_attribute_problems(objects));
-    let (policy, rules) = policy_entries(
+    // Rows are reused only for the same workloads: the sources of every row are the same then.
+    let rows = |pick: fn(&Memo) -> &authz::Rows| workloads_kept.map(|p| pick(&p.memo));
+    let kernel = policy_matrix(
         &state.workloads,
         &objects.authorization_policies,
         &default_deny,
+        authz::Sides::Kernel,
+        rows(|m| &m.kernel_rows),
     );
-    state.policy = policy;
-    state.inbound_policy = policy_matrix(
+    let inbound = policy_matrix(
         &state.workloads,
         &objects.authorization_policies,
         &default_deny,
-        |w| !w.local,
-        |w| w.local,
-    )
-    .0;
-    state.rules = rules;
+        authz::Sides::Inbound,
+        rows(|m| &m.inbound_rows),
+    );
+    state.policy = Arc::new(kernel.entries);
+    state.inbound_policy = Arc::new(inbound.entries);
+    state.rules = kernel.rules;
+    memo.kernel_rows = kernel.rows;
+    memo.inbound_rows = inbound.rows;
     state.problems = problems;
+    state.memo = Arc::new(memo);
     state
+}
+
+/// The workloads (sorted by namespace and name, so that id collisions resolve the same way every
+/// time) and, into `state`, the mesh-wide settings and the nodes.
+fn workloads(
+    objects: &ObjectSet,
+    node: &str,
+    node_cgroup: &Path,
+    state: &mut NodeState,
+    problems: &mut Vec<String>,
+) -> Vec<Workload> {
+    let (mtls_default, socket_default) = mesh_settings(objects, state, problems);
+    state.nodes = nodes(objects, problems);
+
+    let opted_out_ns = labelled_namespaces(objects, INJECT_ANNOTATION, "disabled");
+    let ns_mtls = namespace_settings::<MtlsMode>(objects, MTLS_MODE_KEY, problems);
+    let ns_socket = namespace_settings::<SocketFastPath>(objects, SOCKET_FAST_PATH_KEY, problems);
+
+    let mut pods: Vec<&Pod> = objects.pods.iter().map(|p| &**p).collect();
+    pods.sort_by(|a, b| pod_key(a).cmp(&pod_key(b)));
+    let mut taken = BTreeSet::new();
+    let mut seen_ips = BTreeMap::new();
+    let mut out = Vec::with_capacity(pods.len());
+    for pod in pods {
+        // A host-network pod (a node agent, kube-proxy) has the node's address and runs in the
+        // node's network namespace: it is part of the node, not a meshed pod.
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            continue;
+        }
+        match workload_of(pod, node, node_cgroup, &opted_out_ns, &mut taken) {
+            Ok(mut w) => {
+                w.identity =
+                    SpiffeId::workload(&state.trust_domain, &w.namespace, &w.service_account);
+                w.mtls = pod_setting(pod, &w, MTLS_MODE_KEY, &ns_mtls, mtls_default, problems);
+                w.socket_fast_path = pod_setting(
+                    pod,
+                    &w,
+                    SOCKET_FAST_PATH_KEY,
+                    &ns_socket,
+                    socket_default,
+                    problems,
+                );
+                if let Some(other) = w.ip.and_then(|ip| seen_ips.insert(ip, w.key())) {
+                    problems.push(format!(
+                        "pod {} has the same IP {} as {other}: ignored",
+                        w.key(),
+                        w.ip.map_or_else(String::new, |ip| ip.to_string())
+                    ));
+                    continue;
+                }
+                out.push(w);
+            }
+            Err(p) => problems.push(p),
+        }
+    }
+    out
+}
+
+fn pod_key(p: &Pod) -> (Option<&str>, Option<&str>) {
+    (p.metadata.namespace.as_deref(), p.metadata.name.as_deref())
+}
+
+/// Whether two lists hold the same objects: the same shared ones (a watch cache hands out the
+/// same `Arc` while an object is unchanged), or equal ones (objects read again from files).
+fn same_objects<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+}
+
+/// What a rebuild computed and from which objects, for the next rebuild to reuse.
+#[derive(Clone, Default)]
+struct Memo {
+    node_cgroup: PathBuf,
+    mesh_configs: Vec<Arc<MeshConfig>>,
+    namespaces: Vec<Arc<Namespace>>,
+    nodes: Vec<Arc<Node>>,
+    pods: Vec<Arc<Pod>>,
+    workload_problems: Vec<String>,
+    services_in: Vec<Arc<Service>>,
+    /// The service ports before the L7 flags are set.
+    services: Vec<ServicePort>,
+    service_problems: Vec<String>,
+    kernel_rows: authz::Rows,
+    inbound_rows: authz::Rows,
+}
+
+impl Memo {
+    fn same_workload_inputs(&self, new: &Self) -> bool {
+        same_objects(&self.mesh_configs, &new.mesh_configs)
+            && same_objects(&self.namespaces, &new.namespaces)
+            && same_objects(&self.nodes, &new.nodes)
+            && same_objects(&self.pods, &new.pods)
+    }
+}
+
+impl fmt::Debug for Memo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Memo")
+            .field("pods", &self.pods.len())
+            .field("kernel_rows", &self.kernel_rows.len())
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]
@@ -1022,6 +1122,103 @@ spec:
                 }
             }
         }
+    }
+
+    /// Pods like [`workloads_fixture`]'s, two of them on another node.
+    const MATRIX_PODS: &str = "\
+apiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: a, labels: {app: x}}\n\
+spec: {serviceAccountName: s1, nodeName: n1}\nstatus: {podIP: 198.18.1.11}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: a, labels: {app: y}}\n\
+spec: {serviceAccountName: s2, nodeName: n2}\nstatus: {podIP: 198.18.2.12}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {name: p3, namespace: b, labels: {app: x}}\n\
+spec: {serviceAccountName: s1, nodeName: n1}\nstatus: {podIP: 198.18.1.13}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {name: p4, namespace: b, labels: {app: y}}\n\
+spec: {serviceAccountName: s3, nodeName: n2}\nstatus: {podIP: 198.18.2.14}\n";
+
+    fn matrix_objects(policies: Vec<Arc<AuthorizationPolicy>>) -> ObjectSet {
+        let mut set = objects(MATRIX_PODS);
+        set.authorization_policies = policies;
+        set
+    }
+
+    proptest! {
+        /// What a rebuild reuses (workloads, rows of verdicts) never makes it differ from a
+        /// build from scratch, whichever policies come, stay or go.
+        #[test]
+        fn a_rebuild_after_policy_changes_equals_a_build_from_scratch(
+            before in proptest::collection::vec(policy(), 0..5),
+            keep in proptest::collection::vec(any::<bool>(), 5),
+            added in proptest::collection::vec(policy(), 0..3),
+        ) {
+            let before: Vec<_> = before.into_iter().map(Arc::new).collect();
+            let first = build(&matrix_objects(before.clone()), "n1", Path::new("/cg/node"));
+            let after: Vec<_> = before
+                .iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(p, _)| Arc::clone(p))
+                .chain(added.into_iter().map(Arc::new))
+                .collect();
+            let set = matrix_objects(after);
+            // The same pods, as a watch cache hands them out again.
+            let mut set_shared = set.clone();
+            set_shared.pods.clone_from(&first.memo.pods);
+            let again = build_after(&set_shared, "n1", Path::new("/cg/node"), Some(&first));
+            let fresh = build(&set, "n1", Path::new("/cg/node"));
+            prop_assert!(Arc::ptr_eq(&again.workloads, &first.workloads));
+            prop_assert_eq!(&again.policy, &fresh.policy);
+            prop_assert_eq!(&again.inbound_policy, &fresh.inbound_policy);
+            prop_assert_eq!(&again.rules, &fresh.rules);
+            prop_assert_eq!(&again.workloads, &fresh.workloads);
+            prop_assert_eq!(&again.services, &fresh.services);
+            prop_assert_eq!(&again.problems, &fresh.problems);
+        }
+    }
+
+    #[test]
+    fn a_rule_keeps_its_id_when_other_policies_come_and_go() {
+        let policy = |name: &str| {
+            Arc::new(AuthorizationPolicy {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("a".into()),
+                    ..Default::default()
+                },
+                spec: AuthorizationPolicySpec {
+                    selector: None,
+                    action: Action::Deny,
+                    rules: vec![Rule {
+                        from: Vec::new(),
+                        to: Vec::new(),
+                        when: Vec::new(),
+                    }],
+                    dry_run: false,
+                    target_ref: None,
+                },
+                status: None,
+            })
+        };
+        let id_of = |s: &NodeState, policy: &str| {
+            s.rules
+                .iter()
+                .find(|r| r.policy == policy)
+                .map(|r| r.id)
+                .unwrap()
+        };
+        let m = policy("m");
+        let one = build(&matrix_objects(vec![m.clone()]), "n1", Path::new("/cg"));
+        let two = build(
+            &matrix_objects(vec![policy("a"), m.clone(), policy("z")]),
+            "n1",
+            Path::new("/cg"),
+        );
+        assert_eq!(id_of(&one, "a/m"), id_of(&two, "a/m"));
+        // And the kernel entries naming it are the same, so the map is not rewritten.
+        let named = |s: &NodeState| -> usize {
+            let id = id_of(s, "a/m").0;
+            s.policy.values().filter(|v| v.rule_id == id).count()
+        };
+        assert!(named(&one) > 0);
     }
 
     const VALID: &str = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [x], serviceAccounts: [a, b/c]}}]\n    to: [{operation: {ports: [80]}}]\n";
