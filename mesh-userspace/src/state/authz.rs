@@ -95,8 +95,9 @@ pub fn policy_entries(
     policies: &[Arc<AuthorizationPolicy>],
     default_deny: &BTreeSet<String>,
 ) -> (BTreeMap<PolicyKey, PolicyValue>, Vec<RuleInfo>) {
-    let m = policy_matrix(workloads, policies, default_deny, Sides::Kernel, None);
-    (m.entries, m.rules)
+    let rules = Rules::new(policies, default_deny);
+    let m = policy_matrix(workloads, &rules, Sides::Kernel, None);
+    (m.entries, rules.infos)
 }
 
 /// Which (source, destination) pairs a matrix covers.
@@ -134,12 +135,11 @@ pub(super) struct Row {
 }
 
 /// Rows by destination.
-pub(super) type Rows = std::collections::HashMap<super::WorkloadId, Row>;
+pub(super) type Rows = std::collections::HashMap<super::WorkloadId, Arc<Row>>;
 
-/// A matrix: its entries, the rules they name, and its rows for the next rebuild.
+/// A matrix: its entries and its rows for the next rebuild.
 pub(super) struct Matrix {
     pub(super) entries: BTreeMap<PolicyKey, PolicyValue>,
-    pub(super) rules: Vec<RuleInfo>,
     pub(super) rows: Rows,
 }
 
@@ -147,14 +147,16 @@ pub(super) struct Matrix {
 /// the last rebuild, given only when the workloads are the same as then.
 pub(super) fn policy_matrix(
     workloads: &[Workload],
-    policies: &[Arc<AuthorizationPolicy>],
-    default_deny: &BTreeSet<String>,
+    rules: &Rules,
     sides: Sides,
     previous: Option<&Rows>,
 ) -> Matrix {
-    let mut sorted: Vec<&Arc<AuthorizationPolicy>> = policies.iter().collect();
-    sorted.sort_by(|a, b| policy_key(a).cmp(&policy_key(b)));
-    let (rules, ids, deny_ids) = rule_ids(&sorted, default_deny);
+    let Rules {
+        sorted,
+        ids,
+        deny_ids,
+        ..
+    } = rules;
 
     let mut entries = BTreeMap::new();
     let mut rows = Rows::new();
@@ -172,46 +174,41 @@ pub(super) fn policy_matrix(
         if applying.is_empty() && deny_by_default.is_none() {
             continue;
         }
-        let ids_ref = &ids;
-        let row_ids: Vec<u32> = applying
-            .iter()
-            .flat_map(|p| {
+        // The ids of the applying policies' rules, in order: a row names only these.
+        let row_ids = || {
+            applying.iter().flat_map(|p| {
                 let (ns, name) = policy_key(p);
                 (0..p.spec.rules.len())
                     .map(Some)
                     .chain(std::iter::once(None))
-                    .map(move |i| ids_ref.get(&(ns, name, i)).copied().unwrap_or(0))
+                    .map(move |i| ids.get(&(ns, name, i)).copied().unwrap_or(0))
             })
-            .collect();
+        };
         let kept = previous.and_then(|rows| rows.get(&dst.id)).filter(|row| {
             row.deny_by_default == deny_by_default
-                && row.ids == row_ids
                 && row.applying.len() == applying.len()
                 && row
                     .applying
                     .iter()
                     .zip(&applying)
                     .all(|(a, b)| Arc::ptr_eq(a, b))
+                && row.ids.iter().copied().eq(row_ids())
         });
         let row = if let Some(row) = kept {
-            row.clone()
+            Arc::clone(row)
         } else {
             let deciding: Vec<&AuthorizationPolicy> = applying.iter().map(|p| &***p).collect();
-            Row {
+            Arc::new(Row {
                 applying: applying.iter().map(|p| Arc::clone(p)).collect(),
-                ids: row_ids,
+                ids: row_ids().collect(),
                 deny_by_default,
-                entries: row_entries(&deciding, &sources, dst, &ids, deny_by_default),
-            }
+                entries: row_entries(&deciding, &sources, dst, ids, deny_by_default),
+            })
         };
         entries.extend(row.entries.iter().copied());
         rows.insert(dst.id, row);
     }
-    Matrix {
-        entries,
-        rules,
-        rows,
-    }
+    Matrix { entries, rows }
 }
 
 /// The verdicts of every source for destination `dst`, on every port its policies name and on
@@ -252,10 +249,34 @@ fn row_entries(
     out
 }
 
-/// The rules of `sorted` policies and namespace defaults, each with an id derived from its name
-/// (so that adding or removing a policy leaves the others' ids, and the kernel entries naming
-/// them, as they were): one per (policy, rule), one per ALLOW policy for "no ALLOW rule matched",
-/// one per default-deny namespace.
+/// The policies in name order and their rules, each with an id derived from its name (so that
+/// adding or removing a policy leaves the others' ids, and the kernel entries naming them, as
+/// they were): one per (policy, rule), one per ALLOW policy for "no ALLOW rule matched", one per
+/// default-deny namespace.
+pub(super) struct Rules<'a> {
+    sorted: Vec<&'a Arc<AuthorizationPolicy>>,
+    pub(super) infos: Vec<RuleInfo>,
+    ids: RuleIds<'a>,
+    deny_ids: std::collections::HashMap<&'a str, u32>,
+}
+
+impl<'a> Rules<'a> {
+    pub(super) fn new(
+        policies: &'a [Arc<AuthorizationPolicy>],
+        default_deny: &'a BTreeSet<String>,
+    ) -> Self {
+        let mut sorted: Vec<&Arc<AuthorizationPolicy>> = policies.iter().collect();
+        sorted.sort_by(|a, b| policy_key(a).cmp(&policy_key(b)));
+        let (infos, ids, deny_ids) = rule_ids(&sorted, default_deny);
+        Self {
+            sorted,
+            infos,
+            ids,
+            deny_ids,
+        }
+    }
+}
+
 fn rule_ids<'a>(
     sorted: &[&'a Arc<AuthorizationPolicy>],
     default_deny: &'a BTreeSet<String>,

@@ -411,23 +411,22 @@ pub fn build_after(
     problems.extend(l7_attribute_problems(objects));
     // Rows are reused only for the same workloads: the sources of every row are the same then.
     let rows = |pick: fn(&Memo) -> &authz::Rows| workloads_kept.map(|p| pick(&p.memo));
+    let rules = authz::Rules::new(&objects.authorization_policies, &default_deny);
     let kernel = policy_matrix(
         &state.workloads,
-        &objects.authorization_policies,
-        &default_deny,
+        &rules,
         authz::Sides::Kernel,
         rows(|m| &m.kernel_rows),
     );
     let inbound = policy_matrix(
         &state.workloads,
-        &objects.authorization_policies,
-        &default_deny,
+        &rules,
         authz::Sides::Inbound,
         rows(|m| &m.inbound_rows),
     );
     state.policy = Arc::new(kernel.entries);
     state.inbound_policy = Arc::new(inbound.entries);
-    state.rules = kernel.rules;
+    state.rules = rules.infos;
     memo.kernel_rows = kernel.rows;
     memo.inbound_rows = inbound.rows;
     state.problems = problems;

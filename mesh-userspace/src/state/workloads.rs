@@ -229,12 +229,12 @@ pub fn pod_lacks_address(objects: &ObjectSet, namespace: &str, name: &str) -> bo
 
 /// `objects` with the addresses the CNI plugin reported filled into pods that lack one.
 #[must_use]
-pub fn with_addresses(
-    objects: &ObjectSet,
+pub fn with_addresses<'a>(
+    objects: &'a ObjectSet,
     addresses: &BTreeMap<(String, String), std::net::Ipv4Addr>,
-) -> ObjectSet {
+) -> std::borrow::Cow<'a, ObjectSet> {
     if addresses.is_empty() {
-        return objects.clone();
+        return std::borrow::Cow::Borrowed(objects);
     }
     let mut out = objects.clone();
     for shared in &mut out.pods {
@@ -255,7 +255,7 @@ pub fn with_addresses(
             status.pod_ip = Some(ip.to_string());
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]

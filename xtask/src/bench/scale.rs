@@ -360,6 +360,11 @@ pub fn scale(
         let settle_secs = settle(&pids)?.as_secs_f64();
         let cpu1 = [cpu_ticks(&pids[..1])?, cpu_ticks(&pids[1..])?];
         let read0 = api_bytes_received(&node, agent_pid)?;
+        step!(
+            "{size} pods taken in ({create_secs:.1} s, settled in {settle_secs:.1} s); {} policy \
+             changes",
+            options.changes
+        );
         let mut latencies = Vec::new();
         for change in 0..options.changes {
             let deny = change % 2 == 0;
