@@ -11,7 +11,7 @@ use std::{
     future::Future,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use ::kube::{
@@ -281,20 +281,29 @@ impl ControlPlane {
     /// `kubectl apply --server-side`; a document's `status` is then written to the status
     /// subresource (Pods carry their IP there).
     pub fn apply(&self, yaml: &str) -> Result<()> {
-        self.apply_with(yaml, false)
+        self.apply_with(yaml, false).map(drop)
+    }
+
+    /// [`ControlPlane::apply`], returning when its first write left this client: after the
+    /// connection and discovery, which are the client's cost, not the change's (the scale bench
+    /// times a change from here).
+    pub fn apply_sent_at(&self, yaml: &str) -> Result<SystemTime> {
+        self.apply_with(yaml, false)?.context("nothing to apply")
     }
 
     /// [`ControlPlane::apply`] as a server-side dry run: the server validates and admits every
     /// object (schemas, defaults, RBAC rules) and stores nothing.
     pub fn apply_dry_run(&self, yaml: &str) -> Result<()> {
-        self.apply_with(yaml, true)
+        self.apply_with(yaml, true).map(drop)
     }
 
-    fn apply_with(&self, yaml: &str, dry_run: bool) -> Result<()> {
+    /// Applies `yaml`; the time its first write was sent.
+    fn apply_with(&self, yaml: &str, dry_run: bool) -> Result<Option<SystemTime>> {
         let docs = documents(yaml)?;
         self.block_on(move |client| async move {
             let mut params = PatchParams::apply("weft-tests").force();
             params.dry_run = dry_run;
+            let mut sent = None;
             for mut doc in docs {
                 // What the server assigns is not the client's to set.
                 if let Some(meta) = doc["metadata"].as_object_mut() {
@@ -303,6 +312,7 @@ impl ControlPlane {
                     }
                 }
                 let (api, name) = api_for(&client, &doc).await?;
+                sent.get_or_insert_with(SystemTime::now);
                 api.patch(&name, &params, &Patch::Apply(&doc))
                     .await
                     .with_context(|| format!("applying {}", describe(&doc)))?;
@@ -315,17 +325,25 @@ impl ControlPlane {
                         .with_context(|| format!("applying the status of {}", describe(&doc)))?;
                 }
             }
-            Ok(())
+            Ok(sent)
         })
     }
 
     /// Deletes the objects `yaml` names (absent ones are fine), at once: no kubelet runs here to
     /// finish a Pod's graceful termination, so the grace period is 0.
     pub fn delete(&self, yaml: &str) -> Result<()> {
+        self.delete_sent_at(yaml).map(drop)
+    }
+
+    /// [`ControlPlane::delete`], returning when its first request left this client (see
+    /// [`ControlPlane::apply_sent_at`]).
+    pub fn delete_sent_at(&self, yaml: &str) -> Result<SystemTime> {
         let docs = documents(yaml)?;
         self.block_on(move |client| async move {
+            let mut sent = None;
             for doc in docs {
                 let (api, name) = api_for(&client, &doc).await?;
+                sent.get_or_insert_with(SystemTime::now);
                 match api
                     .delete(&name, &DeleteParams::default().grace_period(0))
                     .await
@@ -337,7 +355,7 @@ impl ControlPlane {
                     }
                 }
             }
-            Ok(())
+            sent.context("nothing to delete")
         })
     }
 }

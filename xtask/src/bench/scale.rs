@@ -246,9 +246,8 @@ fn settle(pids: &[u32]) -> Result<Duration> {
     Ok(start.elapsed().saturating_sub(Duration::from_millis(1500)))
 }
 
-fn unix_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+fn unix_us_at(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
@@ -368,12 +367,13 @@ pub fn scale(
         let mut latencies = Vec::new();
         for change in 0..options.changes {
             let deny = change % 2 == 0;
-            let t0 = unix_us();
-            if deny {
-                cp.apply(PROBE_POLICY)?;
+            // From the moment the write leaves the client (its connection and discovery done).
+            let sent = if deny {
+                cp.apply_sent_at(PROBE_POLICY)?
             } else {
-                cp.delete(PROBE_POLICY)?;
-            }
+                cp.delete_sent_at(PROBE_POLICY)?
+            };
+            let t0 = unix_us_at(sent);
             let (errno, at) = probe_line(&probe, seq).with_context(|| {
                 format!("change {change} at {size} pods never reached the kernel")
             })?;
