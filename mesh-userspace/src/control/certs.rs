@@ -24,7 +24,7 @@ use kube::{Api, Client, api::PostParams};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use super::kube::Kind;
+use super::kube::{Keep, Kind};
 use crate::api::objects::MeshConfig;
 use crate::identity::{
     Ca, CaFiles, SpiffeId, TrustDomain,
@@ -120,8 +120,8 @@ pub async fn start(
     let service = Arc::new(Service {
         ca,
         config: config.clone(),
-        pods: Kind::start(&client, &changed).await,
-        mesh: Kind::start(&client, &changed).await,
+        pods: Kind::start(&client, Keep::All, &changed).await,
+        mesh: Kind::start(&client, Keep::All, &changed).await,
         client,
         monitor,
     });

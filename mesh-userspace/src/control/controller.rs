@@ -28,7 +28,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Notify;
 
 use super::{
-    kube::{Kind, KubeSourceError, client},
+    kube::{Keep, Kind, KubeSourceError, client},
     monitor::Monitor,
 };
 use crate::{
@@ -267,13 +267,13 @@ async fn write_statuses(
     monitor: &Monitor,
 ) {
     // A kind the server does not serve (HTTPRoutes without the Gateway API CRDs) is skipped.
-    let services = Kind::<Service>::start(&client, &changed).await;
-    let traffic = Kind::<TrafficPolicy>::start(&client, &changed).await;
-    let authz = Kind::<AuthorizationPolicy>::start(&client, &changed).await;
-    let jwt_rules = Kind::<RequestAuthentication>::start(&client, &changed).await;
-    let mesh = Kind::<MeshConfig>::start(&client, &changed).await;
-    let routes = Kind::<HttpRoute>::start(&client, &changed).await;
-    let grpc_routes = Kind::<GrpcRoute>::start(&client, &changed).await;
+    let services = Kind::<Service>::start(&client, Keep::All, &changed).await;
+    let traffic = Kind::<TrafficPolicy>::start(&client, Keep::All, &changed).await;
+    let authz = Kind::<AuthorizationPolicy>::start(&client, Keep::All, &changed).await;
+    let jwt_rules = Kind::<RequestAuthentication>::start(&client, Keep::All, &changed).await;
+    let mesh = Kind::<MeshConfig>::start(&client, Keep::All, &changed).await;
+    let routes = Kind::<HttpRoute>::start(&client, Keep::All, &changed).await;
+    let grpc_routes = Kind::<GrpcRoute>::start(&client, Keep::All, &changed).await;
     services.ready().await;
     traffic.ready().await;
     authz.ready().await;

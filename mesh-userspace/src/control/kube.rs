@@ -214,7 +214,7 @@ where
 
 impl<K> Kind<K>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Cached,
     K::DynamicType: Hash + Eq + Clone + Default,
 {
     /// Starts watching every `K` when the API server serves the kind; every event wakes
@@ -222,11 +222,11 @@ where
     /// cannot be asked (not reachable yet, a Service route not written yet, a 5xx), this retries
     /// with backoff, so a node agent that starts before the API server is reachable does not go
     /// blind for good.
-    pub(super) async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
+    pub(super) async fn start(client: &Client, keep: Keep, changed: &Arc<Notify>) -> Self {
         let kind = K::kind(&K::DynamicType::default()).into_owned();
         let store = Arc::new(OnceLock::new());
         if ask_until_answered::<K>(client, &kind).await {
-            let _ = store.set(cache(Api::all(client.clone()), changed));
+            let _ = store.set(cache(Api::all(client.clone()), keep, changed));
         } else {
             tracing::warn!(
                 kind,
@@ -239,7 +239,7 @@ where
                     tokio::time::sleep(RECHECK_UNSERVED).await;
                     if ask_until_answered::<K>(&client, &kind).await {
                         tracing::info!(kind, "the API server serves this kind now; watching it");
-                        let _ = later.set(cache(Api::all(client.clone()), &changed));
+                        let _ = later.set(cache(Api::all(client.clone()), keep, &changed));
                         changed.notify_one();
                         return;
                     }
@@ -292,23 +292,87 @@ where
     }
 }
 
-/// A cache of every `K` that `api` lists, kept current by a watch (retried with backoff) on a
-/// spawned task; every event, an error included, wakes `changed`. The API server's field
-/// bookkeeping (`managedFields`) and kubectl's copy of the last applied object are dropped before
-/// caching: nothing here reads them, and on a pod they are most of its size.
-fn cache<K>(api: Api<K>, changed: &Arc<Notify>) -> Store<K>
+/// What a cache keeps of each object. Always dropped: the API server's field bookkeeping
+/// (`managedFields`) and kubectl's copy of the last applied object (nothing here reads them, and
+/// on a pod they are most of its size).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Keep {
+    /// The rest as it is (the controller compares the status it writes with the one there).
+    All,
+    /// What the node agent reads ([`Cached::trim`]), without `resourceVersion`: a write that
+    /// changes nothing the agent reads (a status, a heartbeat) leaves the cached object equal to
+    /// the one before, and no rebuild follows (see [`watch_all`]).
+    Read,
+}
+
+/// A kind that is cached.
+pub(super) trait Cached:
+    Resource + Clone + DeserializeOwned + Debug + PartialEq + Send + Sync + 'static
+{
+    /// Drops what this kind carries that the node agent does not read.
+    fn trim(&mut self) {}
+}
+
+impl Cached for Namespace {}
+impl Cached for Pod {}
+impl Cached for Service {}
+
+/// Of a Node only its addresses are read (the `InternalIP` its agent's tunnel listens on); its
+/// conditions and heartbeat times change on their own.
+impl Cached for Node {
+    fn trim(&mut self) {
+        if let Some(status) = self.status.as_mut() {
+            *status = k8s_openapi::api::core::v1::NodeStatus {
+                addresses: status.addresses.take(),
+                ..Default::default()
+            };
+        }
+    }
+}
+
+/// The status of Weft's kinds and of routes is the controller's verdict, written after every
+/// change of the object; the agent judges the objects itself.
+macro_rules! without_status {
+    ($($kind:ty),*) => {
+        $(impl Cached for $kind {
+            fn trim(&mut self) {
+                self.status = None;
+            }
+        })*
+    };
+}
+without_status!(
+    AuthorizationPolicy,
+    RequestAuthentication,
+    MeshConfig,
+    HttpRoute,
+    GrpcRoute,
+    TrafficPolicy
+);
+
+/// Drops from `o` what `keep` says a cache does without.
+fn trimmed<K: Cached>(o: &mut K, keep: Keep) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+    if keep == Keep::Read {
+        meta.resource_version = None;
+        o.trim();
+    }
+}
+
+/// A cache of every `K` that `api` lists, trimmed as `keep` says, kept current by a watch
+/// (retried with backoff) on a spawned task; every event, an error included, wakes `changed`.
+fn cache<K>(api: Api<K>, keep: Keep, changed: &Arc<Notify>) -> Store<K>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Cached,
     K::DynamicType: Hash + Eq + Clone + Default,
 {
     let (reader, writer) = reflector::store();
-    let objects = watcher(api, watcher::Config::default()).modify(|o: &mut K| {
-        let meta = o.meta_mut();
-        meta.managed_fields = None;
-        if let Some(a) = meta.annotations.as_mut() {
-            a.remove(LAST_APPLIED);
-        }
-    });
+    let objects =
+        watcher(api, watcher::Config::default()).modify(move |o: &mut K| trimmed(o, keep));
     let stream = reflector::reflector(writer, objects).default_backoff();
     let changed = Arc::clone(changed);
     tokio::spawn(async move {
@@ -361,16 +425,16 @@ struct Kinds {
 impl Kinds {
     async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
         Self {
-            namespaces: Kind::start(client, changed).await,
-            nodes: Kind::start(client, changed).await,
-            pods: Kind::start(client, changed).await,
-            services: Kind::start(client, changed).await,
-            authorization_policies: Kind::start(client, changed).await,
-            request_authentications: Kind::start(client, changed).await,
-            mesh_configs: Kind::start(client, changed).await,
-            http_routes: Kind::start(client, changed).await,
-            grpc_routes: Kind::start(client, changed).await,
-            traffic_policies: Kind::start(client, changed).await,
+            namespaces: Kind::start(client, Keep::Read, changed).await,
+            nodes: Kind::start(client, Keep::Read, changed).await,
+            pods: Kind::start(client, Keep::Read, changed).await,
+            services: Kind::start(client, Keep::Read, changed).await,
+            authorization_policies: Kind::start(client, Keep::Read, changed).await,
+            request_authentications: Kind::start(client, Keep::Read, changed).await,
+            mesh_configs: Kind::start(client, Keep::Read, changed).await,
+            http_routes: Kind::start(client, Keep::Read, changed).await,
+            grpc_routes: Kind::start(client, Keep::Read, changed).await,
+            traffic_policies: Kind::start(client, Keep::Read, changed).await,
         }
     }
 
@@ -422,12 +486,105 @@ async fn watch_all(client: Client, tx: mpsc::Sender<ObjectSet>, wake: impl Fn())
     let kinds = Kinds::start(&client, &changed).await;
     kinds.ready().await;
     tracing::info!("Kubernetes objects listed; programming the datapath from them");
+    let mut last: Option<ObjectSet> = None;
     loop {
-        if tx.send(kinds.snapshot()).is_err() {
-            return; // the agent is gone
+        let view = kinds.snapshot();
+        // A write that changed nothing the agent reads (a status, a heartbeat) is not a change.
+        if last.as_ref().is_none_or(|l| !l.same_as(&view)) {
+            if tx.send(view.clone()).is_err() {
+                return; // the agent is gone
+            }
+            last = Some(view);
+            wake();
         }
-        wake();
         changed.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object<K: DeserializeOwned>(json: serde_json::Value) -> K {
+        serde_json::from_value(json).expect("a valid object")
+    }
+
+    fn policy(version: &str, accepted: &str, sa: &str) -> AuthorizationPolicy {
+        object(serde_json::json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop", "resourceVersion": version},
+            "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {"serviceAccounts": [sa]}}]}]},
+            "status": {"conditions": [{"type": "Accepted", "status": accepted, "reason": "R",
+                "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+        }))
+    }
+
+    fn node(version: &str, ip: &str, heartbeat: &str) -> Node {
+        object(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n1", "resourceVersion": version},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": ip}],
+                "conditions": [{"type": "Ready", "status": "True",
+                    "lastHeartbeatTime": heartbeat}],
+            },
+        }))
+    }
+
+    fn read<K: Cached>(mut o: K) -> K {
+        trimmed(&mut o, Keep::Read);
+        o
+    }
+
+    #[test]
+    fn the_agent_sees_no_change_in_a_status_or_heartbeat_write() {
+        assert_eq!(
+            read(policy("1", "True", "a")),
+            read(policy("2", "False", "a"))
+        );
+        assert_ne!(
+            read(policy("1", "True", "a")),
+            read(policy("2", "True", "b"))
+        );
+        let (before, beat) = (
+            node("1", "198.18.0.1", "2026-01-01T00:00:00Z"),
+            node("2", "198.18.0.1", "2026-01-01T00:00:10Z"),
+        );
+        assert_eq!(read(before.clone()), read(beat));
+        assert_ne!(
+            read(before),
+            read(node("3", "198.18.0.2", "2026-01-01T00:00:10Z"))
+        );
+    }
+
+    #[test]
+    fn the_controller_keeps_the_status_it_compares_with() {
+        let mut p = policy("1", "True", "a");
+        trimmed(&mut p, Keep::All);
+        assert!(p.status.is_some());
+        assert_eq!(p.metadata.resource_version.as_deref(), Some("1"));
+        assert_ne!(p, {
+            let mut q = policy("1", "False", "a");
+            trimmed(&mut q, Keep::All);
+            q
+        });
+    }
+
+    #[test]
+    fn a_view_is_the_same_only_with_the_same_objects_in_the_same_order() {
+        let a = Arc::new(read(policy("1", "True", "a")));
+        let b = Arc::new(read(policy("1", "True", "b")));
+        let view = |policies: Vec<Arc<AuthorizationPolicy>>| ObjectSet {
+            authorization_policies: policies,
+            ..ObjectSet::default()
+        };
+        let first = view(vec![Arc::clone(&a), Arc::clone(&b)]);
+        assert!(first.same_as(&view(vec![Arc::clone(&a), Arc::clone(&b)])));
+        // Equal objects read again count as the same.
+        assert!(first.same_as(&view(vec![Arc::new((*a).clone()), Arc::clone(&b)])));
+        assert!(!first.same_as(&view(vec![Arc::clone(&b), Arc::clone(&a)])));
+        assert!(!first.same_as(&view(vec![Arc::clone(&a)])));
+        assert!(!first.same_as(&view(vec![Arc::clone(&a), Arc::clone(&a)])));
     }
 }

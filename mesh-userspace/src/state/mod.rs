@@ -32,7 +32,7 @@ use crate::{
         ObjectSet,
         objects::{
             DEFAULT_DENY_LABEL, INJECT_ANNOTATION, MTLS_MODE_KEY, MeshConfig, MtlsMode,
-            SOCKET_FAST_PATH_KEY, SocketFastPath,
+            SOCKET_FAST_PATH_KEY, SocketFastPath, same_objects,
         },
     },
     identity::{SpiffeId, TrustDomain},
@@ -492,12 +492,6 @@ fn workloads(
 
 fn pod_key(p: &Pod) -> (Option<&str>, Option<&str>) {
     (p.metadata.namespace.as_deref(), p.metadata.name.as_deref())
-}
-
-/// Whether two lists hold the same objects: the same shared ones (a watch cache hands out the
-/// same `Arc` while an object is unchanged), or equal ones (objects read again from files).
-fn same_objects<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
 }
 
 /// What a rebuild computed and from which objects, for the next rebuild to reuse.
