@@ -314,8 +314,51 @@ pub(super) trait Cached:
 }
 
 impl Cached for Namespace {}
-impl Cached for Pod {}
 impl Cached for Service {}
+
+/// Of a Pod the agent reads its metadata, where it runs and as whom, its containers' named ports
+/// (Service `targetPort`s), its address, its phase and which conditions hold. The rest (volumes,
+/// images, container statuses, probe times) is most of a real pod, and changes while the pod
+/// starts without changing anything the mesh does.
+impl Cached for Pod {
+    fn trim(&mut self) {
+        use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec, PodStatus};
+        if let Some(spec) = self.spec.as_mut() {
+            *spec = PodSpec {
+                node_name: spec.node_name.take(),
+                service_account_name: spec.service_account_name.take(),
+                host_network: spec.host_network,
+                containers: std::mem::take(&mut spec.containers)
+                    .into_iter()
+                    .map(|c| Container {
+                        name: c.name,
+                        ports: c.ports,
+                        ..Container::default()
+                    })
+                    .collect(),
+                ..PodSpec::default()
+            };
+        }
+        if let Some(status) = self.status.as_mut() {
+            *status = PodStatus {
+                pod_ip: status.pod_ip.take(),
+                pod_ips: status.pod_ips.take(),
+                phase: status.phase.take(),
+                conditions: status.conditions.take().map(|conditions| {
+                    conditions
+                        .into_iter()
+                        .map(|c| PodCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            ..PodCondition::default()
+                        })
+                        .collect()
+                }),
+                ..PodStatus::default()
+            };
+        }
+    }
+}
 
 /// Of a Node only its addresses are read (the `InternalIP` its agent's tunnel listens on); its
 /// conditions and heartbeat times change on their own.
@@ -556,6 +599,60 @@ mod tests {
             read(before),
             read(node("3", "198.18.0.2", "2026-01-01T00:00:10Z"))
         );
+    }
+
+    fn pod(ready: &str, ip: &str, restarts: i32, probed: &str) -> Pod {
+        object(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {
+                "nodeName": "n1", "serviceAccountName": "web",
+                "containers": [{"name": "app", "image": "web:1",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "env": [{"name": "A", "value": "b"}]}],
+                "volumes": [{"name": "token", "emptyDir": {}}],
+            },
+            "status": {
+                "podIP": ip, "phase": "Running",
+                "conditions": [{"type": "Ready", "status": ready, "lastProbeTime": probed}],
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": restarts,
+                    "image": "web:1", "imageID": "sha256:1"}],
+            },
+        }))
+    }
+
+    #[test]
+    fn a_pod_keeps_what_the_agent_reads_and_nothing_that_churns() {
+        let base = read(pod("True", "198.18.1.10", 0, "2026-01-01T00:00:00Z"));
+        // A restart counted, a probe time moved: nothing the mesh does changes.
+        assert_eq!(
+            base,
+            read(pod("True", "198.18.1.10", 3, "2026-01-01T00:01:00Z"))
+        );
+        // Readiness and the address do.
+        assert_ne!(
+            base,
+            read(pod("False", "198.18.1.10", 0, "2026-01-01T00:00:00Z"))
+        );
+        assert_ne!(
+            base,
+            read(pod("True", "198.18.1.11", 0, "2026-01-01T00:00:00Z"))
+        );
+        // What the state reads is still there.
+        let spec = base.spec.as_ref().expect("spec");
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        assert_eq!(spec.service_account_name.as_deref(), Some("web"));
+        // A named targetPort still resolves.
+        let port = &spec.containers[0].ports.as_ref().expect("ports")[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("http"), 8080)
+        );
+        assert!(spec.volumes.is_none() && spec.containers[0].env.is_none());
+        let status = base.status.as_ref().expect("status");
+        assert_eq!(status.pod_ip.as_deref(), Some("198.18.1.10"));
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert!(status.container_statuses.is_none());
     }
 
     #[test]
