@@ -409,13 +409,11 @@ pub fn same_objects<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
 }
 
-impl ObjectSet {
-    /// Whether `other` holds the same objects (in the same order) and the same errors: a view
-    /// that changes nothing needs no rebuild. Destructured so that a new kind cannot be
-    /// forgotten here.
-    #[must_use]
-    pub fn same_as(&self, other: &Self) -> bool {
-        let Self {
+/// Calls `$then!(namespaces, nodes, …)` with the field of every kind an [`ObjectSet`] holds: one
+/// list for whatever goes over all of them (merging, comparing, one watch cache per kind).
+macro_rules! object_kinds {
+    ($then:ident) => {
+        $then!(
             namespaces,
             nodes,
             pods,
@@ -425,20 +423,33 @@ impl ObjectSet {
             mesh_configs,
             http_routes,
             grpc_routes,
-            traffic_policies,
-            errors,
-        } = self;
-        same_objects(namespaces, &other.namespaces)
-            && same_objects(nodes, &other.nodes)
-            && same_objects(pods, &other.pods)
-            && same_objects(services, &other.services)
-            && same_objects(authorization_policies, &other.authorization_policies)
-            && same_objects(request_authentications, &other.request_authentications)
-            && same_objects(mesh_configs, &other.mesh_configs)
-            && same_objects(http_routes, &other.http_routes)
-            && same_objects(grpc_routes, &other.grpc_routes)
-            && same_objects(traffic_policies, &other.traffic_policies)
-            && *errors == other.errors
+            traffic_policies
+        )
+    };
+}
+pub(crate) use object_kinds;
+
+// The list is complete: a field of `ObjectSet` missing from it does not compile.
+const _: fn(ObjectSet) = |set| {
+    macro_rules! every_field {
+        ($($kind:ident),*) => {
+            let ObjectSet { $($kind: _,)* errors: _ } = set;
+        };
+    }
+    object_kinds!(every_field);
+};
+
+impl ObjectSet {
+    /// Whether `other` holds the same objects (in the same order) and the same errors: a view
+    /// that changes nothing needs no rebuild.
+    #[must_use]
+    pub fn same_as(&self, other: &Self) -> bool {
+        macro_rules! same {
+            ($($kind:ident),*) => {
+                $(same_objects(&self.$kind, &other.$kind))&&*
+            };
+        }
+        object_kinds!(same) && self.errors == other.errors
     }
 }
 
@@ -453,33 +464,15 @@ pub struct ParseError {
 }
 
 impl ObjectSet {
-    /// Adds every object (and error) of `other`. Destructured so that a new kind cannot be
-    /// forgotten here.
+    /// Adds every object (and error) of `other`.
     pub fn merge(&mut self, other: Self) {
-        let Self {
-            namespaces,
-            nodes,
-            pods,
-            services,
-            authorization_policies,
-            request_authentications,
-            mesh_configs,
-            http_routes,
-            grpc_routes,
-            traffic_policies,
-            errors,
-        } = other;
-        self.namespaces.extend(namespaces);
-        self.nodes.extend(nodes);
-        self.pods.extend(pods);
-        self.services.extend(services);
-        self.authorization_policies.extend(authorization_policies);
-        self.request_authentications.extend(request_authentications);
-        self.mesh_configs.extend(mesh_configs);
-        self.http_routes.extend(http_routes);
-        self.grpc_routes.extend(grpc_routes);
-        self.traffic_policies.extend(traffic_policies);
-        self.errors.extend(errors);
+        macro_rules! extend {
+            ($($kind:ident),*) => {
+                $(self.$kind.extend(other.$kind);)*
+            };
+        }
+        object_kinds!(extend);
+        self.errors.extend(other.errors);
     }
 
     /// Parses a multi-document YAML (or JSON) text. Bad documents are recorded in `errors`;

@@ -33,7 +33,9 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::api::objects::{AuthorizationPolicy, MeshConfig, ObjectSet, RequestAuthentication};
+use crate::api::objects::{
+    AuthorizationPolicy, MeshConfig, ObjectSet, RequestAuthentication, object_kinds,
+};
 use crate::api::traffic::TrafficPolicy;
 
 /// Changes closer together than this are published together. Short: it only gathers the events
@@ -467,60 +469,30 @@ struct Kinds {
 
 impl Kinds {
     async fn start(client: &Client, changed: &Arc<Notify>) -> Self {
-        Self {
-            namespaces: Kind::start(client, Keep::Read, changed).await,
-            nodes: Kind::start(client, Keep::Read, changed).await,
-            pods: Kind::start(client, Keep::Read, changed).await,
-            services: Kind::start(client, Keep::Read, changed).await,
-            authorization_policies: Kind::start(client, Keep::Read, changed).await,
-            request_authentications: Kind::start(client, Keep::Read, changed).await,
-            mesh_configs: Kind::start(client, Keep::Read, changed).await,
-            http_routes: Kind::start(client, Keep::Read, changed).await,
-            grpc_routes: Kind::start(client, Keep::Read, changed).await,
-            traffic_policies: Kind::start(client, Keep::Read, changed).await,
+        macro_rules! start {
+            ($($kind:ident),*) => {
+                Self { $($kind: Kind::start(client, Keep::Read, changed).await,)* }
+            };
         }
+        object_kinds!(start)
     }
 
     async fn ready(&self) {
-        self.namespaces.ready().await;
-        self.nodes.ready().await;
-        self.pods.ready().await;
-        self.services.ready().await;
-        self.authorization_policies.ready().await;
-        self.request_authentications.ready().await;
-        self.mesh_configs.ready().await;
-        self.http_routes.ready().await;
-        self.grpc_routes.ready().await;
-        self.traffic_policies.ready().await;
+        macro_rules! ready {
+            ($($kind:ident),*) => {
+                $(self.$kind.ready().await;)*
+            };
+        }
+        object_kinds!(ready);
     }
 
-    /// Destructured so that a new kind cannot be forgotten here.
     fn snapshot(&self) -> ObjectSet {
-        let Self {
-            namespaces,
-            nodes,
-            pods,
-            services,
-            authorization_policies,
-            request_authentications,
-            mesh_configs,
-            http_routes,
-            grpc_routes,
-            traffic_policies,
-        } = self;
-        ObjectSet {
-            namespaces: namespaces.objects(),
-            nodes: nodes.objects(),
-            pods: pods.objects(),
-            services: services.objects(),
-            authorization_policies: authorization_policies.objects(),
-            request_authentications: request_authentications.objects(),
-            mesh_configs: mesh_configs.objects(),
-            http_routes: http_routes.objects(),
-            grpc_routes: grpc_routes.objects(),
-            traffic_policies: traffic_policies.objects(),
-            errors: Vec::new(),
+        macro_rules! objects {
+            ($($kind:ident),*) => {
+                ObjectSet { $($kind: self.$kind.objects(),)* errors: Vec::new() }
+            };
         }
+        object_kinds!(objects)
     }
 }
 
