@@ -153,6 +153,7 @@ pub(super) fn policy_matrix(
 ) -> Matrix {
     let Rules {
         sorted,
+        index,
         ids,
         deny_ids,
         ..
@@ -160,8 +161,6 @@ pub(super) fn policy_matrix(
 
     let mut entries = BTreeMap::new();
     let mut rows = Rows::new();
-    let plain: Vec<&AuthorizationPolicy> = sorted.iter().map(|p| &***p).collect();
-    let index = PolicyIndex::new(&plain);
     let sources: Vec<&Workload> = workloads.iter().filter(|w| sides.source(w)).collect();
     for dst in workloads.iter().filter(|w| sides.destination(w)) {
         let applying: Vec<&Arc<AuthorizationPolicy>> = index
@@ -255,6 +254,8 @@ fn row_entries(
 /// default-deny namespace.
 pub(super) struct Rules<'a> {
     sorted: Vec<&'a Arc<AuthorizationPolicy>>,
+    /// Which of `sorted` can select a workload.
+    index: PolicyIndex<'a>,
     pub(super) infos: Vec<RuleInfo>,
     ids: RuleIds<'a>,
     deny_ids: std::collections::HashMap<&'a str, u32>,
@@ -268,7 +269,9 @@ impl<'a> Rules<'a> {
         let mut sorted: Vec<&Arc<AuthorizationPolicy>> = policies.iter().collect();
         sorted.sort_by(|a, b| policy_key(a).cmp(&policy_key(b)));
         let (infos, ids, deny_ids) = rule_ids(&sorted, default_deny);
+        let plain: Vec<&AuthorizationPolicy> = sorted.iter().map(|p| &***p).collect();
         Self {
+            index: PolicyIndex::new(&plain),
             sorted,
             infos,
             ids,
