@@ -332,12 +332,17 @@ impl ControlPlane {
     /// Deletes the objects `yaml` names (absent ones are fine), at once: no kubelet runs here to
     /// finish a Pod's graceful termination, so the grace period is 0.
     pub fn delete(&self, yaml: &str) -> Result<()> {
-        self.delete_sent_at(yaml).map(drop)
+        self.delete_with(yaml).map(drop)
     }
 
     /// [`ControlPlane::delete`], returning when its first request left this client (see
     /// [`ControlPlane::apply_sent_at`]).
     pub fn delete_sent_at(&self, yaml: &str) -> Result<SystemTime> {
+        self.delete_with(yaml)?.context("nothing to delete")
+    }
+
+    /// Deletes what `yaml` names; the time its first request was sent.
+    fn delete_with(&self, yaml: &str) -> Result<Option<SystemTime>> {
         let docs = documents(yaml)?;
         self.block_on(move |client| async move {
             let mut sent = None;
@@ -355,7 +360,7 @@ impl ControlPlane {
                     }
                 }
             }
-            sent.context("nothing to delete")
+            Ok(sent)
         })
     }
 }
